@@ -1,0 +1,47 @@
+//! portwatch's kernel programs. Entry points only: each is a thin wrapper
+//! around a function in a module that holds the logic.
+#![no_std]
+#![no_main]
+
+mod listen;
+mod maps;
+
+use aya_ebpf::{
+    macros::{cgroup_sock, tracepoint},
+    programs::{SockContext, TracePointContext},
+};
+
+/// `sock/inet_sock_set_state`: TCP sockets entering or leaving LISTEN.
+#[tracepoint]
+pub fn inet_sock_set_state(ctx: TracePointContext) -> u32 {
+    listen::try_inet_sock_set_state(&ctx);
+    0
+}
+
+/// `cgroup/post_bind4` at the cgroup v2 root: explicit IPv4 binds.
+#[cgroup_sock(post_bind4)]
+pub fn post_bind4(ctx: SockContext) -> i32 {
+    listen::try_post_bind(&ctx);
+    // 1 lets the bind stand: the monitor only observes.
+    1
+}
+
+/// `cgroup/post_bind6` at the cgroup v2 root: explicit IPv6 binds.
+#[cgroup_sock(post_bind6)]
+pub fn post_bind6(ctx: SockContext) -> i32 {
+    listen::try_post_bind(&ctx);
+    1
+}
+
+/// `cgroup/sock_release`: closes of bound UDP sockets, matched by cookie.
+#[cgroup_sock(sock_release)]
+pub fn sock_release(ctx: SockContext) -> i32 {
+    listen::try_sock_release(&ctx);
+    1
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
