@@ -43,7 +43,9 @@ fn check_prerequisites(toolchain: &str) -> anyhow::Result<()> {
         .args(["run", toolchain, "rustc", "--version"])
         .output();
     if !matches!(&rustc, Ok(out) if out.status.success()) {
-        bail!("the rustup toolchain `{toolchain}` (Debian's rustc with rust-src) is missing; {hint}");
+        bail!(
+            "the rustup toolchain `{toolchain}` (Debian's rustc with rust-src) is missing; {hint}"
+        );
     }
     Ok(())
 }

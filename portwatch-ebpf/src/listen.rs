@@ -1,6 +1,8 @@
 //! The listener monitor: TCP LISTEN transitions from the tracepoint, UDP binds
 //! and releases from cgroup socket hooks. Each hook fills one `ListenEvent`.
 
+use core::ptr::read_volatile;
+
 use aya_ebpf::{
     EbpfContext,
     helpers::{
@@ -106,35 +108,48 @@ pub fn try_inet_sock_set_state(ctx: &TracePointContext) {
     emit(kind, IPPROTO_TCP, family, sport, addr, skaddr);
 }
 
-/// Reads the bound address of a `bpf_sock` as 16 network-order bytes.
-#[inline(always)]
-fn bound_addr(ctx: &SockContext, family: u16) -> [u8; 16] {
-    let mut addr = [0u8; 16];
-    // SAFETY: ctx.sock is the program's context pointer; the verifier checks
-    // every field access against the bpf_sock layout for this hook.
-    let sk = unsafe { &*ctx.sock };
-    if family == AF_INET {
-        addr[..4].copy_from_slice(&sk.src_ip4.to_ne_bytes());
-    } else {
-        for (i, word) in sk.src_ip6.iter().enumerate() {
-            addr[i * 4..i * 4 + 4].copy_from_slice(&word.to_ne_bytes());
-        }
-    }
-    addr
+/// Context fields are readable only at a constant offset from the context
+/// pointer, and each hook allows only its own family's address fields: so one
+/// volatile read per word, in the hook of that family.
+macro_rules! ctx_read {
+    ($ctx:expr, $($field:tt)+) => {
+        // SAFETY: ctx.sock is the program's context pointer; the verifier
+        // checks the read against the bpf_sock fields this hook may access.
+        unsafe { read_volatile(&raw const (*$ctx.sock).$($field)+) }
+    };
 }
 
-pub fn try_post_bind(ctx: &SockContext) {
-    // SAFETY: see bound_addr.
-    let sk = unsafe { &*ctx.sock };
-    if sk.protocol != u32::from(IPPROTO_UDP) || sk.type_ != SOCK_DGRAM {
+/// `post_bind4`: an explicit bind of an IPv4 socket.
+pub fn try_post_bind4(ctx: &SockContext) {
+    let mut addr = [0u8; 16];
+    addr[..4].copy_from_slice(&ctx_read!(ctx, src_ip4).to_ne_bytes());
+    record_bind(ctx, AF_INET, addr);
+}
+
+/// `post_bind6`: an explicit bind of an IPv6 socket (`[::]` is dual-stack).
+pub fn try_post_bind6(ctx: &SockContext) {
+    let words = [
+        ctx_read!(ctx, src_ip6[0]),
+        ctx_read!(ctx, src_ip6[1]),
+        ctx_read!(ctx, src_ip6[2]),
+        ctx_read!(ctx, src_ip6[3]),
+    ];
+    let mut addr = [0u8; 16];
+    addr[0..4].copy_from_slice(&words[0].to_ne_bytes());
+    addr[4..8].copy_from_slice(&words[1].to_ne_bytes());
+    addr[8..12].copy_from_slice(&words[2].to_ne_bytes());
+    addr[12..16].copy_from_slice(&words[3].to_ne_bytes());
+    record_bind(ctx, AF_INET6, addr);
+}
+
+/// Remembers a bound UDP socket by cookie and reports it.
+#[inline(always)]
+fn record_bind(ctx: &SockContext, family: u16, addr: [u8; 16]) {
+    if ctx_read!(ctx, protocol) != u32::from(IPPROTO_UDP) || ctx_read!(ctx, type_) != SOCK_DGRAM {
         return;
     }
-    let family = sk.family as u16;
-    if family != AF_INET && family != AF_INET6 {
-        return;
-    }
-    let port = sk.src_port as u16;
-    let addr = bound_addr(ctx, family);
+    // Host byte order here, also when the kernel picked the port.
+    let port = ctx_read!(ctx, src_port) as u16;
     // SAFETY: the context is a socket, which bpf_get_socket_cookie accepts.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     let bind = UdpBind {
@@ -145,7 +160,10 @@ pub fn try_post_bind(ctx: &SockContext) {
     };
     if UDP_SOCKS.insert(cookie, bind, 0).is_err() {
         count(MonitorStat::UdpTableFull);
-        debug!(ctx, "udp socket table full: close of port {} will not be seen", port);
+        debug!(
+            ctx,
+            "udp socket table full: close of port {} will not be seen", port
+        );
     }
     emit(ListenKind::Listen, IPPROTO_UDP, family, port, addr, cookie);
 }
@@ -161,5 +179,12 @@ pub fn try_sock_release(ctx: &SockContext) {
         return;
     };
     let _ = UDP_SOCKS.remove(cookie);
-    emit(ListenKind::Close, IPPROTO_UDP, bind.family, bind.port, bind.addr, cookie);
+    emit(
+        ListenKind::Close,
+        IPPROTO_UDP,
+        bind.family,
+        bind.port,
+        bind.addr,
+        cookie,
+    );
 }

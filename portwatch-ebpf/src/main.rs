@@ -21,7 +21,7 @@ pub fn inet_sock_set_state(ctx: TracePointContext) -> u32 {
 /// `cgroup/post_bind4` at the cgroup v2 root: explicit IPv4 binds.
 #[cgroup_sock(post_bind4)]
 pub fn post_bind4(ctx: SockContext) -> i32 {
-    listen::try_post_bind(&ctx);
+    listen::try_post_bind4(&ctx);
     // 1 lets the bind stand: the monitor only observes.
     1
 }
@@ -29,7 +29,7 @@ pub fn post_bind4(ctx: SockContext) -> i32 {
 /// `cgroup/post_bind6` at the cgroup v2 root: explicit IPv6 binds.
 #[cgroup_sock(post_bind6)]
 pub fn post_bind6(ctx: SockContext) -> i32 {
-    listen::try_post_bind(&ctx);
+    listen::try_post_bind6(&ctx);
     1
 }
 

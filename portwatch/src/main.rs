@@ -1,4 +1,5 @@
-static PROGRAMS: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/portwatch"));
-fn main() {
-    println!("{}", PROGRAMS.len());
+//! The `portwatch` binary: everything lives in the library.
+
+fn main() -> std::process::ExitCode {
+    portwatch::cli::main()
 }

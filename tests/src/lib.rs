@@ -1,1 +1,262 @@
+//! Helpers for portwatch's integration tests: they run the real binary
+//! against the real kernel, with network namespaces and processes that each
+//! test creates and that are removed even when the test panics.
 
+use std::{
+    io::{BufRead, BufReader},
+    path::PathBuf,
+    process::{Child, Command, Stdio},
+    sync::{
+        atomic::{AtomicU32, Ordering},
+        mpsc,
+    },
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, bail};
+use serde_json::Value;
+
+pub type Result<T = ()> = anyhow::Result<T>;
+
+/// The portwatch binary under test: `PORTWATCH_BIN` (set by `cargo xtask
+/// test`), else the workspace's debug build.
+pub fn portwatch_bin() -> PathBuf {
+    std::env::var_os("PORTWATCH_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            PathBuf::from(concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/../target/debug/portwatch"
+            ))
+        })
+}
+
+/// A name no other test (or concurrent run) uses: tag, pid, counter.
+pub fn unique_name(tag: &str) -> String {
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    format!(
+        "pw{tag}{}x{}",
+        std::process::id(),
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+/// Runs a command and fails with its stderr when it fails.
+pub fn run(cmd: &str, args: &[&str]) -> Result<String> {
+    let out = Command::new(cmd)
+        .args(args)
+        .output()
+        .with_context(|| format!("running {cmd} {args:?}"))?;
+    if !out.status.success() {
+        bail!(
+            "{cmd} {args:?} failed ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// A network namespace made for one test, deleted on drop.
+pub struct Netns {
+    pub name: String,
+}
+
+impl Netns {
+    pub fn new(tag: &str) -> Result<Self> {
+        let name = unique_name(tag);
+        run("ip", &["netns", "add", &name])?;
+        let ns = Self { name };
+        run("ip", &["-n", &ns.name, "link", "set", "lo", "up"])?;
+        Ok(ns)
+    }
+
+    /// The namespace's inode, as portwatch reports it in `netns`.
+    pub fn inode(&self) -> Result<u64> {
+        use std::os::unix::fs::MetadataExt as _;
+        Ok(std::fs::metadata(format!("/run/netns/{}", self.name))?.ino())
+    }
+
+    /// A command that runs inside the namespace.
+    pub fn command(&self, program: &str) -> Command {
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", &self.name, program]);
+        cmd
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .status();
+    }
+}
+
+/// A child process ended by PID (SIGKILL) and reaped on drop.
+pub struct ChildGuard(pub Child);
+
+impl ChildGuard {
+    pub fn spawn(cmd: &mut Command) -> Result<Self> {
+        Ok(Self(
+            cmd.spawn().with_context(|| format!("spawning {cmd:?}"))?,
+        ))
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.0.id()
+    }
+}
+
+impl Drop for ChildGuard {
+    fn drop(&mut self) {
+        if let Ok(None) = self.0.try_wait() {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+}
+
+/// Sends a signal to a process this test started.
+pub fn signal(pid: u32, sig: i32) -> Result {
+    let pid = i32::try_from(pid).context("pid out of range")?;
+    // SAFETY: kill(2) takes plain integers; it touches no memory of ours.
+    if unsafe { libc::kill(pid, sig) } != 0 {
+        bail!("kill({pid}, {sig}): {}", std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// `portwatch ARGS --json` running in the background; its JSON lines arrive
+/// on a channel. Stopped with SIGINT (`stop`) or killed on drop.
+pub struct Portwatch {
+    child: ChildGuard,
+    lines: mpsc::Receiver<Value>,
+    stderr: std::sync::Arc<std::sync::Mutex<String>>,
+    /// Every line received so far, for failure messages and later searches.
+    pub seen: Vec<Value>,
+}
+
+impl Portwatch {
+    /// Starts portwatch and waits for its `ready` line.
+    pub fn start(args: &[&str]) -> Result<Self> {
+        let mut cmd = Command::new(portwatch_bin());
+        cmd.args(args)
+            .arg("--json")
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let mut child = ChildGuard::spawn(&mut cmd)?;
+        let stdout = child.0.stdout.take().context("no stdout pipe")?;
+        let stderr = child.0.stderr.take().context("no stderr pipe")?;
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(|l| l.ok()) {
+                // A line that is not JSON is itself a failure: keep it visible.
+                let value = serde_json::from_str(&line)
+                    .unwrap_or_else(|e| serde_json::json!({"event": "unparsable", "line": line, "error": e.to_string()}));
+                if tx.send(value).is_err() {
+                    break;
+                }
+            }
+        });
+        let log = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+        let log_writer = log.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(|l| l.ok()) {
+                eprintln!("[portwatch] {line}");
+                if let Ok(mut buf) = log_writer.lock() {
+                    buf.push_str(&line);
+                    buf.push('\n');
+                }
+            }
+        });
+        let mut pw = Self {
+            child,
+            lines: rx,
+            stderr: log,
+            seen: Vec::new(),
+        };
+        pw.wait_for(Duration::from_secs(30), |v| v["event"] == "ready")
+            .context("portwatch did not become ready")?;
+        Ok(pw)
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.pid()
+    }
+
+    /// What portwatch wrote to stderr so far.
+    pub fn stderr(&self) -> String {
+        self.stderr.lock().map(|s| s.clone()).unwrap_or_default()
+    }
+
+    /// Waits for a line matching `pred`; earlier lines are kept in `seen`.
+    pub fn wait_for(&mut self, timeout: Duration, pred: impl Fn(&Value) -> bool) -> Result<Value> {
+        if let Some(v) = self.seen.iter().find(|v| pred(v)) {
+            return Ok(v.clone());
+        }
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(v) => {
+                    self.seen.push(v.clone());
+                    if pred(&v) {
+                        return Ok(v);
+                    }
+                }
+                Err(_) => bail!(
+                    "no matching line within {timeout:?}; {} lines seen, last: {:?}\nstderr:\n{}",
+                    self.seen.len(),
+                    self.seen.iter().rev().take(5).collect::<Vec<_>>(),
+                    self.stderr()
+                ),
+            }
+        }
+    }
+
+    /// SIGINT, then every remaining line until exit; returns the exit status.
+    pub fn stop(&mut self) -> Result<std::process::ExitStatus> {
+        signal(self.pid(), libc::SIGINT)?;
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            match self.lines.recv_timeout(Duration::from_millis(200)) {
+                Ok(v) => self.seen.push(v),
+                Err(mpsc::RecvTimeoutError::Disconnected) => break,
+                Err(mpsc::RecvTimeoutError::Timeout) if Instant::now() > deadline => {
+                    bail!("portwatch did not exit within 20 s of SIGINT")
+                }
+                Err(mpsc::RecvTimeoutError::Timeout) => {}
+            }
+        }
+        Ok(self.child.0.wait()?)
+    }
+
+    /// Lines for listener events of `pid` with the given `event` kind.
+    pub fn events_of(&self, pid: u32, event: &str) -> Vec<&Value> {
+        self.seen
+            .iter()
+            .filter(|v| v["event"] == event && v["pid"] == pid)
+            .collect()
+    }
+}
+
+/// IDs of loaded BPF programs whose name starts with one of `names`
+/// (bpftool truncates names to 15 characters).
+pub fn loaded_programs(names: &[&str]) -> Result<Vec<u64>> {
+    let out = run("bpftool", &["--json", "prog", "show"])?;
+    let progs: Vec<Value> = serde_json::from_str(&out).context("parsing bpftool's JSON")?;
+    Ok(progs
+        .iter()
+        .filter(|p| {
+            p["name"].as_str().is_some_and(|n| {
+                names
+                    .iter()
+                    .any(|want| want.starts_with(n) && !n.is_empty())
+            })
+        })
+        .filter_map(|p| p["id"].as_u64())
+        .collect())
+}

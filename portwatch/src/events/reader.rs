@@ -1,0 +1,48 @@
+//! Reads a ring buffer without polling: the task sleeps in epoll until the
+//! kernel has written a record.
+
+use std::io;
+
+use aya::maps::{MapData, RingBuf};
+use tokio::io::unix::AsyncFd;
+
+pub struct RingReader {
+    fd: AsyncFd<RingBuf<MapData>>,
+}
+
+impl RingReader {
+    /// Registers the ring buffer with the runtime. Call this before the hooks
+    /// attach so that nothing they emit is missed.
+    pub fn new(ring: RingBuf<MapData>) -> io::Result<Self> {
+        // SAFETY: the ring buffer owns its map fd, which stays open and the
+        // same until the AsyncFd (which owns the ring buffer) is dropped.
+        let fd = unsafe { AsyncFd::register_with_interest(ring, tokio::io::Interest::READABLE) }
+            .map_err(|e| io::Error::other(e.to_string()))?;
+        Ok(Self { fd })
+    }
+
+    /// Waits until records are available, then hands each to `f`. Returns the
+    /// number of records read.
+    pub async fn read_batch(&mut self, mut f: impl FnMut(&[u8])) -> io::Result<usize> {
+        let mut guard = self.fd.readable_mut().await?;
+        let n = drain(guard.get_inner_mut(), &mut f);
+        // Safe against lost wake-ups: tokio keeps the readiness if a new
+        // notification arrived after this guard was taken.
+        guard.clear_ready();
+        Ok(n)
+    }
+
+    /// Reads whatever is queued now, without waiting.
+    pub fn drain_now(&mut self, mut f: impl FnMut(&[u8])) -> usize {
+        drain(self.fd.get_mut(), &mut f)
+    }
+}
+
+fn drain(ring: &mut RingBuf<MapData>, f: &mut impl FnMut(&[u8])) -> usize {
+    let mut n = 0;
+    while let Some(item) = ring.next() {
+        f(&item);
+        n += 1;
+    }
+    n
+}

@@ -1,0 +1,19 @@
+//! portwatch: live listener monitor and XDP port guard.
+//!
+//! One module per responsibility: `loader` (kernel programs), `maps` (typed
+//! map access), `events` (ring buffer reading and decoding), `snapshot`
+//! (listeners at start, via sock_diag), `procinfo` (/proc), `listeners` (the
+//! live set), `sinks` (outputs), `watch` (the command), `cli`.
+
+pub mod cli;
+pub mod error;
+pub mod events;
+pub mod listeners;
+pub mod loader;
+pub mod maps;
+pub mod model;
+pub mod procinfo;
+pub mod sinks;
+pub mod snapshot;
+pub mod sys;
+pub mod watch;

@@ -1,0 +1,160 @@
+//! Loads the embedded kernel programs and attaches the listener monitor.
+//! Dropping the `Monitor` detaches every hook: links are file descriptors.
+
+use std::fs::File;
+
+use tokio::io::{Interest, unix::AsyncFd};
+
+use aya::{
+    Ebpf, EbpfLoader,
+    programs::{CgroupAttachMode, CgroupSock, TracePoint},
+};
+
+use crate::{
+    error::{Error, Result},
+    events::reader::RingReader,
+    maps::{self, MonitorStats},
+    sys,
+};
+
+/// The kernel object built by build.rs from portwatch-ebpf.
+static PROGRAMS: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/portwatch"));
+
+pub struct Monitor {
+    ebpf: Ebpf,
+    pub events: RingReader,
+    pub stats: MonitorStats,
+    /// Forwards kernel log records to the `log` crate; aborted on drop.
+    logger: Option<tokio::task::JoinHandle<()>>,
+}
+
+fn program_error(
+    what: String,
+    hint: &'static str,
+) -> impl FnOnce(aya::programs::ProgramError) -> Error {
+    move |source| Error::Program { what, hint, source }
+}
+
+impl Monitor {
+    /// Checks the system, loads the object and opens the event reader. No
+    /// hook is attached yet.
+    pub fn load() -> Result<Self> {
+        sys::check_privileges()?;
+        sys::ensure_pseudo_filesystems()?;
+        raise_memlock_limit();
+        let mut ebpf = EbpfLoader::new().load(PROGRAMS)?;
+        let events = RingReader::new(maps::events(&mut ebpf)?).map_err(|source| Error::Io {
+            what: "registering the event ring buffer with the runtime".into(),
+            source,
+        })?;
+        let stats = MonitorStats::open(&mut ebpf)?;
+        let logger = match aya_log::EbpfLogger::init(&mut ebpf) {
+            Ok(logger) => Some(tokio::spawn(forward_kernel_logs(logger))),
+            Err(e) => {
+                log::warn!("kernel-side log messages are unavailable: {e}");
+                None
+            }
+        };
+        Ok(Self {
+            ebpf,
+            events,
+            stats,
+            logger,
+        })
+    }
+
+    /// Attaches the TCP tracepoint and the UDP cgroup hooks.
+    pub fn attach(&mut self) -> Result<()> {
+        let tp: &mut TracePoint = self
+            .ebpf
+            .program_mut("inet_sock_set_state")
+            .ok_or(Error::Missing {
+                kind: "program",
+                name: "inet_sock_set_state",
+            })?
+            .try_into()
+            .map_err(program_error("inet_sock_set_state".into(), ""))?;
+        let tp_hint =
+            "TCP listeners are seen through this tracepoint (Linux 4.16+, CONFIG_TRACEPOINTS)";
+        tp.load().map_err(program_error(
+            "loading the tracepoint program".into(),
+            tp_hint,
+        ))?;
+        tp.attach("sock", "inet_sock_set_state")
+            .map_err(program_error(
+                "attaching to tracepoint sock/inet_sock_set_state".into(),
+                tp_hint,
+            ))?;
+
+        let root = sys::cgroup2_root()?;
+        let cg_hint =
+            "UDP binds are seen through cgroup socket hooks (Linux 4.17+, CONFIG_CGROUP_BPF)";
+        for name in ["post_bind4", "post_bind6", "sock_release"] {
+            let cgroup = File::open(&root).map_err(|source| Error::CgroupOpen {
+                path: root.clone(),
+                source,
+            })?;
+            let prog: &mut CgroupSock = self
+                .ebpf
+                .program_mut(name)
+                .ok_or(Error::Missing {
+                    kind: "program",
+                    name,
+                })?
+                .try_into()
+                .map_err(program_error(name.into(), ""))?;
+            prog.load()
+                .map_err(program_error(format!("loading cgroup/{name}"), cg_hint))?;
+            // aya attaches through bpf_link (Linux 5.7+), which takes no flags and
+            // always coexists with programs others attach there.
+            prog.attach(cgroup, CgroupAttachMode::Single)
+                .map_err(program_error(
+                    format!("attaching cgroup/{name} at {}", root.display()),
+                    cg_hint,
+                ))?;
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Monitor {
+    fn drop(&mut self) {
+        if let Some(task) = self.logger.take() {
+            task.abort();
+        }
+    }
+}
+
+/// Sleeps until the kernel logs something, then hands it to env_logger.
+async fn forward_kernel_logs(logger: aya_log::EbpfLogger<&'static dyn log::Log>) {
+    // SAFETY: the logger owns its ring buffer fd, which stays open and the
+    // same until the AsyncFd (which owns the logger) is dropped.
+    let mut fd = match unsafe { AsyncFd::register_with_interest(logger, Interest::READABLE) } {
+        Ok(fd) => fd,
+        Err(e) => {
+            log::warn!("kernel-side log messages are unavailable: {e}");
+            return;
+        }
+    };
+    while let Ok(mut guard) = fd.readable_mut().await {
+        guard.get_inner_mut().flush();
+        guard.clear_ready();
+    }
+}
+
+/// Kernels before 5.11 charge BPF memory to RLIMIT_MEMLOCK; lift it so loads
+/// do not fail there. Newer kernels ignore it.
+fn raise_memlock_limit() {
+    let unlimited = libc::rlimit {
+        rlim_cur: libc::RLIM_INFINITY,
+        rlim_max: libc::RLIM_INFINITY,
+    };
+    // SAFETY: setrlimit reads a valid, initialised rlimit struct.
+    let ret = unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &unlimited) };
+    if ret != 0 {
+        log::debug!(
+            "could not raise RLIMIT_MEMLOCK: {}",
+            std::io::Error::last_os_error()
+        );
+    }
+}

@@ -1,0 +1,119 @@
+//! The typed events every part of portwatch speaks: the kernel decoder and the
+//! start-up snapshot both produce them, every sink consumes them.
+
+use std::{net::IpAddr, time::SystemTime};
+
+use serde::Serialize;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Proto {
+    Tcp,
+    Udp,
+}
+
+impl Proto {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Proto::Tcp => "tcp",
+            Proto::Udp => "udp",
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Family {
+    Ipv4,
+    Ipv6,
+}
+
+impl Family {
+    pub fn of(addr: &IpAddr) -> Self {
+        match addr {
+            IpAddr::V4(_) => Family::Ipv4,
+            IpAddr::V6(_) => Family::Ipv6,
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum EventKind {
+    Listen,
+    Close,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Origin {
+    Snapshot,
+    Live,
+}
+
+/// How a socket is identified, for matching a close to its listen.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum SockId {
+    /// The socket cookie (sock_diag, and the UDP hooks).
+    Cookie(u64),
+    /// The kernel address of the socket (the TCP tracepoint).
+    KernelAddr(u64),
+}
+
+/// The process behind a socket, as far as it could be read. Every field is
+/// optional: a process may exit before user space looks at /proc.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ProcessInfo {
+    pub pid: Option<u32>,
+    pub comm: Option<String>,
+    pub uid: Option<u32>,
+    pub exe: Option<String>,
+    pub cmdline: Option<String>,
+    pub cgroup: Option<String>,
+}
+
+/// A listening socket: TCP in LISTEN, or a bound UDP socket.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Listener {
+    pub proto: Proto,
+    pub addr: IpAddr,
+    pub port: u16,
+    pub sock_id: SockId,
+    /// Network namespace inode, where known.
+    pub netns: Option<u64>,
+    pub process: ProcessInfo,
+}
+
+impl Listener {
+    pub fn family(&self) -> Family {
+        Family::of(&self.addr)
+    }
+}
+
+/// A listener opened or closed.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ListenerEvent {
+    pub ts: SystemTime,
+    pub kind: EventKind,
+    pub origin: Origin,
+    pub listener: Listener,
+}
+
+/// Everything that flows to the sinks.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Event {
+    Listener(ListenerEvent),
+    /// The kernel could not queue `count` events since the last report
+    /// (`total` since start).
+    Lost {
+        ts: SystemTime,
+        count: u64,
+        total: u64,
+    },
+    /// The hooks are attached and the snapshot (`snapshot` listeners) is
+    /// out: everything after this is live.
+    Ready {
+        ts: SystemTime,
+        snapshot: usize,
+    },
+}

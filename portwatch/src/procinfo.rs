@@ -1,0 +1,235 @@
+//! Process attribution from /proc: who owns a socket, and what that process is.
+//!
+//! Everything here is best-effort and returns `Option`s or partial maps rather
+//! than errors: a process can exit (or a PID be reused) between any two reads,
+//! and some files are unreadable without privileges. Such a race is normal
+//! operation, not a failure the caller could act on, so a missing piece of
+//! information simply stays `None` (or absent from the map).
+
+use std::{
+    collections::HashMap,
+    ffi::OsStr,
+    fs,
+    os::unix::{ffi::OsStrExt, fs::MetadataExt},
+    path::PathBuf,
+};
+
+use crate::model::ProcessInfo;
+
+/// Everything /proc tells about `pid`; each field is `None` when unreadable.
+pub fn process_info(pid: u32) -> ProcessInfo {
+    let base = format!("/proc/{pid}");
+    ProcessInfo {
+        pid: Some(pid),
+        comm: fs::read(format!("{base}/comm"))
+            .ok()
+            .map(|raw| lossy(trim_newline(&raw))),
+        uid: fs::read(format!("{base}/status"))
+            .ok()
+            .and_then(|raw| real_uid(&raw)),
+        exe: fs::read_link(format!("{base}/exe"))
+            .ok()
+            .map(|path| lossy(path.as_os_str().as_bytes())),
+        cmdline: fs::read(format!("{base}/cmdline"))
+            .ok()
+            .and_then(|raw| join_cmdline(&raw)),
+        cgroup: fs::read(format!("{base}/cgroup"))
+            .ok()
+            .and_then(|raw| cgroup_v2_path(&raw)),
+    }
+}
+
+/// The inode of the network namespace `pid` lives in.
+pub fn netns_of(pid: u32) -> Option<u64> {
+    // metadata() follows the magic link to the nsfs inode, which is the
+    // namespace's identity (what `ip netns identify` and `lsns` compare).
+    fs::metadata(format!("/proc/{pid}/ns/net"))
+        .ok()
+        .map(|m| m.ino())
+}
+
+/// Socket inode -> PID of a process holding it, found the way `ss -p` does:
+/// by reading every /proc/PID/fd/N link and keeping the `socket:[INODE]` ones.
+///
+/// A socket shared by several processes (inherited across fork) maps to the
+/// smallest PID, which is usually the parent that created it. Processes and
+/// fds that vanish during the scan are skipped.
+pub fn socket_owners() -> HashMap<u64, u32> {
+    let mut owners = HashMap::new();
+    let Ok(proc_dir) = fs::read_dir("/proc") else {
+        return owners;
+    };
+    // One path buffer reused for every fd: "/proc/PID/fd/N".
+    let mut path = PathBuf::with_capacity(64);
+    for entry in proc_dir.flatten() {
+        let name = entry.file_name();
+        let Some(pid) = parse_u32(name.as_bytes()) else {
+            continue; // not a process directory
+        };
+        path.clear();
+        path.push("/proc");
+        path.push(&name);
+        path.push("fd");
+        // Unreadable (exited, or another user's process when not root).
+        let Ok(fds) = fs::read_dir(&path) else {
+            continue;
+        };
+        for fd in fds.flatten() {
+            path.push(fd.file_name());
+            if let Ok(target) = fs::read_link(&path)
+                && let Some(inode) = socket_inode(target.as_os_str())
+            {
+                owners
+                    .entry(inode)
+                    .and_modify(|owner: &mut u32| *owner = (*owner).min(pid))
+                    .or_insert(pid);
+            }
+            path.pop();
+        }
+    }
+    owners
+}
+
+/// The inode in a "socket:[12345]" fd link target.
+fn socket_inode(target: &OsStr) -> Option<u64> {
+    let digits = target
+        .as_bytes()
+        .strip_prefix(b"socket:[")?
+        .strip_suffix(b"]")?;
+    parse_u64(digits)
+}
+
+fn parse_u32(digits: &[u8]) -> Option<u32> {
+    parse_u64(digits).and_then(|n| u32::try_from(n).ok())
+}
+
+/// Parses plain ASCII decimal digits (no sign, no whitespace).
+fn parse_u64(digits: &[u8]) -> Option<u64> {
+    if digits.is_empty() {
+        return None;
+    }
+    digits.iter().try_fold(0u64, |acc, &b| {
+        if b.is_ascii_digit() {
+            acc.checked_mul(10)?.checked_add(u64::from(b - b'0'))
+        } else {
+            None
+        }
+    })
+}
+
+fn trim_newline(raw: &[u8]) -> &[u8] {
+    raw.strip_suffix(b"\n").unwrap_or(raw)
+}
+
+fn lossy(raw: &[u8]) -> String {
+    String::from_utf8_lossy(raw).into_owned()
+}
+
+/// The real UID: the first number of the "Uid:" line of /proc/PID/status.
+fn real_uid(status: &[u8]) -> Option<u32> {
+    let line = status
+        .split(|&b| b == b'\n')
+        .find_map(|line| line.strip_prefix(b"Uid:"))?;
+    let first = line
+        .split(|b| b.is_ascii_whitespace())
+        .find(|field| !field.is_empty())?;
+    parse_u32(first)
+}
+
+/// NUL-separated arguments joined with spaces; `None` when there are none
+/// (kernel threads, zombies).
+fn join_cmdline(raw: &[u8]) -> Option<String> {
+    let args = raw.strip_suffix(b"\0").unwrap_or(raw);
+    if args.is_empty() {
+        return None;
+    }
+    let joined: Vec<u8> = args
+        .iter()
+        .map(|&b| if b == 0 { b' ' } else { b })
+        .collect();
+    Some(String::from_utf8_lossy(&joined).into_owned())
+}
+
+/// The unified-hierarchy (cgroup v2) path: the "0::PATH" line.
+fn cgroup_v2_path(raw: &[u8]) -> Option<String> {
+    raw.split(|&b| b == b'\n')
+        .find_map(|line| line.strip_prefix(b"0::"))
+        .map(lossy)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{error::Error, net::TcpListener, os::fd::AsRawFd, path::Path};
+
+    use super::*;
+
+    type TestResult = Result<(), Box<dyn Error>>;
+
+    #[test]
+    fn process_info_of_self() -> TestResult {
+        let pid = std::process::id();
+        let info = process_info(pid);
+        assert_eq!(info.pid, Some(pid));
+        assert!(info.comm.as_deref().is_some_and(|c| !c.is_empty()));
+        let exe = info.exe.ok_or("no exe")?;
+        assert!(Path::new(&exe).exists(), "exe {exe} does not exist");
+        assert!(info.cmdline.as_deref().is_some_and(|c| !c.is_empty()));
+        // Tests run as root in CI, but compare with our real uid anyway.
+        assert_eq!(info.uid, Some(nix::unistd::getuid().as_raw()));
+        assert!(info.cgroup.as_deref().is_some_and(|c| c.starts_with('/')));
+        Ok(())
+    }
+
+    #[test]
+    fn process_info_of_missing_pid_is_empty() {
+        // Above the kernel's PID_MAX_LIMIT (2^22), so never a live process.
+        let info = process_info(u32::MAX);
+        assert_eq!(
+            info,
+            ProcessInfo {
+                pid: Some(u32::MAX),
+                ..ProcessInfo::default()
+            }
+        );
+    }
+
+    #[test]
+    fn netns_of_self() -> TestResult {
+        let expected = fs::metadata("/proc/self/ns/net")?.ino();
+        assert_eq!(netns_of(std::process::id()), Some(expected));
+        assert_eq!(netns_of(u32::MAX), None);
+        Ok(())
+    }
+
+    #[test]
+    fn socket_owners_finds_our_listener() -> TestResult {
+        let listener = TcpListener::bind("127.0.0.1:0")?;
+        let fd = listener.as_raw_fd();
+        // The inode of a socket is what fstat() reports for its fd.
+        let inode = fs::metadata(format!("/proc/self/fd/{fd}"))?.ino();
+        let owners = socket_owners();
+        assert_eq!(owners.get(&inode), Some(&std::process::id()));
+        Ok(())
+    }
+
+    #[test]
+    fn parsers() {
+        assert_eq!(socket_inode(OsStr::new("socket:[12345]")), Some(12345));
+        assert_eq!(socket_inode(OsStr::new("pipe:[12345]")), None);
+        assert_eq!(socket_inode(OsStr::new("socket:[]")), None);
+        assert_eq!(socket_inode(OsStr::new("socket:[12x]")), None);
+        assert_eq!(parse_u32(b"4294967296"), None);
+        assert_eq!(parse_u32(b"self"), None);
+        assert_eq!(
+            real_uid(b"Name:\tx\nUid:\t1000\t0\t0\t0\nGid:\t0\t0\t0\t0\n"),
+            Some(1000)
+        );
+        assert_eq!(join_cmdline(b"a\0b c\0d\0"), Some("a b c d".to_owned()));
+        assert_eq!(join_cmdline(b""), None);
+        assert_eq!(
+            cgroup_v2_path(b"1:cpu:/x\n0::/system.slice/ssh.service\n"),
+            Some("/system.slice/ssh.service".to_owned())
+        );
+        assert_eq!(cgroup_v2_path(b"1:cpu:/x\n"), None);
+    }
+}

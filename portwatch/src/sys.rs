@@ -1,0 +1,193 @@
+//! The system around the programs: privileges, pseudo file systems, cgroup v2,
+//! clocks. Checked up front so failures come with a clear message, not an
+//! errno from deep inside a load.
+
+use std::{
+    fs,
+    path::{Path, PathBuf},
+    time::{Duration, SystemTime},
+};
+
+use crate::error::{Error, Result};
+
+const CAP_NET_ADMIN: u32 = 12;
+const CAP_SYS_ADMIN: u32 = 21;
+const CAP_PERFMON: u32 = 38;
+const CAP_BPF: u32 = 39;
+
+/// Effective capability set of this process, from /proc/self/status.
+fn effective_caps() -> u64 {
+    fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("CapEff:"))
+                .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+        })
+        .unwrap_or(0)
+}
+
+/// Fails unless the process may load and attach the programs: CAP_SYS_ADMIN
+/// covers everything; otherwise CAP_BPF, CAP_PERFMON (tracepoints) and
+/// CAP_NET_ADMIN (cgroup and XDP attach) are all needed.
+pub fn check_privileges() -> Result<()> {
+    let caps = effective_caps();
+    let has = |cap: u32| caps & (1u64 << cap) != 0;
+    if has(CAP_SYS_ADMIN) {
+        return Ok(());
+    }
+    let missing: Vec<&str> = [
+        (CAP_BPF, "CAP_BPF"),
+        (CAP_NET_ADMIN, "CAP_NET_ADMIN"),
+        (CAP_PERFMON, "CAP_PERFMON"),
+    ]
+    .into_iter()
+    .filter(|(cap, _)| !has(*cap))
+    .map(|(_, name)| name)
+    .collect();
+    if missing.is_empty() {
+        Ok(())
+    } else {
+        Err(Error::NotPrivileged {
+            missing: missing.join(", "),
+        })
+    }
+}
+
+/// One line of /proc/self/mountinfo: mount point and file system type.
+fn mounts() -> Vec<(PathBuf, String)> {
+    let Ok(info) = fs::read_to_string("/proc/self/mountinfo") else {
+        return Vec::new();
+    };
+    info.lines()
+        .filter_map(|line| {
+            // Fields: id parent major:minor root mount-point options ... - fstype source super
+            let mut fields = line.split(' ');
+            let mount_point = fields.nth(4)?;
+            let fstype = line.split(" - ").nth(1)?.split(' ').next()?;
+            Some((
+                PathBuf::from(unescape_mount(mount_point)),
+                fstype.to_string(),
+            ))
+        })
+        .collect()
+}
+
+/// mountinfo escapes space, tab, newline and backslash as octal.
+fn unescape_mount(s: &str) -> String {
+    s.replace("\\040", " ")
+        .replace("\\011", "\t")
+        .replace("\\012", "\n")
+        .replace("\\134", "\\")
+}
+
+fn is_mounted(fstype: &str, at: &Path) -> bool {
+    mounts().iter().any(|(p, t)| t == fstype && p == at)
+}
+
+pub const TRACEFS: &str = "/sys/kernel/tracing";
+pub const BPFFS: &str = "/sys/fs/bpf";
+
+/// Mounts `fs` at `path` when nothing of that type is there yet, and says so.
+fn ensure_mounted(fs: &'static str, path: &'static str) -> Result<()> {
+    if is_mounted(fs, Path::new(path)) {
+        return Ok(());
+    }
+    // tracefs may also be reachable through debugfs; aya looks there too.
+    if fs == "tracefs" && Path::new("/sys/kernel/debug/tracing/events").is_dir() {
+        return Ok(());
+    }
+    nix::mount::mount(
+        Some(fs),
+        path,
+        Some(fs),
+        nix::mount::MsFlags::empty(),
+        None::<&str>,
+    )
+    .map_err(|source| Error::Mount { fs, path, source })?;
+    let name = if fs == "bpf" { "bpffs" } else { fs };
+    log::info!("{name} was not mounted: mounted it at {path}");
+    Ok(())
+}
+
+/// tracefs (tracepoint ids) and bpffs (pins) must be mounted.
+pub fn ensure_pseudo_filesystems() -> Result<()> {
+    ensure_mounted("tracefs", TRACEFS)?;
+    ensure_mounted("bpf", BPFFS)
+}
+
+/// The root of the cgroup v2 hierarchy: /sys/fs/cgroup on unified systems,
+/// /sys/fs/cgroup/unified on hybrid ones.
+pub fn cgroup2_root() -> Result<PathBuf> {
+    mounts()
+        .into_iter()
+        .filter(|(_, t)| t == "cgroup2")
+        .map(|(p, _)| p)
+        // The shortest path is the host's root, not a container's nested mount.
+        .min_by_key(|p| p.as_os_str().len())
+        .ok_or(Error::NoCgroup2)
+}
+
+/// Converts kernel CLOCK_MONOTONIC nanoseconds (bpf_ktime_get_ns) to wall
+/// clock time, using an offset taken once at start.
+#[derive(Clone, Copy, Debug)]
+pub struct Clock {
+    /// Wall clock time at monotonic zero.
+    epoch: SystemTime,
+}
+
+impl Clock {
+    pub fn new() -> Self {
+        let mono = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
+            .map(Duration::from)
+            .unwrap_or_default();
+        let now = SystemTime::now();
+        Self {
+            epoch: now.checked_sub(mono).unwrap_or(now),
+        }
+    }
+
+    pub fn wall(&self, monotonic_ns: u64) -> SystemTime {
+        self.epoch + Duration::from_nanos(monotonic_ns)
+    }
+}
+
+impl Default for Clock {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn finds_a_cgroup2_root_and_proc_mount() {
+        assert!(
+            mounts()
+                .iter()
+                .any(|(p, t)| t == "proc" && p == Path::new("/proc"))
+        );
+        let root = cgroup2_root().expect("this machine has cgroup v2");
+        assert!(root.join("cgroup.procs").exists(), "{root:?}");
+    }
+
+    #[test]
+    fn unescapes_mountinfo_paths() {
+        assert_eq!(unescape_mount("/a\\040b\\134c"), "/a b\\c");
+    }
+
+    #[test]
+    fn clock_maps_now_to_now() {
+        let clock = Clock::new();
+        let mono = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
+            .map(Duration::from)
+            .expect("monotonic clock");
+        let wall = clock.wall(mono.as_nanos() as u64);
+        let diff = SystemTime::now()
+            .duration_since(wall)
+            .unwrap_or_else(|e| e.duration());
+        assert!(diff < Duration::from_secs(1), "{diff:?}");
+    }
+}

@@ -1,0 +1,291 @@
+//! `portwatch watch` against the real kernel: listeners opened by real
+//! processes, in this and other network namespaces, before and after start.
+
+use std::{
+    io::{BufRead, BufReader, Write},
+    process::{Command, Stdio},
+    time::Duration,
+};
+
+use anyhow::Context as _;
+use portwatch_tests::{ChildGuard, Netns, Portwatch, Result, loaded_programs, run};
+use serde_json::Value;
+
+const FIXTURE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/fixtures/listeners.py");
+const WAIT: Duration = Duration::from_secs(10);
+const OUR_PROGRAMS: &[&str] = &[
+    "inet_sock_set_state",
+    "post_bind4",
+    "post_bind6",
+    "sock_release",
+];
+
+/// The Python fixture: opens sockets, reports them, closes them on request.
+struct Fixture {
+    child: ChildGuard,
+    out: BufReader<std::process::ChildStdout>,
+    report: Value,
+}
+
+impl Fixture {
+    fn start(cmd: &mut Command) -> Result<Self> {
+        cmd.stdin(Stdio::piped()).stdout(Stdio::piped());
+        let mut child = ChildGuard::spawn(cmd)?;
+        let mut out = BufReader::new(child.0.stdout.take().context("no stdout")?);
+        let mut line = String::new();
+        out.read_line(&mut line)?;
+        let report =
+            serde_json::from_str(&line).with_context(|| format!("fixture said {line:?}"))?;
+        Ok(Self { child, out, report })
+    }
+
+    fn python(args: &[&str]) -> Result<Self> {
+        let mut cmd = Command::new("python3");
+        cmd.arg(FIXTURE).args(args);
+        Self::start(&mut cmd)
+    }
+
+    fn pid(&self) -> u64 {
+        self.report["pid"].as_u64().unwrap_or(0)
+    }
+
+    /// Asks the fixture to close everything and waits until it has.
+    fn close_all(&mut self) -> Result {
+        let stdin = self.child.0.stdin.as_mut().context("no stdin")?;
+        stdin.write_all(b"close\n")?;
+        stdin.flush()?;
+        let mut line = String::new();
+        self.out.read_line(&mut line)?;
+        anyhow::ensure!(line.contains("closed"), "fixture said {line:?}");
+        Ok(())
+    }
+}
+
+fn matches_listener(v: &Value, pid: u64, want: &Value, event: &str) -> bool {
+    v["event"] == event
+        && v["pid"] == pid
+        && v["proto"] == want["proto"]
+        && v["family"] == want["family"]
+        && v["addr"] == want["addr"]
+        && v["port"] == want["port"]
+}
+
+#[test]
+fn live_tcp_and_udp_listeners_on_ipv4_and_ipv6_open_and_close() -> Result {
+    let mut pw = Portwatch::start(&["watch", "--no-snapshot"])?;
+    // Every socket binds port 0: the events must carry the port the kernel chose.
+    let mut fx = Fixture::python(&["tcp4", "tcp6", "udp4", "udp6"])?;
+    let pid = fx.pid();
+    let wanted = fx.report["listeners"]
+        .as_array()
+        .context("listeners")?
+        .clone();
+    assert_eq!(wanted.len(), 4);
+    for want in &wanted {
+        assert_ne!(want["port"], 0, "the fixture reports the chosen port");
+        let ev = pw.wait_for(WAIT, |v| matches_listener(v, pid, want, "listen"))?;
+        assert_eq!(ev["comm"], "python3", "{ev}");
+        assert_eq!(ev["origin"], "live");
+        assert!(
+            ev["exe"].as_str().is_some_and(|e| e.contains("python3")),
+            "{ev}"
+        );
+        assert!(
+            ev["cmdline"]
+                .as_str()
+                .is_some_and(|c| c.contains("listeners.py")),
+            "{ev}"
+        );
+        assert!(ev["netns"].is_u64(), "{ev}");
+        assert_eq!(ev["uid"], 0);
+    }
+    fx.close_all()?;
+    for want in &wanted {
+        pw.wait_for(WAIT, |v| matches_listener(v, pid, want, "close"))?;
+    }
+    let status = pw.stop()?;
+    assert!(status.success(), "{status}");
+    Ok(())
+}
+
+#[test]
+fn snapshot_reports_existing_listeners_with_their_process() -> Result {
+    let fx = Fixture::python(&["tcp4", "udp6"])?;
+    let pid = fx.pid();
+    let mut pw = Portwatch::start(&["watch"])?;
+    let ready = pw.wait_for(WAIT, |v| v["event"] == "ready")?;
+    for want in fx.report["listeners"].as_array().context("listeners")? {
+        let ev = pw
+            .seen
+            .iter()
+            .find(|v| matches_listener(v, pid, want, "listen"))
+            .with_context(|| format!("{want} missing from the snapshot"))?;
+        assert_eq!(ev["origin"], "snapshot", "{ev}");
+        assert_eq!(ev["comm"], "python3", "{ev}");
+    }
+    // The ready line counts what the snapshot reported.
+    let snapshot_lines = pw.seen.iter().filter(|v| v["origin"] == "snapshot").count();
+    assert_eq!(ready["snapshot"].as_u64(), Some(snapshot_lines as u64));
+    pw.stop()?;
+    Ok(())
+}
+
+#[test]
+fn every_listener_ss_shows_is_in_the_snapshot() -> Result {
+    let _fx = Fixture::python(&["tcp4", "tcp6", "udp4"])?;
+    let mut pw = Portwatch::start(&["watch"])?;
+    let ss = run("ss", &["-ltnupH"])?;
+    for line in ss.lines().filter(|l| l.contains("pid=")) {
+        let cols: Vec<&str> = line.split_whitespace().collect();
+        let proto = cols[0];
+        let local = cols[4];
+        let port: u64 = local
+            .rsplit(':')
+            .next()
+            .and_then(|p| p.parse().ok())
+            .context("port")?;
+        let pid: u64 = line
+            .split("pid=")
+            .nth(1)
+            .and_then(|s| s.split(',').next())
+            .and_then(|p| p.parse().ok())
+            .context("pid")?;
+        let found = pw.seen.iter().any(|v| {
+            v["origin"] == "snapshot" && v["proto"] == proto && v["port"] == port && v["pid"] == pid
+        });
+        assert!(
+            found,
+            "ss shows {line:?} but the snapshot has no {proto}/{port} with pid {pid}"
+        );
+    }
+    pw.stop()?;
+    Ok(())
+}
+
+#[test]
+fn listeners_in_another_network_namespace_carry_its_inode() -> Result {
+    let ns = Netns::new("w")?;
+    let inode = ns.inode()?;
+    // One listener before start (snapshot), one after (live).
+    let mut cmd = ns.command("python3");
+    cmd.arg(FIXTURE).arg("tcp4");
+    let before = Fixture::start(&mut cmd)?;
+    let mut pw = Portwatch::start(&["watch"])?;
+    let want = &before.report["listeners"][0];
+    let snap = pw
+        .seen
+        .iter()
+        .find(|v| matches_listener(v, before.pid(), want, "listen"))
+        .context("the namespaced listener is missing from the snapshot")?;
+    assert_eq!(snap["origin"], "snapshot");
+    assert_eq!(snap["netns"], inode, "{snap}");
+
+    let mut cmd = ns.command("python3");
+    cmd.arg(FIXTURE).arg("udp4");
+    let after = Fixture::start(&mut cmd)?;
+    let want = &after.report["listeners"][0];
+    let live = pw.wait_for(WAIT, |v| matches_listener(v, after.pid(), want, "listen"))?;
+    assert_eq!(live["netns"], inode, "{live}");
+    let host = pw
+        .seen
+        .iter()
+        .find(|v| v["origin"] == "snapshot" && v["netns"] != inode);
+    if let Some(host) = host {
+        assert_ne!(host["netns"], live["netns"]);
+    }
+    pw.stop()?;
+    Ok(())
+}
+
+#[test]
+fn a_burst_of_10000_listeners_is_seen_or_counted_as_lost() -> Result {
+    const N: u64 = 10_000;
+    let mut pw = Portwatch::start(&["watch", "--no-snapshot", "--proto", "tcp"])?;
+    let mut fx = Fixture::python(&["--burst", &N.to_string()])?;
+    assert_eq!(fx.report["count"], N);
+    let pid = fx.pid();
+    fx.close_all()?;
+    drop(fx);
+    // Wait until every event is accounted for (seen or announced lost).
+    let accounted = std::cell::Cell::new(0u64);
+    let _ = pw.wait_for(Duration::from_secs(30), |v| {
+        if v["pid"] == pid && (v["event"] == "listen" || v["event"] == "close") {
+            accounted.set(accounted.get() + 1);
+        } else if v["event"] == "lost" {
+            accounted.set(accounted.get() + v["count"].as_u64().unwrap_or(0));
+        }
+        accounted.get() >= 2 * N
+    });
+    let status = pw.stop()?;
+    assert!(status.success());
+    let listens = pw.events_of(pid as u32, "listen").len() as u64;
+    let closes = pw.events_of(pid as u32, "close").len() as u64;
+    let summary = pw
+        .seen
+        .iter()
+        .find(|v| v["event"] == "summary")
+        .context("no summary line")?;
+    let lost = summary["lost"].as_u64().context("lost")?;
+    assert_eq!(
+        listens + closes + lost,
+        2 * N,
+        "listens {listens} closes {closes} lost {lost}"
+    );
+    // Lost events are also announced in the stream as they happen.
+    let announced: u64 = pw
+        .seen
+        .iter()
+        .filter(|v| v["event"] == "lost")
+        .filter_map(|v| v["count"].as_u64())
+        .sum();
+    assert_eq!(announced, lost);
+    Ok(())
+}
+
+#[test]
+fn stopping_detaches_every_hook() -> Result {
+    let before = loaded_programs(OUR_PROGRAMS)?;
+    let mut pw = Portwatch::start(&["watch", "--no-snapshot"])?;
+    let during = loaded_programs(OUR_PROGRAMS)?;
+    assert!(
+        during.len() >= before.len() + 4,
+        "before {before:?}, during {during:?}"
+    );
+    let status = pw.stop()?;
+    assert!(status.success());
+    let summary = pw.seen.last().context("no lines")?;
+    assert_eq!(summary["event"], "summary", "the last line is the summary");
+    // Program fds close with the process; the kernel frees them shortly after.
+    let mut after = loaded_programs(OUR_PROGRAMS)?;
+    for _ in 0..50 {
+        if after.len() == before.len() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+        after = loaded_programs(OUR_PROGRAMS)?;
+    }
+    assert_eq!(after, before, "programs left loaded after exit");
+    Ok(())
+}
+
+#[test]
+fn unprivileged_user_gets_a_clear_error() -> Result {
+    let out = Command::new("setpriv")
+        .args([
+            "--reuid=nobody",
+            "--regid=nogroup",
+            "--clear-groups",
+            "--inh-caps=-all",
+        ])
+        .arg(portwatch_tests::portwatch_bin())
+        .args(["watch", "--json"])
+        .output()?;
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("CAP_BPF") && stderr.contains("sudo"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    Ok(())
+}
