@@ -9,9 +9,11 @@
 use std::{
     collections::HashMap,
     ffi::OsStr,
+    fmt::Write as _,
     fs,
     os::unix::{ffi::OsStrExt, fs::MetadataExt},
     path::PathBuf,
+    thread,
 };
 
 use crate::model::ProcessInfo;
@@ -55,12 +57,47 @@ pub fn netns_of(pid: u32) -> Option<u64> {
 /// smallest PID, which is usually the parent that created it. Processes and
 /// fds that vanish during the scan are skipped.
 pub fn socket_owners() -> HashMap<u64, u32> {
-    let mut owners = HashMap::new();
+    let fds = open_fds();
+    // Almost all the time goes to readlink() (the kernel instantiates a /proc
+    // inode per fd), so large scans are split across a few threads.
+    let workers = thread::available_parallelism()
+        .map_or(1, usize::from)
+        .min(MAX_WORKERS)
+        .min(fds.len() / MIN_FDS_PER_WORKER)
+        .max(1);
+    let chunk_len = fds.len().div_ceil(workers).max(1);
+    thread::scope(|scope| {
+        let mut owners = HashMap::new();
+        let mut spawned = Vec::new();
+        for chunk in fds.chunks(chunk_len) {
+            match thread::Builder::new().spawn_scoped(scope, || resolve_sockets(chunk)) {
+                Ok(handle) => spawned.push(handle),
+                // No thread to be had: do this share here.
+                Err(_) => merge_owners(&mut owners, resolve_sockets(chunk)),
+            }
+        }
+        for handle in spawned {
+            // resolve_sockets has nothing that panics; if it somehow did,
+            // its share is lost like that of a vanished process.
+            if let Ok(part) = handle.join() {
+                merge_owners(&mut owners, part);
+            }
+        }
+        owners
+    })
+}
+
+const MAX_WORKERS: usize = 8;
+/// Below this a thread costs more than it saves.
+const MIN_FDS_PER_WORKER: usize = 2048;
+
+/// Every (PID, fd number) on the host, in PID order.
+fn open_fds() -> Vec<(u32, u32)> {
+    let mut fds = Vec::new();
     let Ok(proc_dir) = fs::read_dir("/proc") else {
-        return owners;
+        return fds;
     };
-    // One path buffer reused for every fd: "/proc/PID/fd/N".
-    let mut path = PathBuf::with_capacity(64);
+    let mut path = PathBuf::with_capacity(32);
     for entry in proc_dir.flatten() {
         let name = entry.file_name();
         let Some(pid) = parse_u32(name.as_bytes()) else {
@@ -70,24 +107,46 @@ pub fn socket_owners() -> HashMap<u64, u32> {
         path.push("/proc");
         path.push(&name);
         path.push("fd");
-        // Unreadable (exited, or another user's process when not root).
-        let Ok(fds) = fs::read_dir(&path) else {
+        // Unreadable: exited, or another user's process when not root.
+        let Ok(dir) = fs::read_dir(&path) else {
             continue;
         };
-        for fd in fds.flatten() {
-            path.push(fd.file_name());
-            if let Ok(target) = fs::read_link(&path)
-                && let Some(inode) = socket_inode(target.as_os_str())
-            {
-                owners
-                    .entry(inode)
-                    .and_modify(|owner: &mut u32| *owner = (*owner).min(pid))
-                    .or_insert(pid);
-            }
-            path.pop();
+        fds.extend(
+            dir.flatten()
+                .filter_map(|fd| parse_u32(fd.file_name().as_bytes()))
+                .map(|fd| (pid, fd)),
+        );
+    }
+    fds
+}
+
+/// Socket inode -> smallest PID, for the socket fds among `fds`.
+fn resolve_sockets(fds: &[(u32, u32)]) -> HashMap<u64, u32> {
+    let mut owners = HashMap::new();
+    // One buffer reused for every "/proc/PID/fd/N".
+    let mut path = String::with_capacity(32);
+    for &(pid, fd) in fds {
+        path.clear();
+        // Writing to a String cannot fail.
+        let _ = write!(path, "/proc/{pid}/fd/{fd}");
+        if let Ok(target) = fs::read_link(&path)
+            && let Some(inode) = socket_inode(target.as_os_str())
+        {
+            owners
+                .entry(inode)
+                .and_modify(|owner: &mut u32| *owner = (*owner).min(pid))
+                .or_insert(pid);
         }
     }
     owners
+}
+
+fn merge_owners(into: &mut HashMap<u64, u32>, part: HashMap<u64, u32>) {
+    for (inode, pid) in part {
+        into.entry(inode)
+            .and_modify(|owner| *owner = (*owner).min(pid))
+            .or_insert(pid);
+    }
 }
 
 /// The inode in a "socket:[12345]" fd link target.

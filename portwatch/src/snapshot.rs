@@ -52,7 +52,9 @@ pub enum SnapshotError {
         #[source]
         source: DecodeError,
     },
-    #[error("the sock_diag worker thread for other network namespaces panicked")]
+    #[error("cannot start a thread to enter other network namespaces: {0}")]
+    Thread(#[source] io::Error),
+    #[error("a snapshot worker thread panicked")]
     WorkerPanicked,
 }
 
@@ -88,13 +90,17 @@ pub fn snapshot() -> Result<Vec<Listener>, SnapshotError> {
 
     let next = AtomicUsize::new(0);
     let (sockets, owners) = thread::scope(|scope| {
-        // The /proc fd scan is the slow part; overlap it with the dumps.
-        let owners = scope.spawn(socket_owners);
+        // The /proc fd scan is the slow part; overlap it with the dumps
+        // (or run it afterwards if no thread can be had).
+        let owners = thread::Builder::new().spawn_scoped(scope, socket_owners);
         let sockets = dump_all(own, &others, &next, scope);
-        (sockets, owners.join())
+        let owners = match owners {
+            Ok(handle) => handle.join().map_err(|_| SnapshotError::WorkerPanicked),
+            Err(_) => Ok(socket_owners()),
+        };
+        (sockets, owners)
     });
-    let sockets = sockets?;
-    let owners = owners.map_err(|_| SnapshotError::WorkerPanicked)?;
+    let (sockets, owners) = (sockets?, owners?);
 
     // One /proc read per process, not per socket: a server can hold
     // thousands of listeners.
@@ -112,7 +118,8 @@ pub fn snapshot() -> Result<Vec<Listener>, SnapshotError> {
                     .clone(),
                 None => ProcessInfo::default(),
             };
-            // The socket's uid stands in when the process can't be read.
+            // The socket's uid (its creator's) stands in when there is no
+            // process or its status can't be read.
             process.uid = process.uid.or(Some(sock.uid));
             let listener = Listener {
                 proto: sock.proto,
@@ -193,9 +200,15 @@ fn dump_all<'scope>(
         .map_or(2, usize::from)
         .clamp(2, 8)
         .min(others.len());
-    let workers: Vec<_> = (0..n_workers)
-        .map(|_| scope.spawn(move || dump_others(others, next)))
-        .collect();
+    let mut workers = Vec::with_capacity(n_workers);
+    for _ in 0..n_workers {
+        match thread::Builder::new().spawn_scoped(scope, move || dump_others(others, next)) {
+            Ok(worker) => workers.push(worker),
+            // The workers already running share out all the namespaces.
+            Err(err) if !workers.is_empty() => log::debug!("fewer netns workers: {err}"),
+            Err(err) => return Err(SnapshotError::Thread(err)),
+        }
+    }
     let mut sockets = dump_netns(own)?;
     for worker in workers {
         sockets.extend(worker.join().map_err(|_| SnapshotError::WorkerPanicked)??);
@@ -354,6 +367,9 @@ fn dump(
             Err(err) if err.kind() == io::ErrorKind::Interrupted => continue,
             Err(err) => return Err(query_err(err)),
         };
+        if len == 0 {
+            return Err(query_err(io::ErrorKind::UnexpectedEof.into()));
+        }
         let Some(mut rest) = buf.get(..len) else {
             return Err(query_err(io::Error::other(format!(
                 "reply of {len} bytes exceeds the {} byte buffer",
@@ -371,12 +387,12 @@ fn dump(
                         // A dump that fails midway reports it here.
                         return match status_code(payload) {
                             0 => Ok(()),
-                            code => Err(query_err(io::Error::from_raw_os_error(-code))),
+                            code => Err(query_err(errno(code))),
                         };
                     }
                     NLMSG_ERROR => match status_code(payload) {
                         0 => {} // an ACK
-                        code => return Err(query_err(io::Error::from_raw_os_error(-code))),
+                        code => return Err(query_err(errno(code))),
                     },
                     NLMSG_OVERRUN => {
                         return Err(query_err(io::Error::other("netlink overrun, data lost")));
@@ -404,6 +420,11 @@ fn status_code(payload: &[u8]) -> i32 {
     payload
         .first_chunk::<4>()
         .map_or(0, |code| i32::from_ne_bytes(*code))
+}
+
+/// The error a netlink status code (a negative errno) stands for.
+fn errno(code: i32) -> io::Error {
+    io::Error::from_raw_os_error(code.saturating_neg())
 }
 
 /// The listener in a diag reply, if it is one (the request's state filter
@@ -441,7 +462,6 @@ fn cookie(raw: [u8; 8]) -> u64 {
 #[cfg(test)]
 mod tests {
     use std::{
-        collections::HashMap,
         error::Error,
         net::{Ipv4Addr, Ipv6Addr, SocketAddr as NetAddr, TcpListener, UdpSocket},
         process::{Child, Command, Stdio},
@@ -602,16 +622,16 @@ mod tests {
         Ok(())
     }
 
-    /// (proto, port) -> PIDs.
-    type SsListeners = HashMap<(Proto, u16), Vec<u32>>;
+    /// One line of ss: a listener and the PIDs holding it.
+    type SsListener = (Proto, u16, Vec<u32>);
 
-    /// The listeners `ss -ltnup -H` attributes to a process in our namespace.
-    fn ss_listeners() -> Result<SsListeners, Box<dyn Error>> {
+    /// The listeners `ss -ltnup -H` attributes to processes, in our netns.
+    fn ss_listeners() -> Result<HashSet<SsListener>, Box<dyn Error>> {
         let output = Command::new("ss").args(["-ltnup", "-H"]).output()?;
         if !output.status.success() {
             return Err(format!("ss failed: {}", output.status).into());
         }
-        let mut found = HashMap::new();
+        let mut found = HashSet::new();
         for line in String::from_utf8(output.stdout)?.lines() {
             // Netid State Recv-Q Send-Q Local:Port Peer:Port Process
             let fields: Vec<&str> = line.split_whitespace().collect();
@@ -629,7 +649,7 @@ mod tests {
             else {
                 continue;
             };
-            let pids: Vec<u32> = line
+            let mut pids: Vec<u32> = line
                 .split("pid=")
                 .skip(1)
                 .filter_map(|rest| {
@@ -637,11 +657,9 @@ mod tests {
                     digits.parse().ok()
                 })
                 .collect();
+            pids.sort_unstable();
             if !pids.is_empty() {
-                found
-                    .entry((proto, port))
-                    .or_insert_with(Vec::new)
-                    .extend(pids);
+                found.insert((proto, port, pids));
             }
         }
         Ok(found)
@@ -657,31 +675,18 @@ mod tests {
         // Only listeners ss shows both before and after the snapshot count:
         // other tests open and close sockets concurrently.
         let before = ss_listeners()?;
-        let ours = snapshot()?;
+        let ours: HashSet<(Proto, u16, u32)> = snapshot()?
+            .into_iter()
+            .filter(|l| l.netns == Some(netns))
+            .filter_map(|l| Some((l.proto, l.port, l.process.pid?)))
+            .collect();
         let after = ss_listeners()?;
         assert!(!before.is_empty());
-        for (key, pids) in &before {
-            let Some(pids_after) = after.get(key) else {
-                continue;
-            };
-            let stable: Vec<u32> = pids
-                .iter()
-                .filter(|p| pids_after.contains(p))
-                .copied()
-                .collect();
-            if stable.is_empty() {
-                continue;
-            }
-            let (proto, port) = *key;
-            let matched = ours.iter().any(|l| {
-                l.netns == Some(netns)
-                    && l.proto == proto
-                    && l.port == port
-                    && l.process.pid.is_some_and(|pid| stable.contains(&pid))
-            });
+        for stable in before.intersection(&after) {
+            let (proto, port, pids) = stable;
             assert!(
-                matched,
-                "ss shows {proto:?} port {port} for pids {stable:?}; snapshot doesn't"
+                pids.iter().any(|&pid| ours.contains(&(*proto, *port, pid))),
+                "ss shows {proto:?} port {port} for pids {pids:?}; snapshot doesn't"
             );
         }
         Ok(())

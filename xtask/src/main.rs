@@ -1,1 +1,77 @@
-fn main() {}
+//! portwatch's development tasks: `cargo xtask <setup|build|run|test>`.
+
+mod build;
+mod run;
+mod setup;
+mod test;
+mod util;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "cargo xtask",
+    // Usage lines show how it is invoked, not the binary's name.
+    bin_name = "cargo xtask",
+    about = "portwatch's setup, build, run and test tasks"
+)]
+struct Cli {
+    #[command(subcommand)]
+    task: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Install what building and running needs (Debian packages, bpf-linker,
+    /// the portwatch-bpf rustup toolchain); idempotent.
+    Setup,
+    /// Build portwatch with its eBPF programs.
+    Build {
+        /// Build with the release profile.
+        #[arg(long)]
+        release: bool,
+    },
+    /// Build portwatch, then run it as root (through sudo when needed).
+    Run {
+        /// Build and run the release binary.
+        #[arg(long)]
+        release: bool,
+        /// Arguments for portwatch, after `--`.
+        #[arg(
+            trailing_var_arg = true,
+            allow_hyphen_values = true,
+            value_name = "ARGS"
+        )]
+        args: Vec<String>,
+    },
+    /// fmt and clippy checks, unit tests, then kernel integration tests as root.
+    Test {
+        /// Arguments for the integration test binaries, after `--` (e.g. a test
+        /// name filter).
+        #[arg(
+            trailing_var_arg = true,
+            allow_hyphen_values = true,
+            value_name = "ARGS"
+        )]
+        args: Vec<String>,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.task {
+        Task::Setup => setup::setup(),
+        Task::Build { release } => build::build(release).map(drop),
+        Task::Run { release, args } => run::run(release, &args),
+        Task::Test { args } => test::test(&args),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("error: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

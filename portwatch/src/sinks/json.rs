@@ -160,7 +160,7 @@ mod tests {
         });
         let v: serde_json::Value =
             serde_json::from_str(&to_json(&ev).expect("serialises")).expect("valid JSON");
-        assert_eq!(v["ts"], "2026-11-18T08:26:40.000001Z");
+        assert_eq!(v["ts"], "2026-11-18T11:06:40.000001Z");
         assert_eq!(v["event"], "close");
         assert_eq!(v["origin"], "snapshot");
         assert_eq!(v["proto"], "udp");

@@ -50,6 +50,6 @@ mod tests {
     #[test]
     fn formats_rfc3339_with_micros() {
         let ts = UNIX_EPOCH + Duration::from_micros(1_795_000_000_123_456);
-        assert_eq!(super::rfc3339_micros(ts), "2026-11-18T08:26:40.123456Z");
+        assert_eq!(super::rfc3339_micros(ts), "2026-11-18T11:06:40.123456Z");
     }
 }
