@@ -60,7 +60,10 @@ impl Listeners {
         let key = (raw.proto, raw.sock_id);
         match raw.kind {
             EventKind::Listen => {
-                let listener = enrich(raw);
+                let mut listener = enrich(raw);
+                if listener.proto == Proto::Tcp && listener.port == 0 {
+                    listener.port = self.autobound_port(&listener).unwrap_or(0);
+                }
                 let duplicate = self.open.contains_key(&key)
                     || (before_snapshot && self.seen_in_snapshot(&listener));
                 if duplicate {
@@ -91,6 +94,20 @@ impl Listeners {
                 })
             }
         }
+    }
+
+    /// The port the kernel picked for a listen() without bind(): one of the
+    /// process's listening ports that no known listener of it holds yet.
+    fn autobound_port(&self, l: &Listener) -> Option<u16> {
+        let pid = l.process.pid?;
+        procinfo::listening_tcp_ports(pid, l.addr.is_ipv6())
+            .into_iter()
+            .find(|port| {
+                !self
+                    .open
+                    .values()
+                    .any(|o| o.proto == Proto::Tcp && o.port == *port && o.process.pid == Some(pid))
+            })
     }
 
     /// A TCP listener from the snapshot closing: match by address, port and

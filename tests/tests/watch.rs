@@ -109,6 +109,23 @@ fn live_tcp_and_udp_listeners_on_ipv4_and_ipv6_open_and_close() -> Result {
 }
 
 #[test]
+fn listen_without_bind_reports_the_port_the_kernel_picked() -> Result {
+    let mut pw = Portwatch::start(&["watch", "--no-snapshot", "--proto", "tcp"])?;
+    let mut fx = Fixture::python(&["tcp4auto", "tcp4auto"])?;
+    let pid = fx.pid();
+    for want in fx.report["listeners"].as_array().context("listeners")? {
+        assert_eq!(want["addr"], "0.0.0.0");
+        pw.wait_for(WAIT, |v| matches_listener(v, pid, want, "listen"))?;
+    }
+    fx.close_all()?;
+    for want in fx.report["listeners"].as_array().context("listeners")? {
+        pw.wait_for(WAIT, |v| matches_listener(v, pid, want, "close"))?;
+    }
+    pw.stop()?;
+    Ok(())
+}
+
+#[test]
 fn snapshot_reports_existing_listeners_with_their_process() -> Result {
     let fx = Fixture::python(&["tcp4", "udp6"])?;
     let pid = fx.pid();
