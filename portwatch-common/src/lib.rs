@@ -104,11 +104,232 @@ pub enum MonitorStat {
 
 pub const MONITOR_STATS_LEN: u32 = 2;
 
+// ---------------------------------------------------------------------------
+// The guard (XDP ingress filter, tc egress flow recorder).
+
+/// Slots in `POLICY_PORTS`: one per (protocol, port).
+pub const POLICY_PORT_SLOTS: u32 = 2 * 65536;
+/// `POLICY_PORTS` value bits.
+pub const RULE_ANY: u32 = 1;
+/// The port is permitted only from the sources in the `POLICY_SRC*` tries.
+pub const RULE_CIDR: u32 = 2;
+
+/// Index of (protocol, port) in `POLICY_PORTS`: TCP first, then UDP.
+#[inline(always)]
+pub const fn port_slot(proto: u8, port: u16) -> u32 {
+    let base = if proto == IPPROTO_UDP { 65536 } else { 0 };
+    base + port as u32
+}
+
+/// Key data of the IPv4 source trie: protocol, port (big endian), address.
+/// The prefix length counts 24 bits of protocol and port, then the CIDR bits.
+pub const SRC4_KEY_LEN: usize = 8;
+/// Key data of the IPv6 source trie: protocol, port, address, one pad byte.
+pub const SRC6_KEY_LEN: usize = 20;
+/// Bits of protocol and port in front of the address in a source key.
+pub const SRC_KEY_PORT_BITS: u32 = 24;
+pub const MAX_SRC_RULES: u32 = 16384;
+
+/// `GuardConfig.flags`: pass everything, count and report what would drop.
+pub const GUARD_AUDIT: u32 = 1;
+
+/// Runtime settings of the XDP program, in `GUARD_CONFIG[0]`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct GuardConfig {
+    pub flags: u32,
+    /// Drop reports per second per CPU; `report_burst` may come at once.
+    pub report_rate: u32,
+    pub report_burst: u32,
+    pub _pad: u32,
+    /// A recorded outbound UDP flow admits replies for this long after its
+    /// last outbound packet.
+    pub flow_timeout_ns: u64,
+}
+
+/// An outbound UDP flow of the host, as the tc egress program saw it.
+/// Ports in host byte order, addresses in network order; IPv4 uses the
+/// first 4 address bytes.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct FlowKey {
+    pub family: u8,
+    pub proto: u8,
+    pub _pad: u16,
+    pub local_port: u16,
+    pub remote_port: u16,
+    pub local: [u8; 16],
+    pub remote: [u8; 16],
+}
+
+pub const MAX_FLOWS: u32 = 65536;
+
+/// A fragmented datagram, for later fragments to follow the first one.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct FragKey {
+    pub family: u8,
+    pub proto: u8,
+    pub _pad: u16,
+    pub id: u32,
+    pub src: [u8; 16],
+    pub dst: [u8; 16],
+}
+
+/// What the first fragment decided.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FragVerdict {
+    /// 0: pass, else the `DropReason`.
+    pub reason: u8,
+    pub proto: u8,
+    /// Destination port, network byte order.
+    pub port: u16,
+    pub _pad: u32,
+}
+
+pub const MAX_FRAGS: u32 = 8192;
+
+/// Why a packet was (or in audit mode would have been) dropped.
+#[repr(u8)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DropReason {
+    /// No rule permits the destination port.
+    NoRule = 1,
+    /// The port is permitted, but not from this source.
+    Source = 2,
+    /// Truncated or over-long headers.
+    Malformed = 3,
+    /// A later fragment whose first fragment was not seen.
+    Fragment = 4,
+}
+
+impl DropReason {
+    pub const fn from_u8(v: u8) -> Option<Self> {
+        match v {
+            1 => Some(Self::NoRule),
+            2 => Some(Self::Source),
+            3 => Some(Self::Malformed),
+            4 => Some(Self::Fragment),
+            _ => None,
+        }
+    }
+}
+
+/// Key of the per-port counters: protocol in the high half, port (host
+/// order) in the low half.
+#[inline(always)]
+pub const fn counter_key(proto: u8, port: u16) -> u32 {
+    ((proto as u32) << 16) | port as u32
+}
+
+/// Packets and bytes per (protocol, port), per CPU. In audit mode the drop
+/// counters hold what enforce mode would have dropped.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PortCounters {
+    pub pass_packets: u64,
+    pub pass_bytes: u64,
+    pub drop_packets: u64,
+    pub drop_bytes: u64,
+}
+
+pub const MAX_PORT_COUNTERS: u32 = 16384;
+
+/// Indexes into the per-CPU `GUARD_STATS` array.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GuardStat {
+    Passed = 0,
+    DropNoRule = 1,
+    DropSource = 2,
+    DropMalformed = 3,
+    DropFragment = 4,
+    /// Drop reports not sent because of the rate limit.
+    ReportsSuppressed = 5,
+    /// Drop reports not sent because the ring buffer was full.
+    ReportsLost = 6,
+    /// Outbound UDP packets recorded as flows by tc egress.
+    FlowsRecorded = 7,
+    /// UDP packets passed as replies to a recorded flow.
+    FlowReplies = 8,
+}
+
+pub const GUARD_STATS_LEN: u32 = 9;
+
+pub const DROPS_RING_BYTES: u32 = 256 << 10;
+
+/// One dropped (or in audit mode, would-be dropped) packet, for user space.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct DropReport {
+    pub ts_ns: u64,
+    pub ifindex: u32,
+    /// A `DropReason` value.
+    pub reason: u8,
+    /// IPPROTO_TCP, IPPROTO_UDP, or another IP protocol number.
+    pub proto: u8,
+    /// AF_INET or AF_INET6 (as u8).
+    pub family: u8,
+    /// 1 when the packet was passed because the guard audits.
+    pub audit: u8,
+    /// Ports in host byte order (0 when unknown).
+    pub src_port: u16,
+    pub dst_port: u16,
+    pub _pad: u32,
+    pub src: [u8; 16],
+    pub dst: [u8; 16],
+}
+
+impl DropReport {
+    pub const SIZE: usize = core::mem::size_of::<Self>();
+}
+
+/// Byte offsets of `DropReport` fields, for the length-checked decoder.
+pub mod drop_report_offsets {
+    use super::DropReport;
+    use core::mem::offset_of;
+    pub const TS_NS: usize = offset_of!(DropReport, ts_ns);
+    pub const IFINDEX: usize = offset_of!(DropReport, ifindex);
+    pub const REASON: usize = offset_of!(DropReport, reason);
+    pub const PROTO: usize = offset_of!(DropReport, proto);
+    pub const FAMILY: usize = offset_of!(DropReport, family);
+    pub const AUDIT: usize = offset_of!(DropReport, audit);
+    pub const SRC_PORT: usize = offset_of!(DropReport, src_port);
+    pub const DST_PORT: usize = offset_of!(DropReport, dst_port);
+    pub const SRC: usize = offset_of!(DropReport, src);
+    pub const DST: usize = offset_of!(DropReport, dst);
+}
+
+/// Token bucket of the drop report rate limit, per CPU.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct ReportBucket {
+    /// Tokens times 1e9 (so refills in nanoseconds stay integers).
+    pub tokens: u64,
+    pub last_ns: u64,
+}
+
 #[cfg(feature = "user")]
 mod user {
     // SAFETY: ListenEvent is repr(C), made only of integers and byte arrays,
     // with explicit padding, so every bit pattern is valid.
     unsafe impl aya::Pod for super::ListenEvent {}
+    // SAFETY (all below): repr(C), integers and byte arrays only, explicit
+    // padding: every bit pattern is a valid value.
+    unsafe impl aya::Pod for super::GuardConfig {}
+    // SAFETY: see above.
+    unsafe impl aya::Pod for super::FlowKey {}
+    // SAFETY: see above.
+    unsafe impl aya::Pod for super::FragKey {}
+    // SAFETY: see above.
+    unsafe impl aya::Pod for super::FragVerdict {}
+    // SAFETY: see above.
+    unsafe impl aya::Pod for super::PortCounters {}
+    // SAFETY: see above.
+    unsafe impl aya::Pod for super::DropReport {}
+    // SAFETY: see above.
+    unsafe impl aya::Pod for super::ReportBucket {}
 }
 
 #[cfg(test)]
@@ -120,5 +341,17 @@ mod tests {
         assert_eq!(ListenEvent::SIZE, 72);
         assert_eq!(listen_event_offsets::ADDR, 40);
         assert_eq!(listen_event_offsets::COMM, 56);
+        assert_eq!(DropReport::SIZE, 56);
+        assert_eq!(core::mem::size_of::<FlowKey>(), 40);
+        assert_eq!(core::mem::size_of::<FragKey>(), 40);
+        assert_eq!(core::mem::size_of::<GuardConfig>(), 24);
+    }
+
+    #[test]
+    fn slots_and_counter_keys_do_not_collide() {
+        assert_eq!(port_slot(IPPROTO_TCP, 65535), 65535);
+        assert_eq!(port_slot(IPPROTO_UDP, 0), 65536);
+        assert_eq!(port_slot(IPPROTO_UDP, 65535), POLICY_PORT_SLOTS - 1);
+        assert_ne!(counter_key(IPPROTO_TCP, 53), counter_key(IPPROTO_UDP, 53));
     }
 }

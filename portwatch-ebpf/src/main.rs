@@ -3,12 +3,16 @@
 #![no_std]
 #![no_main]
 
+mod flows;
 mod listen;
 mod maps;
+mod parse;
+mod xdp;
 
 use aya_ebpf::{
-    macros::{cgroup_sock, tracepoint},
-    programs::{SockContext, TracePointContext},
+    bindings::TC_ACT_OK,
+    macros::{cgroup_sock, classifier, tracepoint, xdp},
+    programs::{SockContext, TcContext, TracePointContext, XdpContext},
 };
 
 /// `sock/inet_sock_set_state`: TCP sockets entering or leaving LISTEN.
@@ -38,6 +42,20 @@ pub fn post_bind6(ctx: SockContext) -> i32 {
 pub fn sock_release(ctx: SockContext) -> i32 {
     listen::try_sock_release(&ctx);
     1
+}
+
+/// The guard: inbound verdicts. `frags` lets it attach on jumbo MTUs.
+#[xdp(frags)]
+pub fn xdp_guard(ctx: XdpContext) -> u32 {
+    xdp::try_xdp_guard(&ctx)
+}
+
+/// The guard's egress side: records the host's outbound UDP flows.
+#[classifier]
+pub fn tc_egress(ctx: TcContext) -> i32 {
+    let _ = flows::try_tc_egress(&ctx);
+    // Egress is never filtered.
+    TC_ACT_OK
 }
 
 #[cfg(not(test))]

@@ -37,3 +37,63 @@ pub fn count(stat: MonitorStat) {
         unsafe { *slot += 1 };
     }
 }
+
+// ---------------------------------------------------------------------------
+// The guard's maps. User space writes the policy ones; the programs only read.
+
+use aya_ebpf::maps::{Array, LpmTrie, LruHashMap, LruPerCpuHashMap};
+use portwatch_common::{
+    DROPS_RING_BYTES, FlowKey, FragKey, FragVerdict, GUARD_STATS_LEN, GuardConfig, GuardStat,
+    MAX_FLOWS, MAX_FRAGS, MAX_PORT_COUNTERS, MAX_SRC_RULES, POLICY_PORT_SLOTS, PortCounters,
+    ReportBucket, SRC4_KEY_LEN, SRC6_KEY_LEN,
+};
+
+/// BPF_F_NO_PREALLOC: LPM tries must be created with it.
+const NO_PREALLOC: u32 = 1;
+
+#[map]
+pub static GUARD_CONFIG: Array<GuardConfig> = Array::with_max_entries(1, 0);
+
+/// `RULE_*` bits per (protocol, port), indexed by `port_slot`.
+#[map]
+pub static POLICY_PORTS: Array<u32> = Array::with_max_entries(POLICY_PORT_SLOTS, 0);
+
+/// Permitted sources of CIDR-restricted ports.
+#[map]
+pub static POLICY_SRC4: LpmTrie<[u8; SRC4_KEY_LEN], u8> =
+    LpmTrie::with_max_entries(MAX_SRC_RULES, NO_PREALLOC);
+#[map]
+pub static POLICY_SRC6: LpmTrie<[u8; SRC6_KEY_LEN], u8> =
+    LpmTrie::with_max_entries(MAX_SRC_RULES, NO_PREALLOC);
+
+/// The host's outbound UDP flows -> last outbound packet (monotonic ns).
+#[map]
+pub static FLOWS: LruHashMap<FlowKey, u64> = LruHashMap::with_max_entries(MAX_FLOWS, 0);
+
+/// First-fragment verdicts for the later fragments of the same datagram.
+#[map]
+pub static FRAGS: LruHashMap<FragKey, FragVerdict> = LruHashMap::with_max_entries(MAX_FRAGS, 0);
+
+/// Packets and bytes per (protocol, port).
+#[map]
+pub static PORT_COUNTERS: LruPerCpuHashMap<u32, PortCounters> =
+    LruPerCpuHashMap::with_max_entries(MAX_PORT_COUNTERS, 0);
+
+#[map]
+pub static GUARD_STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(GUARD_STATS_LEN, 0);
+
+/// Rate limit state of drop reports.
+#[map]
+pub static REPORT_BUCKET: PerCpuArray<ReportBucket> = PerCpuArray::with_max_entries(1, 0);
+
+/// Dropped-packet reports for user space.
+#[map]
+pub static DROPS: RingBuf = RingBuf::with_byte_size(DROPS_RING_BYTES, 0);
+
+#[inline(always)]
+pub fn guard_count(stat: GuardStat) {
+    if let Some(slot) = GUARD_STATS.get_ptr_mut(stat as u32) {
+        // SAFETY: this CPU's own slot; programs do not preempt each other on one CPU.
+        unsafe { *slot += 1 };
+    }
+}
