@@ -315,8 +315,8 @@ mod user {
     // SAFETY: ListenEvent is repr(C), made only of integers and byte arrays,
     // with explicit padding, so every bit pattern is valid.
     unsafe impl aya::Pod for super::ListenEvent {}
-    // SAFETY (all below): repr(C), integers and byte arrays only, explicit
-    // padding: every bit pattern is a valid value.
+    // SAFETY: repr(C), integers and byte arrays only, explicit padding:
+    // every bit pattern is a valid value. The same holds for those below.
     unsafe impl aya::Pod for super::GuardConfig {}
     // SAFETY: see above.
     unsafe impl aya::Pod for super::FlowKey {}
