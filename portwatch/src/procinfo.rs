@@ -216,6 +216,38 @@ fn cgroup_v2_path(raw: &[u8]) -> Option<String> {
         .map(lossy)
 }
 
+/// Ports of the TCP sockets of `pid` that are in LISTEN, from the pid's own
+/// view of /proc/net (its network namespace).
+///
+/// Used for a socket that calls listen() without bind(): the kernel reports
+/// the LISTEN transition before it picks the port, so the event says port 0
+/// and the port has to be looked up afterwards.
+pub fn listening_tcp_ports(pid: u32, ipv6: bool) -> Vec<u16> {
+    let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
+        return Vec::new();
+    };
+    let inodes: std::collections::HashSet<u64> = fds
+        .filter_map(|fd| std::fs::read_link(fd.ok()?.path()).ok())
+        .filter_map(|target| socket_inode(target.as_os_str()))
+        .collect();
+    let table = if ipv6 { "tcp6" } else { "tcp" };
+    let Ok(text) = std::fs::read_to_string(format!("/proc/{pid}/net/{table}")) else {
+        return Vec::new();
+    };
+    // Columns: sl local_address rem_address st tx:rx tr:when retrnsmt uid timeout inode
+    text.lines()
+        .skip(1)
+        .filter_map(|line| {
+            let cols: Vec<&str> = line.split_whitespace().collect();
+            let (local, state, inode) = (cols.get(1)?, cols.get(3)?, cols.get(9)?);
+            if *state != "0A" || !inodes.contains(&inode.parse::<u64>().ok()?) {
+                return None;
+            }
+            u16::from_str_radix(local.rsplit(':').next()?, 16).ok()
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use std::{error::Error, net::TcpListener, os::fd::AsRawFd, path::Path};
@@ -291,36 +323,4 @@ mod tests {
         );
         assert_eq!(cgroup_v2_path(b"1:cpu:/x\n"), None);
     }
-}
-
-/// Ports of the TCP sockets of `pid` that are in LISTEN, from the pid's own
-/// view of /proc/net (its network namespace).
-///
-/// Used for a socket that calls listen() without bind(): the kernel reports
-/// the LISTEN transition before it picks the port, so the event says port 0
-/// and the port has to be looked up afterwards.
-pub fn listening_tcp_ports(pid: u32, ipv6: bool) -> Vec<u16> {
-    let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
-        return Vec::new();
-    };
-    let inodes: std::collections::HashSet<u64> = fds
-        .filter_map(|fd| std::fs::read_link(fd.ok()?.path()).ok())
-        .filter_map(|target| socket_inode(target.as_os_str()))
-        .collect();
-    let table = if ipv6 { "tcp6" } else { "tcp" };
-    let Ok(text) = std::fs::read_to_string(format!("/proc/{pid}/net/{table}")) else {
-        return Vec::new();
-    };
-    // Columns: sl local_address rem_address st tx:rx tr:when retrnsmt uid timeout inode
-    text.lines()
-        .skip(1)
-        .filter_map(|line| {
-            let cols: Vec<&str> = line.split_whitespace().collect();
-            let (local, state, inode) = (cols.get(1)?, cols.get(3)?, cols.get(9)?);
-            if *state != "0A" || !inodes.contains(&inode.parse::<u64>().ok()?) {
-                return None;
-            }
-            u16::from_str_radix(local.rsplit(':').next()?, 16).ok()
-        })
-        .collect()
 }
