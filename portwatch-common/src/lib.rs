@@ -15,6 +15,7 @@ pub const MAX_UDP_SOCKETS: u32 = 1 << 18;
 
 /// Linux socket states and address families used on both sides.
 pub const TCP_LISTEN: i32 = 10;
+pub const TCP_CLOSE: i32 = 7;
 pub const AF_INET: u16 = 2;
 pub const AF_INET6: u16 = 10;
 pub const IPPROTO_TCP: u8 = 6;

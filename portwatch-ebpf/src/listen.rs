@@ -13,7 +13,8 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::debug;
 use portwatch_common::{
-    AF_INET, AF_INET6, IPPROTO_TCP, IPPROTO_UDP, ListenEvent, ListenKind, MonitorStat, TCP_LISTEN,
+    AF_INET, AF_INET6, IPPROTO_TCP, IPPROTO_UDP, ListenEvent, ListenKind, MonitorStat, TCP_CLOSE,
+    TCP_LISTEN,
 };
 
 use crate::maps::{EVENTS, UDP_SOCKS, UdpBind, count};
@@ -73,9 +74,12 @@ pub fn try_inet_sock_set_state(ctx: &TracePointContext) {
     }) else {
         return;
     };
+    // LISTEN -> CLOSE is a listener shutting down. Other moves out of
+    // LISTEN belong to child sockets: a connection's socket is cloned from
+    // its listener (state included) and moves LISTEN -> SYN_RECV.
     let kind = if new == TCP_LISTEN {
         ListenKind::Listen
-    } else if old == TCP_LISTEN {
+    } else if old == TCP_LISTEN && new == TCP_CLOSE {
         ListenKind::Close
     } else {
         return;

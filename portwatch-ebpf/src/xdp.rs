@@ -21,7 +21,7 @@ use crate::{
     },
     parse::{
         ETH_HLEN, ETH_P_IP, ETH_P_IPV6, MAX_EXT_HEADERS, NEXTHDR_AUTH, NEXTHDR_DEST,
-        NEXTHDR_FRAGMENT, NEXTHDR_HOP, NEXTHDR_ROUTING, be16, bytes_at, is_vlan,
+        NEXTHDR_FRAGMENT, NEXTHDR_HOP, NEXTHDR_ROUTING, Pkt, be16, is_vlan,
     },
 };
 
@@ -42,8 +42,11 @@ struct Meta {
     has_ports: bool,
     src: [u8; 16],
     dst: [u8; 16],
-    /// The fragment id when this is the first fragment of several.
-    first_frag: Option<u32>,
+    /// First fragment of several, and its id. Plain fields, not an Option:
+    /// an Option's unset payload lets the compiler store any register there,
+    /// which the verifier rejects.
+    first_frag: bool,
+    frag_id: u32,
 }
 
 type Verdict = Result<(), DropReason>;
@@ -61,11 +64,12 @@ pub fn try_xdp_guard(ctx: &XdpContext) -> u32 {
         has_ports: false,
         src: [0; 16],
         dst: [0; 16],
-        first_frag: None,
+        first_frag: false,
+        frag_id: 0,
     };
-    let (start, end) = (ctx.data(), ctx.data_end());
-    let verdict = classify(start, end, &mut m, &cfg);
-    let len = (end - start) as u64;
+    let pkt = Pkt::new(ctx);
+    let verdict = classify(&pkt, &mut m, &cfg);
+    let len = pkt.len() as u64;
     if m.has_ports {
         count_port(&m, verdict.is_err(), len);
     }
@@ -84,17 +88,17 @@ pub fn try_xdp_guard(ctx: &XdpContext) -> u32 {
     if audit { XDP_PASS } else { XDP_DROP }
 }
 
-fn classify(start: usize, end: usize, m: &mut Meta, cfg: &GuardConfig) -> Verdict {
-    let eth = bytes_at::<ETH_HLEN>(start, end, 0).ok_or(DropReason::Malformed)?;
+fn classify(pkt: &Pkt, m: &mut Meta, cfg: &GuardConfig) -> Verdict {
+    let eth = pkt.bytes::<ETH_HLEN>(0).ok_or(DropReason::Malformed)?;
     let mut ethertype = be16(eth[12], eth[13]);
     let mut off = ETH_HLEN;
     // Up to two tags (802.1Q, or 802.1ad outer + 802.1Q inner).
     if is_vlan(ethertype) {
-        let tag = bytes_at::<4>(start, end, off).ok_or(DropReason::Malformed)?;
+        let tag = pkt.bytes::<4>(off).ok_or(DropReason::Malformed)?;
         ethertype = be16(tag[2], tag[3]);
         off += 4;
         if is_vlan(ethertype) {
-            let tag = bytes_at::<4>(start, end, off).ok_or(DropReason::Malformed)?;
+            let tag = pkt.bytes::<4>(off).ok_or(DropReason::Malformed)?;
             ethertype = be16(tag[2], tag[3]);
             off += 4;
             if is_vlan(ethertype) {
@@ -103,18 +107,18 @@ fn classify(start: usize, end: usize, m: &mut Meta, cfg: &GuardConfig) -> Verdic
         }
     }
     match ethertype {
-        ETH_P_IP => ipv4(start, end, off, m, cfg),
-        ETH_P_IPV6 => ipv6(start, end, off, m, cfg),
+        ETH_P_IP => ipv4(pkt, off, m, cfg),
+        ETH_P_IPV6 => ipv6(pkt, off, m, cfg),
         // ARP and every other non-IP protocol: the host needs them.
         _ => Ok(()),
     }
 }
 
-fn ipv4(start: usize, end: usize, off: usize, m: &mut Meta, cfg: &GuardConfig) -> Verdict {
-    let h = bytes_at::<20>(start, end, off).ok_or(DropReason::Malformed)?;
+fn ipv4(pkt: &Pkt, off: usize, m: &mut Meta, cfg: &GuardConfig) -> Verdict {
+    let h = pkt.bytes::<20>(off).ok_or(DropReason::Malformed)?;
     let ihl = ((h[0] & 0x0f) as usize) * 4;
     let total = be16(h[2], h[3]) as usize;
-    if h[0] >> 4 != 4 || ihl < 20 || total < ihl || start + off + ihl > end {
+    if h[0] >> 4 != 4 || ihl < 20 || total < ihl || !pkt.has(off + ihl) {
         return Err(DropReason::Malformed);
     }
     m.family = AF_INET as u8;
@@ -127,13 +131,14 @@ fn ipv4(start: usize, end: usize, off: usize, m: &mut Meta, cfg: &GuardConfig) -
         return later_fragment(m, id);
     }
     if frag & 0x2000 != 0 {
-        m.first_frag = Some(id);
+        m.first_frag = true;
+        m.frag_id = id;
     }
-    transport(start, end, off + ihl, m, cfg)
+    transport(pkt, off + ihl, m, cfg)
 }
 
-fn ipv6(start: usize, end: usize, off: usize, m: &mut Meta, cfg: &GuardConfig) -> Verdict {
-    let h = bytes_at::<40>(start, end, off).ok_or(DropReason::Malformed)?;
+fn ipv6(pkt: &Pkt, off: usize, m: &mut Meta, cfg: &GuardConfig) -> Verdict {
+    let h = pkt.bytes::<40>(off).ok_or(DropReason::Malformed)?;
     if h[0] >> 4 != 6 {
         return Err(DropReason::Malformed);
     }
@@ -145,17 +150,17 @@ fn ipv6(start: usize, end: usize, off: usize, m: &mut Meta, cfg: &GuardConfig) -
     for _ in 0..MAX_EXT_HEADERS {
         match next {
             NEXTHDR_HOP | NEXTHDR_ROUTING | NEXTHDR_DEST => {
-                let e = bytes_at::<2>(start, end, off).ok_or(DropReason::Malformed)?;
+                let e = pkt.bytes::<2>(off).ok_or(DropReason::Malformed)?;
                 next = e[0];
                 off += (e[1] as usize + 1) * 8;
             }
             NEXTHDR_AUTH => {
-                let e = bytes_at::<2>(start, end, off).ok_or(DropReason::Malformed)?;
+                let e = pkt.bytes::<2>(off).ok_or(DropReason::Malformed)?;
                 next = e[0];
                 off += (e[1] as usize + 2) * 4;
             }
             NEXTHDR_FRAGMENT => {
-                let f = bytes_at::<8>(start, end, off).ok_or(DropReason::Malformed)?;
+                let f = pkt.bytes::<8>(off).ok_or(DropReason::Malformed)?;
                 next = f[0];
                 off += 8;
                 let frag = be16(f[2], f[3]);
@@ -166,12 +171,13 @@ fn ipv6(start: usize, end: usize, off: usize, m: &mut Meta, cfg: &GuardConfig) -
                 }
                 // Offset 0 without M is an atomic fragment: a whole datagram.
                 if frag & 1 != 0 {
-                    m.first_frag = Some(id);
+                    m.first_frag = true;
+                    m.frag_id = id;
                 }
             }
             _ => {
                 m.proto = next;
-                return transport(start, end, off, m, cfg);
+                return transport(pkt, off, m, cfg);
             }
         }
     }
@@ -207,16 +213,17 @@ fn later_fragment(m: &mut Meta, id: u32) -> Verdict {
     }
 }
 
-fn transport(start: usize, end: usize, off: usize, m: &mut Meta, cfg: &GuardConfig) -> Verdict {
+fn transport(pkt: &Pkt, off: usize, m: &mut Meta, cfg: &GuardConfig) -> Verdict {
     let verdict = match m.proto {
-        IPPROTO_TCP => tcp(start, end, off, m),
-        IPPROTO_UDP => udp(start, end, off, m, cfg),
+        IPPROTO_TCP => tcp(pkt, off, m),
+        IPPROTO_UDP => udp(pkt, off, m, cfg),
         // Neighbour discovery, path MTU discovery, multicast membership.
         IPPROTO_ICMP | IPPROTO_ICMPV6 | IPPROTO_IGMP => Ok(()),
         // Default deny: no rule can permit other protocols.
         _ => Err(DropReason::NoRule),
     };
-    if let Some(id) = m.first_frag {
+    if m.first_frag {
+        let id = m.frag_id;
         let decided = FragVerdict {
             reason: match verdict {
                 Ok(()) => 0,
@@ -231,8 +238,8 @@ fn transport(start: usize, end: usize, off: usize, m: &mut Meta, cfg: &GuardConf
     verdict
 }
 
-fn tcp(start: usize, end: usize, off: usize, m: &mut Meta) -> Verdict {
-    let t = bytes_at::<20>(start, end, off).ok_or(DropReason::Malformed)?;
+fn tcp(pkt: &Pkt, off: usize, m: &mut Meta) -> Verdict {
+    let t = pkt.bytes::<20>(off).ok_or(DropReason::Malformed)?;
     m.sport = be16(t[0], t[1]);
     m.dport = be16(t[2], t[3]);
     m.has_ports = true;
@@ -249,8 +256,8 @@ fn tcp(start: usize, end: usize, off: usize, m: &mut Meta) -> Verdict {
     }
 }
 
-fn udp(start: usize, end: usize, off: usize, m: &mut Meta, cfg: &GuardConfig) -> Verdict {
-    let u = bytes_at::<8>(start, end, off).ok_or(DropReason::Malformed)?;
+fn udp(pkt: &Pkt, off: usize, m: &mut Meta, cfg: &GuardConfig) -> Verdict {
+    let u = pkt.bytes::<8>(off).ok_or(DropReason::Malformed)?;
     m.sport = be16(u[0], u[1]);
     m.dport = be16(u[2], u[3]);
     m.has_ports = true;

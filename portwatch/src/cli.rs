@@ -1,11 +1,16 @@
 //! Command-line interface: argument definitions and dispatch.
 
-use std::{io::IsTerminal, process::ExitCode};
+use std::{io::IsTerminal, path::PathBuf, process::ExitCode};
 
 use anyhow::Context as _;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
-use crate::{model::Proto, watch};
+use crate::{
+    guard::{self, attach::XdpModeArg},
+    model::Proto,
+    policy::Mode,
+    watch,
+};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -25,6 +30,59 @@ pub struct Cli {
 pub enum Command {
     /// Stream listeners as they open and close, starting with those that already exist.
     Watch(WatchArgs),
+    /// Guard interfaces with XDP (default deny inbound, permit by exception) and stream listeners with their exposure.
+    Guard(GuardArgs),
+    /// Validate a policy file without loading anything.
+    CheckPolicy {
+        /// The policy file (TOML).
+        file: PathBuf,
+    },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum ModeArg {
+    Enforce,
+    Audit,
+}
+
+impl From<ModeArg> for Mode {
+    fn from(m: ModeArg) -> Self {
+        match m {
+            ModeArg::Enforce => Mode::Enforce,
+            ModeArg::Audit => Mode::Audit,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct GuardArgs {
+    /// Interface to guard (repeatable); default: the policy's `interfaces`, else the default-route interfaces.
+    #[arg(long = "iface", value_name = "IFACE")]
+    pub iface: Vec<String>,
+    /// Policy file [default: /etc/portwatch/policy.toml]
+    #[arg(long, value_name = "FILE")]
+    pub policy: Option<PathBuf>,
+    /// Also permit SPEC (tcp/PORT, udp/PORT, tcp/LO-HI), from anywhere (repeatable).
+    #[arg(long = "allow", value_name = "SPEC")]
+    pub allow: Vec<String>,
+    /// enforce drops what the policy does not permit; audit only reports it [default: the policy's, else enforce]
+    #[arg(long, value_enum)]
+    pub mode: Option<ModeArg>,
+    /// XDP attach mode: auto tries native and falls back to generic.
+    #[arg(long, value_enum, default_value = "auto")]
+    pub xdp_mode: XdpModeArg,
+    /// Print JSON Lines instead of aligned text.
+    #[arg(long)]
+    pub json: bool,
+    /// Enforce even if the policy would cut off the SSH session this runs in.
+    #[arg(long)]
+    pub force: bool,
+    /// Seconds an outbound UDP flow of the host admits replies after its last packet.
+    #[arg(long, value_name = "SECS", default_value_t = 30)]
+    pub flow_timeout: u64,
+    /// Drop reports per second per CPU (the rest are counted as held back).
+    #[arg(long, value_name = "N", default_value_t = 50)]
+    pub report_rate: u32,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -85,6 +143,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     runtime.block_on(async {
         match cli.command {
             Command::Watch(args) => watch::run(args).await.map(|_| ExitCode::SUCCESS),
+            Command::Guard(args) => guard::run(args).await.map(|_| ExitCode::SUCCESS),
+            Command::CheckPolicy { file } => guard::check_policy(&file).map(|()| ExitCode::SUCCESS),
         }
     })
 }

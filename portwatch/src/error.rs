@@ -42,12 +42,12 @@ pub enum Error {
         name: &'static str,
     },
 
-    #[error("{what} failed. {hint}")]
+    #[error("{what} failed: {detail}. {hint}")]
     Program {
         what: String,
         hint: &'static str,
-        #[source]
-        source: aya::programs::ProgramError,
+        /// The kernel's answer, with a verifier log cut to its end.
+        detail: String,
     },
 
     #[error("the map `{name}` could not be opened: {source}")]
@@ -66,3 +66,28 @@ pub enum Error {
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Builds the error for a failed program load or attach. A verifier log can
+/// run to thousands of lines: the message keeps its last lines (where the
+/// reason is), the whole log goes to the debug log.
+pub fn program_error(
+    what: String,
+    hint: &'static str,
+) -> impl FnOnce(aya::programs::ProgramError) -> Error {
+    move |source| {
+        let full = source.to_string();
+        log::debug!("{what}: {full}");
+        let lines: Vec<&str> = full.lines().collect();
+        let detail = if lines.len() > 12 {
+            format!(
+                "{}\n  ... ({} lines of verifier log omitted; RUST_LOG=debug shows them)\n{}",
+                lines[0],
+                lines.len() - 11,
+                lines[lines.len() - 10..].join("\n")
+            )
+        } else {
+            full
+        };
+        Error::Program { what, hint, detail }
+    }
+}

@@ -6,14 +6,18 @@
 //! live set), `sinks` (outputs), `watch` (the command), `cli`.
 
 pub mod cli;
+pub mod compile;
 pub mod error;
 pub mod events;
+pub mod guard;
 pub mod listeners;
 pub mod loader;
 pub mod maps;
 pub mod model;
+pub mod policy;
 pub mod procinfo;
 pub mod sinks;
 pub mod snapshot;
+pub mod stream;
 pub mod sys;
 pub mod watch;

@@ -75,6 +75,7 @@ impl Listeners {
                     kind: EventKind::Listen,
                     origin: Origin::Live,
                     listener,
+                    exposure: None,
                 })
             }
             EventKind::Close => {
@@ -91,6 +92,7 @@ impl Listeners {
                     kind: EventKind::Close,
                     origin: Origin::Live,
                     listener,
+                    exposure: None,
                 })
             }
         }

@@ -1,5 +1,6 @@
-//! Loads the embedded kernel programs and attaches the listener monitor.
-//! Dropping the `Monitor` detaches every hook: links are file descriptors.
+//! Loads the embedded kernel programs and attaches them: the listener
+//! monitor, and the guard per interface. Dropping the `Datapath` detaches
+//! every hook: links are file descriptors.
 
 use std::fs::File;
 
@@ -11,16 +12,18 @@ use aya::{
 };
 
 use crate::{
-    error::{Error, Result},
+    error::{Error, Result, program_error},
     events::reader::RingReader,
-    maps::{self, MonitorStats},
+    guard::attach::{Attached, XdpModeArg},
+    maps::{self, GuardMaps, MonitorStats},
     sys,
 };
 
 /// The kernel object built by build.rs from portwatch-ebpf.
-static PROGRAMS: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/portwatch"));
+pub(crate) static PROGRAMS: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/portwatch"));
 
-pub struct Monitor {
+pub struct Datapath {
     ebpf: Ebpf,
     pub events: RingReader,
     pub stats: MonitorStats,
@@ -28,14 +31,7 @@ pub struct Monitor {
     logger: Option<tokio::task::JoinHandle<()>>,
 }
 
-fn program_error(
-    what: String,
-    hint: &'static str,
-) -> impl FnOnce(aya::programs::ProgramError) -> Error {
-    move |source| Error::Program { what, hint, source }
-}
-
-impl Monitor {
+impl Datapath {
     /// Checks the system, loads the object and opens the event reader. No
     /// hook is attached yet.
     pub fn load() -> Result<Self> {
@@ -64,7 +60,7 @@ impl Monitor {
     }
 
     /// Attaches the TCP tracepoint and the UDP cgroup hooks.
-    pub fn attach(&mut self) -> Result<()> {
+    pub fn attach_monitor(&mut self) -> Result<()> {
         let tp: &mut TracePoint = self
             .ebpf
             .program_mut("inet_sock_set_state")
@@ -117,7 +113,25 @@ impl Monitor {
     }
 }
 
-impl Drop for Monitor {
+impl Datapath {
+    /// The guard's maps and its drop-report reader (registered before the
+    /// guard attaches).
+    pub fn guard_maps(&mut self) -> Result<(GuardMaps, RingReader)> {
+        let maps = GuardMaps::open(&mut self.ebpf)?;
+        let drops = RingReader::new(maps::drops(&mut self.ebpf)?).map_err(|source| Error::Io {
+            what: "registering the drop report ring buffer with the runtime".into(),
+            source,
+        })?;
+        Ok((maps, drops))
+    }
+
+    /// Attaches the guard (tc egress, then XDP) to one interface.
+    pub fn attach_guard(&mut self, iface: &str, mode: XdpModeArg) -> Result<Attached> {
+        crate::guard::attach::attach(&mut self.ebpf, iface, mode)
+    }
+}
+
+impl Drop for Datapath {
     fn drop(&mut self) {
         if let Some(task) = self.logger.take() {
             task.abort();

@@ -42,3 +42,176 @@ impl MonitorStats {
             .unwrap_or(0)
     }
 }
+
+// ---------------------------------------------------------------------------
+// The guard's maps.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use aya::maps::{
+    Array, HashMap as BpfHashMap, PerCpuHashMap,
+    lpm_trie::{Key, LpmTrie},
+};
+use portwatch_common::{
+    FlowKey, GUARD_STATS_LEN, GuardConfig, GuardStat, PortCounters, SRC4_KEY_LEN, SRC6_KEY_LEN,
+};
+
+/// Everything the policy puts into the kernel, as plain values: what
+/// `apply` writes, and what a diff compares.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct MapImage {
+    /// `port_slot` -> `RULE_*` bits (absent = 0, no rule).
+    pub ports: BTreeMap<u32, u32>,
+    pub src4: BTreeSet<(u32, [u8; SRC4_KEY_LEN])>,
+    pub src6: BTreeSet<(u32, [u8; SRC6_KEY_LEN])>,
+}
+
+/// Guard-wide counters summed over CPUs, indexed like `GuardStat`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct GuardTotals(pub [u64; GUARD_STATS_LEN as usize]);
+
+impl GuardTotals {
+    pub fn get(&self, stat: GuardStat) -> u64 {
+        self.0[stat as usize]
+    }
+}
+
+pub struct GuardMaps {
+    config: Array<MapData, GuardConfig>,
+    ports: Array<MapData, u32>,
+    src4: LpmTrie<MapData, [u8; SRC4_KEY_LEN], u8>,
+    src6: LpmTrie<MapData, [u8; SRC6_KEY_LEN], u8>,
+    flows: BpfHashMap<MapData, FlowKey, u64>,
+    counters: PerCpuHashMap<MapData, u32, PortCounters>,
+    stats: PerCpuArray<MapData, u64>,
+}
+
+fn map_err(name: &'static str) -> impl Fn(aya::maps::MapError) -> Error {
+    move |source| Error::Map { name, source }
+}
+
+impl GuardMaps {
+    pub fn open(ebpf: &mut Ebpf) -> Result<Self> {
+        Ok(Self {
+            config: take(ebpf, "GUARD_CONFIG")?,
+            ports: take(ebpf, "POLICY_PORTS")?,
+            src4: take(ebpf, "POLICY_SRC4")?,
+            src6: take(ebpf, "POLICY_SRC6")?,
+            flows: take(ebpf, "FLOWS")?,
+            counters: take(ebpf, "PORT_COUNTERS")?,
+            stats: take(ebpf, "GUARD_STATS")?,
+        })
+    }
+
+    pub fn set_config(&mut self, config: GuardConfig) -> Result<()> {
+        self.config
+            .set(0, config, 0)
+            .map_err(map_err("GUARD_CONFIG"))
+    }
+
+    pub fn config(&self) -> Result<GuardConfig> {
+        self.config.get(&0, 0).map_err(map_err("GUARD_CONFIG"))
+    }
+
+    /// Moves the maps from `old` to `new` so that no packet the two have in
+    /// common to permit is ever dropped in between: sources are added before
+    /// a port starts to rely on them, ports are opened before anything is
+    /// closed, and sources go last.
+    pub fn apply(&mut self, old: &MapImage, new: &MapImage) -> Result<()> {
+        for (prefix, data) in new.src4.difference(&old.src4) {
+            self.src4
+                .insert(&Key::new(*prefix, *data), 1, 0)
+                .map_err(map_err("POLICY_SRC4"))?;
+        }
+        for (prefix, data) in new.src6.difference(&old.src6) {
+            self.src6
+                .insert(&Key::new(*prefix, *data), 1, 0)
+                .map_err(map_err("POLICY_SRC6"))?;
+        }
+        for (slot, bits) in &new.ports {
+            if old.ports.get(slot) != Some(bits) {
+                self.ports
+                    .set(*slot, *bits, 0)
+                    .map_err(map_err("POLICY_PORTS"))?;
+            }
+        }
+        for slot in old.ports.keys().filter(|s| !new.ports.contains_key(s)) {
+            self.ports
+                .set(*slot, 0, 0)
+                .map_err(map_err("POLICY_PORTS"))?;
+        }
+        for (prefix, data) in old.src4.difference(&new.src4) {
+            self.src4
+                .remove(&Key::new(*prefix, *data))
+                .map_err(map_err("POLICY_SRC4"))?;
+        }
+        for (prefix, data) in old.src6.difference(&new.src6) {
+            self.src6
+                .remove(&Key::new(*prefix, *data))
+                .map_err(map_err("POLICY_SRC6"))?;
+        }
+        Ok(())
+    }
+
+    /// What the maps hold now (for a diff against a policy, e.g. when
+    /// adopting a datapath another process set up).
+    pub fn read_image(&self) -> Result<MapImage> {
+        let mut image = MapImage::default();
+        for (slot, bits) in self.ports.iter().enumerate() {
+            let bits = bits.map_err(map_err("POLICY_PORTS"))?;
+            if bits != 0 {
+                image.ports.insert(slot as u32, bits);
+            }
+        }
+        for key in self.src4.keys() {
+            let key = key.map_err(map_err("POLICY_SRC4"))?;
+            image.src4.insert((key.prefix_len(), key.data()));
+        }
+        for key in self.src6.keys() {
+            let key = key.map_err(map_err("POLICY_SRC6"))?;
+            image.src6.insert((key.prefix_len(), key.data()));
+        }
+        Ok(image)
+    }
+
+    /// Records an outbound flow as the tc program would (tests, benches).
+    pub fn record_flow(&mut self, key: FlowKey, monotonic_ns: u64) -> Result<()> {
+        self.flows
+            .insert(key, monotonic_ns, 0)
+            .map_err(map_err("FLOWS"))
+    }
+
+    /// Packets and bytes per (protocol, port), summed over CPUs.
+    pub fn port_counters(&self) -> BTreeMap<u32, PortCounters> {
+        let mut out = BTreeMap::new();
+        for entry in self.counters.iter().flatten() {
+            let (key, per_cpu) = entry;
+            let total = per_cpu.iter().fold(PortCounters::default(), |mut acc, c| {
+                acc.pass_packets += c.pass_packets;
+                acc.pass_bytes += c.pass_bytes;
+                acc.drop_packets += c.drop_packets;
+                acc.drop_bytes += c.drop_bytes;
+                acc
+            });
+            out.insert(key, total);
+        }
+        out
+    }
+
+    pub fn totals(&self) -> GuardTotals {
+        let mut totals = GuardTotals::default();
+        for (i, slot) in totals.0.iter_mut().enumerate() {
+            *slot = self
+                .stats
+                .get(&(i as u32), 0)
+                .map(|per_cpu| per_cpu.iter().sum())
+                .unwrap_or(0);
+        }
+        totals
+    }
+}
+
+/// The drop report ring buffer.
+pub fn drops(ebpf: &mut Ebpf) -> Result<RingBuf<MapData>> {
+    take(ebpf, "DROPS")
+}

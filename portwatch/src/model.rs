@@ -5,6 +5,8 @@ use std::{net::IpAddr, time::SystemTime};
 
 use serde::Serialize;
 
+pub use crate::policy::Exposure;
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Proto {
@@ -97,6 +99,38 @@ pub struct ListenerEvent {
     pub kind: EventKind,
     pub origin: Origin,
     pub listener: Listener,
+    /// Whether the guard's policy lets the network reach it (guard only).
+    pub exposure: Option<Exposure>,
+}
+
+/// Why the guard dropped a packet (or would have, in audit mode).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DropReason {
+    /// No rule permits the destination port.
+    NoRule,
+    /// The port is permitted, but not from this source.
+    SourceNotAllowed,
+    /// Truncated or over-long headers.
+    Malformed,
+    /// A later fragment whose first fragment was not seen.
+    Fragment,
+}
+
+/// An inbound packet the guard dropped (or in audit mode would have).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DropEvent {
+    pub ts: SystemTime,
+    pub iface: Option<String>,
+    pub reason: DropReason,
+    /// IP protocol number (6 TCP, 17 UDP, others as the packet had them).
+    pub proto: u8,
+    pub src: Option<IpAddr>,
+    pub dst: Option<IpAddr>,
+    pub src_port: u16,
+    pub dst_port: u16,
+    /// The packet was passed because the guard is in audit mode.
+    pub audit: bool,
 }
 
 /// Everything that flows to the sinks.
@@ -115,5 +149,13 @@ pub enum Event {
     Ready {
         ts: SystemTime,
         snapshot: usize,
+    },
+    /// A packet the guard dropped.
+    Drop(DropEvent),
+    /// Drop reports the kernel's rate limit held back since the last report.
+    Suppressed {
+        ts: SystemTime,
+        count: u64,
+        total: u64,
     },
 }

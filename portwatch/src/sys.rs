@@ -116,16 +116,33 @@ pub fn ensure_pseudo_filesystems() -> Result<()> {
     ensure_mounted("bpf", BPFFS)
 }
 
+/// Where portwatch mounts cgroup v2 itself when nothing shows it, e.g. under
+/// `ip netns exec`, which gives the command a fresh /sys without cgroups.
+pub const OWN_CGROUP2: &str = "/run/portwatch/cgroup2";
+
 /// The root of the cgroup v2 hierarchy: /sys/fs/cgroup on unified systems,
-/// /sys/fs/cgroup/unified on hybrid ones.
+/// /sys/fs/cgroup/unified on hybrid ones; mounted by portwatch if missing.
 pub fn cgroup2_root() -> Result<PathBuf> {
-    mounts()
+    let found = mounts()
         .into_iter()
         .filter(|(_, t)| t == "cgroup2")
         .map(|(p, _)| p)
         // The shortest path is the host's root, not a container's nested mount.
-        .min_by_key(|p| p.as_os_str().len())
-        .ok_or(Error::NoCgroup2)
+        .min_by_key(|p| p.as_os_str().len());
+    if let Some(root) = found {
+        return Ok(root);
+    }
+    fs::create_dir_all(OWN_CGROUP2).map_err(|_| Error::NoCgroup2)?;
+    nix::mount::mount(
+        Some("cgroup2"),
+        OWN_CGROUP2,
+        Some("cgroup2"),
+        nix::mount::MsFlags::empty(),
+        None::<&str>,
+    )
+    .map_err(|_| Error::NoCgroup2)?;
+    log::info!("cgroup v2 was not mounted here: mounted it at {OWN_CGROUP2}");
+    Ok(PathBuf::from(OWN_CGROUP2))
 }
 
 /// Converts kernel CLOCK_MONOTONIC nanoseconds (bpf_ktime_get_ns) to wall

@@ -99,10 +99,30 @@ fn live_tcp_and_udp_listeners_on_ipv4_and_ipv6_open_and_close() -> Result {
         assert!(ev["netns"].is_u64(), "{ev}");
         assert_eq!(ev["uid"], 0);
     }
+    // Accepted connections are cloned from the listener in the kernel; they
+    // must not look like the listener closing.
+    let tcp4 = wanted
+        .iter()
+        .find(|w| w["proto"] == "tcp" && w["family"] == "ipv4")
+        .context("tcp4")?;
+    let port = tcp4["port"].as_u64().context("port")? as u16;
+    for _ in 0..3 {
+        let conn = std::net::TcpStream::connect(("127.0.0.1", port))?;
+        drop(conn);
+    }
     fx.close_all()?;
     for want in &wanted {
         pw.wait_for(WAIT, |v| matches_listener(v, pid, want, "close"))?;
     }
+    let closes = pw
+        .seen
+        .iter()
+        .filter(|v| v["event"] == "close" && v["port"] == port)
+        .count();
+    assert_eq!(
+        closes, 1,
+        "one close for the listener, none for its connections"
+    );
     let status = pw.stop()?;
     assert!(status.success(), "{status}");
     Ok(())

@@ -5,11 +5,11 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use bytes::Buf;
 use portwatch_common::{
-    AF_INET, AF_INET6, IPPROTO_TCP, IPPROTO_UDP, ListenEvent, ListenKind,
-    listen_event_offsets as off,
+    AF_INET, AF_INET6, DropReport, IPPROTO_TCP, IPPROTO_UDP, ListenEvent, ListenKind,
+    drop_report_offsets as doff, listen_event_offsets as off,
 };
 
-use crate::model::{EventKind, Proto, SockId};
+use crate::model::{DropReason, EventKind, Proto, SockId};
 
 /// A listener event as the kernel reported it, before user space enrichment.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -36,6 +36,8 @@ pub enum DecodeError {
     Proto(u8),
     #[error("unknown address family {0}")]
     Family(u16),
+    #[error("unknown drop reason {0}")]
+    Reason(u8),
 }
 
 /// Decodes one `ListenEvent` record (native byte order, as the kernel wrote it).
@@ -94,6 +96,61 @@ pub fn decode_listen(record: &[u8]) -> Result<RawListen, DecodeError> {
     })
 }
 
+/// A drop report as the kernel wrote it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RawDrop {
+    pub ts_ns: u64,
+    pub ifindex: u32,
+    pub reason: DropReason,
+    pub proto: u8,
+    /// None for frames without IP addresses (a malformed frame).
+    pub src: Option<IpAddr>,
+    pub dst: Option<IpAddr>,
+    pub src_port: u16,
+    pub dst_port: u16,
+    pub audit: bool,
+}
+
+/// Decodes one `DropReport` record.
+pub fn decode_drop(record: &[u8]) -> Result<RawDrop, DecodeError> {
+    if record.len() < DropReport::SIZE {
+        return Err(DecodeError::Short {
+            got: record.len(),
+            need: DropReport::SIZE,
+        });
+    }
+    let reason = match portwatch_common::DropReason::from_u8(record[doff::REASON]) {
+        Some(portwatch_common::DropReason::NoRule) => DropReason::NoRule,
+        Some(portwatch_common::DropReason::Source) => DropReason::SourceNotAllowed,
+        Some(portwatch_common::DropReason::Malformed) => DropReason::Malformed,
+        Some(portwatch_common::DropReason::Fragment) => DropReason::Fragment,
+        None => return Err(DecodeError::Reason(record[doff::REASON])),
+    };
+    let addr = |at: usize| -> Option<IpAddr> {
+        let raw = &record[at..at + 16];
+        match u16::from(record[doff::FAMILY]) {
+            AF_INET => Some(IpAddr::V4(Ipv4Addr::new(raw[0], raw[1], raw[2], raw[3]))),
+            AF_INET6 => {
+                let mut octets = [0u8; 16];
+                octets.copy_from_slice(raw);
+                Some(IpAddr::V6(Ipv6Addr::from(octets)))
+            }
+            _ => None,
+        }
+    };
+    Ok(RawDrop {
+        ts_ns: (&record[doff::TS_NS..doff::TS_NS + 8]).get_u64_ne(),
+        ifindex: (&record[doff::IFINDEX..doff::IFINDEX + 4]).get_u32_ne(),
+        reason,
+        proto: record[doff::PROTO],
+        src: addr(doff::SRC),
+        dst: addr(doff::DST),
+        src_port: (&record[doff::SRC_PORT..doff::SRC_PORT + 2]).get_u16_ne(),
+        dst_port: (&record[doff::DST_PORT..doff::DST_PORT + 2]).get_u16_ne(),
+        audit: record[doff::AUDIT] != 0,
+    })
+}
+
 /// A NUL-padded kernel string, lossily as UTF-8.
 fn c_string(bytes: &[u8]) -> String {
     let end = bytes.iter().position(|&b| b == 0).unwrap_or(bytes.len());
@@ -121,6 +178,32 @@ pub fn encode_listen(ev: &ListenEvent) -> Vec<u8> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn decodes_drop_reports() {
+        let mut rec = vec![0u8; DropReport::SIZE];
+        rec[doff::REASON] = 2;
+        rec[doff::PROTO] = IPPROTO_TCP;
+        rec[doff::FAMILY] = AF_INET as u8;
+        rec[doff::AUDIT] = 1;
+        rec[doff::IFINDEX..doff::IFINDEX + 4].copy_from_slice(&7u32.to_ne_bytes());
+        rec[doff::SRC_PORT..doff::SRC_PORT + 2].copy_from_slice(&40000u16.to_ne_bytes());
+        rec[doff::DST_PORT..doff::DST_PORT + 2].copy_from_slice(&6379u16.to_ne_bytes());
+        rec[doff::SRC..doff::SRC + 4].copy_from_slice(&[203, 0, 113, 7]);
+        let d = decode_drop(&rec).expect("valid");
+        assert_eq!(d.reason, DropReason::SourceNotAllowed);
+        assert_eq!(d.src, Some(IpAddr::V4(Ipv4Addr::new(203, 0, 113, 7))));
+        assert_eq!(
+            (d.src_port, d.dst_port, d.ifindex, d.audit),
+            (40000, 6379, 7, true)
+        );
+        rec[doff::REASON] = 0;
+        assert_eq!(decode_drop(&rec), Err(DecodeError::Reason(0)));
+        assert!(matches!(
+            decode_drop(&rec[..10]),
+            Err(DecodeError::Short { .. })
+        ));
+    }
 
     fn sample() -> ListenEvent {
         let mut comm = [0u8; 16];

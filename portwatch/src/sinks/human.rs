@@ -8,7 +8,7 @@ use std::{
 };
 
 use super::{Sink, Summary};
-use crate::model::{Event, EventKind, Listener, Origin};
+use crate::model::{DropReason, Event, EventKind, Exposure, Listener, Origin};
 
 const GREEN: &str = "\x1b[32m";
 const YELLOW: &str = "\x1b[33m";
@@ -66,6 +66,7 @@ impl<W: Write> HumanSink<W> {
         kind: EventKind,
         origin: Origin,
         l: &Listener,
+        exposure: Option<Exposure>,
     ) -> io::Result<()> {
         let (on, off) = self.paint(match kind {
             EventKind::Listen => GREEN,
@@ -85,16 +86,33 @@ impl<W: Write> HumanSink<W> {
         let pid = p.pid.map_or_else(|| "-".to_string(), |pid| pid.to_string());
         let comm = p.comm.as_deref().unwrap_or("-");
         let command = p.cmdline.as_deref().or(p.exe.as_deref()).unwrap_or("");
+        let exposure = match exposure {
+            None => String::new(),
+            Some(Exposure::Exposed) => {
+                format!("{}exposed{} ", self.paint(RED).0, self.paint(RED).1)
+            }
+            Some(Exposure::Partial) => "partial ".to_string(),
+            Some(Exposure::Blocked) => "blocked ".to_string(),
+        };
         let netns = match l.netns {
             Some(ns) if Some(ns) != self.host_netns => format!(" netns={ns}"),
             _ => String::new(),
         };
         writeln!(
             self.out,
-            "{dim}{time}{undim} {on}{kind:<6}{off} {origin:<4} {proto:<3} {addr:<26} {pid:>7} {comm:<15} {user:<10} {command}{dim}{netns}{undim}",
+            "{dim}{time}{undim} {on}{kind:<6}{off} {origin:<4} {proto:<3} {addr:<26} {pid:>7} {comm:<15} {user:<10} {exposure}{command}{dim}{netns}{undim}",
             proto = l.proto.as_str(),
             addr = endpoint(&l.addr, l.port),
         )
+    }
+}
+
+fn reason_text(reason: DropReason) -> &'static str {
+    match reason {
+        DropReason::NoRule => "no rule permits the port",
+        DropReason::SourceNotAllowed => "source not allowed",
+        DropReason::Malformed => "malformed",
+        DropReason::Fragment => "fragment without its first",
     }
 }
 
@@ -130,8 +148,30 @@ impl<W: Write> Sink for HumanSink<W> {
         }
         match event {
             Event::Listener(ev) => {
-                self.listener_line(&clock(ev.ts), ev.kind, ev.origin, &ev.listener)
+                self.listener_line(&clock(ev.ts), ev.kind, ev.origin, &ev.listener, ev.exposure)
             }
+            Event::Drop(d) => {
+                let (on, off) = self.paint(if d.audit { YELLOW } else { RED });
+                let verb = if d.audit { "audit" } else { "drop" };
+                let src = d
+                    .src
+                    .map_or_else(|| "?".to_string(), |a| endpoint(&a, d.src_port));
+                writeln!(
+                    self.out,
+                    "{} {on}{verb:<6}{off} {:<4} {:<3} {src} -> port {} ({}) on {}",
+                    clock(d.ts),
+                    "",
+                    super::json::proto_name(d.proto),
+                    d.dst_port,
+                    reason_text(d.reason),
+                    d.iface.as_deref().unwrap_or("?"),
+                )
+            }
+            Event::Suppressed { ts, count, total } => writeln!(
+                self.out,
+                "{} {count} more drop reports held back by the rate limit ({total} in all)",
+                clock(*ts)
+            ),
             Event::Lost { ts, count, total } => {
                 let (on, off) = self.paint(RED);
                 writeln!(
@@ -159,8 +199,8 @@ impl<W: Write> Sink for HumanSink<W> {
         let (on, off) = self.paint(if s.lost > 0 { RED } else { DIM });
         writeln!(
             self.out,
-            "{on}summary: {} events, {} lost, {} malformed, {} listening at exit{off}",
-            s.events, s.lost, s.malformed, s.listening
+            "{on}summary: {} events, {} lost, {} malformed, {} listening at exit, {} drop reports ({} held back){off}",
+            s.events, s.lost, s.malformed, s.listening, s.drops, s.suppressed
         )?;
         self.out.flush()
     }
@@ -196,6 +236,7 @@ mod tests {
                     cgroup: None,
                 },
             },
+            exposure: None,
         })
     }
 

@@ -5,7 +5,7 @@ use std::io::{self, Write};
 use serde::Serialize;
 
 use super::{Sink, Summary, rfc3339_micros};
-use crate::model::{Event, EventKind, Family, Origin, Proto};
+use crate::model::{DropReason, Event, EventKind, Exposure, Family, Origin, Proto};
 
 #[derive(Serialize)]
 struct ListenerLine<'a> {
@@ -23,6 +23,22 @@ struct ListenerLine<'a> {
     cmdline: Option<&'a str>,
     cgroup: Option<&'a str>,
     netns: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    exposure: Option<Exposure>,
+}
+
+#[derive(Serialize)]
+struct DropLine<'a> {
+    ts: String,
+    event: &'static str,
+    reason: DropReason,
+    proto: String,
+    src: Option<String>,
+    src_port: u16,
+    dst: Option<String>,
+    dst_port: u16,
+    iface: Option<&'a str>,
+    audit: bool,
 }
 
 #[derive(Serialize)]
@@ -47,6 +63,19 @@ struct SummaryLine {
     lost: u64,
     malformed: u64,
     listening: usize,
+    drops: u64,
+    suppressed: u64,
+}
+
+/// `tcp`, `udp`, or the IP protocol number for others.
+pub fn proto_name(proto: u8) -> String {
+    match proto {
+        6 => "tcp".into(),
+        17 => "udp".into(),
+        1 => "icmp".into(),
+        58 => "icmpv6".into(),
+        other => other.to_string(),
+    }
 }
 
 pub struct JsonSink<W: Write> {
@@ -94,6 +123,7 @@ impl<W: Write> Sink for JsonSink<W> {
                     cmdline: p.cmdline.as_deref(),
                     cgroup: p.cgroup.as_deref(),
                     netns: l.netns,
+                    exposure: ev.exposure,
                 })
             }
             Event::Lost { ts, count, total } => self.line(&LostLine {
@@ -106,6 +136,24 @@ impl<W: Write> Sink for JsonSink<W> {
                 ts: rfc3339_micros(*ts),
                 event: "ready",
                 snapshot: *snapshot,
+            }),
+            Event::Drop(d) => self.line(&DropLine {
+                ts: rfc3339_micros(d.ts),
+                event: "drop",
+                reason: d.reason,
+                proto: proto_name(d.proto),
+                src: d.src.map(|a| a.to_string()),
+                src_port: d.src_port,
+                dst: d.dst.map(|a| a.to_string()),
+                dst_port: d.dst_port,
+                iface: d.iface.as_deref(),
+                audit: d.audit,
+            }),
+            Event::Suppressed { ts, count, total } => self.line(&LostLine {
+                ts: rfc3339_micros(*ts),
+                event: "suppressed",
+                count: *count,
+                total: *total,
             }),
         }
     }
@@ -121,6 +169,8 @@ impl<W: Write> Sink for JsonSink<W> {
             lost: s.lost,
             malformed: s.malformed,
             listening: s.listening,
+            drops: s.drops,
+            suppressed: s.suppressed,
         })?;
         self.out.flush()
     }
@@ -157,6 +207,7 @@ mod tests {
                     cgroup: None,
                 },
             },
+            exposure: None,
         });
         let v: serde_json::Value =
             serde_json::from_str(&to_json(&ev).expect("serialises")).expect("valid JSON");
@@ -199,6 +250,8 @@ mod tests {
             lost: 1,
             malformed: 0,
             listening: 2,
+            drops: 0,
+            suppressed: 0,
         })
         .expect("writes");
         let v: serde_json::Value = serde_json::from_slice(&sink.out).expect("valid JSON");

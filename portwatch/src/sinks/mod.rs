@@ -19,6 +19,10 @@ pub struct Summary {
     pub malformed: u64,
     /// Listeners open when the stream ended.
     pub listening: usize,
+    /// Drop reports received (guard).
+    pub drops: u64,
+    /// Drop reports the kernel's rate limit held back (guard).
+    pub suppressed: u64,
 }
 
 pub trait Sink {

@@ -1,0 +1,1391 @@
+//! The guard's allowlist: which ports the network may reach, and from where.
+//!
+//! Rules come from the policy file (TOML), from `--allow SPEC` and from the
+//! runtime `allow`/`deny` commands. Every (protocol, port) is covered by at
+//! most one rule, so what a port admits is decided in one place and the
+//! kernel tables need no precedence. A file is checked whole before
+//! anything from it is used, and every error names the line it is about.
+
+mod file;
+mod spec;
+
+use std::{
+    fmt,
+    net::IpAddr,
+    path::{Path, PathBuf},
+    str::FromStr,
+};
+
+use ipnet::IpNet;
+
+pub use spec::{PortRange, SpecError};
+
+use crate::model::Proto;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    /// Drop what the policy does not permit.
+    Enforce,
+    /// Pass everything, report what would have been dropped.
+    Audit,
+}
+
+impl Mode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Mode::Enforce => "enforce",
+            Mode::Audit => "audit",
+        }
+    }
+}
+
+impl fmt::Display for Mode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+#[error("unknown mode {0:?} (expected \"enforce\" or \"audit\")")]
+pub struct UnknownMode(pub String);
+
+impl FromStr for Mode {
+    type Err = UnknownMode;
+
+    fn from_str(s: &str) -> Result<Self, UnknownMode> {
+        match s {
+            "enforce" => Ok(Mode::Enforce),
+            "audit" => Ok(Mode::Audit),
+            _ => Err(UnknownMode(s.to_owned())),
+        }
+    }
+}
+
+/// What the policy does for a port, whoever the sender.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Exposure {
+    /// Reachable from anywhere.
+    Exposed,
+    /// Reachable only from the rule's `from` networks.
+    Partial,
+    /// No rule permits it.
+    Blocked,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Rule {
+    pub ports: PortRange,
+    /// Networks that may connect; empty means from anywhere.
+    pub from: Vec<IpNet>,
+    /// Where the rule is in the policy file; `None` for `--allow` and
+    /// runtime rules.
+    pub line: Option<usize>,
+}
+
+impl Rule {
+    /// A rule open to everyone, as `--allow SPEC` gives.
+    pub fn anywhere(ports: PortRange) -> Self {
+        Rule {
+            ports,
+            from: Vec::new(),
+            line: None,
+        }
+    }
+}
+
+/// `tcp/22`, or `tcp/5432 from 10.0.0.0/8, fd00::/8`.
+impl fmt::Display for Rule {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.ports)?;
+        for (i, net) in self.from.iter().enumerate() {
+            f.write_str(if i == 0 { " from " } else { ", " })?;
+            write!(f, "{net}")?;
+        }
+        Ok(())
+    }
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Policy {
+    /// `None`: the file does not say; the caller picks.
+    pub mode: Option<Mode>,
+    /// Where the guard attaches; empty: the caller picks.
+    pub interfaces: Vec<String>,
+    pub rules: Vec<Rule>,
+}
+
+/// Display helper: "line N: " before a message, or nothing.
+struct At(Option<usize>);
+
+impl fmt::Display for At {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.0 {
+            Some(n) => write!(f, "line {n}: "),
+            None => Ok(()),
+        }
+    }
+}
+
+/// Display helper: " on line N" when N is not the line of the error.
+struct OnLine(Option<usize>);
+
+impl OnLine {
+    fn unless_same(other: &Option<usize>, line: &Option<usize>) -> Self {
+        OnLine(other.filter(|n| Some(*n) != *line))
+    }
+}
+
+impl fmt::Display for OnLine {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.0 {
+            Some(n) => write!(f, " on line {n}"),
+            None => Ok(()),
+        }
+    }
+}
+
+/// Display helper: where the other rule of a conflict comes from.
+struct Where(Option<usize>);
+
+impl fmt::Display for Where {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.0 {
+            Some(n) => write!(f, "on line {n}"),
+            None => f.write_str("in a rule added with --allow or at run time"),
+        }
+    }
+}
+
+/// Display helper for [`PolicyError::Duplicate`].
+struct Duplicate(Option<usize>, PortRange, Option<usize>);
+
+impl fmt::Display for Duplicate {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let Duplicate(line, ports, other) = *self;
+        match line {
+            Some(n) => write!(
+                f,
+                "line {n}: {ports} is listed twice (also {}); remove one of them",
+                Where(other)
+            ),
+            None => write!(f, "{ports} is already allowed {}", Where(other)),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum PolicyError {
+    /// Not TOML. toml's own message already has the line, column and the
+    /// offending text.
+    #[error("{}", .error.to_string().trim_end())]
+    Syntax {
+        line: Option<usize>,
+        error: toml::de::Error,
+    },
+
+    /// TOML, but not shaped like a policy: an unknown key, a wrong type, a
+    /// mode that does not exist.
+    #[error("{}{message}", At(*.line))]
+    Shape {
+        line: Option<usize>,
+        message: String,
+    },
+
+    #[error("{}{error}", At(*.line))]
+    Spec {
+        line: Option<usize>,
+        error: SpecError,
+    },
+
+    #[error("{}{value:?} is not an address or CIDR: {reason}", At(*.line))]
+    BadSource {
+        line: Option<usize>,
+        value: String,
+        reason: String,
+    },
+
+    #[error("{}{value:?} has host bits set (did you mean {network}?)", At(*.line))]
+    HostBits {
+        line: Option<usize>,
+        value: String,
+        network: IpNet,
+    },
+
+    #[error(
+        "{}`from` is empty, so the rule admits nobody: remove the rule, or drop `from` \
+         to allow everyone",
+        At(*.line)
+    )]
+    EmptyFrom { line: Option<usize> },
+
+    #[error(
+        "{}{net} is already covered by {covered_by}{} in the same `from` list; remove it",
+        At(*.line),
+        OnLine::unless_same(.other_line, .line)
+    )]
+    RedundantSource {
+        line: Option<usize>,
+        net: IpNet,
+        covered_by: IpNet,
+        other_line: Option<usize>,
+    },
+
+    /// The same rule again: in a file, a line to delete; from `--allow` or
+    /// at run time, nothing to do.
+    #[error("{}", Duplicate(*.line, *.ports, *.other_line))]
+    Duplicate {
+        line: Option<usize>,
+        ports: PortRange,
+        other_line: Option<usize>,
+    },
+
+    #[error(
+        "{}{ports} overlaps {other} {}; a port can be in only one rule: merge them or \
+         narrow one",
+        At(*.line),
+        Where(*.other_line)
+    )]
+    Overlap {
+        line: Option<usize>,
+        ports: PortRange,
+        other: PortRange,
+        other_line: Option<usize>,
+    },
+
+    #[error(
+        "{}{ports} is given once with `from` and once without (the other {}); merge them \
+         into one rule: without `from` it admits everyone",
+        At(*.line),
+        Where(*.other_line)
+    )]
+    FromAndAnywhere {
+        line: Option<usize>,
+        ports: PortRange,
+        other_line: Option<usize>,
+    },
+
+    #[error(
+        "{}{ports} is given twice with different `from` lists (the other {}); merge them \
+         into one rule with one `from` list",
+        At(*.line),
+        Where(*.other_line)
+    )]
+    DifferentFrom {
+        line: Option<usize>,
+        ports: PortRange,
+        other_line: Option<usize>,
+    },
+
+    #[error("{}interface {name:?} {reason}", At(*.line))]
+    BadInterface {
+        line: Option<usize>,
+        name: String,
+        reason: &'static str,
+    },
+
+    #[error(
+        "{}interface {name:?} is listed twice (also {})",
+        At(*.line),
+        Where(*.other_line)
+    )]
+    DuplicateInterface {
+        line: Option<usize>,
+        name: String,
+        other_line: Option<usize>,
+    },
+
+    /// `remove_port` found nothing to remove.
+    #[error("{ports} is not permitted by any rule")]
+    NotPermitted { ports: PortRange },
+
+    // The two below embed the inner message instead of exposing it as
+    // `source()`: `{:#}` would print it twice.
+    #[error("{}: cannot read the policy: {error}", .path.display())]
+    Io {
+        path: PathBuf,
+        error: std::io::Error,
+    },
+
+    /// An error in a file read by [`Policy::load`].
+    #[error("{}: {error}", .path.display())]
+    InFile {
+        path: PathBuf,
+        error: Box<PolicyError>,
+    },
+}
+
+impl PolicyError {
+    /// The line of the policy file the error is about, where there is one.
+    pub fn line(&self) -> Option<usize> {
+        match self {
+            PolicyError::Syntax { line, .. }
+            | PolicyError::Shape { line, .. }
+            | PolicyError::Spec { line, .. }
+            | PolicyError::BadSource { line, .. }
+            | PolicyError::HostBits { line, .. }
+            | PolicyError::EmptyFrom { line }
+            | PolicyError::RedundantSource { line, .. }
+            | PolicyError::Duplicate { line, .. }
+            | PolicyError::Overlap { line, .. }
+            | PolicyError::FromAndAnywhere { line, .. }
+            | PolicyError::DifferentFrom { line, .. }
+            | PolicyError::BadInterface { line, .. }
+            | PolicyError::DuplicateInterface { line, .. } => *line,
+            PolicyError::NotPermitted { .. } | PolicyError::Io { .. } => None,
+            PolicyError::InFile { error, .. } => error.line(),
+        }
+    }
+}
+
+/// 1-based line of a byte offset; offsets past the end count as the end.
+fn line_of(text: &str, offset: usize) -> usize {
+    let end = offset.min(text.len());
+    text.as_bytes()[..end]
+        .iter()
+        .filter(|&&b| b == b'\n')
+        .count()
+        + 1
+}
+
+/// An address (a /32 or /128) or a CIDR whose host bits are clear.
+fn parse_source(value: &str, line: Option<usize>) -> Result<IpNet, PolicyError> {
+    let bad = |reason: String| PolicyError::BadSource {
+        line,
+        value: value.to_owned(),
+        reason,
+    };
+    let Some((addr, len)) = value.split_once('/') else {
+        return value.parse::<IpAddr>().map(IpNet::from).map_err(|_| {
+            bad("expected an address like 10.0.0.1 or a CIDR like 10.0.0.0/8".to_owned())
+        });
+    };
+    let addr: IpAddr = addr
+        .parse()
+        .map_err(|_| bad(format!("{addr:?} is not an IPv4 or IPv6 address")))?;
+    let (family, max) = match addr {
+        IpAddr::V4(_) => ("IPv4", 32),
+        IpAddr::V6(_) => ("IPv6", 128),
+    };
+    let len = match len.parse::<u8>() {
+        Ok(n) if n <= max && len.bytes().all(|b| b.is_ascii_digit()) => n,
+        _ => {
+            return Err(bad(format!(
+                "the prefix length {len:?} is not a number from 0 to {max} ({family})"
+            )));
+        }
+    };
+    let net = IpNet::new(addr, len)
+        .map_err(|_| bad(format!("the prefix length must be 0 to {max} ({family})")))?;
+    if net.trunc() != net {
+        return Err(PolicyError::HostBits {
+            line,
+            value: value.to_owned(),
+            network: net.trunc(),
+        });
+    }
+    Ok(net)
+}
+
+/// Host bits clear, and no network listed twice or inside another one of
+/// the list (both would mean the author expects something they do not get).
+fn check_sources(nets: &[(IpNet, Option<usize>)]) -> Result<(), PolicyError> {
+    for (i, (net, line)) in nets.iter().enumerate() {
+        if net.trunc() != *net {
+            return Err(PolicyError::HostBits {
+                line: *line,
+                value: net.to_string(),
+                network: net.trunc(),
+            });
+        }
+        for (other, other_line) in &nets[..i] {
+            // Whichever is the wider one covers the other.
+            let (inner, outer) = if other.contains(net) {
+                (net, other)
+            } else if net.contains(other) {
+                (other, net)
+            } else {
+                continue;
+            };
+            return Err(PolicyError::RedundantSource {
+                line: *line,
+                net: *inner,
+                covered_by: *outer,
+                other_line: *other_line,
+            });
+        }
+    }
+    Ok(())
+}
+
+fn same_sources(a: &[IpNet], b: &[IpNet]) -> bool {
+    let (mut a, mut b) = (a.to_vec(), b.to_vec());
+    a.sort_unstable();
+    b.sort_unstable();
+    a == b
+}
+
+/// A TOML basic string, escaped by toml itself.
+fn toml_str(s: &str) -> String {
+    toml::Value::String(s.to_owned()).to_string()
+}
+
+impl Policy {
+    /// Parses and checks a policy file's text. Nothing is returned unless
+    /// the whole file is valid.
+    pub fn parse(text: &str) -> Result<Policy, PolicyError> {
+        let raw = file::read(text).map_err(|e| match e {
+            file::ReadError::Syntax(error) => PolicyError::Syntax {
+                line: error.span().map(|s| line_of(text, s.start)),
+                error,
+            },
+            file::ReadError::Shape(e) => PolicyError::Shape {
+                line: e.span().map(|s| line_of(text, s.start)),
+                message: e.message().to_owned(),
+            },
+        })?;
+        let line = |span: std::ops::Range<usize>| Some(line_of(text, span.start));
+
+        let mut policy = Policy {
+            mode: raw.mode,
+            ..Policy::default()
+        };
+        let mut iface_lines = Vec::new();
+        for name in raw.interfaces {
+            let line = line(name.span());
+            let name = name.into_inner();
+            check_interface(&name, line)?;
+            if let Some(i) = policy.interfaces.iter().position(|n| *n == name) {
+                return Err(PolicyError::DuplicateInterface {
+                    line,
+                    name,
+                    other_line: iface_lines.get(i).copied().flatten(),
+                });
+            }
+            policy.interfaces.push(name);
+            iface_lines.push(line);
+        }
+
+        for entry in raw.allow {
+            let entry_line = line(entry.span());
+            let rule = match entry.into_inner() {
+                file::RawEntry::Spec(spec) => Rule {
+                    ports: PortRange::parse(&spec).map_err(|error| PolicyError::Spec {
+                        line: entry_line,
+                        error,
+                    })?,
+                    from: Vec::new(),
+                    line: entry_line,
+                },
+                file::RawEntry::Table { port, from } => {
+                    let rule_line = line(port.span());
+                    let ports =
+                        PortRange::parse(port.get_ref()).map_err(|error| PolicyError::Spec {
+                            line: rule_line,
+                            error,
+                        })?;
+                    let mut nets = Vec::new();
+                    if let Some(from) = from {
+                        if from.get_ref().is_empty() {
+                            return Err(PolicyError::EmptyFrom {
+                                line: line(from.span()),
+                            });
+                        }
+                        for value in from.into_inner() {
+                            let at = line(value.span());
+                            nets.push((parse_source(value.get_ref(), at)?, at));
+                        }
+                        // Checked here, where each network has its own line.
+                        check_sources(&nets)?;
+                    }
+                    Rule {
+                        ports,
+                        from: nets.into_iter().map(|(net, _)| net).collect(),
+                        line: rule_line,
+                    }
+                }
+            };
+            policy.add_rule(rule)?;
+        }
+        Ok(policy)
+    }
+
+    /// Reads and parses a policy file; errors start with the path.
+    pub fn load(path: &Path) -> Result<Policy, PolicyError> {
+        let text = std::fs::read_to_string(path).map_err(|error| PolicyError::Io {
+            path: path.to_owned(),
+            error,
+        })?;
+        Policy::parse(&text).map_err(|error| PolicyError::InFile {
+            path: path.to_owned(),
+            error: Box::new(error),
+        })
+    }
+
+    /// Adds a rule unless it is malformed or shares a port with an existing
+    /// rule (the error says whether to drop it or merge the two).
+    pub fn add_rule(&mut self, rule: Rule) -> Result<(), PolicyError> {
+        let line = rule.line;
+        let PortRange { proto, lo, hi } = rule.ports;
+        PortRange::new(proto, lo, hi).map_err(|error| PolicyError::Spec { line, error })?;
+        let nets: Vec<_> = rule.from.iter().map(|n| (*n, line)).collect();
+        check_sources(&nets)?;
+
+        let ports = rule.ports;
+        if let Some(other) = self.rules.iter().find(|r| r.ports.overlaps(&ports)) {
+            let other_line = other.line;
+            return Err(if other.ports != ports {
+                PolicyError::Overlap {
+                    line,
+                    ports,
+                    other: other.ports,
+                    other_line,
+                }
+            } else if same_sources(&other.from, &rule.from) {
+                PolicyError::Duplicate {
+                    line,
+                    ports,
+                    other_line,
+                }
+            } else if other.from.is_empty() || rule.from.is_empty() {
+                PolicyError::FromAndAnywhere {
+                    line,
+                    ports,
+                    other_line,
+                }
+            } else {
+                PolicyError::DifferentFrom {
+                    line,
+                    ports,
+                    other_line,
+                }
+            });
+        }
+        self.rules.push(rule);
+        Ok(())
+    }
+
+    /// Stops permitting `ports`: rules inside the range go, rules that
+    /// reach past it keep the ports outside it (with their `from` and line).
+    /// Returns the rules as they were before the change.
+    pub fn remove_port(&mut self, ports: PortRange) -> Result<Vec<Rule>, PolicyError> {
+        let PortRange { proto, lo, hi } = ports;
+        PortRange::new(proto, lo, hi).map_err(|error| PolicyError::Spec { line: None, error })?;
+        if !self.rules.iter().any(|r| r.ports.overlaps(&ports)) {
+            return Err(PolicyError::NotPermitted { ports });
+        }
+        let mut changed = Vec::new();
+        let mut kept = Vec::with_capacity(self.rules.len() + 1);
+        for rule in std::mem::take(&mut self.rules) {
+            if !rule.ports.overlaps(&ports) {
+                kept.push(rule);
+                continue;
+            }
+            let piece = |lo, hi| Rule {
+                ports: PortRange { proto, lo, hi },
+                ..rule.clone()
+            };
+            // The overlap guarantees lo <= rule.hi and hi >= rule.lo, so
+            // these bounds cannot wrap.
+            if rule.ports.lo < lo {
+                kept.push(piece(rule.ports.lo, lo - 1));
+            }
+            if hi < rule.ports.hi {
+                kept.push(piece(hi + 1, rule.ports.hi));
+            }
+            changed.push(rule);
+        }
+        self.rules = kept;
+        Ok(changed)
+    }
+
+    /// Exposed if a rule without `from` covers the port, Partial if only
+    /// rules with `from` do, else Blocked.
+    pub fn exposure(&self, proto: Proto, port: u16) -> Exposure {
+        // `add_rule` keeps one rule per port; the loop is for hand-built
+        // policies, where an open rule wins.
+        let mut exposure = Exposure::Blocked;
+        for rule in self.rules.iter().filter(|r| r.ports.contains(proto, port)) {
+            if rule.from.is_empty() {
+                return Exposure::Exposed;
+            }
+            exposure = Exposure::Partial;
+        }
+        exposure
+    }
+
+    /// Whether a packet from `src` to `port` gets through. An IPv4-mapped
+    /// IPv6 source is matched as the IPv4 address it is, as the kernel
+    /// sees it.
+    pub fn permits(&self, proto: Proto, port: u16, src: IpAddr) -> bool {
+        let src = src.to_canonical();
+        self.rules.iter().any(|r| {
+            r.ports.contains(proto, port)
+                && (r.from.is_empty() || r.from.iter().any(|net| net.contains(&src)))
+        })
+    }
+
+    /// The policy as file text, in rule order, that parses back to the same
+    /// policy (except `line`). Used to persist runtime changes.
+    pub fn to_toml(&self) -> String {
+        let mut out = String::from("# managed by portwatch; edits are kept\n");
+        if let Some(mode) = self.mode {
+            out.push_str(&format!("mode = {}\n", toml_str(mode.as_str())));
+        }
+        let names: Vec<String> = self.interfaces.iter().map(|n| toml_str(n)).collect();
+        out.push_str(&format!("interfaces = [{}]\n", names.join(", ")));
+        if self.rules.is_empty() {
+            out.push_str("allow = []\n");
+            return out;
+        }
+        out.push_str("allow = [\n");
+        for rule in &self.rules {
+            let port = toml_str(&rule.ports.to_string());
+            if rule.from.is_empty() {
+                out.push_str(&format!("  {port},\n"));
+            } else {
+                let from: Vec<String> =
+                    rule.from.iter().map(|n| toml_str(&n.to_string())).collect();
+                out.push_str(&format!(
+                    "  {{ port = {port}, from = [{}] }},\n",
+                    from.join(", ")
+                ));
+            }
+        }
+        out.push_str("]\n");
+        out
+    }
+}
+
+/// The kernel's rules for a device name (`dev_valid_name`), so that a bad
+/// name fails here and not when the guard attaches.
+fn check_interface(name: &str, line: Option<usize>) -> Result<(), PolicyError> {
+    let reason = if name.is_empty() {
+        "is empty"
+    } else if name.len() > 15 {
+        "is longer than 15 bytes, the kernel's limit"
+    } else if name == "." || name == ".." {
+        "is not a valid interface name"
+    } else if name
+        .chars()
+        .any(|c| c == '/' || c == ':' || c.is_whitespace() || c.is_control())
+    {
+        "contains '/', ':', a space or a control character"
+    } else {
+        return Ok(());
+    };
+    Err(PolicyError::BadInterface {
+        line,
+        name: name.to_owned(),
+        reason,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::{Ipv4Addr, Ipv6Addr};
+
+    use super::*;
+
+    type TestResult = Result<(), Box<dyn std::error::Error>>;
+
+    const EXAMPLE: &str = r#"mode = "enforce"                 # or "audit"
+interfaces = ["eth0"]
+allow = [
+  "tcp/22",
+  "udp/53",
+  "tcp/8000-8099",
+  { port = "tcp/5432", from = ["10.0.0.0/8", "fd00::/8"] },
+]
+"#;
+
+    fn range(s: &str) -> PortRange {
+        PortRange::parse(s).expect("a valid spec in the test")
+    }
+
+    fn net(s: &str) -> IpNet {
+        s.parse().expect("a valid CIDR in the test")
+    }
+
+    fn err(text: &str) -> String {
+        match Policy::parse(text) {
+            Ok(p) => panic!("{text:?} parsed: {p:?}"),
+            Err(e) => e.to_string(),
+        }
+    }
+
+    fn without_lines(p: &Policy) -> Policy {
+        let mut p = p.clone();
+        for rule in &mut p.rules {
+            rule.line = None;
+        }
+        p
+    }
+
+    fn v4(a: u8, b: u8, c: u8, d: u8) -> IpAddr {
+        IpAddr::V4(Ipv4Addr::new(a, b, c, d))
+    }
+
+    #[test]
+    fn example_file() -> TestResult {
+        let p = Policy::parse(EXAMPLE)?;
+        assert_eq!(p.mode, Some(Mode::Enforce));
+        assert_eq!(p.interfaces, ["eth0"]);
+        let rule = |s: &str, from: &[&str], line| Rule {
+            ports: range(s),
+            from: from.iter().map(|s| net(s)).collect(),
+            line: Some(line),
+        };
+        assert_eq!(
+            p.rules,
+            [
+                rule("tcp/22", &[], 4),
+                rule("udp/53", &[], 5),
+                rule("tcp/8000-8099", &[], 6),
+                rule("tcp/5432", &["10.0.0.0/8", "fd00::/8"], 7),
+            ]
+        );
+        Ok(())
+    }
+
+    #[test]
+    fn empty_file_is_default_deny() -> TestResult {
+        let p = Policy::parse("")?;
+        assert_eq!(p, Policy::default());
+        assert_eq!(p.exposure(Proto::Tcp, 22), Exposure::Blocked);
+        assert!(!p.permits(Proto::Tcp, 22, v4(127, 0, 0, 1)));
+        assert_eq!(
+            Policy::parse("# nothing\n\nallow = []\n")?,
+            Policy::default()
+        );
+        Ok(())
+    }
+
+    #[test]
+    fn exposure_and_permits() -> TestResult {
+        let p = Policy::parse(EXAMPLE)?;
+        assert_eq!(p.exposure(Proto::Tcp, 22), Exposure::Exposed);
+        assert_eq!(p.exposure(Proto::Tcp, 8050), Exposure::Exposed);
+        assert_eq!(p.exposure(Proto::Udp, 53), Exposure::Exposed);
+        assert_eq!(p.exposure(Proto::Tcp, 5432), Exposure::Partial);
+        assert_eq!(p.exposure(Proto::Tcp, 8100), Exposure::Blocked);
+        assert_eq!(p.exposure(Proto::Udp, 22), Exposure::Blocked);
+        assert_eq!(p.exposure(Proto::Tcp, 53), Exposure::Blocked);
+
+        assert!(p.permits(Proto::Tcp, 22, v4(192, 0, 2, 1)));
+        assert!(p.permits(Proto::Tcp, 5432, v4(10, 1, 2, 3)));
+        assert!(!p.permits(Proto::Tcp, 5432, v4(192, 0, 2, 1)));
+        assert!(p.permits(Proto::Tcp, 5432, "fd00::1".parse()?));
+        assert!(!p.permits(Proto::Tcp, 5432, "fe80::1".parse()?));
+        // An IPv4-mapped address is the IPv4 address.
+        let mapped = IpAddr::V6(Ipv4Addr::new(10, 1, 2, 3).to_ipv6_mapped());
+        assert!(p.permits(Proto::Tcp, 5432, mapped));
+        assert!(!p.permits(Proto::Udp, 5432, v4(10, 1, 2, 3)));
+        assert!(!p.permits(Proto::Tcp, 23, IpAddr::V6(Ipv6Addr::LOCALHOST)));
+        Ok(())
+    }
+
+    #[test]
+    fn bare_addresses_are_hosts() -> TestResult {
+        let p = Policy::parse(
+            r#"allow = [{ port = "udp/161", from = ["192.0.2.7", "2001:db8::7"] }]"#,
+        )?;
+        let from = &p.rules.first().expect("one rule").from;
+        assert_eq!(*from, [net("192.0.2.7/32"), net("2001:db8::7/128")]);
+        assert!(p.permits(Proto::Udp, 161, v4(192, 0, 2, 7)));
+        assert!(!p.permits(Proto::Udp, 161, v4(192, 0, 2, 8)));
+        Ok(())
+    }
+
+    #[test]
+    fn spec_errors_name_the_line() {
+        let file = |spec: &str| format!("allow = [\n  \"tcp/1\",\n  \"{spec}\",\n]\n");
+        assert_eq!(
+            err(&file("sctp/22")),
+            r#"line 3: "sctp/22": unknown protocol "sctp" (expected tcp or udp)"#
+        );
+        assert_eq!(
+            err(&file("tcp/0")),
+            r#"line 3: "tcp/0": port 0 is not a valid port (1-65535)"#
+        );
+        assert_eq!(
+            err(&file("tcp/70000")),
+            r#"line 3: "tcp/70000": port 70000 is out of range (1-65535)"#
+        );
+        assert_eq!(
+            err(&file("tcp/ssh")),
+            r#"line 3: "tcp/ssh": port "ssh" is not a number"#
+        );
+        assert_eq!(
+            err(&file("tcp/9000-8000")),
+            r#"line 3: "tcp/9000-8000": range is reversed (did you mean tcp/8000-9000?)"#
+        );
+        assert_eq!(
+            err(&file("tcp22")),
+            r#"line 3: "tcp22": expected PROTO/PORT or PROTO/LO-HI, e.g. tcp/22"#
+        );
+        // In a table, the line of `port`.
+        assert_eq!(
+            err("[[allow]]\nfrom = [\"10.0.0.0/8\"]\nport = \"udp/99999\"\n"),
+            r#"line 3: "udp/99999": port 99999 is out of range (1-65535)"#
+        );
+    }
+
+    #[test]
+    fn source_errors() {
+        let file =
+            |from: &str| format!("allow = [\n  {{ port = \"tcp/22\", from = [{from}] }},\n]");
+        assert_eq!(
+            err(&file(r#""10.0.0.1/8""#)),
+            r#"line 2: "10.0.0.1/8" has host bits set (did you mean 10.0.0.0/8?)"#
+        );
+        assert_eq!(
+            err(&file(r#""fd00::1/8""#)),
+            r#"line 2: "fd00::1/8" has host bits set (did you mean fd00::/8?)"#
+        );
+        assert_eq!(
+            err(&file(r#""10.0.0.300/8""#)),
+            r#"line 2: "10.0.0.300/8" is not an address or CIDR: "10.0.0.300" is not an IPv4 or IPv6 address"#
+        );
+        assert_eq!(
+            err(&file(r#""10.0.0.0/33""#)),
+            r#"line 2: "10.0.0.0/33" is not an address or CIDR: the prefix length "33" is not a number from 0 to 32 (IPv4)"#
+        );
+        assert_eq!(
+            err(&file(r#""fd00::/+8""#)),
+            r#"line 2: "fd00::/+8" is not an address or CIDR: the prefix length "+8" is not a number from 0 to 128 (IPv6)"#
+        );
+        assert_eq!(
+            err(&file(r#""example.com""#)),
+            r#"line 2: "example.com" is not an address or CIDR: expected an address like 10.0.0.1 or a CIDR like 10.0.0.0/8"#
+        );
+        assert_eq!(
+            err(&file("")),
+            "line 2: `from` is empty, so the rule admits nobody: remove the rule, or drop `from` \
+             to allow everyone"
+        );
+        assert_eq!(
+            err(&file(r#""10.0.0.0/8", "10.1.0.0/16""#)),
+            "line 2: 10.1.0.0/16 is already covered by 10.0.0.0/8 in the same `from` list; \
+             remove it"
+        );
+        // Each CIDR on its own line: the error names that line.
+        assert_eq!(
+            err(
+                "[[allow]]\nport = \"tcp/22\"\nfrom = [\n  \"10.0.0.0/8\",\n  \"10.0.0.0/8\",\n]\n"
+            ),
+            "line 5: 10.0.0.0/8 is already covered by 10.0.0.0/8 on line 4 in the same `from` \
+             list; remove it"
+        );
+        assert_eq!(
+            err(
+                "[[allow]]\nport = \"tcp/22\"\nfrom = [\n  \"10.0.0.0/8\",\n  \"10.0.0.7/8\",\n]\n"
+            ),
+            r#"line 5: "10.0.0.7/8" has host bits set (did you mean 10.0.0.0/8?)"#
+        );
+    }
+
+    #[test]
+    fn duplicates_and_overlaps_name_both_lines() {
+        let text = "allow = [\n  \"udp/22\",\n  \"tcp/21\",\n  \"tcp/22\",\n  \"tcp/40\",\n  \"tcp/41\",\n  \"tcp/20-30\",\n]\n";
+        assert_eq!(
+            err(text),
+            "line 7: tcp/20-30 overlaps tcp/21 on line 3; a port can be in only one rule: \
+             merge them or narrow one"
+        );
+        assert_eq!(
+            err("allow = [\n  \"tcp/22\",\n  \"tcp/22\",\n]"),
+            "line 3: tcp/22 is listed twice (also on line 2); remove one of them"
+        );
+        assert_eq!(
+            err(
+                "allow = [\n  \"tcp/5432\",\n  { port = \"tcp/5432\", from = [\"10.0.0.0/8\"] },\n]"
+            ),
+            "line 3: tcp/5432 is given once with `from` and once without (the other on line 2); \
+             merge them into one rule: without `from` it admits everyone"
+        );
+        assert_eq!(
+            err(
+                "allow = [\n  { port = \"tcp/5432\", from = [\"10.0.0.0/8\"] },\n  { port = \"tcp/5432\", from = [\"192.0.2.0/24\"] },\n]"
+            ),
+            "line 3: tcp/5432 is given twice with different `from` lists (the other on line 2); \
+             merge them into one rule with one `from` list"
+        );
+        // The same lists in another order are the same rule.
+        assert_eq!(
+            err(
+                "allow = [\n  { port = \"tcp/1\", from = [\"10.0.0.0/8\", \"fd00::/8\"] },\n  { port = \"tcp/1\", from = [\"fd00::/8\", \"10.0.0.0/8\"] },\n]"
+            ),
+            "line 3: tcp/1 is listed twice (also on line 2); remove one of them"
+        );
+    }
+
+    #[test]
+    fn tcp_and_udp_do_not_overlap() -> TestResult {
+        let p = Policy::parse(r#"allow = ["tcp/22", "udp/22", "udp/1-100", "tcp/23-100"]"#);
+        assert!(matches!(p, Err(PolicyError::Overlap { .. })));
+        let p = Policy::parse(r#"allow = ["tcp/22", "udp/22", "tcp/23-100"]"#)?;
+        assert_eq!(p.rules.len(), 3);
+        Ok(())
+    }
+
+    #[test]
+    fn shape_errors_name_the_line() {
+        assert_eq!(
+            err("mode = \"audit\"\nbogus = 1\n"),
+            r#"line 2: unknown key "bogus" in the policy (expected mode, interfaces or allow)"#
+        );
+        assert_eq!(
+            err("allow = [\n  \"tcp/1\",\n  { port = \"tcp/2\", form = [\"10.0.0.0/8\"] },\n]"),
+            r#"line 3: unknown key "form" in an allow rule (expected port or from)"#
+        );
+        assert_eq!(
+            err("\n\nallow = \"tcp/22\"\n"),
+            r#"line 3: invalid type: string "tcp/22", expected an array of rules, e.g. allow = ["tcp/22", "udp/53"]"#
+        );
+        assert_eq!(
+            err("mode = \"block\""),
+            r#"line 1: unknown mode "block" (expected "enforce" or "audit")"#
+        );
+        assert_eq!(
+            err("allow = [\n  \"tcp/1\",\n  { from = [\"10.0.0.0/8\"] },\n]"),
+            r#"line 3: this allow rule has no `port`: write e.g. { port = "tcp/22", from = ["10.0.0.0/8"] }"#
+        );
+    }
+
+    #[test]
+    fn syntax_errors_keep_tomls_message() {
+        let e =
+            Policy::parse("mode = \"audit\"\nallow = [\"tcp/22\"\n").expect_err("unclosed array");
+        assert!(matches!(e, PolicyError::Syntax { .. }), "{e:?}");
+        assert_eq!(e.line(), Some(2));
+        let msg = e.to_string();
+        assert!(
+            msg.starts_with("TOML parse error at line 2, column 18"),
+            "{msg}"
+        );
+        assert!(msg.contains("unclosed array"), "{msg}");
+
+        let e = Policy::parse("allow = []\nallow = []\n").expect_err("key twice");
+        assert!(e.to_string().contains("duplicate key"), "{e}");
+        assert_eq!(e.line(), Some(2));
+    }
+
+    #[test]
+    fn interface_errors() {
+        assert_eq!(
+            err("interfaces = [\n  \"eth0\",\n  \"eth0\",\n]"),
+            r#"line 3: interface "eth0" is listed twice (also on line 2)"#
+        );
+        assert_eq!(
+            err("interfaces = [\"a-very-long-interface\"]"),
+            r#"line 1: interface "a-very-long-interface" is longer than 15 bytes, the kernel's limit"#
+        );
+        assert_eq!(
+            err("interfaces = [\"eth 0\"]"),
+            r#"line 1: interface "eth 0" contains '/', ':', a space or a control character"#
+        );
+        assert_eq!(
+            err("interfaces = [\"\"]"),
+            r#"line 1: interface "" is empty"#
+        );
+    }
+
+    /// A file that is wrong anywhere yields nothing, whatever came first.
+    #[test]
+    fn nothing_from_an_invalid_file() {
+        let e = Policy::parse(&format!("{EXAMPLE}\n# late\nbogus = true\n"));
+        assert_eq!(e.map_err(|e| e.line()).expect_err("invalid"), Some(11));
+    }
+
+    #[test]
+    fn load_prefixes_the_path() -> TestResult {
+        let dir =
+            std::env::temp_dir().join(format!("portwatch-policy-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir)?;
+        let good = dir.join("good.toml");
+        std::fs::write(&good, EXAMPLE)?;
+        assert_eq!(Policy::load(&good)?, Policy::parse(EXAMPLE)?);
+
+        let bad = dir.join("bad.toml");
+        std::fs::write(&bad, "allow = [\n  \"tcp/22\",\n  \"sctp/9\",\n]\n")?;
+        let e = Policy::load(&bad).expect_err("bad spec");
+        assert_eq!(
+            e.to_string(),
+            format!(
+                r#"{}: line 3: "sctp/9": unknown protocol "sctp" (expected tcp or udp)"#,
+                bad.display()
+            )
+        );
+        assert_eq!(e.line(), Some(3));
+
+        std::fs::write(&bad, "allow = [\n")?;
+        let msg = Policy::load(&bad).expect_err("syntax").to_string();
+        assert!(
+            msg.starts_with(&format!("{}: TOML parse error at line 1", bad.display())),
+            "{msg}"
+        );
+
+        let missing = dir.join("missing.toml");
+        let msg = Policy::load(&missing).expect_err("no file").to_string();
+        assert!(
+            msg.starts_with(&format!("{}: cannot read the policy: ", missing.display())),
+            "{msg}"
+        );
+        std::fs::remove_dir_all(&dir)?;
+        Ok(())
+    }
+
+    #[test]
+    fn to_toml_round_trips() -> TestResult {
+        let p = Policy::parse(EXAMPLE)?;
+        let text = p.to_toml();
+        assert!(
+            text.starts_with("# managed by portwatch; edits are kept\n"),
+            "{text}"
+        );
+        assert_eq!(without_lines(&Policy::parse(&text)?), without_lines(&p));
+        assert_eq!(
+            text,
+            r#"# managed by portwatch; edits are kept
+mode = "enforce"
+interfaces = ["eth0"]
+allow = [
+  "tcp/22",
+  "udp/53",
+  "tcp/8000-8099",
+  { port = "tcp/5432", from = ["10.0.0.0/8", "fd00::/8"] },
+]
+"#
+        );
+
+        for p in [
+            Policy::default(),
+            Policy {
+                mode: Some(Mode::Audit),
+                interfaces: vec!["eth0".into(), "wg\"0\\".into()],
+                rules: vec![
+                    Rule {
+                        ports: range("udp/1-65535"),
+                        from: vec![net("192.0.2.7/32"), net("::/0")],
+                        line: None,
+                    },
+                    Rule::anywhere(range("tcp/65535")),
+                ],
+            },
+        ] {
+            let text = p.to_toml();
+            assert_eq!(without_lines(&Policy::parse(&text)?), p, "{text}");
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn add_rule_rejects_overlaps() -> TestResult {
+        let mut p = Policy::parse(EXAMPLE)?;
+        let e = p
+            .add_rule(Rule::anywhere(range("tcp/8090-8200")))
+            .expect_err("overlaps tcp/8000-8099");
+        assert_eq!(
+            e.to_string(),
+            "tcp/8090-8200 overlaps tcp/8000-8099 on line 6; a port can be in only one rule: \
+             merge them or narrow one"
+        );
+        let e = p
+            .add_rule(Rule::anywhere(range("tcp/5432")))
+            .expect_err("tcp/5432 has `from`");
+        assert!(matches!(e, PolicyError::FromAndAnywhere { .. }), "{e}");
+        let e = p
+            .add_rule(Rule::anywhere(range("tcp/22")))
+            .expect_err("already there");
+        assert!(matches!(e, PolicyError::Duplicate { .. }), "{e}");
+        assert_eq!(e.to_string(), "tcp/22 is already allowed on line 4");
+
+        p.add_rule(Rule::anywhere(range("tcp/8100-8200")))?;
+        p.add_rule(Rule::anywhere(range("udp/22")))?;
+        let e = p
+            .add_rule(Rule::anywhere(range("udp/22")))
+            .expect_err("added just before");
+        assert_eq!(
+            e.to_string(),
+            "udp/22 is already allowed in a rule added with --allow or at run time"
+        );
+        let e = p
+            .add_rule(Rule::anywhere(range("tcp/8150")))
+            .expect_err("overlaps a runtime rule");
+        assert_eq!(
+            e.to_string(),
+            "tcp/8150 overlaps tcp/8100-8200 in a rule added with --allow or at run time; a \
+             port can be in only one rule: merge them or narrow one"
+        );
+        assert_eq!(p.rules.len(), 6);
+        Ok(())
+    }
+
+    #[test]
+    fn add_rule_checks_hand_built_rules() {
+        let mut p = Policy::default();
+        let bad = [
+            Rule::anywhere(PortRange::single(Proto::Tcp, 0)),
+            Rule::anywhere(PortRange {
+                proto: Proto::Udp,
+                lo: 9,
+                hi: 8,
+            }),
+            Rule {
+                ports: range("tcp/1"),
+                from: vec![IpNet::new(v4(10, 0, 0, 1), 8).expect("valid prefix")],
+                line: None,
+            },
+            Rule {
+                ports: range("tcp/1"),
+                from: vec![net("10.0.0.0/8"), net("10.2.0.0/16")],
+                line: None,
+            },
+        ];
+        for rule in bad {
+            assert!(p.add_rule(rule.clone()).is_err(), "{rule:?} was accepted");
+        }
+        assert_eq!(p, Policy::default());
+    }
+
+    #[test]
+    fn remove_port_splits_ranges() -> TestResult {
+        let mut p = Policy::parse(EXAMPLE)?;
+        let removed = p.remove_port(range("tcp/8050"))?;
+        assert_eq!(removed.len(), 1);
+        assert_eq!(
+            removed.first().map(|r| r.ports),
+            Some(range("tcp/8000-8099"))
+        );
+        let ports: Vec<String> = p.rules.iter().map(|r| r.ports.to_string()).collect();
+        assert_eq!(
+            ports,
+            [
+                "tcp/22",
+                "udp/53",
+                "tcp/8000-8049",
+                "tcp/8051-8099",
+                "tcp/5432"
+            ]
+        );
+        assert_eq!(p.exposure(Proto::Tcp, 8050), Exposure::Blocked);
+        assert_eq!(p.exposure(Proto::Tcp, 8049), Exposure::Exposed);
+        assert_eq!(p.exposure(Proto::Tcp, 8051), Exposure::Exposed);
+
+        // The ends of a range, then a range over several rules.
+        p.remove_port(range("tcp/8000"))?;
+        p.remove_port(range("tcp/8099"))?;
+        let removed = p.remove_port(range("tcp/8040-8060"))?;
+        let removed: Vec<String> = removed.iter().map(|r| r.ports.to_string()).collect();
+        assert_eq!(removed, ["tcp/8001-8049", "tcp/8051-8098"]);
+        let ports: Vec<String> = p.rules.iter().map(|r| r.ports.to_string()).collect();
+        assert_eq!(
+            ports,
+            [
+                "tcp/22",
+                "udp/53",
+                "tcp/8001-8039",
+                "tcp/8061-8098",
+                "tcp/5432"
+            ]
+        );
+
+        // Whole rules go, with or without `from`.
+        let removed = p.remove_port(range("tcp/1-8045"))?;
+        let removed: Vec<String> = removed.iter().map(ToString::to_string).collect();
+        assert_eq!(
+            removed,
+            [
+                "tcp/22",
+                "tcp/8001-8039",
+                "tcp/5432 from 10.0.0.0/8, fd00::/8"
+            ]
+        );
+        let ports: Vec<String> = p.rules.iter().map(|r| r.ports.to_string()).collect();
+        assert_eq!(ports, ["udp/53", "tcp/8061-8098"]);
+
+        // The pieces of a rule keep its `from`.
+        let mut q = Policy::parse(r#"allow = [{ port = "tcp/1-10", from = ["10.0.0.0/8"] }]"#)?;
+        q.remove_port(range("tcp/5"))?;
+        assert!(q.rules.iter().all(|r| r.from == [net("10.0.0.0/8")]));
+        assert_eq!(q.rules.len(), 2);
+        Ok(())
+    }
+
+    #[test]
+    fn remove_port_of_nothing_is_an_error() -> TestResult {
+        let mut p = Policy::parse(EXAMPLE)?;
+        let before = p.clone();
+        let e = p.remove_port(range("tcp/8100")).expect_err("not permitted");
+        assert_eq!(e.to_string(), "tcp/8100 is not permitted by any rule");
+        let e = p.remove_port(range("udp/22")).expect_err("only tcp/22 is");
+        assert_eq!(e.to_string(), "udp/22 is not permitted by any rule");
+        assert_eq!(p, before);
+        Ok(())
+    }
+
+    #[test]
+    fn mode_strings() -> TestResult {
+        assert_eq!("audit".parse::<Mode>()?, Mode::Audit);
+        assert_eq!(Mode::Enforce.to_string(), "enforce");
+        assert_eq!(
+            "Audit".parse::<Mode>().map_err(|e| e.to_string()),
+            Err(r#"unknown mode "Audit" (expected "enforce" or "audit")"#.to_owned())
+        );
+        assert_eq!(serde_json::to_string(&Exposure::Partial)?, r#""partial""#);
+        assert_eq!(serde_json::to_string(&range("tcp/1-2"))?, r#""tcp/1-2""#);
+        Ok(())
+    }
+
+    /// xorshift64: deterministic pseudo-random numbers without a dependency.
+    struct Rng(u64);
+
+    impl Rng {
+        fn below(&mut self, n: usize) -> usize {
+            self.0 ^= self.0 << 13;
+            self.0 ^= self.0 >> 7;
+            self.0 ^= self.0 << 17;
+            usize::try_from(self.0 % n.max(1) as u64).unwrap_or(0)
+        }
+
+        fn pick<'a>(&mut self, items: &[&'a str]) -> &'a str {
+            items.get(self.below(items.len())).copied().unwrap_or("")
+        }
+
+        /// From `good`, or one time in 30 from `bad`.
+        fn mostly<'a>(&mut self, good: &[&'a str], bad: &[&'a str]) -> &'a str {
+            if self.below(30) == 0 {
+                self.pick(bad)
+            } else {
+                self.pick(good)
+            }
+        }
+    }
+
+    /// A random policy file: well-formed TOML with random specs and
+    /// sources, or, now and then, a soup of TOML-ish tokens.
+    fn random_file(rng: &mut Rng) -> String {
+        const TOKENS: &[&str] = &[
+            "allow",
+            "mode",
+            "from",
+            "port",
+            " = ",
+            "[",
+            "]",
+            "{",
+            "}",
+            ",",
+            "\n",
+            "\"tcp/22\"",
+            "\"10.0.0.0/8\"",
+            "[[allow]]\n",
+            "#",
+            "\"",
+            "é",
+            "22",
+        ];
+        // Mostly valid values, so that the checks after parsing run too.
+        const PROTOS: &[&str] = &["tcp", "udp"];
+        const BAD_PROTOS: &[&str] = &["sctp", "TCP", ""];
+        const PORTS: &[&str] = &[
+            "1", "7", "22", "53", "80", "443", "1000", "5432", "8000", "8080", "9000", "65535",
+        ];
+        const BAD_PORTS: &[&str] = &["0", "70000", "x", ""];
+        const SOURCES: &[&str] = &[
+            "10.0.0.0/8",
+            "10.1.0.0/16",
+            "192.0.2.1",
+            "0.0.0.0/0",
+            "fd00::/8",
+            "::1",
+        ];
+        const BAD_SOURCES: &[&str] = &["10.0.0.1/8", "10.0.0.0/33", "nope", "fd00::/129"];
+        if rng.below(10) == 0 {
+            let mut text = String::new();
+            for _ in 0..rng.below(40) {
+                text.push_str(rng.pick(TOKENS));
+            }
+            return text;
+        }
+        let mut text = String::new();
+        if rng.below(2) == 0 {
+            text.push_str(rng.pick(&[
+                "mode = \"audit\"\n",
+                "mode = \"enforce\"\n",
+                "mode = \"x\"\n",
+            ]));
+        }
+        if rng.below(2) == 0 {
+            text.push_str(rng.pick(&[
+                "interfaces = [\"eth0\"]\n",
+                "interfaces = [\"eth0\", \"lo\"]\n",
+                "interfaces = [\"\"]\n",
+            ]));
+        }
+        text.push_str("allow = [\n");
+        for _ in 0..rng.below(8) {
+            let mut spec = format!(
+                "{}/{}",
+                rng.mostly(PROTOS, BAD_PROTOS),
+                rng.mostly(PORTS, BAD_PORTS)
+            );
+            if rng.below(3) == 0 {
+                spec = format!("{spec}-{}", rng.mostly(PORTS, BAD_PORTS));
+            }
+            if rng.below(3) == 0 {
+                let from: Vec<String> = (0..rng.below(3))
+                    .map(|_| format!("\"{}\"", rng.mostly(SOURCES, BAD_SOURCES)))
+                    .collect();
+                text.push_str(&format!(
+                    "  {{ port = \"{spec}\", from = [{}] }},\n",
+                    from.join(", ")
+                ));
+            } else {
+                text.push_str(&format!("  \"{spec}\",\n"));
+            }
+        }
+        text.push_str("]\n");
+        text
+    }
+
+    /// Parsing returns whatever the input; what parses survives `to_toml`
+    /// and keeps one rule per port; errors with a line point into the file.
+    #[test]
+    fn arbitrary_files() {
+        let mut rng = Rng(0x2545_f491_4f6c_dd1d);
+        let (mut parsed, mut with_rules) = (0, 0);
+        for _ in 0..5_000 {
+            let text = random_file(&mut rng);
+            match Policy::parse(&text) {
+                Ok(p) => {
+                    parsed += 1;
+                    with_rules += usize::from(!p.rules.is_empty());
+                    for (i, a) in p.rules.iter().enumerate() {
+                        for b in &p.rules[..i] {
+                            assert!(!a.ports.overlaps(&b.ports), "{text:?}");
+                        }
+                    }
+                    let again = Policy::parse(&p.to_toml()).map(|q| without_lines(&q));
+                    assert_eq!(again.ok(), Some(without_lines(&p)), "{text:?}");
+                }
+                Err(e) => {
+                    let _ = e.to_string();
+                    if let Some(line) = e.line() {
+                        assert!(
+                            line >= 1 && line <= text.lines().count() + 1,
+                            "{text:?}: {e}"
+                        );
+                    }
+                }
+            }
+        }
+        // The generator must reach the checks after parsing, not only fail.
+        assert!(
+            parsed > 500 && with_rules > 300,
+            "{parsed} parsed, {with_rules} with rules"
+        );
+    }
+}
