@@ -19,6 +19,20 @@ use crate::{
     sys,
 };
 
+/// A program of the object by name, as its concrete type.
+pub(crate) fn program<'a, T>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut T>
+where
+    &'a mut T: TryFrom<&'a mut aya::programs::Program, Error = aya::programs::ProgramError>,
+{
+    ebpf.program_mut(name)
+        .ok_or(Error::Missing {
+            kind: "program",
+            name,
+        })?
+        .try_into()
+        .map_err(program_error(format!("the program `{name}`"), ""))
+}
+
 /// The kernel object built by build.rs from portwatch-ebpf.
 pub(crate) static PROGRAMS: &[u8] =
     aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/portwatch"));
@@ -61,15 +75,7 @@ impl Datapath {
 
     /// Attaches the TCP tracepoint and the UDP cgroup hooks.
     pub fn attach_monitor(&mut self) -> Result<()> {
-        let tp: &mut TracePoint = self
-            .ebpf
-            .program_mut("inet_sock_set_state")
-            .ok_or(Error::Missing {
-                kind: "program",
-                name: "inet_sock_set_state",
-            })?
-            .try_into()
-            .map_err(program_error("inet_sock_set_state".into(), ""))?;
+        let tp: &mut TracePoint = program(&mut self.ebpf, "inet_sock_set_state")?;
         let tp_hint =
             "TCP listeners are seen through this tracepoint (Linux 4.16+, CONFIG_TRACEPOINTS)";
         tp.load().map_err(program_error(
@@ -90,15 +96,7 @@ impl Datapath {
                 path: root.clone(),
                 source,
             })?;
-            let prog: &mut CgroupSock = self
-                .ebpf
-                .program_mut(name)
-                .ok_or(Error::Missing {
-                    kind: "program",
-                    name,
-                })?
-                .try_into()
-                .map_err(program_error(name.into(), ""))?;
+            let prog: &mut CgroupSock = program(&mut self.ebpf, name)?;
             prog.load()
                 .map_err(program_error(format!("loading cgroup/{name}"), cg_hint))?;
             // aya attaches through bpf_link (Linux 5.7+), which takes no flags and

@@ -3,7 +3,10 @@
 
 use aya::programs::{SchedClassifier, TcAttachType, Xdp, XdpMode, tc};
 
-use crate::error::{Error, Result, program_error};
+use crate::{
+    error::{Error, Result, program_error},
+    loader::program,
+};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum XdpModeArg {
@@ -33,14 +36,7 @@ pub fn ifindex(iface: &str) -> Result<u32> {
 pub fn attach(ebpf: &mut aya::Ebpf, iface: &str, mode: XdpModeArg) -> Result<Attached> {
     let ifindex = ifindex(iface)?;
 
-    let tc_prog: &mut SchedClassifier = ebpf
-        .program_mut("tc_egress")
-        .ok_or(Error::Missing {
-            kind: "program",
-            name: "tc_egress",
-        })?
-        .try_into()
-        .map_err(program_error("tc_egress".into(), ""))?;
+    let tc_prog: &mut SchedClassifier = program(ebpf, "tc_egress")?;
     let tc_hint = "the guard records the host's own UDP flows with a tc egress program (CONFIG_NET_CLS_BPF, Linux 6.6+ for tcx or a clsact qdisc)";
     if tc_prog.fd().is_err() {
         tc_prog
@@ -63,14 +59,7 @@ pub fn attach(ebpf: &mut aya::Ebpf, iface: &str, mode: XdpModeArg) -> Result<Att
             ))?;
     }
 
-    let xdp: &mut Xdp = ebpf
-        .program_mut("xdp_guard")
-        .ok_or(Error::Missing {
-            kind: "program",
-            name: "xdp_guard",
-        })?
-        .try_into()
-        .map_err(program_error("xdp_guard".into(), ""))?;
+    let xdp: &mut Xdp = program(ebpf, "xdp_guard")?;
     let xdp_hint = "the guard filters inbound packets with XDP (Linux 5.9+ for XDP links)";
     if xdp.fd().is_err() {
         xdp.load()

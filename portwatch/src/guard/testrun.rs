@@ -12,7 +12,7 @@ use portwatch_common::GUARD_AUDIT;
 use crate::{
     compile::compile,
     error::Error,
-    loader::PROGRAMS,
+    loader::{PROGRAMS, program},
     maps::{GuardMaps, MapImage},
     policy::{Mode, Policy},
     sys,
@@ -34,13 +34,7 @@ impl XdpTester {
         sys::check_privileges()?;
         let mut ebpf = EbpfLoader::new().load(PROGRAMS).map_err(Error::from)?;
         let maps = GuardMaps::open(&mut ebpf)?;
-        let xdp: &mut Xdp = ebpf
-            .program_mut("xdp_guard")
-            .ok_or(Error::Missing {
-                kind: "program",
-                name: "xdp_guard",
-            })?
-            .try_into()?;
+        let xdp: &mut Xdp = program(&mut ebpf, "xdp_guard")?;
         xdp.load()?;
         let mut tester = Self {
             ebpf,
@@ -67,14 +61,7 @@ impl XdpTester {
     }
 
     fn program(&mut self) -> anyhow::Result<&mut Xdp> {
-        Ok(self
-            .ebpf
-            .program_mut("xdp_guard")
-            .ok_or(Error::Missing {
-                kind: "program",
-                name: "xdp_guard",
-            })?
-            .try_into()?)
+        Ok(program(&mut self.ebpf, "xdp_guard")?)
     }
 
     /// The verdict (`XDP_PASS`, `XDP_DROP`) for one frame.
