@@ -184,7 +184,7 @@ pub struct FragVerdict {
     /// 0: pass, else the `DropReason`.
     pub reason: u8,
     pub proto: u8,
-    /// Destination port, network byte order.
+    /// Destination port, host byte order.
     pub port: u16,
     pub _pad: u32,
 }

@@ -147,7 +147,8 @@ fn ipv6(pkt: &Pkt, off: usize, m: &mut Meta, cfg: &GuardConfig) -> Verdict {
     m.dst.copy_from_slice(&h[24..40]);
     let mut next = h[6];
     let mut off = off + 40;
-    for _ in 0..MAX_EXT_HEADERS {
+    // One pass per extension header, plus the one that reaches transport.
+    for _ in 0..=MAX_EXT_HEADERS {
         match next {
             NEXTHDR_HOP | NEXTHDR_ROUTING | NEXTHDR_DEST => {
                 let e = pkt.bytes::<2>(off).ok_or(DropReason::Malformed)?;
@@ -185,10 +186,12 @@ fn ipv6(pkt: &Pkt, off: usize, m: &mut Meta, cfg: &GuardConfig) -> Verdict {
     Err(DropReason::Malformed)
 }
 
+/// IPv4 names a datagram by (src, dst, id, protocol) (RFC 791); IPv6 by
+/// (src, dst, id) (RFC 8200), whatever extension headers follow.
 fn frag_key(m: &Meta, id: u32) -> FragKey {
     FragKey {
         family: m.family,
-        proto: m.proto,
+        proto: if m.family == AF_INET6 as u8 { 0 } else { m.proto },
         _pad: 0,
         id,
         src: m.src,
@@ -203,6 +206,8 @@ fn later_fragment(m: &mut Meta, id: u32) -> Verdict {
     };
     // SAFETY: a pointer from a map lookup is valid for reads.
     let first = unsafe { *first };
+    // Count it under the first fragment's transport protocol and port.
+    m.proto = first.proto;
     if first.port != 0 {
         m.dport = first.port;
         m.has_ports = true;
@@ -243,7 +248,9 @@ fn tcp(pkt: &Pkt, off: usize, m: &mut Meta) -> Verdict {
     m.sport = be16(t[0], t[1]);
     m.dport = be16(t[2], t[3]);
     m.has_ports = true;
-    if ((t[12] >> 4) as usize) < 5 {
+    let doff = ((t[12] >> 4) as usize) * 4;
+    // The whole header, options included, must be there.
+    if doff < 20 || !pkt.has(off + doff) {
         return Err(DropReason::Malformed);
     }
     let flags = t[13];

@@ -2,6 +2,8 @@
 //! against the real kernel, with network namespaces and processes that each
 //! test creates and that are removed even when the test panics.
 
+pub mod frames;
+
 use std::{
     io::{BufRead, BufReader},
     path::PathBuf,
@@ -141,8 +143,25 @@ impl Portwatch {
     /// Starts portwatch and waits for its `ready` line.
     pub fn start(args: &[&str]) -> Result<Self> {
         let mut cmd = Command::new(portwatch_bin());
-        cmd.args(args)
-            .arg("--json")
+        cmd.args(args);
+        Self::start_command(cmd)
+    }
+
+    /// Starts portwatch inside `netns` (`ip netns exec NAME portwatch ARGS
+    /// --json`) and waits for its `ready` line. `ip` execs into portwatch,
+    /// so the child's pid is portwatch's and `stop` signals it directly.
+    /// `SSH_CONNECTION` is not passed on: it describes a session of the
+    /// host's namespace, which nothing in `netns` can cut off.
+    pub fn start_in(netns: &Netns, args: &[&str]) -> Result<Self> {
+        let mut cmd = netns.command(&portwatch_bin().to_string_lossy());
+        cmd.args(args).env_remove("SSH_CONNECTION");
+        Self::start_command(cmd)
+    }
+
+    /// Runs `cmd` (portwatch and its arguments, possibly behind a wrapper
+    /// that execs it) with `--json` appended, and waits for `ready`.
+    pub fn start_command(mut cmd: Command) -> Result<Self> {
+        cmd.arg("--json")
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
