@@ -57,7 +57,8 @@ pub enum Error {
         source: aya::maps::MapError,
     },
 
-    #[error("{what}: {source}")]
+    // The cause is printed by the error chain (`{:#}`), not repeated here.
+    #[error("{what}")]
     Io {
         what: String,
         #[source]
