@@ -191,7 +191,11 @@ fn ipv6(pkt: &Pkt, off: usize, m: &mut Meta, cfg: &GuardConfig) -> Verdict {
 fn frag_key(m: &Meta, id: u32) -> FragKey {
     FragKey {
         family: m.family,
-        proto: if m.family == AF_INET6 as u8 { 0 } else { m.proto },
+        proto: if m.family == AF_INET6 as u8 {
+            0
+        } else {
+            m.proto
+        },
         _pad: 0,
         id,
         src: m.src,

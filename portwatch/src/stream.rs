@@ -103,10 +103,21 @@ impl Stream {
 
     /// Reports the listeners that exist now.
     pub async fn take_snapshot(&mut self) -> anyhow::Result<()> {
+        let found = Self::collect_snapshot().await?;
+        self.emit_snapshot(found)
+    }
+
+    /// The listeners that exist now, not yet reported.
+    pub async fn collect_snapshot() -> anyhow::Result<Vec<Listener>> {
         let found = tokio::task::spawn_blocking(snapshot::snapshot)
             .await
             .context("the snapshot task failed")?
             .context("taking the start-up snapshot of listeners")?;
+        Ok(found)
+    }
+
+    /// Reports listeners found by `collect_snapshot`.
+    pub fn emit_snapshot(&mut self, found: Vec<Listener>) -> anyhow::Result<()> {
         self.snapshot_ns = monotonic_ns();
         let ts = SystemTime::now();
         for listener in found {

@@ -3,6 +3,7 @@
 //! test creates and that are removed even when the test panics.
 
 pub mod frames;
+pub mod net;
 
 use std::{
     io::{BufRead, BufReader},

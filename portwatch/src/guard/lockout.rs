@@ -19,7 +19,12 @@ pub fn problems<'a>(
     established: &[(IpAddr, u16, IpAddr)],
 ) -> Vec<String> {
     let mut out = Vec::new();
-    if let Some((client, port)) = ssh_connection.and_then(parse_ssh_connection)
+    // The session counts only if it ends in this network namespace: a guard
+    // started with `ip netns exec` does not stand between the operator and sshd.
+    if let Some((client, server, port)) = ssh_connection.and_then(parse_ssh_connection)
+        && established
+            .iter()
+            .any(|(local, lport, remote)| *local == server && *lport == port && *remote == client)
         && !policy.permits(Proto::Tcp, port, client)
     {
         out.push(format!(
@@ -45,13 +50,18 @@ pub fn problems<'a>(
     out
 }
 
-/// `SSH_CONNECTION` = "client_ip client_port server_ip server_port".
-pub fn parse_ssh_connection(value: &str) -> Option<(IpAddr, u16)> {
+/// `SSH_CONNECTION` = "client_ip client_port server_ip server_port" ->
+/// (client, server, server port).
+pub fn parse_ssh_connection(value: &str) -> Option<(IpAddr, IpAddr, u16)> {
     let fields: Vec<&str> = value.split_whitespace().collect();
     if fields.len() != 4 {
         return None;
     }
-    Some((fields[0].parse().ok()?, fields[3].parse().ok()?))
+    Some((
+        fields[0].parse().ok()?,
+        fields[2].parse().ok()?,
+        fields[3].parse().ok()?,
+    ))
 }
 
 /// Established TCP connections of this network namespace: (local address,
@@ -121,29 +131,24 @@ mod tests {
 
     #[test]
     fn ssh_session_not_permitted_is_a_problem() -> Result<(), Box<dyn std::error::Error>> {
+        let ssh = Some("198.51.100.4 50000 192.0.2.1 22");
+        let session = [(
+            IpAddr::V4(Ipv4Addr::new(192, 0, 2, 1)),
+            22,
+            IpAddr::V4(Ipv4Addr::new(198, 51, 100, 4)),
+        )];
         let policy = Policy::parse("allow = [\"tcp/80\"]")?;
-        let found = problems(
-            &policy,
-            std::iter::empty(),
-            Some("198.51.100.4 50000 192.0.2.1 22"),
-            &[],
-        );
+        let found = problems(&policy, std::iter::empty(), ssh, &session);
         assert_eq!(found.len(), 1);
         assert!(
             found[0].contains("port 22") && found[0].contains("198.51.100.4"),
             "{found:?}"
         );
+        // The same session in another namespace is not this guard's business.
+        assert!(problems(&policy, std::iter::empty(), ssh, &[]).is_empty());
         let policy =
             Policy::parse("allow = [{ port = \"tcp/22\", from = [\"198.51.100.0/24\"] }]")?;
-        assert!(
-            problems(
-                &policy,
-                std::iter::empty(),
-                Some("198.51.100.4 50000 192.0.2.1 22"),
-                &[]
-            )
-            .is_empty()
-        );
+        assert!(problems(&policy, std::iter::empty(), ssh, &session).is_empty());
         Ok(())
     }
 

@@ -113,16 +113,11 @@ pub async fn run(args: GuardArgs) -> anyhow::Result<Summary> {
         ifnames: HashMap::new(),
         netns: procinfo::netns_of(std::process::id()),
     });
-    stream.take_snapshot().await?;
-
-    // Lockout protection, with the listeners the snapshot found.
+    // Lockout protection, with the listeners that exist now, before anything
+    // is reported: a refusal leaves no partial stream behind.
+    let found = Stream::collect_snapshot().await?;
     let own_netns = procinfo::netns_of(std::process::id());
-    let local = || {
-        stream
-            .listeners
-            .iter()
-            .filter(move |l| l.netns == own_netns)
-    };
+    let local = || found.iter().filter(move |l| l.netns == own_netns);
     for l in local() {
         if exposure_of(&policy, l) == Exposure::Blocked && !l.addr.is_loopback() {
             log::warn!(
@@ -155,6 +150,7 @@ pub async fn run(args: GuardArgs) -> anyhow::Result<Summary> {
             );
         }
     }
+    stream.emit_snapshot(found)?;
 
     let feed = stream
         .guard

@@ -1,0 +1,796 @@
+//! `portwatch guard` against the real kernel: a server and a client network
+//! namespace joined by a veth pair, the guard's XDP program on the server's
+//! end, real servers and real clients (socat, curl, ping, nmap).
+
+use std::{collections::BTreeMap, net::IpAddr, process::Command, time::Duration};
+
+use anyhow::Context as _;
+use portwatch_tests::{
+    ChildGuard, Netns, Portwatch, Result,
+    net::{
+        CONNECT_TIMEOUT, Connect, Lab, TempFile, http_server, run_bounded, tcp_probe,
+        tcp_reachable, tcp_server, udp_echo, udp_server,
+    },
+    portwatch_bin, run,
+};
+use serde_json::Value;
+
+const WAIT: Duration = Duration::from_secs(10);
+
+/// `portwatch guard --iface SERVER_IF --policy FILE EXTRA... --json`, in
+/// the server namespace.
+fn start_guard(lab: &Lab, policy: &TempFile, extra: &[&str]) -> Result<Portwatch> {
+    let mut args = vec![
+        "guard",
+        "--iface",
+        &lab.server_if,
+        "--policy",
+        policy.as_str()?,
+    ];
+    args.extend_from_slice(extra);
+    Portwatch::start_in(&lab.server, &args)
+}
+
+/// The snapshot's listener line for `proto/port` in `ns`.
+fn snapshot_line<'a>(pw: &'a Portwatch, ns: &Netns, proto: &str, port: u16) -> Result<&'a Value> {
+    let inode = ns.inode()?;
+    pw.seen
+        .iter()
+        .find(|v| {
+            v["event"] == "listen"
+                && v["origin"] == "snapshot"
+                && v["netns"] == inode
+                && v["proto"] == proto
+                && v["port"] == port
+        })
+        .with_context(|| {
+            format!(
+                "no snapshot line for {proto}/{port} in netns {inode}; seen: {:#?}",
+                pw.seen
+            )
+        })
+}
+
+/// Waits for the drop report of a packet from `src` to `dst_port`.
+fn wait_drop(pw: &mut Portwatch, proto: &str, src: IpAddr, dst_port: u16) -> Result<Value> {
+    let src = src.to_string();
+    pw.wait_for(WAIT, |v| {
+        v["event"] == "drop" && v["proto"] == proto && v["src"] == *src && v["dst_port"] == dst_port
+    })
+    .with_context(|| format!("no drop line for {proto} from {src} to port {dst_port}"))
+}
+
+fn summary(pw: &Portwatch) -> Result<&Value> {
+    let last = pw.seen.last().context("no lines at all")?;
+    anyhow::ensure!(
+        last["event"] == "summary",
+        "the last line is not the summary: {last}"
+    );
+    Ok(last)
+}
+
+/// Whether a TCP connect was dropped, not refused: socat says it timed out,
+/// and it took the whole connect timeout.
+fn assert_silently_dropped(probe: &portwatch_tests::net::TcpProbe, what: &str) {
+    assert_eq!(probe.result, Connect::TimedOut, "{what}: {probe:?}");
+    assert!(
+        probe.elapsed >= CONNECT_TIMEOUT - Duration::from_millis(100),
+        "{what}: gave up after {:?}, before the connect timeout: {probe:?}",
+        probe.elapsed
+    );
+}
+
+#[test]
+fn permitted_tcp_port_is_reachable_and_others_time_out_on_ipv4_and_ipv6() -> Result {
+    let lab = Lab::new()?;
+    let _permitted = tcp_server(&lab.server, 8080)?;
+    let _blocked = tcp_server(&lab.server, 8081)?;
+    // tcp/8082 is permitted and nothing listens there: the kernel's RST
+    // must come back, which tells a refusal from a drop.
+    let policy = TempFile::new("pol", "allow = [\"tcp/8080\", \"tcp/8082\"]\n")?;
+    let mut pw = start_guard(&lab, &policy, &[])?;
+
+    let exposed = snapshot_line(&pw, &lab.server, "tcp", 8080)?;
+    assert_eq!(exposed["exposure"], "exposed", "{exposed}");
+    let blocked = snapshot_line(&pw, &lab.server, "tcp", 8081)?;
+    assert_eq!(blocked["exposure"], "blocked", "{blocked}");
+
+    for (client, server) in [
+        (lab.client_v4(), lab.server_v4()),
+        (lab.client_v6(), lab.server_v6()),
+    ] {
+        let ok = tcp_probe(&lab.client, server, 8080, None)?;
+        assert_eq!(ok.result, Connect::Answered, "{server} tcp/8080: {ok:?}");
+
+        let refused = tcp_probe(&lab.client, server, 8082, None)?;
+        assert_eq!(
+            refused.result,
+            Connect::Refused,
+            "{server} tcp/8082: {refused:?}"
+        );
+        assert!(refused.elapsed < CONNECT_TIMEOUT, "{refused:?}");
+
+        let denied = tcp_probe(&lab.client, server, 8081, None)?;
+        assert_silently_dropped(&denied, &format!("{server} tcp/8081"));
+
+        let drop = wait_drop(&mut pw, "tcp", client, 8081)?;
+        assert_eq!(drop["reason"], "no_rule", "{drop}");
+        assert_eq!(drop["dst"], server.to_string(), "{drop}");
+        assert_eq!(drop["iface"], lab.server_if.as_str(), "{drop}");
+        assert_eq!(drop["audit"], false, "{drop}");
+        assert!(
+            drop["src_port"].as_u64().is_some_and(|p| p >= 1024),
+            "the client's ephemeral port: {drop}"
+        );
+    }
+    let status = pw.stop()?;
+    assert!(status.success(), "{status}");
+    let wrongly_dropped: Vec<&Value> = pw
+        .seen
+        .iter()
+        .filter(|v| v["event"] == "drop" && v["dst_port"] != 8081)
+        .collect();
+    assert!(wrongly_dropped.is_empty(), "{wrongly_dropped:#?}");
+    Ok(())
+}
+
+#[test]
+fn permitted_udp_port_answers_and_others_get_nothing_on_ipv4_and_ipv6() -> Result {
+    let lab = Lab::new()?;
+    let _permitted = udp_server(&lab.server, 5300)?;
+    let _blocked = udp_server(&lab.server, 5301)?;
+    let policy = TempFile::new("pol", "allow = [\"udp/5300\"]\n")?;
+    let mut pw = start_guard(&lab, &policy, &[])?;
+
+    let exposed = snapshot_line(&pw, &lab.server, "udp", 5300)?;
+    assert_eq!(exposed["exposure"], "exposed", "{exposed}");
+    let blocked = snapshot_line(&pw, &lab.server, "udp", 5301)?;
+    assert_eq!(blocked["exposure"], "blocked", "{blocked}");
+
+    for (client, server) in [
+        (lab.client_v4(), lab.server_v4()),
+        (lab.client_v6(), lab.server_v6()),
+    ] {
+        assert!(
+            udp_echo(&lab.client, server, 5300)?,
+            "no answer from {server} udp/5300"
+        );
+        assert!(
+            !udp_echo(&lab.client, server, 5301)?,
+            "{server} udp/5301 answered through the guard"
+        );
+        let drop = wait_drop(&mut pw, "udp", client, 5301)?;
+        assert_eq!(drop["reason"], "no_rule", "{drop}");
+        assert_eq!(drop["dst"], server.to_string(), "{drop}");
+        assert_eq!(drop["iface"], lab.server_if.as_str(), "{drop}");
+    }
+    let status = pw.stop()?;
+    assert!(status.success(), "{status}");
+    Ok(())
+}
+
+#[test]
+fn cidr_rule_admits_its_source_and_drops_other_sources_of_the_same_port() -> Result {
+    let lab = Lab::new()?;
+    let _server = tcp_server(&lab.server, 8080)?;
+    let policy = TempFile::new(
+        "pol",
+        &format!(
+            "allow = [\n  {{ port = \"tcp/8080\", from = [\"{}/32\"] }},\n]\n",
+            lab.client_v4()
+        ),
+    )?;
+    let mut pw = start_guard(&lab, &policy, &[])?;
+    let line = snapshot_line(&pw, &lab.server, "tcp", 8080)?;
+    assert_eq!(line["exposure"], "partial", "{line}");
+
+    let ok = tcp_probe(&lab.client, lab.server_v4(), 8080, None)?;
+    assert_eq!(
+        ok.result,
+        Connect::Answered,
+        "from the permitted source: {ok:?}"
+    );
+
+    // The same client, from an address outside the rule's CIDR.
+    let other = lab.add_client_v4(3)?;
+    let denied = tcp_probe(&lab.client, lab.server_v4(), 8080, Some(other))?;
+    assert_silently_dropped(&denied, &format!("from {other}"));
+    let drop = wait_drop(&mut pw, "tcp", other, 8080)?;
+    assert_eq!(drop["reason"], "source_not_allowed", "{drop}");
+    assert_eq!(drop["dst"], lab.server_v4().to_string(), "{drop}");
+
+    // The rule names an IPv4 host only: the client's IPv6 address is another source.
+    let denied = tcp_probe(&lab.client, lab.server_v6(), 8080, None)?;
+    assert_silently_dropped(&denied, "from the client's IPv6 address");
+    let drop = wait_drop(&mut pw, "tcp", lab.client_v6(), 8080)?;
+    assert_eq!(drop["reason"], "source_not_allowed", "{drop}");
+
+    // And the permitted source still gets through afterwards.
+    assert!(tcp_reachable(&lab.client, lab.server_v4(), 8080)?);
+    let status = pw.stop()?;
+    assert!(status.success(), "{status}");
+    let from_permitted: Vec<&Value> = pw
+        .seen
+        .iter()
+        .filter(|v| v["event"] == "drop" && v["src"] == lab.client_v4().to_string())
+        .collect();
+    assert!(from_permitted.is_empty(), "{from_permitted:#?}");
+    Ok(())
+}
+
+#[test]
+fn host_outbound_tcp_and_udp_replies_pass_under_default_deny_but_unsolicited_udp_does_not() -> Result
+{
+    let lab = Lab::new()?;
+    // Servers on the client side, for the guarded host to talk to.
+    let _remote_tcp = tcp_server(&lab.client, 9000)?;
+    let _remote_dns = udp_server(&lab.client, 5353)?;
+    // A server on the guarded host that nothing permits.
+    let _local_udp = udp_server(&lab.server, 5400)?;
+    let policy = TempFile::new("pol", "allow = []\n")?;
+    let mut pw = start_guard(&lab, &policy, &[])?;
+
+    for (client, server) in [
+        (lab.client_v4(), lab.server_v4()),
+        (lab.client_v6(), lab.server_v6()),
+    ] {
+        // The SYN-ACK (and the data after it) come back in.
+        let out = tcp_probe(&lab.server, client, 9000, None)?;
+        assert_eq!(
+            out.result,
+            Connect::Answered,
+            "host -> {client} tcp/9000: {out:?}"
+        );
+        // The reply to the host's own UDP request is admitted by the flow
+        // that tc egress recorded.
+        assert!(
+            udp_echo(&lab.server, client, 5353)?,
+            "no reply from {client} udp/5353 to the guarded host"
+        );
+        // Unsolicited UDP to the host is not.
+        assert!(
+            !udp_echo(&lab.client, server, 5400)?,
+            "{server} udp/5400 answered an unsolicited datagram"
+        );
+        let drop = wait_drop(&mut pw, "udp", client, 5400)?;
+        assert_eq!(drop["reason"], "no_rule", "{drop}");
+    }
+    let status = pw.stop()?;
+    assert!(status.success(), "{status}");
+    // Nothing the host asked for was dropped.
+    let wrong: Vec<&Value> = pw
+        .seen
+        .iter()
+        .filter(|v| v["event"] == "drop" && v["dst_port"] != 5400)
+        .collect();
+    assert!(
+        wrong.is_empty(),
+        "replies to the host were dropped: {wrong:#?}"
+    );
+    Ok(())
+}
+
+fn neighbours(ns: &Netns) -> Result<String> {
+    run("ip", &["-n", &ns.name, "neigh", "show"])
+}
+
+#[test]
+fn ping_and_ipv6_neighbour_discovery_work_under_default_deny() -> Result {
+    let lab = Lab::new()?;
+    let _tcp = tcp_server(&lab.server, 8080)?;
+    let policy = TempFile::new("pol", "allow = []\n")?;
+    let mut pw = start_guard(&lab, &policy, &[])?;
+
+    for ns in [&lab.server, &lab.client] {
+        run("ip", &["-n", &ns.name, "neigh", "flush", "all"])?;
+        let left = neighbours(ns)?;
+        assert!(
+            !left.contains("lladdr"),
+            "{}: neighbours left after the flush:\n{left}",
+            ns.name
+        );
+    }
+    for (flag, server) in [("-4", lab.server_v4()), ("-6", lab.server_v6())] {
+        let mut cmd = lab.client.command("ping");
+        cmd.args([flag, "-c2", "-i0.2", "-W2", &server.to_string()]);
+        let out = run_bounded(&mut cmd, None, Duration::from_secs(10), None)?;
+        assert!(out.success(), "ping {flag} {server}: {out:?}");
+        assert!(out.stdout.contains("2 received"), "{out:?}");
+    }
+    // Both sides resolved each other through the guard: ARP and ND
+    // (solicitation in, advertisement out and the other way round).
+    let server_neigh = neighbours(&lab.server)?;
+    for client in [lab.client_v4(), lab.client_v6()] {
+        assert!(
+            server_neigh
+                .lines()
+                .any(|l| l.starts_with(&format!("{client} ")) && l.contains("lladdr")),
+            "the server has no neighbour entry for {client}:\n{server_neigh}"
+        );
+    }
+    // The guard does enforce meanwhile.
+    let denied = tcp_probe(&lab.client, lab.server_v4(), 8080, None)?;
+    assert_silently_dropped(&denied, "tcp/8080 under default deny");
+    wait_drop(&mut pw, "tcp", lab.client_v4(), 8080)?;
+
+    let status = pw.stop()?;
+    assert!(status.success(), "{status}");
+    let icmp: Vec<&Value> = pw
+        .seen
+        .iter()
+        .filter(|v| v["event"] == "drop" && v["proto"] != "tcp")
+        .collect();
+    assert!(icmp.is_empty(), "{icmp:#?}");
+    Ok(())
+}
+
+#[test]
+fn audit_mode_passes_everything_and_reports_what_it_would_drop() -> Result {
+    let lab = Lab::new()?;
+    let fixtures = concat!(env!("CARGO_MANIFEST_DIR"), "/fixtures");
+    let _http = http_server(&lab.server, 8000, fixtures)?;
+    let _tcp = tcp_server(&lab.server, 8081)?;
+    let policy = TempFile::new("pol", "allow = []\n")?;
+    let mut pw = start_guard(&lab, &policy, &["--mode", "audit"])?;
+
+    for (client, server) in [
+        (lab.client_v4(), lab.server_v4()),
+        (lab.client_v6(), lab.server_v6()),
+    ] {
+        let code = portwatch_tests::net::http_status(&lab.client, server, 8000, "/listeners.py")?;
+        assert_eq!(code, Some(200), "curl http://{server}:8000/listeners.py");
+        let drop = wait_drop(&mut pw, "tcp", client, 8000)?;
+        assert_eq!(drop["audit"], true, "{drop}");
+        assert_eq!(drop["reason"], "no_rule", "{drop}");
+
+        let probe = tcp_probe(&lab.client, server, 8081, None)?;
+        assert_eq!(
+            probe.result,
+            Connect::Answered,
+            "{server} tcp/8081: {probe:?}"
+        );
+        let drop = wait_drop(&mut pw, "tcp", client, 8081)?;
+        assert_eq!(drop["audit"], true, "{drop}");
+    }
+    let status = pw.stop()?;
+    assert!(status.success(), "{status}");
+    let summary = summary(&pw)?;
+    let drops = summary["drops"].as_u64().context("summary.drops")?;
+    assert!(
+        drops >= 4,
+        "four connections would have been dropped: {summary}"
+    );
+    let enforced: Vec<&Value> = pw
+        .seen
+        .iter()
+        .filter(|v| v["event"] == "drop" && v["audit"] != true)
+        .collect();
+    assert!(enforced.is_empty(), "{enforced:#?}");
+    Ok(())
+}
+
+/// (protocol, port) -> state, from nmap's XML.
+fn nmap_states(xml: &str) -> BTreeMap<(String, u16), String> {
+    let attr = |s: &str, name: &str| -> Option<String> {
+        let start = s.find(&format!("{name}=\""))? + name.len() + 2;
+        let len = s[start..].find('"')?;
+        Some(s[start..start + len].to_owned())
+    };
+    let mut out = BTreeMap::new();
+    for chunk in xml.split("<port ").skip(1) {
+        let Some(head) = chunk.split('>').next() else {
+            continue;
+        };
+        let Some(state) = chunk.find("<state ").map(|i| &chunk[i..]) else {
+            continue;
+        };
+        if let (Some(proto), Some(port), Some(state)) = (
+            attr(head, "protocol"),
+            attr(head, "portid").and_then(|p| p.parse().ok()),
+            attr(state, "state"),
+        ) {
+            out.insert((proto, port), state);
+        }
+    }
+    out
+}
+
+fn nmap(lab: &Lab, args: &[&str], target: IpAddr) -> Result<BTreeMap<(String, u16), String>> {
+    let mut cmd = lab.client.command("nmap");
+    cmd.args(args)
+        .args([
+            "-n",
+            "-Pn",
+            "--max-retries",
+            "1",
+            "--host-timeout",
+            "30s",
+            "-oX",
+            "-",
+        ])
+        .arg(target.to_string());
+    let out = run_bounded(&mut cmd, None, Duration::from_secs(60), None)?;
+    anyhow::ensure!(out.success(), "nmap {args:?} {target}: {out:?}");
+    let states = nmap_states(&out.stdout);
+    anyhow::ensure!(
+        !states.is_empty(),
+        "no ports in nmap's XML:\n{}",
+        out.stdout
+    );
+    Ok(states)
+}
+
+#[test]
+fn nmap_sees_only_permitted_listeners_open_and_the_rest_filtered() -> Result {
+    let lab = Lab::new()?;
+    let _tcp_ok = tcp_server(&lab.server, 8080)?;
+    let _tcp_blocked = tcp_server(&lab.server, 8081)?;
+    let _udp_ok = udp_server(&lab.server, 5300)?;
+    let _udp_blocked = udp_server(&lab.server, 5301)?;
+    // tcp/8082 and udp/5302 are permitted, and nothing listens there.
+    let policy = TempFile::new(
+        "pol",
+        "allow = [\"tcp/8080\", \"tcp/8082\", \"udp/5300\", \"udp/5302\"]\n",
+    )?;
+    let mut pw = start_guard(&lab, &policy, &[])?;
+
+    let key = |p: &str, n: u16| (p.to_owned(), n);
+    let mut states = nmap(&lab, &["-sS", "-p", "8080,8081,8082"], lab.server_v4())?;
+    states.extend(nmap(
+        &lab,
+        &["-sU", "--data-length", "4", "-p", "5300,5301,5302"],
+        lab.server_v4(),
+    )?);
+    let want: BTreeMap<(String, u16), String> = [
+        (key("tcp", 8080), "open"),
+        (key("tcp", 8081), "filtered"),
+        (key("tcp", 8082), "closed"),
+        (key("udp", 5300), "open"),
+        (key("udp", 5301), "open|filtered"),
+        (key("udp", 5302), "closed"),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k, v.to_owned()))
+    .collect();
+    assert_eq!(states, want, "nmap over IPv4");
+
+    let v6 = nmap(
+        &lab,
+        &["-6", "-sS", "-p", "8080,8081,8082"],
+        lab.server_v6(),
+    )?;
+    let want_v6: BTreeMap<(String, u16), String> = want
+        .iter()
+        .filter(|((p, _), _)| p == "tcp")
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    assert_eq!(v6, want_v6, "nmap over IPv6");
+
+    // The scans of the blocked ports were reported.
+    wait_drop(&mut pw, "tcp", lab.client_v4(), 8081)?;
+    wait_drop(&mut pw, "udp", lab.client_v4(), 5301)?;
+    wait_drop(&mut pw, "tcp", lab.client_v6(), 8081)?;
+    let status = pw.stop()?;
+    assert!(status.success(), "{status}");
+    Ok(())
+}
+
+/// `portwatch ARGS` in the foreground, bounded: fails fast or is killed.
+fn portwatch(ns: Option<&Netns>, args: &[&str]) -> Result<portwatch_tests::net::Outcome> {
+    let bin = portwatch_bin();
+    let mut cmd = match ns {
+        Some(ns) => ns.command(bin.to_str().context("binary path is not UTF-8")?),
+        None => Command::new(&bin),
+    };
+    cmd.args(args).env_remove("SSH_CONNECTION");
+    run_bounded(&mut cmd, None, Duration::from_secs(20), None)
+}
+
+#[test]
+fn invalid_policies_and_allow_specs_are_refused_with_line_and_reason() -> Result {
+    let cases: &[(&str, &str)] = &[
+        (
+            "allow = [\n  \"tcp/22\",\n  \"sctp/9\",\n]\n",
+            r#"line 3: "sctp/9": unknown protocol "sctp" (expected tcp or udp)"#,
+        ),
+        (
+            "mode = \"enforce\"\nallow = [\"tcp/0\"]\n",
+            r#"line 2: "tcp/0": port 0 is not a valid port (1-65535)"#,
+        ),
+        (
+            "allow = [\n  \"udp/53\",\n  \"tcp/9000-8000\",\n]\n",
+            r#"line 3: "tcp/9000-8000": range is reversed (did you mean tcp/8000-9000?)"#,
+        ),
+        (
+            "allow = [\n  { port = \"tcp/22\", from = [\"10.0.0.0/33\"] },\n]\n",
+            r#"line 2: "10.0.0.0/33" is not an address or CIDR: the prefix length "33" is not a number from 0 to 32 (IPv4)"#,
+        ),
+        (
+            "allow = [\n  { port = \"tcp/22\", from = [\"10.0.0.1/8\"] },\n]\n",
+            r#"line 2: "10.0.0.1/8" has host bits set (did you mean 10.0.0.0/8?)"#,
+        ),
+        (
+            "allow = [\n  \"tcp/21\",\n  \"udp/25\",\n  \"tcp/20-30\",\n]\n",
+            "line 4: tcp/20-30 overlaps tcp/21 on line 2; a port can be in only one rule",
+        ),
+        (
+            "mode = \"audit\"\nbogus = 1\n",
+            r#"line 2: unknown key "bogus" in the policy (expected mode, interfaces or allow)"#,
+        ),
+    ];
+    for (text, want) in cases {
+        let file = TempFile::new("bad", text)?;
+        let out = portwatch(None, &["check-policy", file.as_str()?])?;
+        assert!(
+            out.status.is_some_and(|s| !s.success()),
+            "check-policy accepted {text:?}: {out:?}"
+        );
+        let expected = format!("portwatch: error: {}: {want}", file.as_str()?);
+        assert!(
+            out.stderr.contains(&expected),
+            "for {text:?}\nwanted: {expected}\n   got: {}",
+            out.stderr
+        );
+        assert!(!out.stderr.contains("panicked"), "{}", out.stderr);
+    }
+
+    let good = TempFile::new(
+        "good",
+        "mode = \"enforce\"\nallow = [\n  \"tcp/22\",\n  \"udp/53\",\n  { port = \"tcp/5432\", from = [\"10.0.0.0/8\", \"fd00::/8\"] },\n]\n",
+    )?;
+    let out = portwatch(None, &["check-policy", good.as_str()?])?;
+    assert!(out.success(), "{out:?}");
+    assert!(out.stdout.contains("ok: 3 rules"), "{out:?}");
+    assert!(
+        out.stdout
+            .contains("allow tcp/5432 from 10.0.0.0/8, fd00::/8"),
+        "{out:?}"
+    );
+
+    // A bad --allow fails before anything is loaded (in a namespace of its
+    // own all the same, so that a regression cannot touch the host's lo).
+    let ns = Netns::new("a")?;
+    let out = portwatch(Some(&ns), &["guard", "--iface", "lo", "--allow", "tcp/0"])?;
+    assert!(
+        out.status.is_some_and(|s| !s.success()),
+        "guard accepted --allow tcp/0: {out:?}"
+    );
+    assert!(
+        out.stderr.contains("--allow tcp/0") && out.stderr.contains("port 0 is not a valid port"),
+        "{out:?}"
+    );
+    let lo = run("ip", &["-n", &ns.name, "link", "show", "lo"])?;
+    assert!(!lo.contains("xdp"), "{lo}");
+    Ok(())
+}
+
+/// tc filters (clsact, before tcx) on the server's veth, both directions.
+fn tc_filters(lab: &Lab) -> Result<String> {
+    let mut out = String::new();
+    for dir in ["ingress", "egress"] {
+        out += &run(
+            "ip",
+            &[
+                "netns",
+                "exec",
+                &lab.server.name,
+                "tc",
+                "filter",
+                "show",
+                "dev",
+                &lab.server_if,
+                dir,
+            ],
+        )?;
+    }
+    Ok(out)
+}
+
+/// The server veth's ifindex, in its namespace.
+fn server_ifindex(lab: &Lab) -> Result<u64> {
+    let link = lab.server_link()?;
+    link.split(':')
+        .next()
+        .and_then(|n| n.trim().parse().ok())
+        .with_context(|| format!("no ifindex in {link:?}"))
+}
+
+/// The ids of the tcx egress links that process `pid` holds on `ifindex`
+/// (from /proc/PID/fdinfo: bpftool 7.1 cannot show tcx links).
+fn tcx_egress_links(pid: u32, ifindex: u64) -> Result<Vec<u64>> {
+    let mut ids = Vec::new();
+    for entry in std::fs::read_dir(format!("/proc/{pid}/fdinfo"))? {
+        let Ok(info) = std::fs::read_to_string(entry?.path()) else {
+            continue;
+        };
+        let field = |name: &str| {
+            info.lines()
+                .find_map(|l| l.strip_prefix(name))
+                .map(|v| v.trim().to_owned())
+        };
+        if field("link_type:").as_deref() == Some("tcx")
+            && field("ifindex:").and_then(|i| i.parse::<u64>().ok()) == Some(ifindex)
+            && field("attach_type:").is_some_and(|t| t.contains("egress"))
+            && let Some(id) = field("link_id:").and_then(|i| i.parse().ok())
+        {
+            ids.push(id);
+        }
+    }
+    Ok(ids)
+}
+
+/// Ids of every BPF link the kernel has.
+fn bpf_link_ids() -> Result<Vec<u64>> {
+    let out = run("bpftool", &["--json", "link", "show"])?;
+    let links: Vec<Value> = serde_json::from_str(&out).context("parsing bpftool's JSON")?;
+    Ok(links.iter().filter_map(|l| l["id"].as_u64()).collect())
+}
+
+#[test]
+fn guard_with_an_invalid_policy_exits_and_attaches_nothing() -> Result {
+    let lab = Lab::new()?;
+    let bad = TempFile::new("bad", "allow = [\n  \"tcp/22\",\n  \"tcp/0\",\n]\n")?;
+    let out = portwatch(
+        Some(&lab.server),
+        &[
+            "guard",
+            "--iface",
+            &lab.server_if,
+            "--policy",
+            bad.as_str()?,
+            "--json",
+        ],
+    )?;
+    assert!(
+        out.status.is_some_and(|s| !s.success()),
+        "guard ran with an invalid policy: {out:?}"
+    );
+    assert!(
+        out.stderr.contains(&format!(
+            "{}: line 3: \"tcp/0\": port 0 is not a valid port",
+            bad.as_str()?
+        )),
+        "{out:?}"
+    );
+    assert!(!out.stdout.contains("\"ready\""), "{out:?}");
+    let link = lab.server_link()?;
+    assert!(!link.contains("xdp"), "{link}");
+    let filters = tc_filters(&lab)?;
+    assert!(filters.trim().is_empty(), "{filters}");
+    Ok(())
+}
+
+#[test]
+fn stopping_the_guard_detaches_it_and_prints_the_summary_last() -> Result {
+    let lab = Lab::new()?;
+    let _server = tcp_server(&lab.server, 8081)?;
+    let policy = TempFile::new("pol", "allow = [\"udp/53\"]\n")?;
+    let mut pw = start_guard(&lab, &policy, &[])?;
+
+    let link = lab.server_link()?;
+    assert!(
+        link.contains("prog/xdp") && link.contains("xdp_guard"),
+        "{link}"
+    );
+    // tc egress (tcx on this kernel) records the host's own flows.
+    let tcx = tcx_egress_links(pw.pid(), server_ifindex(&lab)?)?;
+    assert_eq!(tcx.len(), 1, "tcx egress links of the guard: {tcx:?}");
+    assert!(!tcp_reachable(&lab.client, lab.server_v4(), 8081)?);
+    wait_drop(&mut pw, "tcp", lab.client_v4(), 8081)?;
+
+    let status = pw.stop()?;
+    assert!(status.success(), "{status}");
+    let summary = summary(&pw)?;
+    assert!(
+        summary["drops"].as_u64().is_some_and(|d| d >= 1),
+        "{summary}"
+    );
+    assert!(summary["suppressed"].is_u64(), "{summary}");
+    assert_eq!(
+        pw.seen.iter().filter(|v| v["event"] == "summary").count(),
+        1
+    );
+
+    let link = lab.server_link()?;
+    assert!(
+        !link.contains("prog/xdp") && !link.contains("xdp"),
+        "{link}"
+    );
+    let filters = tc_filters(&lab)?;
+    assert!(filters.trim().is_empty(), "{filters}");
+    // The kernel releases links shortly after their last fd closes.
+    let mut left = bpf_link_ids()?;
+    for _ in 0..50 {
+        if !tcx.iter().any(|id| left.contains(id)) {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+        left = bpf_link_ids()?;
+    }
+    assert!(
+        !tcx.iter().any(|id| left.contains(id)),
+        "the tcx egress link {tcx:?} outlived the guard"
+    );
+    // With the guard gone, the port it blocked is reachable.
+    assert!(tcp_reachable(&lab.client, lab.server_v4(), 8081)?);
+    Ok(())
+}
+
+#[test]
+fn guard_refuses_to_cut_off_the_ssh_session_it_runs_in_unless_forced() -> Result {
+    let lab = Lab::new()?;
+    // A held TCP session from the client to port 22 of the server.
+    let _sshd = ChildGuard::spawn(
+        lab.server
+            .command("socat")
+            .args(["TCP-LISTEN:22,reuseaddr", "EXEC:sleep 30"]),
+    )?;
+    portwatch_tests::net::wait_listening(&lab.server, "tcp", 22)?;
+    let (server, client) = (lab.server_v4(), lab.client_v4());
+    let _session = ChildGuard::spawn(lab.client.command("socat").args([
+        "-u".to_string(),
+        format!("TCP:{server}:22,sourceport=50022"),
+        "STDOUT".to_string(),
+    ]))?;
+    let policy = TempFile::new("lock", "allow = [\"tcp/80\"]\n")?;
+    let ssh = format!("{client} 50022 {server} 22");
+    let guard = |extra: &[&str], until: Option<&str>| -> Result<portwatch_tests::net::Outcome> {
+        let bin = portwatch_bin();
+        let mut cmd = lab
+            .server
+            .command(bin.to_str().context("binary path is not UTF-8")?);
+        cmd.args([
+            "guard",
+            "--iface",
+            &lab.server_if,
+            "--policy",
+            policy.as_str()?,
+            "--json",
+        ])
+        .args(extra)
+        .env("SSH_CONNECTION", &ssh);
+        run_bounded(&mut cmd, None, Duration::from_secs(20), until)
+    };
+    // Wait until the session is established in the server's namespace.
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while !run(
+        "ip",
+        &[
+            "netns",
+            "exec",
+            &lab.server.name,
+            "ss",
+            "-Htn",
+            "state",
+            "established",
+        ],
+    )?
+    .contains(":22")
+    {
+        anyhow::ensure!(
+            std::time::Instant::now() < deadline,
+            "the session never came up"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+
+    let refused = guard(&[], None)?;
+    assert!(refused.status.is_some_and(|s| !s.success()), "{refused:?}");
+    assert!(
+        refused.stderr.contains("refusing to enforce")
+            && refused
+                .stderr
+                .contains(&format!("from {client} to port 22")),
+        "{refused:?}"
+    );
+    assert!(
+        refused.stdout.trim().is_empty(),
+        "a refusal prints no partial stream: {refused:?}"
+    );
+    let link = lab.server_link()?;
+    assert!(!link.contains("xdp"), "{link}");
+
+    let forced = guard(&["--force"], Some("\"ready\""))?;
+    assert!(forced.stdout.contains("\"ready\""), "{forced:?}");
+    Ok(())
+}
