@@ -794,3 +794,45 @@ fn guard_refuses_to_cut_off_the_ssh_session_it_runs_in_unless_forced() -> Result
     assert!(forced.stdout.contains("\"ready\""), "{forced:?}");
     Ok(())
 }
+
+#[test]
+fn guard_attaches_in_native_mode_on_a_jumbo_mtu() -> Result {
+    let lab = Lab::new()?;
+    // Without multi-buffer support (xdp.frags), native XDP refuses MTUs
+    // larger than a page.
+    run(
+        "ip",
+        &[
+            "-n",
+            &lab.server.name,
+            "link",
+            "set",
+            &lab.server_if,
+            "mtu",
+            "9000",
+        ],
+    )?;
+    run(
+        "ip",
+        &[
+            "-n",
+            &lab.client.name,
+            "link",
+            "set",
+            &lab.client_if,
+            "mtu",
+            "9000",
+        ],
+    )?;
+    let policy = TempFile::new("jumbo", "allow = [\"tcp/8080\"]\n")?;
+    let mut pw = start_guard(&lab, &policy, &["--xdp-mode", "native"])?;
+    let link = lab.server_link()?;
+    assert!(
+        link.contains("mtu 9000") && link.contains("prog/xdp"),
+        "{link}"
+    );
+    let _server = tcp_server(&lab.server, 8080)?;
+    assert!(tcp_reachable(&lab.client, lab.server_v4(), 8080)?);
+    pw.stop()?;
+    Ok(())
+}
