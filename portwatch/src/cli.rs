@@ -6,6 +6,7 @@ use anyhow::Context as _;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use crate::{
+    commands,
     guard::{self, attach::XdpModeArg},
     model::Proto,
     policy::Mode,
@@ -32,6 +33,18 @@ pub enum Command {
     Watch(WatchArgs),
     /// Guard interfaces with XDP (default deny inbound, permit by exception) and stream listeners with their exposure.
     Guard(GuardArgs),
+    /// Permit a port (or range) at run time, optionally only from some sources.
+    Allow(commands::AllowArgs),
+    /// Stop permitting a port (or range) at run time.
+    Deny(commands::DenyArgs),
+    /// Show the policy in force.
+    Policy(commands::PolicyArgs),
+    /// Re-read the policy file (as SIGHUP does).
+    Reload(commands::ReloadArgs),
+    /// Interfaces, mode, and every listener with its exposure and counters.
+    Status(commands::StatusArgs),
+    /// Stop a running guard and remove everything portwatch attached or pinned.
+    Down(DownArgs),
     /// Validate a policy file without loading anything.
     CheckPolicy {
         /// The policy file (TOML).
@@ -83,6 +96,28 @@ pub struct GuardArgs {
     /// Drop reports per second per CPU (the rest are counted as held back).
     #[arg(long, value_name = "N", default_value_t = 50)]
     pub report_rate: u32,
+    /// On exit, detach and unpin everything (default: enforcement stays pinned).
+    #[arg(long)]
+    pub detach_on_exit: bool,
+    /// Where the datapath is pinned [default: /sys/fs/bpf/portwatch]
+    #[arg(long, value_name = "DIR")]
+    pub pin_dir: Option<PathBuf>,
+    /// The control socket [default: /run/portwatch/control.sock]
+    #[arg(long, value_name = "PATH")]
+    pub socket: Option<PathBuf>,
+    /// Members of this group may read status and follow the stream.
+    #[arg(long, value_name = "GROUP")]
+    pub control_group: Option<String>,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct DownArgs {
+    /// Where the datapath is pinned [default: /sys/fs/bpf/portwatch]
+    #[arg(long, value_name = "DIR")]
+    pub pin_dir: Option<PathBuf>,
+    /// The control socket of a running guard [default: /run/portwatch/control.sock]
+    #[arg(long, value_name = "PATH")]
+    pub socket: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -114,6 +149,13 @@ pub struct WatchArgs {
     /// Do not report the listeners that exist at start.
     #[arg(long)]
     pub no_snapshot: bool,
+    /// A running guard's control socket: when one answers there, follow its
+    /// stream instead of loading programs [default: /run/portwatch/control.sock]
+    #[arg(long, value_name = "PATH")]
+    pub socket: Option<PathBuf>,
+    /// Load portwatch's own programs even when a guard runs.
+    #[arg(long)]
+    pub local: bool,
 }
 
 /// Whether people get colour: a terminal, and NO_COLOR unset or empty.
@@ -142,8 +184,28 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         .context("starting the async runtime")?;
     runtime.block_on(async {
         match cli.command {
-            Command::Watch(args) => watch::run(args).await.map(|_| ExitCode::SUCCESS),
+            Command::Watch(args) => {
+                let socket = args
+                    .socket
+                    .clone()
+                    .unwrap_or_else(|| PathBuf::from(crate::control::server::DEFAULT_SOCKET));
+                if !args.local
+                    && args.ports.is_empty()
+                    && args.proto.is_none()
+                    && commands::watch_via_guard(&socket, args.json, colour_wanted())?
+                {
+                    return Ok(ExitCode::SUCCESS);
+                }
+                watch::run(args).await.map(|_| ExitCode::SUCCESS)
+            }
             Command::Guard(args) => guard::run(args).await.map(|_| ExitCode::SUCCESS),
+            Command::Allow(args) => commands::allow(args),
+            Command::Deny(args) => commands::deny(args),
+            Command::Policy(args) => commands::policy(args),
+            Command::Reload(args) => commands::reload(args),
+            Command::Status(args) => commands::status(args),
+            Command::Down(args) => guard::down(args.pin_dir.as_deref(), args.socket.as_deref())
+                .map(|()| ExitCode::SUCCESS),
             Command::CheckPolicy { file } => guard::check_policy(&file).map(|()| ExitCode::SUCCESS),
         }
     })

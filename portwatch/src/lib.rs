@@ -6,7 +6,9 @@
 //! live set), `sinks` (outputs), `watch` (the command), `cli`.
 
 pub mod cli;
+pub mod commands;
 pub mod compile;
+pub mod control;
 pub mod error;
 pub mod events;
 pub mod guard;

@@ -14,7 +14,10 @@ use aya::{
 use crate::{
     error::{Error, Result, program_error},
     events::reader::RingReader,
-    guard::attach::{Attached, XdpModeArg},
+    guard::{
+        attach::{Attached, XdpModeArg},
+        pins::{PINNED_MAPS, PinDir},
+    },
     maps::{self, GuardMaps, MonitorStats},
     sys,
 };
@@ -49,10 +52,30 @@ impl Datapath {
     /// Checks the system, loads the object and opens the event reader. No
     /// hook is attached yet.
     pub fn load() -> Result<Self> {
+        Self::load_with_pins(None)
+    }
+
+    /// Like `load`, with the guard's maps pinned in `pins` (opened from there
+    /// when a previous guard left them).
+    pub fn load_with_pins(pins: Option<&PinDir>) -> Result<Self> {
         sys::check_privileges()?;
         sys::ensure_pseudo_filesystems()?;
         raise_memlock_limit();
-        let mut ebpf = EbpfLoader::new().load(PROGRAMS)?;
+        let mut loader = EbpfLoader::new();
+        let paths: Vec<(&str, std::path::PathBuf)> = match pins {
+            Some(pins) => {
+                pins.create()?;
+                PINNED_MAPS
+                    .iter()
+                    .map(|name| (*name, pins.map(name)))
+                    .collect()
+            }
+            None => Vec::new(),
+        };
+        for (name, path) in &paths {
+            loader.map_pin_path(name, path.as_path());
+        }
+        let mut ebpf = loader.load(PROGRAMS)?;
         let events = RingReader::new(maps::events(&mut ebpf)?).map_err(|source| Error::Io {
             what: "registering the event ring buffer with the runtime".into(),
             source,
@@ -123,9 +146,15 @@ impl Datapath {
         Ok((maps, drops))
     }
 
-    /// Attaches the guard (tc egress, then XDP) to one interface.
-    pub fn attach_guard(&mut self, iface: &str, mode: XdpModeArg) -> Result<Attached> {
-        crate::guard::attach::attach(&mut self.ebpf, iface, mode)
+    /// Attaches the guard (tc egress, then XDP) to one interface, or
+    /// adopts the links a previous guard pinned there.
+    pub fn attach_guard(
+        &mut self,
+        pins: &PinDir,
+        iface: &str,
+        mode: XdpModeArg,
+    ) -> Result<Attached> {
+        pins.attach(&mut self.ebpf, iface, mode)
     }
 }
 

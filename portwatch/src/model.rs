@@ -133,6 +133,19 @@ pub struct DropEvent {
     pub audit: bool,
 }
 
+/// The guard's policy changed at run time.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PolicyEvent {
+    pub ts: SystemTime,
+    /// What changed, e.g. `allow tcp/8080 from anywhere`, `reload`.
+    pub change: String,
+    /// Who asked: uid and pid of the control socket peer; None for SIGHUP.
+    pub by_uid: Option<u32>,
+    pub by_pid: Option<u32>,
+    pub mode: crate::policy::Mode,
+    pub rules: usize,
+}
+
 /// Everything that flows to the sinks.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Event {
@@ -152,6 +165,8 @@ pub enum Event {
     },
     /// A packet the guard dropped.
     Drop(DropEvent),
+    /// The policy in force changed.
+    Policy(PolicyEvent),
     /// Drop reports the kernel's rate limit held back since the last report.
     Suppressed {
         ts: SystemTime,

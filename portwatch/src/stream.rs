@@ -5,13 +5,18 @@ use std::{collections::HashMap, io, time::SystemTime};
 
 use anyhow::Context as _;
 use portwatch_common::{GuardStat, MonitorStat};
-use tokio::signal::unix::{Signal, SignalKind, signal};
+use tokio::{
+    signal::unix::{Signal, SignalKind, signal},
+    sync::mpsc,
+};
 
 use crate::{
+    control::server::{ControlRequest, Reply},
     events::{
         decode::{DecodeError, RawDrop, RawListen, decode_drop, decode_listen},
         reader::RingReader,
     },
+    guard::owner::GuardState,
     listeners::Listeners,
     loader::Datapath,
     maps::GuardMaps,
@@ -46,6 +51,9 @@ pub struct GuardFeed {
     /// The guard's network namespace: the policy says nothing about
     /// listeners in other namespaces.
     pub netns: Option<u64>,
+    pub state: GuardState,
+    /// Requests from the control socket; taken by the event loop.
+    pub control: Option<mpsc::Receiver<ControlRequest>>,
 }
 
 pub struct Stream {
@@ -93,6 +101,9 @@ impl Stream {
             }
             Event::Drop(_) => self.summary.drops += 1,
             _ => {}
+        }
+        if let Some(guard) = self.guard.as_mut() {
+            guard.state.subscribers.retain_mut(|s| s.send(&event));
         }
         self.sink.event(&event)
     }
@@ -230,10 +241,16 @@ impl Stream {
     }
 }
 
-/// SIGINT and SIGTERM, the two ways to end the stream.
+/// SIGINT and SIGTERM end the stream; SIGHUP reloads the guard's policy.
 pub struct Signals {
     int: Signal,
     term: Signal,
+    hup: Signal,
+}
+
+enum Sig {
+    Stop,
+    Hup,
 }
 
 impl Signals {
@@ -241,13 +258,15 @@ impl Signals {
         Ok(Self {
             int: signal(SignalKind::interrupt()).context("installing the SIGINT handler")?,
             term: signal(SignalKind::terminate()).context("installing the SIGTERM handler")?,
+            hup: signal(SignalKind::hangup()).context("installing the SIGHUP handler")?,
         })
     }
 
-    async fn recv(&mut self) {
+    async fn recv(&mut self) -> Sig {
         tokio::select! {
-            _ = self.int.recv() => {}
-            _ = self.term.recv() => {}
+            _ = self.int.recv() => Sig::Stop,
+            _ = self.term.recv() => Sig::Stop,
+            _ = self.hup.recv() => Sig::Hup,
         }
     }
 }
@@ -290,9 +309,12 @@ async fn event_loop(
     stream: &mut Stream,
     signals: &mut Signals,
 ) -> io::Result<()> {
+    let mut control = stream.guard.as_mut().and_then(|g| g.control.take());
     loop {
         let mut listens = Vec::new();
         let mut drops = Vec::new();
+        let mut request = None;
+        let mut hangup = false;
         let drop_reader = stream.guard.as_mut().map(|g| &mut g.drops);
         tokio::select! {
             read = datapath.events.read_batch(|rec| listens.push(decode_listen(rec))) => {
@@ -301,7 +323,33 @@ async fn event_loop(
             read = read_optional(drop_reader, &mut drops) => {
                 read?;
             }
-            () = signals.recv() => return Ok(()),
+            req = recv_optional(control.as_mut()) => request = req,
+            sig = signals.recv() => match sig {
+                Sig::Stop => return Ok(()),
+                Sig::Hup => hangup = true,
+            },
+        }
+        if hangup
+            && stream.guard.is_some()
+            && let Reply::Once(v) = stream.reload_on_signal()
+            && v["ok"] != true
+        {
+            log::warn!(
+                "SIGHUP: reload failed: {}",
+                v["error"].as_str().unwrap_or("?")
+            );
+        }
+        if let Some(req) = request {
+            let lost = datapath.stats.get(MonitorStat::EventsLost);
+            let reply = stream.handle_control(&req.peer, req.request, lost);
+            let _ = req.reply.send(reply);
+            if stream
+                .guard
+                .as_ref()
+                .is_some_and(|g| g.state.shutdown.is_some())
+            {
+                return Ok(());
+            }
         }
         stream.records(listens, Stream::on_listen)?;
         // The kernel counts what it could not queue; losses only happen
@@ -312,6 +360,14 @@ async fn event_loop(
             stream.report_suppressed()?;
         }
         stream.flush()?;
+    }
+}
+
+/// The next control request when the guard runs; never completes otherwise.
+async fn recv_optional(rx: Option<&mut mpsc::Receiver<ControlRequest>>) -> Option<ControlRequest> {
+    match rx {
+        Some(rx) => rx.recv().await,
+        None => std::future::pending().await,
     }
 }
 

@@ -18,14 +18,22 @@ use serde_json::Value;
 const WAIT: Duration = Duration::from_secs(10);
 
 /// `portwatch guard --iface SERVER_IF --policy FILE EXTRA... --json`, in
-/// the server namespace.
+/// the server namespace (whose private bpffs takes the pins with it), with a
+/// control socket of its own.
 fn start_guard(lab: &Lab, policy: &TempFile, extra: &[&str]) -> Result<Portwatch> {
+    let socket = std::env::temp_dir().join(format!("{}.sock", lab.server.name));
+    let socket = socket
+        .to_str()
+        .context("socket path is not UTF-8")?
+        .to_string();
     let mut args = vec![
         "guard",
         "--iface",
         &lab.server_if,
         "--policy",
         policy.as_str()?,
+        "--socket",
+        &socket,
     ];
     args.extend_from_slice(extra);
     Portwatch::start_in(&lab.server, &args)
@@ -665,7 +673,7 @@ fn stopping_the_guard_detaches_it_and_prints_the_summary_last() -> Result {
     let lab = Lab::new()?;
     let _server = tcp_server(&lab.server, 8081)?;
     let policy = TempFile::new("pol", "allow = [\"udp/53\"]\n")?;
-    let mut pw = start_guard(&lab, &policy, &[])?;
+    let mut pw = start_guard(&lab, &policy, &["--detach-on-exit"])?;
 
     let link = lab.server_link()?;
     assert!(

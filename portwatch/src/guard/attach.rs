@@ -1,12 +1,7 @@
-//! Attaches the guard to interfaces: tc egress first (so the host's own
-//! flows are recorded before anything is enforced), then XDP ingress.
+//! Interfaces for the guard: names, indexes, XDP modes, and which ones to
+//! guard by default. Attaching is in `pins.rs` (the links are pinned).
 
-use aya::programs::{SchedClassifier, TcAttachType, Xdp, XdpMode, tc};
-
-use crate::{
-    error::{Error, Result, program_error},
-    loader::program,
-};
+use crate::error::{Error, Result};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum XdpModeArg {
@@ -29,73 +24,6 @@ pub fn ifindex(iface: &str) -> Result<u32> {
     nix::net::if_::if_nametoindex(iface).map_err(|e| Error::Io {
         what: format!("no network interface named `{iface}` (see `ip link`)"),
         source: e.into(),
-    })
-}
-
-/// Loads both guard programs (once) and attaches them to `iface`.
-pub fn attach(ebpf: &mut aya::Ebpf, iface: &str, mode: XdpModeArg) -> Result<Attached> {
-    let ifindex = ifindex(iface)?;
-
-    let tc_prog: &mut SchedClassifier = program(ebpf, "tc_egress")?;
-    let tc_hint = "the guard records the host's own UDP flows with a tc egress program (CONFIG_NET_CLS_BPF, Linux 6.6+ for tcx or a clsact qdisc)";
-    if tc_prog.fd().is_err() {
-        tc_prog
-            .load()
-            .map_err(program_error("loading tc_egress".into(), tc_hint))?;
-    }
-    if let Err(first) = tc_prog.attach(iface, TcAttachType::Egress) {
-        // Before tcx (Linux 6.6) the program hangs off a clsact qdisc.
-        if tc::qdisc_add_clsact(iface).is_err() {
-            return Err(program_error(
-                format!("attaching tc egress to {iface}"),
-                tc_hint,
-            )(first));
-        }
-        tc_prog
-            .attach(iface, TcAttachType::Egress)
-            .map_err(program_error(
-                format!("attaching tc egress to {iface}"),
-                tc_hint,
-            ))?;
-    }
-
-    let xdp: &mut Xdp = program(ebpf, "xdp_guard")?;
-    let xdp_hint = "the guard filters inbound packets with XDP (Linux 5.9+ for XDP links)";
-    if xdp.fd().is_err() {
-        xdp.load()
-            .map_err(program_error("loading the XDP guard".into(), xdp_hint))?;
-    }
-    let xdp_mode = match mode {
-        XdpModeArg::Native => {
-            xdp.attach(iface, XdpMode::Driver).map_err(program_error(
-                format!("attaching XDP in native mode to {iface}"),
-                "the driver may not support native XDP: try --xdp-mode generic (or auto)",
-            ))?;
-            "native"
-        }
-        XdpModeArg::Generic => {
-            xdp.attach(iface, XdpMode::Skb).map_err(program_error(
-                format!("attaching XDP in generic mode to {iface}"),
-                xdp_hint,
-            ))?;
-            "generic"
-        }
-        XdpModeArg::Auto => match xdp.attach(iface, XdpMode::Driver) {
-            Ok(_) => "native",
-            Err(e) => {
-                log::warn!(
-                    "{iface}: native XDP failed ({e}); falling back to generic XDP (slower, same verdicts)"
-                );
-                xdp.attach(iface, XdpMode::Skb)
-                    .map_err(program_error(format!("attaching XDP to {iface}"), xdp_hint))?;
-                "generic"
-            }
-        },
-    };
-    Ok(Attached {
-        iface: iface.to_string(),
-        ifindex,
-        xdp_mode,
     })
 }
 

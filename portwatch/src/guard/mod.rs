@@ -2,10 +2,16 @@
 //! daemon. Default deny inbound, permit by exception.
 
 pub mod attach;
+pub mod lock;
 pub mod lockout;
+pub mod owner;
+pub mod pins;
 pub mod testrun;
 
-use std::{collections::HashMap, path::Path};
+use std::{
+    collections::HashMap,
+    path::{Path, PathBuf},
+};
 
 use anyhow::{Context as _, bail};
 use portwatch_common::{GUARD_AUDIT, GuardConfig};
@@ -13,10 +19,16 @@ use portwatch_common::{GUARD_AUDIT, GuardConfig};
 use crate::{
     cli::GuardArgs,
     compile::compile,
+    control::server::{ControlServer, DEFAULT_SOCKET, resolve_group},
+    guard::{
+        lock::GuardLock,
+        owner::{GuardState, StartArgs},
+        pins::PinDir,
+    },
     loader::Datapath,
     maps::MapImage,
     model::Listener,
-    policy::{Exposure, Mode, Policy, PortRange, Rule},
+    policy::{Exposure, Mode, Policy, PolicyError, PortRange, Rule},
     procinfo,
     sinks::{Summary, human::endpoint},
     stream::{self, Filter, GuardFeed, Signals, Stream},
@@ -50,13 +62,15 @@ pub fn effective_policy(path: Option<&Path>, allow: &[String]) -> anyhow::Result
     };
     for spec in allow {
         let ports = PortRange::parse(spec).with_context(|| format!("--allow {spec}"))?;
-        policy
-            .add_rule(Rule {
-                ports,
-                from: Vec::new(),
-                line: None,
-            })
-            .with_context(|| format!("--allow {spec}"))?;
+        match policy.add_rule(Rule {
+            ports,
+            from: Vec::new(),
+            line: None,
+        }) {
+            // Already in the file (e.g. persisted by a runtime change): fine.
+            Err(PolicyError::Duplicate { .. }) => {}
+            other => other.with_context(|| format!("--allow {spec}"))?,
+        }
     }
     Ok(policy)
 }
@@ -101,10 +115,34 @@ pub async fn run(args: GuardArgs) -> anyhow::Result<Summary> {
     }
     let image = compile(&policy)?;
 
+    // One guard at a time; the lock lives next to the control socket.
+    let socket = args
+        .socket
+        .clone()
+        .unwrap_or_else(|| PathBuf::from(DEFAULT_SOCKET));
+    let _lock = GuardLock::acquire(&lock_path(&socket))?;
+    let pins = PinDir::new(
+        args.pin_dir
+            .as_deref()
+            .unwrap_or(Path::new(pins::DEFAULT_PIN_DIR)),
+    );
+    let adopting = pins.exists();
+
     let mut signals = Signals::install()?;
-    let mut datapath = Datapath::load()?;
+    let mut datapath = Datapath::load_with_pins(Some(&pins))?;
     datapath.attach_monitor()?;
     let (maps, drops) = datapath.guard_maps()?;
+    let control_server = ControlServer::bind(
+        &socket,
+        args.control_group.as_deref().and_then(resolve_group),
+    )
+    .with_context(|| format!("creating the control socket {}", socket.display()))?;
+    let (control_tx, control_rx) = tokio::sync::mpsc::channel(64);
+    let control_task = tokio::spawn(control_server.serve(control_tx));
+    let policy_path = args
+        .policy
+        .clone()
+        .unwrap_or_else(|| PathBuf::from(DEFAULT_POLICY));
     let mut stream = Stream::new(make_sink(args.json), Filter::default());
     stream.guard = Some(GuardFeed {
         policy: policy.clone(),
@@ -112,6 +150,20 @@ pub async fn run(args: GuardArgs) -> anyhow::Result<Summary> {
         maps,
         ifnames: HashMap::new(),
         netns: procinfo::netns_of(std::process::id()),
+        state: GuardState {
+            start: StartArgs {
+                policy_path,
+                allow: args.allow.clone(),
+                mode: args.mode.map(Mode::from),
+            },
+            mode,
+            image: MapImage::default(),
+            attached: Vec::new(),
+            pin_dir: Some(pins.root.clone()),
+            subscribers: Vec::new(),
+            shutdown: None,
+        },
+        control: Some(control_rx),
     });
     // Lockout protection, with the listeners that exist now, before anything
     // is reported: a refusal leaves no partial stream behind.
@@ -138,6 +190,9 @@ pub async fn run(args: GuardArgs) -> anyhow::Result<Summary> {
     );
     if !problems.is_empty() {
         if mode == Mode::Enforce && !args.force {
+            if !adopting {
+                pins.remove_all();
+            }
             bail!(
                 "refusing to enforce: {}\n(fix the policy, use --mode audit first, or pass --force)",
                 problems.join("\n")
@@ -156,11 +211,37 @@ pub async fn run(args: GuardArgs) -> anyhow::Result<Summary> {
         .guard
         .as_mut()
         .context("the guard feed is set above")?;
-    feed.maps.set_config(guard_config(mode, &args))?;
-    feed.maps.apply(&MapImage::default(), &image)?;
+    // Adopting: move the pinned maps from what they hold to this policy,
+    // openings first, so nothing both permit is dropped in between.
+    let old_image = if adopting {
+        feed.maps.read_image()?
+    } else {
+        MapImage::default()
+    };
+    let config = guard_config(mode, &args);
+    if mode == Mode::Audit {
+        feed.maps.set_config(config)?;
+        feed.maps.apply(&old_image, &image)?;
+    } else {
+        feed.maps.apply(&old_image, &image)?;
+        feed.maps.set_config(config)?;
+    }
+    feed.state.image = image;
+    if adopting {
+        log::info!("adopted the pinned datapath in {}", pins.root.display());
+        for stale in pins
+            .pinned_interfaces()
+            .iter()
+            .filter(|i| !ifaces.contains(i))
+        {
+            pins.detach(stale);
+            log::info!("{stale}: no longer in the interfaces to guard: detached");
+        }
+    }
     let mut ifnames = HashMap::new();
+    let mut attached_all = Vec::new();
     for iface in &ifaces {
-        let attached = datapath.attach_guard(iface, args.xdp_mode)?;
+        let attached = datapath.attach_guard(&pins, iface, args.xdp_mode)?;
         log::info!(
             "guarding {} ({} XDP, {} mode, {} rules)",
             attached.iface,
@@ -168,16 +249,84 @@ pub async fn run(args: GuardArgs) -> anyhow::Result<Summary> {
             mode_name(mode),
             policy.rules.len()
         );
-        ifnames.insert(attached.ifindex, attached.iface);
+        ifnames.insert(attached.ifindex, attached.iface.clone());
+        attached_all.push(attached);
     }
     if let Some(feed) = stream.guard.as_mut() {
         feed.ifnames = ifnames;
+        feed.state.attached = attached_all;
     }
+    notify_ready();
     stream.announce_ready()?;
     stream::run(&mut datapath, &mut stream, &mut signals).await?;
-    drop(datapath); // detaches XDP, tc and the monitor hooks
-    log::info!("stopped: the guard is detached from {}", ifaces.join(", "));
+    control_task.abort();
+    let requested = stream.guard.as_ref().and_then(|g| g.state.shutdown);
+    drop(datapath); // detaches the monitor hooks; pinned links stay
+    if args.detach_on_exit || requested == Some(true) {
+        pins.remove_all();
+        log::info!(
+            "stopped: the guard is detached from {} and unpinned",
+            ifaces.join(", ")
+        );
+    } else {
+        log::info!(
+            "stopped: enforcement stays on {} (pinned in {}); `portwatch down` removes it",
+            ifaces.join(", "),
+            pins.root.display()
+        );
+    }
     stream.finish()
+}
+
+/// The single-instance lock next to the control socket.
+pub fn lock_path(socket: &Path) -> PathBuf {
+    socket.with_file_name("guard.lock")
+}
+
+/// Tells systemd (Type=notify) that enforcement is attached, when run by it.
+fn notify_ready() {
+    let Some(path) = std::env::var_os("NOTIFY_SOCKET") else {
+        return;
+    };
+    let sock = match std::os::unix::net::UnixDatagram::unbound() {
+        Ok(s) => s,
+        Err(_) => return,
+    };
+    if let Err(e) = sock.send_to(b"READY=1", &path) {
+        log::debug!("sd_notify: {e}");
+    }
+}
+
+/// `portwatch down`: stops a running guard and removes everything pinned.
+pub fn down(pin_dir: Option<&Path>, socket: Option<&Path>) -> anyhow::Result<()> {
+    let socket = socket
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| PathBuf::from(DEFAULT_SOCKET));
+    if let Some(pid) = GuardLock::holder(&lock_path(&socket)) {
+        crate::control::client::request(
+            &socket,
+            &crate::control::protocol::Request::Shutdown { detach: true },
+        )
+        .with_context(|| format!("asking the running guard (pid {pid}) to stop"))?;
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while GuardLock::holder(&lock_path(&socket)).is_some() {
+            if std::time::Instant::now() > deadline {
+                bail!("the guard (pid {pid}) did not stop within 10 s");
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        println!("stopped the guard (pid {pid})");
+    }
+    let pins = PinDir::new(pin_dir.unwrap_or(Path::new(pins::DEFAULT_PIN_DIR)));
+    let removed = pins.remove_all();
+    if removed.is_empty() {
+        println!("nothing pinned in {}", pins.root.display());
+    } else {
+        for r in &removed {
+            println!("removed {r}");
+        }
+    }
+    Ok(())
 }
 
 fn mode_name(mode: Mode) -> &'static str {

@@ -167,6 +167,22 @@ impl<W: Write> Sink for HumanSink<W> {
                     d.iface.as_deref().unwrap_or("?"),
                 )
             }
+            Event::Policy(p) => {
+                let (on, off) = self.paint(YELLOW);
+                let by = match (p.by_uid, p.by_pid) {
+                    (Some(uid), Some(pid)) => format!("by uid {uid}, pid {pid}"),
+                    (Some(uid), None) => format!("by uid {uid}"),
+                    _ => "by SIGHUP".to_string(),
+                };
+                writeln!(
+                    self.out,
+                    "{} {on}policy{off} {} ({by}; {} mode, {} rules)",
+                    clock(p.ts),
+                    p.change,
+                    p.mode,
+                    p.rules
+                )
+            }
             Event::Suppressed { ts, count, total } => writeln!(
                 self.out,
                 "{} {count} more drop reports held back by the rate limit ({total} in all)",

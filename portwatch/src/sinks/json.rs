@@ -50,6 +50,17 @@ struct LostLine {
 }
 
 #[derive(Serialize)]
+struct PolicyLine<'a> {
+    ts: String,
+    event: &'static str,
+    change: &'a str,
+    by_uid: Option<u32>,
+    by_pid: Option<u32>,
+    mode: crate::policy::Mode,
+    rules: usize,
+}
+
+#[derive(Serialize)]
 struct ReadyLine {
     ts: String,
     event: &'static str,
@@ -148,6 +159,15 @@ impl<W: Write> Sink for JsonSink<W> {
                 dst_port: d.dst_port,
                 iface: d.iface.as_deref(),
                 audit: d.audit,
+            }),
+            Event::Policy(p) => self.line(&PolicyLine {
+                ts: rfc3339_micros(p.ts),
+                event: "policy",
+                change: &p.change,
+                by_uid: p.by_uid,
+                by_pid: p.by_pid,
+                mode: p.mode,
+                rules: p.rules,
             }),
             Event::Suppressed { ts, count, total } => self.line(&LostLine {
                 ts: rfc3339_micros(*ts),

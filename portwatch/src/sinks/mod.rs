@@ -57,3 +57,25 @@ mod tests {
         assert_eq!(super::rfc3339_micros(ts), "2026-11-18T11:06:40.123456Z");
     }
 }
+
+/// A writer whose bytes the owner takes out after each event: lets a sink
+/// render into memory for a subscriber of the control socket.
+#[derive(Clone, Default)]
+pub struct SharedBuf(pub std::rc::Rc<std::cell::RefCell<Vec<u8>>>);
+
+impl SharedBuf {
+    pub fn take(&self) -> Vec<u8> {
+        std::mem::take(&mut *self.0.borrow_mut())
+    }
+}
+
+impl io::Write for SharedBuf {
+    fn write(&mut self, data: &[u8]) -> io::Result<usize> {
+        self.0.borrow_mut().extend_from_slice(data);
+        Ok(data.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}

@@ -1,0 +1,274 @@
+//! The client's end of the control socket: one request and its answer, or a
+//! subscription. Blocking (std), for the short-lived CLI commands.
+
+use std::{
+    io::{self, BufRead as _, BufReader, Read as _, Write as _},
+    os::{fd::AsRawFd as _, unix::net::UnixStream},
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use nix::{
+    errno::Errno,
+    sys::{
+        socket::{self, AddressFamily, SockFlag, SockType, UnixAddr, sockopt},
+        time::TimeVal,
+    },
+};
+use serde_json::Value;
+
+use super::protocol::{Format, Request};
+
+/// How long `request` waits to connect and for the answer.
+pub const TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The longest answer read, a guard with a great many listeners included.
+const MAX_RESPONSE: u64 = 64 << 20;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// No socket file, or nobody listening on it.
+    #[error("no portwatch guard is running (no control socket at {})", .path.display())]
+    NoGuard { path: PathBuf },
+
+    /// The socket's mode, or the guard, refused us.
+    #[error("{0}")]
+    PermissionDenied(String),
+
+    /// The guard answered `"ok": false`; its error message.
+    #[error("{0}")]
+    Daemon(String),
+
+    // The cause is printed by the error chain (`{:#}`), not repeated here.
+    #[error("{what}")]
+    Io {
+        what: String,
+        #[source]
+        source: io::Error,
+    },
+
+    /// The guard's answer is not what the protocol says.
+    #[error("{0}")]
+    Protocol(String),
+}
+
+fn io_error(what: impl Into<String>) -> impl FnOnce(io::Error) -> ClientError {
+    let what = what.into();
+    move |source| ClientError::Io { what, source }
+}
+
+/// Connects, waiting at most `timeout` when the guard's backlog is full.
+fn connect(path: &Path, timeout: Duration) -> Result<UnixStream, ClientError> {
+    let shown = path.display();
+    let fd = socket::socket(
+        AddressFamily::Unix,
+        SockType::Stream,
+        SockFlag::SOCK_CLOEXEC,
+        None,
+    )
+    .map_err(|e| io_error("cannot create a socket")(io::Error::from(e)))?;
+    let micros = i64::try_from(timeout.as_micros()).unwrap_or(i64::MAX);
+    let tv = TimeVal::new(micros / 1_000_000, (micros % 1_000_000) as _);
+    // A unix socket's connect() waits for a full backlog at most SO_SNDTIMEO.
+    socket::setsockopt(&fd, sockopt::SendTimeout, &tv)
+        .map_err(|e| io_error("cannot set the socket's timeout")(io::Error::from(e)))?;
+    let addr = UnixAddr::new(path)
+        .map_err(|e| io_error(format!("{shown} cannot be a socket address"))(io::Error::from(e)))?;
+    match socket::connect(fd.as_raw_fd(), &addr) {
+        Ok(()) => Ok(UnixStream::from(fd)),
+        Err(Errno::ENOENT | Errno::ECONNREFUSED | Errno::ENOTDIR) => Err(ClientError::NoGuard {
+            path: path.to_owned(),
+        }),
+        Err(Errno::EACCES | Errno::EPERM) => Err(ClientError::PermissionDenied(format!(
+            "permission denied: cannot connect to the guard's control socket {shown} (root, \
+             CAP_NET_ADMIN or membership in the socket's group is needed)"
+        ))),
+        Err(Errno::EAGAIN) => Err(io_error(format!(
+            "the guard did not accept a connection on {shown} within {} s",
+            timeout.as_secs()
+        ))(io::Error::from(Errno::EAGAIN))),
+        Err(e) => Err(io_error(format!("cannot connect to {shown}"))(
+            io::Error::from(e),
+        )),
+    }
+}
+
+/// Sends `req` and reads one answer line; returns the `"ok": true` object.
+/// A peer refused outright may have closed before reading: its answer is
+/// read even when sending failed.
+fn exchange(reader: &mut BufReader<UnixStream>, req: &Request) -> Result<Value, ClientError> {
+    let sent = reader.get_mut().write_all(req.to_line().as_bytes());
+    let mut line = Vec::new();
+    let read = reader
+        .by_ref()
+        .take(MAX_RESPONSE)
+        .read_until(b'\n', &mut line);
+    match (read, sent) {
+        (Ok(0), Err(e)) | (Err(_), Err(e)) => {
+            return Err(io_error("cannot send the request to the guard")(e));
+        }
+        (Ok(0), Ok(())) => {
+            return Err(ClientError::Protocol(
+                "the guard closed the connection without answering".to_owned(),
+            ));
+        }
+        (Err(e), Ok(())) => {
+            return Err(match e.kind() {
+                io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => ClientError::Io {
+                    what: format!("the guard did not answer within {} s", TIMEOUT.as_secs()),
+                    source: e,
+                },
+                _ => io_error("cannot read the guard's answer")(e),
+            });
+        }
+        (Ok(_), _) => {}
+    }
+    parse_response(&line)
+}
+
+/// An answer line: the object when `"ok": true`, else the guard's error.
+pub fn parse_response(line: &[u8]) -> Result<Value, ClientError> {
+    let value: Value = serde_json::from_slice(line)
+        .map_err(|e| ClientError::Protocol(format!("the guard's answer is not JSON: {e}")))?;
+    match value.get("ok").and_then(Value::as_bool) {
+        Some(true) => Ok(value),
+        Some(false) => {
+            let error = value
+                .get("error")
+                .and_then(Value::as_str)
+                .unwrap_or("the guard refused the request without saying why")
+                .to_owned();
+            Err(if error.starts_with("permission denied") {
+                ClientError::PermissionDenied(error)
+            } else {
+                ClientError::Daemon(error)
+            })
+        }
+        None => Err(ClientError::Protocol(format!(
+            "the guard's answer has no \"ok\" field: {}",
+            String::from_utf8_lossy(line).trim_end()
+        ))),
+    }
+}
+
+fn timeouts(stream: &UnixStream, timeout: Option<Duration>) -> Result<(), ClientError> {
+    stream
+        .set_read_timeout(timeout)
+        .and_then(|()| stream.set_write_timeout(timeout))
+        .map_err(io_error("cannot set the socket's timeout"))
+}
+
+/// Sends one request and returns the guard's `"ok": true` answer.
+/// Connecting and answering each have [`TIMEOUT`].
+pub fn request(path: &Path, req: &Request) -> Result<Value, ClientError> {
+    let stream = connect(path, TIMEOUT)?;
+    timeouts(&stream, Some(TIMEOUT))?;
+    exchange(&mut BufReader::new(stream), req)
+}
+
+/// The guard's event stream, one line at a time (without the newline),
+/// until the guard ends it.
+#[derive(Debug)]
+pub struct Subscription {
+    reader: BufReader<UnixStream>,
+    done: bool,
+}
+
+impl Iterator for Subscription {
+    type Item = io::Result<String>;
+
+    fn next(&mut self) -> Option<io::Result<String>> {
+        if self.done {
+            return None;
+        }
+        let mut line = Vec::new();
+        match self.reader.read_until(b'\n', &mut line) {
+            Ok(0) => {
+                self.done = true;
+                None
+            }
+            Ok(_) => {
+                if line.last() == Some(&b'\n') {
+                    line.pop();
+                }
+                Some(
+                    String::from_utf8(line)
+                        .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e.utf8_error())),
+                )
+            }
+            Err(e) => {
+                self.done = true;
+                Some(Err(e))
+            }
+        }
+    }
+}
+
+/// Subscribes to the guard's events. The acknowledgement must come within
+/// [`TIMEOUT`]; the stream itself has no timeout.
+pub fn subscribe(path: &Path, format: Format, colour: bool) -> Result<Subscription, ClientError> {
+    let stream = connect(path, TIMEOUT)?;
+    timeouts(&stream, Some(TIMEOUT))?;
+    let mut reader = BufReader::new(stream);
+    exchange(&mut reader, &Request::Subscribe { format, colour })?;
+    timeouts(reader.get_ref(), None)?;
+    Ok(Subscription {
+        reader,
+        done: false,
+    })
+}
+
+/// Whether a guard listens on `path`: something accepts connections there
+/// (even if it would refuse us).
+pub fn guard_running(path: &Path) -> bool {
+    !matches!(
+        connect(path, Duration::from_secs(1)),
+        Err(ClientError::NoGuard { .. })
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn responses() {
+        let ok = parse_response(br#"{"ok":true,"x":1}"#).map_err(|e| e.to_string());
+        assert_eq!(ok, Ok(serde_json::json!({"ok": true, "x": 1})));
+        let cases = [
+            (
+                &br#"{"ok":false,"error":"tcp/9 is not permitted by any rule"}"#[..],
+                "daemon",
+            ),
+            (
+                br#"{"ok":false,"error":"permission denied: uid 65534 may not"}"#,
+                "permission",
+            ),
+            (br#"{"ok":false}"#, "daemon"),
+            (br#"{"x":1}"#, "protocol"),
+            (b"nope", "protocol"),
+        ];
+        for (line, kind) in cases {
+            let e = parse_response(line).expect_err("not ok");
+            let got = match e {
+                ClientError::Daemon(_) => "daemon",
+                ClientError::PermissionDenied(_) => "permission",
+                ClientError::Protocol(_) => "protocol",
+                _ => "other",
+            };
+            assert_eq!(got, kind, "{e}");
+        }
+    }
+
+    #[test]
+    fn no_guard() {
+        let path = Path::new("/nonexistent/portwatch/control.sock");
+        assert!(!guard_running(path));
+        let e = request(path, &Request::Status).expect_err("nothing there");
+        assert_eq!(
+            e.to_string(),
+            "no portwatch guard is running (no control socket at /nonexistent/portwatch/control.sock)"
+        );
+        assert!(matches!(e, ClientError::NoGuard { .. }));
+    }
+}

@@ -1,0 +1,585 @@
+//! Steering a running guard: runtime allow/deny over the control socket, a
+//! persisted policy, and a pinned datapath that survives restarts and
+//! `kill -9`. The guard runs in the lab's server network namespace but in
+//! the host's mount namespace (`nsenter --net`), so its pins are on the
+//! host's bpffs and outlive the process, as they would on a server.
+
+use std::{
+    io::{BufRead, BufReader, Write},
+    os::unix::net::UnixStream,
+    path::{Path, PathBuf},
+    process::Command,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, bail, ensure};
+use portwatch_tests::{
+    ChildGuard, Portwatch, Result,
+    net::{Lab, TempFile, run_bounded, tcp_reachable, tcp_server},
+    portwatch_bin, run, unique_name,
+};
+use serde_json::Value;
+
+/// Per-test paths: a pin directory on the host's bpffs and a run directory
+/// for the socket and lock. Removed on drop, whatever the test did.
+struct Paths {
+    pins: PathBuf,
+    run: PathBuf,
+}
+
+impl Paths {
+    fn new() -> Result<Self> {
+        let name = unique_name("st");
+        let run = std::env::temp_dir().join(&name);
+        std::fs::create_dir_all(&run)?;
+        Ok(Self {
+            pins: PathBuf::from("/sys/fs/bpf").join(name),
+            run,
+        })
+    }
+
+    fn socket(&self) -> PathBuf {
+        self.run.join("control.sock")
+    }
+}
+
+impl Drop for Paths {
+    fn drop(&mut self) {
+        let _ = Command::new(portwatch_bin())
+            .arg("down")
+            .arg("--pin-dir")
+            .arg(&self.pins)
+            .arg("--socket")
+            .arg(self.socket())
+            .output();
+        let _ = std::fs::remove_dir_all(&self.pins);
+        let _ = std::fs::remove_dir_all(&self.run);
+    }
+}
+
+fn s(p: &Path) -> Result<&str> {
+    p.to_str().context("path is not UTF-8")
+}
+
+/// `portwatch guard` in the server namespace, host mount namespace.
+fn guard(lab: &Lab, paths: &Paths, policy: &Path, extra: &[&str]) -> Result<Portwatch> {
+    let mut cmd = Command::new("nsenter");
+    cmd.arg(format!("--net=/run/netns/{}", lab.server.name))
+        .arg(portwatch_bin())
+        .args(["guard", "--iface", &lab.server_if])
+        .args(["--policy", s(policy)?])
+        .args(["--pin-dir", s(&paths.pins)?])
+        .args(["--socket", s(&paths.socket())?])
+        .args(extra)
+        .env_remove("SSH_CONNECTION");
+    Portwatch::start_command(cmd)
+}
+
+/// A client command (`allow`, `deny`, `status`, ...) against the test's socket.
+fn client(paths: &Paths, args: &[&str]) -> Result<std::process::Output> {
+    Ok(Command::new(portwatch_bin())
+        .args(args)
+        .args(["--socket", s(&paths.socket())?])
+        .output()?)
+}
+
+fn ok(out: &std::process::Output) -> Result {
+    ensure!(
+        out.status.success(),
+        "{}: {}{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(())
+}
+
+/// Polls `probe` until it returns `want`, for at most `within`.
+fn eventually(
+    within: Duration,
+    want: bool,
+    mut probe: impl FnMut() -> Result<bool>,
+) -> Result<Duration> {
+    let start = Instant::now();
+    loop {
+        if probe()? == want {
+            return Ok(start.elapsed());
+        }
+        if start.elapsed() > within {
+            bail!("still {} after {within:?}", !want);
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn xdp_attached(lab: &Lab) -> Result<bool> {
+    Ok(lab.server_link()?.contains("prog/xdp"))
+}
+
+#[test]
+fn runtime_allow_and_deny_apply_at_once_persist_and_survive_a_restart() -> Result {
+    let lab = Lab::new()?;
+    let paths = Paths::new()?;
+    let policy = TempFile::new("steer", "allow = [\"tcp/8080\"]\n")?;
+    let _a = tcp_server(&lab.server, 8080)?;
+    let _b = tcp_server(&lab.server, 9090)?;
+    let server = lab.server_v4();
+    let mut pw = guard(&lab, &paths, Path::new(policy.as_str()?), &[])?;
+    assert!(tcp_reachable(&lab.client, server, 8080)?);
+    assert!(!tcp_reachable(&lab.client, server, 9090)?);
+
+    ok(&client(&paths, &["allow", "tcp/9090"])?)?;
+    let took = eventually(Duration::from_secs(1), true, || {
+        tcp_reachable(&lab.client, server, 9090)
+    })?;
+    assert!(took <= Duration::from_secs(1), "{took:?}");
+    let change = pw.wait_for(Duration::from_secs(5), |v| v["event"] == "policy")?;
+    assert!(
+        change["change"]
+            .as_str()
+            .is_some_and(|c| c.contains("tcp/9090")),
+        "{change}"
+    );
+    assert_eq!(change["by_uid"], 0);
+    let file = std::fs::read_to_string(policy.as_str()?)?;
+    assert!(
+        file.contains("tcp/9090") && file.contains("tcp/8080"),
+        "{file}"
+    );
+
+    ok(&client(&paths, &["deny", "tcp/8080"])?)?;
+    eventually(Duration::from_secs(1), false, || {
+        tcp_reachable(&lab.client, server, 8080)
+    })?;
+    assert!(!std::fs::read_to_string(policy.as_str()?)?.contains("tcp/8080"));
+
+    // The daemon stops: enforcement stays, with the changed policy.
+    pw.stop()?;
+    assert!(pw.stderr().contains("enforcement stays"), "{}", pw.stderr());
+    assert!(
+        xdp_attached(&lab)?,
+        "the pinned XDP link went with the daemon"
+    );
+    assert!(tcp_reachable(&lab.client, server, 9090)?);
+    assert!(!tcp_reachable(&lab.client, server, 8080)?);
+
+    // A new guard adopts it and keeps the persisted policy.
+    let mut pw = guard(&lab, &paths, Path::new(policy.as_str()?), &[])?;
+    assert!(
+        pw.stderr().contains("adopted the pinned datapath"),
+        "{}",
+        pw.stderr()
+    );
+    assert!(tcp_reachable(&lab.client, server, 9090)?);
+    assert!(!tcp_reachable(&lab.client, server, 8080)?);
+    pw.stop()?;
+
+    // `down` removes everything.
+    ok(&client(&paths, &["down", "--pin-dir", s(&paths.pins)?])?)?;
+    assert!(!xdp_attached(&lab)?);
+    assert!(!paths.pins.exists(), "{:?} still exists", paths.pins);
+    assert!(tcp_reachable(&lab.client, server, 8080)?);
+    Ok(())
+}
+
+/// A UDP sink in the server namespace that counts datagrams on `port`.
+fn udp_counter(lab: &Lab, port: u16) -> Result<(ChildGuard, BufReader<std::process::ChildStdout>)> {
+    let script = format!(
+        "import socket,sys\n\
+         s=socket.socket(socket.AF_INET,socket.SOCK_DGRAM)\n\
+         s.bind(('0.0.0.0',{port}))\n\
+         s.settimeout(0.2)\n\
+         n=0\n\
+         print('ready',flush=True)\n\
+         while True:\n\
+         \x20   try:\n\
+         \x20       s.recv(2048); n+=1\n\
+         \x20   except socket.timeout:\n\
+         \x20       pass\n\
+         \x20   import select\n\
+         \x20   if select.select([sys.stdin],[],[],0)[0]:\n\
+         \x20       sys.stdin.readline(); print(n,flush=True)\n"
+    );
+    let mut cmd = lab.server.command("python3");
+    cmd.args(["-c", &script])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped());
+    let mut child = ChildGuard::spawn(&mut cmd)?;
+    let mut out = BufReader::new(child.0.stdout.take().context("stdout")?);
+    let mut line = String::new();
+    out.read_line(&mut line)?;
+    ensure!(line.trim() == "ready", "counter said {line:?}");
+    Ok((child, out))
+}
+
+fn count(counter: &mut (ChildGuard, BufReader<std::process::ChildStdout>)) -> Result<u64> {
+    let stdin = counter.0.0.stdin.as_mut().context("stdin")?;
+    stdin.write_all(b"count\n")?;
+    stdin.flush()?;
+    let mut line = String::new();
+    counter.1.read_line(&mut line)?;
+    Ok(line.trim().parse()?)
+}
+
+/// Sends `n` datagrams from the client namespace, one per `gap`.
+fn udp_sender(
+    lab: &Lab,
+    addr: std::net::IpAddr,
+    port: u16,
+    n: u32,
+    gap_ms: u32,
+) -> Result<ChildGuard> {
+    let script = format!(
+        "import socket,time\n\
+         s=socket.socket(socket.AF_INET,socket.SOCK_DGRAM)\n\
+         for i in range({n}):\n\
+         \x20   s.sendto(b'x',('{addr}',{port})); time.sleep({gap})\n",
+        gap = f64::from(gap_ms) / 1000.0
+    );
+    ChildGuard::spawn(lab.client.command("python3").args(["-c", &script]))
+}
+
+#[test]
+fn kill_9_under_traffic_leaves_enforcement_in_place_and_a_restart_adopts_it() -> Result {
+    let lab = Lab::new()?;
+    let paths = Paths::new()?;
+    let policy = TempFile::new("kill", "allow = [\"tcp/8080\", \"udp/5001\"]\n")?;
+    let _web = tcp_server(&lab.server, 8080)?;
+    let mut denied = udp_counter(&lab, 5002)?;
+    let mut permitted = udp_counter(&lab, 5001)?;
+    let server = lab.server_v4();
+    let mut pw = guard(&lab, &paths, Path::new(policy.as_str()?), &[])?;
+
+    // 3 s of traffic to both ports; the daemon dies in the middle.
+    let mut to_denied = udp_sender(&lab, server, 5002, 1500, 2)?;
+    let mut to_permitted = udp_sender(&lab, server, 5001, 1500, 2)?;
+    std::thread::sleep(Duration::from_millis(800));
+    portwatch_tests::signal(pw.pid(), libc::SIGKILL)?;
+    let _ = pw.stop();
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(xdp_attached(&lab)?, "kill -9 took the XDP program with it");
+    assert!(
+        tcp_reachable(&lab.client, server, 8080)?,
+        "the permitted port stopped working"
+    );
+    let mut pw = guard(&lab, &paths, Path::new(policy.as_str()?), &[])?;
+    assert!(
+        pw.stderr().contains("adopted the pinned datapath"),
+        "{}",
+        pw.stderr()
+    );
+    to_denied.0.wait()?;
+    to_permitted.0.wait()?;
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(
+        count(&mut denied)?,
+        0,
+        "datagrams to the denied port were delivered"
+    );
+    assert_eq!(
+        count(&mut permitted)?,
+        1500,
+        "datagrams to the permitted port were lost"
+    );
+    pw.stop()?;
+    Ok(())
+}
+
+/// One control connection speaking the JSON protocol directly.
+struct Control {
+    reader: BufReader<UnixStream>,
+    writer: UnixStream,
+}
+
+impl Control {
+    fn connect(paths: &Paths) -> Result<Self> {
+        let stream = UnixStream::connect(paths.socket())?;
+        stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+        Ok(Self {
+            reader: BufReader::new(stream.try_clone()?),
+            writer: stream,
+        })
+    }
+
+    fn raw(&mut self, line: &[u8]) -> Result<Value> {
+        self.writer.write_all(line)?;
+        self.writer.write_all(b"\n")?;
+        let mut reply = String::new();
+        self.reader.read_line(&mut reply)?;
+        serde_json::from_str(&reply).with_context(|| format!("reply {reply:?}"))
+    }
+}
+
+#[test]
+fn a_thousand_allow_deny_flips_never_drop_a_packet_to_a_port_that_stays_permitted() -> Result {
+    let lab = Lab::new()?;
+    let paths = Paths::new()?;
+    let policy = TempFile::new("flip", "allow = [\"udp/5001\"]\n")?;
+    let mut permitted = udp_counter(&lab, 5001)?;
+    let mut pw = guard(&lab, &paths, Path::new(policy.as_str()?), &[])?;
+    let mut control = Control::connect(&paths)?;
+    let mut sender = udp_sender(&lab, lab.server_v4(), 5001, 4000, 1)?;
+    for i in 0..1000 {
+        let allow = control.raw(br#"{"cmd":"allow","spec":"tcp/9090"}"#)?;
+        ensure!(allow["ok"] == true, "flip {i}: {allow}");
+        let deny = control.raw(br#"{"cmd":"deny","spec":"tcp/9090"}"#)?;
+        ensure!(deny["ok"] == true, "flip {i}: {deny}");
+    }
+    sender.0.wait()?;
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(
+        count(&mut permitted)?,
+        4000,
+        "the permitted port lost datagrams during the flips"
+    );
+    pw.stop()?;
+    let policies = pw.seen.iter().filter(|v| v["event"] == "policy").count();
+    assert_eq!(policies, 2000, "every change is announced");
+    Ok(())
+}
+
+#[test]
+fn malformed_requests_get_errors_and_change_nothing() -> Result {
+    let lab = Lab::new()?;
+    let paths = Paths::new()?;
+    let policy = TempFile::new("junk", "allow = [\"tcp/8080\"]\n")?;
+    let mut pw = guard(&lab, &paths, Path::new(policy.as_str()?), &[])?;
+    let before = std::fs::read_to_string(policy.as_str()?)?;
+    let mut control = Control::connect(&paths)?;
+    let junk: [&[u8]; 10] = [
+        b"",
+        b"{",
+        b"null",
+        b"[1,2,3]",
+        br#"{"cmd":"frobnicate"}"#,
+        br#"{"cmd":"allow"}"#,
+        br#"{"cmd":"allow","spec":"tcp/0"}"#,
+        br#"{"cmd":"allow","spec":"tcp/22","from":["10.0.0.1/8"]}"#,
+        br#"{"cmd":"deny","spec":"udp/7"}"#,
+        b"\xff\xfe\x00binary",
+    ];
+    for i in 0..1000 {
+        let reply = control.raw(junk[i % junk.len()])?;
+        ensure!(
+            reply["ok"] == false && reply["error"].is_string(),
+            "request {i}: {reply}"
+        );
+    }
+    // An oversized request is answered, and that connection is closed.
+    let mut big = Control::connect(&paths)?;
+    let reply = big.raw(&vec![b'x'; 70 * 1024])?;
+    assert_eq!(reply["ok"], false);
+    let policy_now = Control::connect(&paths)?.raw(br#"{"cmd":"policy"}"#)?;
+    assert_eq!(policy_now["ok"], true);
+    assert_eq!(
+        policy_now["rules"].as_array().map(Vec::len),
+        Some(1),
+        "{policy_now}"
+    );
+    assert_eq!(std::fs::read_to_string(policy.as_str()?)?, before);
+    assert!(!pw.seen.iter().any(|v| v["event"] == "policy"));
+    pw.stop()?;
+    Ok(())
+}
+
+#[test]
+fn an_unprivileged_user_cannot_change_the_policy() -> Result {
+    let lab = Lab::new()?;
+    let paths = Paths::new()?;
+    let policy = TempFile::new("nobody", "allow = [\"tcp/8080\"]\n")?;
+    let mut pw = guard(&lab, &paths, Path::new(policy.as_str()?), &[])?;
+    // Let nobody reach the socket at all, so the daemon's own check decides.
+    run("chmod", &["0755", s(&paths.run)?])?;
+    run("chmod", &["0666", s(&paths.socket())?])?;
+    let out = Command::new("setpriv")
+        .args([
+            "--reuid=nobody",
+            "--regid=nogroup",
+            "--clear-groups",
+            "--inh-caps=-all",
+        ])
+        .arg(portwatch_bin())
+        .args(["allow", "tcp/9090", "--socket", s(&paths.socket())?])
+        .output()?;
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("permission denied"), "{stderr}");
+    let now = Control::connect(&paths)?.raw(br#"{"cmd":"policy"}"#)?;
+    assert_eq!(now["rules"].as_array().map(Vec::len), Some(1), "{now}");
+    assert!(!std::fs::read_to_string(policy.as_str()?)?.contains("9090"));
+    pw.stop()?;
+    Ok(())
+}
+
+#[test]
+fn a_read_only_policy_file_makes_allow_fail_and_changes_nothing() -> Result {
+    let lab = Lab::new()?;
+    let paths = Paths::new()?;
+    let dir = paths.run.join("etc");
+    std::fs::create_dir_all(&dir)?;
+    let file = dir.join("policy.toml");
+    std::fs::write(&file, "allow = [\"tcp/8080\"]\n")?;
+    let _b = tcp_server(&lab.server, 9090)?;
+    let mut pw = guard(&lab, &paths, &file, &[])?;
+    // Root ignores file modes: make the directory a read-only mount instead.
+    run("mount", &["--bind", s(&dir)?, s(&dir)?])?;
+    struct Unmount(PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = Command::new("umount").arg(&self.0).status();
+        }
+    }
+    let _unmount = Unmount(dir.clone());
+    run("mount", &["-o", "remount,ro,bind", s(&dir)?])?;
+    let out = client(&paths, &["allow", "tcp/9090"])?;
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("cannot write the policy file") && stderr.contains("nothing changed"),
+        "{stderr}"
+    );
+    assert_eq!(std::fs::read_to_string(&file)?, "allow = [\"tcp/8080\"]\n");
+    assert!(
+        !tcp_reachable(&lab.client, lab.server_v4(), 9090)?,
+        "the maps changed"
+    );
+    assert!(!pw.seen.iter().any(|v| v["event"] == "policy"));
+    pw.stop()?;
+    Ok(())
+}
+
+#[test]
+fn status_policy_reload_and_watch_talk_to_the_running_guard() -> Result {
+    let lab = Lab::new()?;
+    let paths = Paths::new()?;
+    let policy = TempFile::new("status", "allow = [\"tcp/8080\"]\n")?;
+    let _web = tcp_server(&lab.server, 8080)?;
+    let mut pw = guard(
+        &lab,
+        &paths,
+        Path::new(policy.as_str()?),
+        &["--mode", "audit"],
+    )?;
+
+    let out = client(&paths, &["status", "--json"])?;
+    ok(&out)?;
+    let status: Value = serde_json::from_slice(&out.stdout)?;
+    assert_eq!(status["mode"], "audit");
+    assert_eq!(status["interfaces"][0]["iface"], lab.server_if.as_str());
+    let web = status["listeners"]
+        .as_array()
+        .and_then(|l| l.iter().find(|v| v["port"] == 8080))
+        .with_context(|| format!("no tcp/8080 listener in {status}"))?;
+    assert_eq!(web["exposure"], "exposed");
+    assert!(tcp_reachable(&lab.client, lab.server_v4(), 8080)?);
+    let out = client(&paths, &["status", "--json"])?;
+    let status: Value = serde_json::from_slice(&out.stdout)?;
+    let web = status["listeners"]
+        .as_array()
+        .and_then(|l| l.iter().find(|v| v["port"] == 8080))
+        .context("tcp/8080")?;
+    assert!(web["pass_packets"].as_u64().is_some_and(|n| n > 0), "{web}");
+    let human = client(&paths, &["status"])?;
+    ok(&human)?;
+    assert!(String::from_utf8_lossy(&human.stdout).contains("8080"));
+
+    // `watch` follows the guard's stream instead of loading its own programs.
+    let mut cmd = Command::new(portwatch_bin());
+    cmd.args(["watch", "--json", "--socket", s(&paths.socket())?]);
+    let mut follower = run_bounded_until_policy(cmd)?;
+
+    // SIGHUP re-reads the file.
+    std::fs::write(policy.as_str()?, "allow = [\"tcp/8080\", \"udp/53\"]\n")?;
+    portwatch_tests::signal(pw.pid(), libc::SIGHUP)?;
+    let reload = pw.wait_for(Duration::from_secs(5), |v| {
+        v["event"] == "policy" && v["change"] == "reload"
+    })?;
+    assert_eq!(reload["rules"], 2);
+    let seen = follower.wait()?;
+    assert!(
+        seen.contains("\"policy\""),
+        "the follower did not see the change: {seen}"
+    );
+    let out = client(&paths, &["policy"])?;
+    ok(&out)?;
+    assert!(String::from_utf8_lossy(&out.stdout).contains("udp/53"));
+    pw.stop()?;
+    Ok(())
+}
+
+/// `portwatch watch` as a follower, read in the background.
+struct Follower {
+    child: ChildGuard,
+    rx: std::sync::mpsc::Receiver<String>,
+}
+
+impl Follower {
+    /// Lines until a policy event (or 10 s).
+    fn wait(&mut self) -> Result<String> {
+        let mut all = String::new();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if let Ok(line) = self.rx.recv_timeout(Duration::from_millis(100)) {
+                all.push_str(&line);
+                all.push('\n');
+                if line.contains("\"policy\"") {
+                    break;
+                }
+            }
+        }
+        let _ = self.child.0.kill();
+        Ok(all)
+    }
+}
+
+fn run_bounded_until_policy(mut cmd: Command) -> Result<Follower> {
+    cmd.stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null());
+    let mut child = ChildGuard::spawn(&mut cmd)?;
+    let out = child.0.stdout.take().context("stdout")?;
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(out).lines().map_while(|l| l.ok()) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    // Give it a moment to subscribe before the change happens.
+    std::thread::sleep(Duration::from_millis(500));
+    let _ = run_bounded;
+    Ok(Follower { child, rx })
+}
+
+#[test]
+fn a_second_guard_refuses_while_one_runs() -> Result {
+    let lab = Lab::new()?;
+    let paths = Paths::new()?;
+    let policy = TempFile::new("two", "allow = [\"tcp/8080\"]\n")?;
+    let mut first = guard(&lab, &paths, Path::new(policy.as_str()?), &[])?;
+    let mut cmd = Command::new("nsenter");
+    cmd.arg(format!("--net=/run/netns/{}", lab.server.name))
+        .arg(portwatch_bin())
+        .args([
+            "guard",
+            "--iface",
+            &lab.server_if,
+            "--policy",
+            policy.as_str()?,
+        ])
+        .args([
+            "--pin-dir",
+            s(&paths.pins)?,
+            "--socket",
+            s(&paths.socket())?,
+        ]);
+    let out = run_bounded(&mut cmd, None, Duration::from_secs(20), None)?;
+    assert!(out.status.is_some_and(|s| !s.success()), "{out:?}");
+    assert!(
+        out.stderr.contains("another portwatch guard is running")
+            && out.stderr.contains(&first.pid().to_string()),
+        "{out:?}"
+    );
+    first.stop()?;
+    Ok(())
+}
