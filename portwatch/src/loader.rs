@@ -46,6 +46,8 @@ pub struct Datapath {
     pub stats: MonitorStats,
     /// Forwards kernel log records to the `log` crate; aborted on drop.
     logger: Option<tokio::task::JoinHandle<()>>,
+    /// The guard's pinned links, held while the daemon runs.
+    held_links: Vec<aya::programs::links::PinnedLink>,
 }
 
 impl Datapath {
@@ -93,6 +95,7 @@ impl Datapath {
             events,
             stats,
             logger,
+            held_links: Vec::new(),
         })
     }
 
@@ -154,7 +157,7 @@ impl Datapath {
         iface: &str,
         mode: XdpModeArg,
     ) -> Result<Attached> {
-        pins.attach(&mut self.ebpf, iface, mode)
+        pins.attach(&mut self.ebpf, iface, mode, &mut self.held_links)
     }
 }
 

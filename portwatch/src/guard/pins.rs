@@ -115,10 +115,18 @@ impl PinDir {
     }
 
     /// Attaches (or adopts) the guard on `iface`: tc egress first, then XDP.
-    pub fn attach(&self, ebpf: &mut aya::Ebpf, iface: &str, mode: XdpModeArg) -> Result<Attached> {
+    /// New links are pinned and also kept in `held` (the daemon's own
+    /// reference while it runs).
+    pub fn attach(
+        &self,
+        ebpf: &mut aya::Ebpf,
+        iface: &str,
+        mode: XdpModeArg,
+        held: &mut Vec<PinnedLink>,
+    ) -> Result<Attached> {
         let ifindex = ifindex(iface)?;
-        self.attach_tc(ebpf, iface)?;
-        let xdp_mode = self.attach_xdp(ebpf, iface, mode)?;
+        self.attach_tc(ebpf, iface, held)?;
+        let xdp_mode = self.attach_xdp(ebpf, iface, mode, held)?;
         Ok(Attached {
             iface: iface.to_string(),
             ifindex,
@@ -126,7 +134,12 @@ impl PinDir {
         })
     }
 
-    fn attach_tc(&self, ebpf: &mut aya::Ebpf, iface: &str) -> Result<()> {
+    fn attach_tc(
+        &self,
+        ebpf: &mut aya::Ebpf,
+        iface: &str,
+        held: &mut Vec<PinnedLink>,
+    ) -> Result<()> {
         let hint = "the guard records the host's own UDP flows with a tc egress program (CONFIG_NET_CLS_BPF, Linux 6.6+ for tcx or a clsact qdisc)";
         let prog: &mut SchedClassifier = program(ebpf, "tc_egress")?;
         if prog.fd().is_err() {
@@ -168,10 +181,10 @@ impl PinDir {
         ))?;
         match FdLink::try_from(link) {
             Ok(fd_link) => {
-                fd_link.pin(&pin).map_err(|e| Error::Io {
+                held.push(fd_link.pin(&pin).map_err(|e| Error::Io {
                     what: format!("pinning the tc link at {}", pin.display()),
                     source: std::io::Error::other(e.to_string()),
-                })?;
+                })?);
             }
             Err(_) => log::warn!(
                 "{iface}: tc egress is attached through a qdisc (kernel before 6.6), which cannot be pinned: \
@@ -186,6 +199,7 @@ impl PinDir {
         ebpf: &mut aya::Ebpf,
         iface: &str,
         mode: XdpModeArg,
+        held: &mut Vec<PinnedLink>,
     ) -> Result<&'static str> {
         let hint = "the guard filters inbound packets with XDP (Linux 5.9+ for XDP links)";
         let xdp: &mut Xdp = program(ebpf, "xdp_guard")?;
@@ -250,10 +264,10 @@ impl PinDir {
             ),
             source: std::io::Error::other(e.to_string()),
         })?;
-        fd_link.pin(&pin).map_err(|e| Error::Io {
+        held.push(fd_link.pin(&pin).map_err(|e| Error::Io {
             what: format!("pinning the XDP link at {}", pin.display()),
             source: std::io::Error::other(e.to_string()),
-        })?;
+        })?);
         let mode_file = self.mode_file(iface);
         if let Some(dir) = mode_file.parent() {
             let _ = fs::create_dir_all(dir);
