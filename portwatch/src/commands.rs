@@ -590,6 +590,12 @@ pub fn watch_via_guard(socket: &Path, json: bool, colour: bool) -> anyhow::Resul
         Ok(lines) => lines,
         // It went away in between.
         Err(ClientError::NoGuard { .. }) => return Ok(false),
+        // Not ours to follow (or a stale socket we may not even touch): watch
+        // on our own, which says what it needs if we lack that too.
+        Err(ClientError::PermissionDenied(why)) => {
+            log::warn!("not following the guard at {}: {why}", socket.display());
+            return Ok(false);
+        }
         Err(e) => {
             return Err(anyhow::Error::new(e).context(format!(
                 "a portwatch guard is running (control socket {}), but its stream is not available",

@@ -39,7 +39,31 @@ pub struct Lab {
     pub net: u8,
 }
 
+impl Drop for Lab {
+    fn drop(&mut self) {
+        // The namespaces go with their own guards; the lab's run directory
+        // (control sockets, lock files) goes here.
+        let _ = std::fs::remove_dir_all(self.run_dir());
+    }
+}
+
 impl Lab {
+    /// A directory for this lab's control socket and lock file, removed
+    /// with the lab.
+    pub fn run_dir(&self) -> std::path::PathBuf {
+        std::env::temp_dir().join(&self.server.name)
+    }
+
+    /// The control socket path for a guard in this lab (its directory exists).
+    pub fn socket(&self) -> Result<String> {
+        std::fs::create_dir_all(self.run_dir())?;
+        let path = self.run_dir().join("control.sock");
+        Ok(path
+            .to_str()
+            .context("socket path is not UTF-8")?
+            .to_string())
+    }
+
     pub fn new() -> Result<Self> {
         let n = NEXT_LAB.fetch_add(1, Ordering::Relaxed);
         let pid = std::process::id();

@@ -755,6 +755,8 @@ fn guard_refuses_to_cut_off_the_ssh_session_it_runs_in_unless_forced() -> Result
             policy.as_str()?,
             "--json",
         ])
+        .arg("--socket")
+        .arg(lab.socket()?)
         .args(extra)
         .env("SSH_CONNECTION", &ssh);
         run_bounded(&mut cmd, None, Duration::from_secs(20), until)

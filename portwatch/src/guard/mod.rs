@@ -278,9 +278,11 @@ pub async fn run(args: GuardArgs) -> anyhow::Result<Summary> {
     stream.finish()
 }
 
-/// The single-instance lock next to the control socket.
+/// The single-instance lock next to the control socket (SOCKET.lock).
 pub fn lock_path(socket: &Path) -> PathBuf {
-    socket.with_file_name("guard.lock")
+    let mut name = socket.as_os_str().to_owned();
+    name.push(".lock");
+    PathBuf::from(name)
 }
 
 /// Tells systemd (Type=notify) that enforcement is attached, when run by it.

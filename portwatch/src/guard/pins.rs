@@ -66,25 +66,22 @@ impl PinDir {
         self.root.join("links")
     }
 
-    fn xdp_link(&self, iface: &str) -> PathBuf {
-        self.links().join(format!("xdp-{iface}"))
+    /// The XDP mode is part of the pin's name: bpffs holds only BPF
+    /// objects, and a link does not say which mode it was attached in.
+    fn xdp_link(&self, iface: &str, mode: &str) -> PathBuf {
+        self.links().join(format!("xdp-{mode}-{iface}"))
+    }
+
+    /// The pinned XDP link of `iface` and its mode, if there is one.
+    fn pinned_xdp(&self, iface: &str) -> Option<(PathBuf, &'static str)> {
+        ["native", "generic"]
+            .into_iter()
+            .map(|mode| (self.xdp_link(iface, mode), mode))
+            .find(|(path, _)| path.exists())
     }
 
     fn tc_link(&self, iface: &str) -> PathBuf {
         self.links().join(format!("tc-{iface}"))
-    }
-
-    fn mode_file(&self, iface: &str) -> PathBuf {
-        // bpffs holds only BPF objects: the XDP mode is kept in /run.
-        PathBuf::from("/run/portwatch/xdp-mode").join(
-            self.root
-                .to_string_lossy()
-                .replace('/', "_")
-                .trim_start_matches('_')
-                .to_string()
-                + "-"
-                + iface,
-        )
     }
 
     /// Whether a previous guard left a datapath here.
@@ -207,8 +204,9 @@ impl PinDir {
             xdp.load()
                 .map_err(program_error("loading the XDP guard".into(), hint))?;
         }
-        let pin = self.xdp_link(iface);
-        if let Ok(old) = PinnedLink::from_pin(&pin) {
+        if let Some((pin, pinned_mode)) = self.pinned_xdp(iface)
+            && let Ok(old) = PinnedLink::from_pin(&pin)
+        {
             let link = XdpLink::try_from(FdLink::from(old)).map_err(|e| Error::Io {
                 what: format!("{} is not an XDP link", pin.display()),
                 source: std::io::Error::other(e.to_string()),
@@ -218,12 +216,7 @@ impl PinDir {
                 format!("replacing the XDP program on {iface}"),
                 hint,
             ))?;
-            let mode = fs::read_to_string(self.mode_file(iface)).unwrap_or_default();
-            return Ok(match mode.trim() {
-                "native" => "native",
-                "generic" => "generic",
-                _ => "adopted",
-            });
+            return Ok(pinned_mode);
         }
         let (id, mode) = match mode {
             XdpModeArg::Native => (
@@ -264,22 +257,19 @@ impl PinDir {
             ),
             source: std::io::Error::other(e.to_string()),
         })?;
+        let pin = self.xdp_link(iface, mode);
         held.push(fd_link.pin(&pin).map_err(|e| Error::Io {
             what: format!("pinning the XDP link at {}", pin.display()),
             source: std::io::Error::other(e.to_string()),
         })?);
-        let mode_file = self.mode_file(iface);
-        if let Some(dir) = mode_file.parent() {
-            let _ = fs::create_dir_all(dir);
-        }
-        let _ = fs::write(&mode_file, mode);
         Ok(mode)
     }
 
     /// Detaches and unpins the guard from `iface`.
     pub fn detach(&self, iface: &str) -> Vec<String> {
         let mut done = Vec::new();
-        for pin in [self.xdp_link(iface), self.tc_link(iface)] {
+        let xdp = self.pinned_xdp(iface).map(|(path, _)| path);
+        for pin in xdp.into_iter().chain([self.tc_link(iface)]) {
             if let Ok(link) = PinnedLink::from_pin(&pin)
                 && let Ok(fd_link) = link.unpin()
             {
@@ -288,7 +278,6 @@ impl PinDir {
                 done.push(pin.display().to_string());
             }
         }
-        let _ = fs::remove_file(self.mode_file(iface));
         done
     }
 
