@@ -46,13 +46,13 @@
 //!
 //! | request | may | answer, besides `"ok": true` |
 //! |---|---|---|
-//! | `{"cmd":"allow","spec":"tcp/8080"}`, optionally `"from":["10.0.0.0/8","fd00::/8"]` | write | `change`: what changed, e.g. `"allowed tcp/8080 (from anywhere)"` |
+//! | `{"cmd":"allow","spec":"tcp/8080"}`, optionally `"from":["10.0.0.0/8","fd00::/8"]` | write | `change`: what changed, e.g. `"allow tcp/8080"`; `policy`: the policy now in force (as for `policy`) |
 //! | `{"cmd":"deny","spec":"tcp/8080"}` | write | `change` |
-//! | `{"cmd":"policy"}` | read | `toml`: the policy in force, as policy file text |
+//! | `{"cmd":"policy"}` | read | `mode`, `file`, `interfaces`, `rules` (`[{"ports":"tcp/22","from":[]}]`) and `toml`: the policy in force, as policy file text |
 //! | `{"cmd":"reload"}` | write | `change`: the policy file was read again and applied |
 //! | `{"cmd":"status"}` | read | the guard's state, below |
 //! | `{"cmd":"subscribe"}`, optionally `"format":"json"` (default) or `"human"`, `"colour":true` | read | an acknowledgement, then one line per event as `portwatch guard` prints them (`--json` for `json`) |
-//! | `{"cmd":"shutdown"}`, optionally `"detach":true` | write | the guard stops; `detach` leaves its kernel programs in place |
+//! | `{"cmd":"shutdown"}`, optionally `"detach":true` | write | the guard stops; its pinned datapath keeps enforcing, unless `detach` (what `portwatch down` sends): then it detaches and unpins everything |
 //!
 //! `spec` is `tcp/PORT`, `udp/PORT` or `tcp/LO-HI`, as in the policy file.
 //! The status answer (clients render what is there and ignore what is not):
