@@ -104,7 +104,7 @@ pub struct ListenerEvent {
 }
 
 /// Why the guard dropped a packet (or would have, in audit mode).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum DropReason {
     /// No rule permits the destination port.

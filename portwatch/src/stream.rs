@@ -316,7 +316,11 @@ async fn event_loop(
         let mut request = None;
         let mut hangup = false;
         let drop_reader = stream.guard.as_mut().map(|g| &mut g.drops);
+        let tick = stream.sink.next_tick();
         tokio::select! {
+            () = sleep_until_wall(tick) => {
+                stream.sink.tick(SystemTime::now())?;
+            }
             read = datapath.events.read_batch(|rec| listens.push(decode_listen(rec))) => {
                 read?;
             }
@@ -360,6 +364,17 @@ async fn event_loop(
             stream.report_suppressed()?;
         }
         stream.flush()?;
+    }
+}
+
+/// Sleeps until wall-clock time `at`; forever when None.
+async fn sleep_until_wall(at: Option<SystemTime>) {
+    match at {
+        Some(at) => {
+            let wait = at.duration_since(SystemTime::now()).unwrap_or_default();
+            tokio::time::sleep(wait).await;
+        }
+        None => std::future::pending().await,
     }
 }
 

@@ -17,11 +17,14 @@ pub fn make_sink(json: bool) -> Box<dyn Sink> {
     if json {
         Box::new(JsonSink::new(stdout))
     } else {
-        Box::new(HumanSink::new(
-            stdout,
-            colour_wanted(),
-            procinfo::netns_of(std::process::id()),
-        ))
+        Box::new(
+            HumanSink::new(
+                stdout,
+                colour_wanted(),
+                procinfo::netns_of(std::process::id()),
+            )
+            .with_width(crate::sinks::human::terminal_width()),
+        )
     }
 }
 

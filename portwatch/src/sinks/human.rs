@@ -1,20 +1,38 @@
 //! One aligned line per event, for people. Colour only on a terminal and
-//! when NO_COLOR is unset.
+//! when NO_COLOR is unset; the last column is cut to the terminal's width.
+//! Drop reports are summed per source, port and reason over 5-second
+//! windows ("12 SYNs from 203.0.113.7 to tcp/6379 dropped in the last 5 s"):
+//! a scan must not scroll everything else away.
 
 use std::{
-    collections::HashMap,
+    collections::{BTreeMap, HashMap},
     io::{self, Write},
     net::IpAddr,
+    time::{Duration, SystemTime},
 };
 
-use super::{Sink, Summary};
-use crate::model::{DropReason, Event, EventKind, Exposure, Listener, Origin};
+use super::{Sink, Summary, json::proto_name};
+use crate::model::{DropEvent, DropReason, Event, EventKind, Exposure, Listener, Origin};
 
 const GREEN: &str = "\x1b[32m";
 const YELLOW: &str = "\x1b[33m";
 const RED: &str = "\x1b[1;31m";
 const DIM: &str = "\x1b[2m";
 const RESET: &str = "\x1b[0m";
+
+/// How long drop reports are summed before a line is written.
+pub const DROP_WINDOW: Duration = Duration::from_secs(5);
+
+/// What drop reports are summed by.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+struct DropKey {
+    src: Option<IpAddr>,
+    proto: u8,
+    port: u16,
+    reason: DropReason,
+    audit: bool,
+    iface: Option<String>,
+}
 
 pub struct HumanSink<W: Write> {
     out: W,
@@ -23,6 +41,86 @@ pub struct HumanSink<W: Write> {
     host_netns: Option<u64>,
     users: HashMap<u32, String>,
     header_done: bool,
+    /// Terminal width to cut lines to; None when not a terminal.
+    width: Option<usize>,
+    drops: BTreeMap<DropKey, u64>,
+    window_start: Option<SystemTime>,
+}
+
+/// Column widths: the full layout, or a compact one for narrow terminals
+/// (seconds only, no FROM column, shorter names) so 80 columns still fit.
+struct Columns {
+    time: usize,
+    origin: bool,
+    addr: usize,
+    pid: usize,
+    comm: usize,
+    user: usize,
+}
+
+impl Columns {
+    const FULL: Columns = Columns {
+        time: 15,
+        origin: true,
+        addr: 26,
+        pid: 7,
+        comm: 15,
+        user: 10,
+    };
+    const COMPACT: Columns = Columns {
+        time: 8,
+        origin: false,
+        addr: 22,
+        pid: 6,
+        comm: 12,
+        user: 8,
+    };
+
+    /// Visible width of everything before the command.
+    fn fixed(&self) -> usize {
+        self.time
+            + 1
+            + 6
+            + 1
+            + if self.origin { 5 } else { 0 }
+            + 3
+            + 1
+            + self.addr
+            + 1
+            + self.pid
+            + 1
+            + self.comm
+            + 1
+            + self.user
+            + 1
+    }
+}
+
+/// Columns of stdout when it is a terminal.
+pub fn terminal_width() -> Option<usize> {
+    let mut size = libc::winsize {
+        ws_row: 0,
+        ws_col: 0,
+        ws_xpixel: 0,
+        ws_ypixel: 0,
+    };
+    // SAFETY: TIOCGWINSZ writes a winsize into the struct we pass; it fails
+    // harmlessly (ENOTTY) when stdout is not a terminal.
+    let ret = unsafe { libc::ioctl(libc::STDOUT_FILENO, libc::TIOCGWINSZ, &mut size) };
+    (ret == 0 && size.ws_col > 0).then_some(usize::from(size.ws_col))
+}
+
+/// Cuts `text` to `max` characters, marking the cut with an ellipsis.
+pub fn truncate(text: &str, max: usize) -> String {
+    if text.chars().count() <= max {
+        return text.to_string();
+    }
+    if max == 0 {
+        return String::new();
+    }
+    let mut cut: String = text.chars().take(max - 1).collect();
+    cut.push('…');
+    cut
 }
 
 impl<W: Write> HumanSink<W> {
@@ -33,7 +131,16 @@ impl<W: Write> HumanSink<W> {
             host_netns,
             users: HashMap::new(),
             header_done: false,
+            width: None,
+            drops: BTreeMap::new(),
+            window_start: None,
         }
+    }
+
+    /// Cut lines to `width` columns (a terminal's).
+    pub fn with_width(mut self, width: Option<usize>) -> Self {
+        self.width = width;
+        self
     }
 
     fn paint(&self, colour: &'static str) -> (&'static str, &'static str) {
@@ -60,6 +167,23 @@ impl<W: Write> HumanSink<W> {
             .clone()
     }
 
+    fn columns(&self) -> &'static Columns {
+        match self.width {
+            Some(w) if w < 130 => &Columns::COMPACT,
+            _ => &Columns::FULL,
+        }
+    }
+
+    /// Writes `fixed` (already aligned, maybe coloured, `visible` columns
+    /// wide) followed by `tail` cut to what is left of the width.
+    fn line(&mut self, fixed: &str, visible: usize, tail: &str) -> io::Result<()> {
+        let tail = match self.width {
+            Some(width) => truncate(tail, width.saturating_sub(visible)),
+            None => tail.to_string(),
+        };
+        writeln!(self.out, "{fixed}{tail}")
+    }
+
     fn listener_line(
         &mut self,
         time: &str,
@@ -73,7 +197,7 @@ impl<W: Write> HumanSink<W> {
             EventKind::Close => YELLOW,
         });
         let (dim, undim) = self.paint(DIM);
-        let kind = match kind {
+        let kind_text = match kind {
             EventKind::Listen => "listen",
             EventKind::Close => "close",
         };
@@ -82,28 +206,128 @@ impl<W: Write> HumanSink<W> {
             Origin::Live => "live",
         };
         let p = &l.process;
-        let user = self.user(p.uid);
+        let c = self.columns();
+        let user = truncate(&self.user(p.uid), c.user);
         let pid = p.pid.map_or_else(|| "-".to_string(), |pid| pid.to_string());
-        let comm = p.comm.as_deref().unwrap_or("-");
-        let command = p.cmdline.as_deref().or(p.exe.as_deref()).unwrap_or("");
-        let exposure = match exposure {
-            None => String::new(),
-            Some(Exposure::Exposed) => {
-                format!("{}exposed{} ", self.paint(RED).0, self.paint(RED).1)
-            }
-            Some(Exposure::Partial) => "partial ".to_string(),
-            Some(Exposure::Blocked) => "blocked ".to_string(),
+        let comm = truncate(p.comm.as_deref().unwrap_or("-"), c.comm);
+        let (exp_on, exp_off) = self.paint(match exposure {
+            Some(Exposure::Exposed) => RED,
+            Some(Exposure::Partial) => YELLOW,
+            _ => "",
+        });
+        let exposure_text = match exposure {
+            None => "",
+            Some(Exposure::Exposed) => "exposed",
+            Some(Exposure::Partial) => "partial",
+            Some(Exposure::Blocked) => "blocked",
         };
+        let addr = truncate(&endpoint(&l.addr, l.port), c.addr);
+        let time = &time[..c.time.min(time.len())];
+        let origin = if c.origin {
+            format!("{origin:<4} ")
+        } else {
+            String::new()
+        };
+        let mut fixed = format!(
+            "{dim}{time}{undim} {on}{kind_text:<6}{off} {origin}{proto:<3} {addr:<aw$} {pid:>pw$} {comm:<cw$} {user:<uw$} ",
+            proto = l.proto.as_str(),
+            aw = c.addr,
+            pw = c.pid,
+            cw = c.comm,
+            uw = c.user,
+        );
+        let mut visible = c.fixed();
+        if exposure.is_some() {
+            fixed.push_str(&format!("{exp_on}{exposure_text:<7}{exp_off} "));
+            visible += 8;
+        }
         let netns = match l.netns {
             Some(ns) if Some(ns) != self.host_netns => format!(" netns={ns}"),
             _ => String::new(),
         };
-        writeln!(
-            self.out,
-            "{dim}{time}{undim} {on}{kind:<6}{off} {origin:<4} {proto:<3} {addr:<26} {pid:>7} {comm:<15} {user:<10} {exposure}{command}{dim}{netns}{undim}",
-            proto = l.proto.as_str(),
-            addr = endpoint(&l.addr, l.port),
-        )
+        let command = p.cmdline.as_deref().or(p.exe.as_deref()).unwrap_or("");
+        self.line(&fixed, visible, &format!("{command}{netns}"))?;
+        // A listener the policy blocks is a violation: someone started a
+        // service the network cannot (or should not) reach.
+        if kind == EventKind::Listen && exposure == Some(Exposure::Blocked) && !l.addr.is_loopback()
+        {
+            let (on, off) = self.paint(RED);
+            let text = format!(
+                "{} (pid {pid}) listens on {}: blocked by policy",
+                p.comm.as_deref().unwrap_or("?"),
+                endpoint(&l.addr, l.port)
+            );
+            let fixed = format!("{dim}{time}{undim} {on}! ");
+            let visible = 15 + 1 + 2;
+            let text = match self.width {
+                Some(width) => truncate(&text, width.saturating_sub(visible)),
+                None => text,
+            };
+            writeln!(self.out, "{fixed}{text}{off}")?;
+        }
+        Ok(())
+    }
+
+    fn add_drop(&mut self, d: &DropEvent) {
+        self.window_start.get_or_insert(d.ts);
+        let key = DropKey {
+            src: d.src,
+            proto: d.proto,
+            port: d.dst_port,
+            reason: d.reason,
+            audit: d.audit,
+            iface: d.iface.clone(),
+        };
+        *self.drops.entry(key).or_insert(0) += 1;
+    }
+
+    /// Writes one line per (source, port, reason) summed since the window began.
+    fn flush_drops(&mut self, now: SystemTime) -> io::Result<()> {
+        let Some(start) = self.window_start.take() else {
+            return Ok(());
+        };
+        let window = now
+            .duration_since(start)
+            .unwrap_or_default()
+            .max(DROP_WINDOW);
+        let mut rows: Vec<(DropKey, u64)> = std::mem::take(&mut self.drops).into_iter().collect();
+        rows.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+        for (key, count) in rows {
+            let (on, off) = self.paint(if key.audit { YELLOW } else { RED });
+            let what = match (key.proto, count) {
+                (6, 1) => "SYN",
+                (6, _) => "SYNs",
+                (17, 1) => "datagram",
+                (17, _) => "datagrams",
+                (_, 1) => "packet",
+                _ => "packets",
+            };
+            let src = key.src.map_or_else(|| "?".to_string(), |a| a.to_string());
+            let verb = if key.audit {
+                "would have been dropped (audit)"
+            } else {
+                "dropped"
+            };
+            let why = match key.reason {
+                DropReason::NoRule => String::new(),
+                other => format!(", {}", reason_text(other)),
+            };
+            let on_iface = key
+                .iface
+                .as_deref()
+                .map(|i| format!(" on {i}"))
+                .unwrap_or_default();
+            let tag = if key.audit { "audit" } else { "drop" };
+            let fixed = format!("{} {on}{tag:<6}{off} ", clock(now));
+            let text = format!(
+                "{count} {what} from {src} to {}/{} {verb} in the last {} s{why}{on_iface}",
+                proto_name(key.proto),
+                key.port,
+                window.as_secs()
+            );
+            self.line(&fixed, 15 + 1 + 6 + 1, &text)?;
+        }
+        Ok(())
     }
 }
 
@@ -124,7 +348,7 @@ pub fn endpoint(addr: &IpAddr, port: u16) -> String {
     }
 }
 
-fn clock(ts: std::time::SystemTime) -> String {
+fn clock(ts: SystemTime) -> String {
     let dt = time::OffsetDateTime::from(ts);
     format!(
         "{:02}:{:02}:{:02}.{:06}",
@@ -140,32 +364,36 @@ impl<W: Write> Sink for HumanSink<W> {
         if !self.header_done {
             self.header_done = true;
             let (dim, undim) = self.paint(DIM);
-            writeln!(
-                self.out,
-                "{dim}{:<15} {:<6} {:<4} {:<3} {:<26} {:>7} {:<15} {:<10} COMMAND{undim}",
-                "TIME (UTC)", "EVENT", "FROM", "PRO", "ADDRESS", "PID", "COMM", "USER"
-            )?;
+            let c = self.columns();
+            let from = if c.origin { "FROM " } else { "" };
+            let header = format!(
+                "{:<tw$} {:<6} {from}{:<3} {:<aw$} {:>pw$} {:<cw$} {:<uw$} COMMAND",
+                if c.origin { "TIME (UTC)" } else { "TIME" },
+                "EVENT",
+                "PRO",
+                "ADDRESS",
+                "PID",
+                "COMM",
+                "USER",
+                tw = c.time,
+                aw = c.addr,
+                pw = c.pid,
+                cw = c.comm,
+                uw = c.user,
+            );
+            let header = match self.width {
+                Some(width) => truncate(&header, width),
+                None => header,
+            };
+            writeln!(self.out, "{dim}{header}{undim}")?;
         }
         match event {
             Event::Listener(ev) => {
                 self.listener_line(&clock(ev.ts), ev.kind, ev.origin, &ev.listener, ev.exposure)
             }
             Event::Drop(d) => {
-                let (on, off) = self.paint(if d.audit { YELLOW } else { RED });
-                let verb = if d.audit { "audit" } else { "drop" };
-                let src = d
-                    .src
-                    .map_or_else(|| "?".to_string(), |a| endpoint(&a, d.src_port));
-                writeln!(
-                    self.out,
-                    "{} {on}{verb:<6}{off} {:<4} {:<3} {src} -> port {} ({}) on {}",
-                    clock(d.ts),
-                    "",
-                    super::json::proto_name(d.proto),
-                    d.dst_port,
-                    reason_text(d.reason),
-                    d.iface.as_deref().unwrap_or("?"),
-                )
+                self.add_drop(d);
+                Ok(())
             }
             Event::Policy(p) => {
                 let (on, off) = self.paint(YELLOW);
@@ -174,27 +402,23 @@ impl<W: Write> Sink for HumanSink<W> {
                     (Some(uid), None) => format!("by uid {uid}"),
                     _ => "by SIGHUP".to_string(),
                 };
-                writeln!(
-                    self.out,
-                    "{} {on}policy{off} {} ({by}; {} mode, {} rules)",
-                    clock(p.ts),
-                    p.change,
-                    p.mode,
-                    p.rules
-                )
+                let fixed = format!("{} {on}policy{off} ", clock(p.ts));
+                let text = format!("{} ({by}; {} mode, {} rules)", p.change, p.mode, p.rules);
+                self.line(&fixed, 15 + 1 + 6 + 1, &text)
             }
-            Event::Suppressed { ts, count, total } => writeln!(
-                self.out,
-                "{} {count} more drop reports held back by the rate limit ({total} in all)",
-                clock(*ts)
-            ),
+            Event::Suppressed { ts, count, total } => {
+                let fixed = format!("{} {:<6} ", clock(*ts), "drop");
+                let text = format!(
+                    "{count} more drop reports held back by the kernel's rate limit ({total} in all)"
+                );
+                self.line(&fixed, 15 + 1 + 6 + 1, &text)
+            }
             Event::Lost { ts, count, total } => {
                 let (on, off) = self.paint(RED);
-                writeln!(
-                    self.out,
-                    "{} {on}lost{off}   the kernel dropped {count} events (ring buffer full; {total} in all)",
-                    clock(*ts)
-                )
+                let fixed = format!("{} {on}lost{off}   ", clock(*ts));
+                let text =
+                    format!("the kernel dropped {count} events (ring buffer full; {total} in all)");
+                self.line(&fixed, 15 + 1 + 6 + 1, &text)
             }
             Event::Ready { ts, snapshot } => {
                 let (dim, undim) = self.paint(DIM);
@@ -211,7 +435,20 @@ impl<W: Write> Sink for HumanSink<W> {
         self.out.flush()
     }
 
+    fn next_tick(&self) -> Option<SystemTime> {
+        self.window_start.map(|start| start + DROP_WINDOW)
+    }
+
+    fn tick(&mut self, now: SystemTime) -> io::Result<()> {
+        if self.next_tick().is_some_and(|due| now >= due) {
+            self.flush_drops(now)?;
+            self.out.flush()?;
+        }
+        Ok(())
+    }
+
     fn summary(&mut self, s: &Summary) -> io::Result<()> {
+        self.flush_drops(SystemTime::now())?;
         let (on, off) = self.paint(if s.lost > 0 { RED } else { DIM });
         writeln!(
             self.out,
@@ -232,7 +469,7 @@ mod tests {
     use super::*;
     use crate::model::{ListenerEvent, ProcessInfo, Proto, SockId};
 
-    fn event(netns: u64) -> Event {
+    fn listen(netns: u64, exposure: Option<Exposure>) -> Event {
         Event::Listener(ListenerEvent {
             ts: UNIX_EPOCH + Duration::from_micros(3_723_000_042),
             kind: EventKind::Listen,
@@ -252,19 +489,35 @@ mod tests {
                     cgroup: None,
                 },
             },
-            exposure: None,
+            exposure,
         })
     }
 
-    fn render(colour: bool, ev: &Event) -> String {
-        let mut sink = HumanSink::new(Vec::new(), colour, Some(1));
-        sink.event(ev).expect("writes");
+    fn drop_event(secs: u64, src: [u8; 4], port: u16) -> Event {
+        Event::Drop(DropEvent {
+            ts: UNIX_EPOCH + Duration::from_secs(secs),
+            iface: Some("eth0".into()),
+            reason: DropReason::NoRule,
+            proto: 6,
+            src: Some(IpAddr::V4(Ipv4Addr::from(src))),
+            dst: None,
+            src_port: 40000,
+            dst_port: port,
+            audit: false,
+        })
+    }
+
+    fn render(colour: bool, width: Option<usize>, events: &[Event]) -> String {
+        let mut sink = HumanSink::new(Vec::new(), colour, Some(1)).with_width(width);
+        for ev in events {
+            sink.event(ev).expect("writes");
+        }
         String::from_utf8(sink.out).expect("utf-8")
     }
 
     #[test]
     fn plain_line_has_columns_and_no_escapes() {
-        let text = render(false, &event(1));
+        let text = render(false, None, &[listen(1, None)]);
         let line = text.lines().nth(1).expect("header then event");
         assert!(!text.contains('\x1b'));
         assert!(
@@ -277,13 +530,80 @@ mod tests {
 
     #[test]
     fn colour_and_foreign_netns() {
-        let text = render(true, &event(99));
+        let text = render(true, None, &[listen(99, None)]);
         assert!(text.contains(GREEN) && text.contains(RESET));
         assert!(text.contains("netns=99"));
     }
 
     #[test]
+    fn lines_fit_the_terminal_width() {
+        let text = render(false, Some(80), &[listen(1, Some(Exposure::Exposed))]);
+        for line in text.lines() {
+            assert!(
+                line.chars().count() <= 80,
+                "{} columns: {line}",
+                line.chars().count()
+            );
+        }
+        assert!(text.contains('…'), "{text}");
+        assert!(text.contains("exposed"));
+    }
+
+    #[test]
+    fn a_blocked_listener_is_flagged_as_a_violation() {
+        let text = render(false, None, &[listen(1, Some(Exposure::Blocked))]);
+        let flag = text.lines().nth(2).expect("listen line, then the flag");
+        assert!(
+            flag.ends_with("! python3 (pid 4242) listens on 0.0.0.0:8765: blocked by policy"),
+            "{flag}"
+        );
+        let exposed = render(false, None, &[listen(1, Some(Exposure::Exposed))]);
+        assert!(!exposed.contains("blocked by policy"));
+    }
+
+    #[test]
+    fn drops_are_summed_per_source_and_port_over_the_window() {
+        let mut sink = HumanSink::new(Vec::new(), false, Some(1));
+        for i in 0..12 {
+            sink.event(&drop_event(100 + i % 3, [203, 0, 113, 7], 6379))
+                .expect("writes");
+        }
+        sink.event(&drop_event(101, [198, 51, 100, 1], 22))
+            .expect("writes");
+        assert_eq!(
+            sink.next_tick(),
+            Some(UNIX_EPOCH + Duration::from_secs(105))
+        );
+        // Before the window ends nothing is written but the header.
+        sink.tick(UNIX_EPOCH + Duration::from_secs(104))
+            .expect("ticks");
+        assert_eq!(String::from_utf8_lossy(&sink.out).lines().count(), 1);
+        sink.tick(UNIX_EPOCH + Duration::from_secs(105))
+            .expect("ticks");
+        let text = String::from_utf8(sink.out.clone()).expect("utf-8");
+        let lines: Vec<&str> = text.lines().skip(1).collect();
+        assert_eq!(lines.len(), 2, "{text}");
+        assert!(
+            lines[0]
+                .ends_with("12 SYNs from 203.0.113.7 to tcp/6379 dropped in the last 5 s on eth0"),
+            "{text}"
+        );
+        assert!(
+            lines[1].contains("1 SYN from 198.51.100.1 to tcp/22"),
+            "{text}"
+        );
+        assert_eq!(sink.next_tick(), None, "the window closed");
+    }
+
+    #[test]
     fn ipv6_endpoints_are_bracketed() {
         assert_eq!(endpoint(&"::1".parse().expect("addr"), 53), "[::1]:53");
+    }
+
+    #[test]
+    fn truncation_marks_the_cut() {
+        assert_eq!(truncate("abcdef", 4), "abc…");
+        assert_eq!(truncate("abc", 4), "abc");
+        assert_eq!(truncate("abc", 0), "");
     }
 }

@@ -30,6 +30,14 @@ pub trait Sink {
     /// Called after each batch, so a reader on a pipe sees events at once.
     fn flush(&mut self) -> io::Result<()>;
     fn summary(&mut self, summary: &Summary) -> io::Result<()>;
+    /// When the sink wants `tick` called (e.g. to close a window of summed
+    /// drop reports). None: never, so an idle stream sleeps.
+    fn next_tick(&self) -> Option<std::time::SystemTime> {
+        None
+    }
+    fn tick(&mut self, _now: std::time::SystemTime) -> io::Result<()> {
+        Ok(())
+    }
 }
 
 /// RFC 3339 UTC with microseconds, e.g. `2026-11-25T01:02:03.456789Z`.
