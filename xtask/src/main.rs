@@ -1,5 +1,6 @@
 //! portwatch's development tasks: `cargo xtask <setup|build|run|test>`.
 
+mod bench;
 mod build;
 mod run;
 mod setup;
@@ -46,6 +47,17 @@ enum Task {
         )]
         args: Vec<String>,
     },
+    /// Benchmarks: per-packet verdict cost, drop throughput, the permitted
+    /// path, the monitor and the cost to the host, as ratios against
+    /// baselines measured in the same run.
+    Bench {
+        /// A short smoke run (fewer rounds): checks the harness, not for figures.
+        #[arg(long)]
+        quick: bool,
+        /// Run only this section (verdict, veth, permitted, monitor, host).
+        #[arg(long)]
+        only: Option<String>,
+    },
     /// fmt and clippy checks, unit tests, then kernel integration tests as root.
     Test {
         /// Arguments for the integration test binaries, after `--` (e.g. a test
@@ -66,6 +78,7 @@ fn main() -> ExitCode {
         Task::Build { release } => build::build(release).map(drop),
         Task::Run { release, args } => run::run(release, &args),
         Task::Test { args } => test::test(&args),
+        Task::Bench { quick, only } => bench::bench(quick, only.as_deref()),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

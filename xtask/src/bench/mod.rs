@@ -1,0 +1,168 @@
+//! `cargo xtask bench`: every figure is a ratio against a baseline measured
+//! in the same run (these machines are noisy), written to
+//! `bench/results/latest.json` and `bench/results/latest.md`.
+//!
+//! Each section is a module with `run(&Ctx) -> Result<Section>`; a section
+//! that fails is recorded as failed (with the error) and the run goes on, so
+//! one missing tool does not cost the other figures.
+
+pub mod host;
+pub mod monitor;
+pub mod permitted;
+pub mod verdict;
+pub mod veth;
+
+use std::{path::PathBuf, time::Instant};
+
+use anyhow::{Context as _, Result};
+use serde_json::{Value, json};
+
+use crate::{build, setup, util};
+
+/// What every section gets.
+pub struct Ctx {
+    pub root: PathBuf,
+    /// The release portwatch binary.
+    pub portwatch: PathBuf,
+    /// `--quick`: fewer rounds and repetitions (a smoke run, for CI).
+    pub quick: bool,
+}
+
+/// One section's results.
+pub struct Section {
+    /// Short key in latest.json, e.g. "verdict".
+    pub key: &'static str,
+    pub title: &'static str,
+    pub json: Value,
+    /// Markdown: a table (and a line or two on method and targets).
+    pub markdown: String,
+}
+
+type Runner = fn(&Ctx) -> Result<Section>;
+
+pub fn bench(quick: bool, only: Option<&str>) -> Result<()> {
+    let root = util::workspace_root();
+    setup::ensure()?;
+    let portwatch = build::build_portwatch(true)?;
+    let ctx = Ctx {
+        root: root.clone(),
+        portwatch,
+        quick,
+    };
+    let sections: [(&str, Runner); 5] = [
+        ("verdict", verdict::run),
+        ("veth", veth::run),
+        ("permitted", permitted::run),
+        ("monitor", monitor::run),
+        ("host", host::run),
+    ];
+    let started = Instant::now();
+    let mut json_out = serde_json::Map::new();
+    let mut md = String::from("# portwatch benchmarks\n\n");
+    md.push_str(&machine_line());
+    for (key, run) in sections {
+        if only.is_some_and(|o| o != key) {
+            continue;
+        }
+        util::header(&format!("bench: {key}"));
+        let t = Instant::now();
+        match run(&ctx) {
+            Ok(section) => {
+                md.push_str(&format!("\n## {}\n\n{}\n", section.title, section.markdown));
+                json_out.insert(section.key.into(), section.json);
+            }
+            Err(e) => {
+                eprintln!("bench {key} failed: {e:#}");
+                md.push_str(&format!("\n## {key}\n\nFAILED: {e:#}\n"));
+                json_out.insert(key.into(), json!({"error": format!("{e:#}")}));
+            }
+        }
+        eprintln!("bench {key}: {:.0} s", t.elapsed().as_secs_f64());
+    }
+    let meta = json!({
+        "machine": machine(),
+        "quick": quick,
+        "seconds": started.elapsed().as_secs_f64(),
+        "date": util::output(std::process::Command::new("date").arg("-u").arg("+%Y-%m-%dT%H:%M:%SZ"))
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+            .unwrap_or_default(),
+    });
+    json_out.insert("meta".into(), meta);
+    let dir = root.join("bench/results");
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let json_path = dir.join(if quick { "quick.json" } else { "latest.json" });
+    let md_path = dir.join(if quick { "quick.md" } else { "latest.md" });
+    std::fs::write(
+        &json_path,
+        serde_json::to_string_pretty(&Value::Object(json_out))?,
+    )?;
+    std::fs::write(&md_path, &md)?;
+    println!("{md}");
+    println!("wrote {} and {}", json_path.display(), md_path.display());
+    Ok(())
+}
+
+fn machine() -> Value {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|c| {
+            c.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split(':').nth(1))
+                .map(|v| v.trim().to_string())
+        })
+        .unwrap_or_default();
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    json!({
+        "cpu": cpu,
+        "cores": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
+        "kernel": kernel.trim(),
+    })
+}
+
+fn machine_line() -> String {
+    let m = machine();
+    format!(
+        "Machine: {} ({} cores), Linux {}. Ratios are against baselines measured in the same run.\n",
+        m["cpu"].as_str().unwrap_or("?"),
+        m["cores"],
+        m["kernel"].as_str().unwrap_or("?")
+    )
+}
+
+/// Median of a sample (sorted copy); 0 for an empty one.
+pub fn median(xs: &[f64]) -> f64 {
+    let mut v: Vec<f64> = xs.to_vec();
+    v.sort_by(|a, b| a.total_cmp(b));
+    match v.len() {
+        0 => 0.0,
+        n if n % 2 == 1 => v[n / 2],
+        n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
+    }
+}
+
+/// Value at quantile `q` (0..=1) of a sample, nearest rank.
+pub fn quantile(xs: &[f64], q: f64) -> f64 {
+    let mut v: Vec<f64> = xs.to_vec();
+    v.sort_by(|a, b| a.total_cmp(b));
+    if v.is_empty() {
+        return 0.0;
+    }
+    let idx = ((q * v.len() as f64).ceil() as usize).clamp(1, v.len()) - 1;
+    v[idx]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn median_and_quantiles() {
+        assert_eq!(median(&[3.0, 1.0, 2.0]), 2.0);
+        assert_eq!(median(&[4.0, 1.0, 2.0, 3.0]), 2.5);
+        assert_eq!(median(&[]), 0.0);
+        let xs: Vec<f64> = (1..=100).map(f64::from).collect();
+        assert_eq!(quantile(&xs, 0.99), 99.0);
+        assert_eq!(quantile(&xs, 0.5), 50.0);
+    }
+}
