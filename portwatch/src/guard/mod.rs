@@ -127,13 +127,36 @@ pub async fn run(args: GuardArgs) -> anyhow::Result<Summary> {
             .unwrap_or(Path::new(pins::DEFAULT_PIN_DIR)),
     );
     let adopting = pins.exists();
+    let result = serve(
+        &args, policy, mode, &ifaces, image, &pins, adopting, &socket,
+    )
+    .await;
+    // A guard that fails while setting up leaves nothing pinned behind it,
+    // unless the datapath was already there (then it keeps enforcing).
+    if result.is_err() && !adopting {
+        pins.remove_all();
+    }
+    result
+}
 
+/// The guard from loading the datapath until it stops.
+#[allow(clippy::too_many_arguments)]
+async fn serve(
+    args: &GuardArgs,
+    policy: Policy,
+    mode: Mode,
+    ifaces: &[String],
+    image: MapImage,
+    pins: &PinDir,
+    adopting: bool,
+    socket: &Path,
+) -> anyhow::Result<Summary> {
     let mut signals = Signals::install()?;
-    let mut datapath = Datapath::load_with_pins(Some(&pins))?;
+    let mut datapath = Datapath::load_with_pins(Some(pins))?;
     datapath.attach_monitor()?;
     let (maps, drops) = datapath.guard_maps()?;
     let control_server = ControlServer::bind(
-        &socket,
+        socket,
         args.control_group.as_deref().and_then(resolve_group),
     )
     .with_context(|| format!("creating the control socket {}", socket.display()))?;
@@ -190,9 +213,6 @@ pub async fn run(args: GuardArgs) -> anyhow::Result<Summary> {
     );
     if !problems.is_empty() {
         if mode == Mode::Enforce && !args.force {
-            if !adopting {
-                pins.remove_all();
-            }
             bail!(
                 "refusing to enforce: {}\n(fix the policy, use --mode audit first, or pass --force)",
                 problems.join("\n")
@@ -218,7 +238,7 @@ pub async fn run(args: GuardArgs) -> anyhow::Result<Summary> {
     } else {
         MapImage::default()
     };
-    let config = guard_config(mode, &args);
+    let config = guard_config(mode, args);
     if mode == Mode::Audit {
         feed.maps.set_config(config)?;
         feed.maps.apply(&old_image, &image)?;
@@ -240,8 +260,8 @@ pub async fn run(args: GuardArgs) -> anyhow::Result<Summary> {
     }
     let mut ifnames = HashMap::new();
     let mut attached_all = Vec::new();
-    for iface in &ifaces {
-        let attached = datapath.attach_guard(&pins, iface, args.xdp_mode)?;
+    for iface in ifaces {
+        let attached = datapath.attach_guard(pins, iface, args.xdp_mode)?;
         log::info!(
             "guarding {} ({} XDP, {} mode, {} rules)",
             attached.iface,
