@@ -537,16 +537,20 @@ mod tests {
 
     #[test]
     fn lines_fit_the_terminal_width() {
-        let text = render(false, Some(80), &[listen(1, Some(Exposure::Exposed))]);
-        for line in text.lines() {
-            assert!(
-                line.chars().count() <= 80,
-                "{} columns: {line}",
-                line.chars().count()
-            );
+        for width in [80, 100, 200] {
+            let text = render(false, Some(width), &[listen(1, Some(Exposure::Exposed))]);
+            for line in text.lines() {
+                let cols = line.chars().count();
+                assert!(cols <= width, "{cols} columns at width {width}: {line}");
+            }
+            assert!(text.contains("exposed"), "{text}");
+            // The command is what gives way: cut (with a mark) or whole.
+            let whole = text.contains("python3 -m http.server 8765");
+            assert_eq!(whole, width == 200, "{text}");
+            if width == 100 {
+                assert!(text.contains('…'), "{text}");
+            }
         }
-        assert!(text.contains('…'), "{text}");
-        assert!(text.contains("exposed"));
     }
 
     #[test]
