@@ -45,6 +45,8 @@ pub enum Command {
     Status(commands::StatusArgs),
     /// Stop a running guard and remove everything portwatch attached or pinned.
     Down(DownArgs),
+    /// Full-screen view of listeners, exposure and drops.
+    Top(crate::tui::TopArgs),
     /// Validate a policy file without loading anything.
     CheckPolicy {
         /// The policy file (TOML).
@@ -206,6 +208,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Command::Status(args) => commands::status(args),
             Command::Down(args) => guard::down(args.pin_dir.as_deref(), args.socket.as_deref())
                 .map(|()| ExitCode::SUCCESS),
+            Command::Top(args) => crate::tui::run(args),
             Command::CheckPolicy { file } => guard::check_policy(&file).map(|()| ExitCode::SUCCESS),
         }
     })

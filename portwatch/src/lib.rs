@@ -22,4 +22,5 @@ pub mod sinks;
 pub mod snapshot;
 pub mod stream;
 pub mod sys;
+pub mod tui;
 pub mod watch;
