@@ -167,6 +167,14 @@ pub enum Event {
     Drop(DropEvent),
     /// The policy in force changed.
     Policy(PolicyEvent),
+    /// A guarded interface went away or came back.
+    Interface {
+        ts: SystemTime,
+        iface: String,
+        /// `removed`, `attached`, or `attach failed: WHY`.
+        change: String,
+        xdp_mode: Option<&'static str>,
+    },
     /// Drop reports the kernel's rate limit held back since the last report.
     Suppressed {
         ts: SystemTime,

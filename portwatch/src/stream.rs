@@ -54,6 +54,8 @@ pub struct GuardFeed {
     pub state: GuardState,
     /// Requests from the control socket; taken by the event loop.
     pub control: Option<mpsc::Receiver<ControlRequest>>,
+    /// Changes of network interfaces; taken by the event loop.
+    pub links: Option<crate::guard::links::LinkWatch>,
 }
 
 pub struct Stream {
@@ -310,7 +312,9 @@ async fn event_loop(
     signals: &mut Signals,
 ) -> io::Result<()> {
     let mut control = stream.guard.as_mut().and_then(|g| g.control.take());
+    let mut links = stream.guard.as_mut().and_then(|g| g.links.take());
     loop {
+        let mut link_changes = Vec::new();
         let mut listens = Vec::new();
         let mut drops = Vec::new();
         let mut request = None;
@@ -328,6 +332,7 @@ async fn event_loop(
                 read?;
             }
             req = recv_optional(control.as_mut()) => request = req,
+            changes = next_links(links.as_mut()) => link_changes = changes?,
             sig = signals.recv() => match sig {
                 Sig::Stop => return Ok(()),
                 Sig::Hup => hangup = true,
@@ -342,6 +347,9 @@ async fn event_loop(
                 "SIGHUP: reload failed: {}",
                 v["error"].as_str().unwrap_or("?")
             );
+        }
+        for change in link_changes {
+            stream.on_link_change(datapath, change);
         }
         if let Some(req) = request {
             let lost = datapath.stats.get(MonitorStat::EventsLost);
@@ -374,6 +382,16 @@ async fn sleep_until_wall(at: Option<SystemTime>) {
             let wait = at.duration_since(SystemTime::now()).unwrap_or_default();
             tokio::time::sleep(wait).await;
         }
+        None => std::future::pending().await,
+    }
+}
+
+/// The next link changes when the guard runs; never completes otherwise.
+async fn next_links(
+    links: Option<&mut crate::guard::links::LinkWatch>,
+) -> io::Result<Vec<crate::guard::links::LinkChange>> {
+    match links {
+        Some(l) => l.next().await,
         None => std::future::pending().await,
     }
 }

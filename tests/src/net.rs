@@ -80,30 +80,37 @@ impl Lab {
             client_if,
             net,
         };
+        lab.connect()?;
+        Ok(lab)
+    }
+
+    /// Creates the veth pair between the namespaces, with its addresses.
+    /// `new` does this; a test that deletes the link can do it again.
+    pub fn connect(&self) -> Result {
         // Created inside the namespaces: the names never exist on the host.
         run(
             "ip",
             &[
                 "link",
                 "add",
-                &lab.server_if,
+                &self.server_if,
                 "netns",
-                &lab.server.name,
+                &self.server.name,
                 "type",
                 "veth",
                 "peer",
                 "name",
-                &lab.client_if,
+                &self.client_if,
                 "netns",
-                &lab.client.name,
+                &self.client.name,
             ],
         )?;
         for (ns, iface, host) in [
-            (&lab.server, &lab.server_if, 1),
-            (&lab.client, &lab.client_if, 2),
+            (&self.server, &self.server_if, 1),
+            (&self.client, &self.client_if, 2),
         ] {
-            let v4 = format!("{}/24", lab.v4(host));
-            let v6 = format!("{}/64", lab.v6(u16::from(host)));
+            let v4 = format!("{}/24", self.v4(host));
+            let v6 = format!("{}/64", self.v6(u16::from(host)));
             run("ip", &["-n", &ns.name, "addr", "add", &v4, "dev", iface])?;
             run(
                 "ip",
@@ -112,7 +119,7 @@ impl Lab {
             run("ip", &["-n", &ns.name, "link", "set", iface, "up"])?;
             run("ip", &["-n", &ns.name, "link", "set", "lo", "up"])?;
         }
-        Ok(lab)
+        Ok(())
     }
 
     pub fn v4(&self, host: u8) -> IpAddr {

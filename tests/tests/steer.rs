@@ -583,3 +583,38 @@ fn a_second_guard_refuses_while_one_runs() -> Result {
     first.stop()?;
     Ok(())
 }
+
+#[test]
+fn a_guarded_interface_that_is_deleted_and_re_created_is_guarded_again() -> Result {
+    let lab = Lab::new()?;
+    let paths = Paths::new()?;
+    let policy = TempFile::new("relink", "allow = [\"tcp/8080\"]\n")?;
+    let mut pw = guard(&lab, &paths, Path::new(policy.as_str()?), &[])?;
+    // Deleting one end of a veth pair deletes both.
+    run(
+        "ip",
+        &["-n", &lab.server.name, "link", "del", &lab.server_if],
+    )?;
+    let gone = pw.wait_for(Duration::from_secs(10), |v| {
+        v["event"] == "interface" && v["change"] == "removed"
+    })?;
+    assert_eq!(gone["iface"], lab.server_if.as_str());
+    lab.connect()?;
+    let back = pw.wait_for(Duration::from_secs(10), |v| {
+        v["event"] == "interface" && v["change"] == "attached"
+    })?;
+    assert_eq!(back["iface"], lab.server_if.as_str());
+    assert!(
+        xdp_attached(&lab)?,
+        "no XDP program on the re-created interface"
+    );
+    let _web = tcp_server(&lab.server, 8080)?;
+    let _db = tcp_server(&lab.server, 5432)?;
+    assert!(tcp_reachable(&lab.client, lab.server_v4(), 8080)?);
+    assert!(
+        !tcp_reachable(&lab.client, lab.server_v4(), 5432)?,
+        "the re-created interface is not enforced"
+    );
+    pw.stop()?;
+    Ok(())
+}

@@ -2,6 +2,7 @@
 //! daemon. Default deny inbound, permit by exception.
 
 pub mod attach;
+pub mod links;
 pub mod lock;
 pub mod lockout;
 pub mod owner;
@@ -183,10 +184,22 @@ async fn serve(
             image: MapImage::default(),
             attached: Vec::new(),
             pin_dir: Some(pins.root.clone()),
+            ifaces: ifaces.to_vec(),
+            xdp_mode: args.xdp_mode,
             subscribers: Vec::new(),
             shutdown: None,
         },
         control: Some(control_rx),
+        // Opened before attaching, so an interface removed meanwhile is seen.
+        links: match links::LinkWatch::open() {
+            Ok(watch) => Some(watch),
+            Err(e) => {
+                log::warn!(
+                    "cannot follow interface changes (rtnetlink): {e}; a re-created interface will not be guarded again"
+                );
+                None
+            }
+        },
     });
     // Lockout protection, with the listeners that exist now, before anything
     // is reported: a refusal leaves no partial stream behind.

@@ -16,7 +16,7 @@ use crate::{
         protocol::{Format, Request},
         server::{Peer, Reply},
     },
-    guard::{attach::Attached, exposure_of},
+    guard::{attach::Attached, exposure_of, links::LinkChange, pins::PinDir},
     maps::MapImage,
     model::{Event, EventKind, ListenerEvent, Origin, PolicyEvent},
     policy::{Mode, Policy, PortRange, Rule},
@@ -63,6 +63,10 @@ pub struct GuardState {
     pub image: MapImage,
     pub attached: Vec<Attached>,
     pub pin_dir: Option<PathBuf>,
+    /// The interfaces to guard and the XDP mode asked for, to re-attach an
+    /// interface that comes back.
+    pub ifaces: Vec<String>,
+    pub xdp_mode: crate::guard::attach::XdpModeArg,
     pub subscribers: Vec<Subscriber>,
     /// Set by a `shutdown` request: (requested, detach).
     pub shutdown: Option<bool>,
@@ -80,6 +84,83 @@ fn err(msg: impl Into<String>) -> Value {
 }
 
 impl Stream {
+    /// Follows a guarded interface going away (its program went with it)
+    /// and coming back (attach again, at once).
+    pub fn on_link_change(&mut self, datapath: &mut crate::loader::Datapath, change: LinkChange) {
+        let Some(g) = self.guard.as_mut() else {
+            return;
+        };
+        let (name, index, up) = match &change {
+            LinkChange::Up { name, index } => (name.clone(), *index, true),
+            LinkChange::Gone { name, index } => (name.clone(), *index, false),
+        };
+        if !g.state.ifaces.contains(&name) {
+            return;
+        }
+        let attached_here = g
+            .state
+            .attached
+            .iter()
+            .any(|a| a.iface == name && a.ifindex == index);
+        if up && attached_here {
+            return; // a flag change of an interface already guarded
+        }
+        let Some(pin_dir) = g.state.pin_dir.clone() else {
+            return;
+        };
+        let pins = PinDir::new(&pin_dir);
+        let was_attached = g.state.attached.iter().any(|a| a.iface == name);
+        if was_attached {
+            // Gone, or back under a new index: the old links are defunct.
+            pins.detach(&name);
+            g.state.attached.retain(|a| a.iface != name);
+            g.ifnames.retain(|_, n| *n != name);
+            if !up {
+                log::warn!("{name} was removed: the guard is off there until it comes back");
+                let _ = self.emit(Event::Interface {
+                    ts: SystemTime::now(),
+                    iface: name.clone(),
+                    change: "removed".into(),
+                    xdp_mode: None,
+                });
+                let _ = self.flush();
+                return;
+            }
+        }
+        if !up {
+            return;
+        }
+        let mode = g.state.xdp_mode;
+        let event = match datapath.attach_guard(&pins, &name, mode) {
+            Ok(attached) => {
+                log::info!(
+                    "{name} is back: guard re-attached ({} XDP)",
+                    attached.xdp_mode
+                );
+                g.ifnames.insert(attached.ifindex, attached.iface.clone());
+                let xdp_mode = attached.xdp_mode;
+                g.state.attached.push(attached);
+                Event::Interface {
+                    ts: SystemTime::now(),
+                    iface: name,
+                    change: "attached".into(),
+                    xdp_mode: Some(xdp_mode),
+                }
+            }
+            Err(e) => {
+                log::error!("{name} is back but attaching the guard failed: {e}");
+                Event::Interface {
+                    ts: SystemTime::now(),
+                    iface: name,
+                    change: format!("attach failed: {e}"),
+                    xdp_mode: None,
+                }
+            }
+        };
+        let _ = self.emit(event);
+        let _ = self.flush();
+    }
+
     /// Answers one control request.
     pub fn handle_control(&mut self, peer: &Peer, request: Request, events_lost: u64) -> Reply {
         let by = (Some(peer.uid), Some(peer.pid));

@@ -395,6 +395,20 @@ impl<W: Write> Sink for HumanSink<W> {
                 self.add_drop(d);
                 Ok(())
             }
+            Event::Interface {
+                ts,
+                iface,
+                change,
+                xdp_mode,
+            } => {
+                let (on, off) = self.paint(RED);
+                let fixed = format!("{} {on}iface{off}  ", clock(*ts));
+                let text = match xdp_mode {
+                    Some(mode) => format!("{iface}: {change} ({mode} XDP)"),
+                    None => format!("{iface}: {change}"),
+                };
+                self.line(&fixed, 15 + 1 + 6 + 1, &text)
+            }
             Event::Policy(p) => {
                 let (on, off) = self.paint(YELLOW);
                 let by = match (p.by_uid, p.by_pid) {

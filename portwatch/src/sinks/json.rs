@@ -61,6 +61,15 @@ struct PolicyLine<'a> {
 }
 
 #[derive(Serialize)]
+struct InterfaceLine<'a> {
+    ts: String,
+    event: &'static str,
+    iface: &'a str,
+    change: &'a str,
+    xdp_mode: Option<&'static str>,
+}
+
+#[derive(Serialize)]
 struct ReadyLine {
     ts: String,
     event: &'static str,
@@ -159,6 +168,18 @@ impl<W: Write> Sink for JsonSink<W> {
                 dst_port: d.dst_port,
                 iface: d.iface.as_deref(),
                 audit: d.audit,
+            }),
+            Event::Interface {
+                ts,
+                iface,
+                change,
+                xdp_mode,
+            } => self.line(&InterfaceLine {
+                ts: rfc3339_micros(*ts),
+                event: "interface",
+                iface,
+                change,
+                xdp_mode: *xdp_mode,
             }),
             Event::Policy(p) => self.line(&PolicyLine {
                 ts: rfc3339_micros(p.ts),
