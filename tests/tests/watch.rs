@@ -326,3 +326,63 @@ fn unprivileged_user_gets_a_clear_error() -> Result {
     assert!(!stderr.contains("panicked"), "{stderr}");
     Ok(())
 }
+
+#[test]
+fn a_held_back_consumer_loses_events_that_are_counted_exactly_and_it_recovers() -> Result {
+    // 2 x 40,000 events of 80 bytes overflow the 4 MiB ring buffer while
+    // portwatch is stopped.
+    const N: u64 = 40_000;
+    let mut pw = Portwatch::start(&["watch", "--no-snapshot", "--proto", "tcp"])?;
+    portwatch_tests::signal(pw.pid(), libc::SIGSTOP)?;
+    struct Resume(u32);
+    impl Drop for Resume {
+        fn drop(&mut self) {
+            let _ = portwatch_tests::signal(self.0, libc::SIGCONT);
+        }
+    }
+    let resume = Resume(pw.pid());
+    let mut fx = Fixture::python(&["--churn", &N.to_string()])?;
+    let pid = fx.pid();
+    fx.close_all()?; // runs the churn and waits until it is done
+    drop(fx);
+    drop(resume); // SIGCONT: the consumer catches up
+    let lost_seen = pw.wait_for(Duration::from_secs(30), |v| v["event"] == "lost")?;
+    assert!(
+        lost_seen["count"].as_u64().is_some_and(|n| n > 0),
+        "{lost_seen}"
+    );
+    // It recovers: a listener opened now is reported.
+    let mut after = Fixture::python(&["tcp4"])?;
+    let want = after.report["listeners"][0].clone();
+    pw.wait_for(Duration::from_secs(30), |v| {
+        matches_listener(v, after.pid(), &want, "listen")
+    })?;
+    after.close_all()?;
+    let status = pw.stop()?;
+    assert!(status.success());
+    let listens = pw.events_of(pid as u32, "listen").len() as u64;
+    let closes = pw.events_of(pid as u32, "close").len() as u64;
+    let summary = pw
+        .seen
+        .iter()
+        .find(|v| v["event"] == "summary")
+        .context("no summary")?;
+    let lost = summary["lost"].as_u64().context("lost")?;
+    assert!(
+        lost > 0,
+        "nothing was lost: the test did not overflow the buffer"
+    );
+    assert_eq!(
+        listens + closes + lost,
+        2 * N,
+        "listens {listens} closes {closes} lost {lost}"
+    );
+    let announced: u64 = pw
+        .seen
+        .iter()
+        .filter(|v| v["event"] == "lost")
+        .filter_map(|v| v["count"].as_u64())
+        .sum();
+    assert_eq!(announced, lost, "every loss is announced in the stream");
+    Ok(())
+}
