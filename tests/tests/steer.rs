@@ -618,3 +618,88 @@ fn a_guarded_interface_that_is_deleted_and_re_created_is_guarded_again() -> Resu
     pw.stop()?;
     Ok(())
 }
+
+#[test]
+fn a_broken_policy_file_on_reload_is_refused_and_the_policy_in_force_stays() -> Result {
+    let lab = Lab::new()?;
+    let paths = Paths::new()?;
+    let policy = TempFile::new("broken", "allow = [\"tcp/8080\"]\n")?;
+    let _web = tcp_server(&lab.server, 8080)?;
+    let mut pw = guard(&lab, &paths, Path::new(policy.as_str()?), &[])?;
+    std::fs::write(
+        policy.as_str()?,
+        "allow = [\n  \"tcp/8080\",\n  \"tcp/99999\",\n]\n",
+    )?;
+    let out = client(&paths, &["reload"])?;
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("line 3") && stderr.contains("99999"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("unchanged"), "{stderr}");
+    // Unreadable: a directory where the file was.
+    std::fs::remove_file(policy.as_str()?)?;
+    std::fs::create_dir(policy.as_str()?)?;
+    let out = client(&paths, &["reload"])?;
+    assert!(!out.status.success());
+    std::fs::remove_dir(policy.as_str()?)?;
+    assert!(
+        tcp_reachable(&lab.client, lab.server_v4(), 8080)?,
+        "the policy in force changed"
+    );
+    assert!(!pw.seen.iter().any(|v| v["event"] == "policy"));
+    let now = Control::connect(&paths)?.raw(br#"{"cmd":"policy"}"#)?;
+    assert_eq!(now["rules"].as_array().map(Vec::len), Some(1), "{now}");
+    pw.stop()?;
+    Ok(())
+}
+
+#[test]
+fn twenty_restarts_under_traffic_never_open_a_gap() -> Result {
+    let lab = Lab::new()?;
+    let paths = Paths::new()?;
+    let policy = TempFile::new("restarts", "allow = [\"udp/5001\"]\n")?;
+    let mut denied = udp_counter(&lab, 5002)?;
+    let mut permitted = udp_counter(&lab, 5001)?;
+    let server = lab.server_v4();
+    let mut pw = guard(&lab, &paths, Path::new(policy.as_str()?), &[])?;
+    // ~8 s of traffic to both ports while the guard restarts 20 times,
+    // alternately stopped cleanly and killed.
+    let mut to_denied = udp_sender(&lab, server, 5002, 4000, 2)?;
+    let mut to_permitted = udp_sender(&lab, server, 5001, 4000, 2)?;
+    for round in 0..20 {
+        if round % 2 == 0 {
+            pw.stop()?;
+        } else {
+            portwatch_tests::signal(pw.pid(), libc::SIGKILL)?;
+            let _ = pw.stop();
+        }
+        pw = guard(&lab, &paths, Path::new(policy.as_str()?), &[])?;
+        ensure!(
+            pw.stderr().contains("adopted the pinned datapath"),
+            "round {round}: {}",
+            pw.stderr()
+        );
+    }
+    to_denied.0.wait()?;
+    to_permitted.0.wait()?;
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(
+        count(&mut denied)?,
+        0,
+        "datagrams to the denied port were delivered"
+    );
+    assert_eq!(
+        count(&mut permitted)?,
+        4000,
+        "datagrams to the permitted port were dropped"
+    );
+    // Nothing pinned twice: one XDP and one tc link for the one interface.
+    let links: Vec<String> = std::fs::read_dir(paths.pins.join("links"))?
+        .filter_map(|e| e.ok()?.file_name().into_string().ok())
+        .collect();
+    assert_eq!(links.len(), 2, "{links:?}");
+    pw.stop()?;
+    Ok(())
+}
