@@ -13,6 +13,58 @@ use crate::{
 #[derive(Default)]
 pub struct Listeners {
     open: HashMap<(Proto, SockId), Listener>,
+    procs: ProcCache,
+}
+
+/// What /proc said about a process, kept for a short while: a burst of
+/// listeners comes from a few processes, and reading six /proc files per
+/// event would make user space the bottleneck (about 50 us an event).
+#[derive(Default)]
+struct ProcCache {
+    entries: HashMap<u32, CachedProc>,
+}
+
+struct CachedProc {
+    /// The kernel's comm when it was read: a different one means the pid
+    /// now runs another program (exec, or a reused pid).
+    comm: String,
+    read_at: std::time::Instant,
+    netns: Option<u64>,
+    exe: Option<String>,
+    cmdline: Option<String>,
+    cgroup: Option<String>,
+}
+
+/// How long a process's details are trusted without reading /proc again.
+const PROC_TTL: std::time::Duration = std::time::Duration::from_secs(2);
+/// Bound on the cache; it is cleared when full (the next reads refill it).
+const PROC_CACHE_MAX: usize = 4096;
+
+impl ProcCache {
+    fn lookup(&mut self, tgid: u32, comm: &str) -> &CachedProc {
+        let fresh = self
+            .entries
+            .get(&tgid)
+            .is_some_and(|c| c.comm == comm && c.read_at.elapsed() < PROC_TTL);
+        if !fresh {
+            if self.entries.len() >= PROC_CACHE_MAX {
+                self.entries.clear();
+            }
+            let details = procinfo::process_info(tgid);
+            self.entries.insert(
+                tgid,
+                CachedProc {
+                    comm: comm.to_string(),
+                    read_at: std::time::Instant::now(),
+                    netns: procinfo::netns_of(tgid),
+                    exe: details.exe,
+                    cmdline: details.cmdline,
+                    cgroup: details.cgroup,
+                },
+            );
+        }
+        &self.entries[&tgid]
+    }
 }
 
 impl Listeners {
@@ -60,7 +112,7 @@ impl Listeners {
         let key = (raw.proto, raw.sock_id);
         match raw.kind {
             EventKind::Listen => {
-                let mut listener = enrich(raw);
+                let mut listener = enrich(&mut self.procs, raw);
                 if listener.proto == Proto::Tcp && listener.port == 0 {
                     listener.port = self.autobound_port(&listener).unwrap_or(0);
                 }
@@ -84,7 +136,7 @@ impl Listeners {
                     None => {
                         let closing = from_kernel(&raw, None);
                         self.take_snapshot_match(&closing)
-                            .unwrap_or_else(|| enrich(raw))
+                            .unwrap_or_else(|| enrich(&mut self.procs, raw))
                     }
                 };
                 Some(ListenerEvent {
@@ -151,12 +203,11 @@ fn from_kernel(raw: &RawListen, netns: Option<u64>) -> Listener {
 
 /// Adds what only /proc knows. The kernel's pid, comm and uid stay: they
 /// were taken in the right context, /proc may already show another program.
-fn enrich(raw: RawListen) -> Listener {
-    let netns = procinfo::netns_of(raw.tgid);
-    let mut listener = from_kernel(&raw, netns);
-    let details = procinfo::process_info(raw.tgid);
-    listener.process.exe = details.exe;
-    listener.process.cmdline = details.cmdline;
-    listener.process.cgroup = details.cgroup;
+fn enrich(procs: &mut ProcCache, raw: RawListen) -> Listener {
+    let cached = procs.lookup(raw.tgid, &raw.comm);
+    let mut listener = from_kernel(&raw, cached.netns);
+    listener.process.exe = cached.exe.clone();
+    listener.process.cmdline = cached.cmdline.clone();
+    listener.process.cgroup = cached.cgroup.clone();
     listener
 }
