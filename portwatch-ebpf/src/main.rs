@@ -3,6 +3,7 @@
 #![no_std]
 #![no_main]
 
+mod bench;
 mod flows;
 mod listen;
 mod maps;
@@ -10,7 +11,7 @@ mod parse;
 mod xdp;
 
 use aya_ebpf::{
-    bindings::TC_ACT_OK,
+    bindings::{TC_ACT_OK, xdp_action::XDP_DROP},
     macros::{cgroup_sock, classifier, tracepoint, xdp},
     programs::{SockContext, TcContext, TracePointContext, XdpContext},
 };
@@ -48,6 +49,18 @@ pub fn sock_release(ctx: SockContext) -> i32 {
 #[xdp(frags)]
 pub fn xdp_guard(ctx: XdpContext) -> u32 {
     xdp::try_xdp_guard(&ctx)
+}
+
+/// Benchmark baseline (`cargo xtask bench`), never attached: drop, nothing else.
+#[xdp(frags)]
+pub fn bench_xdp_drop(_ctx: XdpContext) -> u32 {
+    XDP_DROP
+}
+
+/// Benchmark baseline, never attached: the guard's parsing, then drop.
+#[xdp(frags)]
+pub fn bench_parse_drop(ctx: XdpContext) -> u32 {
+    bench::try_parse_drop(&ctx)
 }
 
 /// The guard's egress side: records the host's outbound UDP flows.

@@ -9,8 +9,9 @@ use anyhow::{Context as _, Result, bail};
 
 use crate::util;
 
-/// Debian packages for building (Rust with source, LLVM for bpf-linker) and
-/// for running and testing (bpftool, network tools, real clients/servers).
+/// Debian packages for building (Rust with source, LLVM for bpf-linker), for
+/// running and testing (bpftool, network tools, real clients/servers) and
+/// for the benchmarks' baselines.
 const PACKAGES: &[&str] = &[
     "rustc-web",
     "cargo-web",
@@ -26,6 +27,14 @@ const PACKAGES: &[&str] = &[
     "python3",
     "procps",
     "iputils-ping",
+    // `cargo xtask bench`: a packet generator (trafgen), TCP throughput,
+    // the firewalls and XDP filter compared against, a tracing baseline.
+    "netsniff-ng",
+    "iperf3",
+    "nftables",
+    "iptables",
+    "xdp-tools",
+    "bpftrace",
 ];
 
 /// bpf-linker's newest release that builds with the LLVM Debian ships.

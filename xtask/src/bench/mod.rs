@@ -20,7 +20,6 @@ use serde_json::{Value, json};
 use crate::{build, setup, util};
 
 /// What every section gets.
-#[allow(dead_code)] // until every section reads it
 pub struct Ctx {
     pub root: PathBuf,
     /// The release portwatch binary.
@@ -132,7 +131,6 @@ fn machine_line() -> String {
 }
 
 /// Median of a sample (sorted copy); 0 for an empty one.
-#[allow(dead_code)] // until the sections use it
 pub fn median(xs: &[f64]) -> f64 {
     let mut v: Vec<f64> = xs.to_vec();
     v.sort_by(|a, b| a.total_cmp(b));
@@ -144,7 +142,6 @@ pub fn median(xs: &[f64]) -> f64 {
 }
 
 /// Value at quantile `q` (0..=1) of a sample, nearest rank.
-#[allow(dead_code)] // until the sections use it
 pub fn quantile(xs: &[f64], q: f64) -> f64 {
     let mut v: Vec<f64> = xs.to_vec();
     v.sort_by(|a, b| a.total_cmp(b));

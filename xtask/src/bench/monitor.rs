@@ -1,9 +1,554 @@
-//! Placeholder until this section is written.
+//! The monitor: a burst of listeners from several processes (in a namespace
+//! of the bench's own) watched by `portwatch watch --json --no-snapshot`,
+//! then by a bpftrace one-liner on the same tracepoint; and the start-up
+//! snapshot with the listeners open, against `ss -ltnp`.
+//!
+//! Latency is from the realtime clock each listener process reads just
+//! before its `listen()` to the realtime clock when the bench read the event
+//! line from the watcher's stdout.
 
-use anyhow::{Result, bail};
+use std::{
+    collections::HashMap,
+    fmt::Write as _,
+    io::Write as _,
+    path::PathBuf,
+    process::{ChildStdin, Command, Stdio},
+    sync::mpsc,
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+};
 
-use super::{Ctx, Section};
+use anyhow::{Context as _, Result, bail, ensure};
+use serde_json::{Value, json};
 
-pub fn run(_ctx: &Ctx) -> Result<Section> {
-    bail!("the monitor benchmark is not written yet")
+use super::{
+    Ctx, Section, median, quantile,
+    veth::{
+        Netns, Proc, TempDir, line_reader, output_within, proc_cpu_seconds, spread, stats_json,
+        verdict, wait_line,
+    },
+};
+use crate::util;
+
+type Lines = mpsc::Receiver<(SystemTime, String)>;
+
+/// Binds `n` TCP sockets (raising RLIMIT_NOFILE first), says "bound", and on
+/// "go" calls listen() on each, noting CLOCK_REALTIME just before; writes
+/// "port ns" lines to the file, says "done", and holds the sockets until
+/// its stdin says anything more (or closes).
+const LISTENER: &str = r#"
+import resource, socket, sys, time
+n, addr, base, out = int(sys.argv[1]), sys.argv[2], int(sys.argv[3]), sys.argv[4]
+soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+want = n + 64
+if soft < want:
+    if hard != resource.RLIM_INFINITY and hard < want:
+        hard = want
+    resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+socks = []
+for i in range(n):
+    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    s.bind((addr, base + i))
+    socks.append(s)
+print("bound", flush=True)
+sys.stdin.readline()
+clock, rt = time.clock_gettime_ns, time.CLOCK_REALTIME
+stamps = [0] * n
+for i, s in enumerate(socks):
+    stamps[i] = clock(rt)
+    s.listen(8)
+with open(out, "w") as f:
+    f.write("\n".join(f"{base + i} {t}" for i, t in enumerate(stamps)))
+print("done", flush=True)
+sys.stdin.readline()
+"#;
+
+/// The bpftrace baseline: the same tracepoint portwatch uses, into LISTEN.
+const BPFTRACE: &str = r#"tracepoint:sock:inet_sock_set_state /args->newstate == 10/ { printf("%d %d\n", args->sport, pid); }"#;
+
+/// Listener processes in `ns`, `per` sockets each on 127.0.0.1, ports from
+/// `FIRST_PORT` on. Killed on drop if still running.
+struct Listeners {
+    procs: Vec<(Proc, ChildStdin, Lines)>,
+    files: Vec<PathBuf>,
+}
+
+const FIRST_PORT: u16 = 10_000;
+
+impl Listeners {
+    fn spawn(ns: &Netns, dir: &TempDir, procs: u16, per: u16, tag: &str) -> Result<Self> {
+        let mut me = Self {
+            procs: Vec::new(),
+            files: Vec::new(),
+        };
+        for k in 0..procs {
+            let file = dir.path(&format!("{tag}-{k}.stamps"));
+            let base = FIRST_PORT + k * per;
+            let mut cmd = ns.exec("python3");
+            // From a file: the command line portwatch reports stays short,
+            // as a real server's is.
+            cmd.arg(dir.path("listener.py"))
+                .args([&per.to_string(), "127.0.0.1", &base.to_string()])
+                .arg(&file)
+                .stdin(Stdio::piped())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::inherit());
+            let mut proc = Proc::spawn(&mut cmd)?;
+            let stdin = proc.0.stdin.take().context("no stdin pipe")?;
+            let lines = line_reader(proc.0.stdout.take().context("no stdout pipe")?);
+            me.procs.push((proc, stdin, lines));
+            me.files.push(file);
+        }
+        for (_, _, lines) in &me.procs {
+            wait_line(lines, Duration::from_secs(60), |l| l == "bound")
+                .context("a listener process did not bind its sockets")?;
+        }
+        Ok(me)
+    }
+
+    /// Starts the burst in every process.
+    fn go(&mut self) -> Result<()> {
+        for (_, stdin, _) in &mut self.procs {
+            stdin.write_all(b"go\n")?;
+            stdin.flush()?;
+        }
+        Ok(())
+    }
+
+    fn wait_done(&self) -> Result<()> {
+        for (_, _, lines) in &self.procs {
+            wait_line(lines, Duration::from_secs(60), |l| l == "done")
+                .context("a listener process did not finish its burst")?;
+        }
+        Ok(())
+    }
+
+    /// port → realtime ns just before its listen().
+    fn stamps(&self) -> Result<HashMap<u16, i128>> {
+        let mut map = HashMap::new();
+        for file in &self.files {
+            let text = std::fs::read_to_string(file)
+                .with_context(|| format!("reading {}", file.display()))?;
+            for line in text.lines() {
+                let (port, ns) = line.split_once(' ').context("bad stamp line")?;
+                map.insert(port.parse()?, ns.parse()?);
+            }
+        }
+        Ok(map)
+    }
+
+    /// Lets the processes close their sockets and exit.
+    fn release(mut self) -> Result<()> {
+        for (_, stdin, _) in &mut self.procs {
+            let _ = stdin.write_all(b"exit\n");
+        }
+        for (proc, _, _) in &mut self.procs {
+            proc.wait_within(Duration::from_secs(30))?;
+        }
+        Ok(())
+    }
+}
+
+fn epoch_ns(t: SystemTime) -> i128 {
+    t.duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos() as i128)
+        .unwrap_or(0)
+}
+
+/// Reads event lines until every port in `stamps` was seen (or nothing came
+/// for 3 s, or 60 s passed). `port_of` picks the port out of a line that is
+/// a burst event. Latencies in µs, one per port, first sighting.
+fn collect(
+    lines: &Lines,
+    stamps: &HashMap<u16, i128>,
+    mut port_of: impl FnMut(&str) -> Option<u16>,
+    other: &mut Vec<String>,
+) -> Vec<f64> {
+    let mut seen: HashMap<u16, f64> = HashMap::new();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while seen.len() < stamps.len() && Instant::now() < deadline {
+        let Ok((at, line)) = lines.recv_timeout(Duration::from_secs(3)) else {
+            break;
+        };
+        match port_of(&line) {
+            Some(port) => {
+                if let Some(stamp) = stamps.get(&port) {
+                    seen.entry(port)
+                        .or_insert((epoch_ns(at) - stamp) as f64 / 1e3);
+                }
+            }
+            None => other.push(line),
+        }
+    }
+    seen.into_values().collect()
+}
+
+struct Burst {
+    delivered: usize,
+    lost: u64,
+    lat_us: Vec<f64>,
+    cpu_s: f64,
+    seconds: f64,
+}
+
+fn summarise(lat: &[f64]) -> (f64, f64, f64) {
+    (
+        median(lat),
+        quantile(lat, 0.99),
+        lat.iter().copied().fold(0.0, f64::max),
+    )
+}
+
+/// One burst under `portwatch watch --json --no-snapshot`.
+fn portwatch_burst(ctx: &Ctx, ns: &Netns, dir: &TempDir, procs: u16, per: u16) -> Result<Burst> {
+    let inode = ns.inode()?;
+    let listeners = Listeners::spawn(ns, dir, procs, per, "pw")?;
+    let mut cmd = Command::new(&ctx.portwatch);
+    cmd.args(["watch", "--json", "--no-snapshot", "--local"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit());
+    let mut pw = Proc::spawn(&mut cmd)?;
+    let lines = line_reader(pw.0.stdout.take().context("no stdout pipe")?);
+    wait_line(&lines, Duration::from_secs(30), |l| {
+        l.contains("\"event\":\"ready\"")
+    })
+    .context("portwatch watch did not get ready")?;
+    let mut listeners = listeners;
+    let cpu0 = proc_cpu_seconds(pw.pid())?;
+    let t0 = Instant::now();
+    listeners.go()?;
+    listeners.wait_done()?;
+    let stamps = listeners.stamps()?;
+    let mut other = Vec::new();
+    let lat = collect(
+        &lines,
+        &stamps,
+        |line| {
+            if !line.contains("\"event\":\"listen\"") {
+                return None;
+            }
+            let v: Value = serde_json::from_str(line).ok()?;
+            (v["netns"] == inode && v["origin"] == "live" && v["proto"] == "tcp")
+                .then(|| v["port"].as_u64().and_then(|p| u16::try_from(p).ok()))
+                .flatten()
+        },
+        &mut other,
+    );
+    let seconds = t0.elapsed().as_secs_f64();
+    let cpu1 = proc_cpu_seconds(pw.pid())?;
+    ensure!(
+        pw.interrupt(Duration::from_secs(10)).is_some(),
+        "portwatch watch did not stop on SIGINT"
+    );
+    // The rest of its output, up to the summary.
+    while let Ok((_, line)) = lines.recv_timeout(Duration::from_secs(5)) {
+        other.push(line);
+    }
+    let summary: Value = other
+        .iter()
+        .rev()
+        .find(|l| l.contains("\"event\":\"summary\""))
+        .and_then(|l| serde_json::from_str(l).ok())
+        .context("no summary line from portwatch watch")?;
+    listeners.release()?;
+    Ok(Burst {
+        delivered: lat.len(),
+        lost: summary["lost"].as_u64().context("no lost in the summary")?,
+        lat_us: lat,
+        cpu_s: cpu1 - cpu0,
+        seconds,
+    })
+}
+
+/// The same burst under bpftrace.
+fn bpftrace_burst(ns: &Netns, dir: &TempDir, procs: u16, per: u16) -> Result<Burst> {
+    let listeners = Listeners::spawn(ns, dir, procs, per, "bt")?;
+    let err = std::fs::File::create(dir.path("bpftrace.err"))?;
+    let mut cmd = Command::new("bpftrace");
+    cmd.args(["-B", "line", "-e", BPFTRACE])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(err);
+    let mut bt = Proc::spawn(&mut cmd)?;
+    let lines = line_reader(bt.0.stdout.take().context("no stdout pipe")?);
+    if let Err(e) = wait_line(&lines, Duration::from_secs(60), |l| {
+        l.starts_with("Attaching")
+    }) {
+        let err = std::fs::read_to_string(dir.path("bpftrace.err")).unwrap_or_default();
+        bail!("bpftrace did not attach: {e:#}\n{err}");
+    }
+    // "Attaching" comes just before the attach itself.
+    std::thread::sleep(Duration::from_millis(500));
+    let mut listeners = listeners;
+    let cpu0 = proc_cpu_seconds(bt.pid())?;
+    let t0 = Instant::now();
+    listeners.go()?;
+    listeners.wait_done()?;
+    let stamps = listeners.stamps()?;
+    let mut other = Vec::new();
+    let lat = collect(
+        &lines,
+        &stamps,
+        |line| {
+            let mut words = line.split_whitespace();
+            let port = words.next()?.parse().ok()?;
+            words.next()?.parse::<u32>().ok()?;
+            Some(port)
+        },
+        &mut other,
+    );
+    let seconds = t0.elapsed().as_secs_f64();
+    let cpu1 = proc_cpu_seconds(bt.pid())?;
+    bt.interrupt(Duration::from_secs(10));
+    while let Ok((_, line)) = lines.recv_timeout(Duration::from_secs(2)) {
+        other.push(line);
+    }
+    // "Lost N events" when its perf buffer overflowed.
+    let err = std::fs::read_to_string(dir.path("bpftrace.err")).unwrap_or_default();
+    let lost = other
+        .iter()
+        .map(String::as_str)
+        .chain(err.lines())
+        .filter_map(|l| {
+            let rest = l.trim().strip_prefix("Lost ")?;
+            rest.split_whitespace().next()?.parse::<u64>().ok()
+        })
+        .sum();
+    listeners.release()?;
+    Ok(Burst {
+        delivered: lat.len(),
+        lost,
+        lat_us: lat,
+        cpu_s: cpu1 - cpu0,
+        seconds,
+    })
+}
+
+/// Seconds from starting `portwatch watch --json` to its ready line (the
+/// snapshot, with owners, is out by then), and the snapshot's size.
+fn portwatch_snapshot(ctx: &Ctx) -> Result<(f64, u64)> {
+    let t0 = Instant::now();
+    let mut cmd = Command::new(&ctx.portwatch);
+    cmd.args(["watch", "--json", "--local"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit());
+    let mut pw = Proc::spawn(&mut cmd)?;
+    let lines = line_reader(pw.0.stdout.take().context("no stdout pipe")?);
+    let (_, ready) = wait_line(&lines, Duration::from_secs(120), |l| {
+        l.contains("\"event\":\"ready\"")
+    })
+    .context("portwatch watch did not get ready")?;
+    let took = t0.elapsed().as_secs_f64();
+    pw.interrupt(Duration::from_secs(10));
+    let v: Value = serde_json::from_str(&ready).context("parsing the ready line")?;
+    Ok((took, v["snapshot"].as_u64().unwrap_or(0)))
+}
+
+/// Seconds `ss -ltnp` takes in `ns` (output read through a pipe), and its
+/// line count.
+fn ss_snapshot(ns: &Netns) -> Result<(f64, u64)> {
+    let t0 = Instant::now();
+    let out = output_within(
+        Command::new("nsenter")
+            .arg(format!("--net=/run/netns/{}", ns.name))
+            .args(["ss", "-Hltnp"]),
+        Duration::from_secs(120),
+    )?;
+    let took = t0.elapsed().as_secs_f64();
+    ensure!(out.status.success(), "ss -ltnp failed");
+    Ok((
+        took,
+        out.stdout.iter().filter(|b| **b == b'\n').count() as u64,
+    ))
+}
+
+pub fn run(ctx: &Ctx) -> Result<Section> {
+    let (rounds, procs, per): (usize, u16, u16) = if ctx.quick {
+        (1, 3, 2_000)
+    } else {
+        (3, 3, 15_000)
+    };
+    let total = usize::from(procs) * usize::from(per);
+    for tool in ["python3", "bpftrace", "ss", "nsenter"] {
+        ensure!(
+            util::find_in_path(tool).is_some(),
+            "{tool} not found (run `cargo xtask setup`)"
+        );
+    }
+    let ns = Netns::new("m")?;
+    let dir = TempDir::new()?;
+    std::fs::write(dir.path("listener.py"), LISTENER)?;
+
+    let mut pw_bursts = Vec::new();
+    let mut bt_bursts = Vec::new();
+    let mut pw_snap = Vec::new();
+    let mut ss_snap = Vec::new();
+    let mut sizes = (0, 0);
+    for round in 0..rounds {
+        let b = portwatch_burst(ctx, &ns, &dir, procs, per).context("portwatch burst")?;
+        let (m, p99, _) = summarise(&b.lat_us);
+        eprintln!(
+            "monitor round {}/{rounds}: portwatch {}/{total} events, {} lost, listen→read median {m:.0} µs, p99 {p99:.0} µs, {:.2} s CPU",
+            round + 1,
+            b.delivered,
+            b.lost,
+            b.cpu_s
+        );
+        pw_bursts.push(b);
+
+        // The snapshot, with the listeners open, alternating with ss.
+        let held = Listeners::spawn(&ns, &dir, procs, per, "snap")?;
+        let mut held = held;
+        held.go()?;
+        held.wait_done()?;
+        for first_pw in [round % 2 == 0, round % 2 != 0] {
+            if first_pw {
+                let (t, n) = portwatch_snapshot(ctx)?;
+                pw_snap.push(t);
+                sizes.0 = n;
+            } else {
+                let (t, n) = ss_snapshot(&ns)?;
+                ss_snap.push(t);
+                sizes.1 = n;
+            }
+        }
+        held.release()?;
+        eprintln!(
+            "monitor round {}/{rounds}: snapshot portwatch {:.3} s ({} listeners), ss -ltnp {:.3} s ({} lines)",
+            round + 1,
+            pw_snap.last().copied().unwrap_or(0.0),
+            sizes.0,
+            ss_snap.last().copied().unwrap_or(0.0),
+            sizes.1
+        );
+
+        let b = bpftrace_burst(&ns, &dir, procs, per).context("bpftrace burst")?;
+        let (m, p99, _) = summarise(&b.lat_us);
+        eprintln!(
+            "monitor round {}/{rounds}: bpftrace {}/{total} events, {} lost, listen→read median {m:.0} µs, p99 {p99:.0} µs, {:.2} s CPU",
+            round + 1,
+            b.delivered,
+            b.lost,
+            b.cpu_s
+        );
+        bt_bursts.push(b);
+    }
+
+    let per_round = |bs: &[Burst], f: fn(&Burst) -> f64| -> Vec<f64> { bs.iter().map(f).collect() };
+    let delivered = |bs: &[Burst]| per_round(bs, |b| b.delivered as f64);
+    let lost = |bs: &[Burst]| per_round(bs, |b| b.lost as f64);
+    let p50 = |bs: &[Burst]| per_round(bs, |b| median(&b.lat_us));
+    let p99 = |bs: &[Burst]| per_round(bs, |b| quantile(&b.lat_us, 0.99));
+    let max = |bs: &[Burst]| per_round(bs, |b| b.lat_us.iter().copied().fold(0.0, f64::max));
+    let cpu_us = |bs: &[Burst]| per_round(bs, |b| b.cpu_s * 1e6 / (b.delivered.max(1) as f64));
+    let secs = |bs: &[Burst]| per_round(bs, |b| b.seconds);
+
+    let pw_all_delivered = pw_bursts.iter().all(|b| b.delivered == total);
+    let pw_lost: u64 = pw_bursts.iter().map(|b| b.lost).sum();
+    let zero_lost = pw_lost == 0 && pw_all_delivered;
+    let pw_p99 = p99(&pw_bursts).iter().copied().fold(0.0, f64::max);
+    let p99_met = pw_p99 < 1_000.0;
+    let snap_ratio = median(&pw_snap) / median(&ss_snap);
+    let snap_met = snap_ratio <= 0.5;
+
+    let mut md = String::from(
+        "| watcher | events delivered (of burst) | lost | listen→read p50 µs | p99 µs | max µs | CPU µs/event | burst s |\n\
+         |---|---|---|---|---|---|---|---|\n",
+    );
+    for (name, bs) in [
+        ("portwatch watch --json", &pw_bursts),
+        ("bpftrace one-liner", &bt_bursts),
+    ] {
+        let _ = writeln!(
+            md,
+            "| {name} | {} / {total} | {} | {} | {} | {} | {} | {} |",
+            spread(&delivered(bs), 0),
+            spread(&lost(bs), 0),
+            spread(&p50(bs), 0),
+            spread(&p99(bs), 0),
+            spread(&max(bs), 0),
+            spread(&cpu_us(bs), 2),
+            spread(&secs(bs), 2),
+        );
+    }
+    let _ = writeln!(
+        md,
+        "\n| start-up snapshot ({total} listeners open) | seconds: median (min–max) | size |\n|---|---|---|\n\
+         | portwatch watch --json (start → ready, with owners; all namespaces, hooks attached) | {} | {} listeners |\n\
+         | ss -ltnp (in the listeners' namespace) | {} | {} lines |\n",
+        spread(&pw_snap, 3),
+        sizes.0,
+        spread(&ss_snap, 3),
+        sizes.1
+    );
+    let _ = writeln!(
+        md,
+        "Method: {rounds} rounds; each burst is {procs} Python processes × {per} TCP sockets on \
+         127.0.0.1 in a namespace of the bench's own, bound beforehand, then listen() in a \
+         tight loop, all processes at once. Latency: CLOCK_REALTIME just before each listen() \
+         → the realtime clock when the bench read the event's line from the watcher's stdout \
+         (p50/p99/max per round; the table shows median (min–max) over rounds). CPU: the \
+         watcher's utime+stime (/proc/PID/stat) from the burst's start until all its events \
+         were read. bpftrace: `{BPFTRACE}` (-B line).\n"
+    );
+    let _ = writeln!(
+        md,
+        "- zero events lost in the burst (portwatch): {pw_lost} lost, {} — {}",
+        if pw_all_delivered {
+            "all delivered"
+        } else {
+            "some not delivered"
+        },
+        verdict(zero_lost)
+    );
+    let _ = writeln!(
+        md,
+        "- p99 listen→event < 1 ms (portwatch, worst round): {pw_p99:.0} µs — {}",
+        verdict(p99_met)
+    );
+    let _ = writeln!(
+        md,
+        "- snapshot ≤ half the time of ss -ltnp (portwatch / ss): {snap_ratio:.3} — {}",
+        verdict(snap_met)
+    );
+
+    let burst_json = |bs: &[Burst]| {
+        json!({
+            "delivered": stats_json(&delivered(bs)),
+            "lost": stats_json(&lost(bs)),
+            "latency_p50_us": stats_json(&p50(bs)),
+            "latency_p99_us": stats_json(&p99(bs)),
+            "latency_max_us": stats_json(&max(bs)),
+            "cpu_us_per_event": stats_json(&cpu_us(bs)),
+            "burst_seconds": stats_json(&secs(bs)),
+        })
+    };
+    Ok(Section {
+        key: "monitor",
+        title: "The monitor",
+        json: json!({
+            "rounds": rounds,
+            "burst_listeners": total,
+            "processes": procs,
+            "portwatch": burst_json(&pw_bursts),
+            "bpftrace": burst_json(&bt_bursts),
+            "snapshot": {
+                "portwatch_seconds": stats_json(&pw_snap),
+                "portwatch_listeners": sizes.0,
+                "ss_seconds": stats_json(&ss_snap),
+                "ss_lines": sizes.1,
+            },
+            "ratios": {
+                "snapshot_portwatch_vs_ss": snap_ratio,
+                "cpu_per_event_portwatch_vs_bpftrace": median(&cpu_us(&pw_bursts)) / median(&cpu_us(&bt_bursts)),
+            },
+            "targets": [
+                {"target": "zero events lost", "lost": pw_lost, "all_delivered": pw_all_delivered, "met": zero_lost},
+                {"target": "p99 listen→event < 1 ms", "p99_us": pw_p99, "met": p99_met},
+                {"target": "snapshot ≤ 0.5× ss -ltnp", "ratio": snap_ratio, "met": snap_met},
+            ],
+        }),
+        markdown: md,
+    })
 }
