@@ -69,6 +69,11 @@ pub fn try_xdp_guard(ctx: &XdpContext) -> u32 {
     };
     let pkt = Pkt::new(ctx);
     let verdict = classify(&pkt, &mut m, &cfg);
+    // A first fragment's verdict, whatever it is, is what its later
+    // fragments get.
+    if m.first_frag {
+        record_first_fragment(&m, &verdict);
+    }
     let len = pkt.len() as u64;
     if m.has_ports {
         count_port(&m, verdict.is_err(), len);
@@ -147,39 +152,48 @@ fn ipv6(pkt: &Pkt, off: usize, m: &mut Meta, cfg: &GuardConfig) -> Verdict {
     m.dst.copy_from_slice(&h[24..40]);
     let mut next = h[6];
     let mut off = off + 40;
-    // One pass per extension header, plus the one that reaches transport.
-    for _ in 0..=MAX_EXT_HEADERS {
-        match next {
-            NEXTHDR_HOP | NEXTHDR_ROUTING | NEXTHDR_DEST => {
-                let e = pkt.bytes::<2>(off).ok_or(DropReason::Malformed)?;
-                next = e[0];
-                off += (e[1] as usize + 1) * 8;
+    // One pass per extension header, plus the one that reaches transport:
+    // the pass after the 8th header accepts only a transport header.
+    for i in 0..=MAX_EXT_HEADERS {
+        let is_ext = matches!(
+            next,
+            NEXTHDR_HOP | NEXTHDR_ROUTING | NEXTHDR_DEST | NEXTHDR_AUTH | NEXTHDR_FRAGMENT
+        );
+        if !is_ext {
+            m.proto = next;
+            return transport(pkt, off, m, cfg);
+        }
+        if i == MAX_EXT_HEADERS {
+            break;
+        }
+        let e = pkt.bytes::<2>(off).ok_or(DropReason::Malformed)?;
+        let len = match next {
+            NEXTHDR_AUTH => (e[1] as usize + 2) * 4,
+            NEXTHDR_FRAGMENT => 8,
+            _ => (e[1] as usize + 1) * 8,
+        };
+        if next == NEXTHDR_FRAGMENT {
+            let f = pkt.bytes::<8>(off).ok_or(DropReason::Malformed)?;
+            let frag = be16(f[2], f[3]);
+            let id = u32::from_be_bytes([f[4], f[5], f[6], f[7]]);
+            if frag >> 3 != 0 {
+                m.proto = f[0];
+                // A later fragment names no datagram of its own.
+                m.first_frag = false;
+                return later_fragment(m, id);
             }
-            NEXTHDR_AUTH => {
-                let e = pkt.bytes::<2>(off).ok_or(DropReason::Malformed)?;
-                next = e[0];
-                off += (e[1] as usize + 2) * 4;
+            // Offset 0 without M is an atomic fragment: a whole datagram.
+            // The last fragment header with M names the datagram.
+            if frag & 1 != 0 {
+                m.first_frag = true;
+                m.frag_id = id;
             }
-            NEXTHDR_FRAGMENT => {
-                let f = pkt.bytes::<8>(off).ok_or(DropReason::Malformed)?;
-                next = f[0];
-                off += 8;
-                let frag = be16(f[2], f[3]);
-                let id = u32::from_be_bytes([f[4], f[5], f[6], f[7]]);
-                if frag >> 3 != 0 {
-                    m.proto = next;
-                    return later_fragment(m, id);
-                }
-                // Offset 0 without M is an atomic fragment: a whole datagram.
-                if frag & 1 != 0 {
-                    m.first_frag = true;
-                    m.frag_id = id;
-                }
-            }
-            _ => {
-                m.proto = next;
-                return transport(pkt, off, m, cfg);
-            }
+        }
+        next = e[0];
+        off += len;
+        // The whole header must be in the frame.
+        if !pkt.has(off) {
+            return Err(DropReason::Malformed);
         }
     }
     // Longer chains than any legitimate stack sends: refuse them.
@@ -203,6 +217,19 @@ fn frag_key(m: &Meta, id: u32) -> FragKey {
     }
 }
 
+fn record_first_fragment(m: &Meta, verdict: &Verdict) {
+    let decided = FragVerdict {
+        reason: match verdict {
+            Ok(()) => 0,
+            Err(reason) => *reason as u8,
+        },
+        proto: m.proto,
+        port: m.dport,
+        _pad: 0,
+    };
+    let _ = FRAGS.insert(frag_key(m, m.frag_id), decided, 0);
+}
+
 /// A later fragment carries no ports: it follows its first fragment.
 fn later_fragment(m: &mut Meta, id: u32) -> Verdict {
     let Some(first) = FRAGS.get_ptr(frag_key(m, id)) else {
@@ -223,28 +250,14 @@ fn later_fragment(m: &mut Meta, id: u32) -> Verdict {
 }
 
 fn transport(pkt: &Pkt, off: usize, m: &mut Meta, cfg: &GuardConfig) -> Verdict {
-    let verdict = match m.proto {
+    match m.proto {
         IPPROTO_TCP => tcp(pkt, off, m),
         IPPROTO_UDP => udp(pkt, off, m, cfg),
         // Neighbour discovery, path MTU discovery, multicast membership.
         IPPROTO_ICMP | IPPROTO_ICMPV6 | IPPROTO_IGMP => Ok(()),
         // Default deny: no rule can permit other protocols.
         _ => Err(DropReason::NoRule),
-    };
-    if m.first_frag {
-        let id = m.frag_id;
-        let decided = FragVerdict {
-            reason: match verdict {
-                Ok(()) => 0,
-                Err(reason) => reason as u8,
-            },
-            proto: m.proto,
-            port: m.dport,
-            _pad: 0,
-        };
-        let _ = FRAGS.insert(frag_key(m, id), decided, 0);
     }
-    verdict
 }
 
 fn tcp(pkt: &Pkt, off: usize, m: &mut Meta) -> Verdict {

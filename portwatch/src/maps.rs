@@ -53,7 +53,8 @@ use aya::maps::{
     lpm_trie::{Key, LpmTrie},
 };
 use portwatch_common::{
-    FlowKey, GUARD_STATS_LEN, GuardConfig, GuardStat, PortCounters, SRC4_KEY_LEN, SRC6_KEY_LEN,
+    FlowKey, FragKey, FragVerdict, GUARD_STATS_LEN, GuardConfig, GuardStat, PortCounters,
+    SRC4_KEY_LEN, SRC6_KEY_LEN,
 };
 
 /// Everything the policy puts into the kernel, as plain values: what
@@ -82,6 +83,7 @@ pub struct GuardMaps {
     src4: LpmTrie<MapData, [u8; SRC4_KEY_LEN], u8>,
     src6: LpmTrie<MapData, [u8; SRC6_KEY_LEN], u8>,
     flows: BpfHashMap<MapData, FlowKey, u64>,
+    frags: BpfHashMap<MapData, FragKey, FragVerdict>,
     counters: PerCpuHashMap<MapData, u32, PortCounters>,
     stats: PerCpuArray<MapData, u64>,
 }
@@ -98,6 +100,7 @@ impl GuardMaps {
             src4: take(ebpf, "POLICY_SRC4")?,
             src6: take(ebpf, "POLICY_SRC6")?,
             flows: take(ebpf, "FLOWS")?,
+            frags: take(ebpf, "FRAGS")?,
             counters: take(ebpf, "PORT_COUNTERS")?,
             stats: take(ebpf, "GUARD_STATS")?,
         })
@@ -179,6 +182,20 @@ impl GuardMaps {
         self.flows
             .insert(key, monotonic_ns, 0)
             .map_err(map_err("FLOWS"))
+    }
+
+    /// Forgets every recorded flow and first fragment (tests that want each
+    /// case to start from empty state).
+    pub fn clear_flows_and_fragments(&mut self) -> Result<()> {
+        let flows: Vec<FlowKey> = self.flows.keys().filter_map(|k| k.ok()).collect();
+        for key in flows {
+            let _ = self.flows.remove(&key);
+        }
+        let frags: Vec<FragKey> = self.frags.keys().filter_map(|k| k.ok()).collect();
+        for key in frags {
+            let _ = self.frags.remove(&key);
+        }
+        Ok(())
     }
 
     /// Packets and bytes per (protocol, port), summed over CPUs.

@@ -58,6 +58,13 @@ enum Task {
         #[arg(long)]
         only: Option<String>,
     },
+    /// Differential testing of the XDP program against the reference model,
+    /// with more cases than CI runs (PORTWATCH_PROOF_CASES per property).
+    Proof {
+        /// Cases per property test.
+        #[arg(long, default_value_t = 250_000)]
+        cases: u64,
+    },
     /// fmt and clippy checks, unit tests, then kernel integration tests as root.
     Test {
         /// Arguments for the integration test binaries, after `--` (e.g. a test
@@ -79,6 +86,7 @@ fn main() -> ExitCode {
         Task::Run { release, args } => run::run(release, &args),
         Task::Test { args } => test::test(&args),
         Task::Bench { quick, only } => bench::bench(quick, only.as_deref()),
+        Task::Proof { cases } => test::proof(cases),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -133,3 +133,30 @@ fn build_test_binaries(root: &Path) -> Result<Vec<(PathBuf, PathBuf)>> {
     }
     Ok(binaries)
 }
+
+/// `cargo xtask proof`: the differential tests with `cases` per property.
+pub fn proof(cases: u64) -> Result<()> {
+    let root = util::workspace_root();
+    step("setup", setup::ensure)?;
+    let portwatch = build::build_portwatch(false)?;
+    if !util::is_root()? {
+        bail!("the differential tests load eBPF programs: run `cargo xtask proof` as root");
+    }
+    step("differential", || {
+        util::run(
+            util::cargo(&root)
+                .env("PORTWATCH_BIN", &portwatch)
+                .env("PORTWATCH_PROOF_CASES", cases.to_string())
+                .args([
+                    "test",
+                    "--release",
+                    "-p",
+                    "portwatch-tests",
+                    "--test",
+                    "differential",
+                    "--",
+                    "--test-threads=1",
+                ]),
+        )
+    })
+}

@@ -7,6 +7,7 @@ pub mod lock;
 pub mod lockout;
 pub mod owner;
 pub mod pins;
+pub mod reference;
 pub mod testrun;
 
 use std::{
