@@ -527,3 +527,67 @@ pub fn http_status(from: &Netns, addr: IpAddr, port: u16, path: &str) -> Result<
     }
     Ok(out.stdout.trim().parse().ok())
 }
+
+/// Per-test paths for a guard whose pins must outlive it: a pin directory on
+/// the host's bpffs and a run directory for the socket and lock. Dropping it
+/// runs `portwatch down` and removes both, whatever the test did.
+pub struct GuardPaths {
+    pub pins: std::path::PathBuf,
+    pub run: std::path::PathBuf,
+}
+
+impl GuardPaths {
+    pub fn new(tag: &str) -> Result<Self> {
+        let name = crate::unique_name(tag);
+        let run = std::env::temp_dir().join(&name);
+        std::fs::create_dir_all(&run)?;
+        Ok(Self {
+            pins: std::path::PathBuf::from("/sys/fs/bpf").join(name),
+            run,
+        })
+    }
+
+    pub fn socket(&self) -> std::path::PathBuf {
+        self.run.join("control.sock")
+    }
+}
+
+impl Drop for GuardPaths {
+    fn drop(&mut self) {
+        let _ = Command::new(crate::portwatch_bin())
+            .arg("down")
+            .arg("--pin-dir")
+            .arg(&self.pins)
+            .arg("--socket")
+            .arg(self.socket())
+            .output();
+        let _ = std::fs::remove_dir_all(&self.pins);
+        let _ = std::fs::remove_dir_all(&self.run);
+    }
+}
+
+/// A path as UTF-8, for command lines.
+pub fn path_str(p: &std::path::Path) -> Result<&str> {
+    p.to_str().context("path is not UTF-8")
+}
+
+/// `portwatch guard` in the lab's server network namespace but the host's
+/// mount namespace (`nsenter --net`), so its pins are on the host's bpffs
+/// and outlive the process, as on a server.
+pub fn pinned_guard(
+    lab: &Lab,
+    paths: &GuardPaths,
+    policy: &std::path::Path,
+    extra: &[&str],
+) -> Result<crate::Portwatch> {
+    let mut cmd = Command::new("nsenter");
+    cmd.arg(format!("--net=/run/netns/{}", lab.server.name))
+        .arg(crate::portwatch_bin())
+        .args(["guard", "--iface", &lab.server_if])
+        .args(["--policy", path_str(policy)?])
+        .args(["--pin-dir", path_str(&paths.pins)?])
+        .args(["--socket", path_str(&paths.socket())?])
+        .args(extra)
+        .env_remove("SSH_CONNECTION");
+    crate::Portwatch::start_command(cmd)
+}

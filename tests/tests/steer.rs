@@ -14,72 +14,19 @@ use std::{
 
 use anyhow::{Context as _, bail, ensure};
 use portwatch_tests::{
-    ChildGuard, Portwatch, Result,
-    net::{Lab, TempFile, run_bounded, tcp_reachable, tcp_server},
-    portwatch_bin, run, unique_name,
+    ChildGuard, Result,
+    net::{
+        GuardPaths, Lab, TempFile, path_str, pinned_guard, run_bounded, tcp_reachable, tcp_server,
+    },
+    portwatch_bin, run,
 };
 use serde_json::Value;
 
-/// Per-test paths: a pin directory on the host's bpffs and a run directory
-/// for the socket and lock. Removed on drop, whatever the test did.
-struct Paths {
-    pins: PathBuf,
-    run: PathBuf,
-}
-
-impl Paths {
-    fn new() -> Result<Self> {
-        let name = unique_name("st");
-        let run = std::env::temp_dir().join(&name);
-        std::fs::create_dir_all(&run)?;
-        Ok(Self {
-            pins: PathBuf::from("/sys/fs/bpf").join(name),
-            run,
-        })
-    }
-
-    fn socket(&self) -> PathBuf {
-        self.run.join("control.sock")
-    }
-}
-
-impl Drop for Paths {
-    fn drop(&mut self) {
-        let _ = Command::new(portwatch_bin())
-            .arg("down")
-            .arg("--pin-dir")
-            .arg(&self.pins)
-            .arg("--socket")
-            .arg(self.socket())
-            .output();
-        let _ = std::fs::remove_dir_all(&self.pins);
-        let _ = std::fs::remove_dir_all(&self.run);
-    }
-}
-
-fn s(p: &Path) -> Result<&str> {
-    p.to_str().context("path is not UTF-8")
-}
-
-/// `portwatch guard` in the server namespace, host mount namespace.
-fn guard(lab: &Lab, paths: &Paths, policy: &Path, extra: &[&str]) -> Result<Portwatch> {
-    let mut cmd = Command::new("nsenter");
-    cmd.arg(format!("--net=/run/netns/{}", lab.server.name))
-        .arg(portwatch_bin())
-        .args(["guard", "--iface", &lab.server_if])
-        .args(["--policy", s(policy)?])
-        .args(["--pin-dir", s(&paths.pins)?])
-        .args(["--socket", s(&paths.socket())?])
-        .args(extra)
-        .env_remove("SSH_CONNECTION");
-    Portwatch::start_command(cmd)
-}
-
 /// A client command (`allow`, `deny`, `status`, ...) against the test's socket.
-fn client(paths: &Paths, args: &[&str]) -> Result<std::process::Output> {
+fn client(paths: &GuardPaths, args: &[&str]) -> Result<std::process::Output> {
     Ok(Command::new(portwatch_bin())
         .args(args)
-        .args(["--socket", s(&paths.socket())?])
+        .args(["--socket", path_str(&paths.socket())?])
         .output()?)
 }
 
@@ -119,12 +66,12 @@ fn xdp_attached(lab: &Lab) -> Result<bool> {
 #[test]
 fn runtime_allow_and_deny_apply_at_once_persist_and_survive_a_restart() -> Result {
     let lab = Lab::new()?;
-    let paths = Paths::new()?;
+    let paths = GuardPaths::new("st")?;
     let policy = TempFile::new("steer", "allow = [\"tcp/8080\"]\n")?;
     let _a = tcp_server(&lab.server, 8080)?;
     let _b = tcp_server(&lab.server, 9090)?;
     let server = lab.server_v4();
-    let mut pw = guard(&lab, &paths, Path::new(policy.as_str()?), &[])?;
+    let mut pw = pinned_guard(&lab, &paths, Path::new(policy.as_str()?), &[])?;
     assert!(tcp_reachable(&lab.client, server, 8080)?);
     assert!(!tcp_reachable(&lab.client, server, 9090)?);
 
@@ -164,7 +111,7 @@ fn runtime_allow_and_deny_apply_at_once_persist_and_survive_a_restart() -> Resul
     assert!(!tcp_reachable(&lab.client, server, 8080)?);
 
     // A new guard adopts it and keeps the persisted policy.
-    let mut pw = guard(&lab, &paths, Path::new(policy.as_str()?), &[])?;
+    let mut pw = pinned_guard(&lab, &paths, Path::new(policy.as_str()?), &[])?;
     assert!(
         pw.stderr().contains("adopted the pinned datapath"),
         "{}",
@@ -175,7 +122,10 @@ fn runtime_allow_and_deny_apply_at_once_persist_and_survive_a_restart() -> Resul
     pw.stop()?;
 
     // `down` removes everything.
-    ok(&client(&paths, &["down", "--pin-dir", s(&paths.pins)?])?)?;
+    ok(&client(
+        &paths,
+        &["down", "--pin-dir", path_str(&paths.pins)?],
+    )?)?;
     assert!(!xdp_attached(&lab)?);
     assert!(!paths.pins.exists(), "{:?} still exists", paths.pins);
     assert!(tcp_reachable(&lab.client, server, 8080)?);
@@ -242,13 +192,13 @@ fn udp_sender(
 #[test]
 fn kill_9_under_traffic_leaves_enforcement_in_place_and_a_restart_adopts_it() -> Result {
     let lab = Lab::new()?;
-    let paths = Paths::new()?;
+    let paths = GuardPaths::new("st")?;
     let policy = TempFile::new("kill", "allow = [\"tcp/8080\", \"udp/5001\"]\n")?;
     let _web = tcp_server(&lab.server, 8080)?;
     let mut denied = udp_counter(&lab, 5002)?;
     let mut permitted = udp_counter(&lab, 5001)?;
     let server = lab.server_v4();
-    let mut pw = guard(&lab, &paths, Path::new(policy.as_str()?), &[])?;
+    let mut pw = pinned_guard(&lab, &paths, Path::new(policy.as_str()?), &[])?;
 
     // 3 s of traffic to both ports; the daemon dies in the middle.
     let mut to_denied = udp_sender(&lab, server, 5002, 1500, 2)?;
@@ -262,7 +212,7 @@ fn kill_9_under_traffic_leaves_enforcement_in_place_and_a_restart_adopts_it() ->
         tcp_reachable(&lab.client, server, 8080)?,
         "the permitted port stopped working"
     );
-    let mut pw = guard(&lab, &paths, Path::new(policy.as_str()?), &[])?;
+    let mut pw = pinned_guard(&lab, &paths, Path::new(policy.as_str()?), &[])?;
     assert!(
         pw.stderr().contains("adopted the pinned datapath"),
         "{}",
@@ -292,7 +242,7 @@ struct Control {
 }
 
 impl Control {
-    fn connect(paths: &Paths) -> Result<Self> {
+    fn connect(paths: &GuardPaths) -> Result<Self> {
         let stream = UnixStream::connect(paths.socket())?;
         stream.set_read_timeout(Some(Duration::from_secs(10)))?;
         Ok(Self {
@@ -313,10 +263,10 @@ impl Control {
 #[test]
 fn a_thousand_allow_deny_flips_never_drop_a_packet_to_a_port_that_stays_permitted() -> Result {
     let lab = Lab::new()?;
-    let paths = Paths::new()?;
+    let paths = GuardPaths::new("st")?;
     let policy = TempFile::new("flip", "allow = [\"udp/5001\"]\n")?;
     let mut permitted = udp_counter(&lab, 5001)?;
-    let mut pw = guard(&lab, &paths, Path::new(policy.as_str()?), &[])?;
+    let mut pw = pinned_guard(&lab, &paths, Path::new(policy.as_str()?), &[])?;
     let mut control = Control::connect(&paths)?;
     let mut sender = udp_sender(&lab, lab.server_v4(), 5001, 4000, 1)?;
     for i in 0..1000 {
@@ -341,9 +291,9 @@ fn a_thousand_allow_deny_flips_never_drop_a_packet_to_a_port_that_stays_permitte
 #[test]
 fn malformed_requests_get_errors_and_change_nothing() -> Result {
     let lab = Lab::new()?;
-    let paths = Paths::new()?;
+    let paths = GuardPaths::new("st")?;
     let policy = TempFile::new("junk", "allow = [\"tcp/8080\"]\n")?;
-    let mut pw = guard(&lab, &paths, Path::new(policy.as_str()?), &[])?;
+    let mut pw = pinned_guard(&lab, &paths, Path::new(policy.as_str()?), &[])?;
     let before = std::fs::read_to_string(policy.as_str()?)?;
     let mut control = Control::connect(&paths)?;
     let junk: [&[u8]; 10] = [
@@ -385,12 +335,12 @@ fn malformed_requests_get_errors_and_change_nothing() -> Result {
 #[test]
 fn an_unprivileged_user_cannot_change_the_policy() -> Result {
     let lab = Lab::new()?;
-    let paths = Paths::new()?;
+    let paths = GuardPaths::new("st")?;
     let policy = TempFile::new("nobody", "allow = [\"tcp/8080\"]\n")?;
-    let mut pw = guard(&lab, &paths, Path::new(policy.as_str()?), &[])?;
+    let mut pw = pinned_guard(&lab, &paths, Path::new(policy.as_str()?), &[])?;
     // Let nobody reach the socket at all, so the daemon's own check decides.
-    run("chmod", &["0755", s(&paths.run)?])?;
-    run("chmod", &["0666", s(&paths.socket())?])?;
+    run("chmod", &["0755", path_str(&paths.run)?])?;
+    run("chmod", &["0666", path_str(&paths.socket())?])?;
     let out = Command::new("setpriv")
         .args([
             "--reuid=nobody",
@@ -399,7 +349,7 @@ fn an_unprivileged_user_cannot_change_the_policy() -> Result {
             "--inh-caps=-all",
         ])
         .arg(portwatch_bin())
-        .args(["allow", "tcp/9090", "--socket", s(&paths.socket())?])
+        .args(["allow", "tcp/9090", "--socket", path_str(&paths.socket())?])
         .output()?;
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
@@ -414,15 +364,15 @@ fn an_unprivileged_user_cannot_change_the_policy() -> Result {
 #[test]
 fn a_read_only_policy_file_makes_allow_fail_and_changes_nothing() -> Result {
     let lab = Lab::new()?;
-    let paths = Paths::new()?;
+    let paths = GuardPaths::new("st")?;
     let dir = paths.run.join("etc");
     std::fs::create_dir_all(&dir)?;
     let file = dir.join("policy.toml");
     std::fs::write(&file, "allow = [\"tcp/8080\"]\n")?;
     let _b = tcp_server(&lab.server, 9090)?;
-    let mut pw = guard(&lab, &paths, &file, &[])?;
+    let mut pw = pinned_guard(&lab, &paths, &file, &[])?;
     // Root ignores file modes: make the directory a read-only mount instead.
-    run("mount", &["--bind", s(&dir)?, s(&dir)?])?;
+    run("mount", &["--bind", path_str(&dir)?, path_str(&dir)?])?;
     struct Unmount(PathBuf);
     impl Drop for Unmount {
         fn drop(&mut self) {
@@ -430,7 +380,7 @@ fn a_read_only_policy_file_makes_allow_fail_and_changes_nothing() -> Result {
         }
     }
     let _unmount = Unmount(dir.clone());
-    run("mount", &["-o", "remount,ro,bind", s(&dir)?])?;
+    run("mount", &["-o", "remount,ro,bind", path_str(&dir)?])?;
     let out = client(&paths, &["allow", "tcp/9090"])?;
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
@@ -451,10 +401,10 @@ fn a_read_only_policy_file_makes_allow_fail_and_changes_nothing() -> Result {
 #[test]
 fn status_policy_reload_and_watch_talk_to_the_running_guard() -> Result {
     let lab = Lab::new()?;
-    let paths = Paths::new()?;
+    let paths = GuardPaths::new("st")?;
     let policy = TempFile::new("status", "allow = [\"tcp/8080\"]\n")?;
     let _web = tcp_server(&lab.server, 8080)?;
-    let mut pw = guard(
+    let mut pw = pinned_guard(
         &lab,
         &paths,
         Path::new(policy.as_str()?),
@@ -485,7 +435,7 @@ fn status_policy_reload_and_watch_talk_to_the_running_guard() -> Result {
 
     // `watch` follows the guard's stream instead of loading its own programs.
     let mut cmd = Command::new(portwatch_bin());
-    cmd.args(["watch", "--json", "--socket", s(&paths.socket())?]);
+    cmd.args(["watch", "--json", "--socket", path_str(&paths.socket())?]);
     let mut follower = run_bounded_until_policy(cmd)?;
 
     // SIGHUP re-reads the file.
@@ -554,9 +504,9 @@ fn run_bounded_until_policy(mut cmd: Command) -> Result<Follower> {
 #[test]
 fn a_second_guard_refuses_while_one_runs() -> Result {
     let lab = Lab::new()?;
-    let paths = Paths::new()?;
+    let paths = GuardPaths::new("st")?;
     let policy = TempFile::new("two", "allow = [\"tcp/8080\"]\n")?;
-    let mut first = guard(&lab, &paths, Path::new(policy.as_str()?), &[])?;
+    let mut first = pinned_guard(&lab, &paths, Path::new(policy.as_str()?), &[])?;
     let mut cmd = Command::new("nsenter");
     cmd.arg(format!("--net=/run/netns/{}", lab.server.name))
         .arg(portwatch_bin())
@@ -569,9 +519,9 @@ fn a_second_guard_refuses_while_one_runs() -> Result {
         ])
         .args([
             "--pin-dir",
-            s(&paths.pins)?,
+            path_str(&paths.pins)?,
             "--socket",
-            s(&paths.socket())?,
+            path_str(&paths.socket())?,
         ]);
     let out = run_bounded(&mut cmd, None, Duration::from_secs(20), None)?;
     assert!(out.status.is_some_and(|s| !s.success()), "{out:?}");
@@ -587,9 +537,9 @@ fn a_second_guard_refuses_while_one_runs() -> Result {
 #[test]
 fn a_guarded_interface_that_is_deleted_and_re_created_is_guarded_again() -> Result {
     let lab = Lab::new()?;
-    let paths = Paths::new()?;
+    let paths = GuardPaths::new("st")?;
     let policy = TempFile::new("relink", "allow = [\"tcp/8080\"]\n")?;
-    let mut pw = guard(&lab, &paths, Path::new(policy.as_str()?), &[])?;
+    let mut pw = pinned_guard(&lab, &paths, Path::new(policy.as_str()?), &[])?;
     // Deleting one end of a veth pair deletes both.
     run(
         "ip",
@@ -622,10 +572,10 @@ fn a_guarded_interface_that_is_deleted_and_re_created_is_guarded_again() -> Resu
 #[test]
 fn a_broken_policy_file_on_reload_is_refused_and_the_policy_in_force_stays() -> Result {
     let lab = Lab::new()?;
-    let paths = Paths::new()?;
+    let paths = GuardPaths::new("st")?;
     let policy = TempFile::new("broken", "allow = [\"tcp/8080\"]\n")?;
     let _web = tcp_server(&lab.server, 8080)?;
-    let mut pw = guard(&lab, &paths, Path::new(policy.as_str()?), &[])?;
+    let mut pw = pinned_guard(&lab, &paths, Path::new(policy.as_str()?), &[])?;
     std::fs::write(
         policy.as_str()?,
         "allow = [\n  \"tcp/8080\",\n  \"tcp/99999\",\n]\n",
@@ -658,12 +608,12 @@ fn a_broken_policy_file_on_reload_is_refused_and_the_policy_in_force_stays() -> 
 #[test]
 fn twenty_restarts_under_traffic_never_open_a_gap() -> Result {
     let lab = Lab::new()?;
-    let paths = Paths::new()?;
+    let paths = GuardPaths::new("st")?;
     let policy = TempFile::new("restarts", "allow = [\"udp/5001\"]\n")?;
     let mut denied = udp_counter(&lab, 5002)?;
     let mut permitted = udp_counter(&lab, 5001)?;
     let server = lab.server_v4();
-    let mut pw = guard(&lab, &paths, Path::new(policy.as_str()?), &[])?;
+    let mut pw = pinned_guard(&lab, &paths, Path::new(policy.as_str()?), &[])?;
     // ~8 s of traffic to both ports while the guard restarts 20 times,
     // alternately stopped cleanly and killed.
     let mut to_denied = udp_sender(&lab, server, 5002, 4000, 2)?;
@@ -675,7 +625,7 @@ fn twenty_restarts_under_traffic_never_open_a_gap() -> Result {
             portwatch_tests::signal(pw.pid(), libc::SIGKILL)?;
             let _ = pw.stop();
         }
-        pw = guard(&lab, &paths, Path::new(policy.as_str()?), &[])?;
+        pw = pinned_guard(&lab, &paths, Path::new(policy.as_str()?), &[])?;
         ensure!(
             pw.stderr().contains("adopted the pinned datapath"),
             "round {round}: {}",

@@ -12,64 +12,13 @@ use std::{
 
 use anyhow::{Context as _, bail, ensure};
 use portwatch_tests::{
-    Portwatch, Result,
-    net::{Lab, TempFile, tcp_reachable, tcp_server, udp_echo, udp_server},
+    Result,
+    net::{
+        GuardPaths, Lab, TempFile, path_str, pinned_guard, tcp_reachable, tcp_server, udp_echo,
+        udp_server,
+    },
     portwatch_bin, run, unique_name,
 };
-
-/// Per-test paths: a pin directory on the host's bpffs and a run directory
-/// for the socket and lock. Removed on drop, whatever the test did.
-struct Paths {
-    pins: PathBuf,
-    run: PathBuf,
-}
-
-impl Paths {
-    fn new() -> Result<Self> {
-        let name = unique_name("top");
-        let run = std::env::temp_dir().join(&name);
-        std::fs::create_dir_all(&run)?;
-        Ok(Self {
-            pins: PathBuf::from("/sys/fs/bpf").join(name),
-            run,
-        })
-    }
-
-    fn socket(&self) -> PathBuf {
-        self.run.join("control.sock")
-    }
-}
-
-impl Drop for Paths {
-    fn drop(&mut self) {
-        let _ = Command::new(portwatch_bin())
-            .arg("down")
-            .arg("--pin-dir")
-            .arg(&self.pins)
-            .arg("--socket")
-            .arg(self.socket())
-            .output();
-        let _ = std::fs::remove_dir_all(&self.pins);
-        let _ = std::fs::remove_dir_all(&self.run);
-    }
-}
-
-fn s(p: &Path) -> Result<&str> {
-    p.to_str().context("path is not UTF-8")
-}
-
-/// `portwatch guard` in the server namespace, host mount namespace.
-fn guard(lab: &Lab, paths: &Paths, policy: &Path) -> Result<Portwatch> {
-    let mut cmd = Command::new("nsenter");
-    cmd.arg(format!("--net=/run/netns/{}", lab.server.name))
-        .arg(portwatch_bin())
-        .args(["guard", "--iface", &lab.server_if])
-        .args(["--policy", s(policy)?])
-        .args(["--pin-dir", s(&paths.pins)?])
-        .args(["--socket", s(&paths.socket())?])
-        .env_remove("SSH_CONNECTION");
-    Portwatch::start_command(cmd)
-}
 
 /// A tmux server of the test's own with one 100x30 session running
 /// `command`, then `echo top-exited-STATUS` and a pause: the terminal as the
@@ -207,8 +156,8 @@ impl Drop for Tmux {
 fn top_command(socket: &Path) -> Result<String> {
     Ok(format!(
         "'{}' top --socket '{}'",
-        s(&portwatch_bin())?,
-        s(socket)?
+        path_str(&portwatch_bin())?,
+        path_str(socket)?
     ))
 }
 
@@ -240,7 +189,7 @@ fn children(pid: u32) -> Vec<u32> {
 
 /// The pid of the process running `portwatch top --socket SOCKET`.
 fn top_pid(socket: &Path) -> Result<u32> {
-    let want = format!("top\0--socket\0{}\0", s(socket)?);
+    let want = format!("top\0--socket\0{}\0", path_str(socket)?);
     for entry in std::fs::read_dir("/proc")?.flatten() {
         let Some(pid) = entry
             .file_name()
@@ -264,9 +213,9 @@ fn top_pid(socket: &Path) -> Result<u32> {
 #[test]
 fn top_shows_listeners_and_denies_the_selected_port_after_confirmation() -> Result {
     let lab = Lab::new()?;
-    let paths = Paths::new()?;
+    let paths = GuardPaths::new("top")?;
     let policy = TempFile::new("top", "allow = [\"tcp/6379\"]\n")?;
-    let _pw = guard(&lab, &paths, Path::new(policy.as_str()?))?;
+    let _pw = pinned_guard(&lab, &paths, Path::new(policy.as_str()?), &[])?;
     let tmux = Tmux::start(&top_command(&paths.socket())?)?;
     tmux.wait_for(Duration::from_secs(10), "the table", |s| {
         s.contains("PROTO") && s.contains("mode enforce")
@@ -370,7 +319,7 @@ fn top_shows_listeners_and_denies_the_selected_port_after_confirmation() -> Resu
 #[test]
 fn top_without_a_guard_says_so_and_offers_watch_only_mode() -> Result {
     let lab = Lab::new()?;
-    let paths = Paths::new()?;
+    let paths = GuardPaths::new("top")?;
     let socket = paths.socket();
     let tmux = Tmux::start(&top_command(&socket)?)?;
     let message = format!(
