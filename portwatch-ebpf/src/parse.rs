@@ -55,13 +55,6 @@ impl Pkt {
         }
     }
 
-    /// Frame length in bytes (the linear part, which holds all headers).
-    #[inline(always)]
-    pub fn len(&self) -> usize {
-        let (start, end) = self.bounds();
-        end - start
-    }
-
     /// Whether the first `len` bytes are all present.
     #[inline(always)]
     pub fn has(&self, len: usize) -> bool {

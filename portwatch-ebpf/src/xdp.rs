@@ -4,7 +4,7 @@
 
 use aya_ebpf::{
     bindings::xdp_action::{XDP_DROP, XDP_PASS},
-    helpers::generated::bpf_ktime_get_coarse_ns,
+    helpers::generated::{bpf_ktime_get_coarse_ns, bpf_xdp_get_buff_len},
     maps::lpm_trie::Key,
     programs::XdpContext,
 };
@@ -74,8 +74,11 @@ pub fn try_xdp_guard(ctx: &XdpContext) -> u32 {
     if m.first_frag {
         record_first_fragment(&m, &verdict);
     }
-    let len = pkt.len() as u64;
     if m.has_ports {
+        // The whole frame, fragments of a multi-buffer frame included: the
+        // linear part alone undercounts jumbo frames.
+        // SAFETY: `ctx.ctx` is the xdp_md the kernel passed to this program.
+        let len = unsafe { bpf_xdp_get_buff_len(ctx.ctx) };
         count_port(&m, verdict.is_err(), len);
     }
     let Err(reason) = verdict else {

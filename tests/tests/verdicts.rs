@@ -1897,3 +1897,57 @@ fn port_counters_count_every_packet_run() -> Result {
     );
     g.finish()
 }
+
+/// Jumbo frames larger than a page reach an `xdp.frags` program as
+/// multi-buffer frames: the headers in the linear part decide, and the byte
+/// counters count the whole frame, fragments included.
+#[test]
+fn multi_buffer_jumbo_frames_get_verdicts_and_count_every_byte() -> Result {
+    let mut g = Guard::enforcing()?;
+    let body = vec![0x5a; 8900];
+    let permitted = Frame::eth()
+        .ipv4(PEER4, HOST4)
+        .udp(EPHEMERAL, 53)
+        .payload(&body)
+        .build();
+    let denied = Frame::eth()
+        .ipv6(PEER6, HOST6)
+        .udp(EPHEMERAL, 54)
+        .payload(&body)
+        .build();
+    // More than a page: BPF_PROG_TEST_RUN puts the rest into fragments.
+    ensure!(
+        permitted.len() > 4096 && denied.len() > 4096,
+        "the frames must not fit one page: {} and {} bytes",
+        permitted.len(),
+        denied.len()
+    );
+    g.expect("9 KB IPv4 UDP to permitted udp/53", &permitted, Pass)?;
+    g.expect(
+        "9 KB IPv6 UDP to udp/54 (no rule)",
+        &denied,
+        Dropped(GuardStat::DropNoRule),
+    )?;
+    let counters = g.xdp.maps.port_counters();
+    let len = |f: &[u8]| u64::try_from(f.len()).unwrap_or(u64::MAX);
+    let zero = PortCounters::default();
+    let c53 = counters
+        .get(&counter_key(IPPROTO_UDP, 53))
+        .copied()
+        .unwrap_or(zero);
+    let c54 = counters
+        .get(&counter_key(IPPROTO_UDP, 54))
+        .copied()
+        .unwrap_or(zero);
+    ensure!(
+        c53.pass_packets == 1 && c53.pass_bytes == len(&permitted),
+        "udp/53: {c53:?}, expected 1 packet of {} bytes passed",
+        permitted.len()
+    );
+    ensure!(
+        c54.drop_packets == 1 && c54.drop_bytes == len(&denied),
+        "udp/54: {c54:?}, expected 1 packet of {} bytes dropped",
+        denied.len()
+    );
+    g.finish()
+}
