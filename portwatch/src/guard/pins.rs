@@ -101,10 +101,11 @@ impl PinDir {
         let mut out: Vec<String> = entries
             .flatten()
             .filter_map(|e| {
-                e.file_name()
-                    .to_str()?
-                    .strip_prefix("xdp-")
-                    .map(str::to_string)
+                // `xdp-MODE-IFACE`: interface names may hold `-`, modes do not.
+                let rest = e.file_name().to_str()?.strip_prefix("xdp-")?.to_string();
+                ["native-", "generic-"]
+                    .into_iter()
+                    .find_map(|mode| rest.strip_prefix(mode).map(str::to_string))
             })
             .collect();
         out.sort();
@@ -304,5 +305,24 @@ impl PinDir {
         let _ = fs::remove_dir(self.links());
         let _ = fs::remove_dir(&self.root);
         done
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pinned_interfaces_are_named_without_the_mode() -> Result<(), std::io::Error> {
+        let root = std::env::temp_dir().join(format!("portwatch-pins-{}", std::process::id()));
+        let pins = PinDir::new(&root);
+        fs::create_dir_all(pins.links())?;
+        for name in ["xdp-native-eth0", "xdp-generic-veth-a", "tc-eth0", "stray"] {
+            fs::write(pins.links().join(name), b"")?;
+        }
+        let found = pins.pinned_interfaces();
+        fs::remove_dir_all(&root)?;
+        assert_eq!(found, vec!["eth0".to_string(), "veth-a".to_string()]);
+        Ok(())
     }
 }
