@@ -52,6 +52,18 @@ pub enum Command {
         /// The policy file (TOML).
         file: PathBuf,
     },
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Write the man pages: portwatch.8 and one per subcommand (packaging).
+    #[command(hide = true)]
+    Manpage {
+        /// Directory for the pages [default: portwatch.8 on stdout]
+        #[arg(long, value_name = "DIR")]
+        out: Option<PathBuf>,
+    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -110,6 +122,15 @@ pub struct GuardArgs {
     /// Members of this group may read status and follow the stream.
     #[arg(long, value_name = "GROUP")]
     pub control_group: Option<String>,
+    /// Wait up to SECS for the interfaces to guard (named ones to exist, else a default route) instead of failing at once (for boot).
+    #[arg(long, value_name = "SECS", default_value_t = 0)]
+    pub wait_for_iface: u64,
+    /// Serve Prometheus metrics at http://ADDR/metrics (ADDR: IP:PORT, e.g. 127.0.0.1:9469 or [::1]:9469).
+    #[arg(long, value_name = "ADDR", value_parser = crate::metrics::parse_addr)]
+    pub metrics: Option<std::net::SocketAddr>,
+    /// text: log lines for people, events on stdout; json: events and log records as JSON lines on stderr, nothing on stdout.
+    #[arg(long, value_enum, value_name = "FORMAT", default_value = "text")]
+    pub log_format: crate::logging::LogFormat,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -155,9 +176,15 @@ pub struct WatchArgs {
     /// stream instead of loading programs [default: /run/portwatch/control.sock]
     #[arg(long, value_name = "PATH")]
     pub socket: Option<PathBuf>,
-    /// Load portwatch's own programs even when a guard runs.
+    /// Load portwatch's own programs even when a guard runs (implied by --metrics and --log-format json).
     #[arg(long)]
     pub local: bool,
+    /// Serve Prometheus metrics at http://ADDR/metrics (ADDR: IP:PORT, e.g. 127.0.0.1:9469 or [::1]:9469).
+    #[arg(long, value_name = "ADDR", value_parser = crate::metrics::parse_addr)]
+    pub metrics: Option<std::net::SocketAddr>,
+    /// text: log lines for people, events on stdout; json: events and log records as JSON lines on stderr, nothing on stdout.
+    #[arg(long, value_enum, value_name = "FORMAT", default_value = "text")]
+    pub log_format: crate::logging::LogFormat,
 }
 
 /// Whether people get colour: a terminal, and NO_COLOR unset or empty.
@@ -167,13 +194,16 @@ pub fn colour_wanted() -> bool {
 
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"))
-        .format_timestamp(None)
-        .init();
+    let log_format = match &cli.command {
+        Command::Watch(a) => a.log_format,
+        Command::Guard(a) => a.log_format,
+        _ => crate::logging::LogFormat::Text,
+    };
+    crate::logging::init(log_format);
     match run(cli) {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("portwatch: error: {e:#}");
+            crate::logging::report_error(log_format, &e);
             ExitCode::FAILURE
         }
     }
@@ -187,11 +217,15 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     runtime.block_on(async {
         match cli.command {
             Command::Watch(args) => {
+                crate::logging::check_flags(args.json, args.log_format)?;
                 let socket = args
                     .socket
                     .clone()
                     .unwrap_or_else(|| PathBuf::from(crate::control::server::DEFAULT_SOCKET));
+                // Metrics and JSON logs come from this process's own view.
                 if !args.local
+                    && args.metrics.is_none()
+                    && args.log_format == crate::logging::LogFormat::Text
                     && args.ports.is_empty()
                     && args.proto.is_none()
                     && commands::watch_via_guard(&socket, args.json, colour_wanted())?
@@ -200,7 +234,10 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 }
                 watch::run(args).await.map(|_| ExitCode::SUCCESS)
             }
-            Command::Guard(args) => guard::run(args).await.map(|_| ExitCode::SUCCESS),
+            Command::Guard(args) => {
+                crate::logging::check_flags(args.json, args.log_format)?;
+                guard::run(args).await.map(|_| ExitCode::SUCCESS)
+            }
             Command::Allow(args) => commands::allow(args),
             Command::Deny(args) => commands::deny(args),
             Command::Policy(args) => commands::policy(args),
@@ -210,6 +247,14 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 .map(|()| ExitCode::SUCCESS),
             Command::Top(args) => crate::tui::run(args),
             Command::CheckPolicy { file } => guard::check_policy(&file).map(|()| ExitCode::SUCCESS),
+            Command::Completions { shell } => {
+                crate::docs::print_completions(shell)?;
+                Ok(ExitCode::SUCCESS)
+            }
+            Command::Manpage { out } => {
+                crate::docs::manpage(out.as_deref())?;
+                Ok(ExitCode::SUCCESS)
+            }
         }
     })
 }

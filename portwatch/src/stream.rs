@@ -67,6 +67,10 @@ pub struct Stream {
     /// Monotonic time the snapshot finished; earlier live listens may repeat it.
     snapshot_ns: u64,
     pub guard: Option<GuardFeed>,
+    /// Counts for `--metrics`.
+    pub tally: crate::metrics::Tally,
+    /// Scrapes of `--metrics`; taken by the event loop.
+    pub metrics: Option<mpsc::Receiver<crate::metrics::ScrapeRequest>>,
 }
 
 fn monotonic_ns() -> u64 {
@@ -85,6 +89,8 @@ impl Stream {
             summary: Summary::default(),
             snapshot_ns: 0,
             guard: None,
+            tally: crate::metrics::Tally::default(),
+            metrics: None,
         }
     }
 
@@ -100,8 +106,10 @@ impl Stream {
                     ev.exposure = Some(crate::guard::exposure_of(&guard.policy, &ev.listener));
                 }
                 self.summary.events += 1;
+                self.tally.count_listener(ev);
             }
             Event::Drop(_) => self.summary.drops += 1,
+            Event::Policy(_) => self.tally.policy_changes += 1,
             _ => {}
         }
         if let Some(guard) = self.guard.as_mut() {
@@ -313,11 +321,13 @@ async fn event_loop(
 ) -> io::Result<()> {
     let mut control = stream.guard.as_mut().and_then(|g| g.control.take());
     let mut links = stream.guard.as_mut().and_then(|g| g.links.take());
+    let mut metrics = stream.metrics.take();
     loop {
         let mut link_changes = Vec::new();
         let mut listens = Vec::new();
         let mut drops = Vec::new();
         let mut request = None;
+        let mut scrape = None;
         let mut hangup = false;
         let drop_reader = stream.guard.as_mut().map(|g| &mut g.drops);
         let tick = stream.sink.next_tick();
@@ -332,6 +342,10 @@ async fn event_loop(
                 read?;
             }
             req = recv_optional(control.as_mut()) => request = req,
+            req = recv_optional(metrics.as_mut()) => match req {
+                Some(req) => scrape = Some(req),
+                None => metrics = None, // the server is gone
+            },
             changes = next_links(links.as_mut()) => link_changes = changes?,
             sig = signals.recv() => match sig {
                 Sig::Stop => return Ok(()),
@@ -347,6 +361,10 @@ async fn event_loop(
                 "SIGHUP: reload failed: {}",
                 v["error"].as_str().unwrap_or("?")
             );
+        }
+        if let Some(req) = scrape {
+            let lost = datapath.stats.get(MonitorStat::EventsLost);
+            let _ = req.reply.send(stream.metrics_snapshot(lost));
         }
         for change in link_changes {
             stream.on_link_change(datapath, change);
@@ -396,8 +414,9 @@ async fn next_links(
     }
 }
 
-/// The next control request when the guard runs; never completes otherwise.
-async fn recv_optional(rx: Option<&mut mpsc::Receiver<ControlRequest>>) -> Option<ControlRequest> {
+/// The next request (control, scrape) when there is a channel; never
+/// completes otherwise.
+async fn recv_optional<T>(rx: Option<&mut mpsc::Receiver<T>>) -> Option<T> {
     match rx {
         Some(rx) => rx.recv().await,
         None => std::future::pending().await,

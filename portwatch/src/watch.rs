@@ -30,6 +30,11 @@ pub fn make_sink(json: bool) -> Box<dyn Sink> {
 
 pub async fn run(args: WatchArgs) -> anyhow::Result<Summary> {
     let mut signals = Signals::install()?;
+    // Bound first, so a bad address or a port in use fails before anything loads.
+    let metrics = match args.metrics {
+        Some(addr) => Some(crate::metrics::MetricsServer::bind(addr).await?),
+        None => None,
+    };
     // The reader exists before the hooks attach, so nothing is missed.
     let mut datapath = Datapath::load()?;
     datapath.attach_monitor()?;
@@ -38,12 +43,23 @@ pub async fn run(args: WatchArgs) -> anyhow::Result<Summary> {
         ports: args.ports.clone(),
         proto: args.proto.map(Proto::from),
     };
-    let mut stream = Stream::new(make_sink(args.json), filter);
+    let mut stream = Stream::new(
+        crate::logging::event_sink(args.json, args.log_format),
+        filter,
+    );
     if !args.no_snapshot {
         stream.take_snapshot().await?;
     }
     stream.announce_ready()?;
+    let metrics_task = metrics.map(|server| {
+        let (task, scrapes) = server.spawn();
+        stream.metrics = Some(scrapes);
+        task
+    });
     stream::run(&mut datapath, &mut stream, &mut signals).await?;
+    if let Some(task) = metrics_task {
+        task.abort();
+    }
     drop(datapath); // detaches every hook
     stream.finish()
 }

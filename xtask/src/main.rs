@@ -2,8 +2,12 @@
 
 mod bench;
 mod build;
+mod deploy_tools;
+mod fuzz;
+mod package;
 mod run;
 mod setup;
+mod soak;
 mod test;
 mod util;
 
@@ -65,6 +69,39 @@ enum Task {
         #[arg(long, default_value_t = 250_000)]
         cases: u64,
     },
+    /// A guard under listener churn, policy flips and traffic for N minutes
+    /// (root; not in CI): its RSS must stay flat and no event may be lost
+    /// uncounted. Writes bench/results/soak.{json,md}.
+    Soak {
+        /// How long the load runs.
+        #[arg(long, default_value_t = 10)]
+        minutes: u64,
+    },
+    /// Fuzz the policy file and spec parsers, the control request decoder and
+    /// the ring-buffer decoders with cargo-fuzz, one target after another;
+    /// writes target/fuzz/summary.json.
+    Fuzz {
+        /// How long each target runs.
+        #[arg(long, default_value_t = 60)]
+        seconds: u64,
+        /// Run only this target (policy_file, allow_spec, control_request,
+        /// ring_event).
+        #[arg(long)]
+        target: Option<String>,
+    },
+    /// Build the Debian package (cargo-deb): the binary, the systemd unit, a
+    /// default policy, man pages and shell completions; prints its path.
+    Package {
+        /// Package the debug build instead of the release build (quicker; CI).
+        #[arg(long)]
+        debug: bool,
+        /// The whole Debian version, e.g. 0.1.0-2 (default: from Cargo.toml, revision 1).
+        #[arg(long, value_name = "VERSION")]
+        deb_version: Option<String>,
+        /// Quicker, lighter compression.
+        #[arg(long)]
+        fast: bool,
+    },
     /// fmt and clippy checks, unit tests, then kernel integration tests as root.
     Test {
         /// Arguments for the integration test binaries, after `--` (e.g. a test
@@ -87,6 +124,19 @@ fn main() -> ExitCode {
         Task::Test { args } => test::test(&args),
         Task::Bench { quick, only } => bench::bench(quick, only.as_deref()),
         Task::Proof { cases } => test::proof(cases),
+        Task::Fuzz { seconds, target } => fuzz::fuzz(seconds, target.as_deref()),
+        Task::Soak { minutes } => soak::soak(minutes),
+        Task::Package {
+            debug,
+            deb_version,
+            fast,
+        } => package::package(&package::Options {
+            debug,
+            deb_version: deb_version.as_deref(),
+            fast,
+            output: None,
+        })
+        .map(drop),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

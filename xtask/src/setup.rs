@@ -35,6 +35,20 @@ const PACKAGES: &[&str] = &[
     "iptables",
     "xdp-tools",
     "bpftrace",
+    // The Debian package (cargo xtask package, tests/tests/package.rs):
+    // dpkg-shlibdeps for its dependencies, systemd-analyze and
+    // deb-systemd-helper for the unit, man for `systemd-analyze verify`'s
+    // check of the unit's Documentation= pages.
+    "dpkg-dev",
+    "systemd",
+    "man-db",
+    // tests/tests/package.rs boots the unit under a real systemd in a
+    // container (systemd-nspawn), as PID 1 may not be systemd.
+    "systemd-container",
+    // tests/tests/deploy.rs: the Ansible playbook in deploy/ is run, and
+    // deploy_tools builds a virtualenv on Debian's python3.
+    "ansible-core",
+    "python3-venv",
 ];
 
 /// bpf-linker's newest release that builds with the LLVM Debian ships.
@@ -57,6 +71,8 @@ pub fn setup() -> Result<()> {
     ensure_packages()?;
     ensure_bpf_linker()?;
     ensure_bpf_toolchain()?;
+    crate::package::ensure_cargo_deb()?;
+    crate::deploy_tools::ensure()?;
     Ok(())
 }
 
@@ -87,6 +103,10 @@ fn missing_items() -> Result<Vec<String>> {
     if !Path::new(RUST_LIBRARY_SRC).is_dir() {
         missing.push(format!("Rust library source ({RUST_LIBRARY_SRC})"));
     }
+    if !crate::package::cargo_deb_present() {
+        missing.push(format!("cargo-deb {}", crate::package::CARGO_DEB_VERSION));
+    }
+    missing.extend(crate::deploy_tools::missing());
     Ok(missing)
 }
 

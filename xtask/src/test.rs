@@ -6,7 +6,7 @@ use std::process::{Command, Stdio};
 
 use anyhow::{Context as _, Result, bail};
 
-use crate::{build, setup, util};
+use crate::{build, package, setup, util};
 
 /// `extra` goes to the integration test binaries (e.g. a test name filter).
 pub fn test(extra: &[String]) -> Result<()> {
@@ -31,7 +31,16 @@ pub fn test(extra: &[String]) -> Result<()> {
             "portwatch-ebpf",
         ]))
     })?;
-    step("integration tests", || integration_tests(&root, extra))?;
+    let mut debs = None;
+    step("package", || {
+        let portwatch = build::portwatch_binary(&root, false)?;
+        debs = Some(package::packages_for_tests(&portwatch)?);
+        Ok(())
+    })?;
+    let debs = debs.context("the package step made no packages")?;
+    step("integration tests", || {
+        integration_tests(&root, extra, &debs)
+    })?;
 
     util::header("all steps passed");
     Ok(())
@@ -44,13 +53,17 @@ fn step(name: &str, run: impl FnOnce() -> Result<()>) -> Result<()> {
 
 /// The tests load eBPF programs and make network namespaces, so they need
 /// root; they run one at a time because they share kernel state.
-fn integration_tests(root: &Path, extra: &[String]) -> Result<()> {
+fn integration_tests(root: &Path, extra: &[String], debs: &(PathBuf, PathBuf)) -> Result<()> {
     let portwatch = build::portwatch_binary(root, false)?;
+    // tests/tests/package.rs installs, upgrades and purges these.
+    let (deb, deb_next) = debs;
 
     if util::is_root()? {
         return util::run(
             util::cargo(root)
                 .env("PORTWATCH_BIN", &portwatch)
+                .env("PORTWATCH_DEB", deb)
+                .env("PORTWATCH_DEB_NEXT", deb_next)
                 .args(["test", "-p", "portwatch-tests", "--", "--test-threads=1"])
                 .args(extra),
         );
@@ -71,6 +84,8 @@ fn integration_tests(root: &Path, extra: &[String]) -> Result<()> {
         cmd.arg("-E")
             .arg("env")
             .arg(env_arg("PORTWATCH_BIN", &portwatch))
+            .arg(env_arg("PORTWATCH_DEB", deb))
+            .arg(env_arg("PORTWATCH_DEB_NEXT", deb_next))
             .arg(env_arg("CARGO_MANIFEST_DIR", &package_dir))
             .arg(&exe)
             .arg("--test-threads=1")

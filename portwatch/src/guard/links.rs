@@ -15,6 +15,10 @@ use tokio::io::{Interest, unix::AsyncFd};
 
 /// RTMGRP_LINK: link changes.
 const RTMGRP_LINK: u32 = 1;
+/// RTMGRP_IPV4_ROUTE, RTMGRP_IPV6_ROUTE: route changes (a default route
+/// appearing, e.g. once DHCP has configured an interface at boot).
+const RTMGRP_IPV4_ROUTE: u32 = 0x40;
+const RTMGRP_IPV6_ROUTE: u32 = 0x400;
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum LinkChange {
@@ -32,8 +36,18 @@ pub struct LinkWatch {
 impl LinkWatch {
     /// Subscribes to link changes in the current network namespace.
     pub fn open() -> io::Result<Self> {
+        Self::open_groups(RTMGRP_LINK)
+    }
+
+    /// Subscribes to link and route changes: `next` then also returns (an
+    /// empty batch) when a route was added or removed.
+    pub fn open_with_routes() -> io::Result<Self> {
+        Self::open_groups(RTMGRP_LINK | RTMGRP_IPV4_ROUTE | RTMGRP_IPV6_ROUTE)
+    }
+
+    fn open_groups(groups: u32) -> io::Result<Self> {
         let mut socket = Socket::new(NETLINK_ROUTE)?;
-        socket.bind(&SocketAddr::new(0, RTMGRP_LINK))?;
+        socket.bind(&SocketAddr::new(0, groups))?;
         socket.set_non_blocking(true)?;
         // SAFETY: the socket owns its fd, which stays open and the same until
         // the AsyncFd (which owns the socket) is dropped.

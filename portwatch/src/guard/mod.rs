@@ -34,7 +34,6 @@ use crate::{
     procinfo,
     sinks::{Summary, human::endpoint},
     stream::{self, Filter, GuardFeed, Signals, Stream},
-    watch::make_sink,
 };
 
 pub const DEFAULT_POLICY: &str = "/etc/portwatch/policy.toml";
@@ -94,27 +93,13 @@ pub async fn run(args: GuardArgs) -> anyhow::Result<Summary> {
         .map(Mode::from)
         .or(policy.mode)
         .unwrap_or(Mode::Enforce);
-    let ifaces = if !args.iface.is_empty() {
-        args.iface.clone()
-    } else if !policy.interfaces.is_empty() {
-        policy.interfaces.clone()
+    let named = if !args.iface.is_empty() {
+        &args.iface
     } else {
-        let found = attach::default_route_interfaces();
-        if found.is_empty() {
-            bail!(
-                "no interface to guard: none given with --iface, none in the policy's `interfaces`, \
-                 and no default route to pick one from"
-            );
-        }
-        log::info!(
-            "guarding the default-route interfaces: {}",
-            found.join(", ")
-        );
-        found
+        &policy.interfaces
     };
-    for iface in &ifaces {
-        attach::ifindex(iface)?;
-    }
+    let wait = std::time::Duration::from_secs(args.wait_for_iface);
+    let ifaces = attach::interfaces_to_guard(named, wait).await?;
     let image = compile(&policy)?;
 
     // One guard at a time; the lock lives next to the control socket.
@@ -154,6 +139,11 @@ async fn serve(
     socket: &Path,
 ) -> anyhow::Result<Summary> {
     let mut signals = Signals::install()?;
+    // Bound before anything loads: a bad address or a port in use stops here.
+    let metrics = match args.metrics {
+        Some(addr) => Some(crate::metrics::MetricsServer::bind(addr).await?),
+        None => None,
+    };
     let mut datapath = Datapath::load_with_pins(Some(pins))?;
     datapath.attach_monitor()?;
     let (maps, drops) = datapath.guard_maps()?;
@@ -168,7 +158,10 @@ async fn serve(
         .policy
         .clone()
         .unwrap_or_else(|| PathBuf::from(DEFAULT_POLICY));
-    let mut stream = Stream::new(make_sink(args.json), Filter::default());
+    let mut stream = Stream::new(
+        crate::logging::event_sink(args.json, args.log_format),
+        Filter::default(),
+    );
     stream.guard = Some(GuardFeed {
         policy: policy.clone(),
         drops,
@@ -292,8 +285,27 @@ async fn serve(
     }
     notify_ready();
     stream.announce_ready()?;
+    // Served from here on: a scrape never sees a guard half set up.
+    let metrics_task = metrics.map(|server| {
+        let (task, scrapes) = server.spawn();
+        stream.metrics = Some(scrapes);
+        task
+    });
     stream::run(&mut datapath, &mut stream, &mut signals).await?;
+    // After a `shutdown` request its answer is still to be written by the
+    // control task: give it a moment (bounded), or `portwatch down` sees
+    // the connection close unanswered.
+    if stream
+        .guard
+        .as_ref()
+        .is_some_and(|g| g.state.shutdown.is_some())
+    {
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
     control_task.abort();
+    if let Some(task) = metrics_task {
+        task.abort();
+    }
     let requested = stream.guard.as_ref().and_then(|g| g.state.shutdown);
     drop(datapath); // detaches the monitor hooks; pinned links stay
     if args.detach_on_exit || requested == Some(true) {

@@ -213,6 +213,19 @@ pub enum PolicyError {
         network: IpNet,
     },
 
+    /// Inside `::ffff:0:0/96`: IPv4 clients reach the guard as IPv4
+    /// packets and are matched as such, so such a network admits nobody.
+    #[error(
+        "{}{net} is an IPv4-mapped IPv6 network, which no packet comes from: IPv4 \
+         clients are matched by their IPv4 address, so write {ipv4}",
+        At(*.line)
+    )]
+    MappedSource {
+        line: Option<usize>,
+        net: IpNet,
+        ipv4: IpNet,
+    },
+
     #[error(
         "{}`from` is empty, so the rule admits nobody: remove the rule, or drop `from` \
          to allow everyone",
@@ -325,6 +338,7 @@ impl PolicyError {
             | PolicyError::Spec { line, .. }
             | PolicyError::BadSource { line, .. }
             | PolicyError::HostBits { line, .. }
+            | PolicyError::MappedSource { line, .. }
             | PolicyError::EmptyFrom { line }
             | PolicyError::RedundantSource { line, .. }
             | PolicyError::Duplicate { line, .. }
@@ -388,8 +402,9 @@ fn parse_source(value: &str, line: Option<usize>) -> Result<IpNet, PolicyError> 
     Ok(net)
 }
 
-/// Host bits clear, and no network listed twice or inside another one of
-/// the list (both would mean the author expects something they do not get).
+/// Host bits clear, no IPv4-mapped network, and no network listed twice or
+/// inside another one of the list (each would mean the author expects
+/// something they do not get).
 fn check_sources(nets: &[(IpNet, Option<usize>)]) -> Result<(), PolicyError> {
     for (i, (net, line)) in nets.iter().enumerate() {
         if net.trunc() != *net {
@@ -397,6 +412,13 @@ fn check_sources(nets: &[(IpNet, Option<usize>)]) -> Result<(), PolicyError> {
                 line: *line,
                 value: net.to_string(),
                 network: net.trunc(),
+            });
+        }
+        if let Some(ipv4) = ipv4_of_mapped(net) {
+            return Err(PolicyError::MappedSource {
+                line: *line,
+                net: *net,
+                ipv4,
             });
         }
         for (other, other_line) in &nets[..i] {
@@ -417,6 +439,16 @@ fn check_sources(nets: &[(IpNet, Option<usize>)]) -> Result<(), PolicyError> {
         }
     }
     Ok(())
+}
+
+/// The IPv4 network a network inside `::ffff:0:0/96` stands for.
+fn ipv4_of_mapped(net: &IpNet) -> Option<IpNet> {
+    let IpNet::V6(v6) = net else {
+        return None;
+    };
+    let len = v6.prefix_len().checked_sub(96)?;
+    let addr = v6.addr().to_ipv4_mapped()?;
+    ipnet::Ipv4Net::new(addr, len).ok().map(IpNet::V4)
 }
 
 fn same_sources(a: &[IpNet], b: &[IpNet]) -> bool {
@@ -865,6 +897,13 @@ allow = [
             "line 2: `from` is empty, so the rule admits nobody: remove the rule, or drop `from` \
              to allow everyone"
         );
+        // Found by fuzzing: a mapped network was accepted and admitted nobody.
+        assert_eq!(
+            err(&file(r#""::ffff:10.0.0.0/104""#)),
+            "line 2: ::ffff:10.0.0.0/104 is an IPv4-mapped IPv6 network, which no packet comes \
+             from: IPv4 clients are matched by their IPv4 address, so write 10.0.0.0/8"
+        );
+        assert!(Policy::parse(&file(r#""::fffe:0:0/96", "8000::/1""#)).is_ok());
         assert_eq!(
             err(&file(r#""10.0.0.0/8", "10.1.0.0/16""#)),
             "line 2: 10.1.0.0/16 is already covered by 10.0.0.0/8 in the same `from` list; \

@@ -108,7 +108,7 @@ fn is_event(line: &str) -> bool {
 }
 
 /// VmRSS and VmHWM of a process, MB.
-fn memory_mb(pid: u32) -> Result<(f64, f64)> {
+pub(crate) fn memory_mb(pid: u32) -> Result<(f64, f64)> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
         .with_context(|| format!("reading /proc/{pid}/status"))?;
     let kb = |field: &str| -> Result<f64> {

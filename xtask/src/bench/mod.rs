@@ -102,7 +102,7 @@ pub fn bench(quick: bool, only: Option<&str>) -> Result<()> {
     Ok(())
 }
 
-fn machine() -> Value {
+pub(crate) fn machine() -> Value {
     let cpu = std::fs::read_to_string("/proc/cpuinfo")
         .ok()
         .and_then(|c| {

@@ -42,7 +42,7 @@ pub(super) fn unique(tag: &str) -> String {
 }
 
 /// A child process, killed (SIGKILL) and reaped on drop if still running.
-pub(super) struct Proc(pub Child);
+pub(crate) struct Proc(pub Child);
 
 impl Proc {
     pub fn spawn(cmd: &mut Command) -> Result<Self> {
@@ -115,7 +115,7 @@ fn slurp(mut from: impl Read + Send + 'static) -> mpsc::Receiver<Vec<u8>> {
 
 /// Runs `cmd` (stdin closed, output captured) for at most `limit`; killed
 /// and an error after that. Any exit status is returned.
-pub(super) fn output_within(cmd: &mut Command, limit: Duration) -> Result<Output> {
+pub(crate) fn output_within(cmd: &mut Command, limit: Duration) -> Result<Output> {
     cmd.stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
@@ -155,7 +155,7 @@ pub(super) fn run_ok(program: &str, args: &[&str]) -> Result<String> {
 
 /// Lines of a child's output as they are read, each with the realtime clock
 /// at the moment it was read.
-pub(super) fn line_reader(
+pub(crate) fn line_reader(
     from: impl Read + Send + 'static,
 ) -> mpsc::Receiver<(SystemTime, String)> {
     let (tx, rx) = mpsc::channel();
@@ -180,7 +180,7 @@ pub(super) fn line_reader(
 
 /// Waits up to `limit` for a line satisfying `want` (earlier lines are
 /// consumed).
-pub(super) fn wait_line(
+pub(crate) fn wait_line(
     rx: &mpsc::Receiver<(SystemTime, String)>,
     limit: Duration,
     mut want: impl FnMut(&str) -> bool,
@@ -198,7 +198,7 @@ pub(super) fn wait_line(
 }
 
 /// A directory under /tmp, removed on drop.
-pub(super) struct TempDir(pub PathBuf);
+pub(crate) struct TempDir(pub PathBuf);
 
 impl TempDir {
     pub fn new() -> Result<Self> {
@@ -219,7 +219,7 @@ impl Drop for TempDir {
 }
 
 /// A network namespace made for the bench, deleted on drop.
-pub(super) struct Netns {
+pub(crate) struct Netns {
     pub name: String,
 }
 
@@ -268,7 +268,7 @@ impl Drop for Netns {
 /// Two namespaces joined by a veth pair: server `198.18.X.1/24` on
 /// `server_if`, client `198.18.X.2/24` on `client_if`, fixed MACs. The
 /// veths live and die with the namespaces; `dir` holds files for the run.
-pub(super) struct Lab {
+pub(crate) struct Lab {
     pub server_if: String,
     pub client_if: String,
     pub server_mac: String,
@@ -433,7 +433,7 @@ pub(super) fn cpu_busy_seconds() -> Result<f64> {
 const USER_HZ: f64 = 100.0;
 
 /// utime + stime of a process so far, in seconds, from /proc/PID/stat.
-pub(super) fn proc_cpu_seconds(pid: u32) -> Result<f64> {
+pub(crate) fn proc_cpu_seconds(pid: u32) -> Result<f64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))
         .with_context(|| format!("reading /proc/{pid}/stat"))?;
     // Fields after the command name (which may hold spaces): state is 3rd,
@@ -489,7 +489,7 @@ pub(super) fn verdict(met: bool) -> &'static str {
 /// control socket of its own. Dropping it stops it (SIGINT; it was started
 /// with `--detach-on-exit`), runs `portwatch down` on its pins and socket,
 /// and removes both.
-pub(super) struct Guard {
+pub(crate) struct Guard {
     proc: Proc,
     portwatch: PathBuf,
     pins: PathBuf,
@@ -551,6 +551,24 @@ impl Guard {
             "portwatch guard --xdp-mode {mode}: not attached as asked:\n{link}"
         );
         Ok(guard)
+    }
+}
+
+impl Guard {
+    /// The guard daemon's pid.
+    pub fn pid(&self) -> u32 {
+        self.proc.pid()
+    }
+
+    /// Its control socket.
+    pub fn socket(&self) -> PathBuf {
+        self.run_dir.path("control.sock")
+    }
+
+    /// Stops it (SIGINT, SIGKILL after `limit`); its exit status if it
+    /// exited by itself. Its pins go when it is dropped.
+    pub fn stop(&mut self, limit: Duration) -> Option<ExitStatus> {
+        self.proc.interrupt(limit)
     }
 }
 
