@@ -74,16 +74,8 @@ pub fn package_built(binary: &Path, options: &Options) -> Result<PathBuf> {
         cmd.arg("--output").arg(dir);
     }
     cmd.stderr(std::process::Stdio::inherit());
-    let out = util::output(&mut cmd)?;
-    if !out.status.success() {
-        bail!(
-            "`{}` failed ({})",
-            util::display(&cmd),
-            util::describe(out.status)
-        );
-    }
+    let stdout = util::stdout_of(&mut cmd)?;
     // cargo-deb prints the path of the package it wrote.
-    let stdout = String::from_utf8_lossy(&out.stdout);
     let deb = stdout
         .lines()
         .map(str::trim)

@@ -116,17 +116,10 @@ fn build_test_binaries(root: &Path) -> Result<Vec<(PathBuf, PathBuf)>> {
     ])
     // Compiler diagnostics and progress still reach the terminal.
     .stderr(Stdio::inherit());
-    let out = util::output(&mut cmd)?;
-    if !out.status.success() {
-        bail!(
-            "`{}` failed ({})",
-            util::display(&cmd),
-            util::describe(out.status)
-        );
-    }
+    let stdout = util::stdout_of(&mut cmd)?;
 
     let mut binaries = Vec::new();
-    for line in String::from_utf8_lossy(&out.stdout).lines() {
+    for line in stdout.lines() {
         let Ok(message) = serde_json::from_str::<serde_json::Value>(line) else {
             continue;
         };

@@ -147,6 +147,16 @@ pub fn output(cmd: &mut Command) -> Result<Output> {
     cmd.output().with_context(|| start_error(cmd))
 }
 
+/// Runs `cmd` and returns its stdout; a non-zero exit is an error naming
+/// the command.
+pub fn stdout_of(cmd: &mut Command) -> Result<String> {
+    let out = output(cmd)?;
+    if !out.status.success() {
+        anyhow::bail!("`{}` failed ({})", display(cmd), describe(out.status));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
 fn start_error(cmd: &Command) -> String {
     format!(
         "could not start `{}` (is `{}` installed and on PATH?)",

@@ -45,15 +45,8 @@ pub(super) fn kernel_worker(root: &Path) -> Result<PathBuf> {
         "--message-format=json-render-diagnostics",
     ])
     .stderr(Stdio::inherit());
-    let out = util::output(&mut cmd)?;
-    if !out.status.success() {
-        bail!(
-            "`{}` failed ({})",
-            util::display(&cmd),
-            util::describe(out.status)
-        );
-    }
-    String::from_utf8_lossy(&out.stdout)
+    let stdout = util::stdout_of(&mut cmd)?;
+    stdout
         .lines()
         .filter_map(|line| serde_json::from_str::<Value>(line).ok())
         .filter(|m| m["reason"] == "compiler-artifact" && m["target"]["name"] == "kernel_worker")
