@@ -411,7 +411,9 @@ pub fn udp_server(ns: &Netns, port: u16) -> Result<ChildGuard> {
         "socat",
         &[
             &format!("UDP6-RECVFROM:{port},ipv6only=0,fork"),
-            "SYSTEM:echo pong",
+            // The child must read its datagram: a child that exits first
+            // makes socat's write fail (EPIPE) and the reply is lost.
+            "SYSTEM:echo pong; cat >/dev/null",
         ],
     )
 }
