@@ -367,3 +367,32 @@ fn top_without_a_guard_says_so_and_offers_watch_only_mode() -> Result {
     }
     Ok(())
 }
+
+/// Whether `pid` still runs `portwatch top` (a reused pid runs something else).
+fn runs_top(pid: u32) -> bool {
+    std::fs::read(format!("/proc/{pid}/cmdline"))
+        .is_ok_and(|c| String::from_utf8_lossy(&c).contains("top\0--socket"))
+}
+
+#[test]
+fn top_ends_when_its_terminal_goes_away() -> Result {
+    let paths = GuardPaths::new("tophup")?;
+    let socket = paths.socket();
+    let tmux = Tmux::start(&top_command(&socket)?)?;
+    tmux.wait_for(Duration::from_secs(10), "the no-guard message", |s| {
+        s.contains("No portwatch guard is running")
+    })?;
+    let top = top_pid(&socket)?;
+    // Closing the terminal under it: tmux's server goes, the pty hangs up.
+    drop(tmux);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while runs_top(top) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    if runs_top(top) {
+        // Ours to end: it was started by this test's terminal.
+        let _ = Command::new("kill").args(["-9", &top.to_string()]).status();
+        bail!("portwatch top ({top}) still ran 10 s after its terminal closed");
+    }
+    Ok(())
+}

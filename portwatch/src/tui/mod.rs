@@ -82,6 +82,36 @@ pub fn run(args: TopArgs) -> anyhow::Result<ExitCode> {
     result.map(|()| ExitCode::SUCCESS)
 }
 
+enum Input {
+    Ready,
+    None,
+    /// The terminal is gone (its emulator or tmux pane closed).
+    HungUp,
+}
+
+/// Waits up to `timeout` for input on stdin, the terminal.
+fn wait_for_input(timeout: Duration) -> Input {
+    use std::os::fd::AsFd as _;
+
+    use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+
+    let stdin = io::stdin();
+    let mut fds = [PollFd::new(stdin.as_fd(), PollFlags::POLLIN)];
+    let timeout = PollTimeout::try_from(timeout).unwrap_or(PollTimeout::MAX);
+    match poll(&mut fds, timeout) {
+        // EINTR (a resize): the caller redraws and waits again.
+        Err(_) | Ok(0) => Input::None,
+        Ok(_) => match fds[0].revents() {
+            Some(r)
+                if r.intersects(PollFlags::POLLHUP | PollFlags::POLLERR | PollFlags::POLLNVAL) =>
+            {
+                Input::HungUp
+            }
+            _ => Input::Ready,
+        },
+    }
+}
+
 /// Leaves raw mode and the alternate screen and shows the cursor. Safe to
 /// call more than once, and on a terminal that was never set up.
 fn restore_terminal() {
@@ -181,7 +211,14 @@ fn event_loop(
         terminal
             .draw(|frame| ui::draw(frame, app))
             .context("drawing")?;
-        if !event::poll(TICK).context("reading the terminal")? {
+        // Waiting on the terminal ourselves: crossterm, asked to wait, spins
+        // forever on a terminal that hangs up meanwhile (reads of 0 bytes).
+        match wait_for_input(TICK) {
+            Input::HungUp => return Ok(()),
+            Input::None => continue,
+            Input::Ready => {}
+        }
+        if !event::poll(Duration::ZERO).context("reading the terminal")? {
             continue;
         }
         // Every key already typed, then a redraw. A resize needs nothing

@@ -212,6 +212,11 @@ impl Sources {
                     _ = hup.recv() => {}
                 }
                 let _ = tx.send(Msg::Signal);
+                // The signal is caught, so it cannot end a `top` stuck in a
+                // terminal read: after a grace period, end the process here.
+                tokio::time::sleep(SIGNAL_GRACE).await;
+                super::restore_terminal();
+                std::process::exit(130);
             });
         });
         installed
@@ -220,6 +225,9 @@ impl Sources {
             .context("installing signal handlers")
     }
 }
+
+/// How long `top` has to end by itself after SIGINT, SIGTERM or SIGHUP.
+const SIGNAL_GRACE: Duration = Duration::from_secs(3);
 
 impl Drop for Sources {
     fn drop(&mut self) {
