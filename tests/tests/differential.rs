@@ -838,6 +838,11 @@ impl Cidr {
         }
     }
 
+    /// Inside ::ffff:0:0/96.
+    fn is_v4_mapped(&self) -> bool {
+        self.v6 && self.len >= 96 && self.addr >> 32 == 0xffff
+    }
+
     /// One of the two contains the other (a policy refuses that).
     fn nests(&self, other: &Cidr) -> bool {
         let bits = if self.v6 { 128 } else { 32 };
@@ -881,9 +886,16 @@ fn policy(case: &Case) -> Result<Policy> {
         let mut nets: Vec<Cidr> = Vec::new();
         for net in &rule.from {
             let cidr = Cidr::of(net, case);
-            if !nets.iter().any(|n| n.nests(&cidr)) {
+            // A policy refuses IPv4-mapped networks: no packet comes from
+            // one (frames from mapped sources are still generated).
+            if !cidr.is_v4_mapped() && !nets.iter().any(|n| n.nests(&cidr)) {
                 nets.push(cidr);
             }
+        }
+        if nets.is_empty() && !rule.from.is_empty() {
+            // Every network was refused: leave the rule out rather than
+            // widen it to every source.
+            continue;
         }
         if nets.is_empty() {
             let _ = writeln!(text, "  \"{spec}\",");
