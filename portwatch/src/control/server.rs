@@ -22,7 +22,7 @@ use serde_json::Value;
 use tokio::{
     io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _},
     net::{UnixListener, UnixStream},
-    sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot},
+    sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot, watch},
     task::JoinSet,
 };
 
@@ -228,7 +228,21 @@ impl ControlServer {
     /// Accepts connections until the future is dropped (the task aborted);
     /// that also ends every connection and removes the socket file. Each
     /// request goes to `tx`.
-    pub async fn serve(mut self, tx: mpsc::Sender<ControlRequest>) {
+    pub async fn serve(self, tx: mpsc::Sender<ControlRequest>) {
+        // The sender gone, the receiver never reports a stop.
+        let (_, never) = watch::channel(false);
+        self.serve_until(tx, never).await;
+    }
+
+    /// As [`serve`](Self::serve), and once `stop` turns true: stops
+    /// accepting, lets every connection finish writing the reply it owes
+    /// (a `shutdown` answer among them) instead of reading more, then
+    /// returns and removes the socket file.
+    pub async fn serve_until(
+        mut self,
+        tx: mpsc::Sender<ControlRequest>,
+        mut stop: watch::Receiver<bool>,
+    ) {
         let Some(listener) = self.listener.take() else {
             return;
         };
@@ -245,6 +259,7 @@ impl ControlServer {
         let context = Arc::new(Context {
             read_group: self.read_group.clone(),
             tx,
+            stop: stop.clone(),
         });
         let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
         let refusals = Arc::new(Semaphore::new(MAX_REFUSALS));
@@ -252,6 +267,7 @@ impl ControlServer {
         let mut connections = JoinSet::new();
         loop {
             tokio::select! {
+                () = stopped(&mut stop) => break,
                 accepted = listener.accept() => match accepted {
                     Ok((stream, _)) => {
                         let peer = peer_of(&stream, context.read_group.as_ref().map(|g| g.gid));
@@ -293,6 +309,8 @@ impl ControlServer {
                 }
             }
         }
+        drop(listener);
+        while connections.join_next().await.is_some() {}
     }
 }
 
@@ -310,6 +328,14 @@ impl Drop for ControlServer {
 struct Context {
     read_group: Option<ReadGroup>,
     tx: mpsc::Sender<ControlRequest>,
+    stop: watch::Receiver<bool>,
+}
+
+/// Completes once `stop` turns true; never if its sender is gone first.
+async fn stopped(stop: &mut watch::Receiver<bool>) {
+    if stop.wait_for(|stop| *stop).await.is_err() {
+        std::future::pending::<()>().await;
+    }
 }
 
 fn denied_message(peer: &Peer, group: Option<&ReadGroup>) -> String {
@@ -565,8 +591,13 @@ where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
+    let mut stop = context.stop.clone();
     loop {
-        let line = match tokio::time::timeout(IDLE_TIMEOUT, reader.next_line()).await {
+        let next = tokio::select! {
+            () = stopped(&mut stop) => return Ok(()),
+            next = tokio::time::timeout(IDLE_TIMEOUT, reader.next_line()) => next,
+        };
+        let line = match next {
             Err(_) => {
                 let message = format!(
                     "no request for {} s; closing the connection",
@@ -617,7 +648,7 @@ where
             Some(Reply::Once(value)) => write_json(out, &value).await?,
             Some(Reply::Stream { ack, lines }) => {
                 write_json(out, &ack).await?;
-                return stream_lines(reader, out, lines).await;
+                return stream_lines(reader, out, lines, stop).await;
             }
         }
     }
@@ -629,6 +660,7 @@ async fn stream_lines<R, W>(
     reader: &mut LineReader<R>,
     out: &mut W,
     mut lines: mpsc::Receiver<String>,
+    mut stop: watch::Receiver<bool>,
 ) -> io::Result<()>
 where
     R: AsyncRead + Unpin,
@@ -637,6 +669,7 @@ where
     let mut client_open = true;
     loop {
         tokio::select! {
+            () = stopped(&mut stop) => return out.shutdown().await,
             line = lines.recv() => match line {
                 Some(line) => out.write_all(line.as_bytes()).await?,
                 None => return out.shutdown().await,

@@ -38,6 +38,9 @@ use crate::{
 
 pub const DEFAULT_POLICY: &str = "/etc/portwatch/policy.toml";
 
+/// How long the control socket may take to write its last answers at exit.
+const CONTROL_DRAIN: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// Whether the network can reach a listener under `policy`. A listener on
 /// a loopback address is out of the network's reach whatever the policy.
 pub fn exposure_of(policy: &Policy, listener: &Listener) -> Exposure {
@@ -153,7 +156,8 @@ async fn serve(
     )
     .with_context(|| format!("creating the control socket {}", socket.display()))?;
     let (control_tx, control_rx) = tokio::sync::mpsc::channel(64);
-    let control_task = tokio::spawn(control_server.serve(control_tx));
+    let (stop_control, control_stop) = tokio::sync::watch::channel(false);
+    let mut control_task = tokio::spawn(control_server.serve_until(control_tx, control_stop));
     let policy_path = args
         .policy
         .clone()
@@ -292,17 +296,15 @@ async fn serve(
         task
     });
     stream::run(&mut datapath, &mut stream, &mut signals).await?;
-    // After a `shutdown` request its answer is still to be written by the
-    // control task: give it a moment (bounded), or `portwatch down` sees
-    // the connection close unanswered.
-    if stream
-        .guard
-        .as_ref()
-        .is_some_and(|g| g.state.shutdown.is_some())
+    // Answers already given (a `shutdown` one among them) still reach their
+    // clients; a client that does not read cannot hold the guard up.
+    let _ = stop_control.send(true);
+    if tokio::time::timeout(CONTROL_DRAIN, &mut control_task)
+        .await
+        .is_err()
     {
-        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        control_task.abort();
     }
-    control_task.abort();
     if let Some(task) = metrics_task {
         task.abort();
     }
