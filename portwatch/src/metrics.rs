@@ -29,7 +29,7 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use portwatch_common::{GuardStat, IPPROTO_TCP, IPPROTO_UDP, PortCounters};
 use prometheus_client::{
     collector::Collector,
-    encoding::{DescriptorEncoder, EncodeMetric as _},
+    encoding::{DescriptorEncoder, EncodeMetric},
     metrics::{counter::ConstCounter, gauge::ConstGauge},
     registry::Registry,
 };
@@ -186,18 +186,30 @@ fn proto_name(proto: u32) -> String {
     }
 }
 
+type Series = [(Vec<(&'static str, String)>, u64)];
+
+/// One metric family: its descriptor, then a value per label set.
+fn family<M: EncodeMetric>(
+    encoder: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    series: &Series,
+    metric: impl Fn(u64) -> M,
+) -> Result<(), std::fmt::Error> {
+    let mut family = encoder.encode_descriptor(name, help, None, metric(0).metric_type())?;
+    for (labels, value) in series {
+        metric(*value).encode(family.encode_family(labels)?)?;
+    }
+    Ok(())
+}
+
 fn gauge(
     encoder: &mut DescriptorEncoder,
     name: &str,
     help: &str,
-    series: &[(Vec<(&'static str, String)>, u64)],
+    series: &Series,
 ) -> Result<(), std::fmt::Error> {
-    let mut metric =
-        encoder.encode_descriptor(name, help, None, ConstGauge::new(0u64).metric_type())?;
-    for (labels, value) in series {
-        ConstGauge::new(*value).encode(metric.encode_family(labels)?)?;
-    }
-    Ok(())
+    family(encoder, name, help, series, ConstGauge::new)
 }
 
 /// A counter; `name` without `_total`, which the encoder appends.
@@ -205,14 +217,9 @@ fn counter(
     encoder: &mut DescriptorEncoder,
     name: &str,
     help: &str,
-    series: &[(Vec<(&'static str, String)>, u64)],
+    series: &Series,
 ) -> Result<(), std::fmt::Error> {
-    let mut metric =
-        encoder.encode_descriptor(name, help, None, ConstCounter::new(0u64).metric_type())?;
-    for (labels, value) in series {
-        ConstCounter::new(*value).encode(metric.encode_family(labels)?)?;
-    }
-    Ok(())
+    family(encoder, name, help, series, ConstCounter::new)
 }
 
 impl Collector for SnapshotCollector {
