@@ -34,6 +34,23 @@ pub fn portwatch_bin() -> PathBuf {
         })
 }
 
+/// CLOCK_MONOTONIC, the clock of bpf_ktime_get_ns and of recorded flows.
+pub fn monotonic_ns() -> Result<u64> {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes one timespec into `ts`, which is valid
+    // and exclusively borrowed for the call.
+    let rc = unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    anyhow::ensure!(
+        rc == 0,
+        "clock_gettime(CLOCK_MONOTONIC): {}",
+        std::io::Error::last_os_error()
+    );
+    Ok(u64::try_from(ts.tv_sec)? * 1_000_000_000 + u64::try_from(ts.tv_nsec)?)
+}
+
 /// A name no other test (or concurrent run) uses: tag, pid, counter.
 pub fn unique_name(tag: &str) -> String {
     static NEXT: AtomicU32 = AtomicU32::new(0);

@@ -44,6 +44,7 @@ use portwatch_tests::{
         ETH_HLEN, ETH_P_8021AD, ETH_P_8021Q, Eth, Ext, Frame, Ipv4, Ipv6, Packet, TCP_ACK, TCP_FIN,
         TCP_PSH, TCP_RST, TCP_SYN, Tcp, Udp,
     },
+    monotonic_ns,
 };
 use proptest::{
     prelude::*,
@@ -1032,23 +1033,6 @@ fn unhex(text: &str) -> Result<Vec<u8>> {
                 .with_context(|| format!("bad hex at {i}"))
         })
         .collect()
-}
-
-/// CLOCK_MONOTONIC, the clock of bpf_ktime_get_ns and of recorded flows.
-fn monotonic_ns() -> Result<u64> {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: clock_gettime writes one timespec into `ts`, which is valid
-    // and exclusively borrowed for the call.
-    let rc = unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    ensure!(
-        rc == 0,
-        "clock_gettime: {}",
-        std::io::Error::last_os_error()
-    );
-    Ok(u64::try_from(ts.tv_sec)? * 1_000_000_000 + u64::try_from(ts.tv_nsec)?)
 }
 
 /// `age_ms` before `now` (after it, for a negative age).

@@ -22,6 +22,7 @@ use portwatch_tests::{
         IPPROTO_ESP, IPPROTO_GRE, IPPROTO_IGMP, IPPROTO_SCTP, IPPROTO_TCP, IPPROTO_UDP, Ipv4, Ipv6,
         NEXTHDR_NONE, TCP_ACK, TCP_FIN, TCP_PSH, TCP_RST, TCP_SYN, truncations,
     },
+    monotonic_ns,
 };
 
 /// The policy of every enforcing test.
@@ -172,23 +173,6 @@ fn case(name: impl Into<String>, frame: Vec<u8>, want: Outcome) -> Case {
         frame,
         want,
     }
-}
-
-/// CLOCK_MONOTONIC, the clock of bpf_ktime_get_ns and of recorded flows.
-fn monotonic_ns() -> Result<u64> {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: clock_gettime writes one timespec into `ts`, which is valid
-    // and exclusively borrowed for the call.
-    let rc = unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    ensure!(
-        rc == 0,
-        "clock_gettime(CLOCK_MONOTONIC): {}",
-        std::io::Error::last_os_error()
-    );
-    Ok(u64::try_from(ts.tv_sec)? * 1_000_000_000 + u64::try_from(ts.tv_nsec)?)
 }
 
 fn addr4(a: Ipv4Addr) -> [u8; 16] {
