@@ -5,6 +5,66 @@
 //! types: it decodes them field by field using the offsets published below.
 #![no_std]
 
+/// The names of the maps in the kernel object. The eBPF side declares its
+/// statics under these names; user space opens and pins maps only through
+/// them (a test of the built object checks that the two agree).
+pub mod map {
+    pub const EVENTS: &str = "EVENTS";
+    pub const MONITOR_STATS: &str = "MONITOR_STATS";
+    pub const UDP_SOCKS: &str = "UDP_SOCKS";
+    pub const GUARD_CONFIG: &str = "GUARD_CONFIG";
+    pub const POLICY_PORTS: &str = "POLICY_PORTS";
+    pub const POLICY_SRC4: &str = "POLICY_SRC4";
+    pub const POLICY_SRC6: &str = "POLICY_SRC6";
+    pub const FLOWS: &str = "FLOWS";
+    pub const FRAGS: &str = "FRAGS";
+    pub const PORT_COUNTERS: &str = "PORT_COUNTERS";
+    pub const GUARD_STATS: &str = "GUARD_STATS";
+    pub const REPORT_BUCKET: &str = "REPORT_BUCKET";
+    pub const DROPS: &str = "DROPS";
+
+    /// Every map of the shipped object.
+    pub const ALL: &[&str] = &[
+        EVENTS,
+        MONITOR_STATS,
+        UDP_SOCKS,
+        GUARD_CONFIG,
+        POLICY_PORTS,
+        POLICY_SRC4,
+        POLICY_SRC6,
+        FLOWS,
+        FRAGS,
+        PORT_COUNTERS,
+        GUARD_STATS,
+        REPORT_BUCKET,
+        DROPS,
+    ];
+}
+
+/// The names of the programs in the kernel object (their functions' names).
+pub mod prog {
+    pub const INET_SOCK_SET_STATE: &str = "inet_sock_set_state";
+    pub const POST_BIND4: &str = "post_bind4";
+    pub const POST_BIND6: &str = "post_bind6";
+    pub const SOCK_RELEASE: &str = "sock_release";
+    pub const XDP_GUARD: &str = "xdp_guard";
+    pub const TC_EGRESS: &str = "tc_egress";
+
+    /// Every program of the shipped object.
+    pub const ALL: &[&str] = &[
+        INET_SOCK_SET_STATE,
+        POST_BIND4,
+        POST_BIND6,
+        SOCK_RELEASE,
+        XDP_GUARD,
+        TC_EGRESS,
+    ];
+
+    /// Benchmark baselines, in the separate benchmark object only.
+    pub const BENCH_XDP_DROP: &str = "bench_xdp_drop";
+    pub const BENCH_PARSE_DROP: &str = "bench_parse_drop";
+}
+
 /// Size of the listener event ring buffer in bytes (a power of two, page aligned).
 /// 4 MiB holds about 58,000 events, enough to absorb a burst while user space
 /// catches up.
@@ -130,6 +190,34 @@ pub const SRC6_KEY_LEN: usize = 20;
 /// Bits of protocol and port in front of the address in a source key.
 pub const SRC_KEY_PORT_BITS: u32 = 24;
 pub const MAX_SRC_RULES: u32 = 16384;
+
+/// The IPv4 source trie's key data for (protocol, port, address): the
+/// policy's entries (with a CIDR's network address) and the XDP program's
+/// lookups (with the packet's source) are built alike here.
+#[inline(always)]
+pub const fn src4_key(proto: u8, port: u16, addr: [u8; 4]) -> [u8; SRC4_KEY_LEN] {
+    let [hi, lo] = port.to_be_bytes();
+    [proto, hi, lo, addr[0], addr[1], addr[2], addr[3], 0]
+}
+
+/// The IPv6 source trie's key data for (protocol, port, address).
+#[inline(always)]
+pub fn src6_key(proto: u8, port: u16, addr: &[u8; 16]) -> [u8; SRC6_KEY_LEN] {
+    let [hi, lo] = port.to_be_bytes();
+    let mut data = [0u8; SRC6_KEY_LEN];
+    data[0] = proto;
+    data[1] = hi;
+    data[2] = lo;
+    data[3..19].copy_from_slice(addr);
+    data
+}
+
+/// A source key's prefix length for a CIDR of `cidr_bits` (32 or 128 for
+/// a single address, as the XDP program looks them up).
+#[inline(always)]
+pub const fn src_prefix_len(cidr_bits: u8) -> u32 {
+    SRC_KEY_PORT_BITS + cidr_bits as u32
+}
 
 /// `GuardConfig.flags`: pass everything, count and report what would drop.
 pub const GUARD_AUDIT: u32 = 1;
@@ -346,6 +434,22 @@ mod tests {
         assert_eq!(core::mem::size_of::<FlowKey>(), 40);
         assert_eq!(core::mem::size_of::<FragKey>(), 40);
         assert_eq!(core::mem::size_of::<GuardConfig>(), 24);
+    }
+
+    #[test]
+    fn source_keys_put_protocol_and_port_before_the_address() {
+        assert_eq!(
+            src4_key(IPPROTO_TCP, 5432, [10, 1, 2, 3]),
+            [IPPROTO_TCP, 0x15, 0x38, 10, 1, 2, 3, 0]
+        );
+        let mut v6 = [0u8; 16];
+        v6[0] = 0xfd;
+        v6[15] = 9;
+        let key = src6_key(IPPROTO_UDP, 53, &v6);
+        assert_eq!(key[..4], [IPPROTO_UDP, 0, 53, 0xfd]);
+        assert_eq!(key[18], 9);
+        assert_eq!(key[19], 0);
+        assert_eq!(src_prefix_len(8), 32);
     }
 
     #[test]

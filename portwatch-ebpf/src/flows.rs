@@ -2,70 +2,36 @@
 //! program can admit their replies under default deny.
 
 use aya_ebpf::{helpers::bpf_ktime_get_ns, programs::TcContext};
-use portwatch_common::{AF_INET, AF_INET6, FlowKey, GuardStat, IPPROTO_UDP};
+use portwatch_common::{FlowKey, GuardStat, IPPROTO_UDP};
 
 use crate::{
+    headers::{Headers, Walk, ports, walk},
     maps::{FLOWS, guard_count},
-    parse::{
-        ETH_HLEN, ETH_P_IP, ETH_P_IPV6, MAX_EXT_HEADERS, NEXTHDR_DEST, NEXTHDR_HOP,
-        NEXTHDR_ROUTING, be16, is_vlan,
-    },
+    packet::Skb,
 };
 
 pub fn try_tc_egress(ctx: &TcContext) -> Option<()> {
-    // bpf_skb_load_bytes (ctx.load) also reads non-linear packets.
-    let eth: [u8; ETH_HLEN] = ctx.load(0).ok()?;
-    let mut ethertype = be16(eth[12], eth[13]);
-    let mut off = ETH_HLEN;
-    for _ in 0..2 {
-        if !is_vlan(ethertype) {
-            break;
-        }
-        let tag: [u8; 4] = ctx.load(off).ok()?;
-        ethertype = be16(tag[2], tag[3]);
-        off += 4;
+    let skb = Skb(ctx);
+    let mut h = Headers::new();
+    // Later fragments carry no UDP header; what does not parse is not ours
+    // to judge on the way out.
+    let Ok(Walk::Transport(off)) = walk(&skb, &mut h) else {
+        return None;
+    };
+    if h.proto != IPPROTO_UDP {
+        return None;
     }
-    let mut key = FlowKey {
+    ports(&skb, off, &mut h).ok()?;
+    // Outbound: the source is local, the destination the remote peer.
+    let key = FlowKey {
+        family: h.family,
         proto: IPPROTO_UDP,
-        ..FlowKey::default()
+        _pad: 0,
+        local_port: h.sport,
+        remote_port: h.dport,
+        local: h.src,
+        remote: h.dst,
     };
-    let l4 = match ethertype {
-        ETH_P_IP => {
-            let h: [u8; 20] = ctx.load(off).ok()?;
-            // Later fragments carry no UDP header.
-            if h[9] != IPPROTO_UDP || be16(h[6], h[7]) & 0x1fff != 0 {
-                return None;
-            }
-            key.family = AF_INET as u8;
-            key.local[..4].copy_from_slice(&h[12..16]);
-            key.remote[..4].copy_from_slice(&h[16..20]);
-            off + ((h[0] & 0x0f) as usize) * 4
-        }
-        ETH_P_IPV6 => {
-            let h: [u8; 40] = ctx.load(off).ok()?;
-            key.family = AF_INET6 as u8;
-            key.local.copy_from_slice(&h[8..24]);
-            key.remote.copy_from_slice(&h[24..40]);
-            let mut next = h[6];
-            let mut at = off + 40;
-            for _ in 0..MAX_EXT_HEADERS {
-                if next != NEXTHDR_HOP && next != NEXTHDR_ROUTING && next != NEXTHDR_DEST {
-                    break;
-                }
-                let e: [u8; 2] = ctx.load(at).ok()?;
-                next = e[0];
-                at += (e[1] as usize + 1) * 8;
-            }
-            if next != IPPROTO_UDP {
-                return None;
-            }
-            at
-        }
-        _ => return None,
-    };
-    let udp: [u8; 4] = ctx.load(l4).ok()?;
-    key.local_port = be16(udp[0], udp[1]);
-    key.remote_port = be16(udp[2], udp[3]);
     // SAFETY: bpf_ktime_get_ns has no preconditions.
     let now = unsafe { bpf_ktime_get_ns() };
     FLOWS.insert(key, now, 0).ok()?;

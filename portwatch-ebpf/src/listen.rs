@@ -60,8 +60,9 @@ fn emit(kind: ListenKind, proto: u8, family: u16, port: u16, addr: [u8; 16], soc
 }
 
 pub fn try_inet_sock_set_state(ctx: &TracePointContext) {
-    // SAFETY (all reads below): offsets and sizes come from the tracepoint's
-    // format; read_at goes through bpf_probe_read_kernel, which cannot fault.
+    // The reads below: offsets and sizes come from the tracepoint's format;
+    // read_at goes through bpf_probe_read_kernel, which cannot fault.
+    // SAFETY: see above.
     let Ok(protocol) = (unsafe { ctx.read_at::<u16>(TP_PROTOCOL) }) else {
         return;
     };

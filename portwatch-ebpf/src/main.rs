@@ -1,20 +1,21 @@
-//! portwatch's kernel programs. Entry points only: each is a thin wrapper
-//! around a function in a module that holds the logic.
+//! The object embedded in the portwatch binary: the monitor's and the
+//! guard's entry points, each a thin wrapper around a function of the
+//! library that holds the logic.
 #![no_std]
 #![no_main]
 
-mod bench;
-mod flows;
-mod listen;
-mod maps;
-mod parse;
-mod xdp;
-
 use aya_ebpf::{
-    bindings::{TC_ACT_OK, xdp_action::XDP_DROP},
+    bindings::TC_ACT_OK,
     macros::{cgroup_sock, classifier, tracepoint, xdp},
     programs::{SockContext, TcContext, TracePointContext, XdpContext},
 };
+use portwatch_ebpf::{flows, listen, xdp};
+
+/// The kernel reads the licence from this section; GPL-compatible, so that
+/// the programs may use every helper they call.
+#[unsafe(no_mangle)]
+#[unsafe(link_section = "license")]
+pub static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";
 
 /// `sock/inet_sock_set_state`: TCP sockets entering or leaving LISTEN.
 #[tracepoint]
@@ -49,18 +50,6 @@ pub fn sock_release(ctx: SockContext) -> i32 {
 #[xdp(frags)]
 pub fn xdp_guard(ctx: XdpContext) -> u32 {
     xdp::try_xdp_guard(&ctx)
-}
-
-/// Benchmark baseline (`cargo xtask bench`), never attached: drop, nothing else.
-#[xdp(frags)]
-pub fn bench_xdp_drop(_ctx: XdpContext) -> u32 {
-    XDP_DROP
-}
-
-/// Benchmark baseline, never attached: the guard's parsing, then drop.
-#[xdp(frags)]
-pub fn bench_parse_drop(ctx: XdpContext) -> u32 {
-    bench::try_parse_drop(&ctx)
 }
 
 /// The guard's egress side: records the host's outbound UDP flows.

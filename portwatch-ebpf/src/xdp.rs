@@ -1,6 +1,7 @@
-//! The guard's XDP program: parse the inbound frame (bounds-checked), then
-//! decide it against the policy maps. Every frame gets a defined verdict;
-//! truncated or over-long headers are dropped as malformed.
+//! The guard's XDP program: parse the inbound frame with the shared header
+//! walk (bounds-checked), then decide it against the policy maps. Every
+//! frame gets a defined verdict; truncated or over-long headers are dropped
+//! as malformed.
 
 use aya_ebpf::{
     bindings::xdp_action::{XDP_DROP, XDP_PASS},
@@ -11,18 +12,16 @@ use aya_ebpf::{
 use portwatch_common::{
     AF_INET, AF_INET6, DropReason, DropReport, FlowKey, FragKey, FragVerdict, GUARD_AUDIT,
     GuardConfig, GuardStat, IPPROTO_TCP, IPPROTO_UDP, PortCounters, RULE_ANY, RULE_CIDR,
-    SRC_KEY_PORT_BITS, SRC4_KEY_LEN, SRC6_KEY_LEN, counter_key, port_slot,
+    counter_key, port_slot, src_prefix_len, src4_key, src6_key,
 };
 
 use crate::{
+    headers::{Headers, Walk, ports, walk},
     maps::{
         DROPS, FLOWS, FRAGS, GUARD_CONFIG, POLICY_PORTS, POLICY_SRC4, POLICY_SRC6, PORT_COUNTERS,
         REPORT_BUCKET, guard_count,
     },
-    parse::{
-        ETH_HLEN, ETH_P_IP, ETH_P_IPV6, MAX_EXT_HEADERS, NEXTHDR_AUTH, NEXTHDR_DEST,
-        NEXTHDR_FRAGMENT, NEXTHDR_HOP, NEXTHDR_ROUTING, Pkt, be16, is_vlan,
-    },
+    packet::Pkt,
 };
 
 const IPPROTO_ICMP: u8 = 1;
@@ -32,23 +31,6 @@ const TCP_SYN: u8 = 0x02;
 const TCP_ACK: u8 = 0x10;
 const NS_PER_TOKEN: u64 = 1_000_000_000;
 
-/// What parsing learned about the packet.
-struct Meta {
-    family: u8,
-    proto: u8,
-    /// Ports in host order; `has_ports` says whether they were read.
-    sport: u16,
-    dport: u16,
-    has_ports: bool,
-    src: [u8; 16],
-    dst: [u8; 16],
-    /// First fragment of several, and its id. Plain fields, not an Option:
-    /// an Option's unset payload lets the compiler store any register there,
-    /// which the verifier rejects.
-    first_frag: bool,
-    frag_id: u32,
-}
-
 type Verdict = Result<(), DropReason>;
 
 pub fn try_xdp_guard(ctx: &XdpContext) -> u32 {
@@ -56,17 +38,7 @@ pub fn try_xdp_guard(ctx: &XdpContext) -> u32 {
         Some(cfg) => *cfg,
         None => GuardConfig::default(),
     };
-    let mut m = Meta {
-        family: 0,
-        proto: 0,
-        sport: 0,
-        dport: 0,
-        has_ports: false,
-        src: [0; 16],
-        dst: [0; 16],
-        first_frag: false,
-        frag_id: 0,
-    };
+    let mut m = Headers::new();
     let pkt = Pkt::new(ctx);
     let verdict = classify(&pkt, &mut m, &cfg);
     // A first fragment's verdict, whatever it is, is what its later
@@ -96,116 +68,19 @@ pub fn try_xdp_guard(ctx: &XdpContext) -> u32 {
     if audit { XDP_PASS } else { XDP_DROP }
 }
 
-fn classify(pkt: &Pkt, m: &mut Meta, cfg: &GuardConfig) -> Verdict {
-    let eth = pkt.bytes::<ETH_HLEN>(0).ok_or(DropReason::Malformed)?;
-    let mut ethertype = be16(eth[12], eth[13]);
-    let mut off = ETH_HLEN;
-    // Up to two tags (802.1Q, or 802.1ad outer + 802.1Q inner).
-    if is_vlan(ethertype) {
-        let tag = pkt.bytes::<4>(off).ok_or(DropReason::Malformed)?;
-        ethertype = be16(tag[2], tag[3]);
-        off += 4;
-        if is_vlan(ethertype) {
-            let tag = pkt.bytes::<4>(off).ok_or(DropReason::Malformed)?;
-            ethertype = be16(tag[2], tag[3]);
-            off += 4;
-            if is_vlan(ethertype) {
-                return Err(DropReason::Malformed);
-            }
-        }
-    }
-    match ethertype {
-        ETH_P_IP => ipv4(pkt, off, m, cfg),
-        ETH_P_IPV6 => ipv6(pkt, off, m, cfg),
+fn classify(pkt: &Pkt, m: &mut Headers, cfg: &GuardConfig) -> Verdict {
+    match walk(pkt, m) {
+        Err(_) => Err(DropReason::Malformed),
         // ARP and every other non-IP protocol: the host needs them.
-        _ => Ok(()),
+        Ok(Walk::NotIp) => Ok(()),
+        Ok(Walk::LaterFragment(id)) => later_fragment(m, id),
+        Ok(Walk::Transport(off)) => transport(pkt, off, m, cfg),
     }
-}
-
-fn ipv4(pkt: &Pkt, off: usize, m: &mut Meta, cfg: &GuardConfig) -> Verdict {
-    let h = pkt.bytes::<20>(off).ok_or(DropReason::Malformed)?;
-    let ihl = ((h[0] & 0x0f) as usize) * 4;
-    let total = be16(h[2], h[3]) as usize;
-    if h[0] >> 4 != 4 || ihl < 20 || total < ihl || !pkt.has(off + ihl) {
-        return Err(DropReason::Malformed);
-    }
-    m.family = AF_INET as u8;
-    m.proto = h[9];
-    m.src[..4].copy_from_slice(&h[12..16]);
-    m.dst[..4].copy_from_slice(&h[16..20]);
-    let frag = be16(h[6], h[7]);
-    let id = u32::from(be16(h[4], h[5]));
-    if frag & 0x1fff != 0 {
-        return later_fragment(m, id);
-    }
-    if frag & 0x2000 != 0 {
-        m.first_frag = true;
-        m.frag_id = id;
-    }
-    transport(pkt, off + ihl, m, cfg)
-}
-
-fn ipv6(pkt: &Pkt, off: usize, m: &mut Meta, cfg: &GuardConfig) -> Verdict {
-    let h = pkt.bytes::<40>(off).ok_or(DropReason::Malformed)?;
-    if h[0] >> 4 != 6 {
-        return Err(DropReason::Malformed);
-    }
-    m.family = AF_INET6 as u8;
-    m.src.copy_from_slice(&h[8..24]);
-    m.dst.copy_from_slice(&h[24..40]);
-    let mut next = h[6];
-    let mut off = off + 40;
-    // One pass per extension header, plus the one that reaches transport:
-    // the pass after the 8th header accepts only a transport header.
-    for i in 0..=MAX_EXT_HEADERS {
-        let is_ext = matches!(
-            next,
-            NEXTHDR_HOP | NEXTHDR_ROUTING | NEXTHDR_DEST | NEXTHDR_AUTH | NEXTHDR_FRAGMENT
-        );
-        if !is_ext {
-            m.proto = next;
-            return transport(pkt, off, m, cfg);
-        }
-        if i == MAX_EXT_HEADERS {
-            break;
-        }
-        let e = pkt.bytes::<2>(off).ok_or(DropReason::Malformed)?;
-        let len = match next {
-            NEXTHDR_AUTH => (e[1] as usize + 2) * 4,
-            NEXTHDR_FRAGMENT => 8,
-            _ => (e[1] as usize + 1) * 8,
-        };
-        if next == NEXTHDR_FRAGMENT {
-            let f = pkt.bytes::<8>(off).ok_or(DropReason::Malformed)?;
-            let frag = be16(f[2], f[3]);
-            let id = u32::from_be_bytes([f[4], f[5], f[6], f[7]]);
-            if frag >> 3 != 0 {
-                m.proto = f[0];
-                // A later fragment names no datagram of its own.
-                m.first_frag = false;
-                return later_fragment(m, id);
-            }
-            // Offset 0 without M is an atomic fragment: a whole datagram.
-            // The last fragment header with M names the datagram.
-            if frag & 1 != 0 {
-                m.first_frag = true;
-                m.frag_id = id;
-            }
-        }
-        next = e[0];
-        off += len;
-        // The whole header must be in the frame.
-        if !pkt.has(off) {
-            return Err(DropReason::Malformed);
-        }
-    }
-    // Longer chains than any legitimate stack sends: refuse them.
-    Err(DropReason::Malformed)
 }
 
 /// IPv4 names a datagram by (src, dst, id, protocol) (RFC 791); IPv6 by
 /// (src, dst, id) (RFC 8200), whatever extension headers follow.
-fn frag_key(m: &Meta, id: u32) -> FragKey {
+fn frag_key(m: &Headers, id: u32) -> FragKey {
     FragKey {
         family: m.family,
         proto: if m.family == AF_INET6 as u8 {
@@ -220,7 +95,7 @@ fn frag_key(m: &Meta, id: u32) -> FragKey {
     }
 }
 
-fn record_first_fragment(m: &Meta, verdict: &Verdict) {
+fn record_first_fragment(m: &Headers, verdict: &Verdict) {
     let decided = FragVerdict {
         reason: match verdict {
             Ok(()) => 0,
@@ -234,7 +109,7 @@ fn record_first_fragment(m: &Meta, verdict: &Verdict) {
 }
 
 /// A later fragment carries no ports: it follows its first fragment.
-fn later_fragment(m: &mut Meta, id: u32) -> Verdict {
+fn later_fragment(m: &mut Headers, id: u32) -> Verdict {
     let Some(first) = FRAGS.get_ptr(frag_key(m, id)) else {
         return Err(DropReason::Fragment);
     };
@@ -252,10 +127,16 @@ fn later_fragment(m: &mut Meta, id: u32) -> Verdict {
     }
 }
 
-fn transport(pkt: &Pkt, off: usize, m: &mut Meta, cfg: &GuardConfig) -> Verdict {
+fn transport(pkt: &Pkt, off: usize, m: &mut Headers, cfg: &GuardConfig) -> Verdict {
     match m.proto {
-        IPPROTO_TCP => tcp(pkt, off, m),
-        IPPROTO_UDP => udp(pkt, off, m, cfg),
+        IPPROTO_TCP => {
+            ports(pkt, off, m).map_err(|_| DropReason::Malformed)?;
+            tcp(m)
+        }
+        IPPROTO_UDP => {
+            ports(pkt, off, m).map_err(|_| DropReason::Malformed)?;
+            udp(m, cfg)
+        }
         // Neighbour discovery, path MTU discovery, multicast membership.
         IPPROTO_ICMP | IPPROTO_ICMPV6 | IPPROTO_IGMP => Ok(()),
         // Default deny: no rule can permit other protocols.
@@ -263,17 +144,8 @@ fn transport(pkt: &Pkt, off: usize, m: &mut Meta, cfg: &GuardConfig) -> Verdict 
     }
 }
 
-fn tcp(pkt: &Pkt, off: usize, m: &mut Meta) -> Verdict {
-    let t = pkt.bytes::<20>(off).ok_or(DropReason::Malformed)?;
-    m.sport = be16(t[0], t[1]);
-    m.dport = be16(t[2], t[3]);
-    m.has_ports = true;
-    let doff = ((t[12] >> 4) as usize) * 4;
-    // The whole header, options included, must be there.
-    if doff < 20 || !pkt.has(off + doff) {
-        return Err(DropReason::Malformed);
-    }
-    let flags = t[13];
+fn tcp(m: &Headers) -> Verdict {
+    let flags = m.tcp_flags;
     // Only a connection attempt needs a rule; everything else belongs to a
     // connection that exists or that the host itself opened.
     if flags & TCP_SYN != 0 && flags & TCP_ACK == 0 {
@@ -283,11 +155,7 @@ fn tcp(pkt: &Pkt, off: usize, m: &mut Meta) -> Verdict {
     }
 }
 
-fn udp(pkt: &Pkt, off: usize, m: &mut Meta, cfg: &GuardConfig) -> Verdict {
-    let u = pkt.bytes::<8>(off).ok_or(DropReason::Malformed)?;
-    m.sport = be16(u[0], u[1]);
-    m.dport = be16(u[2], u[3]);
-    m.has_ports = true;
+fn udp(m: &Headers, cfg: &GuardConfig) -> Verdict {
     // DHCP replies to the host's own client.
     let dhcp = if m.family == AF_INET as u8 {
         m.sport == 67 && m.dport == 68
@@ -299,8 +167,7 @@ fn udp(pkt: &Pkt, off: usize, m: &mut Meta, cfg: &GuardConfig) -> Verdict {
     }
     match permitted(m) {
         Ok(()) => Ok(()),
-        Err(reason) if reply_to_own_flow(m, cfg) => {
-            let _ = reason;
+        Err(_) if reply_to_own_flow(m, cfg) => {
             guard_count(GuardStat::FlowReplies);
             Ok(())
         }
@@ -309,7 +176,7 @@ fn udp(pkt: &Pkt, off: usize, m: &mut Meta, cfg: &GuardConfig) -> Verdict {
 }
 
 /// Whether the policy permits (proto, destination port) from this source.
-fn permitted(m: &Meta) -> Verdict {
+fn permitted(m: &Headers) -> Verdict {
     let rule = match POLICY_PORTS.get(port_slot(m.proto, m.dport)) {
         Some(rule) => *rule,
         None => 0,
@@ -320,24 +187,16 @@ fn permitted(m: &Meta) -> Verdict {
     if rule & RULE_CIDR == 0 {
         return Err(DropReason::NoRule);
     }
-    let [hi, lo] = m.dport.to_be_bytes();
     let allowed = if m.family == AF_INET as u8 {
-        let mut data = [0u8; SRC4_KEY_LEN];
-        data[0] = m.proto;
-        data[1] = hi;
-        data[2] = lo;
-        data[3..7].copy_from_slice(&m.src[..4]);
+        let addr = [m.src[0], m.src[1], m.src[2], m.src[3]];
+        let data = src4_key(m.proto, m.dport, addr);
         POLICY_SRC4
-            .get(Key::new(SRC_KEY_PORT_BITS + 32, data))
+            .get(Key::new(src_prefix_len(32), data))
             .is_some()
     } else {
-        let mut data = [0u8; SRC6_KEY_LEN];
-        data[0] = m.proto;
-        data[1] = hi;
-        data[2] = lo;
-        data[3..19].copy_from_slice(&m.src);
+        let data = src6_key(m.proto, m.dport, &m.src);
         POLICY_SRC6
-            .get(Key::new(SRC_KEY_PORT_BITS + 128, data))
+            .get(Key::new(src_prefix_len(128), data))
             .is_some()
     };
     if allowed {
@@ -348,7 +207,7 @@ fn permitted(m: &Meta) -> Verdict {
 }
 
 /// Whether a UDP packet answers a flow the host opened (tc egress records them).
-fn reply_to_own_flow(m: &Meta, cfg: &GuardConfig) -> bool {
+fn reply_to_own_flow(m: &Headers, cfg: &GuardConfig) -> bool {
     let key = FlowKey {
         family: m.family,
         proto: IPPROTO_UDP,
@@ -370,7 +229,7 @@ fn reply_to_own_flow(m: &Meta, cfg: &GuardConfig) -> bool {
     now.saturating_sub(last) <= cfg.flow_timeout_ns
 }
 
-fn count_port(m: &Meta, dropped: bool, len: u64) {
+fn count_port(m: &Headers, dropped: bool, len: u64) {
     let key = counter_key(m.proto, m.dport);
     match PORT_COUNTERS.get_ptr_mut(key) {
         Some(c) => {
@@ -399,7 +258,7 @@ fn count_port(m: &Meta, dropped: bool, len: u64) {
 }
 
 /// Sends a drop report unless the per-CPU token bucket is empty.
-fn report(ctx: &XdpContext, m: &Meta, reason: DropReason, audit: bool, cfg: &GuardConfig) {
+fn report(ctx: &XdpContext, m: &Headers, reason: DropReason, audit: bool, cfg: &GuardConfig) {
     // The coarse clock (tick resolution) is enough for a 30 s timeout and a
     // per-second rate limit, and much cheaper on the per-packet path.
     // SAFETY: bpf_ktime_get_coarse_ns has no preconditions.

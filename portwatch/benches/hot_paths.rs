@@ -11,14 +11,15 @@ use std::{
 
 use criterion::{Criterion, criterion_group, criterion_main};
 use portwatch::{
-    compile::compile,
-    events::decode::{decode_drop, decode_listen, encode_listen},
-    maps::MapImage,
+    datapath::{
+        decode::{decode_drop, decode_listen, encode_listen},
+        maps::MapImage,
+    },
     model::{
         DropEvent, DropReason, Event, EventKind, Listener, ListenerEvent, Origin, ProcessInfo,
         Proto, SockId,
     },
-    policy::Policy,
+    policy::{Policy, compile::compile},
     sinks::{Sink as _, human::HumanSink, json::to_json},
 };
 use portwatch_common::{

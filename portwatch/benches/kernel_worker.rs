@@ -4,8 +4,8 @@
 //!
 //! - `verdict --reps N --rounds R [--xdp-filter PIN] [--frames DIR]`: the
 //!   per-packet cost (BPF_PROG_TEST_RUN: the kernel's average over N runs)
-//!   of the guard, of two baselines from the same object (`bench_xdp_drop`,
-//!   `bench_parse_drop`) and of xdp-filter's pinned program, on one frame
+//!   of the guard, of two baselines from the benchmark object
+//!   (`bench_xdp_drop`, `bench_parse_drop`) and of xdp-filter's pinned program, on one frame
 //!   per traffic class; every program through the same syscall.
 //! - `calls --cycles N`: per-call latency of socket/bind/listen/close, for
 //!   the monitor's cost to the host.
@@ -29,14 +29,16 @@ use nix::{
     time::{ClockId, clock_gettime},
 };
 use portwatch::{
-    guard::testrun::{XDP_DROP, XDP_PASS, XdpTester},
-    policy::{Mode, Policy},
+    datapath::testing::{XDP_DROP, XDP_PASS, XdpTester},
+    model::Mode,
+    policy::Policy,
 };
 use portwatch_common::{AF_INET, FlowKey, IPPROTO_TCP, IPPROTO_UDP};
 use serde_json::{Value, json};
 
-/// The object build.rs made from portwatch-ebpf: the baselines live there.
-static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/portwatch"));
+/// The benchmark object build.rs made from portwatch-ebpf: the baselines
+/// live there, not in the shipped object.
+static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/portwatch-bench"));
 
 fn main() -> ExitCode {
     // `cargo bench` passes --bench; nothing else here is cargo's.

@@ -10,8 +10,9 @@ pub enum Error {
     )]
     NotPrivileged { missing: String },
 
+    // The cause is printed by the error chain (`{:#}`), not repeated here.
     #[error(
-        "{fs} is not mounted at {path} and mounting it failed ({source}); mount it by hand: `mount -t {fs} {fs} {path}`"
+        "{fs} is not mounted at {path} and mounting it failed; mount it by hand: `mount -t {fs} {fs} {path}`"
     )]
     Mount {
         fs: &'static str,
@@ -26,14 +27,14 @@ pub enum Error {
     )]
     NoCgroup2,
 
-    #[error("cannot open the cgroup v2 root {path}: {source}")]
+    #[error("cannot open the cgroup v2 root {path}")]
     CgroupOpen {
         path: PathBuf,
         #[source]
         source: io::Error,
     },
 
-    #[error("loading the eBPF object into the kernel failed: {0}")]
+    #[error("loading the eBPF object into the kernel failed")]
     Load(#[from] aya::EbpfError),
 
     #[error("the eBPF object has no {kind} named `{name}` (a build mismatch: rebuild portwatch)")]
@@ -50,7 +51,7 @@ pub enum Error {
         detail: String,
     },
 
-    #[error("the map `{name}` could not be opened: {source}")]
+    #[error("the map `{name}` could not be opened")]
     Map {
         name: &'static str,
         #[source]

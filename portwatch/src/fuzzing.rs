@@ -17,13 +17,14 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use ipnet::IpNet;
 use portwatch_common::{
     AF_INET, AF_INET6, DropReport, IPPROTO_TCP, IPPROTO_UDP, ListenEvent, ListenKind,
-    drop_report_offsets as doff,
 };
 
-use crate::control::protocol::{self, Format, MAX_LINE, ProtocolError, Request};
-use crate::events::decode::{self, DecodeError, RawDrop, RawListen};
-use crate::model::{DropReason, EventKind, Proto, SockId};
-use crate::policy::{Exposure, Mode, Policy, PolicyError, PortRange, Rule, SpecError};
+use crate::{
+    control::protocol::{self, Format, MAX_LINE, ProtocolError, Request},
+    datapath::decode::{self, DecodeError, RawDrop, RawListen, encode_drop},
+    model::{DropReason, EventKind, Exposure, Mode, Proto, SockId},
+    policy::{Policy, PolicyError, PortRange, Rule, SpecError},
+};
 
 /// A property that did not hold, with the input it failed on.
 #[derive(Debug, thiserror::Error)]
@@ -485,13 +486,30 @@ fn request_round_trip(req: &Request) -> Result<(), Violation> {
     Ok(())
 }
 
+/// A range, valid or not (`PortRange::new` decides).
+fn structured_range(c: &mut Cursor) -> Result<PortRange, SpecError> {
+    let proto = if c.flag() { Proto::Udp } else { Proto::Tcp };
+    let lo = c.u16();
+    let hi = if c.flag() { lo } else { c.u16() };
+    PortRange::new(proto, lo, hi)
+}
+
+/// A request from the bytes; a rule the policy refuses (port 0, host bits,
+/// redundant sources) becomes `status`, which has nothing to get wrong.
 fn structured_request(c: &mut Cursor) -> Request {
     match c.byte() % 7 {
-        0 => Request::Allow {
-            spec: c.string(24),
-            from: (0..c.byte() % 4).map(|_| c.string(24)).collect(),
+        0 => {
+            let ports = structured_range(c);
+            let from: Vec<String> = (0..c.byte() % 4).map(|_| source(c).to_string()).collect();
+            match ports.map(|p| Rule::parse(&p.to_string(), &from)) {
+                Ok(Ok(rule)) => Request::Allow { rule },
+                _ => Request::Status,
+            }
+        }
+        1 => match structured_range(c) {
+            Ok(ports) => Request::Deny { ports },
+            Err(_) => Request::Status,
         },
-        1 => Request::Deny { spec: c.string(24) },
         2 => Request::Policy,
         3 => Request::Reload,
         4 => Request::Status,
@@ -592,6 +610,8 @@ fn listen_event_of(raw: &RawListen) -> Option<ListenEvent> {
     let (family, addr) = addr_bytes(Some(raw.addr));
     let sock_id = match raw.sock_id {
         SockId::Cookie(id) | SockId::KernelAddr(id) => id,
+        // The decoder never makes one.
+        SockId::Unknown => return None,
     };
     Some(ListenEvent {
         ts_ns: raw.ts_ns,
@@ -601,7 +621,7 @@ fn listen_event_of(raw: &RawListen) -> Option<ListenEvent> {
         uid: raw.uid,
         port: raw.port,
         family,
-        proto: proto_number(raw.proto),
+        proto: raw.proto.number(),
         kind: match raw.kind {
             EventKind::Listen => ListenKind::Listen as u8,
             EventKind::Close => ListenKind::Close as u8,
@@ -644,13 +664,6 @@ fn addr_bytes(addr: Option<IpAddr>) -> (u16, [u8; 16]) {
         }
         Some(IpAddr::V6(a)) => (AF_INET6, a.octets()),
         None => (0, out),
-    }
-}
-
-fn proto_number(proto: Proto) -> u8 {
-    match proto {
-        Proto::Tcp => IPPROTO_TCP,
-        Proto::Udp => IPPROTO_UDP,
     }
 }
 
@@ -749,28 +762,6 @@ fn ip_of(family: u16, raw: &[u8; 16]) -> Option<IpAddr> {
     }
 }
 
-/// A `DropReport` record as the kernel lays it out (native byte order);
-/// `decode` has only the listener encoder.
-pub fn encode_drop(r: &DropReport) -> Vec<u8> {
-    let mut out = vec![0u8; DropReport::SIZE];
-    let mut put = |at: usize, bytes: &[u8]| {
-        if let Some(dst) = out.get_mut(at..at + bytes.len()) {
-            dst.copy_from_slice(bytes);
-        }
-    };
-    put(doff::TS_NS, &r.ts_ns.to_ne_bytes());
-    put(doff::IFINDEX, &r.ifindex.to_ne_bytes());
-    put(doff::REASON, &[r.reason]);
-    put(doff::PROTO, &[r.proto]);
-    put(doff::FAMILY, &[r.family]);
-    put(doff::AUDIT, &[r.audit]);
-    put(doff::SRC_PORT, &r.src_port.to_ne_bytes());
-    put(doff::DST_PORT, &r.dst_port.to_ne_bytes());
-    put(doff::SRC, &r.src);
-    put(doff::DST, &r.dst);
-    out
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -816,5 +807,104 @@ mod tests {
             ..Policy::default()
         };
         assert!(round_trip("bad interface", &bad).is_err());
+    }
+}
+
+/// The fuzz targets' checks, run in the unit tests on inputs proptest
+/// generates: byte soup (the structured side reads it through `Cursor`),
+/// and text shaped like what each parser expects, so that most inputs get
+/// past the first check.
+#[cfg(test)]
+mod generated {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    fn holds(check: fn(&[u8]) -> Result<(), Violation>, input: &[u8]) -> Result<(), TestCaseError> {
+        check(input).map_err(|v| TestCaseError::fail(v.to_string()))
+    }
+
+    /// A policy file: well-formed rules, specs and sources most of the time.
+    fn policy_text() -> impl Strategy<Value = String> {
+        // Mostly valid values, one in ten not.
+        let spec = prop_oneof![
+            9 => "(tcp|udp)/(1|22|53|443|8000|9000|65535)",
+            1 => "(sctp|TCP|tcp)/(0|70000|x|8099-80)",
+        ];
+        let source = prop_oneof![
+            9 => "(10\\.0\\.0\\.0/8|192\\.0\\.2\\.1|fd00::/8|::1)",
+            1 => "(10\\.0\\.0\\.1/8|::ffff:10\\.0\\.0\\.0/104|nope)",
+        ];
+        let entry = prop_oneof![
+            spec.clone().prop_map(|s| format!("\"{s}\"")),
+            (spec, prop::collection::vec(source, 0..3)).prop_map(|(s, from)| {
+                let from: Vec<String> = from.iter().map(|f| format!("\"{f}\"")).collect();
+                format!("{{ port = \"{s}\", from = [{}] }}", from.join(", "))
+            }),
+        ];
+        (
+            "(mode = \"(audit|enforce|x)\"\n)?",
+            "(interfaces = \\[\"eth0\"(, \"lo\")?\\]\n)?",
+            prop::collection::vec(entry, 0..4),
+        )
+            .prop_map(|(mode, ifaces, rules)| {
+                format!("{mode}{ifaces}allow = [\n  {}\n]\n", rules.join(",\n  "))
+            })
+    }
+
+    /// The text generator must reach the checks after parsing, not only
+    /// the parser's errors.
+    #[test]
+    fn the_policy_generator_makes_valid_files_too() -> Result<(), proptest::test_runner::Reason> {
+        use proptest::{strategy::ValueTree as _, test_runner::TestRunner};
+        let mut runner = TestRunner::deterministic();
+        let strategy = policy_text();
+        let mut with_rules = 0;
+        for _ in 0..500 {
+            let text = strategy.new_tree(&mut runner)?.current();
+            with_rules += usize::from(Policy::parse(&text).is_ok_and(|p| !p.rules.is_empty()));
+        }
+        assert!(with_rules > 50, "{with_rules} of 500 with rules");
+        Ok(())
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(2_000))]
+
+        #[test]
+        fn policy_files(text in policy_text()) {
+            holds(policy_file, text.as_bytes())?;
+        }
+
+        #[test]
+        fn policy_bytes(bytes in prop::collection::vec(any::<u8>(), 0..256)) {
+            holds(policy_file, &bytes)?;
+        }
+
+        #[test]
+        fn allow_specs(text in "[a-zA-Z]{0,4}/?[0-9+ -]{0,12}") {
+            holds(allow_spec, text.as_bytes())?;
+        }
+
+        #[test]
+        fn control_requests(
+            cmd in "(allow|deny|policy|reload|status|subscribe|shutdown|x)",
+            spec in "(tcp|udp|x)/[0-9]{1,6}",
+            from in prop::collection::vec("(10\\.0\\.0\\.0/8|fd00::/8|::1|x)", 0..3),
+            tail in "[ \r\n]{0,2}",
+        ) {
+            let line = serde_json::json!({"cmd": cmd, "spec": spec, "from": from}).to_string();
+            holds(control_request, format!("{line}{tail}").as_bytes())?;
+        }
+
+        #[test]
+        fn control_bytes(bytes in prop::collection::vec(any::<u8>(), 0..200)) {
+            holds(control_request, &bytes)?;
+        }
+
+        #[test]
+        fn ring_records(bytes in prop::collection::vec(any::<u8>(), 0..96)) {
+            holds(ring_event, &bytes)?;
+        }
     }
 }

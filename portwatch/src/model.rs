@@ -1,13 +1,11 @@
 //! The typed events every part of portwatch speaks: the kernel decoder and the
 //! start-up snapshot both produce them, every sink consumes them.
 
-use std::{net::IpAddr, time::SystemTime};
+use std::{fmt, net::IpAddr, str::FromStr, time::SystemTime};
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
-pub use crate::policy::Exposure;
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Proto {
     Tcp,
@@ -21,9 +19,80 @@ impl Proto {
             Proto::Udp => "udp",
         }
     }
+
+    /// The IP protocol number.
+    pub fn number(self) -> u8 {
+        match self {
+            Proto::Tcp => 6,
+            Proto::Udp => 17,
+        }
+    }
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+/// What the guard does with what its policy does not permit.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    /// Drop what the policy does not permit.
+    Enforce,
+    /// Pass everything, report what would have been dropped.
+    Audit,
+}
+
+impl Mode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Mode::Enforce => "enforce",
+            Mode::Audit => "audit",
+        }
+    }
+}
+
+impl fmt::Display for Mode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+#[error("unknown mode {0:?} (expected \"enforce\" or \"audit\")")]
+pub struct UnknownMode(pub String);
+
+impl FromStr for Mode {
+    type Err = UnknownMode;
+
+    fn from_str(s: &str) -> Result<Self, UnknownMode> {
+        match s {
+            "enforce" => Ok(Mode::Enforce),
+            "audit" => Ok(Mode::Audit),
+            _ => Err(UnknownMode(s.to_owned())),
+        }
+    }
+}
+
+/// Whether the network can reach a port under the policy, whoever the sender.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Exposure {
+    /// Reachable from anywhere.
+    Exposed,
+    /// Reachable only from the rule's `from` networks.
+    Partial,
+    /// No rule permits it.
+    Blocked,
+}
+
+impl Exposure {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Exposure::Exposed => "exposed",
+            Exposure::Partial => "partial",
+            Exposure::Blocked => "blocked",
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Family {
     Ipv4,
@@ -39,14 +108,14 @@ impl Family {
     }
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum EventKind {
     Listen,
     Close,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Origin {
     Snapshot,
@@ -60,6 +129,8 @@ pub enum SockId {
     Cookie(u64),
     /// The kernel address of the socket (the TCP tracepoint).
     KernelAddr(u64),
+    /// Not known here: a listener read back from the event stream.
+    Unknown,
 }
 
 /// The process behind a socket, as far as it could be read. Every field is
@@ -104,7 +175,7 @@ pub struct ListenerEvent {
 }
 
 /// Why the guard dropped a packet (or would have, in audit mode).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum DropReason {
     /// No rule permits the destination port.
@@ -115,6 +186,18 @@ pub enum DropReason {
     Malformed,
     /// A later fragment whose first fragment was not seen.
     Fragment,
+}
+
+impl DropReason {
+    /// The name in the JSON stream and the metrics: `no_rule`, ...
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DropReason::NoRule => "no_rule",
+            DropReason::SourceNotAllowed => "source_not_allowed",
+            DropReason::Malformed => "malformed",
+            DropReason::Fragment => "fragment",
+        }
+    }
 }
 
 /// An inbound packet the guard dropped (or in audit mode would have).
@@ -133,17 +216,46 @@ pub struct DropEvent {
     pub audit: bool,
 }
 
+/// Who asked for a change: the control socket peer's uid and pid; neither
+/// for SIGHUP.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Requester {
+    pub uid: Option<u32>,
+    pub pid: Option<u32>,
+}
+
 /// The guard's policy changed at run time.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct PolicyEvent {
     pub ts: SystemTime,
     /// What changed, e.g. `allow tcp/8080 from anywhere`, `reload`.
     pub change: String,
-    /// Who asked: uid and pid of the control socket peer; None for SIGHUP.
-    pub by_uid: Option<u32>,
-    pub by_pid: Option<u32>,
-    pub mode: crate::policy::Mode,
+    pub by: Requester,
+    pub mode: Mode,
     pub rules: usize,
+}
+
+/// The XDP attach mode an interface got.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AttachedMode {
+    Native,
+    Generic,
+}
+
+impl AttachedMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AttachedMode::Native => "native",
+            AttachedMode::Generic => "generic",
+        }
+    }
+}
+
+impl fmt::Display for AttachedMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
 }
 
 /// Everything that flows to the sinks.
@@ -173,7 +285,7 @@ pub enum Event {
         iface: String,
         /// `removed`, `attached`, or `attach failed: WHY`.
         change: String,
-        xdp_mode: Option<&'static str>,
+        xdp_mode: Option<AttachedMode>,
     },
     /// Drop reports the kernel's rate limit held back since the last report.
     Suppressed {

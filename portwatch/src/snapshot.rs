@@ -537,7 +537,8 @@ mod tests {
         let cookies: HashSet<_> = listeners
             .iter()
             .map(|l| match l.sock_id {
-                SockId::Cookie(c) | SockId::KernelAddr(c) => c,
+                SockId::Cookie(c) | SockId::KernelAddr(c) => Some(c),
+                SockId::Unknown => None,
             })
             .collect();
         assert_eq!(cookies.len(), listeners.len());

@@ -145,6 +145,13 @@ pub fn cgroup2_root() -> Result<PathBuf> {
     Ok(PathBuf::from(OWN_CGROUP2))
 }
 
+/// CLOCK_MONOTONIC now, in nanoseconds: the clock of bpf_ktime_get_ns.
+pub fn monotonic_ns() -> u64 {
+    nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
+        .map(|t| u64::try_from(Duration::from(t).as_nanos()).unwrap_or(u64::MAX))
+        .unwrap_or(0)
+}
+
 /// Converts kernel CLOCK_MONOTONIC nanoseconds (bpf_ktime_get_ns) to wall
 /// clock time, using an offset taken once at start.
 #[derive(Clone, Copy, Debug)]
@@ -172,6 +179,20 @@ impl Clock {
 impl Default for Clock {
     fn default() -> Self {
         Self::new()
+    }
+}
+
+/// Sends `state` to systemd's notification socket when run by it
+/// (Type=notify); a no-op otherwise.
+pub fn sd_notify(state: &str) {
+    let Some(path) = std::env::var_os("NOTIFY_SOCKET") else {
+        return;
+    };
+    let Ok(sock) = std::os::unix::net::UnixDatagram::unbound() else {
+        return;
+    };
+    if let Err(e) = sock.send_to(state.as_bytes(), &path) {
+        log::debug!("sd_notify: {e}");
     }
 }
 

@@ -1,65 +1,58 @@
-//! `portwatch watch`: the snapshot, then the live stream, until Ctrl-C or SIGTERM.
-
-use std::io;
+//! `portwatch watch`: the snapshot, then the live stream, until Ctrl-C or
+//! SIGTERM.
 
 use crate::{
-    cli::{WatchArgs, colour_wanted},
-    loader::Datapath,
-    model::Proto,
-    procinfo,
-    sinks::{Sink, Summary, human::HumanSink, json::JsonSink},
-    stream::{self, Filter, Signals, Stream},
+    datapath::Datapath,
+    metrics::MetricsServer,
+    pipeline::{Filter, Pipeline},
+    runloop::{self, NoDaemon, Signals},
+    sinks::{Sink, Summary},
 };
 
-/// The sink for `--json` or people.
-pub fn make_sink(json: bool) -> Box<dyn Sink> {
-    let stdout = io::BufWriter::new(io::stdout());
-    if json {
-        Box::new(JsonSink::new(stdout))
-    } else {
-        Box::new(
-            HumanSink::new(
-                stdout,
-                colour_wanted(),
-                procinfo::netns_of(std::process::id()),
-            )
-            .with_width(crate::sinks::human::terminal_width()),
-        )
-    }
+/// What `portwatch watch` is asked to do.
+#[derive(Clone, Debug, Default)]
+pub struct Options {
+    pub filter: Filter,
+    /// Report the listeners that exist at start.
+    pub snapshot: bool,
 }
 
-pub async fn run(args: WatchArgs) -> anyhow::Result<Summary> {
+/// Loads the monitor and streams to `sink` until a signal; `metrics`
+/// (already bound) is served meanwhile.
+pub async fn run(
+    opts: Options,
+    sink: Box<dyn Sink>,
+    metrics: Option<MetricsServer>,
+) -> anyhow::Result<Summary> {
     let mut signals = Signals::install()?;
-    // Bound first, so a bad address or a port in use fails before anything loads.
-    let metrics = match args.metrics {
-        Some(addr) => Some(crate::metrics::MetricsServer::bind(addr).await?),
-        None => None,
-    };
     // The reader exists before the hooks attach, so nothing is missed.
     let mut datapath = Datapath::load()?;
     datapath.attach_monitor()?;
+    let mut feed = datapath
+        .take_monitor_feed()
+        .ok_or_else(|| anyhow::anyhow!("the monitor's ring buffer is already taken"))?;
     log::info!("watching listeners (TCP listen, UDP bind; IPv4 and IPv6); Ctrl-C to stop");
-    let filter = Filter {
-        ports: args.ports.clone(),
-        proto: args.proto.map(Proto::from),
-    };
-    let mut stream = Stream::new(
-        crate::logging::event_sink(args.json, args.log_format),
-        filter,
-    );
-    if !args.no_snapshot {
-        stream.take_snapshot().await?;
+    let mut pipeline = Pipeline::new(sink, opts.filter);
+    if opts.snapshot {
+        let found = Pipeline::collect_snapshot().await?;
+        pipeline.emit_snapshot(found)?;
     }
-    stream.announce_ready()?;
-    let metrics_task = metrics.map(|server| {
-        let (task, scrapes) = server.spawn();
-        stream.metrics = Some(scrapes);
-        task
-    });
-    stream::run(&mut datapath, &mut stream, &mut signals).await?;
+    pipeline.announce_ready()?;
+    let (metrics_task, scrapes) = match metrics.map(MetricsServer::spawn) {
+        Some((task, rx)) => (Some(task), Some(rx)),
+        None => (None, None),
+    };
+    runloop::run(
+        &mut feed,
+        &mut pipeline,
+        &mut NoDaemon,
+        &mut signals,
+        scrapes,
+    )
+    .await?;
     if let Some(task) = metrics_task {
         task.abort();
     }
     drop(datapath); // detaches every hook
-    stream.finish()
+    pipeline.finish()
 }

@@ -4,6 +4,7 @@
 
 pub mod frames;
 pub mod net;
+pub mod reference;
 
 use std::{
     io::{BufRead, BufReader},

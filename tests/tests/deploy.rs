@@ -22,10 +22,11 @@ use std::{
 };
 
 use portwatch::{
-    maps::GuardTotals,
+    control::protocol::{ChangeResponse, PolicyView, Request, Response, decode_request},
+    datapath::maps::GuardTotals,
     metrics::{self, GuardSnapshot, Snapshot, Tally},
-    model::Proto,
-    policy::{Mode, Policy},
+    model::{AttachedMode, Mode, Proto},
+    policy::Policy,
 };
 use portwatch_common::{GUARD_STATS_LEN, GuardStat, IPPROTO_TCP, PortCounters, counter_key};
 use portwatch_tests::{portwatch_bin, unique_name};
@@ -235,17 +236,17 @@ fn exported_metrics() -> BTreeMap<String, BTreeSet<String>> {
     let snapshot = Snapshot {
         listeners: [("exposed", 1), ("blocked", 1)].into_iter().collect(),
         events_lost: 1,
+        tally: Tally {
+            blocked_listeners_opened: 1,
+            policy_changes: 1,
+        },
         guard: Some(GuardSnapshot {
             mode: Mode::Enforce,
-            interfaces: vec![("eth0".into(), "native")],
+            interfaces: vec![("eth0".into(), AttachedMode::Native)],
             ports: [(counter_key(IPPROTO_TCP, 22), counters)]
                 .into_iter()
                 .collect(),
             totals: GuardTotals(totals),
-            tally: Tally {
-                blocked_listeners_opened: 1,
-                policy_changes: 1,
-            },
         }),
     };
     let text = metrics::encode(snapshot).expect("portwatch encodes its metrics");
@@ -659,33 +660,34 @@ fn serve(conn: UnixStream, policy_file: &Path, state: &Mutex<FakeState>) {
     };
     for line in BufReader::new(conn).lines() {
         let Ok(line) = line else { return };
-        let request: Value = serde_json::from_str(&line).unwrap_or_default();
         let mut state = state.lock().expect("fake guard state");
-        let answer = match request["cmd"].as_str() {
-            Some("reload") => match Policy::load(policy_file) {
+        let answer = match decode_request(line.as_bytes()) {
+            Ok(Request::Reload) => match Policy::load(policy_file) {
                 Ok(policy) => {
                     state.reloads += 1;
                     let change = format!("reload ({} rules)", policy.rules.len());
                     if !state.frozen {
                         state.policy = Some(policy);
                     }
-                    json!({"ok": true, "change": change})
+                    Response::Change(ChangeResponse {
+                        change,
+                        policy: None,
+                    })
                 }
-                Err(e) => json!({"ok": false, "error": e.to_string()}),
+                Err(e) => Response::error(e.to_string()),
             },
-            Some("policy") => match &state.policy {
-                Some(policy) => json!({
-                    "ok": true,
-                    "mode": policy.mode.map(|m| m.as_str()).unwrap_or("enforce"),
-                    "file": policy_file.display().to_string(),
-                    "toml": policy.to_toml(),
-                }),
-                None => json!({"ok": false, "error": "the fake guard has loaded no policy"}),
+            Ok(Request::Policy) => match &state.policy {
+                Some(policy) => Response::Policy(PolicyView::of(
+                    policy,
+                    policy.mode.unwrap_or(Mode::Enforce),
+                    policy_file,
+                )),
+                None => Response::error("the fake guard has loaded no policy"),
             },
-            _ => json!({"ok": false, "error": format!("unexpected request {line}")}),
+            _ => Response::error(format!("unexpected request {line}")),
         };
         drop(state);
-        if writeln!(writer, "{answer}").is_err() {
+        if writer.write_all(answer.to_line().as_bytes()).is_err() {
             return;
         }
     }

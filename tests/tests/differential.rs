@@ -1,5 +1,5 @@
 //! Differential tests: the XDP guard (the real program, BPF_PROG_TEST_RUN)
-//! against the reference model (`portwatch::guard::reference`). proptest
+//! against the reference model (`portwatch_tests::reference`). proptest
 //! generates frames (valid and damaged, every protocol mix the guard
 //! parses), policies, modes and flow state; each case runs through both,
 //! and the action and the drop reason (which guard counter moved) must
@@ -30,12 +30,12 @@ use std::{
 
 use anyhow::{Context as _, bail, ensure};
 use portwatch::{
-    guard::{
-        reference::{self, Action, FlowState, FragState, Outcome, Reason},
-        testrun::{XDP_DROP, XDP_PASS, XdpTester},
+    datapath::{
+        maps::GuardTotals,
+        testing::{XDP_DROP, XDP_PASS, XdpTester},
     },
-    maps::GuardTotals,
-    policy::{Mode, Policy},
+    model::Mode,
+    policy::Policy,
 };
 use portwatch_common::{AF_INET, AF_INET6, FlowKey, GuardStat, IPPROTO_UDP};
 use portwatch_tests::{
@@ -45,6 +45,7 @@ use portwatch_tests::{
         TCP_PSH, TCP_RST, TCP_SYN, Tcp, Udp,
     },
     monotonic_ns,
+    reference::{self, Action, FlowState, FragState, Outcome, Reason},
 };
 use proptest::{
     prelude::*,

@@ -10,9 +10,12 @@ use std::net::{Ipv4Addr, Ipv6Addr};
 
 use anyhow::{Context as _, bail, ensure};
 use portwatch::{
-    guard::testrun::{XDP_DROP, XDP_PASS, XdpTester},
-    maps::GuardTotals,
-    policy::{Mode, Policy},
+    datapath::{
+        maps::GuardTotals,
+        testing::{XDP_DROP, XDP_PASS, XdpTester},
+    },
+    model::Mode,
+    policy::Policy,
 };
 use portwatch_common::{AF_INET, AF_INET6, FlowKey, GuardStat, PortCounters, counter_key};
 use portwatch_tests::{

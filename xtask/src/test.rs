@@ -22,6 +22,7 @@ pub fn test(extra: &[String]) -> Result<()> {
     // Before the unit tests so that a broken eBPF build is reported as such.
     step("build", || build::build_portwatch(false).map(drop))?;
     step("unit tests", || {
+        // `fuzzing` adds the fuzz checks and the test replaying their seeds.
         util::run(util::cargo(&root).args([
             "test",
             "--workspace",
@@ -29,6 +30,8 @@ pub fn test(extra: &[String]) -> Result<()> {
             "portwatch-tests",
             "--exclude",
             "portwatch-ebpf",
+            "--features",
+            "portwatch/fuzzing",
         ]))
     })?;
     let mut debs = None;

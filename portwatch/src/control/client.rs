@@ -15,9 +15,9 @@ use nix::{
         time::TimeVal,
     },
 };
-use serde_json::Value;
+use serde::de::DeserializeOwned;
 
-use super::protocol::{Format, Request};
+use super::protocol::{AnswerError, Format, Request, Subscribed, decode_answer};
 
 /// How long `request` waits to connect and for the answer.
 pub const TIMEOUT: Duration = Duration::from_secs(10);
@@ -93,10 +93,13 @@ fn connect(path: &Path, timeout: Duration) -> Result<UnixStream, ClientError> {
     }
 }
 
-/// Sends `req` and reads one answer line; returns the `"ok": true` object.
-/// A peer refused outright may have closed before reading: its answer is
-/// read even when sending failed.
-fn exchange(reader: &mut BufReader<UnixStream>, req: &Request) -> Result<Value, ClientError> {
+/// Sends `req` and reads one answer line; returns the body of the
+/// `"ok": true` answer. A peer refused outright may have closed before
+/// reading: its answer is read even when sending failed.
+fn exchange<T: DeserializeOwned>(
+    reader: &mut BufReader<UnixStream>,
+    req: &Request,
+) -> Result<T, ClientError> {
     let sent = reader.get_mut().write_all(req.to_line().as_bytes());
     let mut line = Vec::new();
     let read = reader
@@ -126,29 +129,16 @@ fn exchange(reader: &mut BufReader<UnixStream>, req: &Request) -> Result<Value, 
     parse_response(&line)
 }
 
-/// An answer line: the object when `"ok": true`, else the guard's error.
-pub fn parse_response(line: &[u8]) -> Result<Value, ClientError> {
-    let value: Value = serde_json::from_slice(line)
-        .map_err(|e| ClientError::Protocol(format!("the guard's answer is not JSON: {e}")))?;
-    match value.get("ok").and_then(Value::as_bool) {
-        Some(true) => Ok(value),
-        Some(false) => {
-            let error = value
-                .get("error")
-                .and_then(Value::as_str)
-                .unwrap_or("the guard refused the request without saying why")
-                .to_owned();
-            Err(if error.starts_with("permission denied") {
-                ClientError::PermissionDenied(error)
-            } else {
-                ClientError::Daemon(error)
-            })
+/// An answer line: the body of an `"ok": true` answer, else the guard's
+/// error.
+pub fn parse_response<T: DeserializeOwned>(line: &[u8]) -> Result<T, ClientError> {
+    decode_answer(line).map_err(|e| match e {
+        AnswerError::Refused(error) if error.starts_with("permission denied") => {
+            ClientError::PermissionDenied(error)
         }
-        None => Err(ClientError::Protocol(format!(
-            "the guard's answer has no \"ok\" field: {}",
-            String::from_utf8_lossy(line).trim_end()
-        ))),
-    }
+        AnswerError::Refused(error) => ClientError::Daemon(error),
+        AnswerError::Malformed(why) => ClientError::Protocol(why),
+    })
 }
 
 fn timeouts(stream: &UnixStream, timeout: Option<Duration>) -> Result<(), ClientError> {
@@ -158,9 +148,10 @@ fn timeouts(stream: &UnixStream, timeout: Option<Duration>) -> Result<(), Client
         .map_err(io_error("cannot set the socket's timeout"))
 }
 
-/// Sends one request and returns the guard's `"ok": true` answer.
-/// Connecting and answering each have [`TIMEOUT`].
-pub fn request(path: &Path, req: &Request) -> Result<Value, ClientError> {
+/// Sends one request and returns the body of the guard's `"ok": true`
+/// answer, as the type the request is answered with. Connecting and
+/// answering each have [`TIMEOUT`].
+pub fn request<T: DeserializeOwned>(path: &Path, req: &Request) -> Result<T, ClientError> {
     let stream = connect(path, TIMEOUT)?;
     timeouts(&stream, Some(TIMEOUT))?;
     exchange(&mut BufReader::new(stream), req)
@@ -210,7 +201,7 @@ pub fn subscribe(path: &Path, format: Format, colour: bool) -> Result<Subscripti
     let stream = connect(path, TIMEOUT)?;
     timeouts(&stream, Some(TIMEOUT))?;
     let mut reader = BufReader::new(stream);
-    exchange(&mut reader, &Request::Subscribe { format, colour })?;
+    exchange::<Subscribed>(&mut reader, &Request::Subscribe { format, colour })?;
     timeouts(reader.get_ref(), None)?;
     Ok(Subscription {
         reader,
@@ -231,10 +222,19 @@ pub fn guard_running(path: &Path) -> bool {
 mod tests {
     use super::*;
 
+    use crate::control::protocol::ChangeResponse;
+
     #[test]
     fn responses() {
-        let ok = parse_response(br#"{"ok":true,"x":1}"#).map_err(|e| e.to_string());
-        assert_eq!(ok, Ok(serde_json::json!({"ok": true, "x": 1})));
+        let ok = parse_response::<ChangeResponse>(br#"{"ok":true,"change":"x"}"#)
+            .map_err(|e| e.to_string());
+        assert_eq!(
+            ok,
+            Ok(ChangeResponse {
+                change: "x".into(),
+                policy: None
+            })
+        );
         let cases = [
             (
                 &br#"{"ok":false,"error":"tcp/9 is not permitted by any rule"}"#[..],
@@ -249,7 +249,7 @@ mod tests {
             (b"nope", "protocol"),
         ];
         for (line, kind) in cases {
-            let e = parse_response(line).expect_err("not ok");
+            let e = parse_response::<ChangeResponse>(line).expect_err("not ok");
             let got = match e {
                 ClientError::Daemon(_) => "daemon",
                 ClientError::PermissionDenied(_) => "permission",
@@ -264,7 +264,7 @@ mod tests {
     fn no_guard() {
         let path = Path::new("/nonexistent/portwatch/control.sock");
         assert!(!guard_running(path));
-        let e = request(path, &Request::Status).expect_err("nothing there");
+        let e = request::<ChangeResponse>(path, &Request::Status).expect_err("nothing there");
         assert_eq!(
             e.to_string(),
             "no portwatch guard is running (no control socket at /nonexistent/portwatch/control.sock)"

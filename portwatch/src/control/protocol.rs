@@ -5,7 +5,16 @@
 //! malformed line becomes a [`ProtocolError`] whose message names the
 //! problem, and the server sends it back as `{"ok":false,"error":…}`.
 
+use std::net::IpAddr;
+
 use serde::{Deserialize, Serialize};
+
+pub use crate::sinks::Format;
+use crate::{
+    datapath::attach::Attached,
+    model::{Exposure, Family, Mode, Proto},
+    policy::{Policy, PolicyError, PortRange, Rule},
+};
 
 /// The longest request line accepted, in bytes, without its newline.
 pub const MAX_LINE: usize = 64 * 1024;
@@ -21,29 +30,16 @@ pub const COMMANDS: &[&str] = &[
     "shutdown",
 ];
 
-/// What a subscriber receives: JSON Lines (as `guard --json` prints) or
-/// aligned text (as `guard` prints on a terminal).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Format {
-    #[default]
-    Json,
-    Human,
-}
-
-/// One request, as sent on the wire: `{"cmd":"allow","spec":"tcp/8080"}`.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(tag = "cmd", rename_all = "snake_case", deny_unknown_fields)]
+/// One request. On the wire it is a JSON object whose `cmd` names the
+/// command (see [`crate::control`]); specs and sources are parsed by the
+/// policy's own parser when the line is decoded, so every sender gets the
+/// same answer to the same mistake.
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Request {
-    /// Permit `spec` (`tcp/PORT`, `udp/PORT`, `tcp/LO-HI`), from the
-    /// networks in `from` (addresses or CIDRs), or from anywhere when empty.
-    Allow {
-        spec: String,
-        #[serde(default, skip_serializing_if = "Vec::is_empty")]
-        from: Vec<String>,
-    },
-    /// Stop permitting `spec`; rules that reach past it keep the rest.
-    Deny { spec: String },
+    /// Permit `rule.ports` from `rule.from` (from anywhere when empty).
+    Allow { rule: Rule },
+    /// Stop permitting `ports`; rules that reach past it keep the rest.
+    Deny { ports: PortRange },
     /// The policy in force.
     Policy,
     /// Read the policy file again and apply it.
@@ -51,17 +47,76 @@ pub enum Request {
     /// Mode, interfaces, counters and listeners with their exposure.
     Status,
     /// The guard's event stream, from now on.
+    Subscribe { format: Format, colour: bool },
+    /// Stop the guard; `detach` also removes its kernel programs.
+    Shutdown { detach: bool },
+}
+
+/// A request as the JSON carries it: strings where the typed request has
+/// parsed values.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "cmd", rename_all = "snake_case", deny_unknown_fields)]
+enum Wire {
+    Allow {
+        spec: String,
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        from: Vec<String>,
+    },
+    Deny {
+        spec: String,
+    },
+    Policy,
+    Reload,
+    Status,
     Subscribe {
         #[serde(default)]
         format: Format,
         #[serde(default)]
         colour: bool,
     },
-    /// Stop the guard; `detach` leaves its kernel programs in place.
     Shutdown {
         #[serde(default)]
         detach: bool,
     },
+}
+
+impl Wire {
+    fn of(request: &Request) -> Self {
+        match request {
+            Request::Allow { rule } => Wire::Allow {
+                spec: rule.ports.to_string(),
+                from: rule.from.iter().map(ToString::to_string).collect(),
+            },
+            Request::Deny { ports } => Wire::Deny {
+                spec: ports.to_string(),
+            },
+            Request::Policy => Wire::Policy,
+            Request::Reload => Wire::Reload,
+            Request::Status => Wire::Status,
+            Request::Subscribe { format, colour } => Wire::Subscribe {
+                format: *format,
+                colour: *colour,
+            },
+            Request::Shutdown { detach } => Wire::Shutdown { detach: *detach },
+        }
+    }
+
+    fn parse(self) -> Result<Request, PolicyError> {
+        Ok(match self {
+            Wire::Allow { spec, from } => Request::Allow {
+                rule: Rule::parse(&spec, &from)?,
+            },
+            Wire::Deny { spec } => Request::Deny {
+                ports: PortRange::parse(&spec)
+                    .map_err(|error| PolicyError::Spec { line: None, error })?,
+            },
+            Wire::Policy => Request::Policy,
+            Wire::Reload => Request::Reload,
+            Wire::Status => Request::Status,
+            Wire::Subscribe { format, colour } => Request::Subscribe { format, colour },
+            Wire::Shutdown { detach } => Request::Shutdown { detach },
+        })
+    }
 }
 
 impl Request {
@@ -92,11 +147,213 @@ impl Request {
 
     /// The request as one line, newline included.
     pub fn to_line(&self) -> String {
-        // Serializing this enum cannot fail: every field is a string, a
-        // bool or a list of strings.
-        let mut line = serde_json::to_string(self).unwrap_or_default();
+        // Serializing strings, bools and an enum of unit variants cannot fail.
+        let mut line = serde_json::to_string(&Wire::of(self)).unwrap_or_default();
         line.push('\n');
         line
+    }
+}
+
+// ---- responses ------------------------------------------------------------
+
+/// What a change (allow, deny, reload, shutdown) did.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChangeResponse {
+    /// What changed, e.g. `allow tcp/8080`, `reload`.
+    pub change: String,
+    /// The policy now in force (not for shutdown).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub policy: Option<PolicyView>,
+}
+
+/// The policy in force.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PolicyView {
+    pub mode: Mode,
+    /// The policy file.
+    pub file: String,
+    pub interfaces: Vec<String>,
+    pub rules: Vec<RuleView>,
+    /// The policy as policy file text.
+    pub toml: String,
+}
+
+/// One rule: its ports and the networks it admits (anywhere when empty).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RuleView {
+    pub ports: PortRange,
+    pub from: Vec<ipnet::IpNet>,
+}
+
+impl PolicyView {
+    pub fn of(policy: &Policy, mode: Mode, file: &std::path::Path) -> Self {
+        Self {
+            mode,
+            file: file.display().to_string(),
+            interfaces: policy.interfaces.clone(),
+            rules: policy
+                .rules
+                .iter()
+                .map(|r| RuleView {
+                    ports: r.ports,
+                    from: r.from.clone(),
+                })
+                .collect(),
+            toml: policy.to_toml(),
+        }
+    }
+}
+
+/// The guard's state: `portwatch status`, and `top`'s table.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StatusResponse {
+    pub mode: Option<Mode>,
+    pub policy_file: Option<String>,
+    /// Where the datapath is pinned, when it is.
+    pub pinned: Option<String>,
+    #[serde(default)]
+    pub interfaces: Vec<Attached>,
+    #[serde(default)]
+    pub totals: Totals,
+    #[serde(default)]
+    pub listeners: Vec<ListenerStatus>,
+}
+
+/// Guard-wide counters.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Totals {
+    pub passed: u64,
+    pub drop_no_rule: u64,
+    pub drop_source: u64,
+    pub drop_malformed: u64,
+    pub drop_fragment: u64,
+    pub reports_suppressed: u64,
+    pub reports_lost: u64,
+    pub flow_replies: u64,
+    pub events_lost: u64,
+    /// Counters of a newer guard that this client does not know by name.
+    #[serde(flatten)]
+    pub other: std::collections::BTreeMap<String, u64>,
+}
+
+/// One listener with its exposure and the guard's counters for its port.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ListenerStatus {
+    pub proto: Proto,
+    pub family: Family,
+    pub addr: IpAddr,
+    pub port: u16,
+    pub pid: Option<u32>,
+    pub comm: Option<String>,
+    pub uid: Option<u32>,
+    pub exe: Option<String>,
+    pub cmdline: Option<String>,
+    pub netns: Option<u64>,
+    pub exposure: Option<Exposure>,
+    #[serde(default)]
+    pub pass_packets: u64,
+    #[serde(default)]
+    pub pass_bytes: u64,
+    #[serde(default)]
+    pub drop_packets: u64,
+    #[serde(default)]
+    pub drop_bytes: u64,
+}
+
+/// The acknowledgement of a subscription; the stream follows it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Subscribed {
+    pub subscribed: bool,
+}
+
+/// Any answer the guard sends.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Response {
+    Change(ChangeResponse),
+    Policy(PolicyView),
+    Status(Box<StatusResponse>),
+    Subscribed,
+    Error(String),
+}
+
+/// `{"ok":true,...}` around a body.
+#[derive(Serialize)]
+struct Ok<'a, T: Serialize> {
+    ok: bool,
+    #[serde(flatten)]
+    body: &'a T,
+}
+
+#[derive(Serialize)]
+struct Err<'a> {
+    ok: bool,
+    error: &'a str,
+}
+
+impl Response {
+    pub fn error(message: impl Into<String>) -> Self {
+        Response::Error(message.into())
+    }
+
+    /// The answer as one line, newline included.
+    pub fn to_line(&self) -> String {
+        fn ok<T: Serialize>(body: &T) -> serde_json::Result<String> {
+            serde_json::to_string(&Ok { ok: true, body })
+        }
+        let text = match self {
+            Response::Change(c) => ok(c),
+            Response::Policy(p) => ok(p),
+            Response::Status(s) => ok(s.as_ref()),
+            Response::Subscribed => ok(&Subscribed { subscribed: true }),
+            Response::Error(error) => serde_json::to_string(&Err { ok: false, error }),
+        };
+        // Plain data: serializing cannot fail; should it, the client gets
+        // a line that says so instead of nothing.
+        let mut line = text.unwrap_or_else(|e| {
+            format!("{{\"ok\":false,\"error\":\"cannot encode the answer: {e}\"}}")
+        });
+        line.push('\n');
+        line
+    }
+}
+
+/// Why an answer line is not what was asked for.
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+pub enum AnswerError {
+    /// The guard said no; its message.
+    #[error("{0}")]
+    Refused(String),
+    /// Not an answer of the protocol.
+    #[error("{0}")]
+    Malformed(String),
+}
+
+/// Decodes an answer line into the body `T` of an `"ok": true` answer, or
+/// the guard's error.
+pub fn decode_answer<T: serde::de::DeserializeOwned>(line: &[u8]) -> Result<T, AnswerError> {
+    #[derive(Deserialize)]
+    struct Envelope {
+        ok: Option<bool>,
+        error: Option<String>,
+        #[serde(flatten)]
+        body: serde_json::Map<String, serde_json::Value>,
+    }
+    let envelope: Envelope = serde_json::from_slice(line)
+        .map_err(|e| AnswerError::Malformed(format!("the guard's answer is not JSON: {e}")))?;
+    match envelope.ok {
+        Some(true) => {
+            serde_json::from_value(serde_json::Value::Object(envelope.body)).map_err(|e| {
+                AnswerError::Malformed(format!("the guard's answer is not as expected: {e}"))
+            })
+        }
+        Some(false) => Err(AnswerError::Refused(envelope.error.unwrap_or_else(|| {
+            "the guard refused the request without saying why".to_owned()
+        }))),
+        None => Err(AnswerError::Malformed(format!(
+            "the guard's answer has no \"ok\" field: {}",
+            String::from_utf8_lossy(line).trim_end()
+        ))),
     }
 }
 
@@ -131,6 +388,10 @@ pub enum ProtocolError {
     /// A known command with a missing, unknown or mistyped field.
     #[error("bad {cmd:?} request: {message}")]
     BadFields { cmd: String, message: String },
+
+    /// A spec or source the policy's parser refuses; its message as is.
+    #[error("{0}")]
+    Invalid(String),
 }
 
 /// Decodes one request line (a trailing `\n` or `\r\n` is allowed).
@@ -170,12 +431,9 @@ pub fn decode_request(line: &[u8]) -> Result<Request, ProtocolError> {
     {
         return Err(bad(format!("unknown field `{extra}`, there are no fields")));
     }
-    serde_json::from_value(value).map_err(|e| bad(e.to_string()))
-}
-
-/// `{"ok":false,"error":msg}`.
-pub fn error_response(msg: &str) -> serde_json::Value {
-    serde_json::json!({ "ok": false, "error": msg })
+    let wire: Wire = serde_json::from_value(value).map_err(|e| bad(e.to_string()))?;
+    wire.parse()
+        .map_err(|e| ProtocolError::Invalid(e.to_string()))
 }
 
 #[cfg(test)]
@@ -186,27 +444,28 @@ mod tests {
         decode_request(s.as_bytes()).map_err(|e| e.to_string())
     }
 
+    fn allow(spec: &str, from: &[&str]) -> Request {
+        let from: Vec<String> = from.iter().map(|s| (*s).to_owned()).collect();
+        Request::Allow {
+            rule: Rule::parse(spec, &from).expect("a valid rule"),
+        }
+    }
+
     #[test]
     fn every_command_decodes() {
         let cases = [
             (
                 r#"{"cmd":"allow","spec":"tcp/8080"}"#,
-                Request::Allow {
-                    spec: "tcp/8080".into(),
-                    from: vec![],
-                },
+                allow("tcp/8080", &[]),
             ),
             (
                 r#"{"cmd":"allow","spec":"tcp/5432","from":["10.0.0.0/8","fd00::/8"]}"#,
-                Request::Allow {
-                    spec: "tcp/5432".into(),
-                    from: vec!["10.0.0.0/8".into(), "fd00::/8".into()],
-                },
+                allow("tcp/5432", &["10.0.0.0/8", "fd00::/8"]),
             ),
             (
                 r#"{"spec":"udp/53","cmd":"deny"}"#,
                 Request::Deny {
-                    spec: "udp/53".into(),
+                    ports: PortRange::parse("udp/53").expect("a valid spec"),
                 },
             ),
             (r#"{"cmd":"policy"}"#, Request::Policy),
@@ -243,12 +502,9 @@ mod tests {
     #[test]
     fn write_commands() {
         let writes: Vec<&str> = [
-            Request::Allow {
-                spec: String::new(),
-                from: vec![],
-            },
+            allow("tcp/1", &[]),
             Request::Deny {
-                spec: String::new(),
+                ports: PortRange::parse("tcp/1").expect("a valid spec"),
             },
             Request::Policy,
             Request::Reload,
@@ -292,6 +548,18 @@ mod tests {
             (
                 r#"{"cmd":"deny","spec":"tcp/1","from":[]}"#,
                 r#"bad "deny" request: unknown field `from`, expected `spec`"#,
+            ),
+            (
+                r#"{"cmd":"allow","spec":"tcp/x"}"#,
+                r#""tcp/x": port "x" is not a number"#,
+            ),
+            (
+                r#"{"cmd":"allow","spec":"tcp/1","from":["10.0.0.1/8"]}"#,
+                r#""10.0.0.1/8" has host bits set (did you mean 10.0.0.0/8?)"#,
+            ),
+            (
+                r#"{"cmd":"deny","spec":"sctp/1"}"#,
+                r#""sctp/1": unknown protocol "sctp" (expected tcp or udp)"#,
             ),
             (
                 r#"{"cmd":"status","verbose":true}"#,
@@ -355,67 +623,35 @@ mod tests {
     }
 
     #[test]
-    fn error_response_shape() {
+    fn answers_round_trip() {
         assert_eq!(
-            error_response("no \"x\"").to_string(),
-            r#"{"error":"no \"x\"","ok":false}"#
+            Response::error("no \"x\"").to_line(),
+            "{\"ok\":false,\"error\":\"no \\\"x\\\"\"}\n"
         );
-    }
-
-    /// Random bytes, and random mixes of request fragments: never a panic.
-    #[test]
-    fn random_lines_never_panic() {
-        const PIECES: &[&[u8]] = &[
-            b"{",
-            b"}",
-            b"\"cmd\"",
-            b":",
-            b",",
-            b"\"allow\"",
-            b"\"status\"",
-            b"\"spec\"",
-            b"\"tcp/22\"",
-            b"[",
-            b"]",
-            b"\"from\"",
-            b"true",
-            b"null",
-            b"1e999",
-            b"\xff",
-            b"\\u0000",
-            b"\"",
-        ];
-        let mut state: u64 = 0x9e37_79b9_7f4a_7c15;
-        let mut next = move || {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            state
+        let change = ChangeResponse {
+            change: "allow tcp/8080".into(),
+            policy: None,
         };
-        let mut decoded = 0;
-        for i in 0..1_000 {
-            let len = usize::try_from(next() % 200).unwrap_or(0);
-            let line: Vec<u8> = if i % 2 == 0 {
-                (0..len).map(|_| next().to_le_bytes()[0]).collect()
-            } else {
-                (0..len / 4)
-                    .flat_map(|_| {
-                        let n = usize::try_from(next() % PIECES.len() as u64).unwrap_or(0);
-                        PIECES.get(n).copied().unwrap_or(b"")
-                    })
-                    .copied()
-                    .collect()
-            };
-            match decode_request(&line) {
-                Ok(_) => decoded += 1,
-                Err(e) => assert!(!e.to_string().is_empty()),
-            }
-        }
-        // Deeply nested input stops at serde_json's recursion limit.
-        let deep = "[".repeat(100_000);
-        assert!(decode(&deep).is_err() || deep.len() > MAX_LINE);
-        let deep = "[".repeat(MAX_LINE);
-        assert!(decode(&deep).is_err());
-        assert!(decoded < 1_000);
+        let line = Response::Change(change.clone()).to_line();
+        assert_eq!(line, "{\"ok\":true,\"change\":\"allow tcp/8080\"}\n");
+        assert_eq!(decode_answer::<ChangeResponse>(line.as_bytes()), Ok(change));
+        assert_eq!(
+            decode_answer::<ChangeResponse>(Response::error("nope").to_line().as_bytes()),
+            Err(AnswerError::Refused("nope".into()))
+        );
+        assert!(matches!(
+            decode_answer::<ChangeResponse>(b"{\"x\":1}"),
+            Err(AnswerError::Malformed(_))
+        ));
+        assert!(matches!(
+            decode_answer::<ChangeResponse>(b"{\"ok\":true}"),
+            Err(AnswerError::Malformed(_))
+        ));
+        let status = StatusResponse {
+            mode: Some(Mode::Audit),
+            ..StatusResponse::default()
+        };
+        let line = Response::Status(Box::new(status.clone())).to_line();
+        assert_eq!(decode_answer::<StatusResponse>(line.as_bytes()), Ok(status));
     }
 }

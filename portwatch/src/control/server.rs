@@ -18,7 +18,6 @@ use std::{
     time::Duration,
 };
 
-use serde_json::Value;
 use tokio::{
     io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _},
     net::{UnixListener, UnixStream},
@@ -26,7 +25,7 @@ use tokio::{
     task::JoinSet,
 };
 
-use super::protocol::{MAX_LINE, Request, decode_request, error_response};
+use super::protocol::{MAX_LINE, Request, Response, decode_request};
 
 pub const DEFAULT_SOCKET: &str = "/run/portwatch/control.sock";
 
@@ -64,15 +63,12 @@ pub struct Peer {
 #[derive(Debug)]
 pub enum Reply {
     /// One response line.
-    Once(Value),
+    Once(Response),
     /// An acknowledgement line, then each string from `lines` (each ends in
     /// a newline) until the sender is dropped (then the connection closes)
     /// or the client goes away. The owner should `try_send`, so that a
     /// subscriber that does not read cannot stall the guard.
-    Stream {
-        ack: Value,
-        lines: mpsc::Receiver<String>,
-    },
+    Stream { lines: mpsc::Receiver<String> },
 }
 
 /// One request for the owner, with the peer it came from and where the
@@ -529,10 +525,12 @@ impl<R: AsyncRead + Unpin> LineReader<R> {
     }
 }
 
-async fn write_json<W: AsyncWrite + Unpin>(out: &mut W, value: &Value) -> io::Result<()> {
-    let mut line = value.to_string();
-    line.push('\n');
-    out.write_all(line.as_bytes()).await
+async fn write_answer<W: AsyncWrite + Unpin>(out: &mut W, answer: &Response) -> io::Result<()> {
+    out.write_all(answer.to_line().as_bytes()).await
+}
+
+async fn write_error<W: AsyncWrite + Unpin>(out: &mut W, message: &str) -> io::Result<()> {
+    write_answer(out, &Response::error(message)).await
 }
 
 /// Sends one error line, then lets the client finish sending (up to
@@ -543,7 +541,7 @@ where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
-    if write_json(out, &error_response(message)).await.is_err() {
+    if write_error(out, message).await.is_err() {
         return;
     }
     let _ = out.shutdown().await;
@@ -603,7 +601,7 @@ where
                     "no request for {} s; closing the connection",
                     IDLE_TIMEOUT.as_secs()
                 );
-                return write_json(out, &error_response(&message)).await;
+                return write_error(out, &message).await;
             }
             Ok(line) => line?,
         };
@@ -622,12 +620,12 @@ where
         let request = match decode_request(&line) {
             Ok(request) => request,
             Err(e) => {
-                write_json(out, &error_response(&e.to_string())).await?;
+                write_error(out, &e.to_string()).await?;
                 continue;
             }
         };
         if request.needs_write() && !peer.can_write {
-            write_json(out, &error_response(&write_denied_message(peer, &request))).await?;
+            write_error(out, &write_denied_message(peer, &request)).await?;
             continue;
         }
         let (reply_tx, reply_rx) = oneshot::channel();
@@ -644,10 +642,10 @@ where
             Err(_) => None,
         };
         match reply {
-            None => return write_json(out, &error_response(SHUTTING_DOWN)).await,
-            Some(Reply::Once(value)) => write_json(out, &value).await?,
-            Some(Reply::Stream { ack, lines }) => {
-                write_json(out, &ack).await?;
+            None => return write_error(out, SHUTTING_DOWN).await,
+            Some(Reply::Once(answer)) => write_answer(out, &answer).await?,
+            Some(Reply::Stream { lines }) => {
+                write_answer(out, &Response::Subscribed).await?;
                 return stream_lines(reader, out, lines, stop).await;
             }
         }

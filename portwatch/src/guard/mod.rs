@@ -1,59 +1,82 @@
 //! `portwatch guard`: the listener monitor plus the XDP enforcer, in one
 //! daemon. Default deny inbound, permit by exception.
+//!
+//! [`run`] sets the guard up (lock, datapath, control socket, snapshot,
+//! lockout check, policy, interfaces), then hands it to the event loop. The
+//! guard's state lives in one [`actor::Guard`]; control requests reach it
+//! through [`requests`].
 
-pub mod attach;
-pub mod links;
+pub mod actor;
 pub mod lock;
 pub mod lockout;
-pub mod owner;
-pub mod pins;
-pub mod reference;
-pub mod testrun;
+mod requests;
 
 use std::{
-    collections::HashMap,
+    io,
     path::{Path, PathBuf},
+    time::Duration,
 };
 
 use anyhow::{Context as _, bail};
-use portwatch_common::{GUARD_AUDIT, GuardConfig};
 
+use self::{
+    actor::{Guard, Input, Parts, Shutdown, StartArgs},
+    lock::GuardLock,
+};
 use crate::{
-    cli::GuardArgs,
-    compile::compile,
     control::server::{ControlServer, DEFAULT_SOCKET, resolve_group},
-    guard::{
-        lock::GuardLock,
-        owner::{GuardState, StartArgs},
-        pins::PinDir,
+    datapath::{
+        Datapath,
+        attach::XdpMode,
+        decode::decode_drop,
+        maps::MapImage,
+        pins::{DEFAULT_PIN_DIR, PinDir},
     },
-    loader::Datapath,
-    maps::MapImage,
-    model::Listener,
-    policy::{Exposure, Mode, Policy, PolicyError, PortRange, Rule},
+    format::endpoint,
+    iface::{interfaces_to_guard, watch::LinkWatch},
+    metrics::{GuardSnapshot, MetricsServer},
+    model::{Exposure, Mode},
+    pipeline::{Filter, Pipeline, exposure::exposure_of},
+    policy::{Policy, PolicyError, PortRange, Rule, compile::compile, store::DEFAULT_POLICY},
     procinfo,
-    sinks::{Summary, human::endpoint},
-    stream::{self, Filter, GuardFeed, Signals, Stream},
+    runloop::{self, Daemon, Flow, Signals, recv_optional},
+    sinks::{Sink, Summary},
+    sys::sd_notify,
 };
 
-pub const DEFAULT_POLICY: &str = "/etc/portwatch/policy.toml";
-
 /// How long the control socket may take to write its last answers at exit.
-const CONTROL_DRAIN: std::time::Duration = std::time::Duration::from_secs(1);
+const CONTROL_DRAIN: Duration = Duration::from_secs(1);
 
-/// Whether the network can reach a listener under `policy`. A listener on
-/// a loopback address is out of the network's reach whatever the policy.
-pub fn exposure_of(policy: &Policy, listener: &Listener) -> Exposure {
-    if listener.addr.is_loopback() {
-        Exposure::Blocked
-    } else {
-        policy.exposure(listener.proto, listener.port)
-    }
+/// What `portwatch guard` is asked to do.
+#[derive(Clone, Debug)]
+pub struct Options {
+    /// Interfaces to guard; empty: the policy's, else the default-route ones.
+    pub ifaces: Vec<String>,
+    /// The policy file; None: [`DEFAULT_POLICY`] if it exists.
+    pub policy: Option<PathBuf>,
+    /// Also permitted, from anywhere (`--allow`).
+    pub allow: Vec<PortRange>,
+    /// Wins over the policy's mode; default enforce.
+    pub mode: Option<Mode>,
+    pub xdp_mode: XdpMode,
+    /// Enforce even if the policy would cut off an SSH session.
+    pub force: bool,
+    pub flow_timeout: Duration,
+    /// Drop reports per second per CPU.
+    pub report_rate: u32,
+    /// Detach and unpin everything on exit.
+    pub detach_on_exit: bool,
+    pub pin_dir: Option<PathBuf>,
+    pub socket: Option<PathBuf>,
+    /// Members of this group may read status and follow the stream.
+    pub control_group: Option<String>,
+    /// How long to wait for the interfaces to guard (boot).
+    pub wait_for_iface: Duration,
 }
 
 /// The policy file (a missing default file is an empty policy) plus the
 /// command line's `--allow` rules.
-pub fn effective_policy(path: Option<&Path>, allow: &[String]) -> anyhow::Result<Policy> {
+pub fn effective_policy(path: Option<&Path>, allow: &[PortRange]) -> anyhow::Result<Policy> {
     let mut policy = match path {
         Some(path) => Policy::load(path)?,
         None if Path::new(DEFAULT_POLICY).exists() => Policy::load(Path::new(DEFAULT_POLICY))?,
@@ -64,63 +87,62 @@ pub fn effective_policy(path: Option<&Path>, allow: &[String]) -> anyhow::Result
             Policy::default()
         }
     };
-    for spec in allow {
-        let ports = PortRange::parse(spec).with_context(|| format!("--allow {spec}"))?;
-        match policy.add_rule(Rule {
-            ports,
-            from: Vec::new(),
-            line: None,
-        }) {
+    for ports in allow {
+        match policy.add_rule(Rule::anywhere(*ports)) {
             // Already in the file (e.g. persisted by a runtime change): fine.
             Err(PolicyError::Duplicate { .. }) => {}
-            other => other.with_context(|| format!("--allow {spec}"))?,
+            other => other.with_context(|| format!("--allow {ports}"))?,
         }
     }
     Ok(policy)
 }
 
-fn guard_config(mode: Mode, args: &GuardArgs) -> GuardConfig {
-    GuardConfig {
-        flags: if mode == Mode::Audit { GUARD_AUDIT } else { 0 },
-        report_rate: args.report_rate,
-        report_burst: args.report_rate.max(1) * 2,
-        _pad: 0,
-        flow_timeout_ns: args.flow_timeout.saturating_mul(1_000_000_000),
-    }
+/// The single-instance lock next to the control socket (SOCKET.lock).
+pub fn lock_path(socket: &Path) -> PathBuf {
+    let mut name = socket.as_os_str().to_owned();
+    name.push(".lock");
+    PathBuf::from(name)
 }
 
-pub async fn run(args: GuardArgs) -> anyhow::Result<Summary> {
-    let policy = effective_policy(args.policy.as_deref(), &args.allow)?;
-    let mode = args
-        .mode
-        .map(Mode::from)
-        .or(policy.mode)
-        .unwrap_or(Mode::Enforce);
-    let named = if !args.iface.is_empty() {
-        &args.iface
+/// Runs the guard until a signal or a `shutdown` request; `sink` gets the
+/// stream, `metrics` (already bound) is served once the guard is up.
+pub async fn run(
+    opts: Options,
+    sink: Box<dyn Sink>,
+    metrics: Option<MetricsServer>,
+) -> anyhow::Result<Summary> {
+    let policy = effective_policy(opts.policy.as_deref(), &opts.allow)?;
+    let mode = opts.mode.or(policy.mode).unwrap_or(Mode::Enforce);
+    let named = if opts.ifaces.is_empty() {
+        policy.interfaces.clone()
     } else {
-        &policy.interfaces
+        opts.ifaces.clone()
     };
-    let wait = std::time::Duration::from_secs(args.wait_for_iface);
-    let ifaces = attach::interfaces_to_guard(named, wait).await?;
-    let image = compile(&policy)?;
+    let ifaces = interfaces_to_guard(&named, opts.wait_for_iface).await?;
+    // Checked before anything loads.
+    compile(&policy)?;
 
     // One guard at a time; the lock lives next to the control socket.
-    let socket = args
+    let socket = opts
         .socket
         .clone()
         .unwrap_or_else(|| PathBuf::from(DEFAULT_SOCKET));
     let _lock = GuardLock::acquire(&lock_path(&socket))?;
     let pins = PinDir::new(
-        args.pin_dir
+        opts.pin_dir
             .as_deref()
-            .unwrap_or(Path::new(pins::DEFAULT_PIN_DIR)),
+            .unwrap_or(Path::new(DEFAULT_PIN_DIR)),
     );
     let adopting = pins.exists();
-    let result = serve(
-        &args, policy, mode, &ifaces, image, &pins, adopting, &socket,
-    )
-    .await;
+    let setup = Setup {
+        opts: &opts,
+        policy,
+        mode,
+        ifaces,
+        socket,
+        adopting,
+    };
+    let result = serve(&setup, pins.clone(), metrics, sink).await;
     // A guard that fails while setting up leaves nothing pinned behind it,
     // unless the datapath was already there (then it keeps enforcing).
     if result.is_err() && !adopting {
@@ -129,83 +151,142 @@ pub async fn run(args: GuardArgs) -> anyhow::Result<Summary> {
     result
 }
 
-/// The guard from loading the datapath until it stops.
-#[allow(clippy::too_many_arguments)]
-async fn serve(
-    args: &GuardArgs,
+struct Setup<'a> {
+    opts: &'a Options,
     policy: Policy,
     mode: Mode,
-    ifaces: &[String],
-    image: MapImage,
-    pins: &PinDir,
+    ifaces: Vec<String>,
+    socket: PathBuf,
     adopting: bool,
-    socket: &Path,
+}
+
+/// The guard from loading the datapath until it stops.
+async fn serve(
+    setup: &Setup<'_>,
+    pins: PinDir,
+    metrics: Option<MetricsServer>,
+    sink: Box<dyn Sink>,
 ) -> anyhow::Result<Summary> {
     let mut signals = Signals::install()?;
-    // Bound before anything loads: a bad address or a port in use stops here.
-    let metrics = match args.metrics {
-        Some(addr) => Some(crate::metrics::MetricsServer::bind(addr).await?),
-        None => None,
-    };
-    let mut datapath = Datapath::load_with_pins(Some(pins))?;
+    let mut datapath = Datapath::load_with_pins(Some(&pins))?;
     datapath.attach_monitor()?;
+    let mut feed = datapath
+        .take_monitor_feed()
+        .context("the monitor's ring buffer is already taken")?;
     let (maps, drops) = datapath.guard_maps()?;
-    let control_server = ControlServer::bind(
-        socket,
-        args.control_group.as_deref().and_then(resolve_group),
+    let opts = setup.opts;
+    let server = ControlServer::bind(
+        &setup.socket,
+        opts.control_group.as_deref().and_then(resolve_group),
     )
-    .with_context(|| format!("creating the control socket {}", socket.display()))?;
+    .with_context(|| format!("creating the control socket {}", setup.socket.display()))?;
     let (control_tx, control_rx) = tokio::sync::mpsc::channel(64);
     let (stop_control, control_stop) = tokio::sync::watch::channel(false);
-    let mut control_task = tokio::spawn(control_server.serve_until(control_tx, control_stop));
-    let policy_path = args
-        .policy
-        .clone()
-        .unwrap_or_else(|| PathBuf::from(DEFAULT_POLICY));
-    let mut stream = Stream::new(
-        crate::logging::event_sink(args.json, args.log_format),
-        Filter::default(),
-    );
-    stream.guard = Some(GuardFeed {
-        policy: policy.clone(),
-        drops,
+    let control_task = tokio::spawn(server.serve_until(control_tx, control_stop));
+    // Opened before attaching, so an interface removed meanwhile is seen.
+    let links = match LinkWatch::open() {
+        Ok(watch) => Some(watch),
+        Err(e) => {
+            log::warn!(
+                "cannot follow interface changes (rtnetlink): {e}; a re-created interface will not be guarded again"
+            );
+            None
+        }
+    };
+    // Adopting: move the pinned maps from what they hold to this policy.
+    let image = if setup.adopting {
+        maps.read_image()?
+    } else {
+        MapImage::default()
+    };
+    let parts = Parts {
+        datapath,
         maps,
-        ifnames: HashMap::new(),
+        drops,
+        start: StartArgs {
+            policy_path: opts
+                .policy
+                .clone()
+                .unwrap_or_else(|| PathBuf::from(DEFAULT_POLICY)),
+            allow: opts.allow.clone(),
+            mode: opts.mode,
+        },
+        pins,
+        ifaces: setup.ifaces.clone(),
+        xdp_mode: opts.xdp_mode,
+        report_rate: opts.report_rate,
+        flow_timeout: opts.flow_timeout,
         netns: procinfo::netns_of(std::process::id()),
-        state: GuardState {
-            start: StartArgs {
-                policy_path,
-                allow: args.allow.clone(),
-                mode: args.mode.map(Mode::from),
-            },
-            mode,
-            image: MapImage::default(),
-            attached: Vec::new(),
-            pin_dir: Some(pins.root.clone()),
-            ifaces: ifaces.to_vec(),
-            xdp_mode: args.xdp_mode,
-            subscribers: Vec::new(),
-            shutdown: None,
-        },
-        control: Some(control_rx),
-        // Opened before attaching, so an interface removed meanwhile is seen.
-        links: match links::LinkWatch::open() {
-            Ok(watch) => Some(watch),
-            Err(e) => {
-                log::warn!(
-                    "cannot follow interface changes (rtnetlink): {e}; a re-created interface will not be guarded again"
-                );
-                None
+        control: control_rx,
+        links,
+    };
+    let mut guard = Guard::new(parts, image);
+    let mut pipeline = Pipeline::new(sink, Filter::default());
+    let result = match start(setup, &mut guard, &mut pipeline).await {
+        // Served from here on: a scrape never sees a guard half set up.
+        Ok(()) => {
+            let (metrics_task, scrapes) = match metrics.map(MetricsServer::spawn) {
+                Some((task, rx)) => (Some(task), Some(rx)),
+                None => (None, None),
+            };
+            let result =
+                runloop::run(&mut feed, &mut pipeline, &mut guard, &mut signals, scrapes).await;
+            if let Some(task) = metrics_task {
+                task.abort();
             }
-        },
-    });
+            result
+        }
+        Err(e) => Err(e),
+    };
+    finish_control(control_task, stop_control).await;
+    result?;
+    let detach = opts.detach_on_exit || guard.shutdown == Some(Shutdown::Detach);
+    let ifaces = setup.ifaces.join(", ");
+    let pins = guard.pins().clone();
+    drop(guard); // detaches the monitor hooks; pinned links stay
+    if detach {
+        pins.remove_all();
+        log::info!("stopped: the guard is detached from {ifaces} and unpinned");
+    } else {
+        log::info!(
+            "stopped: enforcement stays on {ifaces} (pinned in {}); `portwatch down` removes it",
+            pins.root.display()
+        );
+    }
+    pipeline.finish()
+}
+
+/// Answers already given (a `shutdown` one among them) still reach their
+/// clients; a client that does not read cannot hold the guard up.
+async fn finish_control(
+    mut task: tokio::task::JoinHandle<()>,
+    stop: tokio::sync::watch::Sender<bool>,
+) {
+    let _ = stop.send(true);
+    if tokio::time::timeout(CONTROL_DRAIN, &mut task)
+        .await
+        .is_err()
+    {
+        task.abort();
+    }
+}
+
+/// Snapshot, lockout check, policy, interfaces: everything between loading
+/// and serving.
+async fn start(
+    setup: &Setup<'_>,
+    guard: &mut Guard,
+    pipeline: &mut Pipeline,
+) -> anyhow::Result<()> {
+    let policy = &setup.policy;
+    let mode = setup.mode;
     // Lockout protection, with the listeners that exist now, before anything
     // is reported: a refusal leaves no partial stream behind.
-    let found = Stream::collect_snapshot().await?;
+    let found = Pipeline::collect_snapshot().await?;
     let own_netns = procinfo::netns_of(std::process::id());
     let local = || found.iter().filter(move |l| l.netns == own_netns);
     for l in local() {
-        if exposure_of(&policy, l) == Exposure::Blocked && !l.addr.is_loopback() {
+        if exposure_of(policy, l) == Exposure::Blocked && !l.addr.is_loopback() {
             log::warn!(
                 "{} (pid {}) listens on {} {}: blocked by policy",
                 l.process.comm.as_deref().unwrap_or("?"),
@@ -216,14 +297,9 @@ async fn serve(
         }
     }
     let ssh = std::env::var("SSH_CONNECTION").ok();
-    let problems = lockout::problems(
-        &policy,
-        local(),
-        ssh.as_deref(),
-        &lockout::established_tcp(),
-    );
+    let problems = lockout::problems(policy, local(), ssh.as_deref(), &lockout::established_tcp());
     if !problems.is_empty() {
-        if mode == Mode::Enforce && !args.force {
+        if mode == Mode::Enforce && !setup.opts.force {
             bail!(
                 "refusing to enforce: {}\n(fix the policy, use --mode audit first, or pass --force)",
                 problems.join("\n")
@@ -232,187 +308,139 @@ async fn serve(
         for p in &problems {
             log::warn!(
                 "{p} (continuing: {})",
-                if args.force { "--force" } else { "audit mode" }
+                if setup.opts.force {
+                    "--force"
+                } else {
+                    "audit mode"
+                }
             );
         }
     }
-    stream.emit_snapshot(found)?;
-
-    let feed = stream
-        .guard
-        .as_mut()
-        .context("the guard feed is set above")?;
-    // Adopting: move the pinned maps from what they hold to this policy,
-    // openings first, so nothing both permit is dropped in between.
-    let old_image = if adopting {
-        feed.maps.read_image()?
-    } else {
-        MapImage::default()
-    };
-    let config = guard_config(mode, args);
-    if mode == Mode::Audit {
-        feed.maps.set_config(config)?;
-        feed.maps.apply(&old_image, &image)?;
-    } else {
-        feed.maps.apply(&old_image, &image)?;
-        feed.maps.set_config(config)?;
-    }
-    feed.state.image = image;
-    if adopting {
+    guard
+        .install(policy.clone(), mode)
+        .map_err(anyhow::Error::msg)?;
+    pipeline.set_exposure(guard.exposure_view());
+    pipeline.emit_snapshot(found)?;
+    if setup.adopting {
+        let pins = guard.pins();
         log::info!("adopted the pinned datapath in {}", pins.root.display());
         for stale in pins
             .pinned_interfaces()
             .iter()
-            .filter(|i| !ifaces.contains(i))
+            .filter(|i| !setup.ifaces.contains(i))
         {
             pins.detach(stale);
             log::info!("{stale}: no longer in the interfaces to guard: detached");
         }
     }
-    let mut ifnames = HashMap::new();
-    let mut attached_all = Vec::new();
-    for iface in ifaces {
-        let attached = datapath.attach_guard(pins, iface, args.xdp_mode)?;
+    let rules = guard.policy().rules.len();
+    for attached in guard.attach_all()? {
         log::info!(
-            "guarding {} ({} XDP, {} mode, {} rules)",
+            "guarding {} ({} XDP, {mode} mode, {rules} rules)",
             attached.iface,
             attached.xdp_mode,
-            mode_name(mode),
-            policy.rules.len()
-        );
-        ifnames.insert(attached.ifindex, attached.iface.clone());
-        attached_all.push(attached);
-    }
-    if let Some(feed) = stream.guard.as_mut() {
-        feed.ifnames = ifnames;
-        feed.state.attached = attached_all;
-    }
-    notify_ready();
-    stream.announce_ready()?;
-    // Served from here on: a scrape never sees a guard half set up.
-    let metrics_task = metrics.map(|server| {
-        let (task, scrapes) = server.spawn();
-        stream.metrics = Some(scrapes);
-        task
-    });
-    stream::run(&mut datapath, &mut stream, &mut signals).await?;
-    // Answers already given (a `shutdown` one among them) still reach their
-    // clients; a client that does not read cannot hold the guard up.
-    let _ = stop_control.send(true);
-    if tokio::time::timeout(CONTROL_DRAIN, &mut control_task)
-        .await
-        .is_err()
-    {
-        control_task.abort();
-    }
-    if let Some(task) = metrics_task {
-        task.abort();
-    }
-    let requested = stream.guard.as_ref().and_then(|g| g.state.shutdown);
-    drop(datapath); // detaches the monitor hooks; pinned links stay
-    if args.detach_on_exit || requested == Some(true) {
-        pins.remove_all();
-        log::info!(
-            "stopped: the guard is detached from {} and unpinned",
-            ifaces.join(", ")
-        );
-    } else {
-        log::info!(
-            "stopped: enforcement stays on {} (pinned in {}); `portwatch down` removes it",
-            ifaces.join(", "),
-            pins.root.display()
         );
     }
-    stream.finish()
+    sd_notify("READY=1");
+    pipeline.announce_ready()?;
+    Ok(())
 }
 
-/// The single-instance lock next to the control socket (SOCKET.lock).
-pub fn lock_path(socket: &Path) -> PathBuf {
-    let mut name = socket.as_os_str().to_owned();
-    name.push(".lock");
-    PathBuf::from(name)
+impl Daemon for Guard {
+    type Input = Input;
+
+    async fn next(&mut self) -> io::Result<Input> {
+        let mut drops = Vec::new();
+        let control = self.control.as_mut();
+        let links = self.links.as_mut();
+        tokio::select! {
+            req = recv_optional(control) => match req {
+                Some(req) => Ok(Input::Control(req)),
+                // The server is gone: nothing more comes from there.
+                None => {
+                    self.control = None;
+                    Ok(Input::Links(Vec::new()))
+                }
+            },
+            read = self.drops.read_batch(|rec| drops.push(decode_drop(rec))) => {
+                read?;
+                Ok(Input::Drops(drops))
+            }
+            changes = next_links(links) => Ok(Input::Links(changes?)),
+        }
+    }
+
+    fn handle(&mut self, input: Input, pipeline: &mut Pipeline) -> io::Result<Flow> {
+        match input {
+            Input::Control(req) => return self.handle_request(pipeline, req),
+            Input::Drops(batch) => self.drop_events(pipeline, batch)?,
+            Input::Links(changes) => {
+                for change in changes {
+                    if let Some(event) = self.on_link_change(change) {
+                        pipeline.emit(event)?;
+                    }
+                }
+            }
+        }
+        Ok(Flow::Continue)
+    }
+
+    fn hangup(&mut self, pipeline: &mut Pipeline) -> io::Result<()> {
+        self.reload_on_signal(pipeline)
+    }
+
+    fn metrics(&self) -> Option<GuardSnapshot> {
+        Some(Guard::metrics(self))
+    }
+
+    fn drain(&mut self, pipeline: &mut Pipeline) -> io::Result<()> {
+        let mut drops = Vec::new();
+        self.drops.drain_now(|rec| drops.push(decode_drop(rec)));
+        self.drop_events(pipeline, drops)
+    }
 }
 
-/// Tells systemd (Type=notify) that enforcement is attached, when run by it.
-fn notify_ready() {
-    let Some(path) = std::env::var_os("NOTIFY_SOCKET") else {
-        return;
-    };
-    let sock = match std::os::unix::net::UnixDatagram::unbound() {
-        Ok(s) => s,
-        Err(_) => return,
-    };
-    if let Err(e) = sock.send_to(b"READY=1", &path) {
-        log::debug!("sd_notify: {e}");
+/// The next link changes when following them; never completes otherwise.
+async fn next_links(
+    links: Option<&mut LinkWatch>,
+) -> io::Result<Vec<crate::iface::watch::LinkChange>> {
+    match links {
+        Some(l) => l.next().await,
+        None => std::future::pending().await,
     }
+}
+
+/// What `portwatch down` did.
+#[derive(Debug, Default)]
+pub struct Down {
+    /// The guard that was running and was stopped.
+    pub stopped: Option<u32>,
+    /// The pins removed.
+    pub removed: Vec<String>,
 }
 
 /// `portwatch down`: stops a running guard and removes everything pinned.
-pub fn down(pin_dir: Option<&Path>, socket: Option<&Path>) -> anyhow::Result<()> {
+pub fn down(pin_dir: Option<&Path>, socket: Option<&Path>) -> anyhow::Result<Down> {
     let socket = socket
         .map(Path::to_path_buf)
         .unwrap_or_else(|| PathBuf::from(DEFAULT_SOCKET));
+    let mut done = Down::default();
     if let Some(pid) = GuardLock::holder(&lock_path(&socket)) {
-        crate::control::client::request(
+        crate::control::client::request::<crate::control::protocol::ChangeResponse>(
             &socket,
             &crate::control::protocol::Request::Shutdown { detach: true },
         )
         .with_context(|| format!("asking the running guard (pid {pid}) to stop"))?;
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
         while GuardLock::holder(&lock_path(&socket)).is_some() {
             if std::time::Instant::now() > deadline {
                 bail!("the guard (pid {pid}) did not stop within 10 s");
             }
-            std::thread::sleep(std::time::Duration::from_millis(50));
+            std::thread::sleep(Duration::from_millis(50));
         }
-        println!("stopped the guard (pid {pid})");
+        done.stopped = Some(pid);
     }
-    let pins = PinDir::new(pin_dir.unwrap_or(Path::new(pins::DEFAULT_PIN_DIR)));
-    let removed = pins.remove_all();
-    if removed.is_empty() {
-        println!("nothing pinned in {}", pins.root.display());
-    } else {
-        for r in &removed {
-            println!("removed {r}");
-        }
-    }
-    Ok(())
-}
-
-fn mode_name(mode: Mode) -> &'static str {
-    match mode {
-        Mode::Enforce => "enforce",
-        Mode::Audit => "audit",
-    }
-}
-
-/// `portwatch check-policy FILE`.
-pub fn check_policy(path: &Path) -> anyhow::Result<()> {
-    let policy = Policy::load(path)?;
-    let image = compile(&policy)?;
-    println!(
-        "{}: ok: {} rules ({} ports), mode {}, interfaces {}",
-        path.display(),
-        policy.rules.len(),
-        image.ports.len(),
-        policy.mode.map_or("unset (enforce)", mode_name),
-        if policy.interfaces.is_empty() {
-            "unset (default-route interfaces)".to_string()
-        } else {
-            policy.interfaces.join(", ")
-        }
-    );
-    for rule in &policy.rules {
-        let from = if rule.from.is_empty() {
-            "anywhere".to_string()
-        } else {
-            rule.from
-                .iter()
-                .map(|n| n.to_string())
-                .collect::<Vec<_>>()
-                .join(", ")
-        };
-        println!("  allow {} from {from}", rule.ports);
-    }
-    Ok(())
+    let pins = PinDir::new(pin_dir.unwrap_or(Path::new(DEFAULT_PIN_DIR)));
+    done.removed = pins.remove_all();
+    Ok(done)
 }

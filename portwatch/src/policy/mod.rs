@@ -6,14 +6,15 @@
 //! kernel tables need no precedence. A file is checked whole before
 //! anything from it is used, and every error names the line it is about.
 
+pub mod compile;
 mod file;
 mod spec;
+pub mod store;
 
 use std::{
     fmt,
     net::IpAddr,
     path::{Path, PathBuf},
-    str::FromStr,
 };
 
 use ipnet::IpNet;
@@ -21,58 +22,7 @@ use ipnet::IpNet;
 pub use spec::{PortRange, SpecError};
 
 use crate::model::Proto;
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Mode {
-    /// Drop what the policy does not permit.
-    Enforce,
-    /// Pass everything, report what would have been dropped.
-    Audit,
-}
-
-impl Mode {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Mode::Enforce => "enforce",
-            Mode::Audit => "audit",
-        }
-    }
-}
-
-impl fmt::Display for Mode {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-#[derive(Debug, PartialEq, Eq, thiserror::Error)]
-#[error("unknown mode {0:?} (expected \"enforce\" or \"audit\")")]
-pub struct UnknownMode(pub String);
-
-impl FromStr for Mode {
-    type Err = UnknownMode;
-
-    fn from_str(s: &str) -> Result<Self, UnknownMode> {
-        match s {
-            "enforce" => Ok(Mode::Enforce),
-            "audit" => Ok(Mode::Audit),
-            _ => Err(UnknownMode(s.to_owned())),
-        }
-    }
-}
-
-/// What the policy does for a port, whoever the sender.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Exposure {
-    /// Reachable from anywhere.
-    Exposed,
-    /// Reachable only from the rule's `from` networks.
-    Partial,
-    /// No rule permits it.
-    Blocked,
-}
+pub use crate::model::{Exposure, Mode, UnknownMode};
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Rule {
@@ -85,6 +35,25 @@ pub struct Rule {
 }
 
 impl Rule {
+    /// A rule as people type it (the command line, the control socket): a
+    /// spec and sources, parsed by the same parser as the policy file and
+    /// checked as a rule on its own (no host bits, no redundant or
+    /// IPv4-mapped source).
+    pub fn parse(spec: &str, from: &[String]) -> Result<Rule, PolicyError> {
+        let ports =
+            PortRange::parse(spec).map_err(|error| PolicyError::Spec { line: None, error })?;
+        let nets = from
+            .iter()
+            .map(|value| parse_source(value, None).map(|net| (net, None)))
+            .collect::<Result<Vec<_>, _>>()?;
+        check_sources(&nets)?;
+        Ok(Rule {
+            ports,
+            from: nets.into_iter().map(|(net, _)| net).collect(),
+            line: None,
+        })
+    }
+
     /// A rule open to everyone, as `--allow SPEC` gives.
     pub fn anywhere(ports: PortRange) -> Self {
         Rule {
@@ -1276,155 +1245,5 @@ allow = [
         assert_eq!(serde_json::to_string(&Exposure::Partial)?, r#""partial""#);
         assert_eq!(serde_json::to_string(&range("tcp/1-2"))?, r#""tcp/1-2""#);
         Ok(())
-    }
-
-    /// xorshift64: deterministic pseudo-random numbers without a dependency.
-    struct Rng(u64);
-
-    impl Rng {
-        fn below(&mut self, n: usize) -> usize {
-            self.0 ^= self.0 << 13;
-            self.0 ^= self.0 >> 7;
-            self.0 ^= self.0 << 17;
-            usize::try_from(self.0 % n.max(1) as u64).unwrap_or(0)
-        }
-
-        fn pick<'a>(&mut self, items: &[&'a str]) -> &'a str {
-            items.get(self.below(items.len())).copied().unwrap_or("")
-        }
-
-        /// From `good`, or one time in 30 from `bad`.
-        fn mostly<'a>(&mut self, good: &[&'a str], bad: &[&'a str]) -> &'a str {
-            if self.below(30) == 0 {
-                self.pick(bad)
-            } else {
-                self.pick(good)
-            }
-        }
-    }
-
-    /// A random policy file: well-formed TOML with random specs and
-    /// sources, or, now and then, a soup of TOML-ish tokens.
-    fn random_file(rng: &mut Rng) -> String {
-        const TOKENS: &[&str] = &[
-            "allow",
-            "mode",
-            "from",
-            "port",
-            " = ",
-            "[",
-            "]",
-            "{",
-            "}",
-            ",",
-            "\n",
-            "\"tcp/22\"",
-            "\"10.0.0.0/8\"",
-            "[[allow]]\n",
-            "#",
-            "\"",
-            "é",
-            "22",
-        ];
-        // Mostly valid values, so that the checks after parsing run too.
-        const PROTOS: &[&str] = &["tcp", "udp"];
-        const BAD_PROTOS: &[&str] = &["sctp", "TCP", ""];
-        const PORTS: &[&str] = &[
-            "1", "7", "22", "53", "80", "443", "1000", "5432", "8000", "8080", "9000", "65535",
-        ];
-        const BAD_PORTS: &[&str] = &["0", "70000", "x", ""];
-        const SOURCES: &[&str] = &[
-            "10.0.0.0/8",
-            "10.1.0.0/16",
-            "192.0.2.1",
-            "0.0.0.0/0",
-            "fd00::/8",
-            "::1",
-        ];
-        const BAD_SOURCES: &[&str] = &["10.0.0.1/8", "10.0.0.0/33", "nope", "fd00::/129"];
-        if rng.below(10) == 0 {
-            let mut text = String::new();
-            for _ in 0..rng.below(40) {
-                text.push_str(rng.pick(TOKENS));
-            }
-            return text;
-        }
-        let mut text = String::new();
-        if rng.below(2) == 0 {
-            text.push_str(rng.pick(&[
-                "mode = \"audit\"\n",
-                "mode = \"enforce\"\n",
-                "mode = \"x\"\n",
-            ]));
-        }
-        if rng.below(2) == 0 {
-            text.push_str(rng.pick(&[
-                "interfaces = [\"eth0\"]\n",
-                "interfaces = [\"eth0\", \"lo\"]\n",
-                "interfaces = [\"\"]\n",
-            ]));
-        }
-        text.push_str("allow = [\n");
-        for _ in 0..rng.below(8) {
-            let mut spec = format!(
-                "{}/{}",
-                rng.mostly(PROTOS, BAD_PROTOS),
-                rng.mostly(PORTS, BAD_PORTS)
-            );
-            if rng.below(3) == 0 {
-                spec = format!("{spec}-{}", rng.mostly(PORTS, BAD_PORTS));
-            }
-            if rng.below(3) == 0 {
-                let from: Vec<String> = (0..rng.below(3))
-                    .map(|_| format!("\"{}\"", rng.mostly(SOURCES, BAD_SOURCES)))
-                    .collect();
-                text.push_str(&format!(
-                    "  {{ port = \"{spec}\", from = [{}] }},\n",
-                    from.join(", ")
-                ));
-            } else {
-                text.push_str(&format!("  \"{spec}\",\n"));
-            }
-        }
-        text.push_str("]\n");
-        text
-    }
-
-    /// Parsing returns whatever the input; what parses survives `to_toml`
-    /// and keeps one rule per port; errors with a line point into the file.
-    #[test]
-    fn arbitrary_files() {
-        let mut rng = Rng(0x2545_f491_4f6c_dd1d);
-        let (mut parsed, mut with_rules) = (0, 0);
-        for _ in 0..5_000 {
-            let text = random_file(&mut rng);
-            match Policy::parse(&text) {
-                Ok(p) => {
-                    parsed += 1;
-                    with_rules += usize::from(!p.rules.is_empty());
-                    for (i, a) in p.rules.iter().enumerate() {
-                        for b in &p.rules[..i] {
-                            assert!(!a.ports.overlaps(&b.ports), "{text:?}");
-                        }
-                    }
-                    let again = Policy::parse(&p.to_toml()).map(|q| without_lines(&q));
-                    assert_eq!(again.ok(), Some(without_lines(&p)), "{text:?}");
-                }
-                Err(e) => {
-                    let _ = e.to_string();
-                    if let Some(line) = e.line() {
-                        assert!(
-                            line >= 1 && line <= text.lines().count() + 1,
-                            "{text:?}: {e}"
-                        );
-                    }
-                }
-            }
-        }
-        // The generator must reach the checks after parsing, not only fail.
-        assert!(
-            parsed > 500 && with_rules > 300,
-            "{parsed} parsed, {with_rules} with rules"
-        );
     }
 }

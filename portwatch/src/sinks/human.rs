@@ -5,14 +5,17 @@
 //! a scan must not scroll everything else away.
 
 use std::{
-    collections::{BTreeMap, HashMap},
+    collections::BTreeMap,
     io::{self, Write},
     net::IpAddr,
     time::{Duration, SystemTime},
 };
 
-use super::{Sink, Summary, json::proto_name};
-use crate::model::{DropEvent, DropReason, Event, EventKind, Exposure, Listener, Origin};
+use super::{Sink, Summary};
+use crate::{
+    format::{UserNames, endpoint, proto_name, time_of_day_micros as clock, truncate},
+    model::{DropEvent, DropReason, Event, EventKind, Exposure, Listener, Origin},
+};
 
 const GREEN: &str = "\x1b[32m";
 const YELLOW: &str = "\x1b[33m";
@@ -39,7 +42,7 @@ pub struct HumanSink<W: Write> {
     colour: bool,
     /// Our own network namespace: others are named on the line.
     host_netns: Option<u64>,
-    users: HashMap<u32, String>,
+    users: UserNames,
     header_done: bool,
     /// Terminal width to cut lines to; None when not a terminal.
     width: Option<usize>,
@@ -110,26 +113,13 @@ pub fn terminal_width() -> Option<usize> {
     (ret == 0 && size.ws_col > 0).then_some(usize::from(size.ws_col))
 }
 
-/// Cuts `text` to `max` characters, marking the cut with an ellipsis.
-pub fn truncate(text: &str, max: usize) -> String {
-    if text.chars().count() <= max {
-        return text.to_string();
-    }
-    if max == 0 {
-        return String::new();
-    }
-    let mut cut: String = text.chars().take(max - 1).collect();
-    cut.push('…');
-    cut
-}
-
 impl<W: Write> HumanSink<W> {
     pub fn new(out: W, colour: bool, host_netns: Option<u64>) -> Self {
         Self {
             out,
             colour,
             host_netns,
-            users: HashMap::new(),
+            users: UserNames::default(),
             header_done: false,
             width: None,
             drops: BTreeMap::new(),
@@ -155,16 +145,7 @@ impl<W: Write> HumanSink<W> {
         let Some(uid) = uid else {
             return "-".into();
         };
-        self.users
-            .entry(uid)
-            .or_insert_with(|| {
-                nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(uid))
-                    .ok()
-                    .flatten()
-                    .map(|u| u.name)
-                    .unwrap_or_else(|| uid.to_string())
-            })
-            .clone()
+        self.users.name(uid)
     }
 
     fn columns(&self) -> &'static Columns {
@@ -340,25 +321,6 @@ fn reason_text(reason: DropReason) -> &'static str {
     }
 }
 
-/// `1.2.3.4:80`, `[::]:80`.
-pub fn endpoint(addr: &IpAddr, port: u16) -> String {
-    match addr {
-        IpAddr::V4(a) => format!("{a}:{port}"),
-        IpAddr::V6(a) => format!("[{a}]:{port}"),
-    }
-}
-
-fn clock(ts: SystemTime) -> String {
-    let dt = time::OffsetDateTime::from(ts);
-    format!(
-        "{:02}:{:02}:{:02}.{:06}",
-        dt.hour(),
-        dt.minute(),
-        dt.second(),
-        dt.microsecond()
-    )
-}
-
 impl<W: Write> Sink for HumanSink<W> {
     fn event(&mut self, event: &Event) -> io::Result<()> {
         if !self.header_done {
@@ -411,7 +373,7 @@ impl<W: Write> Sink for HumanSink<W> {
             }
             Event::Policy(p) => {
                 let (on, off) = self.paint(YELLOW);
-                let by = match (p.by_uid, p.by_pid) {
+                let by = match (p.by.uid, p.by.pid) {
                     (Some(uid), Some(pid)) => format!("by uid {uid}, pid {pid}"),
                     (Some(uid), None) => format!("by uid {uid}"),
                     _ => "by SIGHUP".to_string(),

@@ -1,84 +1,136 @@
-//! JSON Lines: one object per event, for machines. The schema is in README.md.
+//! JSON Lines: one object per event, for machines. The schema is in
+//! README.md. [`Line`] is the same schema read back: `watch` and `top`
+//! following a guard turn its lines into [`Event`]s with it.
 
-use std::io::{self, Write};
+use std::{
+    io::{self, Write},
+    net::IpAddr,
+    time::SystemTime,
+};
 
-use serde::Serialize;
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
-use super::{Sink, Summary, rfc3339_micros};
-use crate::model::{DropReason, Event, EventKind, Exposure, Family, Origin, Proto};
+use super::{Sink, Summary};
+use crate::{
+    format::{parse_rfc3339, proto_name, rfc3339_micros},
+    model::{
+        AttachedMode, DropEvent, DropReason, Event, EventKind, Exposure, Family, Listener,
+        ListenerEvent, Mode, Origin, PolicyEvent, ProcessInfo, Proto, Requester, SockId,
+    },
+};
 
-#[derive(Serialize)]
-struct ListenerLine<'a> {
-    ts: String,
+/// A timestamp as RFC 3339 UTC with microseconds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Ts(SystemTime);
+
+impl Serialize for Ts {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(&rfc3339_micros(self.0))
+    }
+}
+
+impl<'de> Deserialize<'de> for Ts {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(d)?;
+        parse_rfc3339(&text)
+            .map(Ts)
+            .ok_or_else(|| serde::de::Error::custom(format!("{text:?} is not an RFC 3339 time")))
+    }
+}
+
+/// An IP protocol as the stream names it: `tcp`, `udp`, `icmp`, `icmpv6`,
+/// or its number.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct IpProto(u8);
+
+impl Serialize for IpProto {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(&proto_name(self.0))
+    }
+}
+
+impl<'de> Deserialize<'de> for IpProto {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(d)?;
+        (0..=u8::MAX)
+            .find(|n| proto_name(*n) == text)
+            .map(IpProto)
+            .ok_or_else(|| serde::de::Error::custom(format!("unknown protocol {text:?}")))
+    }
+}
+
+#[derive(Serialize, Deserialize)]
+struct ListenerLine {
+    ts: Ts,
     event: EventKind,
     origin: Origin,
     proto: Proto,
     family: Family,
-    addr: String,
+    addr: IpAddr,
     port: u16,
     pid: Option<u32>,
-    comm: Option<&'a str>,
+    comm: Option<String>,
     uid: Option<u32>,
-    exe: Option<&'a str>,
-    cmdline: Option<&'a str>,
-    cgroup: Option<&'a str>,
+    exe: Option<String>,
+    cmdline: Option<String>,
+    cgroup: Option<String>,
     netns: Option<u64>,
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     exposure: Option<Exposure>,
 }
 
-#[derive(Serialize)]
-struct DropLine<'a> {
-    ts: String,
-    event: &'static str,
+#[derive(Serialize, Deserialize)]
+struct DropLine {
+    ts: Ts,
+    event: Tag,
     reason: DropReason,
-    proto: String,
-    src: Option<String>,
+    proto: IpProto,
+    src: Option<IpAddr>,
     src_port: u16,
-    dst: Option<String>,
+    dst: Option<IpAddr>,
     dst_port: u16,
-    iface: Option<&'a str>,
+    iface: Option<String>,
     audit: bool,
 }
 
-#[derive(Serialize)]
-struct LostLine {
-    ts: String,
-    event: &'static str,
+#[derive(Serialize, Deserialize)]
+struct CountLine {
+    ts: Ts,
+    event: Tag,
     count: u64,
     total: u64,
 }
 
-#[derive(Serialize)]
-struct PolicyLine<'a> {
-    ts: String,
-    event: &'static str,
-    change: &'a str,
+#[derive(Serialize, Deserialize)]
+struct PolicyLine {
+    ts: Ts,
+    event: Tag,
+    change: String,
     by_uid: Option<u32>,
     by_pid: Option<u32>,
-    mode: crate::policy::Mode,
+    mode: Mode,
     rules: usize,
 }
 
-#[derive(Serialize)]
-struct InterfaceLine<'a> {
-    ts: String,
-    event: &'static str,
-    iface: &'a str,
-    change: &'a str,
-    xdp_mode: Option<&'static str>,
+#[derive(Serialize, Deserialize)]
+struct InterfaceLine {
+    ts: Ts,
+    event: Tag,
+    iface: String,
+    change: String,
+    xdp_mode: Option<AttachedMode>,
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, Deserialize)]
 struct ReadyLine {
-    ts: String,
-    event: &'static str,
+    ts: Ts,
+    event: Tag,
     snapshot: usize,
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, Deserialize)]
 struct SummaryLine {
-    event: &'static str,
+    event: Tag,
     events: u64,
     lost: u64,
     malformed: u64,
@@ -87,15 +139,161 @@ struct SummaryLine {
     suppressed: u64,
 }
 
-/// `tcp`, `udp`, or the IP protocol number for others.
-pub fn proto_name(proto: u8) -> String {
-    match proto {
-        6 => "tcp".into(),
-        17 => "udp".into(),
-        1 => "icmp".into(),
-        58 => "icmpv6".into(),
-        other => other.to_string(),
+/// The `event` field of lines that are not listener events.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+enum Tag {
+    Drop,
+    Lost,
+    Suppressed,
+    Policy,
+    Interface,
+    Ready,
+    Summary,
+}
+
+impl ListenerLine {
+    fn of(ev: &ListenerEvent) -> Self {
+        let l = &ev.listener;
+        let p = &l.process;
+        Self {
+            ts: Ts(ev.ts),
+            event: ev.kind,
+            origin: ev.origin,
+            proto: l.proto,
+            family: l.family(),
+            addr: l.addr,
+            port: l.port,
+            pid: p.pid,
+            comm: p.comm.clone(),
+            uid: p.uid,
+            exe: p.exe.clone(),
+            cmdline: p.cmdline.clone(),
+            cgroup: p.cgroup.clone(),
+            netns: l.netns,
+            exposure: ev.exposure,
+        }
     }
+
+    fn into_event(self) -> ListenerEvent {
+        ListenerEvent {
+            ts: self.ts.0,
+            kind: self.event,
+            origin: self.origin,
+            listener: Listener {
+                proto: self.proto,
+                addr: self.addr,
+                port: self.port,
+                // The stream does not carry the kernel's socket identity.
+                sock_id: SockId::Unknown,
+                netns: self.netns,
+                process: ProcessInfo {
+                    pid: self.pid,
+                    comm: self.comm,
+                    uid: self.uid,
+                    exe: self.exe,
+                    cmdline: self.cmdline,
+                    cgroup: self.cgroup,
+                },
+            },
+            exposure: self.exposure,
+        }
+    }
+}
+
+/// One line of the stream, read back.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Line {
+    Event(Event),
+    /// The last line: the stream's totals.
+    Summary(Summary),
+}
+
+/// Any line, by its `event` field: listener lines say `listen` or `close`.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum AnyLine {
+    Listener(ListenerLine),
+    Drop(DropLine),
+    Count(CountLine),
+    Policy(PolicyLine),
+    Interface(InterfaceLine),
+    Ready(ReadyLine),
+    Summary(SummaryLine),
+}
+
+/// Reads one line of `--json` output (or a guard's JSON stream).
+pub fn parse_line(text: &str) -> Result<Line, serde_json::Error> {
+    let line: AnyLine = serde_json::from_str(text)?;
+    let tag = match &line {
+        AnyLine::Listener(_) => None,
+        AnyLine::Drop(l) => Some((l.event, Tag::Drop)),
+        AnyLine::Count(l) if l.event == Tag::Suppressed => None,
+        AnyLine::Count(l) => Some((l.event, Tag::Lost)),
+        AnyLine::Policy(l) => Some((l.event, Tag::Policy)),
+        AnyLine::Interface(l) => Some((l.event, Tag::Interface)),
+        AnyLine::Ready(l) => Some((l.event, Tag::Ready)),
+        AnyLine::Summary(l) => Some((l.event, Tag::Summary)),
+    };
+    if let Some((got, want)) = tag
+        && got != want
+    {
+        return Err(serde::de::Error::custom(format!(
+            "a {want:?} line cannot have \"event\": {got:?}"
+        )));
+    }
+    Ok(match line {
+        AnyLine::Listener(l) => Line::Event(Event::Listener(l.into_event())),
+        AnyLine::Drop(d) => Line::Event(Event::Drop(DropEvent {
+            ts: d.ts.0,
+            iface: d.iface,
+            reason: d.reason,
+            proto: d.proto.0,
+            src: d.src,
+            dst: d.dst,
+            src_port: d.src_port,
+            dst_port: d.dst_port,
+            audit: d.audit,
+        })),
+        AnyLine::Count(c) if c.event == Tag::Suppressed => Line::Event(Event::Suppressed {
+            ts: c.ts.0,
+            count: c.count,
+            total: c.total,
+        }),
+        AnyLine::Count(c) => Line::Event(Event::Lost {
+            ts: c.ts.0,
+            count: c.count,
+            total: c.total,
+        }),
+        AnyLine::Policy(p) => Line::Event(Event::Policy(PolicyEvent {
+            ts: p.ts.0,
+            change: p.change,
+            by: Requester {
+                uid: p.by_uid,
+                pid: p.by_pid,
+            },
+            mode: p.mode,
+            rules: p.rules,
+        })),
+        AnyLine::Interface(i) => Line::Event(Event::Interface {
+            ts: i.ts.0,
+            iface: i.iface,
+            change: i.change,
+            xdp_mode: i.xdp_mode,
+        }),
+        AnyLine::Ready(r) => Line::Event(Event::Ready {
+            ts: r.ts.0,
+            snapshot: r.snapshot,
+        }),
+        AnyLine::Summary(s) => Line::Summary(Summary {
+            events: s.events,
+            lost: s.lost,
+            malformed: s.malformed,
+            listening: s.listening,
+            drops: s.drops,
+            suppressed: s.suppressed,
+        }),
+    })
 }
 
 pub struct JsonSink<W: Write> {
@@ -125,48 +323,34 @@ pub fn to_json(event: &Event) -> serde_json::Result<String> {
 impl<W: Write> Sink for JsonSink<W> {
     fn event(&mut self, event: &Event) -> io::Result<()> {
         match event {
-            Event::Listener(ev) => {
-                let l = &ev.listener;
-                let p = &l.process;
-                self.line(&ListenerLine {
-                    ts: rfc3339_micros(ev.ts),
-                    event: ev.kind,
-                    origin: ev.origin,
-                    proto: l.proto,
-                    family: l.family(),
-                    addr: l.addr.to_string(),
-                    port: l.port,
-                    pid: p.pid,
-                    comm: p.comm.as_deref(),
-                    uid: p.uid,
-                    exe: p.exe.as_deref(),
-                    cmdline: p.cmdline.as_deref(),
-                    cgroup: p.cgroup.as_deref(),
-                    netns: l.netns,
-                    exposure: ev.exposure,
-                })
-            }
-            Event::Lost { ts, count, total } => self.line(&LostLine {
-                ts: rfc3339_micros(*ts),
-                event: "lost",
+            Event::Listener(ev) => self.line(&ListenerLine::of(ev)),
+            Event::Lost { ts, count, total } => self.line(&CountLine {
+                ts: Ts(*ts),
+                event: Tag::Lost,
+                count: *count,
+                total: *total,
+            }),
+            Event::Suppressed { ts, count, total } => self.line(&CountLine {
+                ts: Ts(*ts),
+                event: Tag::Suppressed,
                 count: *count,
                 total: *total,
             }),
             Event::Ready { ts, snapshot } => self.line(&ReadyLine {
-                ts: rfc3339_micros(*ts),
-                event: "ready",
+                ts: Ts(*ts),
+                event: Tag::Ready,
                 snapshot: *snapshot,
             }),
             Event::Drop(d) => self.line(&DropLine {
-                ts: rfc3339_micros(d.ts),
-                event: "drop",
+                ts: Ts(d.ts),
+                event: Tag::Drop,
                 reason: d.reason,
-                proto: proto_name(d.proto),
-                src: d.src.map(|a| a.to_string()),
+                proto: IpProto(d.proto),
+                src: d.src,
                 src_port: d.src_port,
-                dst: d.dst.map(|a| a.to_string()),
+                dst: d.dst,
                 dst_port: d.dst_port,
-                iface: d.iface.as_deref(),
+                iface: d.iface.clone(),
                 audit: d.audit,
             }),
             Event::Interface {
@@ -175,26 +359,20 @@ impl<W: Write> Sink for JsonSink<W> {
                 change,
                 xdp_mode,
             } => self.line(&InterfaceLine {
-                ts: rfc3339_micros(*ts),
-                event: "interface",
-                iface,
-                change,
+                ts: Ts(*ts),
+                event: Tag::Interface,
+                iface: iface.clone(),
+                change: change.clone(),
                 xdp_mode: *xdp_mode,
             }),
             Event::Policy(p) => self.line(&PolicyLine {
-                ts: rfc3339_micros(p.ts),
-                event: "policy",
-                change: &p.change,
-                by_uid: p.by_uid,
-                by_pid: p.by_pid,
+                ts: Ts(p.ts),
+                event: Tag::Policy,
+                change: p.change.clone(),
+                by_uid: p.by.uid,
+                by_pid: p.by.pid,
                 mode: p.mode,
                 rules: p.rules,
-            }),
-            Event::Suppressed { ts, count, total } => self.line(&LostLine {
-                ts: rfc3339_micros(*ts),
-                event: "suppressed",
-                count: *count,
-                total: *total,
             }),
         }
     }
@@ -205,7 +383,7 @@ impl<W: Write> Sink for JsonSink<W> {
 
     fn summary(&mut self, s: &Summary) -> io::Result<()> {
         self.line(&SummaryLine {
-            event: "summary",
+            event: Tag::Summary,
             events: s.events,
             lost: s.lost,
             malformed: s.malformed,
@@ -220,24 +398,26 @@ impl<W: Write> Sink for JsonSink<W> {
 #[cfg(test)]
 mod tests {
     use std::{
-        net::{IpAddr, Ipv6Addr},
+        net::{IpAddr, Ipv4Addr, Ipv6Addr},
         time::{Duration, UNIX_EPOCH},
     };
 
     use super::*;
-    use crate::model::{Listener, ListenerEvent, ProcessInfo, SockId};
 
-    #[test]
-    fn listener_line_has_the_documented_fields() {
-        let ev = Event::Listener(ListenerEvent {
-            ts: UNIX_EPOCH + Duration::from_micros(1_795_000_000_000_001),
+    fn ts() -> SystemTime {
+        UNIX_EPOCH + Duration::from_micros(1_795_000_000_000_001)
+    }
+
+    fn listener_event() -> Event {
+        Event::Listener(ListenerEvent {
+            ts: ts(),
             kind: EventKind::Close,
             origin: Origin::Snapshot,
             listener: Listener {
                 proto: Proto::Udp,
                 addr: IpAddr::V6(Ipv6Addr::UNSPECIFIED),
                 port: 5353,
-                sock_id: SockId::Cookie(7),
+                sock_id: SockId::Unknown,
                 netns: Some(4026531840),
                 process: ProcessInfo {
                     pid: Some(42),
@@ -248,12 +428,15 @@ mod tests {
                     cgroup: None,
                 },
             },
-            exposure: None,
-        });
-        let v: serde_json::Value =
-            serde_json::from_str(&to_json(&ev).expect("serialises")).expect("valid JSON");
-        assert_eq!(v["ts"], "2026-11-18T11:06:40.000001Z");
-        assert_eq!(v["event"], "close");
+            exposure: Some(Exposure::Partial),
+        })
+    }
+
+    #[test]
+    fn listener_line_has_the_documented_fields() {
+        let text = to_json(&listener_event()).expect("serialises");
+        assert!(text.starts_with("{\"ts\":\"2026-11-18T11:06:40.000001Z\",\"event\":\"close\""));
+        let v: serde_json::Value = serde_json::from_str(&text).expect("valid JSON");
         assert_eq!(v["origin"], "snapshot");
         assert_eq!(v["proto"], "udp");
         assert_eq!(v["family"], "ipv6");
@@ -265,39 +448,80 @@ mod tests {
         assert!(v["exe"].is_null());
         assert_eq!(v["cmdline"], "avahi-daemon -s");
         assert_eq!(v["netns"], 4026531840u64);
+        assert_eq!(v["exposure"], "partial");
     }
 
     #[test]
-    fn lost_and_summary_lines() {
-        let ev = Event::Lost {
-            ts: UNIX_EPOCH,
-            count: 3,
-            total: 10,
-        };
-        let v: serde_json::Value =
-            serde_json::from_str(&to_json(&ev).expect("serialises")).expect("valid JSON");
-        assert_eq!(
-            (
-                v["event"].as_str(),
-                v["count"].as_u64(),
-                v["total"].as_u64()
-            ),
-            (Some("lost"), Some(3), Some(10))
-        );
-
-        let mut sink = JsonSink::new(Vec::new());
-        sink.summary(&Summary {
+    fn every_line_reads_back_as_what_was_written() {
+        let events = [
+            listener_event(),
+            Event::Lost {
+                ts: ts(),
+                count: 3,
+                total: 10,
+            },
+            Event::Suppressed {
+                ts: ts(),
+                count: 1,
+                total: 2,
+            },
+            Event::Ready {
+                ts: ts(),
+                snapshot: 7,
+            },
+            Event::Drop(DropEvent {
+                ts: ts(),
+                iface: Some("eth0".into()),
+                reason: DropReason::NoRule,
+                proto: 47,
+                src: Some(IpAddr::V4(Ipv4Addr::new(203, 0, 113, 7))),
+                dst: None,
+                src_port: 0,
+                dst_port: 0,
+                audit: true,
+            }),
+            Event::Policy(PolicyEvent {
+                ts: ts(),
+                change: "allow tcp/8080".into(),
+                by: Requester {
+                    uid: Some(0),
+                    pid: None,
+                },
+                mode: Mode::Audit,
+                rules: 2,
+            }),
+            Event::Interface {
+                ts: ts(),
+                iface: "veth0".into(),
+                change: "attached".into(),
+                xdp_mode: Some(AttachedMode::Generic),
+            },
+        ];
+        for event in events {
+            let text = to_json(&event).expect("serialises");
+            assert_eq!(
+                parse_line(&text).map_err(|e| e.to_string()),
+                Ok(Line::Event(event.clone())),
+                "{text}"
+            );
+        }
+        let summary = Summary {
             events: 5,
             lost: 1,
             malformed: 0,
             listening: 2,
-            drops: 0,
-            suppressed: 0,
-        })
-        .expect("writes");
-        let v: serde_json::Value = serde_json::from_slice(&sink.out).expect("valid JSON");
-        assert_eq!(v["event"], "summary");
-        assert_eq!(v["events"], 5);
-        assert_eq!(v["lost"], 1);
+            drops: 3,
+            suppressed: 4,
+        };
+        let mut sink = JsonSink::new(Vec::new());
+        sink.summary(&summary).expect("writes");
+        let text = String::from_utf8_lossy(&sink.out).into_owned();
+        assert!(text.starts_with("{\"event\":\"summary\",\"events\":5,\"lost\":1"));
+        assert_eq!(
+            parse_line(text.trim_end()).map_err(|e| e.to_string()),
+            Ok(Line::Summary(summary))
+        );
+        assert!(parse_line("{\"event\":\"frobnicated\"}").is_err());
+        assert!(parse_line("not json").is_err());
     }
 }

@@ -8,6 +8,18 @@ use std::io;
 
 use crate::model::Event;
 
+/// How events are written: JSON Lines (as `--json` prints) or aligned
+/// text (as on a terminal).
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize,
+)]
+#[serde(rename_all = "snake_case")]
+pub enum Format {
+    #[default]
+    Json,
+    Human,
+}
+
 /// Totals reported when the stream ends.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Summary {
@@ -40,32 +52,6 @@ pub trait Sink {
     }
 }
 
-/// RFC 3339 UTC with microseconds, e.g. `2026-11-25T01:02:03.456789Z`.
-pub fn rfc3339_micros(ts: std::time::SystemTime) -> String {
-    let dt = time::OffsetDateTime::from(ts);
-    format!(
-        "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}.{:06}Z",
-        dt.year(),
-        u8::from(dt.month()),
-        dt.day(),
-        dt.hour(),
-        dt.minute(),
-        dt.second(),
-        dt.microsecond()
-    )
-}
-
-#[cfg(test)]
-mod tests {
-    use std::time::{Duration, UNIX_EPOCH};
-
-    #[test]
-    fn formats_rfc3339_with_micros() {
-        let ts = UNIX_EPOCH + Duration::from_micros(1_795_000_000_123_456);
-        assert_eq!(super::rfc3339_micros(ts), "2026-11-18T11:06:40.123456Z");
-    }
-}
-
 /// A writer whose bytes the owner takes out after each event: lets a sink
 /// render into memory for a subscriber of the control socket.
 #[derive(Clone, Default)]
@@ -84,6 +70,66 @@ impl io::Write for SharedBuf {
     }
 
     fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// A writer that passes on whole lines only, each batch in one call: on
+/// stderr, where env_logger writes too, a line cut in two by a log record
+/// would no longer be JSON.
+pub struct WholeLines<W: io::Write> {
+    out: W,
+    pending: Vec<u8>,
+}
+
+impl<W: io::Write> WholeLines<W> {
+    pub fn new(out: W) -> Self {
+        Self {
+            out,
+            pending: Vec::new(),
+        }
+    }
+
+    fn pass_on(&mut self, upto: usize) -> io::Result<()> {
+        let lines: Vec<u8> = self.pending.drain(..upto).collect();
+        // `Stderr::write_all` holds the stderr lock for the whole batch.
+        self.out.write_all(&lines)
+    }
+}
+
+impl<W: io::Write> io::Write for WholeLines<W> {
+    fn write(&mut self, data: &[u8]) -> io::Result<usize> {
+        self.pending.extend_from_slice(data);
+        if let Some(last) = self.pending.iter().rposition(|b| *b == b'\n') {
+            self.pass_on(last + 1)?;
+        }
+        Ok(data.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        if !self.pending.is_empty() {
+            self.pass_on(self.pending.len())?;
+        }
+        self.out.flush()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::Write as _;
+
+    use super::*;
+
+    #[test]
+    fn whole_lines_only() -> io::Result<()> {
+        let mut w = WholeLines::new(Vec::new());
+        w.write_all(b"{\"a\":")?;
+        assert!(w.out.is_empty());
+        w.write_all(b"1}\n{\"b\"")?;
+        assert_eq!(w.out, b"{\"a\":1}\n");
+        w.write_all(b":2}\n{\"c\":3}\n")?;
+        assert_eq!(w.out, b"{\"a\":1}\n{\"b\":2}\n{\"c\":3}\n");
+        assert!(w.pending.is_empty());
         Ok(())
     }
 }

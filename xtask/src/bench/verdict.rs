@@ -41,6 +41,8 @@ pub(super) fn kernel_worker(root: &Path) -> Result<PathBuf> {
         "portwatch",
         "--bench",
         "kernel_worker",
+        "--features",
+        "test-helpers",
         "--no-run",
         "--message-format=json-render-diagnostics",
     ])

@@ -1,0 +1,193 @@
+//! Attaching the guard to an interface: tc egress (the host's own UDP
+//! flows) first, then XDP (the verdicts). New links are pinned so that
+//! enforcement outlives the daemon; links a previous guard pinned are
+//! adopted with an atomic program swap.
+
+use aya::programs::{
+    SchedClassifier, TcAttachType, Xdp, XdpMode as AyaXdpMode,
+    links::{FdLink, PinnedLink},
+    tc::{self, SchedClassifierLink},
+    xdp::XdpLink,
+};
+use portwatch_common::prog;
+
+pub use crate::model::AttachedMode;
+
+use super::{pins::PinDir, program};
+use crate::{
+    error::{Error, Result, program_error},
+    iface::ifindex,
+};
+
+/// The XDP attach mode asked for.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum XdpMode {
+    /// Native (driver) mode, falling back to generic with a notice.
+    #[default]
+    Auto,
+    Native,
+    Generic,
+}
+
+/// How the guard sits on one interface.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Attached {
+    pub iface: String,
+    pub ifindex: u32,
+    pub xdp_mode: AttachedMode,
+}
+
+/// Attaches (or adopts) the guard on `iface`: tc egress first, then XDP.
+/// New links are pinned and also kept in `held` (the daemon's own
+/// reference while it runs).
+pub(crate) fn attach(
+    pins: &PinDir,
+    ebpf: &mut aya::Ebpf,
+    iface: &str,
+    mode: XdpMode,
+    held: &mut Vec<PinnedLink>,
+) -> Result<Attached> {
+    let ifindex = ifindex(iface)?;
+    attach_tc(pins, ebpf, iface, held)?;
+    let xdp_mode = attach_xdp(pins, ebpf, iface, mode, held)?;
+    Ok(Attached {
+        iface: iface.to_string(),
+        ifindex,
+        xdp_mode,
+    })
+}
+
+fn attach_tc(
+    pins: &PinDir,
+    ebpf: &mut aya::Ebpf,
+    iface: &str,
+    held: &mut Vec<PinnedLink>,
+) -> Result<()> {
+    let hint = "the guard records the host's own UDP flows with a tc egress program (CONFIG_NET_CLS_BPF, Linux 6.6+ for tcx or a clsact qdisc)";
+    let prog: &mut SchedClassifier = program(ebpf, prog::TC_EGRESS)?;
+    if prog.fd().is_err() {
+        prog.load()
+            .map_err(program_error("loading tc_egress".into(), hint))?;
+    }
+    let pin = pins.tc_link(iface);
+    if let Ok(old) = PinnedLink::from_pin(&pin) {
+        let link = SchedClassifierLink::try_from(FdLink::from(old)).map_err(|e| Error::Io {
+            what: format!("{} is not a tc link", pin.display()),
+            source: std::io::Error::other(e.to_string()),
+        })?;
+        prog.attach_to_link(link).map_err(program_error(
+            format!("replacing the tc program on {iface}"),
+            hint,
+        ))?;
+        return Ok(());
+    }
+    let id = match prog.attach(iface, TcAttachType::Egress) {
+        Ok(id) => id,
+        Err(first) => {
+            // Before tcx (Linux 6.6) the program hangs off a clsact qdisc.
+            if tc::qdisc_add_clsact(iface).is_err() {
+                return Err(program_error(
+                    format!("attaching tc egress to {iface}"),
+                    hint,
+                )(first));
+            }
+            prog.attach(iface, TcAttachType::Egress)
+                .map_err(program_error(
+                    format!("attaching tc egress to {iface}"),
+                    hint,
+                ))?
+        }
+    };
+    let link = prog.take_link(id).map_err(program_error(
+        format!("taking the tc link of {iface}"),
+        hint,
+    ))?;
+    match FdLink::try_from(link) {
+        Ok(fd_link) => {
+            held.push(fd_link.pin(&pin).map_err(|e| Error::Io {
+                what: format!("pinning the tc link at {}", pin.display()),
+                source: std::io::Error::other(e.to_string()),
+            })?);
+        }
+        Err(_) => log::warn!(
+            "{iface}: tc egress is attached through a qdisc (kernel before 6.6), which cannot be pinned: \
+                 replies to the host's UDP flows pass only while the daemon runs"
+        ),
+    }
+    Ok(())
+}
+
+fn attach_xdp(
+    pins: &PinDir,
+    ebpf: &mut aya::Ebpf,
+    iface: &str,
+    mode: XdpMode,
+    held: &mut Vec<PinnedLink>,
+) -> Result<AttachedMode> {
+    let hint = "the guard filters inbound packets with XDP (Linux 5.9+ for XDP links)";
+    let xdp: &mut Xdp = program(ebpf, prog::XDP_GUARD)?;
+    if xdp.fd().is_err() {
+        xdp.load()
+            .map_err(program_error("loading the XDP guard".into(), hint))?;
+    }
+    if let Some((pin, pinned_mode)) = pins.pinned_xdp(iface)
+        && let Ok(old) = PinnedLink::from_pin(&pin)
+    {
+        let link = XdpLink::try_from(FdLink::from(old)).map_err(|e| Error::Io {
+            what: format!("{} is not an XDP link", pin.display()),
+            source: std::io::Error::other(e.to_string()),
+        })?;
+        // Atomic: the interface is never without a program.
+        xdp.attach_to_link(link).map_err(program_error(
+            format!("replacing the XDP program on {iface}"),
+            hint,
+        ))?;
+        return Ok(pinned_mode);
+    }
+    let (id, mode) = match mode {
+        XdpMode::Native => (
+            xdp.attach(iface, AyaXdpMode::Driver)
+                .map_err(program_error(
+                    format!("attaching XDP in native mode to {iface}"),
+                    "the driver may not support native XDP: try --xdp-mode generic (or auto)",
+                ))?,
+            AttachedMode::Native,
+        ),
+        XdpMode::Generic => (
+            xdp.attach(iface, AyaXdpMode::Skb).map_err(program_error(
+                format!("attaching XDP in generic mode to {iface}"),
+                hint,
+            ))?,
+            AttachedMode::Generic,
+        ),
+        XdpMode::Auto => match xdp.attach(iface, AyaXdpMode::Driver) {
+            Ok(id) => (id, AttachedMode::Native),
+            Err(e) => {
+                log::warn!(
+                    "{iface}: native XDP failed ({e}); falling back to generic XDP (slower, same verdicts)"
+                );
+                (
+                    xdp.attach(iface, AyaXdpMode::Skb)
+                        .map_err(program_error(format!("attaching XDP to {iface}"), hint))?,
+                    AttachedMode::Generic,
+                )
+            }
+        },
+    };
+    let link = xdp.take_link(id).map_err(program_error(
+        format!("taking the XDP link of {iface}"),
+        hint,
+    ))?;
+    let fd_link = FdLink::try_from(link).map_err(|e| Error::Io {
+        what: format!(
+            "the XDP attachment of {iface} is not a bpf_link (Linux 5.9+ needed to pin it)"
+        ),
+        source: std::io::Error::other(e.to_string()),
+    })?;
+    let pin = pins.xdp_link(iface, mode.as_str());
+    held.push(fd_link.pin(&pin).map_err(|e| Error::Io {
+        what: format!("pinning the XDP link at {}", pin.display()),
+        source: std::io::Error::other(e.to_string()),
+    })?);
+    Ok(mode)
+}

@@ -1,0 +1,311 @@
+//! Turns ring-buffer bytes into typed records. Length-checked and field by
+//! field (no transmute): a short or unknown record is an error, never UB.
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+use bytes::Buf;
+use portwatch_common::{
+    AF_INET, AF_INET6, DropReport, IPPROTO_TCP, IPPROTO_UDP, ListenEvent, ListenKind,
+    drop_report_offsets as doff, listen_event_offsets as off,
+};
+
+use crate::model::{DropReason, EventKind, Proto, SockId};
+
+/// A listener event as the kernel reported it, before user space enrichment.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RawListen {
+    pub ts_ns: u64,
+    pub kind: EventKind,
+    pub proto: Proto,
+    pub addr: IpAddr,
+    pub port: u16,
+    pub sock_id: SockId,
+    pub tgid: u32,
+    pub tid: u32,
+    pub uid: u32,
+    pub comm: String,
+}
+
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+pub enum DecodeError {
+    #[error("record of {got} bytes is shorter than a listener event ({need} bytes)")]
+    Short { got: usize, need: usize },
+    #[error("unknown event kind {0}")]
+    Kind(u8),
+    #[error("unknown protocol {0}")]
+    Proto(u8),
+    #[error("unknown address family {0}")]
+    Family(u16),
+    #[error("unknown drop reason {0}")]
+    Reason(u8),
+}
+
+/// Decodes one `ListenEvent` record (native byte order, as the kernel wrote it).
+pub fn decode_listen(record: &[u8]) -> Result<RawListen, DecodeError> {
+    if record.len() < ListenEvent::SIZE {
+        return Err(DecodeError::Short {
+            got: record.len(),
+            need: ListenEvent::SIZE,
+        });
+    }
+    let u64_at = |o: usize| (&record[o..o + 8]).get_u64_ne();
+    let u32_at = |o: usize| (&record[o..o + 4]).get_u32_ne();
+    let u16_at = |o: usize| (&record[o..o + 2]).get_u16_ne();
+
+    let kind = match ListenKind::from_u8(record[off::KIND]) {
+        Some(ListenKind::Listen) => EventKind::Listen,
+        Some(ListenKind::Close) => EventKind::Close,
+        None => return Err(DecodeError::Kind(record[off::KIND])),
+    };
+    let proto = match record[off::PROTO] {
+        IPPROTO_TCP => Proto::Tcp,
+        IPPROTO_UDP => Proto::Udp,
+        other => return Err(DecodeError::Proto(other)),
+    };
+    let raw_addr = &record[off::ADDR..off::ADDR + 16];
+    let addr = match u16_at(off::FAMILY) {
+        AF_INET => IpAddr::V4(Ipv4Addr::new(
+            raw_addr[0],
+            raw_addr[1],
+            raw_addr[2],
+            raw_addr[3],
+        )),
+        AF_INET6 => {
+            let mut octets = [0u8; 16];
+            octets.copy_from_slice(raw_addr);
+            IpAddr::V6(Ipv6Addr::from(octets))
+        }
+        other => return Err(DecodeError::Family(other)),
+    };
+    let raw_id = u64_at(off::SOCK_ID);
+    let sock_id = match proto {
+        Proto::Tcp => SockId::KernelAddr(raw_id),
+        Proto::Udp => SockId::Cookie(raw_id),
+    };
+    Ok(RawListen {
+        ts_ns: u64_at(off::TS_NS),
+        kind,
+        proto,
+        addr,
+        port: u16_at(off::PORT),
+        sock_id,
+        tgid: u32_at(off::TGID),
+        tid: u32_at(off::TID),
+        uid: u32_at(off::UID),
+        comm: c_string(&record[off::COMM..off::COMM + 16]),
+    })
+}
+
+/// A drop report as the kernel wrote it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RawDrop {
+    pub ts_ns: u64,
+    pub ifindex: u32,
+    pub reason: DropReason,
+    pub proto: u8,
+    /// None for frames without IP addresses (a malformed frame).
+    pub src: Option<IpAddr>,
+    pub dst: Option<IpAddr>,
+    pub src_port: u16,
+    pub dst_port: u16,
+    pub audit: bool,
+}
+
+/// Decodes one `DropReport` record.
+pub fn decode_drop(record: &[u8]) -> Result<RawDrop, DecodeError> {
+    if record.len() < DropReport::SIZE {
+        return Err(DecodeError::Short {
+            got: record.len(),
+            need: DropReport::SIZE,
+        });
+    }
+    let reason = match portwatch_common::DropReason::from_u8(record[doff::REASON]) {
+        Some(portwatch_common::DropReason::NoRule) => DropReason::NoRule,
+        Some(portwatch_common::DropReason::Source) => DropReason::SourceNotAllowed,
+        Some(portwatch_common::DropReason::Malformed) => DropReason::Malformed,
+        Some(portwatch_common::DropReason::Fragment) => DropReason::Fragment,
+        None => return Err(DecodeError::Reason(record[doff::REASON])),
+    };
+    let addr = |at: usize| -> Option<IpAddr> {
+        let raw = &record[at..at + 16];
+        match u16::from(record[doff::FAMILY]) {
+            AF_INET => Some(IpAddr::V4(Ipv4Addr::new(raw[0], raw[1], raw[2], raw[3]))),
+            AF_INET6 => {
+                let mut octets = [0u8; 16];
+                octets.copy_from_slice(raw);
+                Some(IpAddr::V6(Ipv6Addr::from(octets)))
+            }
+            _ => None,
+        }
+    };
+    Ok(RawDrop {
+        ts_ns: (&record[doff::TS_NS..doff::TS_NS + 8]).get_u64_ne(),
+        ifindex: (&record[doff::IFINDEX..doff::IFINDEX + 4]).get_u32_ne(),
+        reason,
+        proto: record[doff::PROTO],
+        src: addr(doff::SRC),
+        dst: addr(doff::DST),
+        src_port: (&record[doff::SRC_PORT..doff::SRC_PORT + 2]).get_u16_ne(),
+        dst_port: (&record[doff::DST_PORT..doff::DST_PORT + 2]).get_u16_ne(),
+        audit: record[doff::AUDIT] != 0,
+    })
+}
+
+/// A NUL-padded kernel string, lossily as UTF-8.
+fn c_string(bytes: &[u8]) -> String {
+    let end = bytes.iter().position(|&b| b == 0).unwrap_or(bytes.len());
+    String::from_utf8_lossy(&bytes[..end]).into_owned()
+}
+
+/// Builds a record exactly as the kernel lays it out; for tests, benches
+/// and the fuzz checks.
+#[cfg(any(test, feature = "test-helpers", feature = "fuzzing"))]
+pub fn encode_listen(ev: &ListenEvent) -> Vec<u8> {
+    let mut out = vec![0u8; ListenEvent::SIZE];
+    out[off::TS_NS..off::TS_NS + 8].copy_from_slice(&ev.ts_ns.to_ne_bytes());
+    out[off::SOCK_ID..off::SOCK_ID + 8].copy_from_slice(&ev.sock_id.to_ne_bytes());
+    out[off::TGID..off::TGID + 4].copy_from_slice(&ev.tgid.to_ne_bytes());
+    out[off::TID..off::TID + 4].copy_from_slice(&ev.tid.to_ne_bytes());
+    out[off::UID..off::UID + 4].copy_from_slice(&ev.uid.to_ne_bytes());
+    out[off::PORT..off::PORT + 2].copy_from_slice(&ev.port.to_ne_bytes());
+    out[off::FAMILY..off::FAMILY + 2].copy_from_slice(&ev.family.to_ne_bytes());
+    out[off::PROTO] = ev.proto;
+    out[off::KIND] = ev.kind;
+    out[off::ADDR..off::ADDR + 16].copy_from_slice(&ev.addr);
+    out[off::COMM..off::COMM + 16].copy_from_slice(&ev.comm);
+    out
+}
+
+/// A `DropReport` record as the kernel lays it out (native byte order).
+#[cfg(any(test, feature = "test-helpers", feature = "fuzzing"))]
+pub fn encode_drop(r: &DropReport) -> Vec<u8> {
+    let mut out = vec![0u8; DropReport::SIZE];
+    let mut put = |at: usize, bytes: &[u8]| {
+        if let Some(dst) = out.get_mut(at..at + bytes.len()) {
+            dst.copy_from_slice(bytes);
+        }
+    };
+    put(doff::TS_NS, &r.ts_ns.to_ne_bytes());
+    put(doff::IFINDEX, &r.ifindex.to_ne_bytes());
+    put(doff::REASON, &[r.reason]);
+    put(doff::PROTO, &[r.proto]);
+    put(doff::FAMILY, &[r.family]);
+    put(doff::AUDIT, &[r.audit]);
+    put(doff::SRC_PORT, &r.src_port.to_ne_bytes());
+    put(doff::DST_PORT, &r.dst_port.to_ne_bytes());
+    put(doff::SRC, &r.src);
+    put(doff::DST, &r.dst);
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn decodes_drop_reports() {
+        let mut rec = vec![0u8; DropReport::SIZE];
+        rec[doff::REASON] = 2;
+        rec[doff::PROTO] = IPPROTO_TCP;
+        rec[doff::FAMILY] = AF_INET as u8;
+        rec[doff::AUDIT] = 1;
+        rec[doff::IFINDEX..doff::IFINDEX + 4].copy_from_slice(&7u32.to_ne_bytes());
+        rec[doff::SRC_PORT..doff::SRC_PORT + 2].copy_from_slice(&40000u16.to_ne_bytes());
+        rec[doff::DST_PORT..doff::DST_PORT + 2].copy_from_slice(&6379u16.to_ne_bytes());
+        rec[doff::SRC..doff::SRC + 4].copy_from_slice(&[203, 0, 113, 7]);
+        let d = decode_drop(&rec).expect("valid");
+        assert_eq!(d.reason, DropReason::SourceNotAllowed);
+        assert_eq!(d.src, Some(IpAddr::V4(Ipv4Addr::new(203, 0, 113, 7))));
+        assert_eq!(
+            (d.src_port, d.dst_port, d.ifindex, d.audit),
+            (40000, 6379, 7, true)
+        );
+        rec[doff::REASON] = 0;
+        assert_eq!(decode_drop(&rec), Err(DecodeError::Reason(0)));
+        assert!(matches!(
+            decode_drop(&rec[..10]),
+            Err(DecodeError::Short { .. })
+        ));
+    }
+
+    fn sample() -> ListenEvent {
+        let mut comm = [0u8; 16];
+        comm[..7].copy_from_slice(b"python3");
+        let mut addr = [0u8; 16];
+        addr[..4].copy_from_slice(&[127, 0, 0, 1]);
+        ListenEvent {
+            ts_ns: 123_456_789,
+            sock_id: 0xffff_8880_1234_5678,
+            tgid: 4242,
+            tid: 4243,
+            uid: 1000,
+            port: 8765,
+            family: AF_INET,
+            proto: IPPROTO_TCP,
+            kind: ListenKind::Listen as u8,
+            _pad: [0; 6],
+            addr,
+            comm,
+        }
+    }
+
+    #[test]
+    fn decodes_every_field() {
+        let raw = decode_listen(&encode_listen(&sample())).expect("valid record");
+        assert_eq!(raw.ts_ns, 123_456_789);
+        assert_eq!(raw.kind, EventKind::Listen);
+        assert_eq!(raw.proto, Proto::Tcp);
+        assert_eq!(raw.addr, IpAddr::V4(Ipv4Addr::LOCALHOST));
+        assert_eq!(raw.port, 8765);
+        assert_eq!(raw.sock_id, SockId::KernelAddr(0xffff_8880_1234_5678));
+        assert_eq!((raw.tgid, raw.tid, raw.uid), (4242, 4243, 1000));
+        assert_eq!(raw.comm, "python3");
+    }
+
+    #[test]
+    fn decodes_ipv6_udp_close_with_cookie() {
+        let mut ev = sample();
+        ev.family = AF_INET6;
+        ev.proto = IPPROTO_UDP;
+        ev.kind = ListenKind::Close as u8;
+        ev.addr = Ipv6Addr::LOCALHOST.octets();
+        ev.comm = [b'x'; 16]; // no NUL at all: all 16 bytes are the name
+        let raw = decode_listen(&encode_listen(&ev)).expect("valid record");
+        assert_eq!(raw.kind, EventKind::Close);
+        assert_eq!(raw.addr, IpAddr::V6(Ipv6Addr::LOCALHOST));
+        assert_eq!(raw.sock_id, SockId::Cookie(0xffff_8880_1234_5678));
+        assert_eq!(raw.comm, "x".repeat(16));
+    }
+
+    #[test]
+    fn rejects_short_and_unknown_records() {
+        let bytes = encode_listen(&sample());
+        for len in [0, 1, ListenEvent::SIZE - 1] {
+            assert_eq!(
+                decode_listen(&bytes[..len]),
+                Err(DecodeError::Short {
+                    got: len,
+                    need: ListenEvent::SIZE
+                })
+            );
+        }
+        let mut bad = sample();
+        bad.kind = 9;
+        assert_eq!(
+            decode_listen(&encode_listen(&bad)),
+            Err(DecodeError::Kind(9))
+        );
+        let mut bad = sample();
+        bad.proto = 1;
+        assert_eq!(
+            decode_listen(&encode_listen(&bad)),
+            Err(DecodeError::Proto(1))
+        );
+        let mut bad = sample();
+        bad.family = 1;
+        assert_eq!(
+            decode_listen(&encode_listen(&bad)),
+            Err(DecodeError::Family(1))
+        );
+    }
+}

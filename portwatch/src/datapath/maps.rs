@@ -1,0 +1,290 @@
+//! Typed wrappers over the kernel maps: nothing else touches raw aya maps,
+//! and only this module writes them (its writers are `pub(crate)`, used by
+//! the guard's actor alone, and by the test helpers behind `test-helpers`).
+
+use aya::{
+    Ebpf,
+    maps::{MapData, PerCpuArray, RingBuf},
+};
+use portwatch_common::{MonitorStat, map};
+
+use crate::error::{Error, Result};
+
+fn take<T>(ebpf: &mut Ebpf, name: &'static str) -> Result<T>
+where
+    T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>,
+{
+    let map = ebpf
+        .take_map(name)
+        .ok_or(Error::Missing { kind: "map", name })?;
+    T::try_from(map).map_err(|source| Error::Map { name, source })
+}
+
+/// A ring buffer by name.
+pub(crate) fn ring(ebpf: &mut Ebpf, name: &'static str) -> Result<RingBuf<MapData>> {
+    take(ebpf, name)
+}
+
+/// Kernel-side counters of the monitor, summed over CPUs.
+pub struct MonitorStats {
+    map: PerCpuArray<MapData, u64>,
+}
+
+impl MonitorStats {
+    pub fn open(ebpf: &mut Ebpf) -> Result<Self> {
+        Ok(Self {
+            map: take(ebpf, map::MONITOR_STATS)?,
+        })
+    }
+
+    pub fn get(&self, stat: MonitorStat) -> u64 {
+        self.map
+            .get(&(stat as u32), 0)
+            .map(|per_cpu| per_cpu.iter().sum())
+            .unwrap_or(0)
+    }
+}
+
+// ---------------------------------------------------------------------------
+// The guard's maps.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    time::Duration,
+};
+
+#[cfg(feature = "test-helpers")]
+use aya::maps::HashMap as BpfHashMap;
+use aya::maps::{
+    Array, PerCpuHashMap,
+    lpm_trie::{Key, LpmTrie},
+};
+#[cfg(feature = "test-helpers")]
+use portwatch_common::{FlowKey, FragKey, FragVerdict};
+use portwatch_common::{
+    GUARD_AUDIT, GUARD_STATS_LEN, GuardConfig, GuardStat, PortCounters, SRC4_KEY_LEN, SRC6_KEY_LEN,
+};
+
+use crate::model::Mode;
+
+/// Everything the policy puts into the kernel, as plain values: what
+/// `install` writes, and what a diff compares.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct MapImage {
+    /// `port_slot` -> `RULE_*` bits (absent = 0, no rule).
+    pub ports: BTreeMap<u32, u32>,
+    pub src4: BTreeSet<(u32, [u8; SRC4_KEY_LEN])>,
+    pub src6: BTreeSet<(u32, [u8; SRC6_KEY_LEN])>,
+}
+
+/// Guard-wide counters summed over CPUs, indexed like `GuardStat`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct GuardTotals(pub [u64; GUARD_STATS_LEN as usize]);
+
+impl GuardTotals {
+    pub fn get(&self, stat: GuardStat) -> u64 {
+        self.0[stat as usize]
+    }
+}
+
+/// The guard's runtime settings, as `GUARD_CONFIG` holds them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct GuardSettings {
+    pub mode: Mode,
+    /// Drop reports per second per CPU; twice as many may come at once.
+    pub report_rate: u32,
+    /// How long an outbound UDP flow admits replies after its last packet.
+    pub flow_timeout: Duration,
+}
+
+impl GuardSettings {
+    /// The one place the mode becomes the kernel's flags.
+    pub fn config(&self) -> GuardConfig {
+        GuardConfig {
+            flags: if self.mode == Mode::Audit {
+                GUARD_AUDIT
+            } else {
+                0
+            },
+            report_rate: self.report_rate,
+            report_burst: self.report_rate.max(1).saturating_mul(2),
+            _pad: 0,
+            flow_timeout_ns: u64::try_from(self.flow_timeout.as_nanos()).unwrap_or(u64::MAX),
+        }
+    }
+}
+
+pub struct GuardMaps {
+    config: Array<MapData, GuardConfig>,
+    ports: Array<MapData, u32>,
+    src4: LpmTrie<MapData, [u8; SRC4_KEY_LEN], u8>,
+    src6: LpmTrie<MapData, [u8; SRC6_KEY_LEN], u8>,
+    /// Written only by tests (crafted flow and fragment state).
+    #[cfg(feature = "test-helpers")]
+    flows: BpfHashMap<MapData, FlowKey, u64>,
+    #[cfg(feature = "test-helpers")]
+    frags: BpfHashMap<MapData, FragKey, FragVerdict>,
+    counters: PerCpuHashMap<MapData, u32, PortCounters>,
+    stats: PerCpuArray<MapData, u64>,
+}
+
+fn map_err(name: &'static str) -> impl Fn(aya::maps::MapError) -> Error {
+    move |source| Error::Map { name, source }
+}
+
+impl GuardMaps {
+    pub(crate) fn open(ebpf: &mut Ebpf) -> Result<Self> {
+        Ok(Self {
+            config: take(ebpf, map::GUARD_CONFIG)?,
+            ports: take(ebpf, map::POLICY_PORTS)?,
+            src4: take(ebpf, map::POLICY_SRC4)?,
+            src6: take(ebpf, map::POLICY_SRC6)?,
+            #[cfg(feature = "test-helpers")]
+            flows: take(ebpf, map::FLOWS)?,
+            #[cfg(feature = "test-helpers")]
+            frags: take(ebpf, map::FRAGS)?,
+            counters: take(ebpf, map::PORT_COUNTERS)?,
+            stats: take(ebpf, map::GUARD_STATS)?,
+        })
+    }
+
+    fn set_config(&mut self, config: GuardConfig) -> Result<()> {
+        self.config
+            .set(0, config, 0)
+            .map_err(map_err(map::GUARD_CONFIG))
+    }
+
+    /// Moves the guard from `old` (what the maps hold) to `new` under
+    /// `settings`, so that nothing both permit is dropped in between: into
+    /// audit mode the flag goes first (nothing drops while ports change),
+    /// into enforce mode last (everything permitted is in place before
+    /// anything drops). The only path by which a policy reaches the kernel.
+    pub(crate) fn install(
+        &mut self,
+        old: &MapImage,
+        new: &MapImage,
+        settings: &GuardSettings,
+    ) -> Result<()> {
+        let config = settings.config();
+        if settings.mode == Mode::Audit {
+            self.set_config(config)?;
+            self.apply(old, new)
+        } else {
+            self.apply(old, new)?;
+            self.set_config(config)
+        }
+    }
+
+    /// Moves the maps from `old` to `new` so that no packet the two have in
+    /// common to permit is ever dropped in between: sources are added before
+    /// a port starts to rely on them, ports are opened before anything is
+    /// closed, and sources go last.
+    fn apply(&mut self, old: &MapImage, new: &MapImage) -> Result<()> {
+        for (prefix, data) in new.src4.difference(&old.src4) {
+            self.src4
+                .insert(&Key::new(*prefix, *data), 1, 0)
+                .map_err(map_err(map::POLICY_SRC4))?;
+        }
+        for (prefix, data) in new.src6.difference(&old.src6) {
+            self.src6
+                .insert(&Key::new(*prefix, *data), 1, 0)
+                .map_err(map_err(map::POLICY_SRC6))?;
+        }
+        for (slot, bits) in &new.ports {
+            if old.ports.get(slot) != Some(bits) {
+                self.ports
+                    .set(*slot, *bits, 0)
+                    .map_err(map_err(map::POLICY_PORTS))?;
+            }
+        }
+        for slot in old.ports.keys().filter(|s| !new.ports.contains_key(s)) {
+            self.ports
+                .set(*slot, 0, 0)
+                .map_err(map_err(map::POLICY_PORTS))?;
+        }
+        for (prefix, data) in old.src4.difference(&new.src4) {
+            self.src4
+                .remove(&Key::new(*prefix, *data))
+                .map_err(map_err(map::POLICY_SRC4))?;
+        }
+        for (prefix, data) in old.src6.difference(&new.src6) {
+            self.src6
+                .remove(&Key::new(*prefix, *data))
+                .map_err(map_err(map::POLICY_SRC6))?;
+        }
+        Ok(())
+    }
+
+    /// What the maps hold now (for a diff against a policy, e.g. when
+    /// adopting a datapath another process set up).
+    pub fn read_image(&self) -> Result<MapImage> {
+        let mut image = MapImage::default();
+        for (slot, bits) in self.ports.iter().enumerate() {
+            let bits = bits.map_err(map_err(map::POLICY_PORTS))?;
+            if bits != 0 {
+                image.ports.insert(slot as u32, bits);
+            }
+        }
+        for key in self.src4.keys() {
+            let key = key.map_err(map_err(map::POLICY_SRC4))?;
+            image.src4.insert((key.prefix_len(), key.data()));
+        }
+        for key in self.src6.keys() {
+            let key = key.map_err(map_err(map::POLICY_SRC6))?;
+            image.src6.insert((key.prefix_len(), key.data()));
+        }
+        Ok(image)
+    }
+
+    /// Records an outbound flow as the tc program would (tests, benches).
+    #[cfg(feature = "test-helpers")]
+    pub fn record_flow(&mut self, key: FlowKey, monotonic_ns: u64) -> Result<()> {
+        self.flows
+            .insert(key, monotonic_ns, 0)
+            .map_err(map_err(map::FLOWS))
+    }
+
+    /// Forgets every recorded flow and first fragment (tests that want each
+    /// case to start from empty state).
+    #[cfg(feature = "test-helpers")]
+    pub fn clear_flows_and_fragments(&mut self) -> Result<()> {
+        let flows: Vec<FlowKey> = self.flows.keys().filter_map(|k| k.ok()).collect();
+        for key in flows {
+            let _ = self.flows.remove(&key);
+        }
+        let frags: Vec<FragKey> = self.frags.keys().filter_map(|k| k.ok()).collect();
+        for key in frags {
+            let _ = self.frags.remove(&key);
+        }
+        Ok(())
+    }
+
+    /// Packets and bytes per (protocol, port), summed over CPUs.
+    pub fn port_counters(&self) -> BTreeMap<u32, PortCounters> {
+        let mut out = BTreeMap::new();
+        for entry in self.counters.iter().flatten() {
+            let (key, per_cpu) = entry;
+            let total = per_cpu.iter().fold(PortCounters::default(), |mut acc, c| {
+                acc.pass_packets += c.pass_packets;
+                acc.pass_bytes += c.pass_bytes;
+                acc.drop_packets += c.drop_packets;
+                acc.drop_bytes += c.drop_bytes;
+                acc
+            });
+            out.insert(key, total);
+        }
+        out
+    }
+
+    pub fn totals(&self) -> GuardTotals {
+        let mut totals = GuardTotals::default();
+        for (i, slot) in totals.0.iter_mut().enumerate() {
+            *slot = self
+                .stats
+                .get(&(i as u32), 0)
+                .map(|per_cpu| per_cpu.iter().sum())
+                .unwrap_or(0);
+        }
+        totals
+    }
+}

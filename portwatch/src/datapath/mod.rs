@@ -1,0 +1,256 @@
+//! The datapath: everything that touches the kernel's BPF objects, below
+//! every other layer. It loads the embedded object ([`Datapath`]), attaches
+//! the monitor and the guard ([`attach`]), pins what must outlive the
+//! daemon ([`pins`]), reads the ring buffers ([`ring`]) and decodes their
+//! records ([`decode`]), and owns every map handle ([`maps`]: the only code
+//! that writes a map). Dropping the `Datapath` detaches every hook that is
+//! not pinned: links are file descriptors.
+
+pub mod attach;
+pub mod decode;
+pub mod maps;
+pub mod pins;
+pub mod ring;
+#[cfg(feature = "test-helpers")]
+pub mod testing;
+
+use std::fs::File;
+
+use aya::{
+    Ebpf, EbpfLoader,
+    programs::{CgroupAttachMode, CgroupSock, TracePoint},
+};
+use portwatch_common::{map, prog};
+use tokio::io::{Interest, unix::AsyncFd};
+
+use self::{
+    attach::{Attached, XdpMode},
+    maps::{GuardMaps, MonitorStats},
+    pins::{PINNED_MAPS, PinDir},
+    ring::RingReader,
+};
+use crate::{
+    error::{Error, Result, program_error},
+    sys,
+};
+
+/// A program of the object by name, as its concrete type.
+pub(crate) fn program<'a, T>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut T>
+where
+    &'a mut T: TryFrom<&'a mut aya::programs::Program, Error = aya::programs::ProgramError>,
+{
+    ebpf.program_mut(name)
+        .ok_or(Error::Missing {
+            kind: "program",
+            name,
+        })?
+        .try_into()
+        .map_err(program_error(format!("the program `{name}`"), ""))
+}
+
+/// The kernel object built by build.rs from portwatch-ebpf: the monitor's
+/// and the guard's programs, nothing else.
+pub(crate) static PROGRAMS: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/portwatch"));
+
+/// What the event loop reads of the monitor: its ring buffer and counters.
+pub struct MonitorFeed {
+    pub events: RingReader,
+    pub stats: MonitorStats,
+}
+
+pub struct Datapath {
+    ebpf: Ebpf,
+    /// Taken by the event loop (`take_monitor_feed`).
+    feed: Option<MonitorFeed>,
+    /// Forwards kernel log records to the `log` crate; aborted on drop.
+    logger: Option<tokio::task::JoinHandle<()>>,
+    /// The guard's pinned links, held while the daemon runs.
+    held_links: Vec<aya::programs::links::PinnedLink>,
+}
+
+impl Datapath {
+    /// Checks the system, loads the object and opens the event reader. No
+    /// hook is attached yet.
+    pub fn load() -> Result<Self> {
+        Self::load_with_pins(None)
+    }
+
+    /// Like `load`, with the guard's maps pinned in `pins` (opened from there
+    /// when a previous guard left them).
+    pub fn load_with_pins(pins: Option<&PinDir>) -> Result<Self> {
+        sys::check_privileges()?;
+        sys::ensure_pseudo_filesystems()?;
+        raise_memlock_limit();
+        let mut loader = EbpfLoader::new();
+        let paths: Vec<(&str, std::path::PathBuf)> = match pins {
+            Some(pins) => {
+                pins.create()?;
+                PINNED_MAPS
+                    .iter()
+                    .map(|name| (*name, pins.map(name)))
+                    .collect()
+            }
+            None => Vec::new(),
+        };
+        for (name, path) in &paths {
+            loader.map_pin_path(name, path.as_path());
+        }
+        let mut ebpf = loader.load(PROGRAMS)?;
+        let events =
+            RingReader::new(maps::ring(&mut ebpf, map::EVENTS)?).map_err(|source| Error::Io {
+                what: "registering the event ring buffer with the runtime".into(),
+                source,
+            })?;
+        let stats = MonitorStats::open(&mut ebpf)?;
+        let logger = match aya_log::EbpfLogger::init(&mut ebpf) {
+            Ok(logger) => Some(tokio::spawn(forward_kernel_logs(logger))),
+            Err(e) => {
+                log::warn!("kernel-side log messages are unavailable: {e}");
+                None
+            }
+        };
+        Ok(Self {
+            ebpf,
+            feed: Some(MonitorFeed { events, stats }),
+            logger,
+            held_links: Vec::new(),
+        })
+    }
+
+    /// The monitor's ring buffer and counters, for the event loop; None
+    /// once taken.
+    pub fn take_monitor_feed(&mut self) -> Option<MonitorFeed> {
+        self.feed.take()
+    }
+
+    /// Attaches the TCP tracepoint and the UDP cgroup hooks.
+    pub fn attach_monitor(&mut self) -> Result<()> {
+        let tp: &mut TracePoint = program(&mut self.ebpf, prog::INET_SOCK_SET_STATE)?;
+        let tp_hint =
+            "TCP listeners are seen through this tracepoint (Linux 4.16+, CONFIG_TRACEPOINTS)";
+        tp.load().map_err(program_error(
+            "loading the tracepoint program".into(),
+            tp_hint,
+        ))?;
+        tp.attach("sock", "inet_sock_set_state")
+            .map_err(program_error(
+                "attaching to tracepoint sock/inet_sock_set_state".into(),
+                tp_hint,
+            ))?;
+
+        let root = sys::cgroup2_root()?;
+        let cg_hint =
+            "UDP binds are seen through cgroup socket hooks (Linux 4.17+, CONFIG_CGROUP_BPF)";
+        for name in [prog::POST_BIND4, prog::POST_BIND6, prog::SOCK_RELEASE] {
+            let cgroup = File::open(&root).map_err(|source| Error::CgroupOpen {
+                path: root.clone(),
+                source,
+            })?;
+            let prog: &mut CgroupSock = program(&mut self.ebpf, name)?;
+            prog.load()
+                .map_err(program_error(format!("loading cgroup/{name}"), cg_hint))?;
+            // aya attaches through bpf_link (Linux 5.7+), which takes no flags and
+            // always coexists with programs others attach there.
+            prog.attach(cgroup, CgroupAttachMode::Single)
+                .map_err(program_error(
+                    format!("attaching cgroup/{name} at {}", root.display()),
+                    cg_hint,
+                ))?;
+        }
+        Ok(())
+    }
+}
+
+impl Datapath {
+    /// The guard's maps and its drop-report reader (registered before the
+    /// guard attaches).
+    pub fn guard_maps(&mut self) -> Result<(GuardMaps, RingReader)> {
+        let maps = GuardMaps::open(&mut self.ebpf)?;
+        let drops = RingReader::new(maps::ring(&mut self.ebpf, map::DROPS)?).map_err(|source| {
+            Error::Io {
+                what: "registering the drop report ring buffer with the runtime".into(),
+                source,
+            }
+        })?;
+        Ok((maps, drops))
+    }
+
+    /// Attaches the guard (tc egress, then XDP) to one interface, or
+    /// adopts the links a previous guard pinned there.
+    pub fn attach_guard(&mut self, pins: &PinDir, iface: &str, mode: XdpMode) -> Result<Attached> {
+        attach::attach(pins, &mut self.ebpf, iface, mode, &mut self.held_links)
+    }
+}
+
+impl Drop for Datapath {
+    fn drop(&mut self) {
+        if let Some(task) = self.logger.take() {
+            task.abort();
+        }
+    }
+}
+
+/// Sleeps until the kernel logs something, then hands it to env_logger.
+async fn forward_kernel_logs(logger: aya_log::EbpfLogger<&'static dyn log::Log>) {
+    // SAFETY: the logger owns its ring buffer fd, which stays open and the
+    // same until the AsyncFd (which owns the logger) is dropped.
+    let mut fd = match unsafe { AsyncFd::register_with_interest(logger, Interest::READABLE) } {
+        Ok(fd) => fd,
+        Err(e) => {
+            log::warn!("kernel-side log messages are unavailable: {e}");
+            return;
+        }
+    };
+    while let Ok(mut guard) = fd.readable_mut().await {
+        guard.get_inner_mut().flush();
+        guard.clear_ready();
+    }
+}
+
+/// Kernels before 5.11 charge BPF memory to RLIMIT_MEMLOCK; lift it so loads
+/// do not fail there. Newer kernels ignore it.
+fn raise_memlock_limit() {
+    let unlimited = libc::rlimit {
+        rlim_cur: libc::RLIM_INFINITY,
+        rlim_max: libc::RLIM_INFINITY,
+    };
+    // SAFETY: setrlimit reads a valid, initialised rlimit struct.
+    let ret = unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &unlimited) };
+    if ret != 0 {
+        log::debug!(
+            "could not raise RLIMIT_MEMLOCK: {}",
+            std::io::Error::last_os_error()
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeSet;
+
+    use super::*;
+
+    /// The shipped object holds exactly the programs and maps portwatch
+    /// names in `portwatch_common` (and aya-log's), and says its licence.
+    #[test]
+    fn the_object_matches_the_names_user_space_uses() -> Result<(), aya_obj::ParseError> {
+        let obj = aya_obj::Object::parse(PROGRAMS)?;
+        let programs: BTreeSet<&str> = obj.programs.keys().map(String::as_str).collect();
+        let expected: BTreeSet<&str> = prog::ALL.iter().copied().collect();
+        assert_eq!(programs, expected, "no benchmark program is shipped");
+        let maps: BTreeSet<&str> = obj
+            .maps
+            .keys()
+            .map(String::as_str)
+            .filter(|m| !m.starts_with("AYA_LOG") && !m.starts_with('.'))
+            .collect();
+        let expected: BTreeSet<&str> = map::ALL.iter().copied().collect();
+        assert_eq!(maps, expected);
+        for name in PINNED_MAPS {
+            assert!(map::ALL.contains(name), "{name}");
+        }
+        assert_eq!(obj.license.to_str().ok(), Some("Dual MIT/GPL"));
+        Ok(())
+    }
+}

@@ -1,0 +1,168 @@
+//! The pinned datapath: the guard's maps and links live under a bpffs
+//! directory (default /sys/fs/bpf/portwatch), so enforcement outlives the
+//! daemon: a restart, a crash or `kill -9` leaves the XDP program attached
+//! with its policy. A new guard adopts what it finds: it swaps its own
+//! programs into the existing links (bpf_link_update, atomic) and moves the
+//! pinned maps to its policy with a diff.
+//!
+//! Pins live as long as the bpffs they are on: they do not survive a reboot
+//! (the service starts again), nor a bpffs mounted privately by a short-lived
+//! mount namespace (`ip netns exec`).
+
+use std::{
+    fs,
+    path::{Path, PathBuf},
+};
+
+use aya::programs::links::PinnedLink;
+use portwatch_common::map;
+
+use super::attach::AttachedMode;
+use crate::error::{Error, Result};
+
+pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/portwatch";
+
+/// The guard's maps that are pinned: policy, mode, flow and fragment state,
+/// counters. The drop-report ring buffer and the report rate limit are not:
+/// they belong to the running daemon.
+pub const PINNED_MAPS: &[&str] = &[
+    map::GUARD_CONFIG,
+    map::POLICY_PORTS,
+    map::POLICY_SRC4,
+    map::POLICY_SRC6,
+    map::FLOWS,
+    map::FRAGS,
+    map::PORT_COUNTERS,
+    map::GUARD_STATS,
+];
+
+#[derive(Clone, Debug)]
+pub struct PinDir {
+    pub root: PathBuf,
+}
+
+fn io(what: String) -> impl FnOnce(std::io::Error) -> Error {
+    move |source| Error::Io { what, source }
+}
+
+impl PinDir {
+    pub fn new(root: &Path) -> Self {
+        Self {
+            root: root.to_path_buf(),
+        }
+    }
+
+    pub fn map(&self, name: &str) -> PathBuf {
+        self.root.join(name)
+    }
+
+    pub(crate) fn links(&self) -> PathBuf {
+        self.root.join("links")
+    }
+
+    /// The XDP mode is part of the pin's name: bpffs holds only BPF
+    /// objects, and a link does not say which mode it was attached in.
+    pub(crate) fn xdp_link(&self, iface: &str, mode: &str) -> PathBuf {
+        self.links().join(format!("xdp-{mode}-{iface}"))
+    }
+
+    /// The pinned XDP link of `iface` and its mode, if there is one.
+    pub(crate) fn pinned_xdp(&self, iface: &str) -> Option<(PathBuf, AttachedMode)> {
+        [AttachedMode::Native, AttachedMode::Generic]
+            .into_iter()
+            .map(|mode| (self.xdp_link(iface, mode.as_str()), mode))
+            .find(|(path, _)| path.exists())
+    }
+
+    pub(crate) fn tc_link(&self, iface: &str) -> PathBuf {
+        self.links().join(format!("tc-{iface}"))
+    }
+
+    /// Whether a previous guard left a datapath here.
+    pub fn exists(&self) -> bool {
+        self.map(map::POLICY_PORTS).exists()
+    }
+
+    pub fn create(&self) -> Result<()> {
+        fs::create_dir_all(self.links()).map_err(io(format!("creating {}", self.links().display())))
+    }
+
+    /// Interfaces with a pinned XDP link.
+    pub fn pinned_interfaces(&self) -> Vec<String> {
+        let Ok(entries) = fs::read_dir(self.links()) else {
+            return Vec::new();
+        };
+        let mut out: Vec<String> = entries
+            .flatten()
+            .filter_map(|e| {
+                // `xdp-MODE-IFACE`: interface names may hold `-`, modes do not.
+                let rest = e.file_name().to_str()?.strip_prefix("xdp-")?.to_string();
+                ["native-", "generic-"]
+                    .into_iter()
+                    .find_map(|mode| rest.strip_prefix(mode).map(str::to_string))
+            })
+            .collect();
+        out.sort();
+        out
+    }
+
+    /// Detaches and unpins the guard from `iface`.
+    pub fn detach(&self, iface: &str) -> Vec<String> {
+        let mut done = Vec::new();
+        let xdp = self.pinned_xdp(iface).map(|(path, _)| path);
+        for pin in xdp.into_iter().chain([self.tc_link(iface)]) {
+            if let Ok(link) = PinnedLink::from_pin(&pin)
+                && let Ok(fd_link) = link.unpin()
+            {
+                // The last reference: dropping it detaches the program.
+                drop(fd_link);
+                done.push(pin.display().to_string());
+            }
+        }
+        done
+    }
+
+    /// Removes every link and map pin and the directory. Returns what went.
+    pub fn remove_all(&self) -> Vec<String> {
+        let mut done = Vec::new();
+        for iface in self.pinned_interfaces() {
+            done.extend(self.detach(&iface));
+        }
+        // tc links of interfaces without an XDP link (a half-finished attach).
+        if let Ok(entries) = fs::read_dir(self.links()) {
+            for entry in entries.flatten() {
+                if fs::remove_file(entry.path()).is_ok() {
+                    done.push(entry.path().display().to_string());
+                }
+            }
+        }
+        for name in PINNED_MAPS {
+            let path = self.map(name);
+            if fs::remove_file(&path).is_ok() {
+                done.push(path.display().to_string());
+            }
+        }
+        let _ = fs::remove_dir(self.links());
+        let _ = fs::remove_dir(&self.root);
+        done
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pinned_interfaces_are_named_without_the_mode() -> Result<(), std::io::Error> {
+        let root = std::env::temp_dir().join(format!("portwatch-pins-{}", std::process::id()));
+        let pins = PinDir::new(&root);
+        fs::create_dir_all(pins.links())?;
+        for name in ["xdp-native-eth0", "xdp-generic-veth-a", "tc-eth0", "stray"] {
+            fs::write(pins.links().join(name), b"")?;
+        }
+        let found = pins.pinned_interfaces();
+        fs::remove_dir_all(&root)?;
+        assert_eq!(found, vec!["eth0".to_string(), "veth-a".to_string()]);
+        Ok(())
+    }
+}

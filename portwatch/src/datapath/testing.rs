@@ -1,0 +1,85 @@
+//! Runs the XDP guard on crafted frames with BPF_PROG_TEST_RUN: the real
+//! program and maps, no interface. For verdict tests and the benchmarks;
+//! only built with the `test-helpers` feature, never shipped.
+
+use std::time::Duration;
+
+use aya::{
+    Ebpf, EbpfLoader,
+    programs::{TestRun, TestRunOptions, Xdp},
+};
+use portwatch_common::prog;
+
+use super::{
+    PROGRAMS,
+    maps::{GuardMaps, GuardSettings, MapImage},
+    program,
+};
+use crate::{
+    error::Error,
+    model::Mode,
+    policy::{Policy, compile::compile},
+    sys,
+};
+
+/// XDP return codes.
+pub const XDP_DROP: u32 = 1;
+pub const XDP_PASS: u32 = 2;
+
+pub struct XdpTester {
+    ebpf: Ebpf,
+    pub maps: GuardMaps,
+    image: MapImage,
+}
+
+impl XdpTester {
+    /// Loads the object and the XDP program (not attached anywhere).
+    pub fn load() -> anyhow::Result<Self> {
+        sys::check_privileges()?;
+        let mut ebpf = EbpfLoader::new().load(PROGRAMS).map_err(Error::from)?;
+        let maps = GuardMaps::open(&mut ebpf)?;
+        let xdp: &mut Xdp = program(&mut ebpf, prog::XDP_GUARD)?;
+        xdp.load()?;
+        let mut tester = Self {
+            ebpf,
+            maps,
+            image: MapImage::default(),
+        };
+        tester.apply(&Policy::default(), Mode::Enforce)?;
+        Ok(tester)
+    }
+
+    /// Puts `policy` and `mode` into the maps (a diff against the last
+    /// call), as the guard does; no drop reports.
+    pub fn apply(&mut self, policy: &Policy, mode: Mode) -> anyhow::Result<()> {
+        let image = compile(policy)?;
+        let settings = GuardSettings {
+            mode,
+            report_rate: 0,
+            flow_timeout: Duration::from_secs(30),
+        };
+        self.maps.install(&self.image, &image, &settings)?;
+        self.image = image;
+        Ok(())
+    }
+
+    fn program(&mut self) -> anyhow::Result<&mut Xdp> {
+        Ok(program(&mut self.ebpf, prog::XDP_GUARD)?)
+    }
+
+    /// The verdict (`XDP_PASS`, `XDP_DROP`) for one frame.
+    pub fn verdict(&mut self, frame: &[u8]) -> anyhow::Result<u32> {
+        Ok(self.bench(frame, 1)?.0)
+    }
+
+    /// Runs the frame `repeat` times in the kernel; returns the verdict and
+    /// the kernel's average time per run.
+    pub fn bench(&mut self, frame: &[u8], repeat: u32) -> anyhow::Result<(u32, Duration)> {
+        let out = self.program()?.test_run(TestRunOptions {
+            data_in: Some(frame),
+            repeat,
+            ..Default::default()
+        })?;
+        Ok((out.return_value, out.duration))
+    }
+}

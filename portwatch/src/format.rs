@@ -1,0 +1,191 @@
+//! How values read to people, written once: addresses, protocols, byte
+//! counts, times, user names, and cutting text to a width. The sinks, the
+//! status table and `top` all use these, so the same listener reads the
+//! same everywhere.
+
+use std::{collections::HashMap, net::IpAddr, time::SystemTime};
+
+/// `1.2.3.4:80`, `[::]:80`.
+pub fn endpoint(addr: &IpAddr, port: u16) -> String {
+    match addr {
+        IpAddr::V4(a) => format!("{a}:{port}"),
+        IpAddr::V6(a) => format!("[{a}]:{port}"),
+    }
+}
+
+/// `tcp`, `udp`, `icmp`, `icmpv6`, or the IP protocol number for others.
+pub fn proto_name(proto: u8) -> String {
+    match proto {
+        6 => "tcp".into(),
+        17 => "udp".into(),
+        1 => "icmp".into(),
+        58 => "icmpv6".into(),
+        other => other.to_string(),
+    }
+}
+
+/// `900 B`, `1.5 KiB`, `3.2 GiB`.
+pub fn bytes(n: u64) -> String {
+    const UNITS: [&str; 5] = ["KiB", "MiB", "GiB", "TiB", "PiB"];
+    if n < 1024 {
+        return format!("{n} B");
+    }
+    let mut value = n as f64 / 1024.0;
+    let mut unit = 0;
+    while value >= 1024.0 && unit + 1 < UNITS.len() {
+        value /= 1024.0;
+        unit += 1;
+    }
+    format!("{value:.1} {}", UNITS.get(unit).copied().unwrap_or("PiB"))
+}
+
+/// `text` cut to `max` characters, the last one an ellipsis when cut.
+pub fn truncate(text: &str, max: usize) -> String {
+    if text.chars().count() <= max {
+        return text.to_owned();
+    }
+    if max == 0 {
+        return String::new();
+    }
+    let mut cut: String = text.chars().take(max - 1).collect();
+    cut.push('…');
+    cut
+}
+
+/// An `address:port` cut to `width`, keeping the port: the host part is
+/// what gives way.
+pub fn truncate_endpoint(s: &str, width: usize) -> String {
+    if s.chars().count() <= width {
+        return s.to_owned();
+    }
+    match s.rfind(':') {
+        Some(colon) => {
+            let (host, port) = s.split_at(colon);
+            let port_len = port.chars().count();
+            if width > port_len + 1 {
+                let mut out = truncate(host, width - port_len);
+                out.push_str(port);
+                out
+            } else {
+                truncate(s, width)
+            }
+        }
+        None => truncate(s, width),
+    }
+}
+
+/// RFC 3339 UTC with microseconds, e.g. `2026-11-25T01:02:03.456789Z`.
+pub fn rfc3339_micros(ts: SystemTime) -> String {
+    let dt = time::OffsetDateTime::from(ts);
+    format!(
+        "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}.{:06}Z",
+        dt.year(),
+        u8::from(dt.month()),
+        dt.day(),
+        dt.hour(),
+        dt.minute(),
+        dt.second(),
+        dt.microsecond()
+    )
+}
+
+/// Parses what [`rfc3339_micros`] writes (any RFC 3339 time, in fact).
+pub fn parse_rfc3339(text: &str) -> Option<SystemTime> {
+    time::OffsetDateTime::parse(text, &time::format_description::well_known::Rfc3339)
+        .ok()
+        .map(SystemTime::from)
+}
+
+/// `HH:MM:SS.micros` (UTC).
+pub fn time_of_day_micros(ts: SystemTime) -> String {
+    let dt = time::OffsetDateTime::from(ts);
+    format!(
+        "{:02}:{:02}:{:02}.{:06}",
+        dt.hour(),
+        dt.minute(),
+        dt.second(),
+        dt.microsecond()
+    )
+}
+
+/// `HH:MM:SS` (UTC).
+pub fn time_of_day(ts: SystemTime) -> String {
+    let dt = time::OffsetDateTime::from(ts);
+    format!("{:02}:{:02}:{:02}", dt.hour(), dt.minute(), dt.second())
+}
+
+/// User names by uid, each looked up once (NSS lookups can be slow).
+#[derive(Debug, Default)]
+pub struct UserNames(HashMap<u32, Option<String>>);
+
+impl UserNames {
+    /// The name of `uid`, if the system has one.
+    pub fn lookup(&mut self, uid: u32) -> Option<String> {
+        self.0
+            .entry(uid)
+            .or_insert_with(|| {
+                nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(uid))
+                    .ok()
+                    .flatten()
+                    .map(|u| u.name)
+            })
+            .clone()
+    }
+
+    /// The name of `uid`, or the number when it has none.
+    pub fn name(&mut self, uid: u32) -> String {
+        self.lookup(uid).unwrap_or_else(|| uid.to_string())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::{Duration, UNIX_EPOCH};
+
+    use super::*;
+
+    #[test]
+    fn endpoints() {
+        let v6: IpAddr = "::1".parse().unwrap_or(IpAddr::from([0u8; 16]));
+        assert_eq!(endpoint(&v6, 53), "[::1]:53");
+        assert_eq!(endpoint(&IpAddr::from([10, 0, 0, 1]), 80), "10.0.0.1:80");
+        assert_eq!(
+            truncate_endpoint("192.168.100.200:8080", 12),
+            "192.16…:8080"
+        );
+        assert_eq!(truncate_endpoint("[::]:8080", 20), "[::]:8080");
+    }
+
+    #[test]
+    fn byte_units() {
+        assert_eq!(bytes(0), "0 B");
+        assert_eq!(bytes(1023), "1023 B");
+        assert_eq!(bytes(1536), "1.5 KiB");
+        assert_eq!(bytes(5 << 30), "5.0 GiB");
+        assert_eq!(bytes(u64::MAX), "16384.0 PiB");
+    }
+
+    #[test]
+    fn truncation() {
+        assert_eq!(truncate("abcdef", 6), "abcdef");
+        assert_eq!(truncate("abcdef", 4), "abc…");
+        assert_eq!(truncate("abcdef", 0), "");
+    }
+
+    #[test]
+    fn times() {
+        let ts = UNIX_EPOCH + Duration::from_micros(1_795_000_000_123_456);
+        assert_eq!(rfc3339_micros(ts), "2026-11-18T11:06:40.123456Z");
+        assert_eq!(parse_rfc3339("2026-11-18T11:06:40.123456Z"), Some(ts));
+        assert_eq!(time_of_day_micros(ts), "11:06:40.123456");
+        assert_eq!(time_of_day(ts), "11:06:40");
+        assert_eq!(parse_rfc3339("yesterday"), None);
+    }
+
+    #[test]
+    fn protocols() {
+        assert_eq!(proto_name(6), "tcp");
+        assert_eq!(proto_name(17), "udp");
+        assert_eq!(proto_name(47), "47");
+    }
+}

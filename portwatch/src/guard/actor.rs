@@ -1,0 +1,438 @@
+//! The guard's state and its only owner: the policy in force, the mode, what
+//! the kernel maps hold, the interfaces guarded. Every change — start-up,
+//! `allow`, `deny`, `reload`, SIGHUP, an interface coming back — goes
+//! through here; [`Guard::install`] is the one place a policy reaches the
+//! kernel. A change is validated, written to the policy file (atomically)
+//! unless it is a reload, applied to the maps, and announced in the stream.
+//! If the file cannot be written, the maps are not touched.
+
+use std::{
+    collections::HashMap,
+    path::PathBuf,
+    sync::Arc,
+    time::{Duration, SystemTime},
+};
+
+use portwatch_common::{GuardStat, counter_key};
+
+use crate::{
+    control::{
+        protocol::{ChangeResponse, ListenerStatus, PolicyView, StatusResponse, Totals},
+        server::ControlRequest,
+    },
+    datapath::{
+        Datapath,
+        attach::{Attached, XdpMode},
+        decode::RawDrop,
+        maps::{GuardMaps, GuardSettings, MapImage},
+        pins::PinDir,
+        ring::RingReader,
+    },
+    iface::watch::{LinkChange, LinkWatch},
+    metrics::GuardSnapshot,
+    model::{DropEvent, Event, Mode, PolicyEvent, Requester},
+    pipeline::{
+        Pipeline,
+        exposure::{ExposureView, exposure_of},
+    },
+    policy::{Policy, PortRange, Rule, compile::compile, store::write_atomically},
+};
+
+/// What the guard was started with, for reloads.
+#[derive(Clone, Debug)]
+pub struct StartArgs {
+    pub policy_path: PathBuf,
+    /// `--allow` rules, added to the file's on every reload.
+    pub allow: Vec<PortRange>,
+    /// `--mode`, which wins over the file's on every reload.
+    pub mode: Option<Mode>,
+}
+
+/// How a `shutdown` request asked the guard to stop.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Shutdown {
+    /// The pinned datapath keeps enforcing.
+    KeepEnforcing,
+    /// Detach and unpin everything (`portwatch down`).
+    Detach,
+}
+
+/// What the guard waits for besides the listener stream.
+pub enum Input {
+    Control(ControlRequest),
+    Drops(Vec<Result<RawDrop, crate::datapath::decode::DecodeError>>),
+    Links(Vec<LinkChange>),
+}
+
+pub struct Guard {
+    /// Held for attaching interfaces that come back; dropping it detaches
+    /// the monitor's hooks (the guard's links are pinned).
+    pub(super) datapath: Datapath,
+    maps: GuardMaps,
+    pub(super) drops: RingReader,
+    policy: Arc<Policy>,
+    mode: Mode,
+    /// What the maps hold.
+    image: MapImage,
+    report_rate: u32,
+    flow_timeout: Duration,
+    start: StartArgs,
+    pins: PinDir,
+    /// The interfaces to guard and the XDP mode asked for, to re-attach an
+    /// interface that comes back.
+    ifaces: Vec<String>,
+    xdp_mode: XdpMode,
+    attached: Vec<Attached>,
+    ifnames: HashMap<u32, String>,
+    netns: Option<u64>,
+    pub(super) control: Option<tokio::sync::mpsc::Receiver<ControlRequest>>,
+    pub(super) links: Option<LinkWatch>,
+    pub(super) shutdown: Option<Shutdown>,
+}
+
+/// Everything `Guard::new` needs.
+pub struct Parts {
+    pub datapath: Datapath,
+    pub maps: GuardMaps,
+    pub drops: RingReader,
+    pub start: StartArgs,
+    pub pins: PinDir,
+    pub ifaces: Vec<String>,
+    pub xdp_mode: XdpMode,
+    pub report_rate: u32,
+    pub flow_timeout: Duration,
+    pub netns: Option<u64>,
+    pub control: tokio::sync::mpsc::Receiver<ControlRequest>,
+    pub links: Option<LinkWatch>,
+}
+
+impl Guard {
+    /// The guard before it installs anything: `image` is what the maps
+    /// hold now (empty, or what a previous guard left pinned).
+    pub fn new(parts: Parts, image: MapImage) -> Self {
+        Self {
+            datapath: parts.datapath,
+            maps: parts.maps,
+            drops: parts.drops,
+            policy: Arc::new(Policy::default()),
+            mode: Mode::Enforce,
+            image,
+            report_rate: parts.report_rate,
+            flow_timeout: parts.flow_timeout,
+            start: parts.start,
+            pins: parts.pins,
+            ifaces: parts.ifaces,
+            xdp_mode: parts.xdp_mode,
+            attached: Vec::new(),
+            ifnames: HashMap::new(),
+            netns: parts.netns,
+            control: Some(parts.control),
+            links: parts.links,
+            shutdown: None,
+        }
+    }
+
+    pub fn policy(&self) -> &Policy {
+        &self.policy
+    }
+
+    pub fn mode(&self) -> Mode {
+        self.mode
+    }
+
+    pub fn attached(&self) -> &[Attached] {
+        &self.attached
+    }
+
+    pub fn pins(&self) -> &PinDir {
+        &self.pins
+    }
+
+    /// What the pipeline rates listeners by, under the policy in force.
+    pub fn exposure_view(&self) -> ExposureView {
+        ExposureView::new(Arc::clone(&self.policy), self.netns)
+    }
+
+    /// Puts `policy` and `mode` into the kernel: the one place where a
+    /// policy reaches the maps. On error the maps are moved back to what
+    /// they held, as far as the kernel lets them.
+    pub fn install(&mut self, policy: Policy, mode: Mode) -> Result<(), String> {
+        let image = compile(&policy).map_err(|e| e.to_string())?;
+        let settings = GuardSettings {
+            mode,
+            report_rate: self.report_rate,
+            flow_timeout: self.flow_timeout,
+        };
+        if let Err(e) = self.maps.install(&self.image, &image, &settings) {
+            let back = GuardSettings {
+                mode: self.mode,
+                ..settings
+            };
+            // Best effort: the error above is what the caller hears.
+            let _ = self.maps.install(&image, &self.image, &back);
+            return Err(format!("updating the kernel maps failed: {e}"));
+        }
+        self.image = image;
+        self.policy = Arc::new(policy);
+        self.mode = mode;
+        Ok(())
+    }
+
+    /// Attaches the guard to every interface to guard (or adopts the links
+    /// pinned there); returns how each one is guarded.
+    pub fn attach_all(&mut self) -> crate::error::Result<&[Attached]> {
+        for iface in self.ifaces.clone() {
+            let attached = self
+                .datapath
+                .attach_guard(&self.pins, &iface, self.xdp_mode)?;
+            self.ifnames
+                .insert(attached.ifindex, attached.iface.clone());
+            self.attached.push(attached);
+        }
+        Ok(&self.attached)
+    }
+
+    /// Permits `rule` (persisted).
+    pub fn allow(&mut self, rule: Rule, by: Requester) -> Result<(ChangeResponse, Event), String> {
+        let mut policy = Policy::clone(&self.policy);
+        let change = format!("allow {rule}");
+        policy.add_rule(rule).map_err(|e| e.to_string())?;
+        self.commit(policy, self.mode, change, by, true)
+    }
+
+    /// Stops permitting `ports` (persisted).
+    pub fn deny(
+        &mut self,
+        ports: PortRange,
+        by: Requester,
+    ) -> Result<(ChangeResponse, Event), String> {
+        let mut policy = Policy::clone(&self.policy);
+        policy.remove_port(ports).map_err(|e| e.to_string())?;
+        self.commit(policy, self.mode, format!("deny {ports}"), by, true)
+    }
+
+    /// Reads the policy file again, with the start-up `--allow` and
+    /// `--mode` on top.
+    pub fn reload(&mut self, by: Requester) -> Result<(ChangeResponse, Event), String> {
+        let policy = super::effective_policy(Some(&self.start.policy_path), &self.start.allow)
+            .map_err(|e| format!("{e:#}; the policy in force is unchanged"))?;
+        let mode = self.start.mode.or(policy.mode).unwrap_or(self.mode);
+        self.commit(policy, mode, "reload".into(), by, false)
+    }
+
+    /// Persists (unless a reload), installs, and describes the change.
+    fn commit(
+        &mut self,
+        policy: Policy,
+        mode: Mode,
+        change: String,
+        by: Requester,
+        persist: bool,
+    ) -> Result<(ChangeResponse, Event), String> {
+        // Checked before anything is written.
+        compile(&policy).map_err(|e| e.to_string())?;
+        let path = self.start.policy_path.clone();
+        if persist {
+            // Keep the file's mode and interfaces: only the rules change here.
+            let mut on_disk = policy.clone();
+            on_disk.mode = self.policy.mode;
+            on_disk.interfaces = self.policy.interfaces.clone();
+            write_atomically(&path, &on_disk.to_toml()).map_err(|e| {
+                format!(
+                    "cannot write the policy file {}: {e}; nothing changed (neither the file nor the kernel maps)",
+                    path.display()
+                )
+            })?;
+        }
+        if let Err(e) = self.install(policy, mode) {
+            if persist {
+                // The file goes back too, so that it says what is in force.
+                let _ = write_atomically(&path, &self.policy.to_toml());
+            }
+            return Err(format!("{e}; the previous policy stays in force"));
+        }
+        let event = Event::Policy(PolicyEvent {
+            ts: SystemTime::now(),
+            change: change.clone(),
+            by,
+            mode: self.mode,
+            rules: self.policy.rules.len(),
+        });
+        let answer = ChangeResponse {
+            change,
+            policy: Some(self.policy_view()),
+        };
+        Ok((answer, event))
+    }
+
+    pub fn policy_view(&self) -> PolicyView {
+        PolicyView::of(&self.policy, self.mode, &self.start.policy_path)
+    }
+
+    /// Mode, interfaces, counters, and every listener of the guard's
+    /// namespace with its exposure and its port's counters.
+    pub fn status(&self, pipeline: &Pipeline) -> StatusResponse {
+        let counters = self.maps.port_counters();
+        let t = self.maps.totals();
+        let mut listeners: Vec<ListenerStatus> = pipeline
+            .listeners()
+            .filter(|l| l.netns == self.netns)
+            .map(|l| {
+                let c = counters
+                    .get(&counter_key(l.proto.number(), l.port))
+                    .copied()
+                    .unwrap_or_default();
+                let p = &l.process;
+                ListenerStatus {
+                    proto: l.proto,
+                    family: l.family(),
+                    addr: l.addr,
+                    port: l.port,
+                    pid: p.pid,
+                    comm: p.comm.clone(),
+                    uid: p.uid,
+                    exe: p.exe.clone(),
+                    cmdline: p.cmdline.clone(),
+                    netns: l.netns,
+                    exposure: Some(exposure_of(&self.policy, l)),
+                    pass_packets: c.pass_packets,
+                    pass_bytes: c.pass_bytes,
+                    drop_packets: c.drop_packets,
+                    drop_bytes: c.drop_bytes,
+                }
+            })
+            .collect();
+        listeners.sort_by(|a, b| {
+            (a.proto, a.port, a.addr.to_string()).cmp(&(b.proto, b.port, b.addr.to_string()))
+        });
+        StatusResponse {
+            mode: Some(self.mode),
+            policy_file: Some(self.start.policy_path.display().to_string()),
+            pinned: Some(self.pins.root.display().to_string()),
+            interfaces: self.attached.clone(),
+            totals: Totals {
+                passed: t.get(GuardStat::Passed),
+                drop_no_rule: t.get(GuardStat::DropNoRule),
+                drop_source: t.get(GuardStat::DropSource),
+                drop_malformed: t.get(GuardStat::DropMalformed),
+                drop_fragment: t.get(GuardStat::DropFragment),
+                reports_suppressed: t.get(GuardStat::ReportsSuppressed),
+                reports_lost: t.get(GuardStat::ReportsLost),
+                flow_replies: t.get(GuardStat::FlowReplies),
+                events_lost: pipeline.summary().lost,
+                other: Default::default(),
+            },
+            listeners,
+        }
+    }
+
+    /// The guard's part of a metrics scrape.
+    pub fn metrics(&self) -> GuardSnapshot {
+        GuardSnapshot {
+            mode: self.mode,
+            interfaces: self
+                .attached
+                .iter()
+                .map(|a| (a.iface.clone(), a.xdp_mode))
+                .collect(),
+            ports: self.maps.port_counters(),
+            totals: self.maps.totals(),
+        }
+    }
+
+    /// Drop reports, as events for the stream.
+    pub fn drop_events(
+        &self,
+        pipeline: &mut Pipeline,
+        batch: Vec<Result<RawDrop, crate::datapath::decode::DecodeError>>,
+    ) -> std::io::Result<()> {
+        for record in batch {
+            match record {
+                Ok(raw) => {
+                    let event = Event::Drop(DropEvent {
+                        ts: pipeline.wall(raw.ts_ns),
+                        iface: self.ifnames.get(&raw.ifindex).cloned(),
+                        reason: raw.reason,
+                        proto: raw.proto,
+                        src: raw.src,
+                        dst: raw.dst,
+                        src_port: raw.src_port,
+                        dst_port: raw.dst_port,
+                        audit: raw.audit,
+                    });
+                    pipeline.emit(event)?;
+                }
+                Err(e) => pipeline.malformed(&e),
+            }
+        }
+        pipeline.report_suppressed(self.maps.totals().get(GuardStat::ReportsSuppressed))
+    }
+
+    /// Follows a guarded interface going away (its program went with it)
+    /// and coming back (attach again, at once). Returns the event to
+    /// announce, if any.
+    pub fn on_link_change(&mut self, change: LinkChange) -> Option<Event> {
+        let (name, index, up) = match &change {
+            LinkChange::Up { name, index } => (name.clone(), *index, true),
+            LinkChange::Gone { name, index } => (name.clone(), *index, false),
+        };
+        if !self.ifaces.contains(&name) {
+            return None;
+        }
+        let attached_here = self
+            .attached
+            .iter()
+            .any(|a| a.iface == name && a.ifindex == index);
+        if up && attached_here {
+            return None; // a flag change of an interface already guarded
+        }
+        let was_attached = self.attached.iter().any(|a| a.iface == name);
+        if was_attached {
+            // Gone, or back under a new index: the old links are defunct.
+            self.pins.detach(&name);
+            self.attached.retain(|a| a.iface != name);
+            self.ifnames.retain(|_, n| *n != name);
+            if !up {
+                log::warn!("{name} was removed: the guard is off there until it comes back");
+                return Some(Event::Interface {
+                    ts: SystemTime::now(),
+                    iface: name,
+                    change: "removed".into(),
+                    xdp_mode: None,
+                });
+            }
+        }
+        if !up {
+            return None;
+        }
+        Some(
+            match self.datapath.attach_guard(&self.pins, &name, self.xdp_mode) {
+                Ok(attached) => {
+                    log::info!(
+                        "{name} is back: guard re-attached ({} XDP)",
+                        attached.xdp_mode
+                    );
+                    self.ifnames
+                        .insert(attached.ifindex, attached.iface.clone());
+                    let xdp_mode = attached.xdp_mode;
+                    self.attached.push(attached);
+                    Event::Interface {
+                        ts: SystemTime::now(),
+                        iface: name,
+                        change: "attached".into(),
+                        xdp_mode: Some(xdp_mode),
+                    }
+                }
+                Err(e) => {
+                    log::error!("{name} is back but attaching the guard failed: {e}");
+                    Event::Interface {
+                        ts: SystemTime::now(),
+                        iface: name,
+                        change: format!("attach failed: {e}"),
+                        xdp_mode: None,
+                    }
+                }
+            },
+        )
+    }
+}

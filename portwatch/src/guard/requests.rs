@@ -1,0 +1,95 @@
+//! Control-socket requests, answered by the guard: each typed request
+//! becomes a call on the [`Guard`] actor (or the pipeline, for a
+//! subscription), and its result the typed answer.
+
+use std::io;
+
+use super::actor::{Guard, Shutdown};
+use crate::{
+    control::{
+        protocol::{ChangeResponse, Request, Response},
+        server::{ControlRequest, Reply},
+    },
+    model::{Event, Requester},
+    pipeline::Pipeline,
+    runloop::Flow,
+};
+
+impl Guard {
+    /// Answers one request; Stop after a `shutdown`.
+    pub fn handle_request(
+        &mut self,
+        pipeline: &mut Pipeline,
+        req: ControlRequest,
+    ) -> io::Result<Flow> {
+        let by = Requester {
+            uid: Some(req.peer.uid),
+            pid: Some(req.peer.pid),
+        };
+        let mut flow = Flow::Continue;
+        let reply = match req.request {
+            Request::Allow { rule } => {
+                let result = self.allow(rule, by);
+                self.changed(pipeline, result)?
+            }
+            Request::Deny { ports } => {
+                let result = self.deny(ports, by);
+                self.changed(pipeline, result)?
+            }
+            Request::Reload => {
+                let result = self.reload(by);
+                self.changed(pipeline, result)?
+            }
+            Request::Policy => Reply::Once(Response::Policy(self.policy_view())),
+            Request::Status => Reply::Once(Response::Status(Box::new(self.status(pipeline)))),
+            Request::Subscribe { format, colour } => Reply::Stream {
+                lines: pipeline.subscribe(format, colour),
+            },
+            Request::Shutdown { detach } => {
+                self.shutdown = Some(if detach {
+                    Shutdown::Detach
+                } else {
+                    Shutdown::KeepEnforcing
+                });
+                flow = Flow::Stop;
+                Reply::Once(Response::Change(ChangeResponse {
+                    change: if detach {
+                        "shutdown, detaching".into()
+                    } else {
+                        "shutdown, enforcement stays".into()
+                    },
+                    policy: None,
+                }))
+            }
+        };
+        // A client that gave up waiting is no concern of ours.
+        let _ = req.reply.send(reply);
+        Ok(flow)
+    }
+
+    /// SIGHUP: a reload on behalf of whoever sent the signal.
+    pub fn reload_on_signal(&mut self, pipeline: &mut Pipeline) -> io::Result<()> {
+        let result = self.reload(Requester::default());
+        if let Err(e) = &result {
+            log::warn!("SIGHUP: reload failed: {e}");
+        }
+        self.changed(pipeline, result).map(drop)
+    }
+
+    /// Announces a change that went through and gives the pipeline the new
+    /// exposure view; the answer either way.
+    fn changed(
+        &mut self,
+        pipeline: &mut Pipeline,
+        result: Result<(ChangeResponse, Event), String>,
+    ) -> io::Result<Reply> {
+        Ok(Reply::Once(match result {
+            Ok((answer, event)) => {
+                pipeline.set_exposure(self.exposure_view());
+                pipeline.emit(event)?;
+                Response::Change(answer)
+            }
+            Err(e) => Response::Error(e),
+        }))
+    }
+}

@@ -1,0 +1,417 @@
+//! `--metrics ADDR`: the Prometheus text format at `/metrics`.
+//!
+//! The event loop owns the kernel maps and the listener set, so a scrape
+//! asks it for a [`Snapshot`] over a channel (the same map reads `status`
+//! does): plain data, which this module encodes. The HTTP side is in
+//! [`server`].
+
+pub mod server;
+
+use std::{collections::BTreeMap, net::SocketAddr};
+
+use portwatch_common::{GuardStat, PortCounters};
+use prometheus_client::{
+    collector::Collector,
+    encoding::{DescriptorEncoder, EncodeMetric},
+    metrics::{counter::ConstCounter, gauge::ConstGauge},
+    registry::Registry,
+};
+use tokio::sync::oneshot;
+
+pub use self::server::{MIN_SNAPSHOT_GAP, MetricsError, MetricsServer};
+use crate::{
+    datapath::{attach::AttachedMode, maps::GuardTotals},
+    format::proto_name,
+    model::{EventKind, Exposure, ListenerEvent, Mode},
+};
+
+/// The parser of `--metrics`: an IP address and a port.
+pub fn parse_addr(s: &str) -> Result<SocketAddr, String> {
+    s.parse().map_err(|_| {
+        format!("{s:?} is not an IP address and port (e.g. 127.0.0.1:9469 or [::1]:9469)")
+    })
+}
+
+/// Counts the stream keeps for the metrics as events pass through it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Tally {
+    /// Listens the policy blocks, not on loopback: the ones the human
+    /// stream flags with "! ... blocked by policy".
+    pub blocked_listeners_opened: u64,
+    /// Policy changes applied at run time (allow, deny, reload, SIGHUP).
+    pub policy_changes: u64,
+}
+
+impl Tally {
+    pub fn count_listener(&mut self, ev: &ListenerEvent) {
+        if ev.kind == EventKind::Listen
+            && ev.exposure == Some(Exposure::Blocked)
+            && !ev.listener.addr.is_loopback()
+        {
+            self.blocked_listeners_opened += 1;
+        }
+    }
+}
+
+/// A scrape's question to the event loop.
+pub struct ScrapeRequest {
+    pub reply: oneshot::Sender<Snapshot>,
+}
+
+/// Everything a scrape exports, read at once by the event loop.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Snapshot {
+    /// Listeners per exposure; "unknown" for other namespaces (or no guard).
+    pub listeners: BTreeMap<&'static str, u64>,
+    /// Events the listener ring could not queue.
+    pub events_lost: u64,
+    /// What the stream counted (exported with the guard's metrics).
+    pub tally: Tally,
+    pub guard: Option<GuardSnapshot>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct GuardSnapshot {
+    pub mode: Mode,
+    /// (interface, XDP mode).
+    pub interfaces: Vec<(String, AttachedMode)>,
+    /// Per `counter_key(proto, port)`, summed over CPUs.
+    pub ports: BTreeMap<u32, PortCounters>,
+    pub totals: GuardTotals,
+}
+
+/// The snapshot as prometheus-client collects it: constant values, encoded
+/// once per scrape.
+#[derive(Debug)]
+struct SnapshotCollector(Snapshot);
+
+type Series = [(Vec<(&'static str, String)>, u64)];
+
+/// One metric family: its descriptor, then a value per label set.
+fn family<M: EncodeMetric>(
+    encoder: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    series: &Series,
+    metric: impl Fn(u64) -> M,
+) -> Result<(), std::fmt::Error> {
+    let mut family = encoder.encode_descriptor(name, help, None, metric(0).metric_type())?;
+    for (labels, value) in series {
+        metric(*value).encode(family.encode_family(labels)?)?;
+    }
+    Ok(())
+}
+
+fn gauge(
+    encoder: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    series: &Series,
+) -> Result<(), std::fmt::Error> {
+    family(encoder, name, help, series, ConstGauge::new)
+}
+
+/// A counter; `name` without `_total`, which the encoder appends.
+fn counter(
+    encoder: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    series: &Series,
+) -> Result<(), std::fmt::Error> {
+    family(encoder, name, help, series, ConstCounter::new)
+}
+
+impl Collector for SnapshotCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let s = &self.0;
+        let e = &mut encoder;
+        gauge(
+            e,
+            "build_info",
+            "The portwatch build; always 1",
+            &[(vec![("version", env!("CARGO_PKG_VERSION").into())], 1)],
+        )?;
+        let listeners: Vec<_> = s
+            .listeners
+            .iter()
+            .map(|(exposure, n)| (vec![("exposure", (*exposure).to_string())], *n))
+            .collect();
+        gauge(
+            e,
+            "listeners",
+            "Listening sockets now, by their exposure under the policy (unknown: other network namespaces, or no guard)",
+            &listeners,
+        )?;
+        let mut lost = vec![(vec![("ring", "listeners".to_string())], s.events_lost)];
+        if let Some(g) = &s.guard {
+            let drops = g.totals.get(GuardStat::ReportsLost);
+            lost.push((vec![("ring", "drops".to_string())], drops));
+        }
+        counter(
+            e,
+            "events_lost",
+            "Events the kernel could not queue, per ring buffer",
+            &lost,
+        )?;
+        let Some(g) = &s.guard else {
+            return Ok(());
+        };
+        counter(
+            e,
+            "blocked_listeners_opened",
+            "Listeners opened that the policy blocks, not on loopback",
+            &[(Vec::new(), s.tally.blocked_listeners_opened)],
+        )?;
+        let mut packets = Vec::with_capacity(g.ports.len() * 2);
+        let mut bytes = Vec::with_capacity(g.ports.len() * 2);
+        for (key, c) in &g.ports {
+            let proto = proto_name(u8::try_from(key >> 16).unwrap_or(u8::MAX));
+            let port = (key & 0xffff).to_string();
+            for (action, p, b) in [
+                ("pass", c.pass_packets, c.pass_bytes),
+                ("drop", c.drop_packets, c.drop_bytes),
+            ] {
+                let labels = vec![
+                    ("proto", proto.clone()),
+                    ("port", port.clone()),
+                    ("action", action.to_string()),
+                ];
+                packets.push((labels.clone(), p));
+                bytes.push((labels, b));
+            }
+        }
+        counter(
+            e,
+            "packets",
+            "Inbound packets per destination protocol and port, passed or dropped by the XDP guard (audit mode: would-be drops)",
+            &packets,
+        )?;
+        counter(
+            e,
+            "bytes",
+            "Inbound bytes (whole frames) per destination protocol and port, passed or dropped by the XDP guard",
+            &bytes,
+        )?;
+        let reasons: Vec<_> = [
+            ("no_rule", GuardStat::DropNoRule),
+            ("source_not_allowed", GuardStat::DropSource),
+            ("malformed", GuardStat::DropMalformed),
+            ("fragment", GuardStat::DropFragment),
+        ]
+        .into_iter()
+        .map(|(name, stat)| (vec![("reason", name.to_string())], g.totals.get(stat)))
+        .collect();
+        counter(
+            e,
+            "dropped_packets",
+            "Inbound packets dropped per reason (audit mode: would-be drops)",
+            &reasons,
+        )?;
+        counter(
+            e,
+            "drop_reports_suppressed",
+            "Drop reports the kernel's rate limit held back",
+            &[(Vec::new(), g.totals.get(GuardStat::ReportsSuppressed))],
+        )?;
+        counter(
+            e,
+            "policy_changes",
+            "Policy changes applied at run time (allow, deny, reload, SIGHUP)",
+            &[(Vec::new(), s.tally.policy_changes)],
+        )?;
+        let attached: Vec<_> = g
+            .interfaces
+            .iter()
+            .map(|(iface, mode)| {
+                (
+                    vec![("iface", iface.clone()), ("mode", mode.to_string())],
+                    1,
+                )
+            })
+            .collect();
+        gauge(
+            e,
+            "xdp_attached",
+            "1 per guarded interface, with its XDP attach mode",
+            &attached,
+        )?;
+        let modes: Vec<_> = [Mode::Enforce, Mode::Audit]
+            .into_iter()
+            .map(|m| {
+                (
+                    vec![("mode", m.as_str().to_string())],
+                    u64::from(m == g.mode),
+                )
+            })
+            .collect();
+        gauge(
+            e,
+            "guard_mode",
+            "1 for the policy mode in force, 0 for the other",
+            &modes,
+        )?;
+        Ok(())
+    }
+}
+
+/// The snapshot in the Prometheus text format (version 0.0.4).
+pub fn encode(snapshot: Snapshot) -> Result<String, std::fmt::Error> {
+    let mut registry = Registry::with_prefix("portwatch");
+    registry.register_collector(Box::new(SnapshotCollector(snapshot)));
+    let mut out = String::new();
+    prometheus_client::encoding::prometheus_text::encode(&mut out, &registry)?;
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use portwatch_common::{GUARD_STATS_LEN, IPPROTO_TCP, IPPROTO_UDP, counter_key};
+
+    fn sample() -> Snapshot {
+        let mut totals = [0u64; GUARD_STATS_LEN as usize];
+        totals[GuardStat::DropNoRule as usize] = 7;
+        totals[GuardStat::ReportsSuppressed as usize] = 2;
+        totals[GuardStat::ReportsLost as usize] = 1;
+        let mut ports = BTreeMap::new();
+        ports.insert(
+            counter_key(IPPROTO_UDP, 5353),
+            PortCounters {
+                pass_packets: 0,
+                pass_bytes: 0,
+                drop_packets: 5,
+                drop_bytes: 300,
+            },
+        );
+        ports.insert(
+            counter_key(IPPROTO_TCP, 22),
+            PortCounters {
+                pass_packets: 10,
+                pass_bytes: 900,
+                drop_packets: 0,
+                drop_bytes: 0,
+            },
+        );
+        Snapshot {
+            listeners: [
+                ("exposed", 1),
+                ("partial", 0),
+                ("blocked", 3),
+                ("unknown", 4),
+            ]
+            .into_iter()
+            .collect(),
+            events_lost: 6,
+            tally: Tally {
+                blocked_listeners_opened: 3,
+                policy_changes: 4,
+            },
+            guard: Some(GuardSnapshot {
+                mode: Mode::Audit,
+                interfaces: vec![("eth0".into(), AttachedMode::Native)],
+                ports,
+                totals: GuardTotals(totals),
+            }),
+        }
+    }
+
+    #[test]
+    fn encodes_every_metric_with_its_labels() -> Result<(), std::fmt::Error> {
+        let text = encode(sample())?;
+        for line in [
+            "# TYPE portwatch_build_info gauge",
+            &format!(
+                "portwatch_build_info{{version=\"{}\"}} 1",
+                env!("CARGO_PKG_VERSION")
+            ),
+            "portwatch_listeners{exposure=\"blocked\"} 3",
+            "portwatch_listeners{exposure=\"partial\"} 0",
+            "portwatch_listeners{exposure=\"unknown\"} 4",
+            "# TYPE portwatch_blocked_listeners_opened_total counter",
+            "portwatch_blocked_listeners_opened_total 3",
+            "portwatch_packets_total{proto=\"tcp\",port=\"22\",action=\"pass\"} 10",
+            "portwatch_packets_total{proto=\"udp\",port=\"5353\",action=\"drop\"} 5",
+            "portwatch_bytes_total{proto=\"udp\",port=\"5353\",action=\"drop\"} 300",
+            "portwatch_bytes_total{proto=\"tcp\",port=\"22\",action=\"pass\"} 900",
+            "portwatch_dropped_packets_total{reason=\"no_rule\"} 7",
+            "portwatch_dropped_packets_total{reason=\"source_not_allowed\"} 0",
+            "portwatch_drop_reports_suppressed_total 2",
+            "portwatch_events_lost_total{ring=\"listeners\"} 6",
+            "portwatch_events_lost_total{ring=\"drops\"} 1",
+            "portwatch_policy_changes_total 4",
+            "portwatch_xdp_attached{iface=\"eth0\",mode=\"native\"} 1",
+            "portwatch_guard_mode{mode=\"audit\"} 1",
+            "portwatch_guard_mode{mode=\"enforce\"} 0",
+        ] {
+            assert!(text.lines().any(|l| l == line), "no {line:?} in\n{text}");
+        }
+        // The Prometheus text format, not OpenMetrics: no `# EOF`.
+        assert!(!text.contains("# EOF"), "{text}");
+        Ok(())
+    }
+
+    #[test]
+    fn without_a_guard_only_listeners_and_the_listener_ring() -> Result<(), std::fmt::Error> {
+        let snapshot = Snapshot {
+            listeners: [("unknown", 2)].into_iter().collect(),
+            events_lost: 0,
+            tally: Tally::default(),
+            guard: None,
+        };
+        let text = encode(snapshot)?;
+        assert!(text.contains("portwatch_listeners{exposure=\"unknown\"} 2"));
+        assert!(text.contains("portwatch_events_lost_total{ring=\"listeners\"} 0"));
+        for absent in ["ring=\"drops\"", "portwatch_packets_total", "guard_mode"] {
+            assert!(!text.contains(absent), "{absent} in\n{text}");
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn parses_addresses_and_names_a_bad_one() {
+        assert_eq!(
+            parse_addr("127.0.0.1:9469"),
+            Ok(SocketAddr::from(([127, 0, 0, 1], 9469)))
+        );
+        assert!(parse_addr("[::1]:9469").is_ok_and(|a| a.is_ipv6()));
+        for bad in [
+            "localhost:9469",
+            "127.0.0.1",
+            ":9469",
+            "[::1]",
+            "1.2.3.4:99999",
+        ] {
+            let e = parse_addr(bad).err().unwrap_or_default();
+            assert!(e.contains(bad) && e.contains("[::1]:9469"), "{bad}: {e}");
+        }
+    }
+
+    #[test]
+    fn tally_counts_exactly_the_flagged_listens() {
+        use crate::model::{Listener, Origin, ProcessInfo, SockId};
+        let ev = |addr: &str, kind, exposure| ListenerEvent {
+            ts: std::time::SystemTime::UNIX_EPOCH,
+            kind,
+            origin: Origin::Live,
+            listener: Listener {
+                proto: crate::model::Proto::Tcp,
+                addr: addr
+                    .parse()
+                    .unwrap_or(std::net::Ipv4Addr::UNSPECIFIED.into()),
+                port: 8080,
+                sock_id: SockId::Cookie(1),
+                netns: None,
+                process: ProcessInfo::default(),
+            },
+            exposure,
+        };
+        let mut t = Tally::default();
+        t.count_listener(&ev("0.0.0.0", EventKind::Listen, Some(Exposure::Blocked)));
+        t.count_listener(&ev("::", EventKind::Listen, Some(Exposure::Blocked)));
+        t.count_listener(&ev("127.0.0.1", EventKind::Listen, Some(Exposure::Blocked)));
+        t.count_listener(&ev("0.0.0.0", EventKind::Close, Some(Exposure::Blocked)));
+        t.count_listener(&ev("0.0.0.0", EventKind::Listen, Some(Exposure::Exposed)));
+        t.count_listener(&ev("0.0.0.0", EventKind::Listen, None));
+        assert_eq!(t.blocked_listeners_opened, 2);
+    }
+}

@@ -1,0 +1,258 @@
+//! What only /proc knows about the process behind a listener (exe, command
+//! line, cgroup, network namespace), added on a worker thread: reading
+//! /proc blocks, and the event loop must not wait on it. Records go through
+//! one FIFO, so a close never overtakes the listen it ends.
+//!
+//! The loop submits decoded batches and takes enriched batches back; while
+//! [`MAX_IN_FLIGHT`] batches are out, it stops reading the ring buffer, so a
+//! slow /proc makes the kernel count lost events rather than this queue
+//! grow without bound.
+
+use std::{
+    collections::HashMap,
+    sync::mpsc as std_mpsc,
+    thread,
+    time::{Duration, Instant},
+};
+
+use tokio::sync::mpsc;
+
+use crate::{
+    datapath::decode::RawListen,
+    model::{EventKind, Listener, ProcessInfo, Proto},
+    procinfo,
+};
+
+/// Batches handed to the worker and not yet back.
+pub const MAX_IN_FLIGHT: usize = 64;
+
+/// A kernel record with what /proc adds.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Enriched {
+    pub ts_ns: u64,
+    pub kind: EventKind,
+    pub listener: Listener,
+    /// For a TCP listen on port 0 (listen() without bind()): the ports the
+    /// process listens on, one of which the kernel picked.
+    pub listening_ports: Vec<u16>,
+}
+
+/// The worker thread and its two channels.
+pub struct Enricher {
+    to_worker: Option<std_mpsc::SyncSender<Vec<RawListen>>>,
+    from_worker: mpsc::Receiver<Vec<Enriched>>,
+    in_flight: usize,
+}
+
+impl Enricher {
+    /// Starts the worker. It ends when the `Enricher` is dropped.
+    pub fn start() -> std::io::Result<Self> {
+        let (to_worker, inbox) = std_mpsc::sync_channel::<Vec<RawListen>>(MAX_IN_FLIGHT);
+        let (outbox, from_worker) = mpsc::channel(MAX_IN_FLIGHT);
+        thread::Builder::new()
+            .name("portwatch-proc".into())
+            .spawn(move || {
+                let mut procs = ProcCache::default();
+                for batch in inbox {
+                    let done: Vec<Enriched> = batch.into_iter().map(|r| procs.enrich(r)).collect();
+                    if outbox.blocking_send(done).is_err() {
+                        break;
+                    }
+                }
+            })?;
+        Ok(Self {
+            to_worker: Some(to_worker),
+            from_worker,
+            in_flight: 0,
+        })
+    }
+
+    /// Whether another batch may be submitted now.
+    pub fn has_room(&self) -> bool {
+        self.in_flight < MAX_IN_FLIGHT
+    }
+
+    /// Whether every submitted batch has come back.
+    pub fn is_idle(&self) -> bool {
+        self.in_flight == 0
+    }
+
+    /// Hands a batch to the worker. Never blocks while `has_room`.
+    pub fn submit(&mut self, batch: Vec<RawListen>) {
+        if batch.is_empty() {
+            return;
+        }
+        if let Some(tx) = &self.to_worker
+            && tx.send(batch).is_ok()
+        {
+            self.in_flight += 1;
+        }
+    }
+
+    /// The next enriched batch; never completes while nothing is out.
+    pub async fn next(&mut self) -> Vec<Enriched> {
+        if self.in_flight == 0 {
+            return std::future::pending().await;
+        }
+        match self.from_worker.recv().await {
+            Some(batch) => {
+                self.in_flight -= 1;
+                batch
+            }
+            // The worker is gone (it cannot panic on its own, but a
+            // thread can be killed): what was out is lost with it.
+            None => {
+                self.in_flight = 0;
+                log::error!("the /proc worker ended; listener details are no longer added");
+                Vec::new()
+            }
+        }
+    }
+}
+
+impl Drop for Enricher {
+    fn drop(&mut self) {
+        // Closing the inbox ends the worker's loop.
+        self.to_worker.take();
+    }
+}
+
+/// What /proc said about a process, kept for a short while: a burst of
+/// listeners comes from a few processes, and reading six /proc files per
+/// event would make user space the bottleneck (about 50 us an event).
+#[derive(Default)]
+struct ProcCache {
+    entries: HashMap<u32, CachedProc>,
+}
+
+struct CachedProc {
+    /// The kernel's comm when it was read: a different one means the pid
+    /// now runs another program (exec, or a reused pid).
+    comm: String,
+    read_at: Instant,
+    netns: Option<u64>,
+    exe: Option<String>,
+    cmdline: Option<String>,
+    cgroup: Option<String>,
+}
+
+/// How long a process's details are trusted without reading /proc again.
+const PROC_TTL: Duration = Duration::from_secs(2);
+/// Bound on the cache; it is cleared when full (the next reads refill it).
+const PROC_CACHE_MAX: usize = 4096;
+
+impl ProcCache {
+    fn lookup(&mut self, tgid: u32, comm: &str) -> &CachedProc {
+        let fresh = self
+            .entries
+            .get(&tgid)
+            .is_some_and(|c| c.comm == comm && c.read_at.elapsed() < PROC_TTL);
+        if !fresh {
+            if self.entries.len() >= PROC_CACHE_MAX {
+                self.entries.clear();
+            }
+            let details = procinfo::process_info(tgid);
+            self.entries.insert(
+                tgid,
+                CachedProc {
+                    comm: comm.to_string(),
+                    read_at: Instant::now(),
+                    netns: procinfo::netns_of(tgid),
+                    exe: details.exe,
+                    cmdline: details.cmdline,
+                    cgroup: details.cgroup,
+                },
+            );
+        }
+        &self.entries[&tgid]
+    }
+
+    /// Adds what only /proc knows. The kernel's pid, comm and uid stay:
+    /// they were taken in the right context, /proc may already show
+    /// another program.
+    fn enrich(&mut self, raw: RawListen) -> Enriched {
+        let listening_ports =
+            if raw.kind == EventKind::Listen && raw.proto == Proto::Tcp && raw.port == 0 {
+                procinfo::listening_tcp_ports(raw.tgid, raw.addr.is_ipv6())
+            } else {
+                Vec::new()
+            };
+        let cached = self.lookup(raw.tgid, &raw.comm);
+        let listener = Listener {
+            proto: raw.proto,
+            addr: raw.addr,
+            port: raw.port,
+            sock_id: raw.sock_id,
+            netns: cached.netns,
+            process: ProcessInfo {
+                pid: Some(raw.tgid),
+                comm: Some(raw.comm),
+                uid: Some(raw.uid),
+                exe: cached.exe.clone(),
+                cmdline: cached.cmdline.clone(),
+                cgroup: cached.cgroup.clone(),
+            },
+        };
+        Enriched {
+            ts_ns: raw.ts_ns,
+            kind: raw.kind,
+            listener,
+            listening_ports,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::SockId;
+
+    fn raw(kind: EventKind, port: u16) -> RawListen {
+        RawListen {
+            ts_ns: 1,
+            kind,
+            proto: Proto::Udp,
+            addr: std::net::Ipv4Addr::UNSPECIFIED.into(),
+            port,
+            sock_id: SockId::Cookie(u64::from(port)),
+            tgid: std::process::id(),
+            tid: std::process::id(),
+            uid: 0,
+            comm: "self".into(),
+        }
+    }
+
+    #[tokio::test]
+    async fn batches_come_back_in_order_with_proc_details() {
+        let mut enricher = Enricher::start().expect("worker starts");
+        assert!(enricher.is_idle());
+        for port in [1, 2, 3] {
+            enricher.submit(vec![
+                raw(EventKind::Listen, port),
+                raw(EventKind::Close, port),
+            ]);
+        }
+        assert!(!enricher.is_idle());
+        let mut ports = Vec::new();
+        while !enricher.is_idle() {
+            for rec in enricher.next().await {
+                assert_eq!(rec.listener.process.pid, Some(std::process::id()));
+                assert!(rec.listener.process.exe.is_some(), "{rec:?}");
+                assert_eq!(rec.listener.netns, procinfo::netns_of(std::process::id()));
+                ports.push((rec.kind, rec.listener.port));
+            }
+        }
+        use EventKind::{Close, Listen};
+        assert_eq!(
+            ports,
+            [
+                (Listen, 1),
+                (Close, 1),
+                (Listen, 2),
+                (Close, 2),
+                (Listen, 3),
+                (Close, 3)
+            ]
+        );
+    }
+}

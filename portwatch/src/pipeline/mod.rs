@@ -1,0 +1,283 @@
+//! The event pipeline shared by `watch` and `guard`: kernel records are
+//! decoded ([`crate::datapath::decode`]), enriched off the event loop
+//! ([`enrich`]), matched against the listeners known ([`listeners`]),
+//! given their exposure under the guard's policy ([`exposure`]), and fanned
+//! out to the output sink and every follower ([`subscribers`]). The start-up
+//! snapshot produces the same events as the live hooks.
+//!
+//! The pipeline owns no kernel object and no guard state: the event loop
+//! ([`crate::runloop`]) feeds it, and the guard hands it a new exposure view
+//! after each policy change.
+
+pub mod enrich;
+pub mod exposure;
+pub mod listeners;
+pub mod subscribers;
+
+use std::{collections::BTreeMap, io, time::SystemTime};
+
+use anyhow::Context as _;
+
+use self::{
+    enrich::Enriched,
+    exposure::ExposureView,
+    listeners::Listeners,
+    subscribers::{Subscriber, Subscribers},
+};
+use crate::{
+    metrics::Tally,
+    model::{Event, EventKind, Exposure, Listener, ListenerEvent, Origin, Proto},
+    sinks::{Format, Sink, Summary},
+    snapshot,
+    sys::{Clock, monotonic_ns},
+};
+
+/// Which listeners the user asked to see.
+#[derive(Clone, Debug, Default)]
+pub struct Filter {
+    pub ports: Vec<u16>,
+    pub proto: Option<Proto>,
+}
+
+impl Filter {
+    pub fn matches(&self, l: &Listener) -> bool {
+        (self.ports.is_empty() || self.ports.contains(&l.port))
+            && self.proto.is_none_or(|p| p == l.proto)
+    }
+}
+
+pub struct Pipeline {
+    sink: Box<dyn Sink>,
+    filter: Filter,
+    listeners: Listeners,
+    clock: Clock,
+    summary: Summary,
+    /// Monotonic time the snapshot finished; earlier live listens may repeat it.
+    snapshot_ns: u64,
+    /// The guard's policy, for exposure; None under `watch`.
+    exposure: Option<ExposureView>,
+    subscribers: Subscribers,
+    /// Counts for the metrics.
+    tally: Tally,
+}
+
+impl Pipeline {
+    pub fn new(sink: Box<dyn Sink>, filter: Filter) -> Self {
+        Self {
+            sink,
+            filter,
+            listeners: Listeners::default(),
+            clock: Clock::new(),
+            summary: Summary::default(),
+            snapshot_ns: 0,
+            exposure: None,
+            subscribers: Subscribers::default(),
+            tally: Tally::default(),
+        }
+    }
+
+    /// From now on, listeners get their exposure under this view.
+    pub fn set_exposure(&mut self, view: ExposureView) {
+        self.exposure = Some(view);
+    }
+
+    pub fn exposure(&self) -> Option<&ExposureView> {
+        self.exposure.as_ref()
+    }
+
+    /// Wall-clock time of a kernel timestamp (CLOCK_MONOTONIC ns).
+    pub fn wall(&self, monotonic_ns: u64) -> SystemTime {
+        self.clock.wall(monotonic_ns)
+    }
+
+    /// The listeners open now.
+    pub fn listeners(&self) -> impl Iterator<Item = &Listener> {
+        self.listeners.iter()
+    }
+
+    pub fn tally(&self) -> Tally {
+        self.tally
+    }
+
+    pub fn summary(&self) -> Summary {
+        self.summary
+    }
+
+    /// Sends one event to the sink and every follower.
+    pub fn emit(&mut self, mut event: Event) -> io::Result<()> {
+        match &mut event {
+            Event::Listener(ev) => {
+                if !self.filter.matches(&ev.listener) {
+                    return Ok(());
+                }
+                if let Some(view) = &self.exposure {
+                    ev.exposure = view.of(&ev.listener);
+                }
+                self.summary.events += 1;
+                self.tally.count_listener(ev);
+            }
+            Event::Drop(_) => self.summary.drops += 1,
+            Event::Policy(_) => self.tally.policy_changes += 1,
+            _ => {}
+        }
+        self.subscribers.send(&event);
+        self.sink.event(&event)
+    }
+
+    pub fn flush(&mut self) -> io::Result<()> {
+        self.sink.flush()
+    }
+
+    /// When the sink wants `tick` called; None: never.
+    pub fn next_tick(&self) -> Option<SystemTime> {
+        self.sink.next_tick()
+    }
+
+    pub fn tick(&mut self, now: SystemTime) -> io::Result<()> {
+        self.sink.tick(now)
+    }
+
+    /// The listeners that exist now (sock_diag, every namespace), not yet
+    /// reported; taken on a blocking thread.
+    pub async fn collect_snapshot() -> anyhow::Result<Vec<Listener>> {
+        tokio::task::spawn_blocking(snapshot::snapshot)
+            .await
+            .context("the snapshot task failed")?
+            .context("taking the start-up snapshot of listeners")
+    }
+
+    /// Reports listeners found by `collect_snapshot`.
+    pub fn emit_snapshot(&mut self, found: Vec<Listener>) -> io::Result<()> {
+        self.snapshot_ns = monotonic_ns();
+        let ts = SystemTime::now();
+        for listener in found {
+            self.listeners.insert_snapshot(listener.clone());
+            self.emit(Event::Listener(ListenerEvent {
+                ts,
+                kind: EventKind::Listen,
+                origin: Origin::Snapshot,
+                listener,
+                exposure: None,
+            }))?;
+        }
+        Ok(())
+    }
+
+    /// The `ready` line: everything is attached, what follows is live.
+    pub fn announce_ready(&mut self) -> io::Result<()> {
+        let snapshot = usize::try_from(self.summary.events).unwrap_or(usize::MAX);
+        self.emit(Event::Ready {
+            ts: SystemTime::now(),
+            snapshot,
+        })?;
+        self.flush()
+    }
+
+    /// Enriched kernel records, in the order the kernel wrote them.
+    pub fn on_listens(&mut self, batch: Vec<Enriched>) -> io::Result<()> {
+        for rec in batch {
+            let ts = self.clock.wall(rec.ts_ns);
+            let before_snapshot = rec.ts_ns <= self.snapshot_ns;
+            if let Some(ev) = self.listeners.apply(rec, ts, before_snapshot) {
+                self.emit(Event::Listener(ev))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// A ring-buffer record that could not be decoded.
+    pub fn malformed(&mut self, error: &dyn std::fmt::Display) {
+        self.summary.malformed += 1;
+        log::warn!("skipping a malformed kernel record: {error}");
+    }
+
+    /// Reports the events the kernel could not queue since the last call;
+    /// `total` is its count since start.
+    pub fn report_lost(&mut self, total: u64) -> io::Result<()> {
+        if total > self.summary.lost {
+            let count = total - self.summary.lost;
+            self.summary.lost = total;
+            self.emit(Event::Lost {
+                ts: SystemTime::now(),
+                count,
+                total,
+            })?;
+        }
+        Ok(())
+    }
+
+    /// Reports the drop reports the kernel's rate limit held back since the
+    /// last call; `total` is its count since start.
+    pub fn report_suppressed(&mut self, total: u64) -> io::Result<()> {
+        if total > self.summary.suppressed {
+            let count = total - self.summary.suppressed;
+            self.summary.suppressed = total;
+            self.emit(Event::Suppressed {
+                ts: SystemTime::now(),
+                count,
+                total,
+            })?;
+        }
+        Ok(())
+    }
+
+    /// A new follower: it starts, like `watch`, with what listens now, then
+    /// the `ready` line, then every event from here on.
+    pub fn subscribe(
+        &mut self,
+        format: Format,
+        colour: bool,
+    ) -> tokio::sync::mpsc::Receiver<String> {
+        let host_netns = self.exposure.as_ref().and_then(ExposureView::netns);
+        let (mut subscriber, rx) = Subscriber::new(format, colour, host_netns);
+        let now = SystemTime::now();
+        let mut sent = 0;
+        for l in self.listeners.iter() {
+            subscriber.send(&Event::Listener(ListenerEvent {
+                ts: now,
+                kind: EventKind::Listen,
+                origin: Origin::Snapshot,
+                listener: l.clone(),
+                exposure: self.exposure.as_ref().and_then(|v| v.of(l)),
+            }));
+            sent += 1;
+        }
+        subscriber.send(&Event::Ready {
+            ts: now,
+            snapshot: sent,
+        });
+        self.subscribers.add(subscriber);
+        rx
+    }
+
+    /// Listeners per exposure, for the metrics: "unknown" for other
+    /// namespaces (or when no guard runs).
+    pub fn listeners_by_exposure(&self) -> BTreeMap<&'static str, u64> {
+        let mut counts: BTreeMap<&'static str, u64> = BTreeMap::new();
+        if self.exposure.is_some() {
+            for e in [Exposure::Exposed, Exposure::Partial, Exposure::Blocked] {
+                counts.insert(e.as_str(), 0);
+            }
+        }
+        counts.insert("unknown", 0);
+        for l in self.listeners.iter() {
+            let name = self
+                .exposure
+                .as_ref()
+                .and_then(|v| v.of(l))
+                .map_or("unknown", Exposure::as_str);
+            *counts.entry(name).or_insert(0) += 1;
+        }
+        counts
+    }
+
+    /// Writes the summary; a closed pipe (e.g. `| head`) is not an error.
+    pub fn finish(&mut self) -> anyhow::Result<Summary> {
+        self.summary.listening = self.listeners.len();
+        let summary = self.summary;
+        match self.sink.summary(&summary) {
+            Err(e) if e.kind() == io::ErrorKind::BrokenPipe => Ok(summary),
+            other => other.map(|()| summary).context("writing the event stream"),
+        }
+    }
+}
