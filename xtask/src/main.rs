@@ -2,6 +2,7 @@
 
 mod bench;
 mod build;
+mod cargo_deb;
 mod deploy_tools;
 mod fuzz;
 mod package;
