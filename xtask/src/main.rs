@@ -6,6 +6,7 @@ mod cargo_deb;
 mod deploy_tools;
 mod fuzz;
 mod package;
+mod procstat;
 mod run;
 mod setup;
 mod soak;

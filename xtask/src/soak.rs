@@ -24,8 +24,7 @@ use std::{
     fmt::Write as _,
     fs::File,
     io::{BufRead as _, BufReader, BufWriter, ErrorKind, Read as _, Write as _},
-    net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener, TcpStream, UdpSocket},
-    os::fd::AsRawFd as _,
+    net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener, TcpStream, UdpSocket},
     path::{Path, PathBuf},
     process::{Command, Stdio},
     sync::{
@@ -34,20 +33,21 @@ use std::{
         mpsc,
     },
     thread::JoinHandle,
-    time::{Duration, Instant, SystemTime},
+    time::{Duration, Instant},
 };
 
 use anyhow::{Context as _, Result, bail, ensure};
+use portwatch_lab::{
+    ChildGuard, Lab, find_in_path, line_reader, netns::nsenter, require_tools, run_bounded,
+    wait_line,
+};
 use serde_json::{Value, json};
 
 use crate::{
-    bench::{
-        Ctx,
-        host::memory_mb,
-        machine,
-        veth::{Guard, Lab, Proc, line_reader, output_within, proc_cpu_seconds, wait_line},
-    },
-    build, setup, util,
+    bench::{attach::start_guard, machine},
+    build,
+    procstat::{memory_mb, proc_cpu_seconds},
+    setup, util,
 };
 
 /// Permitted by the policy, a server answers "hi".
@@ -114,20 +114,6 @@ fn catch_signals() -> Result<()> {
     Ok(())
 }
 
-/// Moves the calling thread into the network namespace `/run/netns/NAME`;
-/// sockets it creates from then on live there.
-fn enter_netns(name: &str) -> Result<()> {
-    let path = format!("/run/netns/{name}");
-    let ns = File::open(&path).with_context(|| format!("opening {path}"))?;
-    // SAFETY: setns reads only the descriptor, which `ns` keeps open for the
-    // call; it changes this thread's network namespace and no memory.
-    let rc = unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) };
-    if rc != 0 {
-        return Err(std::io::Error::last_os_error()).with_context(|| format!("setns({path})"));
-    }
-    Ok(())
-}
-
 /// Sleeps until `at` in short steps; false if the run is stopping.
 fn sleep_until(at: Instant) -> bool {
     loop {
@@ -169,13 +155,12 @@ struct Servers {
 }
 
 impl Servers {
-    /// Binds every server socket in `ns` (0.0.0.0) and serves each on a
+    /// Binds every server socket in the namespace at `netns` (0.0.0.0) and serves each on a
     /// thread until [`Servers::stop`].
-    fn start(ns: &str) -> Result<Self> {
-        let ns = ns.to_string();
+    fn start(netns: &Path) -> Result<Self> {
         let (tcp, udp) = std::thread::scope(|s| {
             s.spawn(|| -> Result<_> {
-                enter_netns(&ns)?;
+                portwatch_lab::netns::enter(netns)?;
                 let any = |port| SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, port));
                 let tcp = [TCP_OPEN, TCP_DENIED, TCP_FLIP].map(|port| {
                     TcpListener::bind(any(port)).with_context(|| format!("tcp/{port}"))
@@ -394,13 +379,14 @@ struct Progress {
     probes: AtomicU64,
 }
 
-/// One thread per probe kind in namespace `ns`, until the run stops.
+/// One thread per probe kind in the namespace at `netns`, until the run
+/// stops.
 fn spawn_traffic(
-    ns: &str,
-    server: Ipv4Addr,
+    netns: &Path,
+    server: IpAddr,
     progress: &Arc<Progress>,
 ) -> Vec<JoinHandle<Result<(&'static str, Tally)>>> {
-    let at = |port| SocketAddr::V4(SocketAddrV4::new(server, port));
+    let at = |port| SocketAddr::new(server, port);
     let kinds: [(&'static str, SocketAddr); 5] = [
         ("tcp_open", at(TCP_OPEN)),
         ("tcp_denied", at(TCP_DENIED)),
@@ -411,10 +397,10 @@ fn spawn_traffic(
     kinds
         .into_iter()
         .map(|(kind, to)| {
-            let ns = ns.to_string();
+            let netns = netns.to_path_buf();
             let progress = progress.clone();
             std::thread::spawn(move || -> Result<(&'static str, Tally)> {
-                enter_netns(&ns)?;
+                portwatch_lab::netns::enter(&netns)?;
                 let mut tally = Tally::default();
                 let any = SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 0));
                 let socket = UdpSocket::bind(any).context("a UDP client socket")?;
@@ -464,13 +450,13 @@ struct ChurnProc {
 /// `listeners.py --churn` processes in the server namespace, one after
 /// another, TCP and UDP in turn, until the run stops.
 fn spawn_churn(
-    ns: String,
+    netns: PathBuf,
     fixture: PathBuf,
     errors: PathBuf,
     progress: Arc<Progress>,
 ) -> JoinHandle<Result<Vec<ChurnProc>>> {
     std::thread::spawn(move || -> Result<Vec<ChurnProc>> {
-        let python = util::find_in_path("python3").context("python3 not found")?;
+        let python = find_in_path("python3").context("python3 not found")?;
         let mut done = Vec::new();
         let mut tick = Instant::now();
         let mut k = 0u64;
@@ -482,10 +468,8 @@ fn spawn_churn(
                 .append(true)
                 .open(&errors)
                 .with_context(|| format!("opening {}", errors.display()))?;
-            let mut cmd = Command::new("nsenter");
-            cmd.arg(format!("--net=/run/netns/{ns}"))
-                .arg(&python)
-                .arg(&fixture)
+            let mut cmd = nsenter(&netns, &python);
+            cmd.arg(&fixture)
                 .args(["--churn", &CHURN_PER_PROC.to_string(), proto])
                 .stdin(Stdio::piped())
                 .stdout(Stdio::piped())
@@ -512,7 +496,7 @@ fn spawn_churn(
 }
 
 fn churn_once(cmd: &mut Command, proto: &'static str) -> Result<ChurnProc> {
-    let mut proc = Proc::spawn(cmd)?;
+    let mut proc = ChildGuard::spawn(cmd)?;
     let mut stdin = proc.0.stdin.take().context("no stdin pipe")?;
     let lines = line_reader(proc.0.stdout.take().context("no stdout pipe")?);
     let limit = Duration::from_secs(60);
@@ -557,8 +541,8 @@ fn spawn_flips(portwatch: PathBuf, socket: PathBuf, progress: Arc<Progress>) -> 
             let verb = if allowed { "deny" } else { "allow" };
             let mut cmd = Command::new(&portwatch);
             cmd.args([verb, &spec]).arg("--socket").arg(&socket);
-            match output_within(&mut cmd, Duration::from_secs(10)) {
-                Ok(out) if out.status.success() => {
+            match run_bounded(&mut cmd, None, Duration::from_secs(10), None) {
+                Ok(out) if out.success() => {
                     allowed = !allowed;
                     if allowed {
                         flips.allow += 1;
@@ -572,8 +556,8 @@ fn spawn_flips(portwatch: PathBuf, socket: PathBuf, progress: Arc<Progress>) -> 
                     flips.failure_example.get_or_insert_with(|| {
                         format!(
                             "`portwatch {verb} {spec}`: {}: {}",
-                            util::describe(out.status),
-                            String::from_utf8_lossy(&out.stderr).trim()
+                            out.describe(),
+                            out.stderr.trim()
                         )
                     });
                 }
@@ -592,10 +576,7 @@ fn spawn_flips(portwatch: PathBuf, socket: PathBuf, progress: Arc<Progress>) -> 
 
 /// Copies the guard's JSON Lines to `path` as they come, until its stdout
 /// closes; the number of lines.
-fn spawn_capture(
-    lines: mpsc::Receiver<(SystemTime, String)>,
-    path: PathBuf,
-) -> JoinHandle<Result<u64>> {
+fn spawn_capture(lines: portwatch_lab::Lines, path: PathBuf) -> JoinHandle<Result<u64>> {
     std::thread::spawn(move || -> Result<u64> {
         let file = File::create(&path).with_context(|| format!("creating {}", path.display()))?;
         let mut out = BufWriter::new(file);
@@ -749,12 +730,7 @@ pub fn soak(minutes: u64) -> Result<()> {
     let root = util::workspace_root();
     setup::ensure()?;
     let portwatch = build::build_portwatch(true)?;
-    for tool in ["python3", "nsenter", "ip"] {
-        ensure!(
-            util::find_in_path(tool).is_some(),
-            "{tool} not found (run `cargo xtask setup`)"
-        );
-    }
+    require_tools(&["python3", "nsenter", "ip"])?;
     catch_signals()?;
     let duration = Duration::from_secs(minutes * 60);
     util::header(&format!("soak: {minutes} min"));
@@ -797,40 +773,32 @@ fn run(root: &Path, portwatch: &Path, duration: Duration) -> Result<Report> {
     // Declared first, dropped last: the namespaces go after everything
     // that runs in them.
     let lab = Lab::new().context("creating the lab")?;
-    let server_ip: Ipv4Addr = lab
-        .server_ip()
-        .parse()
-        .context("the lab's server address")?;
+    lab.pin_neighbours()?;
     let netns = lab.server.inode()?;
-    let ctx = Ctx {
-        root: root.to_path_buf(),
-        portwatch: portwatch.to_path_buf(),
-        quick: false,
-    };
     // Pins under a unique /sys/fs/bpf directory, socket and policy in a
     // temporary directory: the host's guard paths are never touched.
-    let mut guard = Guard::start(&ctx, &lab, "native", &ALLOW).context("starting the guard")?;
+    let mut guard = start_guard(portwatch, &lab, "native", &ALLOW).context("starting the guard")?;
     let pid = guard.pid();
     let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
     ensure!(
         comm.trim() == "portwatch",
         "pid {pid} is {comm:?}, not the guard"
     );
-    let stream_path = lab.dir.path("guard.jsonl");
+    let stream_path = lab.dir.join("guard.jsonl");
     let lines = std::mem::replace(&mut guard.lines, mpsc::channel().1);
     let capture = spawn_capture(lines, stream_path.clone());
-    let mut servers = Servers::start(&lab.server.name)?;
+    let mut servers = Servers::start(&lab.server.path())?;
 
     let progress = Arc::new(Progress::default());
     let t0 = Instant::now();
     let churn = spawn_churn(
-        lab.server.name.clone(),
+        lab.server.path(),
         root.join("tests/fixtures/listeners.py"),
-        lab.dir.path("churn.err"),
+        lab.dir.join("churn.err"),
         progress.clone(),
     );
     let flips = spawn_flips(portwatch.to_path_buf(), guard.socket(), progress.clone());
-    let traffic = spawn_traffic(&lab.client.name, server_ip, &progress);
+    let traffic = spawn_traffic(&lab.client.path(), lab.server_v4(), &progress);
     let cpu0 = proc_cpu_seconds(pid)?;
 
     let mut samples = Vec::new();
