@@ -12,7 +12,7 @@ use serde_json::{Value, json};
 use super::{
     Ctx, Section,
     attach::{attach_bare, bare_program, start_guard},
-    stats::{column, median, rotated, spread, stats_json, verdict},
+    stats::{column, config_table, median, rotated, spread, stats_json, verdict},
 };
 
 const IPERF_PORT: u16 = 5201;
@@ -216,36 +216,32 @@ pub fn run(ctx: &Ctx) -> Result<Section> {
     let base_rate = median(&rate(0));
     let native_ratio = median(&gbit(2)) / base_gbit;
 
-    let mut md = String::from(
+    let (mut md, json_configs) = config_table(
         "| configuration | TCP Gbit/s: median (min–max) | vs none | transactions/s: median (min–max) | vs none | p50 µs | p50 vs none | p99 µs |\n\
          |---|---|---|---|---|---|---|---|\n",
-    );
-    let mut json_configs = serde_json::Map::new();
-    for (i, config) in CONFIGS.iter().enumerate() {
-        let _ = writeln!(
-            md,
-            "| {} | {} | {:.3}× | {} | {:.3}× | {:.1} | {:.3}× | {:.1} |",
-            config.label(),
-            spread(&gbit(i), 2),
-            median(&gbit(i)) / base_gbit,
-            spread(&rate(i), 0),
-            median(&rate(i)) / base_rate,
-            median(&p50(i)),
-            median(&p50(i)) / median(&p50(0)),
-            median(&p99(i)),
-        );
-        json_configs.insert(
-            config.key().into(),
-            json!({
+        CONFIGS.iter().enumerate().map(|(i, config)| {
+            let row = format!(
+                "| {} | {} | {:.3}× | {} | {:.3}× | {:.1} | {:.3}× | {:.1} |",
+                config.label(),
+                spread(&gbit(i), 2),
+                median(&gbit(i)) / base_gbit,
+                spread(&rate(i), 0),
+                median(&rate(i)) / base_rate,
+                median(&p50(i)),
+                median(&p50(i)) / median(&p50(0)),
+                median(&p99(i)),
+            );
+            let json = json!({
                 "label": config.label(),
                 "tcp_gbit_per_s": stats_json(&gbit(i)),
                 "tcp_retransmits": stats_json(&col(i, |s| s.retrans)),
                 "rr_transactions_per_s": stats_json(&rate(i)),
                 "rr_p50_us": stats_json(&p50(i)),
                 "rr_p99_us": stats_json(&p99(i)),
-            }),
-        );
-    }
+            });
+            (config.key(), row, json)
+        }),
+    );
     let met = native_ratio >= 0.98;
     let _ = writeln!(
         md,

@@ -2,7 +2,7 @@
 //! tables and latest.json give of them (median and spread).
 
 use anyhow::Result;
-use serde_json::{Value, json};
+use serde_json::{Map, Value, json};
 
 /// Runs `measure(round, config)` for every configuration in each of
 /// `rounds` rounds, each round starting one configuration later than the
@@ -77,6 +77,23 @@ pub fn stats_json(xs: &[f64]) -> Value {
     json!({"median": median(xs), "min": lo, "max": hi, "samples": xs})
 }
 
+/// A table with a row per configuration: the markdown (`header`, then the
+/// rows) and latest.json's object of the configurations by key. `rows`:
+/// each configuration's key, markdown row and JSON.
+pub fn config_table(
+    header: &str,
+    rows: impl IntoIterator<Item = (&'static str, String, Value)>,
+) -> (String, Map<String, Value>) {
+    let mut md = header.to_string();
+    let mut configs = Map::new();
+    for (key, row, json) in rows {
+        md.push_str(&row);
+        md.push('\n');
+        configs.insert(key.into(), json);
+    }
+    (md, configs)
+}
+
 /// "met" / "MISSED".
 pub fn verdict(met: bool) -> &'static str {
     if met { "met" } else { "MISSED" }
@@ -100,6 +117,19 @@ mod tests {
     fn spread_is_median_and_range() {
         assert_eq!(spread(&[3.0, 1.0, 2.0], 1), "2.0 (1.0–3.0)");
         assert_eq!(spread(&[], 0), "0 (0–0)");
+    }
+
+    #[test]
+    fn config_tables_have_a_row_and_an_entry_each() {
+        let (md, json) = config_table(
+            "| a |\n",
+            [
+                ("x", "| 1 |".to_string(), json!(1)),
+                ("y", "| 2 |".to_string(), json!(2)),
+            ],
+        );
+        assert_eq!(md, "| a |\n| 1 |\n| 2 |\n");
+        assert_eq!(Value::Object(json), json!({"x": 1, "y": 2}));
     }
 
     #[test]

@@ -20,7 +20,7 @@ use self::{
 use super::{
     Ctx, Section,
     attach::bare_program,
-    stats::{column, median, rotated, spread, stats_json, verdict},
+    stats::{column, config_table, median, rotated, spread, stats_json, verdict},
 };
 
 pub fn run(ctx: &Ctx) -> Result<Section> {
@@ -101,34 +101,29 @@ fn report(rounds: usize, n: u64, samples: &[Vec<Sample>]) -> Section {
         ),
     ];
 
-    let mut md = String::new();
-    md.push_str(
+    let (mut md, configs_json) = config_table(
         "| configuration | packets/s: median (min–max) | vs none | CPU ns/packet: median \
          (min–max) | vs bare XDP_DROP | machine-wide busy ns/packet |\n\
          |---|---|---|---|---|---|\n",
-    );
-    let mut configs_json = serde_json::Map::new();
-    for (i, config) in CONFIGS.iter().enumerate() {
-        let _ = writeln!(
-            md,
-            "| {} | {} | {:.2}× | {} | {:.3}× | {} |",
-            config.label(),
-            spread(&pps[i], 0),
-            median(&pps[i]) / med_pps(Config::None),
-            spread(&cpu[i], 0),
-            median(&cpu[i]) / med_cpu(Config::BareDrop),
-            spread(&total[i], 0),
-        );
-        configs_json.insert(
-            config.key().into(),
-            json!({
+        CONFIGS.iter().enumerate().map(|(i, config)| {
+            let row = format!(
+                "| {} | {} | {:.2}× | {} | {:.3}× | {} |",
+                config.label(),
+                spread(&pps[i], 0),
+                median(&pps[i]) / med_pps(Config::None),
+                spread(&cpu[i], 0),
+                median(&cpu[i]) / med_cpu(Config::BareDrop),
+                spread(&total[i], 0),
+            );
+            let json = json!({
                 "label": config.label(),
                 "packets_per_s": stats_json(&pps[i]),
                 "cpu_ns_per_packet": stats_json(&cpu[i]),
                 "machine_busy_ns_per_packet": stats_json(&total[i]),
-            }),
-        );
-    }
+            });
+            (config.key(), row, json)
+        }),
+    );
     let _ = writeln!(
         md,
         "\nMethod: {rounds} rounds × {n} TCP SYNs to port {FLOOD_PORT} (varying source \
