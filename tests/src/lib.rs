@@ -6,14 +6,14 @@ pub mod frames;
 pub mod net;
 pub mod reference;
 
+// The lab (namespaces, processes, commands) is shared with xtask.
+pub use portwatch_lab::{ChildGuard, Netns, run, signal, unique_name};
+
 use std::{
     io::{BufRead, BufReader},
     path::PathBuf,
-    process::{Child, Command, Stdio},
-    sync::{
-        atomic::{AtomicU32, Ordering},
-        mpsc,
-    },
+    process::{Command, Stdio},
+    sync::mpsc,
     time::{Duration, Instant},
 };
 
@@ -50,102 +50,6 @@ pub fn monotonic_ns() -> Result<u64> {
         std::io::Error::last_os_error()
     );
     Ok(u64::try_from(ts.tv_sec)? * 1_000_000_000 + u64::try_from(ts.tv_nsec)?)
-}
-
-/// A name no other test (or concurrent run) uses: tag, pid, counter.
-pub fn unique_name(tag: &str) -> String {
-    static NEXT: AtomicU32 = AtomicU32::new(0);
-    format!(
-        "pw{tag}{}x{}",
-        std::process::id(),
-        NEXT.fetch_add(1, Ordering::Relaxed)
-    )
-}
-
-/// Runs a command and fails with its stderr when it fails.
-pub fn run(cmd: &str, args: &[&str]) -> Result<String> {
-    let out = Command::new(cmd)
-        .args(args)
-        .output()
-        .with_context(|| format!("running {cmd} {args:?}"))?;
-    if !out.status.success() {
-        bail!(
-            "{cmd} {args:?} failed ({}): {}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-}
-
-/// A network namespace made for one test, deleted on drop.
-pub struct Netns {
-    pub name: String,
-}
-
-impl Netns {
-    pub fn new(tag: &str) -> Result<Self> {
-        let name = unique_name(tag);
-        run("ip", &["netns", "add", &name])?;
-        let ns = Self { name };
-        run("ip", &["-n", &ns.name, "link", "set", "lo", "up"])?;
-        Ok(ns)
-    }
-
-    /// The namespace's inode, as portwatch reports it in `netns`.
-    pub fn inode(&self) -> Result<u64> {
-        use std::os::unix::fs::MetadataExt as _;
-        Ok(std::fs::metadata(format!("/run/netns/{}", self.name))?.ino())
-    }
-
-    /// A command that runs inside the namespace.
-    pub fn command(&self, program: &str) -> Command {
-        let mut cmd = Command::new("ip");
-        cmd.args(["netns", "exec", &self.name, program]);
-        cmd
-    }
-}
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        let _ = Command::new("ip")
-            .args(["netns", "del", &self.name])
-            .status();
-    }
-}
-
-/// A child process ended by PID (SIGKILL) and reaped on drop.
-pub struct ChildGuard(pub Child);
-
-impl ChildGuard {
-    pub fn spawn(cmd: &mut Command) -> Result<Self> {
-        Ok(Self(
-            cmd.spawn().with_context(|| format!("spawning {cmd:?}"))?,
-        ))
-    }
-
-    pub fn pid(&self) -> u32 {
-        self.0.id()
-    }
-}
-
-impl Drop for ChildGuard {
-    fn drop(&mut self) {
-        if let Ok(None) = self.0.try_wait() {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
-}
-
-/// Sends a signal to a process this test started.
-pub fn signal(pid: u32, sig: i32) -> Result {
-    let pid = i32::try_from(pid).context("pid out of range")?;
-    // SAFETY: kill(2) takes plain integers; it touches no memory of ours.
-    if unsafe { libc::kill(pid, sig) } != 0 {
-        bail!("kill({pid}, {sig}): {}", std::io::Error::last_os_error());
-    }
-    Ok(())
 }
 
 /// `portwatch ARGS --json` running in the background; its JSON lines arrive

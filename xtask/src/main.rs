@@ -2,9 +2,11 @@
 
 mod bench;
 mod build;
+mod cargo_deb;
 mod deploy_tools;
 mod fuzz;
 mod package;
+mod procstat;
 mod run;
 mod setup;
 mod soak;

@@ -4,12 +4,13 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use anyhow::{Context as _, Result, bail, ensure};
+use anyhow::{Context as _, Result, ensure};
 
-use crate::{build, setup, util};
-
-/// The cargo-deb release the packaging is tested with.
-pub const CARGO_DEB_VERSION: &str = "3.8.0";
+use crate::{
+    build,
+    cargo_deb::{cargo_deb, ensure_cargo_deb},
+    setup, util,
+};
 
 /// What the package installs, generated from the clap definitions by the
 /// built binary: `target/<profile>/portwatch-docs/{man,completions}`, where
@@ -150,12 +151,6 @@ fn generate_docs(binary: &Path, dir: &Path) -> Result<()> {
     Ok(())
 }
 
-fn cargo_deb(root: &Path) -> Command {
-    let mut cmd = util::cargo(root);
-    cmd.arg("deb");
-    cmd
-}
-
 /// The packages tests/tests/package.rs installs, from the debug `binary`
 /// CI has just built: one as `cargo xtask package --debug` makes it, and
 /// the same with a higher version for the upgrade.
@@ -192,61 +187,4 @@ pub fn packages_for_tests(binary: &Path) -> Result<(PathBuf, PathBuf)> {
     )?;
     println!("packages: {} and {}", first.display(), next.display());
     Ok((first, next))
-}
-
-/// The installed cargo-deb's version, if it runs.
-fn cargo_deb_version() -> Option<String> {
-    let out = cargo_deb(&util::workspace_root())
-        .arg("--version")
-        .output()
-        .ok()?;
-    if !out.status.success() {
-        return None;
-    }
-    // "cargo-deb 3.8.0"
-    String::from_utf8_lossy(&out.stdout)
-        .split_whitespace()
-        .nth(1)
-        .map(str::to_string)
-}
-
-/// Whether the pinned cargo-deb is installed (for `setup::ensure`).
-pub fn cargo_deb_present() -> bool {
-    cargo_deb_version().as_deref() == Some(CARGO_DEB_VERSION)
-}
-
-/// Installs the pinned cargo-deb when it is missing or another version.
-pub fn ensure_cargo_deb() -> Result<()> {
-    match cargo_deb_version() {
-        Some(v) if v == CARGO_DEB_VERSION => {
-            println!("ok: cargo-deb {CARGO_DEB_VERSION}");
-            return Ok(());
-        }
-        Some(v) => println!("installing: cargo-deb {CARGO_DEB_VERSION} (found {v})"),
-        None => println!("installing: cargo-deb {CARGO_DEB_VERSION} (takes about two minutes)"),
-    }
-    let root = util::workspace_root();
-    util::run(
-        util::cargo(&root)
-            // Not from the workspace: no workspace config or toolchain applies.
-            .current_dir(std::env::temp_dir())
-            .args([
-                "install",
-                "cargo-deb",
-                "--version",
-                CARGO_DEB_VERSION,
-                "--locked",
-            ]),
-    )
-    .context("installing cargo-deb failed")?;
-    match cargo_deb_version() {
-        Some(v) if v == CARGO_DEB_VERSION => {
-            println!("ok: cargo-deb {CARGO_DEB_VERSION} (installed)");
-            Ok(())
-        }
-        other => bail!(
-            "cargo install succeeded, but `cargo deb --version` reports {other:?}; \
-             is another cargo-deb earlier on PATH?"
-        ),
-    }
 }

@@ -71,7 +71,7 @@ pub fn setup() -> Result<()> {
     ensure_packages()?;
     ensure_bpf_linker()?;
     ensure_bpf_toolchain()?;
-    crate::package::ensure_cargo_deb()?;
+    crate::cargo_deb::ensure_cargo_deb()?;
     crate::deploy_tools::ensure()?;
     Ok(())
 }
@@ -103,8 +103,8 @@ fn missing_items() -> Result<Vec<String>> {
     if !Path::new(RUST_LIBRARY_SRC).is_dir() {
         missing.push(format!("Rust library source ({RUST_LIBRARY_SRC})"));
     }
-    if !crate::package::cargo_deb_present() {
-        missing.push(format!("cargo-deb {}", crate::package::CARGO_DEB_VERSION));
+    if !crate::cargo_deb::cargo_deb_present() {
+        missing.push(format!("cargo-deb {}", crate::cargo_deb::CARGO_DEB_VERSION));
     }
     missing.extend(crate::deploy_tools::missing());
     Ok(missing)

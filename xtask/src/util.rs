@@ -1,11 +1,14 @@
 //! Paths, privileges and running commands with errors that say what failed.
 
 use std::ffi::OsString;
-use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitStatus, Output};
 
 use anyhow::{Context as _, Result, bail};
+/// "exit status 3" or "killed by signal 9".
+pub use portwatch_lab::describe_status as describe;
+/// The first executable called `name` on PATH.
+pub use portwatch_lab::find_in_path;
 
 /// The workspace root (the parent of `xtask/`).
 pub fn workspace_root() -> PathBuf {
@@ -55,20 +58,6 @@ pub fn is_root() -> Result<bool> {
     Ok(euid == "0")
 }
 
-/// The first executable called `name` on PATH.
-pub fn find_in_path(name: &str) -> Option<PathBuf> {
-    let path = std::env::var_os("PATH")?;
-    std::env::split_paths(&path)
-        .map(|dir| dir.join(name))
-        .find(|candidate| is_executable(candidate))
-}
-
-fn is_executable(path: &Path) -> bool {
-    use std::os::unix::fs::PermissionsExt as _;
-    path.metadata()
-        .is_ok_and(|meta| meta.is_file() && meta.permissions().mode() & 0o111 != 0)
-}
-
 /// Where `cargo install` puts binaries: `$CARGO_HOME/bin` or `~/.cargo/bin`.
 pub fn cargo_bin_dir() -> Option<PathBuf> {
     if let Some(home) = std::env::var_os("CARGO_HOME").filter(|h| !h.is_empty()) {
@@ -110,22 +99,13 @@ pub fn cargo(root: &Path) -> Command {
 
 /// The command line for messages, e.g. `cargo build -p portwatch`.
 pub fn display(cmd: &Command) -> String {
+    let line = portwatch_lab::command_line(cmd);
     let program = cmd.get_program().to_string_lossy();
     // Show `cargo` rather than the toolchain path CARGO points at.
-    let mut line = if program.ends_with("/cargo") {
-        "cargo".to_string()
-    } else {
-        program.into_owned()
-    };
-    for arg in cmd.get_args() {
-        let arg = arg.to_string_lossy();
-        if arg.is_empty() || arg.contains(|c: char| c.is_whitespace() || c == '\'') {
-            let _ = write!(line, " '{}'", arg.replace('\'', r"'\''"));
-        } else {
-            let _ = write!(line, " {arg}");
-        }
+    match line.strip_prefix(&*program) {
+        Some(args) if program.ends_with("/cargo") => format!("cargo{args}"),
+        _ => line,
     }
-    line
 }
 
 /// Runs `cmd` with inherited stdio and fails unless it exits with status 0.
@@ -163,16 +143,6 @@ fn start_error(cmd: &Command) -> String {
         display(cmd),
         cmd.get_program().to_string_lossy()
     )
-}
-
-/// "exit status 3" or "killed by signal 9".
-pub fn describe(status: ExitStatus) -> String {
-    use std::os::unix::process::ExitStatusExt as _;
-    match (status.code(), status.signal()) {
-        (Some(code), _) => format!("exit status {code}"),
-        (None, Some(signal)) => format!("killed by signal {signal}"),
-        (None, None) => status.to_string(),
-    }
 }
 
 /// Prints a step header so CI logs show where each step starts.

@@ -11,19 +11,19 @@ use std::{
     fmt::Write as _,
     path::Path,
     process::{Command, Stdio},
-    sync::mpsc,
-    time::{Duration, Instant, SystemTime},
+    time::{Duration, Instant},
 };
 
 use anyhow::{Context as _, Result, bail};
+use portwatch_lab::{ChildGuard, Lines, line_reader, run_bounded, run_within};
 use serde_json::{Value, json};
 
 use super::{
-    Ctx, Section, median,
+    Ctx, Section,
+    stats::{column, median, spread, stats_json, verdict},
     verdict::{kernel_worker, worker_json},
-    veth::{Proc, line_reader, output_within, proc_cpu_seconds, spread, stats_json, verdict},
 };
-use crate::util;
+use crate::procstat::{memory_mb, proc_cpu_seconds};
 
 /// Idle targets.
 const MAX_IDLE_RSS_MB: f64 = 20.0;
@@ -47,8 +47,8 @@ const HOOKS: [&str; 4] = [
 
 /// `portwatch watch --json --no-snapshot --local`, its lines drained.
 struct Monitor {
-    proc: Proc,
-    lines: mpsc::Receiver<(SystemTime, String)>,
+    proc: ChildGuard,
+    lines: Lines,
 }
 
 impl Monitor {
@@ -58,7 +58,7 @@ impl Monitor {
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::null());
-        let mut proc = Proc::spawn(&mut cmd)?;
+        let mut proc = ChildGuard::spawn(&mut cmd)?;
         let stdout = proc.0.stdout.take().context("no stdout pipe")?;
         let lines = line_reader(stdout);
         let deadline = Instant::now() + Duration::from_secs(30);
@@ -97,7 +97,10 @@ impl Monitor {
         }
         match status {
             Some(s) if s.success() => Ok(summary),
-            Some(s) => bail!("`portwatch watch` exited with {}", util::describe(s)),
+            Some(s) => bail!(
+                "`portwatch watch` exited with {}",
+                portwatch_lab::describe_status(s)
+            ),
             None => bail!("`portwatch watch` did not stop on SIGINT within 10 s; killed"),
         }
     }
@@ -107,28 +110,18 @@ fn is_event(line: &str) -> bool {
     line.contains(r#""event":"listen""#) || line.contains(r#""event":"close""#)
 }
 
-/// VmRSS and VmHWM of a process, MB.
-pub(crate) fn memory_mb(pid: u32) -> Result<(f64, f64)> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .with_context(|| format!("reading /proc/{pid}/status"))?;
-    let kb = |field: &str| -> Result<f64> {
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix(field))
-            .and_then(|v| v.split_whitespace().next())
-            .and_then(|v| v.parse::<f64>().ok())
-            .with_context(|| format!("no {field} in /proc/{pid}/status"))
-    };
-    Ok((kb("VmRSS:")? / 1024.0, kb("VmHWM:")? / 1024.0))
-}
-
 /// Monitor hooks attached by anyone (links to programs named as
 /// portwatch's); None when bpftool cannot tell.
 fn attached_hooks() -> Option<usize> {
     let json = |args: &[&str]| -> Option<Value> {
-        let out =
-            output_within(Command::new("bpftool").args(args), Duration::from_secs(20)).ok()?;
-        serde_json::from_slice(&out.stdout).ok()
+        let out = run_bounded(
+            Command::new("bpftool").args(args),
+            None,
+            Duration::from_secs(20),
+            None,
+        )
+        .ok()?;
+        serde_json::from_str(&out.stdout).ok()
     };
     let progs = json(&["-j", "prog", "show"])?;
     let links = json(&["-j", "link", "show"])?;
@@ -154,15 +147,7 @@ fn attached_hooks() -> Option<usize> {
 fn calls(worker: &Path, cycles: u32) -> Result<Value> {
     let mut cmd = Command::new(worker);
     cmd.args(["calls", "--cycles", &cycles.to_string()]);
-    let out = output_within(&mut cmd, Duration::from_secs(300))?;
-    if !out.status.success() {
-        bail!(
-            "kernel_worker calls failed ({}): {}",
-            util::describe(out.status),
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    worker_json(&String::from_utf8_lossy(&out.stdout))
+    worker_json(&run_within(&mut cmd, Duration::from_secs(300))?)
 }
 
 /// One burst with the monitor running.
@@ -281,8 +266,8 @@ pub fn run(ctx: &Ctx) -> Result<Section> {
     );
     let mut calls_json = serde_json::Map::new();
     for (key, stat, label) in CALLS {
-        let off: Vec<f64> = without.iter().map(|c| figure(c, key, stat)).collect();
-        let on: Vec<f64> = with.iter().map(|b| figure(&b.calls, key, stat)).collect();
+        let off = column(&without, |c| figure(c, key, stat));
+        let on = column(&with, |b| figure(&b.calls, key, stat));
         let (m_off, m_on) = (median(&off), median(&on));
         let _ = writeln!(
             md,
@@ -304,18 +289,12 @@ pub fn run(ctx: &Ctx) -> Result<Section> {
         );
     }
 
-    let cpu: Vec<f64> = with.iter().map(|b| b.cpu_s).collect();
-    let events: Vec<f64> = with.iter().map(|b| b.events as f64).collect();
-    let us_per_event: Vec<f64> = with
-        .iter()
-        .map(|b| b.cpu_s * 1e6 / (b.events.max(1) as f64))
-        .collect();
-    let rss: Vec<f64> = with.iter().map(|b| b.rss_mb).collect();
-    let hwm: Vec<f64> = with.iter().map(|b| b.hwm_mb).collect();
-    let lost: Vec<f64> = with
-        .iter()
-        .map(|b| b.summary["lost"].as_f64().unwrap_or(0.0))
-        .collect();
+    let cpu = column(&with, |b| b.cpu_s);
+    let events = column(&with, |b| b.events as f64);
+    let us_per_event = column(&with, |b| b.cpu_s * 1e6 / (b.events.max(1) as f64));
+    let rss = column(&with, |b| b.rss_mb);
+    let hwm = column(&with, |b| b.hwm_mb);
+    let lost = column(&with, |b| b.summary["lost"].as_f64().unwrap_or(0.0));
     let idle_cpu = idle_json["cpu_s"].as_f64().unwrap_or(f64::NAN);
     let idle_rss = idle_json["rss_mb"].as_f64().unwrap_or(f64::NAN);
     let idle_cpu_met = idle_cpu == 0.0;

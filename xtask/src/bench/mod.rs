@@ -6,9 +6,11 @@
 //! that fails is recorded as failed (with the error) and the run goes on, so
 //! one missing tool does not cost the other figures.
 
+pub mod attach;
 pub mod host;
 pub mod monitor;
 pub mod permitted;
+pub mod stats;
 pub mod verdict;
 pub mod veth;
 
@@ -128,41 +130,4 @@ fn machine_line() -> String {
         m["cores"],
         m["kernel"].as_str().unwrap_or("?")
     )
-}
-
-/// Median of a sample (sorted copy); 0 for an empty one.
-pub fn median(xs: &[f64]) -> f64 {
-    let mut v: Vec<f64> = xs.to_vec();
-    v.sort_by(|a, b| a.total_cmp(b));
-    match v.len() {
-        0 => 0.0,
-        n if n % 2 == 1 => v[n / 2],
-        n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
-    }
-}
-
-/// Value at quantile `q` (0..=1) of a sample, nearest rank.
-pub fn quantile(xs: &[f64], q: f64) -> f64 {
-    let mut v: Vec<f64> = xs.to_vec();
-    v.sort_by(|a, b| a.total_cmp(b));
-    if v.is_empty() {
-        return 0.0;
-    }
-    let idx = ((q * v.len() as f64).ceil() as usize).clamp(1, v.len()) - 1;
-    v[idx]
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn median_and_quantiles() {
-        assert_eq!(median(&[3.0, 1.0, 2.0]), 2.0);
-        assert_eq!(median(&[4.0, 1.0, 2.0, 3.0]), 2.5);
-        assert_eq!(median(&[]), 0.0);
-        let xs: Vec<f64> = (1..=100).map(f64::from).collect();
-        assert_eq!(quantile(&xs, 0.99), 99.0);
-        assert_eq!(quantile(&xs, 0.5), 50.0);
-    }
 }

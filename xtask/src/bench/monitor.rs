@@ -13,23 +13,20 @@ use std::{
     io::Write as _,
     path::PathBuf,
     process::{ChildStdin, Command, Stdio},
-    sync::mpsc,
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
 use anyhow::{Context as _, Result, bail, ensure};
+use portwatch_lab::{
+    ChildGuard, Lines, Netns, TempDir, line_reader, require_tools, run_bounded, wait_line,
+};
 use serde_json::{Value, json};
 
 use super::{
-    Ctx, Section, median, quantile,
-    veth::{
-        Netns, Proc, TempDir, line_reader, output_within, proc_cpu_seconds, spread, stats_json,
-        verdict, wait_line,
-    },
+    Ctx, Section,
+    stats::{column, median, quantile, spread, stats_json, verdict},
 };
-use crate::util;
-
-type Lines = mpsc::Receiver<(SystemTime, String)>;
+use crate::procstat::proc_cpu_seconds;
 
 /// Binds `n` TCP sockets (raising RLIMIT_NOFILE first), says "bound", and on
 /// "go" calls listen() on each, noting CLOCK_REALTIME just before; writes
@@ -68,7 +65,7 @@ const BPFTRACE: &str = r#"tracepoint:sock:inet_sock_set_state /args->newstate ==
 /// Listener processes in `ns`, `per` sockets each on 127.0.0.1, ports from
 /// `FIRST_PORT` on. Killed on drop if still running.
 struct Listeners {
-    procs: Vec<(Proc, ChildStdin, Lines)>,
+    procs: Vec<(ChildGuard, ChildStdin, Lines)>,
     files: Vec<PathBuf>,
 }
 
@@ -81,18 +78,18 @@ impl Listeners {
             files: Vec::new(),
         };
         for k in 0..procs {
-            let file = dir.path(&format!("{tag}-{k}.stamps"));
+            let file = dir.join(format!("{tag}-{k}.stamps"));
             let base = FIRST_PORT + k * per;
-            let mut cmd = ns.exec("python3");
+            let mut cmd = ns.command("python3");
             // From a file: the command line portwatch reports stays short,
             // as a real server's is.
-            cmd.arg(dir.path("listener.py"))
+            cmd.arg(dir.join("listener.py"))
                 .args([&per.to_string(), "127.0.0.1", &base.to_string()])
                 .arg(&file)
                 .stdin(Stdio::piped())
                 .stdout(Stdio::piped())
                 .stderr(Stdio::inherit());
-            let mut proc = Proc::spawn(&mut cmd)?;
+            let mut proc = ChildGuard::spawn(&mut cmd)?;
             let stdin = proc.0.stdin.take().context("no stdin pipe")?;
             let lines = line_reader(proc.0.stdout.take().context("no stdout pipe")?);
             me.procs.push((proc, stdin, lines));
@@ -182,12 +179,61 @@ fn collect(
     seen.into_values().collect()
 }
 
+/// What a watcher made of one burst.
+struct Watched {
+    /// Listen→read latencies, µs, one per port seen.
+    lat_us: Vec<f64>,
+    /// The watcher's lines that were not burst events.
+    other: Vec<String>,
+    seconds: f64,
+    /// The watcher's CPU time over the burst.
+    cpu_s: f64,
+}
+
+/// Starts the burst of `listeners` under a watcher (pid `watcher`, its
+/// output on `lines`) and reads its events; `port_of` picks the port out
+/// of a line that is a burst event.
+fn watch(
+    listeners: &mut Listeners,
+    watcher: u32,
+    lines: &Lines,
+    port_of: impl FnMut(&str) -> Option<u16>,
+) -> Result<Watched> {
+    let cpu0 = proc_cpu_seconds(watcher)?;
+    let t0 = Instant::now();
+    listeners.go()?;
+    listeners.wait_done()?;
+    let stamps = listeners.stamps()?;
+    let mut other = Vec::new();
+    let lat_us = collect(lines, &stamps, port_of, &mut other);
+    let seconds = t0.elapsed().as_secs_f64();
+    let cpu1 = proc_cpu_seconds(watcher)?;
+    Ok(Watched {
+        lat_us,
+        other,
+        seconds,
+        cpu_s: cpu1 - cpu0,
+    })
+}
+
 struct Burst {
     delivered: usize,
     lost: u64,
     lat_us: Vec<f64>,
     cpu_s: f64,
     seconds: f64,
+}
+
+impl Burst {
+    fn new(watched: Watched, lost: u64) -> Self {
+        Self {
+            delivered: watched.lat_us.len(),
+            lost,
+            lat_us: watched.lat_us,
+            cpu_s: watched.cpu_s,
+            seconds: watched.seconds,
+        }
+    }
 }
 
 fn summarise(lat: &[f64]) -> (f64, f64, f64) {
@@ -207,105 +253,76 @@ fn portwatch_burst(ctx: &Ctx, ns: &Netns, dir: &TempDir, procs: u16, per: u16) -
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit());
-    let mut pw = Proc::spawn(&mut cmd)?;
+    let mut pw = ChildGuard::spawn(&mut cmd)?;
     let lines = line_reader(pw.0.stdout.take().context("no stdout pipe")?);
     wait_line(&lines, Duration::from_secs(30), |l| {
         l.contains("\"event\":\"ready\"")
     })
     .context("portwatch watch did not get ready")?;
     let mut listeners = listeners;
-    let cpu0 = proc_cpu_seconds(pw.pid())?;
-    let t0 = Instant::now();
-    listeners.go()?;
-    listeners.wait_done()?;
-    let stamps = listeners.stamps()?;
-    let mut other = Vec::new();
-    let lat = collect(
-        &lines,
-        &stamps,
-        |line| {
-            if !line.contains("\"event\":\"listen\"") {
-                return None;
-            }
-            let v: Value = serde_json::from_str(line).ok()?;
-            (v["netns"] == inode && v["origin"] == "live" && v["proto"] == "tcp")
-                .then(|| v["port"].as_u64().and_then(|p| u16::try_from(p).ok()))
-                .flatten()
-        },
-        &mut other,
-    );
-    let seconds = t0.elapsed().as_secs_f64();
-    let cpu1 = proc_cpu_seconds(pw.pid())?;
+    let mut watched = watch(&mut listeners, pw.pid(), &lines, |line| {
+        if !line.contains("\"event\":\"listen\"") {
+            return None;
+        }
+        let v: Value = serde_json::from_str(line).ok()?;
+        (v["netns"] == inode && v["origin"] == "live" && v["proto"] == "tcp")
+            .then(|| v["port"].as_u64().and_then(|p| u16::try_from(p).ok()))
+            .flatten()
+    })?;
     ensure!(
         pw.interrupt(Duration::from_secs(10)).is_some(),
         "portwatch watch did not stop on SIGINT"
     );
     // The rest of its output, up to the summary.
     while let Ok((_, line)) = lines.recv_timeout(Duration::from_secs(5)) {
-        other.push(line);
+        watched.other.push(line);
     }
-    let summary: Value = other
+    let summary: Value = watched
+        .other
         .iter()
         .rev()
         .find(|l| l.contains("\"event\":\"summary\""))
         .and_then(|l| serde_json::from_str(l).ok())
         .context("no summary line from portwatch watch")?;
+    let lost = summary["lost"].as_u64().context("no lost in the summary")?;
     listeners.release()?;
-    Ok(Burst {
-        delivered: lat.len(),
-        lost: summary["lost"].as_u64().context("no lost in the summary")?,
-        lat_us: lat,
-        cpu_s: cpu1 - cpu0,
-        seconds,
-    })
+    Ok(Burst::new(watched, lost))
 }
 
 /// The same burst under bpftrace.
 fn bpftrace_burst(ns: &Netns, dir: &TempDir, procs: u16, per: u16) -> Result<Burst> {
     let listeners = Listeners::spawn(ns, dir, procs, per, "bt")?;
-    let err = std::fs::File::create(dir.path("bpftrace.err"))?;
+    let err = std::fs::File::create(dir.join("bpftrace.err"))?;
     let mut cmd = Command::new("bpftrace");
     cmd.args(["-B", "line", "-e", BPFTRACE])
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(err);
-    let mut bt = Proc::spawn(&mut cmd)?;
+    let mut bt = ChildGuard::spawn(&mut cmd)?;
     let lines = line_reader(bt.0.stdout.take().context("no stdout pipe")?);
     if let Err(e) = wait_line(&lines, Duration::from_secs(60), |l| {
         l.starts_with("Attaching")
     }) {
-        let err = std::fs::read_to_string(dir.path("bpftrace.err")).unwrap_or_default();
+        let err = std::fs::read_to_string(dir.join("bpftrace.err")).unwrap_or_default();
         bail!("bpftrace did not attach: {e:#}\n{err}");
     }
     // "Attaching" comes just before the attach itself.
     std::thread::sleep(Duration::from_millis(500));
     let mut listeners = listeners;
-    let cpu0 = proc_cpu_seconds(bt.pid())?;
-    let t0 = Instant::now();
-    listeners.go()?;
-    listeners.wait_done()?;
-    let stamps = listeners.stamps()?;
-    let mut other = Vec::new();
-    let lat = collect(
-        &lines,
-        &stamps,
-        |line| {
-            let mut words = line.split_whitespace();
-            let port = words.next()?.parse().ok()?;
-            words.next()?.parse::<u32>().ok()?;
-            Some(port)
-        },
-        &mut other,
-    );
-    let seconds = t0.elapsed().as_secs_f64();
-    let cpu1 = proc_cpu_seconds(bt.pid())?;
+    let mut watched = watch(&mut listeners, bt.pid(), &lines, |line| {
+        let mut words = line.split_whitespace();
+        let port = words.next()?.parse().ok()?;
+        words.next()?.parse::<u32>().ok()?;
+        Some(port)
+    })?;
     bt.interrupt(Duration::from_secs(10));
     while let Ok((_, line)) = lines.recv_timeout(Duration::from_secs(2)) {
-        other.push(line);
+        watched.other.push(line);
     }
     // "Lost N events" when its perf buffer overflowed.
-    let err = std::fs::read_to_string(dir.path("bpftrace.err")).unwrap_or_default();
-    let lost = other
+    let err = std::fs::read_to_string(dir.join("bpftrace.err")).unwrap_or_default();
+    let lost = watched
+        .other
         .iter()
         .map(String::as_str)
         .chain(err.lines())
@@ -315,13 +332,7 @@ fn bpftrace_burst(ns: &Netns, dir: &TempDir, procs: u16, per: u16) -> Result<Bur
         })
         .sum();
     listeners.release()?;
-    Ok(Burst {
-        delivered: lat.len(),
-        lost,
-        lat_us: lat,
-        cpu_s: cpu1 - cpu0,
-        seconds,
-    })
+    Ok(Burst::new(watched, lost))
 }
 
 /// Seconds from starting `portwatch watch --json` to its ready line (the
@@ -333,7 +344,7 @@ fn portwatch_snapshot(ctx: &Ctx) -> Result<(f64, u64)> {
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit());
-    let mut pw = Proc::spawn(&mut cmd)?;
+    let mut pw = ChildGuard::spawn(&mut cmd)?;
     let lines = line_reader(pw.0.stdout.take().context("no stdout pipe")?);
     let (_, ready) = wait_line(&lines, Duration::from_secs(120), |l| {
         l.contains("\"event\":\"ready\"")
@@ -349,18 +360,15 @@ fn portwatch_snapshot(ctx: &Ctx) -> Result<(f64, u64)> {
 /// line count.
 fn ss_snapshot(ns: &Netns) -> Result<(f64, u64)> {
     let t0 = Instant::now();
-    let out = output_within(
-        Command::new("nsenter")
-            .arg(format!("--net=/run/netns/{}", ns.name))
-            .args(["ss", "-Hltnp"]),
+    let out = run_bounded(
+        ns.nsenter("ss").arg("-Hltnp"),
+        None,
         Duration::from_secs(120),
+        None,
     )?;
     let took = t0.elapsed().as_secs_f64();
-    ensure!(out.status.success(), "ss -ltnp failed");
-    Ok((
-        took,
-        out.stdout.iter().filter(|b| **b == b'\n').count() as u64,
-    ))
+    ensure!(out.success(), "ss -ltnp failed ({})", out.describe());
+    Ok((took, out.stdout.matches('\n').count() as u64))
 }
 
 pub fn run(ctx: &Ctx) -> Result<Section> {
@@ -370,15 +378,10 @@ pub fn run(ctx: &Ctx) -> Result<Section> {
         (3, 3, 15_000)
     };
     let total = usize::from(procs) * usize::from(per);
-    for tool in ["python3", "bpftrace", "ss", "nsenter"] {
-        ensure!(
-            util::find_in_path(tool).is_some(),
-            "{tool} not found (run `cargo xtask setup`)"
-        );
-    }
+    require_tools(&["python3", "bpftrace", "ss", "nsenter"])?;
     let ns = Netns::new("m")?;
-    let dir = TempDir::new()?;
-    std::fs::write(dir.path("listener.py"), LISTENER)?;
+    let dir = TempDir::new("m")?;
+    std::fs::write(dir.join("listener.py"), LISTENER)?;
 
     let mut pw_bursts = Vec::new();
     let mut bt_bursts = Vec::new();
@@ -435,7 +438,7 @@ pub fn run(ctx: &Ctx) -> Result<Section> {
         bt_bursts.push(b);
     }
 
-    let per_round = |bs: &[Burst], f: fn(&Burst) -> f64| -> Vec<f64> { bs.iter().map(f).collect() };
+    let per_round = |bs: &[Burst], f: fn(&Burst) -> f64| column(bs, f);
     let delivered = |bs: &[Burst]| per_round(bs, |b| b.delivered as f64);
     let lost = |bs: &[Burst]| per_round(bs, |b| b.lost as f64);
     let p50 = |bs: &[Burst]| per_round(bs, |b| median(&b.lat_us));

@@ -3,23 +3,17 @@
 //! policy permits, with nothing, then portwatch's guard (native and generic
 //! XDP) on the receiving veth. Configurations alternate within each round.
 
-use std::{
-    fmt::Write as _,
-    process::Stdio,
-    time::{Duration, Instant},
-};
+use std::{fmt::Write as _, time::Duration};
 
-use anyhow::{Context as _, Result, bail, ensure};
+use anyhow::{Context as _, Result, ensure};
+use portwatch_lab::{Lab, require_tools, run_within, spawn_server};
 use serde_json::{Value, json};
 
 use super::{
-    Ctx, Section, median,
-    veth::{
-        Guard, Lab, Netns, Proc, attach_bare, bare_program, run_ok, run_within, spread, stats_json,
-        verdict,
-    },
+    Ctx, Section,
+    attach::{attach_bare, bare_program, start_guard},
+    stats::{column, config_table, median, rotated, spread, stats_json, verdict},
 };
-use crate::util;
 
 const IPERF_PORT: u16 = 5201;
 const RR_PORT: u16 = 5202;
@@ -102,38 +96,6 @@ impl Config {
     }
 }
 
-/// Waits until something in `ns` listens on TCP `port` (10 s at most).
-fn wait_listening(ns: &Netns, port: u16) -> Result<()> {
-    let suffix = format!(":{port}");
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let out = run_within(ns.exec("ss").arg("-Hltn"), Duration::from_secs(10))?;
-        let listening = out.lines().any(|l| {
-            l.split_whitespace()
-                .nth(3)
-                .is_some_and(|local| local.ends_with(&suffix))
-        });
-        if listening {
-            return Ok(());
-        }
-        if Instant::now() > deadline {
-            bail!("nothing listens on tcp/{port} in {} after 10 s", ns.name);
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
-fn server(ns: &Netns, program: &str, args: &[&str], port: u16) -> Result<Proc> {
-    let mut cmd = ns.exec(program);
-    cmd.args(args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null());
-    let proc = Proc::spawn(&mut cmd)?;
-    wait_listening(ns, port).with_context(|| format!("starting {program}"))?;
-    Ok(proc)
-}
-
 struct Sample {
     gbit: f64,
     retrans: f64,
@@ -143,8 +105,8 @@ struct Sample {
 }
 
 fn measure(lab: &Lab, seconds: u64, transactions: u64) -> Result<Sample> {
-    let server_ip = lab.server_ip();
-    let mut iperf = lab.client.exec("iperf3");
+    let server_ip = lab.server_v4().to_string();
+    let mut iperf = lab.client.command("iperf3");
     iperf.args([
         "-c",
         &server_ip,
@@ -161,7 +123,7 @@ fn measure(lab: &Lab, seconds: u64, transactions: u64) -> Result<Sample> {
         .with_context(|| format!("no end.sum_received in iperf3's output: {out}"))?;
     let retrans = v["end"]["sum_sent"]["retransmits"].as_f64().unwrap_or(0.0);
 
-    let mut rr = lab.client.exec("python3");
+    let mut rr = lab.client.command("python3");
     rr.args([
         "-c",
         RR_CLIENT,
@@ -189,64 +151,63 @@ pub fn run(ctx: &Ctx) -> Result<Section> {
     } else {
         (5, 3, 20_000)
     };
-    for tool in ["iperf3", "python3", "nsenter"] {
-        ensure!(
-            util::find_in_path(tool).is_some(),
-            "{tool} not found (run `cargo xtask setup`)"
-        );
-    }
+    require_tools(&["iperf3", "python3", "nsenter"])?;
     let lab = Lab::new()?;
+    lab.pin_neighbours()?;
     let pass = bare_program(&lab.dir, "bench_xdp_pass", 2)?;
-    let server_ip = lab.server_ip();
-    let _iperf = server(
+    let server_ip = lab.server_v4().to_string();
+    let _iperf = spawn_server(
         &lab.server,
+        "tcp",
+        IPERF_PORT,
         "iperf3",
         &["-s", "-B", &server_ip, "-p", &IPERF_PORT.to_string()],
-        IPERF_PORT,
-    )?;
-    let _rr = server(
+    )
+    .context("starting iperf3")?;
+    let _rr = spawn_server(
         &lab.server,
+        "tcp",
+        RR_PORT,
         "python3",
         &["-c", RR_SERVER, &server_ip, &RR_PORT.to_string()],
-        RR_PORT,
-    )?;
+    )
+    .context("starting python3")?;
     // Once through, unmeasured: the first connections warm caches.
     measure(&lab, 1, 1_000).context("warm-up")?;
 
-    let mut samples: Vec<Vec<Sample>> = CONFIGS.iter().map(|_| Vec::new()).collect();
-    for round in 0..rounds {
-        for k in 0..CONFIGS.len() {
-            let i = (k + round) % CONFIGS.len();
-            let config = CONFIGS[i];
-            let (guard, bare) = match config {
-                Config::None => (None, None),
-                Config::BarePass => (None, Some(attach_bare(&lab, &pass)?)),
-                Config::Native => (Some(Guard::start(ctx, &lab, "native", &ALLOW)?), None),
-                Config::Generic => (Some(Guard::start(ctx, &lab, "generic", &ALLOW)?), None),
-            };
-            let s = measure(&lab, seconds, transactions)
-                .with_context(|| format!("measuring {}", config.label()))?;
-            drop((guard, bare));
-            eprintln!(
-                "permitted round {}/{rounds}: {:<30} {:>6.2} Gbit/s, {:>7.0} transactions/s, p50 {:.1} µs, p99 {:.1} µs",
-                round + 1,
-                config.label(),
-                s.gbit,
-                s.rr_per_s,
-                s.p50_us,
-                s.p99_us
-            );
-            samples[i].push(s);
-        }
-    }
+    let samples = rotated(rounds, CONFIGS.len(), |round, i| {
+        let config = CONFIGS[i];
+        let (guard, bare) = match config {
+            Config::None => (None, None),
+            Config::BarePass => (None, Some(attach_bare(&lab, &pass)?)),
+            Config::Native => (
+                Some(start_guard(&ctx.portwatch, &lab, "native", &ALLOW)?),
+                None,
+            ),
+            Config::Generic => (
+                Some(start_guard(&ctx.portwatch, &lab, "generic", &ALLOW)?),
+                None,
+            ),
+        };
+        let s = measure(&lab, seconds, transactions)
+            .with_context(|| format!("measuring {}", config.label()))?;
+        drop((guard, bare));
+        eprintln!(
+            "permitted round {}/{rounds}: {:<30} {:>6.2} Gbit/s, {:>7.0} transactions/s, p50 {:.1} µs, p99 {:.1} µs",
+            round + 1,
+            config.label(),
+            s.gbit,
+            s.rr_per_s,
+            s.p50_us,
+            s.p99_us
+        );
+        Ok(s)
+    })?;
     // Leave the lab with nothing attached.
-    let link = run_ok(
-        "ip",
-        &["-n", &lab.server.name, "link", "show", &lab.server_if],
-    )?;
+    let link = lab.server_link()?;
     ensure!(!link.contains("prog/xdp"), "XDP still attached: {link}");
 
-    let col = |i: usize, f: fn(&Sample) -> f64| -> Vec<f64> { samples[i].iter().map(f).collect() };
+    let col = |i: usize, f: fn(&Sample) -> f64| -> Vec<f64> { column(&samples[i], f) };
     let gbit = |i| col(i, |s| s.gbit);
     let rate = |i| col(i, |s| s.rr_per_s);
     let p50 = |i| col(i, |s| s.p50_us);
@@ -255,36 +216,32 @@ pub fn run(ctx: &Ctx) -> Result<Section> {
     let base_rate = median(&rate(0));
     let native_ratio = median(&gbit(2)) / base_gbit;
 
-    let mut md = String::from(
+    let (mut md, json_configs) = config_table(
         "| configuration | TCP Gbit/s: median (min–max) | vs none | transactions/s: median (min–max) | vs none | p50 µs | p50 vs none | p99 µs |\n\
          |---|---|---|---|---|---|---|---|\n",
-    );
-    let mut json_configs = serde_json::Map::new();
-    for (i, config) in CONFIGS.iter().enumerate() {
-        let _ = writeln!(
-            md,
-            "| {} | {} | {:.3}× | {} | {:.3}× | {:.1} | {:.3}× | {:.1} |",
-            config.label(),
-            spread(&gbit(i), 2),
-            median(&gbit(i)) / base_gbit,
-            spread(&rate(i), 0),
-            median(&rate(i)) / base_rate,
-            median(&p50(i)),
-            median(&p50(i)) / median(&p50(0)),
-            median(&p99(i)),
-        );
-        json_configs.insert(
-            config.key().into(),
-            json!({
+        CONFIGS.iter().enumerate().map(|(i, config)| {
+            let row = format!(
+                "| {} | {} | {:.3}× | {} | {:.3}× | {:.1} | {:.3}× | {:.1} |",
+                config.label(),
+                spread(&gbit(i), 2),
+                median(&gbit(i)) / base_gbit,
+                spread(&rate(i), 0),
+                median(&rate(i)) / base_rate,
+                median(&p50(i)),
+                median(&p50(i)) / median(&p50(0)),
+                median(&p99(i)),
+            );
+            let json = json!({
                 "label": config.label(),
                 "tcp_gbit_per_s": stats_json(&gbit(i)),
                 "tcp_retransmits": stats_json(&col(i, |s| s.retrans)),
                 "rr_transactions_per_s": stats_json(&rate(i)),
                 "rr_p50_us": stats_json(&p50(i)),
                 "rr_p99_us": stats_json(&p99(i)),
-            }),
-        );
-    }
+            });
+            (config.key(), row, json)
+        }),
+    );
     let met = native_ratio >= 0.98;
     let _ = writeln!(
         md,

@@ -18,9 +18,11 @@ use std::{
 use anyhow::{Context as _, Result, bail};
 use serde_json::{Value, json};
 
+use portwatch_lab::{Netns, TempDir, require_tools, run_within};
+
 use super::{
-    Ctx, Section, median,
-    veth::{Netns, TempDir, output_within, run_ok, run_within, spread, stats_json, verdict},
+    Ctx, Section,
+    stats::{median, spread, stats_json, verdict},
 };
 use crate::util;
 
@@ -87,22 +89,18 @@ fn with_xdp_filter(
     args: &[String],
     limit: Duration,
 ) -> Result<FilterRun> {
-    for tool in ["xdp-filter", "bpftool"] {
-        if util::find_in_path(tool).is_none() {
-            bail!("{tool} not found (run `cargo xtask setup`)");
-        }
-    }
+    require_tools(&["xdp-filter", "bpftool"])?;
     let ns = Netns::new("v")?;
-    run_ok(
+    portwatch_lab::run(
         "ip",
         &[
             "-n", &ns.name, "link", "add", IFACE, "type", "veth", "peer", "name", "pwbv1",
         ],
     )?;
     for dev in [IFACE, "pwbv1"] {
-        run_ok("ip", &["-n", &ns.name, "link", "set", dev, "up"])?;
+        portwatch_lab::run("ip", &["-n", &ns.name, "link", "set", dev, "up"])?;
     }
-    let crosscheck = dir.path("bpftool.txt");
+    let crosscheck = dir.join("bpftool.txt");
     // $1 worker, $2 interface, $3 bpftool's output, $4 its frame, $5
     // repetitions, then the worker's arguments. xdp-filter's own output goes
     // to stderr: stdout is the worker's JSON.
@@ -118,14 +116,14 @@ pin=$(ls -d /sys/fs/bpf/xdp-filter/programs/"$ifc"/* | head -n 1)
 bpftool prog run pinned "$pin" data_in "$frame" repeat "$reps" > "$out" 2>&1 || true
 xdp-filter unload "$ifc" >&2 || true
 "#;
-    let mut cmd = ns.exec("sh");
+    let mut cmd = ns.command("sh");
     cmd.arg("-c")
         .arg(script)
         .arg("sh")
         .arg(worker)
         .arg(IFACE)
         .arg(&crosscheck)
-        .arg(dir.path(&format!("{CROSSCHECK}.bin")))
+        .arg(dir.join(format!("{CROSSCHECK}.bin")))
         .arg(reps.to_string())
         .args(args);
     let stdout = run_within(&mut cmd, limit)?;
@@ -170,14 +168,14 @@ pub fn run(ctx: &Ctx) -> Result<Section> {
     };
     let limit = Duration::from_secs(if ctx.quick { 120 } else { 600 });
     let worker = kernel_worker(&ctx.root)?;
-    let dir = TempDir::new()?;
+    let dir = TempDir::new("v")?;
     let args: Vec<String> = vec![
         "--reps".into(),
         reps.to_string(),
         "--rounds".into(),
         rounds.to_string(),
         "--frames".into(),
-        dir.0.to_string_lossy().into_owned(),
+        dir.to_string_lossy().into_owned(),
     ];
     let (out, filter_error, bpftool_ns) = match with_xdp_filter(&worker, &dir, reps, &args, limit) {
         Ok(run) => (run.worker, None, run.bpftool_ns),
@@ -186,15 +184,7 @@ pub fn run(ctx: &Ctx) -> Result<Section> {
             eprintln!("verdict: xdp-filter not measured: {e:#}");
             let mut cmd = Command::new(&worker);
             cmd.arg("verdict").args(&args);
-            let out = output_within(&mut cmd, limit)?;
-            if !out.status.success() {
-                bail!(
-                    "kernel_worker failed ({}): {}",
-                    util::describe(out.status),
-                    String::from_utf8_lossy(&out.stderr).trim()
-                );
-            }
-            let worker = worker_json(&String::from_utf8_lossy(&out.stdout))?;
+            let worker = worker_json(&run_within(&mut cmd, limit)?)?;
             (worker, Some(format!("{e:#}")), None)
         }
     };

@@ -1,0 +1,204 @@
+//! Two namespaces joined by a veth pair: the lab's network. Only
+//! 198.18.X.0/24 and fd7e:X::/64 are used, and traffic never leaves the
+//! lab's namespaces.
+
+use std::{
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    sync::atomic::{AtomicU32, Ordering},
+};
+
+use anyhow::{Context as _, Result};
+
+use crate::{bounded::run, netns::Netns, temp::TempDir};
+
+static NEXT_LAB: AtomicU32 = AtomicU32::new(0);
+
+/// Two fresh namespaces joined by a veth pair:
+/// server `198.18.X.1/24` + `fd7e:X::1/64` on `server_if` (MAC `server_mac`),
+/// client `198.18.X.2/24` + `fd7e:X::2/64` on `client_if` (MAC `client_mac`).
+/// `dir` holds the lab's files (control sockets, lock files, policies).
+/// Dropping the lab removes `dir`, then both namespaces and with them the
+/// veths.
+pub struct Lab {
+    pub server_if: String,
+    pub client_if: String,
+    pub server_mac: String,
+    pub client_mac: String,
+    /// The X in the lab's prefixes (and MACs): different for every lab of
+    /// this process.
+    pub net: u8,
+    pub dir: TempDir,
+    // Last: the namespaces go after everything that may run in them.
+    pub server: Netns,
+    pub client: Netns,
+}
+
+impl Lab {
+    pub fn new() -> Result<Self> {
+        let n = NEXT_LAB.fetch_add(1, Ordering::Relaxed);
+        let pid = std::process::id();
+        let net = u8::try_from((pid % 254 + n) % 254 + 1).context("lab number")?;
+        // 2 + 5 + up to 4 + 1 characters: within IFNAMSIZ (15). The names
+        // only exist inside the lab's namespaces.
+        let ifname = |end: char| format!("pw{}{}{end}", pid % 100_000, n % 10_000);
+        let lab = Self {
+            server_if: ifname('s'),
+            client_if: ifname('c'),
+            server_mac: format!("02:70:77:00:{net:02x}:01"),
+            client_mac: format!("02:70:77:00:{net:02x}:02"),
+            net,
+            dir: TempDir::new("lab")?,
+            server: Netns::new("s")?,
+            client: Netns::new("c")?,
+        };
+        lab.connect()?;
+        Ok(lab)
+    }
+
+    /// Creates the veth pair between the namespaces, with its addresses.
+    /// `new` does this; a test that deletes the link can do it again.
+    pub fn connect(&self) -> Result<()> {
+        // Created inside the namespaces: the names never exist on the host.
+        run(
+            "ip",
+            &[
+                "link",
+                "add",
+                &self.server_if,
+                "address",
+                &self.server_mac,
+                "netns",
+                &self.server.name,
+                "type",
+                "veth",
+                "peer",
+                "name",
+                &self.client_if,
+                "address",
+                &self.client_mac,
+                "netns",
+                &self.client.name,
+            ],
+        )?;
+        for (ns, iface, host) in [
+            (&self.server, &self.server_if, 1),
+            (&self.client, &self.client_if, 2),
+        ] {
+            let v4 = format!("{}/24", self.v4(host));
+            let v6 = format!("{}/64", self.v6(u16::from(host)));
+            run("ip", &["-n", &ns.name, "addr", "add", &v4, "dev", iface])?;
+            run(
+                "ip",
+                &["-n", &ns.name, "addr", "add", &v6, "dev", iface, "nodad"],
+            )?;
+            run("ip", &["-n", &ns.name, "link", "set", iface, "up"])?;
+        }
+        Ok(())
+    }
+
+    /// Static IPv4 neighbours on both sides: no ARP on the veth (the
+    /// benchmarks count every frame).
+    pub fn pin_neighbours(&self) -> Result<()> {
+        for (ns, iface, ip, mac) in [
+            (
+                &self.server,
+                &self.server_if,
+                self.client_v4(),
+                &self.client_mac,
+            ),
+            (
+                &self.client,
+                &self.client_if,
+                self.server_v4(),
+                &self.server_mac,
+            ),
+        ] {
+            let ip = ip.to_string();
+            run(
+                "ip",
+                &[
+                    "-n",
+                    &ns.name,
+                    "neigh",
+                    "replace",
+                    &ip,
+                    "lladdr",
+                    mac,
+                    "dev",
+                    iface,
+                    "nud",
+                    "permanent",
+                ],
+            )?;
+        }
+        Ok(())
+    }
+
+    pub fn v4(&self, host: u8) -> IpAddr {
+        IpAddr::V4(Ipv4Addr::new(198, 18, self.net, host))
+    }
+
+    pub fn v6(&self, host: u16) -> IpAddr {
+        IpAddr::V6(Ipv6Addr::new(
+            0xfd7e,
+            u16::from(self.net),
+            0,
+            0,
+            0,
+            0,
+            0,
+            host,
+        ))
+    }
+
+    pub fn server_v4(&self) -> IpAddr {
+        self.v4(1)
+    }
+
+    pub fn client_v4(&self) -> IpAddr {
+        self.v4(2)
+    }
+
+    pub fn server_v6(&self) -> IpAddr {
+        self.v6(1)
+    }
+
+    pub fn client_v6(&self) -> IpAddr {
+        self.v6(2)
+    }
+
+    /// Gives the client's veth one more address, `198.18.X.host/24`.
+    pub fn add_client_v4(&self, host: u8) -> Result<IpAddr> {
+        let addr = self.v4(host);
+        run(
+            "ip",
+            &[
+                "-n",
+                &self.client.name,
+                "addr",
+                "add",
+                &format!("{addr}/24"),
+                "dev",
+                &self.client_if,
+            ],
+        )?;
+        Ok(addr)
+    }
+
+    /// A control socket path for a guard in this lab (in `dir`).
+    pub fn socket(&self) -> Result<String> {
+        let path = self.dir.join("control.sock");
+        Ok(path
+            .to_str()
+            .context("socket path is not UTF-8")?
+            .to_string())
+    }
+
+    /// `ip -n SERVER link show SERVER_IF`.
+    pub fn server_link(&self) -> Result<String> {
+        run(
+            "ip",
+            &["-n", &self.server.name, "link", "show", &self.server_if],
+        )
+    }
+}

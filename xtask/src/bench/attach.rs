@@ -1,0 +1,112 @@
+//! What the sections attach to the lab's server veth: a bare XDP program
+//! assembled at run time, or portwatch's guard in the mode asked for.
+
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+    time::Duration,
+};
+
+use anyhow::{Context as _, Result, ensure};
+use portwatch_lab::{Guard, Lab, bounded::RUN_LIMIT, run_bounded, run_within};
+
+const LLVM_MC: &str = "/usr/lib/llvm-22/bin/llvm-mc";
+
+/// A two-instruction XDP program (`return ACTION`, frags-capable like
+/// portwatch's), assembled at run time with llvm-mc (LLVM 22, which setup
+/// installs) into `dir/NAME.o`. `action`: 1 XDP_DROP, 2 XDP_PASS.
+pub fn bare_program(dir: &Path, name: &str, action: u8) -> Result<PathBuf> {
+    let asm = dir.join(format!("{name}.s"));
+    let obj = dir.join(format!("{name}.o"));
+    std::fs::write(
+        &asm,
+        format!(
+            "\t.section xdp.frags,\"ax\",@progbits\n\t.globl {name}\n\t.type {name},@function\n\
+             {name}:\n\tr0 = {action}\n\texit\n\t.size {name}, .-{name}\n\
+             \t.section license,\"aw\",@progbits\n\t.asciz \"GPL\"\n"
+        ),
+    )?;
+    run_within(
+        Command::new(LLVM_MC)
+            .args(["-triple=bpfel", "-filetype=obj", "-o"])
+            .arg(&obj)
+            .arg(&asm),
+        Duration::from_secs(30),
+    )
+    .with_context(|| format!("assembling {name}"))?;
+    Ok(obj)
+}
+
+/// What a configuration attached: commands that undo it, run on drop, or
+/// a guard, stopped on drop.
+pub struct Attached {
+    pub undo: Vec<Command>,
+    pub guard: Option<Guard>,
+}
+
+impl Attached {
+    /// The guard daemon's pid, when this is portwatch.
+    pub fn guard_pid(&self) -> Option<u32> {
+        self.guard.as_ref().map(Guard::pid)
+    }
+}
+
+impl Drop for Attached {
+    fn drop(&mut self) {
+        for cmd in &mut self.undo {
+            let _ = run_bounded(cmd, None, Duration::from_secs(20), None);
+        }
+    }
+}
+
+/// `ip -n SERVER link set dev SERVER_IF SETTINGS...`.
+fn set_server_link(lab: &Lab, settings: &[&str]) -> Command {
+    let mut cmd = Command::new("ip");
+    cmd.args(["-n", &lab.server.name, "link", "set", "dev", &lab.server_if])
+        .args(settings);
+    cmd
+}
+
+/// Detaches whatever XDP program the server's veth has.
+pub fn xdp_off(lab: &Lab) -> Command {
+    set_server_link(lab, &["xdp", "off"])
+}
+
+/// Attaches a [`bare_program`] to the server's veth in native mode.
+pub fn attach_bare(lab: &Lab, obj: &Path) -> Result<Attached> {
+    let attached = Attached {
+        undo: vec![xdp_off(lab)],
+        guard: None,
+    };
+    let obj = obj.to_str().context("object path is not UTF-8")?;
+    run_within(
+        &mut set_server_link(lab, &["xdpdrv", "obj", obj, "sec", "xdp.frags"]),
+        RUN_LIMIT,
+    )?;
+    Ok(attached)
+}
+
+/// `portwatch guard` on the lab's server veth in XDP `mode` (native or
+/// generic), enforcing a policy that permits `allow`, with pins and a
+/// control socket of its own; checked to be attached in that mode, not a
+/// fallback.
+pub fn start_guard(portwatch: &Path, lab: &Lab, mode: &str, allow: &[&str]) -> Result<Guard> {
+    let guard = Guard::start(
+        portwatch,
+        &lab.server,
+        &lab.server_if,
+        allow,
+        &["--xdp-mode", mode],
+    )?;
+    let link = lab.server_link()?;
+    let want = if mode == "generic" {
+        "xdpgeneric"
+    } else {
+        "xdp "
+    };
+    ensure!(
+        link.contains(want) && link.contains("xdp_guard"),
+        "portwatch guard --xdp-mode {mode}: not attached as asked:\n{link}"
+    );
+    Ok(guard)
+}
