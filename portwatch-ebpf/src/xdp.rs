@@ -28,6 +28,7 @@ const IPPROTO_ICMP: u8 = 1;
 const IPPROTO_IGMP: u8 = 2;
 const IPPROTO_ICMPV6: u8 = 58;
 const TCP_SYN: u8 = 0x02;
+const TCP_RST: u8 = 0x04;
 const TCP_ACK: u8 = 0x10;
 const NS_PER_TOKEN: u64 = 1_000_000_000;
 
@@ -146,12 +147,17 @@ fn transport(pkt: &Pkt, off: usize, m: &mut Headers, cfg: &GuardConfig) -> Verdi
 
 fn tcp(m: &Headers) -> Verdict {
     let flags = m.tcp_flags;
-    // Only a connection attempt needs a rule; everything else belongs to a
-    // connection that exists or that the host itself opened.
-    if flags & TCP_SYN != 0 && flags & TCP_ACK == 0 {
-        permitted(m)
-    } else {
+    // A segment that can belong to a connection passes whatever the port:
+    // one with ACK (not an opening SYN), or a RST (to which no stack
+    // answers). Everything else needs a rule: a SYN opens a connection, and
+    // a segment with neither (FIN, NULL, Xmas, PSH-only scans) would make
+    // the kernel answer a closed port with a RST and a listener with
+    // silence, telling a scanner which blocked ports have a listener.
+    let opening = flags & TCP_SYN != 0 && flags & TCP_ACK == 0;
+    if !opening && flags & (TCP_ACK | TCP_RST) != 0 {
         Ok(())
+    } else {
+        permitted(m)
     }
 }
 

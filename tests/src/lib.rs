@@ -4,6 +4,7 @@
 
 pub mod frames;
 pub mod net;
+pub mod nmap;
 pub mod reference;
 
 // The lab (namespaces, processes, commands) is shared with xtask.

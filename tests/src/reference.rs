@@ -19,9 +19,11 @@
 //!   names no first fragment); with M set and offset 0, a first fragment —
 //!   the last such header names the datagram.
 //! - ICMP, ICMPv6, IGMP pass. TCP needs its 20-byte header, a data offset
-//!   of at least 5 and the whole header; a SYN without ACK needs the policy
-//!   to permit the port (and the source, for rules with `from`); other
-//!   segments pass. UDP needs its 8-byte header; DHCP replies (67->68 over
+//!   of at least 5 and the whole header; a segment with ACK that is not an
+//!   opening SYN, or with RST, passes (it can belong to a connection);
+//!   every other one (SYN without ACK; FIN, NULL, Xmas, PSH-only) needs
+//!   the policy to permit the port (and the source, for rules with
+//!   `from`). UDP needs its 8-byte header; DHCP replies (67->68 over
 //!   IPv4, 547->546 over IPv6) pass, then a permitted port, then a reply to
 //!   an outbound flow fresher than the flow timeout (30 s); else the
 //!   policy's reason. Other IP protocols drop (no rule).
@@ -266,6 +268,7 @@ const EXT_AUTH: u8 = 51;
 const EXT_DEST: u8 = 60;
 
 const TCP_SYN: u8 = 0x02;
+const TCP_RST: u8 = 0x04;
 const TCP_ACK: u8 = 0x10;
 
 type Step = Result<(), Reason>;
@@ -444,7 +447,9 @@ impl Model<'_> {
             return Err(Reason::Malformed);
         }
         let flags = h[13];
-        if flags & TCP_SYN != 0 && flags & TCP_ACK == 0 {
+        let opening = flags & TCP_SYN != 0 && flags & TCP_ACK == 0;
+        let of_a_connection = flags & (TCP_ACK | TCP_RST) != 0;
+        if opening || !of_a_connection {
             return self.permitted(Proto::Tcp, be16(h, 2), addrs.src);
         }
         Ok(())
@@ -522,6 +527,10 @@ mod tests {
     const ETH_P_ARP: u16 = 0x0806;
     const SYN: u8 = TCP_SYN;
     const ACK: u8 = TCP_ACK;
+    const RST: u8 = TCP_RST;
+    const FIN: u8 = 0x01;
+    const PSH: u8 = 0x08;
+    const URG: u8 = 0x20;
 
     fn eth(tags: &[u16], ethertype: u16, payload: &[u8]) -> Vec<u8> {
         let mut f = vec![0x02, 0, 0x5e, 0, 0, 1, 0x02, 0, 0x5e, 0, 0, 2];
@@ -683,8 +692,19 @@ mod tests {
         assert_eq!(c.decide(&v4(PEER4, 8100, SYN)), Drop(NoRule));
         assert_eq!(c.decide(&v4(PEER4, 53, SYN)), Drop(NoRule), "udp/53 only");
         assert_eq!(c.decide(&v4(PEER4, 23, SYN | ACK)), Pass);
-        assert_eq!(c.decide(&v4(PEER4, 23, 0)), Pass, "no flags");
-        assert_eq!(c.decide(&v4(PEER4, 23, 0xff)), Pass, "all flags");
+        assert_eq!(c.decide(&v4(PEER4, 23, ACK)), Pass);
+        assert_eq!(c.decide(&v4(PEER4, 23, RST)), Pass);
+        assert_eq!(c.decide(&v4(PEER4, 23, 0)), Drop(NoRule), "NULL scan");
+        assert_eq!(c.decide(&v4(PEER4, 23, FIN)), Drop(NoRule), "FIN scan");
+        assert_eq!(
+            c.decide(&v4(PEER4, 23, FIN | PSH | URG)),
+            Drop(NoRule),
+            "Xmas scan"
+        );
+        assert_eq!(c.decide(&v4(PEER4, 23, SYN | RST)), Drop(NoRule));
+        assert_eq!(c.decide(&v4(PEER4, 23, 0xff)), Pass, "all flags: ACK");
+        assert_eq!(c.decide(&v4(PEER4, 22, FIN)), Pass, "a permitted port");
+        assert_eq!(c.decide(&v4(PEER4, 5432, FIN)), Drop(Source));
         assert_eq!(c.decide(&v4(PEER4, 5432, SYN)), Drop(Source));
         assert_eq!(c.decide(&v4(INSIDE4, 5432, SYN)), Pass);
         let v6 = |src, dport| ipv6(src, IPPROTO_TCP, &tcp(dport, SYN));

@@ -250,6 +250,11 @@ fn tcp_flags() -> BoxedStrategy<u8> {
         1 => Just(TCP_RST),
         1 => Just(TCP_FIN | TCP_ACK),
         1 => Just(TCP_PSH | TCP_ACK),
+        // Scans without ACK: FIN, NULL, Xmas, PSH-only.
+        1 => Just(TCP_FIN),
+        1 => Just(0),
+        1 => Just(TCP_FIN | TCP_PSH | 0x20),
+        1 => Just(TCP_PSH),
         2 => any::<u8>(),
     ]
     .boxed()

@@ -11,6 +11,7 @@ use portwatch_tests::{
         CONNECT_TIMEOUT, Connect, Lab, TempFile, http_server, run_bounded, tcp_probe,
         tcp_reachable, tcp_server, udp_echo, udp_server,
     },
+    nmap::nmap,
     portwatch_bin, run,
 };
 use serde_json::Value;
@@ -21,11 +22,8 @@ const WAIT: Duration = Duration::from_secs(10);
 /// the server namespace (whose private bpffs takes the pins with it), with a
 /// control socket of its own.
 fn start_guard(lab: &Lab, policy: &TempFile, extra: &[&str]) -> Result<Portwatch> {
-    let socket = std::env::temp_dir().join(format!("{}.sock", lab.server.name));
-    let socket = socket
-        .to_str()
-        .context("socket path is not UTF-8")?
-        .to_string();
+    // In the lab's directory: the socket and its lock file go with the lab.
+    let socket = lab.socket()?;
     let mut args = vec![
         "guard",
         "--iface",
@@ -375,57 +373,6 @@ fn audit_mode_passes_everything_and_reports_what_it_would_drop() -> Result {
         .collect();
     assert!(enforced.is_empty(), "{enforced:#?}");
     Ok(())
-}
-
-/// (protocol, port) -> state, from nmap's XML.
-fn nmap_states(xml: &str) -> BTreeMap<(String, u16), String> {
-    let attr = |s: &str, name: &str| -> Option<String> {
-        let start = s.find(&format!("{name}=\""))? + name.len() + 2;
-        let len = s[start..].find('"')?;
-        Some(s[start..start + len].to_owned())
-    };
-    let mut out = BTreeMap::new();
-    for chunk in xml.split("<port ").skip(1) {
-        let Some(head) = chunk.split('>').next() else {
-            continue;
-        };
-        let Some(state) = chunk.find("<state ").map(|i| &chunk[i..]) else {
-            continue;
-        };
-        if let (Some(proto), Some(port), Some(state)) = (
-            attr(head, "protocol"),
-            attr(head, "portid").and_then(|p| p.parse().ok()),
-            attr(state, "state"),
-        ) {
-            out.insert((proto, port), state);
-        }
-    }
-    out
-}
-
-fn nmap(lab: &Lab, args: &[&str], target: IpAddr) -> Result<BTreeMap<(String, u16), String>> {
-    let mut cmd = lab.client.command("nmap");
-    cmd.args(args)
-        .args([
-            "-n",
-            "-Pn",
-            "--max-retries",
-            "1",
-            "--host-timeout",
-            "30s",
-            "-oX",
-            "-",
-        ])
-        .arg(target.to_string());
-    let out = run_bounded(&mut cmd, None, Duration::from_secs(60), None)?;
-    anyhow::ensure!(out.success(), "nmap {args:?} {target}: {out:?}");
-    let states = nmap_states(&out.stdout);
-    anyhow::ensure!(
-        !states.is_empty(),
-        "no ports in nmap's XML:\n{}",
-        out.stdout
-    );
-    Ok(states)
 }
 
 #[test]

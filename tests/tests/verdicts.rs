@@ -411,7 +411,7 @@ fn tcp_syn_to_unpermitted_ports_drops_with_reason_no_rule_v4_and_v6() -> Result 
 }
 
 #[test]
-fn tcp_segments_other_than_a_bare_syn_pass_to_unpermitted_port() -> Result {
+fn tcp_segments_that_can_belong_to_a_connection_pass_to_unpermitted_port() -> Result {
     let mut g = Guard::enforcing()?;
     let flags = [
         ("SYN-ACK", TCP_SYN | TCP_ACK),
@@ -419,8 +419,8 @@ fn tcp_segments_other_than_a_bare_syn_pass_to_unpermitted_port() -> Result {
         ("PSH-ACK", TCP_PSH | TCP_ACK),
         ("RST", TCP_RST),
         ("RST-ACK", TCP_RST | TCP_ACK),
-        ("FIN", TCP_FIN),
         ("FIN-ACK", TCP_FIN | TCP_ACK),
+        ("every flag", 0xff),
     ];
     for (name, f) in flags {
         g.expect(
@@ -435,6 +435,52 @@ fn tcp_segments_other_than_a_bare_syn_pass_to_unpermitted_port() -> Result {
         g.expect(
             &format!("IPv6 {name} to unpermitted tcp/23"),
             &Frame::eth().ipv6(PEER6, HOST6).tcp(443, 23, f).build(),
+            Pass,
+        )?;
+    }
+    g.finish()
+}
+
+/// A segment with neither SYN-and-no-ACK nor ACK nor RST is what FIN, NULL
+/// and Xmas scans send: to a blocked port the kernel would answer it with a
+/// RST if nothing listens and not at all if something does, so it needs a
+/// rule like a SYN.
+#[test]
+fn scan_segments_without_ack_need_a_rule() -> Result {
+    let mut g = Guard::enforcing()?;
+    const URG: u8 = 0x20;
+    let flags = [
+        ("FIN", TCP_FIN),
+        ("NULL", 0),
+        ("Xmas", TCP_FIN | TCP_PSH | URG),
+        ("PSH", TCP_PSH),
+        ("SYN-FIN", TCP_SYN | TCP_FIN),
+        ("SYN-RST", TCP_SYN | TCP_RST),
+    ];
+    for (name, f) in flags {
+        g.expect(
+            &format!("IPv4 {name} to unpermitted tcp/23"),
+            &Frame::eth().ipv4(PEER4, HOST4).tcp(443, 23, f).build(),
+            Dropped(GuardStat::DropNoRule),
+        )?;
+        g.expect(
+            &format!("IPv6 {name} to unpermitted tcp/23"),
+            &Frame::eth().ipv6(PEER6, HOST6).tcp(443, 23, f).build(),
+            Dropped(GuardStat::DropNoRule),
+        )?;
+        g.expect(
+            &format!("IPv4 {name} to permitted tcp/22"),
+            &Frame::eth().ipv4(PEER4, HOST4).tcp(443, 22, f).build(),
+            Pass,
+        )?;
+        g.expect(
+            &format!("IPv4 {name} to tcp/5432 from outside its `from`"),
+            &Frame::eth().ipv4(OUTSIDE4, HOST4).tcp(443, 5432, f).build(),
+            Dropped(GuardStat::DropSource),
+        )?;
+        g.expect(
+            &format!("IPv6 {name} to tcp/5432 from inside its `from`"),
+            &Frame::eth().ipv6(INSIDE6, HOST6).tcp(443, 5432, f).build(),
             Pass,
         )?;
     }
