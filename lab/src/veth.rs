@@ -1,5 +1,5 @@
 //! Two namespaces joined by a veth pair: the lab's network. Only
-//! 198.18.X.0/24 and fd7e:X::/64 are used, and traffic never leaves the
+//! 198.18.X.0/24, 198.19.X.0/24 and fd7e:X::/64 are used, and traffic never leaves the
 //! lab's namespaces.
 
 use std::{
@@ -183,6 +183,45 @@ impl Lab {
             ],
         )?;
         Ok(addr)
+    }
+
+    /// A second veth pair between the namespaces, `198.19.X.1/24` on the
+    /// server's end and `.2` on the client's: a way into the server that a
+    /// guard on `server_if` does not cover. Returns the server's end's name
+    /// and the client's. It goes with the namespaces.
+    pub fn add_side_link(&self) -> Result<(String, String)> {
+        let pid = std::process::id();
+        let n = u32::from(self.net);
+        let server_if = format!("pw{}{}u", pid % 100_000, n);
+        let client_if = format!("pw{}{}v", pid % 100_000, n);
+        run(
+            "ip",
+            &[
+                "link",
+                "add",
+                &server_if,
+                "netns",
+                &self.server.name,
+                "type",
+                "veth",
+                "peer",
+                "name",
+                &client_if,
+                "netns",
+                &self.client.name,
+            ],
+        )?;
+        for (ns, iface, host) in [(&self.server, &server_if, 1), (&self.client, &client_if, 2)] {
+            let v4 = format!("{}/24", self.side_v4(host));
+            run("ip", &["-n", &ns.name, "addr", "add", &v4, "dev", iface])?;
+            run("ip", &["-n", &ns.name, "link", "set", iface, "up"])?;
+        }
+        Ok((server_if, client_if))
+    }
+
+    /// `198.19.X.host`: an address on the side link.
+    pub fn side_v4(&self, host: u8) -> IpAddr {
+        IpAddr::V4(Ipv4Addr::new(198, 19, self.net, host))
     }
 
     /// A control socket path for a guard in this lab (in `dir`).

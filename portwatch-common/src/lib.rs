@@ -18,7 +18,7 @@ pub mod map {
     pub const POLICY_SRC6: &str = "POLICY_SRC6";
     pub const FLOWS: &str = "FLOWS";
     pub const FRAGS: &str = "FRAGS";
-    pub const PORT_COUNTERS: &str = "PORT_COUNTERS";
+    pub const COUNTERS: &str = "COUNTERS";
     pub const GUARD_STATS: &str = "GUARD_STATS";
     pub const REPORT_BUCKET: &str = "REPORT_BUCKET";
     pub const DROPS: &str = "DROPS";
@@ -34,7 +34,7 @@ pub mod map {
         POLICY_SRC6,
         FLOWS,
         FRAGS,
-        PORT_COUNTERS,
+        COUNTERS,
         GUARD_STATS,
         REPORT_BUCKET,
         DROPS,
@@ -170,10 +170,37 @@ pub const MONITOR_STATS_LEN: u32 = 2;
 
 /// Slots in `POLICY_PORTS`: one per (protocol, port).
 pub const POLICY_PORT_SLOTS: u32 = 2 * 65536;
-/// `POLICY_PORTS` value bits.
+/// `POLICY_PORTS` value bits (the low half; the high half is the port's
+/// counter slot, see [`port_entry`]).
 pub const RULE_ANY: u32 = 1;
 /// The port is permitted only from the sources in the `POLICY_SRC*` tries.
 pub const RULE_CIDR: u32 = 2;
+/// The rule bits of a `POLICY_PORTS` value.
+pub const RULE_MASK: u32 = 0xffff;
+
+/// A `POLICY_PORTS` value: what the rule permits, and the `COUNTERS` slot
+/// the port's packets are counted in (0: the protocol's `other` slot).
+#[inline(always)]
+pub const fn port_entry(rule_bits: u32, counter_slot: u32) -> u32 {
+    (rule_bits & RULE_MASK) | (counter_slot << 16)
+}
+
+/// The counter slot of a `POLICY_PORTS` value; 0 when it has none.
+#[inline(always)]
+pub const fn entry_slot(entry: u32) -> u32 {
+    entry >> 16
+}
+
+/// Slots of the per-CPU `COUNTERS` array. User space gives one to each
+/// rule and to each port that has a listener but no rule; packets to any
+/// other port add to its protocol's `other` slot. An outsider therefore
+/// cannot make the guard keep (or export) anything per port it picks.
+pub const MAX_COUNTER_SLOTS: u32 = 2048;
+/// TCP and UDP packets to ports with neither a rule nor a listener.
+pub const SLOT_OTHER_TCP: u32 = 0;
+pub const SLOT_OTHER_UDP: u32 = 1;
+/// The first slot user space hands out.
+pub const FIRST_COUNTER_SLOT: u32 = 2;
 
 /// Index of (protocol, port) in `POLICY_PORTS`: TCP first, then UDP.
 #[inline(always)]
@@ -305,14 +332,7 @@ impl DropReason {
     }
 }
 
-/// Key of the per-port counters: protocol in the high half, port (host
-/// order) in the low half.
-#[inline(always)]
-pub const fn counter_key(proto: u8, port: u16) -> u32 {
-    ((proto as u32) << 16) | port as u32
-}
-
-/// Packets and bytes per (protocol, port), per CPU. In audit mode the drop
+/// Packets and bytes per counter slot, per CPU. In audit mode the drop
 /// counters hold what enforce mode would have dropped.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -322,8 +342,6 @@ pub struct PortCounters {
     pub drop_packets: u64,
     pub drop_bytes: u64,
 }
-
-pub const MAX_PORT_COUNTERS: u32 = 16384;
 
 /// Indexes into the per-CPU `GUARD_STATS` array.
 #[repr(u32)]
@@ -457,6 +475,9 @@ mod tests {
         assert_eq!(port_slot(IPPROTO_TCP, 65535), 65535);
         assert_eq!(port_slot(IPPROTO_UDP, 0), 65536);
         assert_eq!(port_slot(IPPROTO_UDP, 65535), POLICY_PORT_SLOTS - 1);
-        assert_ne!(counter_key(IPPROTO_TCP, 53), counter_key(IPPROTO_UDP, 53));
+        let entry = port_entry(RULE_CIDR, 77);
+        assert_eq!((entry & RULE_MASK, entry_slot(entry)), (RULE_CIDR, 77));
+        assert_eq!(entry_slot(port_entry(RULE_ANY, 0)), 0);
+        const { assert!(MAX_COUNTER_SLOTS <= 1 << 16, "a slot fits the high half") };
     }
 }

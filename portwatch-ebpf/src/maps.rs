@@ -41,10 +41,10 @@ pub fn count(stat: MonitorStat) {
 // ---------------------------------------------------------------------------
 // The guard's maps. User space writes the policy ones; the programs only read.
 
-use aya_ebpf::maps::{Array, LpmTrie, LruHashMap, LruPerCpuHashMap};
+use aya_ebpf::maps::{Array, LpmTrie, LruHashMap};
 use portwatch_common::{
     DROPS_RING_BYTES, FlowKey, FragKey, FragVerdict, GUARD_STATS_LEN, GuardConfig, GuardStat,
-    MAX_FLOWS, MAX_FRAGS, MAX_PORT_COUNTERS, MAX_SRC_RULES, POLICY_PORT_SLOTS, PortCounters,
+    MAX_COUNTER_SLOTS, MAX_FLOWS, MAX_FRAGS, MAX_SRC_RULES, POLICY_PORT_SLOTS, PortCounters,
     ReportBucket, SRC4_KEY_LEN, SRC6_KEY_LEN,
 };
 
@@ -54,7 +54,8 @@ const NO_PREALLOC: u32 = 1;
 #[map]
 pub static GUARD_CONFIG: Array<GuardConfig> = Array::with_max_entries(1, 0);
 
-/// `RULE_*` bits per (protocol, port), indexed by `port_slot`.
+/// `port_entry(RULE_* bits, counter slot)` per (protocol, port), indexed
+/// by `port_slot`.
 #[map]
 pub static POLICY_PORTS: Array<u32> = Array::with_max_entries(POLICY_PORT_SLOTS, 0);
 
@@ -74,10 +75,11 @@ pub static FLOWS: LruHashMap<FlowKey, u64> = LruHashMap::with_max_entries(MAX_FL
 #[map]
 pub static FRAGS: LruHashMap<FragKey, FragVerdict> = LruHashMap::with_max_entries(MAX_FRAGS, 0);
 
-/// Packets and bytes per (protocol, port).
+/// Packets and bytes per counter slot (a rule, a listened port, or a
+/// protocol's `other`); `POLICY_PORTS` says a port's slot.
 #[map]
-pub static PORT_COUNTERS: LruPerCpuHashMap<u32, PortCounters> =
-    LruPerCpuHashMap::with_max_entries(MAX_PORT_COUNTERS, 0);
+pub static COUNTERS: PerCpuArray<PortCounters> =
+    PerCpuArray::with_max_entries(MAX_COUNTER_SLOTS, 0);
 
 #[map]
 pub static GUARD_STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(GUARD_STATS_LEN, 0);

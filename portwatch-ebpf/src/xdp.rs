@@ -11,14 +11,14 @@ use aya_ebpf::{
 };
 use portwatch_common::{
     AF_INET, AF_INET6, DropReason, DropReport, FlowKey, FragKey, FragVerdict, GUARD_AUDIT,
-    GuardConfig, GuardStat, IPPROTO_TCP, IPPROTO_UDP, PortCounters, RULE_ANY, RULE_CIDR,
-    counter_key, port_slot, src_prefix_len, src4_key, src6_key,
+    GuardConfig, GuardStat, IPPROTO_TCP, IPPROTO_UDP, RULE_ANY, RULE_CIDR, SLOT_OTHER_TCP,
+    SLOT_OTHER_UDP, entry_slot, port_slot, src_prefix_len, src4_key, src6_key,
 };
 
 use crate::{
     headers::{Headers, Walk, ports, walk},
     maps::{
-        DROPS, FLOWS, FRAGS, GUARD_CONFIG, POLICY_PORTS, POLICY_SRC4, POLICY_SRC6, PORT_COUNTERS,
+        COUNTERS, DROPS, FLOWS, FRAGS, GUARD_CONFIG, POLICY_PORTS, POLICY_SRC4, POLICY_SRC6,
         REPORT_BUCKET, guard_count,
     },
     packet::Pkt,
@@ -235,31 +235,30 @@ fn reply_to_own_flow(m: &Headers, cfg: &GuardConfig) -> bool {
     now.saturating_sub(last) <= cfg.flow_timeout_ns
 }
 
+/// Adds the frame to its port's counter slot: the one user space gave the
+/// port (its rule's, or its listener's), else the protocol's `other`.
 fn count_port(m: &Headers, dropped: bool, len: u64) {
-    let key = counter_key(m.proto, m.dport);
-    match PORT_COUNTERS.get_ptr_mut(key) {
-        Some(c) => {
-            // SAFETY: this CPU's own copy of the value; no concurrent writer.
-            let c = unsafe { &mut *c };
-            if dropped {
-                c.drop_packets += 1;
-                c.drop_bytes += len;
-            } else {
-                c.pass_packets += 1;
-                c.pass_bytes += len;
-            }
-        }
-        None => {
-            let mut c = PortCounters::default();
-            if dropped {
-                c.drop_packets = 1;
-                c.drop_bytes = len;
-            } else {
-                c.pass_packets = 1;
-                c.pass_bytes = len;
-            }
-            let _ = PORT_COUNTERS.insert(key, c, 0);
-        }
+    let entry = match POLICY_PORTS.get(port_slot(m.proto, m.dport)) {
+        Some(entry) => *entry,
+        None => 0,
+    };
+    let slot = match entry_slot(entry) {
+        0 if m.proto == IPPROTO_UDP => SLOT_OTHER_UDP,
+        0 => SLOT_OTHER_TCP,
+        slot => slot,
+    };
+    let Some(c) = COUNTERS.get_ptr_mut(slot) else {
+        return;
+    };
+    // SAFETY: this CPU's own copy of the slot; programs do not preempt
+    // each other on one CPU.
+    let c = unsafe { &mut *c };
+    if dropped {
+        c.drop_packets += 1;
+        c.drop_bytes += len;
+    } else {
+        c.pass_packets += 1;
+        c.pass_bytes += len;
     }
 }
 

@@ -80,7 +80,7 @@ fn listener_event() -> Event {
                 cgroup: Some("/user.slice/user-0.slice/session-1.scope".into()),
             },
         },
-        exposure: None,
+        reach: None,
     })
 }
 

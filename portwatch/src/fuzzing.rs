@@ -502,16 +502,22 @@ fn structured_request(c: &mut Cursor) -> Request {
             let ports = structured_range(c);
             let from: Vec<String> = (0..c.byte() % 4).map(|_| source(c).to_string()).collect();
             match ports.map(|p| Rule::parse(&p.to_string(), &from)) {
-                Ok(Ok(rule)) => Request::Allow { rule },
+                Ok(Ok(rule)) => Request::Allow {
+                    rule,
+                    force: c.flag(),
+                },
                 _ => Request::Status,
             }
         }
         1 => match structured_range(c) {
-            Ok(ports) => Request::Deny { ports },
+            Ok(ports) => Request::Deny {
+                ports,
+                force: c.flag(),
+            },
             Err(_) => Request::Status,
         },
         2 => Request::Policy,
-        3 => Request::Reload,
+        3 => Request::Reload { force: c.flag() },
         4 => Request::Status,
         5 => Request::Subscribe {
             format: if c.flag() {

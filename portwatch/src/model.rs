@@ -20,6 +20,15 @@ impl Proto {
         }
     }
 
+    /// The protocol of an IP protocol number, if it is one of these.
+    pub fn of_number(number: u8) -> Option<Self> {
+        match number {
+            6 => Some(Proto::Tcp),
+            17 => Some(Proto::Udp),
+            _ => None,
+        }
+    }
+
     /// The IP protocol number.
     pub fn number(self) -> u8 {
         match self {
@@ -88,6 +97,43 @@ impl Exposure {
             Exposure::Exposed => "exposed",
             Exposure::Partial => "partial",
             Exposure::Blocked => "blocked",
+        }
+    }
+
+    /// The wider of two: what a listener reached both ways is exposed to.
+    pub fn widest(self, other: Self) -> Self {
+        let rank = |e| match e {
+            Exposure::Blocked => 0,
+            Exposure::Partial => 1,
+            Exposure::Exposed => 2,
+        };
+        if rank(other) > rank(self) {
+            other
+        } else {
+            self
+        }
+    }
+}
+
+/// Who can reach a listener, over every way into its address.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Reach {
+    /// Over every way in: the guard's policy where it is attached, nothing
+    /// where it is not.
+    pub exposure: Exposure,
+    /// What the policy alone says (where the guard stands).
+    pub policy: Exposure,
+    /// Ways in that no guard covers, by interface name.
+    pub unguarded: Vec<String>,
+}
+
+impl Reach {
+    /// A listener every way into which the guard covers.
+    pub fn guarded(policy: Exposure) -> Self {
+        Self {
+            exposure: policy,
+            policy,
+            unguarded: Vec::new(),
         }
     }
 }
@@ -170,8 +216,9 @@ pub struct ListenerEvent {
     pub kind: EventKind,
     pub origin: Origin,
     pub listener: Listener,
-    /// Whether the guard's policy lets the network reach it (guard only).
-    pub exposure: Option<Exposure>,
+    /// Whether the network can reach it (guard only; None where that
+    /// cannot be said).
+    pub reach: Option<Reach>,
 }
 
 /// Why the guard dropped a packet (or would have, in audit mode).

@@ -41,6 +41,35 @@ pub fn process_info(pid: u32) -> ProcessInfo {
     }
 }
 
+/// The `SSH_CONNECTION` of the SSH session `pid` runs in: from its own
+/// environment, else from its closest ancestor's that has one (`sudo`
+/// clears it from the command it runs, not from the shell above).
+pub fn ssh_connection_of(pid: u32) -> Option<String> {
+    let mut pid = pid;
+    // Bounded: a cycle is impossible, a deep tree is not worth walking.
+    for _ in 0..32 {
+        if pid <= 1 {
+            return None;
+        }
+        if let Ok(environ) = fs::read(format!("/proc/{pid}/environ"))
+            && let Some(value) = environ
+                .split(|b| *b == 0)
+                .find_map(|var| var.strip_prefix(b"SSH_CONNECTION="))
+        {
+            return Some(lossy(value));
+        }
+        let status = fs::read(format!("/proc/{pid}/status")).ok()?;
+        pid = status
+            .split(|&b| b == b'\n')
+            .find_map(|line| line.strip_prefix(b"PPid:"))
+            .and_then(|v| {
+                let digits: Vec<u8> = v.iter().copied().filter(u8::is_ascii_digit).collect();
+                parse_u32(&digits)
+            })?;
+    }
+    None
+}
+
 /// The inode of the network namespace `pid` lives in.
 pub fn netns_of(pid: u32) -> Option<u64> {
     // metadata() follows the magic link to the nsfs inode, which is the
@@ -282,6 +311,40 @@ mod tests {
                 ..ProcessInfo::default()
             }
         );
+    }
+
+    #[test]
+    fn ssh_connection_is_found_in_an_ancestor() -> TestResult {
+        use std::io::BufRead as _;
+        // sh has the variable; the sleep it starts does not (as under sudo).
+        let mut shell = std::process::Command::new("sh")
+            .args(["-c", "env -u SSH_CONNECTION sleep 5 & echo $!; wait"])
+            .env("SSH_CONNECTION", "192.0.2.9 50000 192.0.2.1 22")
+            .stdout(std::process::Stdio::piped())
+            .spawn()?;
+        let mut line = String::new();
+        if let Some(out) = shell.stdout.take() {
+            std::io::BufReader::new(out).read_line(&mut line)?;
+        }
+        let sleeper: u32 = line.trim().parse()?;
+        // `env` execs sleep with the variable removed: wait for the exec.
+        for _ in 0..200 {
+            if fs::read_to_string(format!("/proc/{sleeper}/comm"))?.trim() == "sleep" {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        let own = fs::read(format!("/proc/{sleeper}/environ"))?;
+        let found = ssh_connection_of(sleeper);
+        shell.kill()?;
+        let _ = std::process::Command::new("kill")
+            .arg(sleeper.to_string())
+            .status();
+        shell.wait()?;
+        assert!(!own.windows(15).any(|w| w == b"SSH_CONNECTION="));
+        assert_eq!(found.as_deref(), Some("192.0.2.9 50000 192.0.2.1 22"));
+        assert_eq!(ssh_connection_of(u32::MAX), None);
+        Ok(())
     }
 
     #[test]

@@ -39,13 +39,19 @@ pub trait Daemon {
 
     fn handle(&mut self, input: Self::Input, pipeline: &mut Pipeline) -> io::Result<Flow>;
 
+    /// After listeners opened or closed: ports may have gained their
+    /// first listener or lost their last (`Pipeline::take_changed_ports`).
+    fn listeners_changed(&mut self, _pipeline: &mut Pipeline) -> io::Result<()> {
+        Ok(())
+    }
+
     /// SIGHUP.
     fn hangup(&mut self, _pipeline: &mut Pipeline) -> io::Result<()> {
         Ok(())
     }
 
     /// The daemon's part of a metrics scrape.
-    fn metrics(&self) -> Option<GuardSnapshot> {
+    fn metrics(&self, _pipeline: &Pipeline) -> Option<GuardSnapshot> {
         None
     }
 
@@ -159,7 +165,10 @@ async fn event_loop<D: Daemon>(
                 // happen while records wait, so a check per batch suffices.
                 pipeline.report_lost(feed.stats.get(MonitorStat::EventsLost))?;
             }
-            done = enricher.next() => pipeline.on_listens(done)?,
+            done = enricher.next() => {
+                pipeline.on_listens(done)?;
+                daemon.listeners_changed(pipeline)?;
+            }
             input = daemon.next() => {
                 if daemon.handle(input?, pipeline)? == Flow::Stop {
                     return Ok(());
@@ -171,7 +180,7 @@ async fn event_loop<D: Daemon>(
                         listeners: pipeline.listeners_by_exposure(),
                         events_lost: feed.stats.get(MonitorStat::EventsLost),
                         tally: pipeline.tally(),
-                        guard: daemon.metrics(),
+                        guard: daemon.metrics(pipeline),
                     };
                     // A scrape that gave up waiting is no concern of ours.
                     let _ = req.reply.send(snapshot);
@@ -201,6 +210,7 @@ async fn drain<D: Daemon>(
         let done = enricher.next().await;
         pipeline.on_listens(done)?;
     }
+    daemon.listeners_changed(pipeline)?;
     let mut batch = Vec::new();
     feed.events.drain_now(|rec| batch.push(decode_listen(rec)));
     let records = decoded(pipeline, batch);

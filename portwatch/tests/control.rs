@@ -75,7 +75,7 @@ fn spawn_owner(mut rx: mpsc::Receiver<ControlRequest>) -> JoinHandle<()> {
                     ),
                     policy: None,
                 })),
-                Request::Allow { rule } => Reply::Once(Response::Change(ChangeResponse {
+                Request::Allow { rule, .. } => Reply::Once(Response::Change(ChangeResponse {
                     change: format!("allowed {} (from anywhere)", rule.ports),
                     policy: None,
                 })),
@@ -156,8 +156,8 @@ async fn requests_and_subscriptions_end_to_end() -> TestResult {
             )),
             "{status:?}"
         );
-        let e =
-            client::request::<ChangeResponse>(&p, &Request::Reload).expect_err("the owner refuses");
+        let e = client::request::<ChangeResponse>(&p, &Request::Reload { force: false })
+            .expect_err("the owner refuses");
         assert!(matches!(e, ClientError::Daemon(_)), "{e:?}");
         assert_eq!(e.to_string(), "reload is not done here");
 

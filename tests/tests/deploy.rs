@@ -24,11 +24,11 @@ use std::{
 use portwatch::{
     control::protocol::{ChangeResponse, PolicyView, Request, Response, decode_request},
     datapath::maps::GuardTotals,
-    metrics::{self, GuardSnapshot, Snapshot, Tally},
+    metrics::{self, GuardSnapshot, PortLabel, Snapshot, Tally},
     model::{AttachedMode, Mode, Proto},
     policy::Policy,
 };
-use portwatch_common::{GUARD_STATS_LEN, GuardStat, IPPROTO_TCP, PortCounters, counter_key};
+use portwatch_common::{GUARD_STATS_LEN, GuardStat, IPPROTO_TCP, PortCounters};
 use portwatch_tests::{portwatch_bin, unique_name};
 use serde_json::{Value, json};
 
@@ -243,9 +243,15 @@ fn exported_metrics() -> BTreeMap<String, BTreeSet<String>> {
         guard: Some(GuardSnapshot {
             mode: Mode::Enforce,
             interfaces: vec![("eth0".into(), AttachedMode::Native)],
-            ports: [(counter_key(IPPROTO_TCP, 22), counters)]
-                .into_iter()
-                .collect(),
+            ports: [(
+                PortLabel {
+                    proto: IPPROTO_TCP,
+                    port: "22".into(),
+                },
+                counters,
+            )]
+            .into_iter()
+            .collect(),
             totals: GuardTotals(totals),
         }),
     };
@@ -662,7 +668,7 @@ fn serve(conn: UnixStream, policy_file: &Path, state: &Mutex<FakeState>) {
         let Ok(line) = line else { return };
         let mut state = state.lock().expect("fake guard state");
         let answer = match decode_request(line.as_bytes()) {
-            Ok(Request::Reload) => match Policy::load(policy_file) {
+            Ok(Request::Reload { .. }) => match Policy::load(policy_file) {
                 Ok(policy) => {
                     state.reloads += 1;
                     let change = format!("reload ({} rules)", policy.rules.len());

@@ -793,3 +793,85 @@ fn guard_attaches_in_native_mode_on_a_jumbo_mtu() -> Result {
     pw.stop()?;
     Ok(())
 }
+
+/// The guard's listener entry for `tcp/port` from `status --json`.
+fn status_listener(lab: &Lab, port: u16) -> Result<Value> {
+    let out = Command::new(portwatch_bin())
+        .args(["status", "--json", "--socket", &lab.socket()?])
+        .output()?;
+    anyhow::ensure!(
+        out.status.success(),
+        "status: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let status: Value = serde_json::from_slice(&out.stdout)?;
+    status["listeners"]
+        .as_array()
+        .and_then(|ls| ls.iter().find(|l| l["proto"] == "tcp" && l["port"] == port))
+        .cloned()
+        .with_context(|| format!("no tcp/{port} in {status}"))
+}
+
+/// An interface the guard is not on is a way around it. A listener the
+/// policy blocks, reachable through such an interface, is reported exposed
+/// and the interface is named: when it appears under a running guard, for
+/// listeners opened after, and in other namespaces by their own interfaces.
+#[test]
+fn a_way_in_without_the_guard_is_reported_and_really_is_open() -> Result {
+    let lab = Lab::new()?;
+    let _blocked = tcp_server(&lab.server, 8090)?;
+    let policy = TempFile::new("pol", "allow = [\"tcp/8080\"]\n")?;
+    let mut pw = start_guard(&lab, &policy, &[])?;
+    let line = snapshot_line(&pw, &lab.server, "tcp", 8090)?;
+    assert_eq!(line["exposure"], "blocked", "{line}");
+    assert!(line.get("exposed_via").is_none(), "{line}");
+
+    let (side, side_peer) = lab.add_side_link()?;
+    // The running guard learns of the new way in without being told.
+    let deadline = std::time::Instant::now() + WAIT;
+    let entry = loop {
+        let entry = status_listener(&lab, 8090)?;
+        if entry["exposure"] == "exposed" || std::time::Instant::now() > deadline {
+            break entry;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert_eq!(entry["exposure"], "exposed", "{entry}");
+    assert_eq!(entry["exposed_via"], serde_json::json!([side]), "{entry}");
+
+    // What it says is what the network gets: dropped through the guard,
+    // answered around it.
+    let guarded = tcp_probe(&lab.client, lab.server_v4(), 8090, None)?;
+    assert_silently_dropped(&guarded, "tcp/8090 through the guard");
+    let around = tcp_probe(&lab.client, lab.side_v4(1), 8090, None)?;
+    assert_eq!(
+        around.result,
+        Connect::Answered,
+        "around the guard: {around:?}"
+    );
+
+    // A listener opened now is reported with the way around at once.
+    let server_ns = lab.server.inode()?;
+    let _later = tcp_server(&lab.server, 8091)?;
+    let live = pw.wait_for(WAIT, |v| {
+        v["event"] == "listen" && v["port"] == 8091 && v["netns"] == server_ns
+    })?;
+    assert_eq!(live["exposure"], "exposed", "{live}");
+    assert_eq!(live["policy_exposure"], "blocked", "{live}");
+    assert_eq!(live["exposed_via"], serde_json::json!([side]), "{live}");
+
+    // Another namespace has no guard at all: every way into it counts.
+    let client_ns = lab.client.inode()?;
+    let _elsewhere = tcp_server(&lab.client, 8092)?;
+    let other = pw.wait_for(WAIT, |v| {
+        v["event"] == "listen" && v["port"] == 8092 && v["netns"] == client_ns
+    })?;
+    assert_eq!(other["exposure"], "exposed", "{other}");
+    let mut want = vec![lab.client_if.clone(), side_peer];
+    want.sort();
+    assert_eq!(other["exposed_via"], serde_json::json!(want), "{other}");
+
+    let status = pw.stop()?;
+    assert!(status.success(), "{status}");
+    Ok(())
+}

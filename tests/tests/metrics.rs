@@ -665,3 +665,90 @@ fn metrics_clients_cannot_stall_the_guard() -> Result {
     pw.stop()?;
     Ok(())
 }
+
+/// The guard's resident memory, from /proc (kB).
+fn rss_kib(pid: u32) -> Result<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .context("no VmRSS")
+}
+
+/// Series a scan may add: a summed `other` port per protocol, per action,
+/// for packets and bytes.
+const SCAN_SERIES_BOUND: usize = 2 * 2 * 2;
+/// What a full scan may add to the guard's resident memory (the README
+/// states the same bound).
+const SCAN_RSS_BOUND_KIB: u64 = 8 * 1024;
+
+#[test]
+fn a_full_port_scan_sets_neither_the_series_nor_the_memory() -> Result {
+    let lab = Lab::new()?;
+    let paths = GuardPaths::new("ms")?;
+    let policy = TempFile::new("scanned", "allow = [\"tcp/22\"]\n")?;
+    let _ssh = tcp_server(&lab.server, 22)?;
+    let mut pw = pinned_guard(
+        &lab,
+        &paths,
+        Path::new(policy.as_str()?),
+        &["--metrics", METRICS_ADDR],
+    )?;
+    wait_listen(&mut pw, "tcp", 22)?;
+    // Warmed up: one scrape's own allocations are in the baseline.
+    scrape(&lab.server)?;
+    let before = scrape(&lab.server)?;
+    let rss_before = rss_kib(pw.pid())?;
+
+    let target = lab.server_v4().to_string();
+    for args in [
+        &["-sS", "-p-", "--min-rate", "20000"][..],
+        &["-sU", "-p-", "--min-rate", "20000"][..],
+    ] {
+        let mut nmap = lab.client.command("nmap");
+        nmap.args(args)
+            .args(["-n", "-Pn", "--max-retries", "0", "--host-timeout", "90s"])
+            .args(["-oX", "/dev/null", &target]);
+        let out = run_bounded(&mut nmap, None, Duration::from_secs(120), None)?;
+        ensure!(out.success(), "nmap {args:?}: {out:?}");
+    }
+    // Every probe counted: the no_rule drops cover (nearly) both ranges.
+    let after = scrape_until(&lab.server, |s| {
+        let drops = s.get("portwatch_dropped_packets_total", &[("reason", "no_rule")]);
+        drops.unwrap_or(0.0) >= 2.0 * 65_000.0
+    })?;
+    let rss_after = rss_kib(pw.pid())?;
+    let grown = after.samples.len().saturating_sub(before.samples.len());
+    assert!(
+        grown <= SCAN_SERIES_BOUND,
+        "a scan added {grown} series (bound {SCAN_SERIES_BOUND}): {} -> {}",
+        before.samples.len(),
+        after.samples.len()
+    );
+    let other = [("proto", "tcp"), ("port", "other"), ("action", "drop")];
+    ensure!(
+        after.value("portwatch_packets_total", &other)? >= 65_000.0,
+        "the scan's SYNs are summed under port=\"other\""
+    );
+    let udp_other = [("proto", "udp"), ("port", "other"), ("action", "drop")];
+    ensure!(after.value("portwatch_packets_total", &udp_other)? >= 65_000.0);
+    // The permitted listener keeps its own series.
+    after.value(
+        "portwatch_packets_total",
+        &[("proto", "tcp"), ("port", "22"), ("action", "pass")],
+    )?;
+    let rss_grown = rss_after.saturating_sub(rss_before);
+    assert!(
+        rss_grown <= SCAN_RSS_BOUND_KIB,
+        "the guard's RSS grew by {rss_grown} KiB ({rss_before} -> {rss_after}), bound {SCAN_RSS_BOUND_KIB} KiB"
+    );
+    eprintln!(
+        "full scan: {} -> {} series, RSS {rss_before} -> {rss_after} KiB",
+        before.samples.len(),
+        after.samples.len()
+    );
+    let status = pw.stop()?;
+    ensure!(status.success(), "{status}");
+    Ok(())
+}

@@ -14,10 +14,10 @@ use portwatch::{
         maps::GuardTotals,
         testing::{XDP_DROP, XDP_PASS, XdpTester},
     },
-    model::Mode,
+    model::{Mode, Proto},
     policy::Policy,
 };
-use portwatch_common::{AF_INET, AF_INET6, FlowKey, GuardStat, PortCounters, counter_key};
+use portwatch_common::{AF_INET, AF_INET6, FlowKey, GuardStat, PortCounters};
 use portwatch_tests::{
     Result,
     frames::{
@@ -1011,7 +1011,7 @@ fn ipv6_chain_of_nine_extension_headers_drops_as_malformed() -> Result {
 fn ipv4_later_fragments_follow_a_permitted_first_fragment() -> Result {
     let mut g = Guard::enforcing()?;
     let ip = || Frame::eth().ipv4(PEER4, HOST4).id(0x4242);
-    let before = g.xdp.maps.port_counters();
+    let before = g.xdp.counters(Proto::Udp, 53);
     g.expect(
         "IPv4 first fragment (offset 0, MF) of UDP to permitted udp/53",
         &ip()
@@ -1038,9 +1038,8 @@ fn ipv4_later_fragments_follow_a_permitted_first_fragment() -> Result {
         Pass,
     )?;
     // The later fragments are counted under the first one's port.
-    let after = g.xdp.maps.port_counters();
-    let key = counter_key(IPPROTO_UDP, 53);
-    let passed = packets(&after, key).0 - packets(&before, key).0;
+    let after = g.xdp.counters(Proto::Udp, 53);
+    let passed = after.pass_packets - before.pass_packets;
     ensure!(
         passed == 3,
         "udp/53 counted {passed} passed packets for 3 fragments"
@@ -1823,13 +1822,6 @@ fn switching_between_enforce_and_audit_changes_the_verdict() -> Result {
 // ---------------------------------------------------------------------------
 // Port counters
 
-/// (passed, dropped) packets of a counter key.
-fn packets(counters: &std::collections::BTreeMap<u32, PortCounters>, key: u32) -> (u64, u64) {
-    counters
-        .get(&key)
-        .map_or((0, 0), |c| (c.pass_packets, c.drop_packets))
-}
-
 #[test]
 fn port_counters_count_every_packet_run() -> Result {
     let mut g = Guard::enforcing()?;
@@ -1846,7 +1838,8 @@ fn port_counters_count_every_packet_run() -> Result {
         .udp(EPHEMERAL, 53)
         .payload(b"q")
         .build();
-    let before = g.xdp.maps.port_counters();
+    let slots = [(Proto::Tcp, 22), (Proto::Tcp, 23), (Proto::Udp, 53)];
+    let before: Vec<PortCounters> = slots.iter().map(|(p, n)| g.xdp.counters(*p, *n)).collect();
     for i in 0..5 {
         g.expect(&format!("SYN to tcp/22 #{i}"), &pass, Pass)?;
     }
@@ -1865,17 +1858,14 @@ fn port_counters_count_every_packet_run() -> Result {
         &Frame::eth().arp_request(PEER4, HOST4).build(),
         Pass,
     )?;
-    let after = g.xdp.maps.port_counters();
     let len = |f: &[u8]| u64::try_from(f.len()).unwrap_or(u64::MAX);
-    let tcp22 = counter_key(IPPROTO_TCP, 22);
-    let tcp23 = counter_key(IPPROTO_TCP, 23);
-    let udp53 = counter_key(IPPROTO_UDP, 53);
-    let zero = PortCounters::default();
-    let c22 = after.get(&tcp22).copied().unwrap_or(zero);
-    let c23 = after.get(&tcp23).copied().unwrap_or(zero);
-    let c53 = after.get(&udp53).copied().unwrap_or(zero);
+    // tcp/22 and udp/53 count in their rules' slots; tcp/23 has no rule
+    // (and, here, no listener): it counts under TCP's `other`.
+    let c22 = g.xdp.counters(Proto::Tcp, 22);
+    let c23 = g.xdp.counters(Proto::Tcp, 23);
+    let c53 = g.xdp.counters(Proto::Udp, 53);
     ensure!(
-        before.is_empty(),
+        before.iter().all(|c| *c == PortCounters::default()),
         "a fresh program has counters already: {before:?}"
     );
     let want22 = PortCounters {
@@ -1899,9 +1889,11 @@ fn port_counters_count_every_packet_run() -> Result {
     ensure!(c22 == want22, "tcp/22: {c22:?}, expected {want22:?}");
     ensure!(c23 == want23, "tcp/23: {c23:?}, expected {want23:?}");
     ensure!(c53 == want53, "udp/53: {c53:?}, expected {want53:?}");
+    // Nothing counted under UDP's `other`: each packet went to its slot.
+    let other_udp = g.xdp.counters(Proto::Udp, 9);
     ensure!(
-        after.len() == 3,
-        "counters for other keys than tcp/22, tcp/23, udp/53: {after:?}"
+        other_udp == PortCounters::default(),
+        "udp `other` counted {other_udp:?}"
     );
 
     // Repeated runs in the kernel count each run.
@@ -1917,9 +1909,8 @@ fn port_counters_count_every_packet_run() -> Result {
         "SYN to tcp/23 run 50 times: {}",
         verdict_name(verdict)
     );
-    let later = g.xdp.maps.port_counters();
-    let (p22, _) = packets(&later, tcp22);
-    let (_, d23) = packets(&later, tcp23);
+    let p22 = g.xdp.counters(Proto::Tcp, 22).pass_packets;
+    let d23 = g.xdp.counters(Proto::Tcp, 23).drop_packets;
     ensure!(
         p22 == 5 + 100,
         "tcp/22 passed {p22} after 100 more runs, expected 105"
@@ -1961,17 +1952,10 @@ fn multi_buffer_jumbo_frames_get_verdicts_and_count_every_byte() -> Result {
         &denied,
         Dropped(GuardStat::DropNoRule),
     )?;
-    let counters = g.xdp.maps.port_counters();
     let len = |f: &[u8]| u64::try_from(f.len()).unwrap_or(u64::MAX);
-    let zero = PortCounters::default();
-    let c53 = counters
-        .get(&counter_key(IPPROTO_UDP, 53))
-        .copied()
-        .unwrap_or(zero);
-    let c54 = counters
-        .get(&counter_key(IPPROTO_UDP, 54))
-        .copied()
-        .unwrap_or(zero);
+    let c53 = g.xdp.counters(Proto::Udp, 53);
+    // No rule: UDP's `other` slot.
+    let c54 = g.xdp.counters(Proto::Udp, 54);
     ensure!(
         c53.pass_packets == 1 && c53.pass_bytes == len(&permitted),
         "udp/53: {c53:?}, expected 1 packet of {} bytes passed",

@@ -27,6 +27,10 @@ const PACKAGES: &[&str] = &[
     "python3",
     "procps",
     "iputils-ping",
+    // tests/tests/lockout.rs: a real SSH session into the guard's namespace
+    // (the server alone, no service: dropbear-bin ships no init script).
+    "dropbear-bin",
+    "openssh-client",
     // `cargo xtask bench`: a packet generator (trafgen), TCP throughput,
     // the firewalls and XDP filter compared against, a tracing baseline.
     "netsniff-ng",

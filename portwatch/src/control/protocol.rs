@@ -37,19 +37,24 @@ pub const COMMANDS: &[&str] = &[
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Request {
     /// Permit `rule.ports` from `rule.from` (from anywhere when empty).
-    Allow { rule: Rule },
+    /// `force`: even if it cuts off an SSH session (lockout protection).
+    Allow { rule: Rule, force: bool },
     /// Stop permitting `ports`; rules that reach past it keep the rest.
-    Deny { ports: PortRange },
+    Deny { ports: PortRange, force: bool },
     /// The policy in force.
     Policy,
     /// Read the policy file again and apply it.
-    Reload,
+    Reload { force: bool },
     /// Mode, interfaces, counters and listeners with their exposure.
     Status,
     /// The guard's event stream, from now on.
     Subscribe { format: Format, colour: bool },
     /// Stop the guard; `detach` also removes its kernel programs.
     Shutdown { detach: bool },
+}
+
+fn is_false(b: &bool) -> bool {
+    !*b
 }
 
 /// A request as the JSON carries it: strings where the typed request has
@@ -61,12 +66,19 @@ enum Wire {
         spec: String,
         #[serde(default, skip_serializing_if = "Vec::is_empty")]
         from: Vec<String>,
+        #[serde(default, skip_serializing_if = "is_false")]
+        force: bool,
     },
     Deny {
         spec: String,
+        #[serde(default, skip_serializing_if = "is_false")]
+        force: bool,
     },
     Policy,
-    Reload,
+    Reload {
+        #[serde(default, skip_serializing_if = "is_false")]
+        force: bool,
+    },
     Status,
     Subscribe {
         #[serde(default)]
@@ -83,15 +95,17 @@ enum Wire {
 impl Wire {
     fn of(request: &Request) -> Self {
         match request {
-            Request::Allow { rule } => Wire::Allow {
+            Request::Allow { rule, force } => Wire::Allow {
                 spec: rule.ports.to_string(),
                 from: rule.from.iter().map(ToString::to_string).collect(),
+                force: *force,
             },
-            Request::Deny { ports } => Wire::Deny {
+            Request::Deny { ports, force } => Wire::Deny {
                 spec: ports.to_string(),
+                force: *force,
             },
             Request::Policy => Wire::Policy,
-            Request::Reload => Wire::Reload,
+            Request::Reload { force } => Wire::Reload { force: *force },
             Request::Status => Wire::Status,
             Request::Subscribe { format, colour } => Wire::Subscribe {
                 format: *format,
@@ -103,15 +117,17 @@ impl Wire {
 
     fn parse(self) -> Result<Request, PolicyError> {
         Ok(match self {
-            Wire::Allow { spec, from } => Request::Allow {
+            Wire::Allow { spec, from, force } => Request::Allow {
                 rule: Rule::parse(&spec, &from)?,
+                force,
             },
-            Wire::Deny { spec } => Request::Deny {
+            Wire::Deny { spec, force } => Request::Deny {
                 ports: PortRange::parse(&spec)
                     .map_err(|error| PolicyError::Spec { line: None, error })?,
+                force,
             },
             Wire::Policy => Request::Policy,
-            Wire::Reload => Request::Reload,
+            Wire::Reload { force } => Request::Reload { force },
             Wire::Status => Request::Status,
             Wire::Subscribe { format, colour } => Request::Subscribe { format, colour },
             Wire::Shutdown { detach } => Request::Shutdown { detach },
@@ -126,7 +142,7 @@ impl Request {
             Request::Allow { .. } => "allow",
             Request::Deny { .. } => "deny",
             Request::Policy => "policy",
-            Request::Reload => "reload",
+            Request::Reload { .. } => "reload",
             Request::Status => "status",
             Request::Subscribe { .. } => "subscribe",
             Request::Shutdown { .. } => "shutdown",
@@ -139,7 +155,7 @@ impl Request {
         match self {
             Request::Allow { .. }
             | Request::Deny { .. }
-            | Request::Reload
+            | Request::Reload { .. }
             | Request::Shutdown { .. } => true,
             Request::Policy | Request::Status | Request::Subscribe { .. } => false,
         }
@@ -251,6 +267,9 @@ pub struct ListenerStatus {
     pub cmdline: Option<String>,
     pub netns: Option<u64>,
     pub exposure: Option<Exposure>,
+    /// Interfaces that reach this listener without a guard on them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub exposed_via: Vec<String>,
     #[serde(default)]
     pub pass_packets: u64,
     #[serde(default)]
@@ -426,7 +445,7 @@ pub fn decode_request(line: &[u8]) -> Result<Request, ProtocolError> {
     };
     // serde ignores extra fields of unit variants in an internally tagged
     // enum, whatever `deny_unknown_fields` says: checked here.
-    if matches!(cmd.as_str(), "policy" | "reload" | "status")
+    if matches!(cmd.as_str(), "policy" | "status")
         && let Some(extra) = fields.keys().find(|k| *k != "cmd")
     {
         return Err(bad(format!("unknown field `{extra}`, there are no fields")));
@@ -448,6 +467,7 @@ mod tests {
         let from: Vec<String> = from.iter().map(|s| (*s).to_owned()).collect();
         Request::Allow {
             rule: Rule::parse(spec, &from).expect("a valid rule"),
+            force: false,
         }
     }
 
@@ -466,10 +486,22 @@ mod tests {
                 r#"{"spec":"udp/53","cmd":"deny"}"#,
                 Request::Deny {
                     ports: PortRange::parse("udp/53").expect("a valid spec"),
+                    force: false,
                 },
             ),
             (r#"{"cmd":"policy"}"#, Request::Policy),
-            (r#"{"cmd":"reload"}"#, Request::Reload),
+            (r#"{"cmd":"reload"}"#, Request::Reload { force: false }),
+            (
+                r#"{"cmd":"reload","force":true}"#,
+                Request::Reload { force: true },
+            ),
+            (
+                r#"{"cmd":"deny","spec":"tcp/22","force":true}"#,
+                Request::Deny {
+                    ports: PortRange::parse("tcp/22").expect("a valid spec"),
+                    force: true,
+                },
+            ),
             (" {\"cmd\":\"status\"} \r\n", Request::Status),
             (
                 r#"{"cmd":"subscribe"}"#,
@@ -505,9 +537,10 @@ mod tests {
             allow("tcp/1", &[]),
             Request::Deny {
                 ports: PortRange::parse("tcp/1").expect("a valid spec"),
+                force: false,
             },
             Request::Policy,
-            Request::Reload,
+            Request::Reload { force: false },
             Request::Status,
             Request::Subscribe {
                 format: Format::Json,
@@ -547,7 +580,7 @@ mod tests {
             ),
             (
                 r#"{"cmd":"deny","spec":"tcp/1","from":[]}"#,
-                r#"bad "deny" request: unknown field `from`, expected `spec`"#,
+                r#"bad "deny" request: unknown field `from`, expected `spec` or `force`"#,
             ),
             (
                 r#"{"cmd":"allow","spec":"tcp/x"}"#,

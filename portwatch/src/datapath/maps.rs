@@ -56,7 +56,7 @@ use std::{
 #[cfg(feature = "test-helpers")]
 use aya::maps::HashMap as BpfHashMap;
 use aya::maps::{
-    Array, PerCpuHashMap,
+    Array, PerCpuValues,
     lpm_trie::{Key, LpmTrie},
 };
 #[cfg(feature = "test-helpers")]
@@ -124,7 +124,7 @@ pub struct GuardMaps {
     flows: BpfHashMap<MapData, FlowKey, u64>,
     #[cfg(feature = "test-helpers")]
     frags: BpfHashMap<MapData, FragKey, FragVerdict>,
-    counters: PerCpuHashMap<MapData, u32, PortCounters>,
+    counters: PerCpuArray<MapData, PortCounters>,
     stats: PerCpuArray<MapData, u64>,
 }
 
@@ -143,7 +143,7 @@ impl GuardMaps {
             flows: take(ebpf, map::FLOWS)?,
             #[cfg(feature = "test-helpers")]
             frags: take(ebpf, map::FRAGS)?,
-            counters: take(ebpf, map::PORT_COUNTERS)?,
+            counters: take(ebpf, map::COUNTERS)?,
             stats: take(ebpf, map::GUARD_STATS)?,
         })
     }
@@ -259,11 +259,38 @@ impl GuardMaps {
         Ok(())
     }
 
-    /// Packets and bytes per (protocol, port), summed over CPUs.
-    pub fn port_counters(&self) -> BTreeMap<u32, PortCounters> {
+    /// Sets counter slots to zero on every CPU: a slot handed to a new
+    /// owner must not start with its previous owner's counts.
+    pub(crate) fn zero_slots(&mut self, slots: &[u32]) -> Result<()> {
+        if slots.is_empty() {
+            return Ok(());
+        }
+        let cpus = aya::util::nr_cpus().map_err(|(_, source)| Error::Io {
+            what: "reading the number of possible CPUs".into(),
+            source,
+        })?;
+        for slot in slots {
+            let zero =
+                PerCpuValues::try_from(vec![PortCounters::default(); cpus]).map_err(|source| {
+                    Error::Io {
+                        what: "sizing the per-CPU counters".into(),
+                        source,
+                    }
+                })?;
+            self.counters
+                .set(*slot, zero, 0)
+                .map_err(map_err(map::COUNTERS))?;
+        }
+        Ok(())
+    }
+
+    /// Packets and bytes of each slot, summed over CPUs.
+    pub fn slot_counters(&self, slots: impl Iterator<Item = u32>) -> BTreeMap<u32, PortCounters> {
         let mut out = BTreeMap::new();
-        for entry in self.counters.iter().flatten() {
-            let (key, per_cpu) = entry;
+        for slot in slots {
+            let Ok(per_cpu) = self.counters.get(&slot, 0) else {
+                continue;
+            };
             let total = per_cpu.iter().fold(PortCounters::default(), |mut acc, c| {
                 acc.pass_packets += c.pass_packets;
                 acc.pass_bytes += c.pass_bytes;
@@ -271,7 +298,7 @@ impl GuardMaps {
                 acc.drop_bytes += c.drop_bytes;
                 acc
             });
-            out.insert(key, total);
+            out.insert(slot, total);
         }
         out
     }

@@ -32,7 +32,7 @@ pub const PINNED_MAPS: &[&str] = &[
     map::POLICY_SRC6,
     map::FLOWS,
     map::FRAGS,
-    map::PORT_COUNTERS,
+    map::COUNTERS,
     map::GUARD_STATS,
 ];
 
@@ -140,6 +140,15 @@ impl PinDir {
             let path = self.map(name);
             if fs::remove_file(&path).is_ok() {
                 done.push(path.display().to_string());
+            }
+        }
+        // Maps an older portwatch pinned under other names.
+        if let Ok(entries) = fs::read_dir(&self.root) {
+            for entry in entries.flatten() {
+                let path = entry.path();
+                if path.is_file() && fs::remove_file(&path).is_ok() {
+                    done.push(path.display().to_string());
+                }
             }
         }
         let _ = fs::remove_dir(self.links());

@@ -10,6 +10,8 @@ use aya::{
 };
 use portwatch_common::prog;
 
+use portwatch_common::PortCounters;
+
 use super::{
     PROGRAMS,
     maps::{GuardMaps, GuardSettings, MapImage},
@@ -17,8 +19,8 @@ use super::{
 };
 use crate::{
     error::Error,
-    model::Mode,
-    policy::{Policy, compile::compile},
+    model::{Mode, Proto},
+    policy::{Policy, compile::compile, slots::CounterSlots},
     sys,
 };
 
@@ -30,6 +32,7 @@ pub struct XdpTester {
     ebpf: Ebpf,
     pub maps: GuardMaps,
     image: MapImage,
+    slots: CounterSlots,
 }
 
 impl XdpTester {
@@ -44,6 +47,7 @@ impl XdpTester {
             ebpf,
             maps,
             image: MapImage::default(),
+            slots: CounterSlots::default(),
         };
         tester.apply(&Policy::default(), Mode::Enforce)?;
         Ok(tester)
@@ -52,7 +56,12 @@ impl XdpTester {
     /// Puts `policy` and `mode` into the maps (a diff against the last
     /// call), as the guard does; no drop reports.
     pub fn apply(&mut self, policy: &Policy, mode: Mode) -> anyhow::Result<()> {
-        let image = compile(policy)?;
+        let mut image = compile(policy)?;
+        // Each rule counts in a slot of its own, as under the guard; no
+        // listeners here.
+        self.slots
+            .stamp(&mut image, policy, &std::collections::BTreeSet::new());
+        self.maps.zero_slots(&self.slots.take_fresh())?;
         let settings = GuardSettings {
             mode,
             report_rate: 0,
@@ -61,6 +70,16 @@ impl XdpTester {
         self.maps.install(&self.image, &image, &settings)?;
         self.image = image;
         Ok(())
+    }
+
+    /// What the counters hold for `proto/port`: its rule's counts, or the
+    /// protocol's `other` when no rule covers it.
+    pub fn counters(&self, proto: Proto, port: u16) -> PortCounters {
+        let slot = self.slots.slot_of(proto, port);
+        self.maps
+            .slot_counters(std::iter::once(slot))
+            .remove(&slot)
+            .unwrap_or_default()
     }
 
     fn program(&mut self) -> anyhow::Result<&mut Xdp> {

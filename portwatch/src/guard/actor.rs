@@ -7,14 +7,15 @@
 //! If the file cannot be written, the maps are not touched.
 
 use std::{
-    collections::HashMap,
+    collections::{BTreeMap, BTreeSet, HashMap},
     path::PathBuf,
     sync::Arc,
     time::{Duration, SystemTime},
 };
 
-use portwatch_common::{GuardStat, counter_key};
+use portwatch_common::GuardStat;
 
+use super::lockout;
 use crate::{
     control::{
         protocol::{ChangeResponse, ListenerStatus, PolicyView, StatusResponse, Totals},
@@ -28,14 +29,17 @@ use crate::{
         pins::PinDir,
         ring::RingReader,
     },
-    iface::watch::{LinkChange, LinkWatch},
-    metrics::GuardSnapshot,
-    model::{DropEvent, Event, Mode, PolicyEvent, Requester},
-    pipeline::{
-        Pipeline,
-        exposure::{ExposureView, exposure_of},
+    iface::{
+        table::Iface,
+        watch::{LinkChange, LinkWatch},
     },
-    policy::{Policy, PortRange, Rule, compile::compile, store::write_atomically},
+    metrics::{GuardSnapshot, PortLabel},
+    model::{DropEvent, Event, Listener, Mode, PolicyEvent, Proto, Requester},
+    pipeline::{Pipeline, exposure::ExposureView},
+    policy::{
+        Policy, PortRange, Rule, compile::compile, slots::CounterSlots, store::write_atomically,
+    },
+    procinfo,
 };
 
 /// What the guard was started with, for reloads.
@@ -57,6 +61,25 @@ pub enum Shutdown {
     Detach,
 }
 
+/// Who asks for a change, and what the lockout check needs to judge it.
+pub struct Change<'a> {
+    by: Requester,
+    /// Apply it even if it cuts off an SSH session.
+    force: bool,
+    /// The listeners now, for the SSH daemons' ports.
+    pipeline: &'a Pipeline,
+}
+
+impl<'a> Change<'a> {
+    pub fn new(pipeline: &'a Pipeline, by: Requester, force: bool) -> Self {
+        Self {
+            by,
+            force,
+            pipeline,
+        }
+    }
+}
+
 /// What the guard waits for besides the listener stream.
 pub enum Input {
     Control(ControlRequest),
@@ -74,6 +97,10 @@ pub struct Guard {
     mode: Mode,
     /// What the maps hold.
     image: MapImage,
+    /// Which counter slot counts which ports.
+    slots: CounterSlots,
+    /// Ports listened on in the guard's namespace: each gets a counter slot.
+    listened: BTreeSet<(Proto, u16)>,
     report_rate: u32,
     flow_timeout: Duration,
     start: StartArgs,
@@ -84,6 +111,8 @@ pub struct Guard {
     xdp_mode: XdpMode,
     attached: Vec<Attached>,
     ifnames: HashMap<u32, String>,
+    /// Every interface of the guard's namespace, for exposure.
+    ifaces_now: Arc<Vec<Iface>>,
     netns: Option<u64>,
     pub(super) control: Option<tokio::sync::mpsc::Receiver<ControlRequest>>,
     pub(super) links: Option<LinkWatch>,
@@ -117,6 +146,8 @@ impl Guard {
             policy: Arc::new(Policy::default()),
             mode: Mode::Enforce,
             image,
+            slots: CounterSlots::default(),
+            listened: BTreeSet::new(),
             report_rate: parts.report_rate,
             flow_timeout: parts.flow_timeout,
             start: parts.start,
@@ -125,6 +156,7 @@ impl Guard {
             xdp_mode: parts.xdp_mode,
             attached: Vec::new(),
             ifnames: HashMap::new(),
+            ifaces_now: Arc::new(Vec::new()),
             netns: parts.netns,
             control: Some(parts.control),
             links: parts.links,
@@ -150,14 +182,42 @@ impl Guard {
 
     /// What the pipeline rates listeners by, under the policy in force.
     pub fn exposure_view(&self) -> ExposureView {
-        ExposureView::new(Arc::clone(&self.policy), self.netns)
+        let guarded = self.attached.iter().map(|a| a.iface.clone()).collect();
+        ExposureView::new(
+            Arc::clone(&self.policy),
+            self.netns,
+            Arc::clone(&self.ifaces_now),
+            guarded,
+        )
+    }
+
+    /// Reads the interfaces of the guard's namespace again.
+    pub fn refresh_ifaces(&mut self) {
+        match crate::iface::table::dump() {
+            Ok(table) => self.ifaces_now = Arc::new(table),
+            Err(e) => {
+                log::warn!("cannot read the interfaces (rtnetlink): {e}; exposure may be stale")
+            }
+        }
     }
 
     /// Puts `policy` and `mode` into the kernel: the one place where a
     /// policy reaches the maps. On error the maps are moved back to what
     /// they held, as far as the kernel lets them.
     pub fn install(&mut self, policy: Policy, mode: Mode) -> Result<(), String> {
-        let image = compile(&policy).map_err(|e| e.to_string())?;
+        let mut image = compile(&policy).map_err(|e| e.to_string())?;
+        self.slots.stamp(&mut image, &policy, &self.listened);
+        if self.slots.overflow() > 0 {
+            log::warn!(
+                "{} rules and listened ports have no counter slot of their own (all {} taken): \
+                 their packets count under port \"other\"",
+                self.slots.overflow(),
+                portwatch_common::MAX_COUNTER_SLOTS
+            );
+        }
+        // New owners start from zero, before any port points at them.
+        let fresh = self.slots.take_fresh();
+        self.maps.zero_slots(&fresh).map_err(|e| e.to_string())?;
         let settings = GuardSettings {
             mode,
             report_rate: self.report_rate,
@@ -178,6 +238,28 @@ impl Guard {
         Ok(())
     }
 
+    /// Ports first listened on or last closed: a listened port gets a
+    /// counter slot of its own, a port no longer listened on gives it back.
+    pub fn listeners_changed(&mut self, pipeline: &mut Pipeline) {
+        let mut changed = false;
+        for (proto, port, netns) in pipeline.take_changed_ports() {
+            if netns != self.netns {
+                continue;
+            }
+            changed |= if pipeline.is_listened(proto, port, netns) {
+                self.listened.insert((proto, port))
+            } else {
+                self.listened.remove(&(proto, port))
+            };
+        }
+        if changed {
+            let policy = Policy::clone(&self.policy);
+            if let Err(e) = self.install(policy, self.mode) {
+                log::warn!("updating the per-port counters failed: {e}");
+            }
+        }
+    }
+
     /// Attaches the guard to every interface to guard (or adopts the links
     /// pinned there); returns how each one is guarded.
     pub fn attach_all(&mut self) -> crate::error::Result<&[Attached]> {
@@ -193,31 +275,67 @@ impl Guard {
     }
 
     /// Permits `rule` (persisted).
-    pub fn allow(&mut self, rule: Rule, by: Requester) -> Result<(ChangeResponse, Event), String> {
+    pub fn allow(
+        &mut self,
+        rule: Rule,
+        how: &Change<'_>,
+    ) -> Result<(ChangeResponse, Event), String> {
         let mut policy = Policy::clone(&self.policy);
         let change = format!("allow {rule}");
         policy.add_rule(rule).map_err(|e| e.to_string())?;
-        self.commit(policy, self.mode, change, by, true)
+        self.commit(policy, self.mode, change, how, true)
     }
 
     /// Stops permitting `ports` (persisted).
     pub fn deny(
         &mut self,
         ports: PortRange,
-        by: Requester,
+        how: &Change<'_>,
     ) -> Result<(ChangeResponse, Event), String> {
         let mut policy = Policy::clone(&self.policy);
         policy.remove_port(ports).map_err(|e| e.to_string())?;
-        self.commit(policy, self.mode, format!("deny {ports}"), by, true)
+        self.commit(policy, self.mode, format!("deny {ports}"), how, true)
     }
 
     /// Reads the policy file again, with the start-up `--allow` and
     /// `--mode` on top.
-    pub fn reload(&mut self, by: Requester) -> Result<(ChangeResponse, Event), String> {
+    pub fn reload(&mut self, how: &Change<'_>) -> Result<(ChangeResponse, Event), String> {
         let policy = super::effective_policy(Some(&self.start.policy_path), &self.start.allow)
             .map_err(|e| format!("{e:#}; the policy in force is unchanged"))?;
         let mode = self.start.mode.or(policy.mode).unwrap_or(self.mode);
-        self.commit(policy, mode, "reload".into(), by, false)
+        self.commit(policy, mode, "reload".into(), how, false)
+    }
+
+    /// The lockout check of start-up, for a change at run time: what the
+    /// new policy would cut off that the one in force does not, judged
+    /// against the requester's SSH session (found through its process
+    /// tree) and every established session of an SSH daemon here.
+    fn check_lockout(&self, next: &Policy, mode: Mode, how: &Change<'_>) -> Result<(), String> {
+        if mode == Mode::Audit || how.force {
+            return Ok(());
+        }
+        let ssh = how.by.pid.and_then(procinfo::ssh_connection_of);
+        let listeners: Vec<&Listener> = how
+            .pipeline
+            .listeners()
+            .filter(|l| l.netns == self.netns)
+            .collect();
+        let current = (self.mode == Mode::Enforce).then_some(&*self.policy);
+        let cut = lockout::new_problems(
+            current,
+            next,
+            listeners.iter().copied(),
+            ssh.as_deref(),
+            &lockout::established_tcp(),
+        );
+        if cut.is_empty() {
+            return Ok(());
+        }
+        let each: Vec<String> = cut.iter().map(ToString::to_string).collect();
+        Err(format!(
+            "refusing the change: {}; nothing changed (pass --force to apply it anyway)",
+            each.join("; ")
+        ))
     }
 
     /// Persists (unless a reload), installs, and describes the change.
@@ -226,11 +344,12 @@ impl Guard {
         policy: Policy,
         mode: Mode,
         change: String,
-        by: Requester,
+        how: &Change<'_>,
         persist: bool,
     ) -> Result<(ChangeResponse, Event), String> {
         // Checked before anything is written.
         compile(&policy).map_err(|e| e.to_string())?;
+        self.check_lockout(&policy, mode, how)?;
         let path = self.start.policy_path.clone();
         if persist {
             // Keep the file's mode and interfaces: only the rules change here.
@@ -254,7 +373,7 @@ impl Guard {
         let event = Event::Policy(PolicyEvent {
             ts: SystemTime::now(),
             change: change.clone(),
-            by,
+            by: how.by,
             mode: self.mode,
             rules: self.policy.rules.len(),
         });
@@ -272,17 +391,20 @@ impl Guard {
     /// Mode, interfaces, counters, and every listener of the guard's
     /// namespace with its exposure and its port's counters.
     pub fn status(&self, pipeline: &Pipeline) -> StatusResponse {
-        let counters = self.maps.port_counters();
+        let counters = self
+            .maps
+            .slot_counters(self.slots.owners().map(|(_, slot)| slot));
         let t = self.maps.totals();
         let mut listeners: Vec<ListenerStatus> = pipeline
             .listeners()
             .filter(|l| l.netns == self.netns)
             .map(|l| {
                 let c = counters
-                    .get(&counter_key(l.proto.number(), l.port))
+                    .get(&self.slots.slot_of(l.proto, l.port))
                     .copied()
                     .unwrap_or_default();
                 let p = &l.process;
+                let reach = pipeline.reach_of(l);
                 ListenerStatus {
                     proto: l.proto,
                     family: l.family(),
@@ -294,7 +416,8 @@ impl Guard {
                     exe: p.exe.clone(),
                     cmdline: p.cmdline.clone(),
                     netns: l.netns,
-                    exposure: Some(exposure_of(&self.policy, l)),
+                    exposure: reach.as_ref().map(|r| r.exposure),
+                    exposed_via: reach.map(|r| r.unguarded).unwrap_or_default(),
                     pass_packets: c.pass_packets,
                     pass_bytes: c.pass_bytes,
                     drop_packets: c.drop_packets,
@@ -326,8 +449,24 @@ impl Guard {
         }
     }
 
-    /// The guard's part of a metrics scrape.
+    /// The guard's part of a metrics scrape: a series per counter slot
+    /// (each rule, each listened port without a rule, and per protocol the
+    /// `other` ports).
     pub fn metrics(&self) -> GuardSnapshot {
+        let counters = self
+            .maps
+            .slot_counters(self.slots.owners().map(|(_, slot)| slot));
+        let ports: BTreeMap<PortLabel, _> = self
+            .slots
+            .owners()
+            .map(|(owner, slot)| {
+                let label = PortLabel {
+                    proto: owner.proto().number(),
+                    port: owner.port_label(),
+                };
+                (label, counters.get(&slot).copied().unwrap_or_default())
+            })
+            .collect();
         GuardSnapshot {
             mode: self.mode,
             interfaces: self
@@ -335,7 +474,7 @@ impl Guard {
                 .iter()
                 .map(|a| (a.iface.clone(), a.xdp_mode))
                 .collect(),
-            ports: self.maps.port_counters(),
+            ports,
             totals: self.maps.totals(),
         }
     }

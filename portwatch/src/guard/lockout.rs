@@ -3,6 +3,7 @@
 
 use std::{
     collections::BTreeSet,
+    fmt,
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
 };
 
@@ -11,13 +12,60 @@ use crate::{
     policy::Policy,
 };
 
-/// Problems that make enforcing unsafe without `--force`.
+/// The SSH daemons whose listeners mark a port as a way in for people.
+const SSH_DAEMONS: &[&str] = &["sshd", "dropbear"];
+
+/// A session a policy would cut off.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Lockout {
+    /// The SSH session the command runs in (its `SSH_CONNECTION`).
+    Own {
+        client: IpAddr,
+        server: IpAddr,
+        port: u16,
+    },
+    /// An established connection to an SSH daemon's port.
+    Established {
+        remote: IpAddr,
+        local: IpAddr,
+        port: u16,
+    },
+}
+
+impl fmt::Display for Lockout {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Lockout::Own {
+                client,
+                server: _,
+                port,
+            } => write!(
+                f,
+                "this command runs over SSH from {client} to port {port}, which the policy does \
+                 not permit from {client}: enforcing would cut this session off (allow tcp/{port})"
+            ),
+            Lockout::Established {
+                remote,
+                local,
+                port,
+            } => write!(
+                f,
+                "an SSH session from {remote} to {local} port {port} is established, and the \
+                 policy does not permit tcp/{port} from {remote}: enforcing would cut it off"
+            ),
+        }
+    }
+}
+
+/// The sessions `policy` would cut off: the one `ssh_connection` names (if
+/// it ends in this network namespace, as `established` says) and every
+/// established connection to the port of an SSH daemon among `listeners`.
 pub fn problems<'a>(
     policy: &Policy,
     listeners: impl Iterator<Item = &'a Listener>,
     ssh_connection: Option<&str>,
     established: &[(IpAddr, u16, IpAddr)],
-) -> Vec<String> {
+) -> Vec<Lockout> {
     let mut out = Vec::new();
     // The session counts only if it ends in this network namespace: a guard
     // started with `ip netns exec` does not stand between the operator and sshd.
@@ -27,13 +75,20 @@ pub fn problems<'a>(
             .any(|(local, lport, remote)| *local == server && *lport == port && *remote == client)
         && !policy.permits(Proto::Tcp, port, client)
     {
-        out.push(format!(
-            "this command runs over SSH from {client} to port {port}, which the policy does not permit from {client}: \
-             enforcing would cut this session off (allow tcp/{port})"
-        ));
+        out.push(Lockout::Own {
+            client,
+            server,
+            port,
+        });
     }
     let sshd_ports: BTreeSet<u16> = listeners
-        .filter(|l| l.proto == Proto::Tcp && l.process.comm.as_deref() == Some("sshd"))
+        .filter(|l| {
+            l.proto == Proto::Tcp
+                && l.process
+                    .comm
+                    .as_deref()
+                    .is_some_and(|c| SSH_DAEMONS.contains(&c))
+        })
         .map(|l| l.port)
         .collect();
     for (local, port, remote) in established {
@@ -41,13 +96,34 @@ pub fn problems<'a>(
             && !remote.is_loopback()
             && !policy.permits(Proto::Tcp, *port, *remote)
         {
-            out.push(format!(
-                "an SSH session from {remote} to {local} port {port} is established, and the policy does not \
-                 permit tcp/{port} from {remote}: enforcing would cut it off"
-            ));
+            out.push(Lockout::Established {
+                remote: *remote,
+                local: *local,
+                port: *port,
+            });
         }
     }
     out
+}
+
+/// What a change from `current` to `next` would cut off that `current` did
+/// not already: `current` is None when nothing was enforced.
+pub fn new_problems<'a>(
+    current: Option<&Policy>,
+    next: &Policy,
+    listeners: impl Iterator<Item = &'a Listener> + Clone,
+    ssh_connection: Option<&str>,
+    established: &[(IpAddr, u16, IpAddr)],
+) -> Vec<Lockout> {
+    let before: BTreeSet<Lockout> = current
+        .map(|p| problems(p, listeners.clone(), ssh_connection, established))
+        .unwrap_or_default()
+        .into_iter()
+        .collect();
+    problems(next, listeners, ssh_connection, established)
+        .into_iter()
+        .filter(|p| !before.contains(p))
+        .collect()
 }
 
 /// `SSH_CONNECTION` = "client_ip client_port server_ip server_port" ->
@@ -140,9 +216,25 @@ mod tests {
         let policy = Policy::parse("allow = [\"tcp/80\"]")?;
         let found = problems(&policy, std::iter::empty(), ssh, &session);
         assert_eq!(found.len(), 1);
+        let text = found[0].to_string();
         assert!(
-            found[0].contains("port 22") && found[0].contains("198.51.100.4"),
-            "{found:?}"
+            text.contains("port 22") && text.contains("198.51.100.4"),
+            "{text}"
+        );
+        // A change only counts what it newly cuts off.
+        let open = Policy::parse("allow = [\"tcp/22\"]")?;
+        let none: Vec<&Listener> = Vec::new();
+        assert_eq!(
+            new_problems(Some(&open), &policy, none.iter().copied(), ssh, &session),
+            found
+        );
+        assert!(
+            new_problems(Some(&policy), &policy, none.iter().copied(), ssh, &session).is_empty()
+        );
+        assert_eq!(
+            new_problems(None, &policy, none.iter().copied(), ssh, &session).len(),
+            1,
+            "nothing was enforced before"
         );
         // The same session in another namespace is not this guard's business.
         assert!(problems(&policy, std::iter::empty(), ssh, &[]).is_empty());
@@ -173,6 +265,16 @@ mod tests {
         assert_eq!(found.len(), 1, "{found:?}");
         // Other ports' sessions are not SSH.
         assert!(problems(&policy, [&sshd].into_iter(), None, &[(local, 80, remote)]).is_empty());
+        // Dropbear is an SSH daemon too.
+        let mut dropbear = sshd.clone();
+        dropbear.process.comm = Some("dropbear".into());
+        let found = problems(
+            &policy,
+            [&dropbear].into_iter(),
+            None,
+            &[(local, 2222, remote)],
+        );
+        assert_eq!(found.len(), 1, "{found:?}");
         Ok(())
     }
 }

@@ -184,7 +184,7 @@ async fn serve(
     let (stop_control, control_stop) = tokio::sync::watch::channel(false);
     let control_task = tokio::spawn(server.serve_until(control_tx, control_stop));
     // Opened before attaching, so an interface removed meanwhile is seen.
-    let links = match LinkWatch::open() {
+    let links = match LinkWatch::open_with_addresses() {
         Ok(watch) => Some(watch),
         Err(e) => {
             log::warn!(
@@ -284,7 +284,7 @@ async fn start(
     // is reported: a refusal leaves no partial stream behind.
     let found = Pipeline::collect_snapshot().await?;
     let own_netns = procinfo::netns_of(std::process::id());
-    let local = || found.iter().filter(move |l| l.netns == own_netns);
+    let local = || found.listeners.iter().filter(move |l| l.netns == own_netns);
     for l in local() {
         if exposure_of(policy, l) == Exposure::Blocked && !l.addr.is_loopback() {
             log::warn!(
@@ -302,7 +302,11 @@ async fn start(
         if mode == Mode::Enforce && !setup.opts.force {
             bail!(
                 "refusing to enforce: {}\n(fix the policy, use --mode audit first, or pass --force)",
-                problems.join("\n")
+                problems
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect::<Vec<_>>()
+                    .join("\n")
             );
         }
         for p in &problems {
@@ -319,8 +323,6 @@ async fn start(
     guard
         .install(policy.clone(), mode)
         .map_err(anyhow::Error::msg)?;
-    pipeline.set_exposure(guard.exposure_view());
-    pipeline.emit_snapshot(found)?;
     if setup.adopting {
         let pins = guard.pins();
         log::info!("adopted the pinned datapath in {}", pins.root.display());
@@ -341,6 +343,23 @@ async fn start(
             attached.xdp_mode,
         );
     }
+    // Exposure is judged over every way in, once the guard stands in its
+    // own: an interface with addresses that it does not guard is a way
+    // around it.
+    guard.refresh_ifaces();
+    for iface in guard.exposure_view().unguarded() {
+        let addrs: Vec<String> = iface.addrs.iter().map(ToString::to_string).collect();
+        log::warn!(
+            "{} ({}) is not guarded: listeners reachable through it are exposed whatever the \
+             policy (guard it with --iface or the policy's `interfaces`)",
+            iface.name,
+            addrs.join(", ")
+        );
+    }
+    pipeline.set_exposure(guard.exposure_view());
+    pipeline.emit_snapshot(found)?;
+    // The snapshot's listened ports get their counter slots.
+    guard.listeners_changed(pipeline);
     sd_notify("READY=1");
     pipeline.announce_ready()?;
     Ok(())
@@ -380,6 +399,9 @@ impl Daemon for Guard {
                         pipeline.emit(event)?;
                     }
                 }
+                // A link or an address came or went: the ways in changed.
+                self.refresh_ifaces();
+                pipeline.set_exposure(self.exposure_view());
             }
         }
         Ok(Flow::Continue)
@@ -389,8 +411,13 @@ impl Daemon for Guard {
         self.reload_on_signal(pipeline)
     }
 
-    fn metrics(&self) -> Option<GuardSnapshot> {
+    fn metrics(&self, _pipeline: &Pipeline) -> Option<GuardSnapshot> {
         Some(Guard::metrics(self))
+    }
+
+    fn listeners_changed(&mut self, pipeline: &mut Pipeline) -> io::Result<()> {
+        Guard::listeners_changed(self, pipeline);
+        Ok(())
     }
 
     fn drain(&mut self, pipeline: &mut Pipeline) -> io::Result<()> {

@@ -4,7 +4,7 @@
 
 use std::io;
 
-use super::actor::{Guard, Shutdown};
+use super::actor::{Change, Guard, Shutdown};
 use crate::{
     control::{
         protocol::{ChangeResponse, Request, Response},
@@ -28,16 +28,16 @@ impl Guard {
         };
         let mut flow = Flow::Continue;
         let reply = match req.request {
-            Request::Allow { rule } => {
-                let result = self.allow(rule, by);
+            Request::Allow { rule, force } => {
+                let result = self.allow(rule, &Change::new(pipeline, by, force));
                 self.changed(pipeline, result)?
             }
-            Request::Deny { ports } => {
-                let result = self.deny(ports, by);
+            Request::Deny { ports, force } => {
+                let result = self.deny(ports, &Change::new(pipeline, by, force));
                 self.changed(pipeline, result)?
             }
-            Request::Reload => {
-                let result = self.reload(by);
+            Request::Reload { force } => {
+                let result = self.reload(&Change::new(pipeline, by, force));
                 self.changed(pipeline, result)?
             }
             Request::Policy => Reply::Once(Response::Policy(self.policy_view())),
@@ -67,9 +67,10 @@ impl Guard {
         Ok(flow)
     }
 
-    /// SIGHUP: a reload on behalf of whoever sent the signal.
+    /// SIGHUP: a reload on behalf of whoever sent the signal. It cannot
+    /// be forced: one that would cut off an SSH session is refused.
     pub fn reload_on_signal(&mut self, pipeline: &mut Pipeline) -> io::Result<()> {
-        let result = self.reload(Requester::default());
+        let result = self.reload(&Change::new(pipeline, Requester::default(), false));
         if let Err(e) = &result {
             log::warn!("SIGHUP: reload failed: {e}");
         }

@@ -2,6 +2,7 @@
 //! names them, and waiting for them at boot. [`watch`] follows changes
 //! through rtnetlink.
 
+pub mod table;
 pub mod watch;
 
 use std::time::{Duration, Instant};

@@ -19,6 +19,9 @@ const RTMGRP_LINK: u32 = 1;
 /// appearing, e.g. once DHCP has configured an interface at boot).
 const RTMGRP_IPV4_ROUTE: u32 = 0x40;
 const RTMGRP_IPV6_ROUTE: u32 = 0x400;
+/// RTMGRP_IPV4_IFADDR, RTMGRP_IPV6_IFADDR: addresses added or removed.
+const RTMGRP_IPV4_IFADDR: u32 = 0x10;
+const RTMGRP_IPV6_IFADDR: u32 = 0x100;
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum LinkChange {
@@ -37,6 +40,12 @@ impl LinkWatch {
     /// Subscribes to link changes in the current network namespace.
     pub fn open() -> io::Result<Self> {
         Self::open_groups(RTMGRP_LINK)
+    }
+
+    /// Subscribes to link and address changes: `next` then also returns (an
+    /// empty batch) when an address was added or removed.
+    pub fn open_with_addresses() -> io::Result<Self> {
+        Self::open_groups(RTMGRP_LINK | RTMGRP_IPV4_IFADDR | RTMGRP_IPV6_IFADDR)
     }
 
     /// Subscribes to link and route changes: `next` then also returns (an

@@ -45,7 +45,7 @@ pub struct Tally {
 impl Tally {
     pub fn count_listener(&mut self, ev: &ListenerEvent) {
         if ev.kind == EventKind::Listen
-            && ev.exposure == Some(Exposure::Blocked)
+            && ev.reach.as_ref().map(|r| r.policy) == Some(Exposure::Blocked)
             && !ev.listener.addr.is_loopback()
         {
             self.blocked_listeners_opened += 1;
@@ -61,7 +61,8 @@ pub struct ScrapeRequest {
 /// Everything a scrape exports, read at once by the event loop.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Snapshot {
-    /// Listeners per exposure; "unknown" for other namespaces (or no guard).
+    /// Listeners per exposure; "unknown" when no guard runs or a
+    /// namespace's interfaces could not be read.
     pub listeners: BTreeMap<&'static str, u64>,
     /// Events the listener ring could not queue.
     pub events_lost: u64,
@@ -75,9 +76,21 @@ pub struct GuardSnapshot {
     pub mode: Mode,
     /// (interface, XDP mode).
     pub interfaces: Vec<(String, AttachedMode)>,
-    /// Per `counter_key(proto, port)`, summed over CPUs.
-    pub ports: BTreeMap<u32, PortCounters>,
+    /// Packets and bytes per port, summed over CPUs: ports with a rule or
+    /// a listener each on their own, the rest summed per protocol.
+    pub ports: BTreeMap<PortLabel, PortCounters>,
     pub totals: GuardTotals,
+}
+
+/// The `proto` and `port` labels of a counter series. Only rules and
+/// ports with a listener get a series of their own: what an outsider sends
+/// to any other port adds to `other`, so a scan cannot set the number of
+/// series.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct PortLabel {
+    pub proto: u8,
+    /// `22`, a rule's `8000-8099`, or `other`.
+    pub port: String,
 }
 
 /// The snapshot as prometheus-client collects it: constant values, encoded
@@ -139,7 +152,7 @@ impl Collector for SnapshotCollector {
         gauge(
             e,
             "listeners",
-            "Listening sockets now, by their exposure under the policy (unknown: other network namespaces, or no guard)",
+            "Listening sockets now, by their exposure over every way in (unknown: no guard, or a namespace whose interfaces could not be read)",
             &listeners,
         )?;
         let mut lost = vec![(vec![("ring", "listeners".to_string())], s.events_lost)];
@@ -164,9 +177,9 @@ impl Collector for SnapshotCollector {
         )?;
         let mut packets = Vec::with_capacity(g.ports.len() * 2);
         let mut bytes = Vec::with_capacity(g.ports.len() * 2);
-        for (key, c) in &g.ports {
-            let proto = proto_name(u8::try_from(key >> 16).unwrap_or(u8::MAX));
-            let port = (key & 0xffff).to_string();
+        for (label, c) in &g.ports {
+            let proto = proto_name(label.proto);
+            let port = label.port.clone();
             for (action, p, b) in [
                 ("pass", c.pass_packets, c.pass_bytes),
                 ("drop", c.drop_packets, c.drop_bytes),
@@ -183,13 +196,13 @@ impl Collector for SnapshotCollector {
         counter(
             e,
             "packets",
-            "Inbound packets per destination protocol and port, passed or dropped by the XDP guard (audit mode: would-be drops)",
+            "Inbound packets per destination protocol and port (a rule's ports, or a listened port without a rule; port=\"other\" sums the rest), passed or dropped by the XDP guard (audit mode: would-be drops)",
             &packets,
         )?;
         counter(
             e,
             "bytes",
-            "Inbound bytes (whole frames) per destination protocol and port, passed or dropped by the XDP guard",
+            "Inbound bytes (whole frames) per destination protocol and port (a rule's ports, or a listened port without a rule; port=\"other\" sums the rest), passed or dropped by the XDP guard",
             &bytes,
         )?;
         let reasons: Vec<_> = [
@@ -266,7 +279,7 @@ pub fn encode(snapshot: Snapshot) -> Result<String, std::fmt::Error> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use portwatch_common::{GUARD_STATS_LEN, IPPROTO_TCP, IPPROTO_UDP, counter_key};
+    use portwatch_common::{GUARD_STATS_LEN, IPPROTO_TCP, IPPROTO_UDP};
 
     fn sample() -> Snapshot {
         let mut totals = [0u64; GUARD_STATS_LEN as usize];
@@ -274,8 +287,12 @@ mod tests {
         totals[GuardStat::ReportsSuppressed as usize] = 2;
         totals[GuardStat::ReportsLost as usize] = 1;
         let mut ports = BTreeMap::new();
+        let label = |proto, port: &str| PortLabel {
+            proto,
+            port: port.to_owned(),
+        };
         ports.insert(
-            counter_key(IPPROTO_UDP, 5353),
+            label(IPPROTO_UDP, "other"),
             PortCounters {
                 pass_packets: 0,
                 pass_bytes: 0,
@@ -284,7 +301,7 @@ mod tests {
             },
         );
         ports.insert(
-            counter_key(IPPROTO_TCP, 22),
+            label(IPPROTO_TCP, "22"),
             PortCounters {
                 pass_packets: 10,
                 pass_bytes: 900,
@@ -330,8 +347,8 @@ mod tests {
             "# TYPE portwatch_blocked_listeners_opened_total counter",
             "portwatch_blocked_listeners_opened_total 3",
             "portwatch_packets_total{proto=\"tcp\",port=\"22\",action=\"pass\"} 10",
-            "portwatch_packets_total{proto=\"udp\",port=\"5353\",action=\"drop\"} 5",
-            "portwatch_bytes_total{proto=\"udp\",port=\"5353\",action=\"drop\"} 300",
+            "portwatch_packets_total{proto=\"udp\",port=\"other\",action=\"drop\"} 5",
+            "portwatch_bytes_total{proto=\"udp\",port=\"other\",action=\"drop\"} 300",
             "portwatch_bytes_total{proto=\"tcp\",port=\"22\",action=\"pass\"} 900",
             "portwatch_dropped_packets_total{reason=\"no_rule\"} 7",
             "portwatch_dropped_packets_total{reason=\"source_not_allowed\"} 0",
@@ -389,7 +406,7 @@ mod tests {
     #[test]
     fn tally_counts_exactly_the_flagged_listens() {
         use crate::model::{Listener, Origin, ProcessInfo, SockId};
-        let ev = |addr: &str, kind, exposure| ListenerEvent {
+        let ev = |addr: &str, kind, exposure: Option<Exposure>| ListenerEvent {
             ts: std::time::SystemTime::UNIX_EPOCH,
             kind,
             origin: Origin::Live,
@@ -403,7 +420,11 @@ mod tests {
                 netns: None,
                 process: ProcessInfo::default(),
             },
-            exposure,
+            reach: exposure.map(|e| crate::model::Reach {
+                exposure: e,
+                policy: e,
+                unguarded: vec![],
+            }),
         };
         let mut t = Tally::default();
         t.count_listener(&ev("0.0.0.0", EventKind::Listen, Some(Exposure::Blocked)));

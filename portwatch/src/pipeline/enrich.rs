@@ -10,7 +10,8 @@
 
 use std::{
     collections::HashMap,
-    sync::mpsc as std_mpsc,
+    path::PathBuf,
+    sync::{Arc, mpsc as std_mpsc},
     thread,
     time::{Duration, Instant},
 };
@@ -19,6 +20,7 @@ use tokio::sync::mpsc;
 
 use crate::{
     datapath::decode::RawListen,
+    iface::table::{Iface, dump_in},
     model::{EventKind, Listener, ProcessInfo, Proto},
     procinfo,
 };
@@ -35,6 +37,9 @@ pub struct Enriched {
     /// For a TCP listen on port 0 (listen() without bind()): the ports the
     /// process listens on, one of which the kernel picked.
     pub listening_ports: Vec<u16>,
+    /// The interfaces of the listener's namespace, when it is not ours and
+    /// they were (re)read for this record.
+    pub netns_ifaces: Option<(u64, Arc<Vec<Iface>>)>,
 }
 
 /// The worker thread and its two channels.
@@ -52,7 +57,10 @@ impl Enricher {
         thread::Builder::new()
             .name("portwatch-proc".into())
             .spawn(move || {
-                let mut procs = ProcCache::default();
+                let mut procs = ProcCache {
+                    own_netns: procinfo::netns_of(std::process::id()),
+                    ..ProcCache::default()
+                };
                 for batch in inbox {
                     let done: Vec<Enriched> = batch.into_iter().map(|r| procs.enrich(r)).collect();
                     if outbox.blocking_send(done).is_err() {
@@ -123,7 +131,14 @@ impl Drop for Enricher {
 #[derive(Default)]
 struct ProcCache {
     entries: HashMap<u32, CachedProc>,
+    /// Our own network namespace; others get their interfaces read.
+    own_netns: Option<u64>,
+    /// When each other namespace's interfaces were last read.
+    netns_read: HashMap<u64, Instant>,
 }
+
+/// How long another namespace's interfaces are trusted without a new read.
+const NETNS_TTL: Duration = Duration::from_secs(30);
 
 struct CachedProc {
     /// The kernel's comm when it was read: a different one means the pid
@@ -178,6 +193,7 @@ impl ProcCache {
                 Vec::new()
             };
         let cached = self.lookup(raw.tgid, &raw.comm);
+        let netns = cached.netns;
         let listener = Listener {
             proto: raw.proto,
             addr: raw.addr,
@@ -193,11 +209,39 @@ impl ProcCache {
                 cgroup: cached.cgroup.clone(),
             },
         };
+        let netns_ifaces = self.netns_ifaces(raw.tgid, netns);
         Enriched {
             ts_ns: raw.ts_ns,
             kind: raw.kind,
             listener,
             listening_ports,
+            netns_ifaces,
+        }
+    }
+
+    /// The interfaces of `pid`'s namespace `netns` when it is not ours and
+    /// not read in the last [`NETNS_TTL`].
+    fn netns_ifaces(&mut self, pid: u32, netns: Option<u64>) -> Option<(u64, Arc<Vec<Iface>>)> {
+        let ns = netns?;
+        if Some(ns) == self.own_netns
+            || self
+                .netns_read
+                .get(&ns)
+                .is_some_and(|at| at.elapsed() < NETNS_TTL)
+        {
+            return None;
+        }
+        if self.netns_read.len() >= PROC_CACHE_MAX {
+            self.netns_read.clear();
+        }
+        self.netns_read.insert(ns, Instant::now());
+        let file = PathBuf::from(format!("/proc/{pid}/ns/net"));
+        match dump_in(&file, ns) {
+            Ok(ifaces) => Some((ns, Arc::new(ifaces))),
+            Err(e) => {
+                log::debug!("cannot read the interfaces of netns {ns}: {e}");
+                None
+            }
         }
     }
 }

@@ -8,9 +8,21 @@ use std::{collections::HashMap, time::SystemTime};
 use super::enrich::Enriched;
 use crate::model::{EventKind, Listener, ListenerEvent, Origin, Proto, SockId};
 
+/// A port in a network namespace.
+pub type PortKey = (Proto, u16, Option<u64>);
+
 #[derive(Default)]
 pub struct Listeners {
     open: HashMap<(Proto, SockId), Listener>,
+    /// Listeners per port, to say at once whether a port is listened on.
+    per_port: HashMap<PortKey, usize>,
+    /// Ports that gained their first listener or lost their last since the
+    /// last `take_changed`.
+    changed: Vec<PortKey>,
+}
+
+fn port_key(l: &Listener) -> PortKey {
+    (l.proto, l.port, l.netns)
 }
 
 impl Listeners {
@@ -28,8 +40,46 @@ impl Listeners {
 
     /// Records a listener found by the start-up snapshot.
     pub fn insert_snapshot(&mut self, listener: Listener) {
-        self.open
-            .insert((listener.proto, listener.sock_id), listener);
+        self.add((listener.proto, listener.sock_id), listener);
+    }
+
+    /// Whether anything listens on `proto/port` in `netns`.
+    pub fn is_listened(&self, key: &PortKey) -> bool {
+        self.per_port.get(key).is_some_and(|n| *n > 0)
+    }
+
+    /// The ports that were first listened on or last closed since the last
+    /// call.
+    pub fn take_changed(&mut self) -> Vec<PortKey> {
+        std::mem::take(&mut self.changed)
+    }
+
+    fn add(&mut self, key: (Proto, SockId), listener: Listener) {
+        let port = port_key(&listener);
+        if let Some(old) = self.open.insert(key, listener) {
+            self.count_out(port_key(&old));
+        }
+        let n = self.per_port.entry(port).or_insert(0);
+        *n += 1;
+        if *n == 1 {
+            self.changed.push(port);
+        }
+    }
+
+    fn remove(&mut self, key: &(Proto, SockId)) -> Option<Listener> {
+        let listener = self.open.remove(key)?;
+        self.count_out(port_key(&listener));
+        Some(listener)
+    }
+
+    fn count_out(&mut self, port: PortKey) {
+        if let Some(n) = self.per_port.get_mut(&port) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                self.per_port.remove(&port);
+                self.changed.push(port);
+            }
+        }
     }
 
     /// Whether a live TCP listen is one the snapshot already reported: the
@@ -69,17 +119,17 @@ impl Listeners {
                 if duplicate {
                     return None;
                 }
-                self.open.insert(key, listener.clone());
+                self.add(key, listener.clone());
                 Some(ListenerEvent {
                     ts,
                     kind: EventKind::Listen,
                     origin: Origin::Live,
                     listener,
-                    exposure: None,
+                    reach: None,
                 })
             }
             EventKind::Close => {
-                let listener = match self.open.remove(&key) {
+                let listener = match self.remove(&key) {
                     Some(opened) => opened,
                     None => self
                         .take_snapshot_match(&rec.listener)
@@ -90,7 +140,7 @@ impl Listeners {
                     kind: EventKind::Close,
                     origin: Origin::Live,
                     listener,
-                    exposure: None,
+                    reach: None,
                 })
             }
         }
@@ -126,6 +176,6 @@ impl Listeners {
                 )
             })
             .map(|(k, _)| *k)?;
-        self.open.remove(&key)
+        self.remove(&key)
     }
 }

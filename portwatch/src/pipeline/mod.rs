@@ -14,7 +14,12 @@ pub mod exposure;
 pub mod listeners;
 pub mod subscribers;
 
-use std::{collections::BTreeMap, io, time::SystemTime};
+use std::{
+    collections::{BTreeMap, HashMap},
+    io,
+    sync::Arc,
+    time::SystemTime,
+};
 
 use anyhow::Context as _;
 
@@ -25,12 +30,20 @@ use self::{
     subscribers::{Subscriber, Subscribers},
 };
 use crate::{
+    iface::table::Iface,
     metrics::Tally,
-    model::{Event, EventKind, Exposure, Listener, ListenerEvent, Origin, Proto},
+    model::{Event, EventKind, Exposure, Listener, ListenerEvent, Origin, Proto, Reach},
     sinks::{Format, Sink, Summary},
     snapshot,
     sys::{Clock, monotonic_ns},
 };
+
+/// What listens at start, and the interfaces of the other namespaces it
+/// listens in.
+pub struct Snapshot {
+    pub listeners: Vec<Listener>,
+    pub netns_ifaces: HashMap<u64, Arc<Vec<Iface>>>,
+}
 
 /// Which listeners the user asked to see.
 #[derive(Clone, Debug, Default)]
@@ -56,6 +69,9 @@ pub struct Pipeline {
     snapshot_ns: u64,
     /// The guard's policy, for exposure; None under `watch`.
     exposure: Option<ExposureView>,
+    /// Other network namespaces' interfaces, by namespace inode: the ways
+    /// into their listeners.
+    netns_ifaces: HashMap<u64, Arc<Vec<Iface>>>,
     subscribers: Subscribers,
     /// Counts for the metrics.
     tally: Tally,
@@ -71,6 +87,7 @@ impl Pipeline {
             summary: Summary::default(),
             snapshot_ns: 0,
             exposure: None,
+            netns_ifaces: HashMap::new(),
             subscribers: Subscribers::default(),
             tally: Tally::default(),
         }
@@ -85,6 +102,23 @@ impl Pipeline {
         self.exposure.as_ref()
     }
 
+    /// The interfaces of another network namespace (from the snapshot, or
+    /// looked up when one of its listeners showed).
+    pub fn set_netns_ifaces(&mut self, netns: u64, ifaces: Arc<Vec<Iface>>) {
+        self.netns_ifaces.insert(netns, ifaces);
+    }
+
+    /// Who can reach `listener`, under the guard's view; None under
+    /// `watch`, or for a namespace whose interfaces are not known.
+    pub fn reach_of(&self, listener: &Listener) -> Option<Reach> {
+        let view = self.exposure.as_ref()?;
+        let theirs = listener
+            .netns
+            .and_then(|ns| self.netns_ifaces.get(&ns))
+            .map(|t| t.as_slice());
+        view.of(listener, theirs)
+    }
+
     /// Wall-clock time of a kernel timestamp (CLOCK_MONOTONIC ns).
     pub fn wall(&self, monotonic_ns: u64) -> SystemTime {
         self.clock.wall(monotonic_ns)
@@ -93,6 +127,16 @@ impl Pipeline {
     /// The listeners open now.
     pub fn listeners(&self) -> impl Iterator<Item = &Listener> {
         self.listeners.iter()
+    }
+
+    /// Whether anything listens on `proto/port` in `netns`.
+    pub fn is_listened(&self, proto: Proto, port: u16, netns: Option<u64>) -> bool {
+        self.listeners.is_listened(&(proto, port, netns))
+    }
+
+    /// Ports first listened on or last closed since the last call.
+    pub fn take_changed_ports(&mut self) -> Vec<listeners::PortKey> {
+        self.listeners.take_changed()
     }
 
     pub fn tally(&self) -> Tally {
@@ -110,8 +154,8 @@ impl Pipeline {
                 if !self.filter.matches(&ev.listener) {
                     return Ok(());
                 }
-                if let Some(view) = &self.exposure {
-                    ev.exposure = view.of(&ev.listener);
+                if self.exposure.is_some() {
+                    ev.reach = self.reach_of(&ev.listener);
                 }
                 self.summary.events += 1;
                 self.tally.count_listener(ev);
@@ -138,16 +182,42 @@ impl Pipeline {
     }
 
     /// The listeners that exist now (sock_diag, every namespace), not yet
-    /// reported; taken on a blocking thread.
-    pub async fn collect_snapshot() -> anyhow::Result<Vec<Listener>> {
-        tokio::task::spawn_blocking(snapshot::snapshot)
-            .await
-            .context("the snapshot task failed")?
-            .context("taking the start-up snapshot of listeners")
+    /// reported, with the interfaces of the other namespaces they are in;
+    /// taken on a blocking thread.
+    pub async fn collect_snapshot() -> anyhow::Result<Snapshot> {
+        tokio::task::spawn_blocking(|| {
+            let listeners = snapshot::snapshot()?;
+            let own = crate::procinfo::netns_of(std::process::id());
+            let mut netns_ifaces = HashMap::new();
+            for l in &listeners {
+                let (Some(ns), Some(pid)) = (l.netns, l.process.pid) else {
+                    continue;
+                };
+                if Some(ns) == own || netns_ifaces.contains_key(&ns) {
+                    continue;
+                }
+                let file = std::path::PathBuf::from(format!("/proc/{pid}/ns/net"));
+                match crate::iface::table::dump_in(&file, ns) {
+                    Ok(ifaces) => {
+                        netns_ifaces.insert(ns, Arc::new(ifaces));
+                    }
+                    Err(e) => log::debug!("cannot read the interfaces of netns {ns}: {e}"),
+                }
+            }
+            Ok::<_, snapshot::SnapshotError>(Snapshot {
+                listeners,
+                netns_ifaces,
+            })
+        })
+        .await
+        .context("the snapshot task failed")?
+        .context("taking the start-up snapshot of listeners")
     }
 
     /// Reports listeners found by `collect_snapshot`.
-    pub fn emit_snapshot(&mut self, found: Vec<Listener>) -> io::Result<()> {
+    pub fn emit_snapshot(&mut self, found: Snapshot) -> io::Result<()> {
+        self.netns_ifaces.extend(found.netns_ifaces);
+        let found = found.listeners;
         self.snapshot_ns = monotonic_ns();
         let ts = SystemTime::now();
         for listener in found {
@@ -157,7 +227,7 @@ impl Pipeline {
                 kind: EventKind::Listen,
                 origin: Origin::Snapshot,
                 listener,
-                exposure: None,
+                reach: None,
             }))?;
         }
         Ok(())
@@ -175,7 +245,10 @@ impl Pipeline {
 
     /// Enriched kernel records, in the order the kernel wrote them.
     pub fn on_listens(&mut self, batch: Vec<Enriched>) -> io::Result<()> {
-        for rec in batch {
+        for mut rec in batch {
+            if let Some((ns, ifaces)) = rec.netns_ifaces.take() {
+                self.set_netns_ifaces(ns, ifaces);
+            }
             let ts = self.clock.wall(rec.ts_ns);
             let before_snapshot = rec.ts_ns <= self.snapshot_ns;
             if let Some(ev) = self.listeners.apply(rec, ts, before_snapshot) {
@@ -238,7 +311,7 @@ impl Pipeline {
                 kind: EventKind::Listen,
                 origin: Origin::Snapshot,
                 listener: l.clone(),
-                exposure: self.exposure.as_ref().and_then(|v| v.of(l)),
+                reach: self.reach_of(l),
             }));
             sent += 1;
         }
@@ -261,11 +334,7 @@ impl Pipeline {
         }
         counts.insert("unknown", 0);
         for l in self.listeners.iter() {
-            let name = self
-                .exposure
-                .as_ref()
-                .and_then(|v| v.of(l))
-                .map_or("unknown", Exposure::as_str);
+            let name = self.reach_of(l).map_or("unknown", |r| r.exposure.as_str());
             *counts.entry(name).or_insert(0) += 1;
         }
         counts

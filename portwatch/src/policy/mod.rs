@@ -8,6 +8,7 @@
 
 pub mod compile;
 mod file;
+pub mod slots;
 mod spec;
 pub mod store;
 

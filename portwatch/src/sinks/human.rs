@@ -14,7 +14,7 @@ use std::{
 use super::{Sink, Summary};
 use crate::{
     format::{UserNames, endpoint, proto_name, time_of_day_micros as clock, truncate},
-    model::{DropEvent, DropReason, Event, EventKind, Exposure, Listener, Origin},
+    model::{DropEvent, DropReason, Event, EventKind, Exposure, Listener, Origin, Reach},
 };
 
 const GREEN: &str = "\x1b[32m";
@@ -171,8 +171,10 @@ impl<W: Write> HumanSink<W> {
         kind: EventKind,
         origin: Origin,
         l: &Listener,
-        exposure: Option<Exposure>,
+        reach: Option<&Reach>,
     ) -> io::Result<()> {
+        let exposure = reach.map(|r| r.exposure);
+        let unguarded = reach.map(|r| r.unguarded.join(",")).unwrap_or_default();
         let (on, off) = self.paint(match kind {
             EventKind::Listen => GREEN,
             EventKind::Close => YELLOW,
@@ -226,15 +228,25 @@ impl<W: Write> HumanSink<W> {
             Some(ns) if Some(ns) != self.host_netns => format!(" netns={ns}"),
             _ => String::new(),
         };
+        let via = if unguarded.is_empty() {
+            String::new()
+        } else {
+            format!(" via={unguarded}(unguarded)")
+        };
         let command = p.cmdline.as_deref().or(p.exe.as_deref()).unwrap_or("");
-        self.line(&fixed, visible, &format!("{command}{netns}"))?;
+        self.line(&fixed, visible, &format!("{command}{netns}{via}"))?;
         // A listener the policy blocks is a violation: someone started a
         // service the network cannot (or should not) reach.
-        if kind == EventKind::Listen && exposure == Some(Exposure::Blocked) && !l.addr.is_loopback()
-        {
+        let policy_blocks = reach.map(|r| r.policy) == Some(Exposure::Blocked);
+        if kind == EventKind::Listen && policy_blocks && !l.addr.is_loopback() {
             let (on, off) = self.paint(RED);
+            let but = if unguarded.is_empty() {
+                String::new()
+            } else {
+                format!(", but reachable via {unguarded} where no guard runs")
+            };
             let text = format!(
-                "{} (pid {pid}) listens on {}: blocked by policy",
+                "{} (pid {pid}) listens on {}: blocked by policy{but}",
                 p.comm.as_deref().unwrap_or("?"),
                 endpoint(&l.addr, l.port)
             );
@@ -350,9 +362,13 @@ impl<W: Write> Sink for HumanSink<W> {
             writeln!(self.out, "{dim}{header}{undim}")?;
         }
         match event {
-            Event::Listener(ev) => {
-                self.listener_line(&clock(ev.ts), ev.kind, ev.origin, &ev.listener, ev.exposure)
-            }
+            Event::Listener(ev) => self.listener_line(
+                &clock(ev.ts),
+                ev.kind,
+                ev.origin,
+                &ev.listener,
+                ev.reach.as_ref(),
+            ),
             Event::Drop(d) => {
                 self.add_drop(d);
                 Ok(())
@@ -445,7 +461,11 @@ mod tests {
     use super::*;
     use crate::model::{ListenerEvent, ProcessInfo, Proto, SockId};
 
-    fn listen(netns: u64, exposure: Option<Exposure>) -> Event {
+    fn guarded(e: Exposure) -> Option<Reach> {
+        Some(Reach::guarded(e))
+    }
+
+    fn listen(netns: u64, reach: Option<Reach>) -> Event {
         Event::Listener(ListenerEvent {
             ts: UNIX_EPOCH + Duration::from_micros(3_723_000_042),
             kind: EventKind::Listen,
@@ -465,7 +485,7 @@ mod tests {
                     cgroup: None,
                 },
             },
-            exposure,
+            reach,
         })
     }
 
@@ -514,7 +534,7 @@ mod tests {
     #[test]
     fn lines_fit_the_terminal_width() {
         for width in [80, 100, 200] {
-            let text = render(false, Some(width), &[listen(1, Some(Exposure::Exposed))]);
+            let text = render(false, Some(width), &[listen(1, guarded(Exposure::Exposed))]);
             for line in text.lines() {
                 let cols = line.chars().count();
                 assert!(cols <= width, "{cols} columns at width {width}: {line}");
@@ -531,14 +551,33 @@ mod tests {
 
     #[test]
     fn a_blocked_listener_is_flagged_as_a_violation() {
-        let text = render(false, None, &[listen(1, Some(Exposure::Blocked))]);
+        let text = render(false, None, &[listen(1, guarded(Exposure::Blocked))]);
         let flag = text.lines().nth(2).expect("listen line, then the flag");
         assert!(
             flag.ends_with("! python3 (pid 4242) listens on 0.0.0.0:8765: blocked by policy"),
             "{flag}"
         );
-        let exposed = render(false, None, &[listen(1, Some(Exposure::Exposed))]);
+        let exposed = render(false, None, &[listen(1, guarded(Exposure::Exposed))]);
         assert!(!exposed.contains("blocked by policy"));
+    }
+
+    #[test]
+    fn a_way_in_without_a_guard_is_named() {
+        let reach = Reach {
+            exposure: Exposure::Exposed,
+            policy: Exposure::Blocked,
+            unguarded: vec!["eth1".into(), "wg0".into()],
+        };
+        let text = render(false, None, &[listen(1, Some(reach))]);
+        let mut lines = text.lines().skip(1);
+        let line = lines.next().expect("listen line");
+        assert!(line.contains(" exposed "), "{line}");
+        assert!(line.ends_with("via=eth1,wg0(unguarded)"), "{line}");
+        let flag = lines.next().expect("flag line");
+        assert!(
+            flag.ends_with("blocked by policy, but reachable via eth1,wg0 where no guard runs"),
+            "{flag}"
+        );
     }
 
     #[test]

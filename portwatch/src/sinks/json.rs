@@ -15,7 +15,7 @@ use crate::{
     format::{parse_rfc3339, proto_name, rfc3339_micros},
     model::{
         AttachedMode, DropEvent, DropReason, Event, EventKind, Exposure, Family, Listener,
-        ListenerEvent, Mode, Origin, PolicyEvent, ProcessInfo, Proto, Requester, SockId,
+        ListenerEvent, Mode, Origin, PolicyEvent, ProcessInfo, Proto, Reach, Requester, SockId,
     },
 };
 
@@ -75,8 +75,15 @@ struct ListenerLine {
     cmdline: Option<String>,
     cgroup: Option<String>,
     netns: Option<u64>,
+    /// Who can reach it over every way in (absent: not known).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     exposure: Option<Exposure>,
+    /// What the policy alone says, when ways in without a guard widen it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    policy_exposure: Option<Exposure>,
+    /// Interfaces that reach it with no guard on them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    exposed_via: Vec<String>,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -171,7 +178,17 @@ impl ListenerLine {
             cmdline: p.cmdline.clone(),
             cgroup: p.cgroup.clone(),
             netns: l.netns,
-            exposure: ev.exposure,
+            exposure: ev.reach.as_ref().map(|r| r.exposure),
+            policy_exposure: ev
+                .reach
+                .as_ref()
+                .filter(|r| r.policy != r.exposure)
+                .map(|r| r.policy),
+            exposed_via: ev
+                .reach
+                .as_ref()
+                .map(|r| r.unguarded.clone())
+                .unwrap_or_default(),
         }
     }
 
@@ -196,7 +213,11 @@ impl ListenerLine {
                     cgroup: self.cgroup,
                 },
             },
-            exposure: self.exposure,
+            reach: self.exposure.map(|exposure| Reach {
+                exposure,
+                policy: self.policy_exposure.unwrap_or(exposure),
+                unguarded: self.exposed_via,
+            }),
         }
     }
 }
@@ -409,6 +430,14 @@ mod tests {
     }
 
     fn listener_event() -> Event {
+        listener_event_reaching(Some(Reach {
+            exposure: Exposure::Exposed,
+            policy: Exposure::Partial,
+            unguarded: vec!["eth1".into()],
+        }))
+    }
+
+    fn listener_event_reaching(reach: Option<Reach>) -> Event {
         Event::Listener(ListenerEvent {
             ts: ts(),
             kind: EventKind::Close,
@@ -428,7 +457,7 @@ mod tests {
                     cgroup: None,
                 },
             },
-            exposure: Some(Exposure::Partial),
+            reach,
         })
     }
 
@@ -448,7 +477,27 @@ mod tests {
         assert!(v["exe"].is_null());
         assert_eq!(v["cmdline"], "avahi-daemon -s");
         assert_eq!(v["netns"], 4026531840u64);
-        assert_eq!(v["exposure"], "partial");
+        assert_eq!(v["exposure"], "exposed");
+        assert_eq!(v["policy_exposure"], "partial");
+        assert_eq!(v["exposed_via"], serde_json::json!(["eth1"]));
+    }
+
+    #[test]
+    fn a_listener_only_the_guard_reaches_has_one_exposure_field() {
+        let ev = listener_event_reaching(Some(Reach {
+            exposure: Exposure::Blocked,
+            policy: Exposure::Blocked,
+            unguarded: vec![],
+        }));
+        let v: serde_json::Value =
+            serde_json::from_str(&to_json(&ev).expect("serialises")).expect("valid JSON");
+        assert_eq!(v["exposure"], "blocked");
+        assert!(v.get("policy_exposure").is_none(), "{v}");
+        assert!(v.get("exposed_via").is_none(), "{v}");
+        let unknown = listener_event_reaching(None);
+        let v: serde_json::Value =
+            serde_json::from_str(&to_json(&unknown).expect("serialises")).expect("valid JSON");
+        assert!(v.get("exposure").is_none(), "{v}");
     }
 
     #[test]

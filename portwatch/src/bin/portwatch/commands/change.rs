@@ -40,6 +40,9 @@ pub struct AllowArgs {
     /// With --offline: the policy file to change (created if missing) [default: /etc/portwatch/policy.toml]
     #[arg(long, value_name = "FILE", requires = "offline")]
     pub policy: Option<PathBuf>,
+    /// Apply it even if it would cut off an SSH session (yours, or one established).
+    #[arg(long, conflicts_with = "offline")]
+    pub force: bool,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -56,6 +59,9 @@ pub struct DenyArgs {
     /// With --offline: the policy file to change [default: /etc/portwatch/policy.toml]
     #[arg(long, value_name = "FILE", requires = "offline")]
     pub policy: Option<PathBuf>,
+    /// Apply it even if it would cut off an SSH session (yours, or one established).
+    #[arg(long, conflicts_with = "offline")]
+    pub force: bool,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -73,6 +79,9 @@ pub struct ReloadArgs {
     /// The guard's control socket [default: /run/portwatch/control.sock]
     #[arg(long, value_name = "PATH")]
     pub socket: Option<PathBuf>,
+    /// Apply the file even if it would cut off an SSH session.
+    #[arg(long)]
+    pub force: bool,
 }
 
 /// `tcp/8080 (from anywhere)`, `tcp/5432 (from 10.0.0.0/8, fd00::/8)`.
@@ -146,7 +155,11 @@ pub fn allow(args: AllowArgs) -> anyhow::Result<ExitCode> {
             Ok(what)
         });
     }
-    let answer = client::request::<ChangeResponse>(&socket, &Request::Allow { rule })
+    let request = Request::Allow {
+        rule,
+        force: args.force,
+    };
+    let answer = client::request::<ChangeResponse>(&socket, &request)
         .map_err(|e| client_error(e, &offline_hint("allow", &args.spec, &args.from)))?;
     print_change(&answer)
 }
@@ -166,7 +179,11 @@ pub fn deny(args: DenyArgs) -> anyhow::Result<ExitCode> {
             })
         });
     }
-    let answer = client::request::<ChangeResponse>(&socket, &Request::Deny { ports })
+    let request = Request::Deny {
+        ports,
+        force: args.force,
+    };
+    let answer = client::request::<ChangeResponse>(&socket, &request)
         .map_err(|e| client_error(e, &offline_hint("deny", &args.spec, &[])))?;
     print_change(&answer)
 }
@@ -193,8 +210,9 @@ pub fn policy(args: PolicyArgs) -> anyhow::Result<ExitCode> {
 /// `portwatch reload`: the guard reads its policy file again.
 pub fn reload(args: ReloadArgs) -> anyhow::Result<ExitCode> {
     let socket = socket_path(args.socket.as_deref());
-    let answer = client::request::<ChangeResponse>(&socket, &Request::Reload)
-        .map_err(|e| client_error(e, ""))?;
+    let request = Request::Reload { force: args.force };
+    let answer =
+        client::request::<ChangeResponse>(&socket, &request).map_err(|e| client_error(e, ""))?;
     print_change(&answer)
 }
 
@@ -274,6 +292,7 @@ mod tests {
                 socket: Some(socket.clone()),
                 offline: true,
                 policy: Some(file.clone()),
+                force: false,
             })
             .map_err(|e| format!("{e:#}"))
         };
@@ -294,6 +313,7 @@ mod tests {
                 socket: Some(socket.clone()),
                 offline: true,
                 policy: Some(file.clone()),
+                force: false,
             })
             .map_err(|e| format!("{e:#}"))
         };

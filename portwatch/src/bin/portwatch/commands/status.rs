@@ -9,8 +9,8 @@ use portwatch::{
         client,
         protocol::{ListenerStatus, Request, Response, StatusResponse, Totals},
     },
-    format::{UserNames, bytes, endpoint},
-    model::{Exposure, Mode},
+    format::{self, UserNames, bytes, endpoint},
+    model::Mode,
     procinfo,
 };
 
@@ -151,7 +151,8 @@ fn render_status(
                 l.pid.map_or_else(|| "-".to_owned(), |p| p.to_string()),
                 l.comm.clone().unwrap_or_else(|| "-".to_owned()),
                 l.uid.map_or_else(|| "-".to_owned(), &mut *user_name),
-                l.exposure.map_or("-", Exposure::as_str).to_owned(),
+                l.exposure
+                    .map_or_else(|| "-".to_owned(), |e| format::exposure(e, &l.exposed_via)),
                 packets(l.pass_packets, l.pass_bytes),
                 packets(l.drop_packets, l.drop_bytes),
                 format!("{command}{netns}").trim_start().to_owned(),
@@ -226,6 +227,7 @@ mod tests {
             cmdline: None,
             netns: Some(1),
             exposure: None,
+            exposed_via: vec![],
             pass_packets: 0,
             pass_bytes: 0,
             drop_packets: 0,
@@ -264,7 +266,8 @@ mod tests {
                     uid: Some(65534),
                     exe: Some("/usr/sbin/dnsmasq".into()),
                     cmdline: Some(String::new()),
-                    exposure: Some(Exposure::Blocked),
+                    exposure: Some(portwatch::model::Exposure::Blocked),
+                    exposed_via: vec![],
                     drop_packets: 3,
                     drop_bytes: 3000,
                     ..listener(Proto::Udp, "::", 53)
@@ -275,14 +278,16 @@ mod tests {
                     uid: Some(0),
                     exe: Some("/usr/sbin/sshd".into()),
                     cmdline: Some("sshd -D".into()),
-                    exposure: Some(Exposure::Exposed),
+                    exposure: Some(portwatch::model::Exposure::Exposed),
+                    exposed_via: vec![],
                     pass_packets: 10,
                     pass_bytes: 900,
                     ..listener(Proto::Tcp, "0.0.0.0", 22)
                 },
                 ListenerStatus {
                     netns: Some(7),
-                    exposure: Some(Exposure::Partial),
+                    exposure: Some(portwatch::model::Exposure::Partial),
+                    exposed_via: vec![],
                     ..listener(Proto::Tcp, "10.0.0.5", 5432)
                 },
             ],

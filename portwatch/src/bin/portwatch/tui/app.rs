@@ -11,7 +11,7 @@ use std::{
 
 use portwatch::{
     control::protocol::{ListenerStatus, StatusResponse},
-    format::{endpoint, proto_name, time_of_day},
+    format::{self, endpoint, proto_name, time_of_day},
     model::{Event, EventKind, Listener, Origin},
     sinks::json::Line,
 };
@@ -647,7 +647,10 @@ impl App {
                 };
                 let text = format!("{verb} {} {}{who}", key.proto, endpoint(&l.addr, l.port));
                 if ev.kind == EventKind::Listen {
-                    let exposure = ev.exposure.map(|e| e.as_str().to_owned());
+                    let exposure = ev
+                        .reach
+                        .as_ref()
+                        .map(|r| format::exposure(r.exposure, &r.unguarded));
                     let user = user.or_else(|| l.process.uid.map(|u| u.to_string()));
                     let old = self.rows.remove(&key);
                     let text = match &exposure {
@@ -764,7 +767,7 @@ impl App {
                 continue;
             };
             if let Some(e) = l.exposure {
-                row.exposure = Some(e.as_str().to_owned());
+                row.exposure = Some(format::exposure(e, &l.exposed_via));
             }
             row.passed = Some(l.pass_packets);
             row.dropped = Some(l.drop_packets);
@@ -817,7 +820,7 @@ mod tests {
         format::{parse_rfc3339, truncate, truncate_endpoint as truncate_address},
         model::{
             AttachedMode, DropEvent, DropReason, Exposure, Family, ListenerEvent, Mode as Policy,
-            PolicyEvent, ProcessInfo, Proto, Requester, SockId,
+            PolicyEvent, ProcessInfo, Proto, Reach, Requester, SockId,
         },
     };
 
@@ -864,7 +867,7 @@ mod tests {
                     ..ProcessInfo::default()
                 },
             },
-            exposure: Some(Exposure::Exposed),
+            reach: Some(Reach::guarded(Exposure::Exposed)),
         }
     }
 
@@ -876,7 +879,7 @@ mod tests {
         let mut ev = listen_event(proto_name, addr, port, "sshd", 999);
         ev.kind = EventKind::Close;
         ev.listener.netns = Some(netns);
-        ev.exposure = None;
+        ev.reach = None;
         Event::Listener(ev)
     }
 
@@ -903,6 +906,7 @@ mod tests {
             cmdline: None,
             netns: Some(1),
             exposure: None,
+            exposed_via: vec![],
             pass_packets: pass,
             pass_bytes: 0,
             drop_packets: dropped,
@@ -1152,7 +1156,7 @@ mod tests {
         // A snapshot listener is a row, not a log line.
         let mut snap = listen_event("tcp", "127.0.0.1", 631, "cupsd", 50);
         snap.origin = Origin::Snapshot;
-        snap.exposure = Some(Exposure::Blocked);
+        snap.reach = Some(Reach::guarded(Exposure::Blocked));
         let logged = app.log.len();
         app.on_event(&Event::Listener(snap), None);
         assert_eq!(app.log.len(), logged);

@@ -136,11 +136,17 @@ impl Sources {
             let result = PortRange::parse(&spec)
                 .map_err(|e| e.to_string())
                 .and_then(|ports| {
+                    // Not forced: a change that would cut off an SSH
+                    // session comes back refused, and says so.
                     let request = match verb {
                         "allow" => Request::Allow {
                             rule: Rule::anywhere(ports),
+                            force: false,
                         },
-                        _ => Request::Deny { ports },
+                        _ => Request::Deny {
+                            ports,
+                            force: false,
+                        },
                     };
                     client::request::<ChangeResponse>(&path, &request)
                         .map(|answer| answer.change)

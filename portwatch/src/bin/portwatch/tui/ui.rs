@@ -154,7 +154,8 @@ fn areas(area: Rect) -> [Rect; 4] {
 }
 
 fn exposure_style(exposure: &str) -> Style {
-    match exposure {
+    // "exposed via eth1" is styled as what it is: exposed.
+    match exposure.split(' ').next().unwrap_or_default() {
         "exposed" => Style::new().fg(Color::Red).add_modifier(Modifier::BOLD),
         "partial" => Style::new().fg(Color::Yellow),
         "blocked" => Style::new().fg(Color::Green),

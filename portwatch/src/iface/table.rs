@@ -1,0 +1,211 @@
+//! The interfaces of a network namespace and their addresses, dumped from
+//! rtnetlink: the ways in through which a listener can be reached, for
+//! telling whether the guard stands in each of them.
+
+use std::{
+    io,
+    net::IpAddr,
+    os::unix::fs::MetadataExt as _,
+    path::{Path, PathBuf},
+};
+
+use netlink_packet_core::{
+    NLM_F_DUMP, NLM_F_REQUEST, NLMSG_DONE, NLMSG_ERROR, NetlinkHeader, NetlinkMessage,
+    NetlinkPayload,
+};
+use netlink_packet_route::{
+    RouteNetlinkMessage,
+    address::{AddressAttribute, AddressMessage},
+    link::{InfoKind, LinkAttribute, LinkFlags, LinkInfo, LinkMessage},
+};
+use netlink_sys::{Socket, SocketAddr, protocols::NETLINK_ROUTE};
+
+/// One interface, as a way in.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Iface {
+    pub index: u32,
+    pub name: String,
+    /// Administratively up.
+    pub up: bool,
+    pub loopback: bool,
+    /// Enslaved to a bridge or bond: what arrives is the master's.
+    pub has_master: bool,
+    /// A dummy device: nothing arrives on it from a wire.
+    pub dummy: bool,
+    pub addrs: Vec<IpAddr>,
+}
+
+impl Iface {
+    /// Whether packets from outside the host can arrive through it.
+    pub fn is_way_in(&self) -> bool {
+        self.up && !self.loopback && !self.has_master && !self.dummy
+    }
+}
+
+/// The interfaces of the calling thread's network namespace.
+pub fn dump() -> io::Result<Vec<Iface>> {
+    let mut socket = Socket::new(NETLINK_ROUTE)?;
+    socket.bind_auto()?;
+    socket.connect(&SocketAddr::new(0, 0))?;
+    let mut ifaces: Vec<Iface> = Vec::new();
+    for msg in request(
+        &socket,
+        1,
+        RouteNetlinkMessage::GetLink(LinkMessage::default()),
+    )? {
+        if let RouteNetlinkMessage::NewLink(link) = msg {
+            ifaces.push(iface_of(&link));
+        }
+    }
+    for msg in request(
+        &socket,
+        2,
+        RouteNetlinkMessage::GetAddress(AddressMessage::default()),
+    )? {
+        if let RouteNetlinkMessage::NewAddress(addr) = msg
+            && let Some(iface) = ifaces.iter_mut().find(|i| i.index == addr.header.index)
+        {
+            // IFA_LOCAL is the interface's own address on point-to-point
+            // links; IFA_ADDRESS elsewhere.
+            let local = addr.attributes.iter().find_map(|a| match a {
+                AddressAttribute::Local(ip) => Some(*ip),
+                _ => None,
+            });
+            let address = addr.attributes.iter().find_map(|a| match a {
+                AddressAttribute::Address(ip) => Some(*ip),
+                _ => None,
+            });
+            if let Some(ip) = local.or(address) {
+                iface.addrs.push(ip);
+            }
+        }
+    }
+    ifaces.sort_by_key(|i| i.index);
+    Ok(ifaces)
+}
+
+/// The interfaces of the network namespace `ns_file` refers to (such as
+/// /proc/PID/ns/net), if it is still namespace `inode`: dumped on a thread
+/// of its own that enters it, so the caller's namespace never changes.
+pub fn dump_in(ns_file: &Path, inode: u64) -> io::Result<Vec<Iface>> {
+    let path: PathBuf = ns_file.to_owned();
+    std::thread::scope(|scope| {
+        std::thread::Builder::new()
+            .name("portwatch-netns".into())
+            .spawn_scoped(scope, move || {
+                let file = std::fs::File::open(&path)?;
+                // The process may have exited and its pid been reused.
+                if file.metadata()?.ino() != inode {
+                    return Err(io::Error::other("the file now refers to another namespace"));
+                }
+                nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET)?;
+                dump()
+            })?
+            .join()
+            .map_err(|_| io::Error::other("the netns thread panicked"))?
+    })
+}
+
+fn iface_of(link: &LinkMessage) -> Iface {
+    let mut iface = Iface {
+        index: link.header.index,
+        name: String::new(),
+        up: link.header.flags.contains(LinkFlags::Up),
+        loopback: link.header.flags.contains(LinkFlags::Loopback),
+        has_master: false,
+        dummy: false,
+        addrs: Vec::new(),
+    };
+    for attr in &link.attributes {
+        match attr {
+            LinkAttribute::IfName(name) => iface.name = name.clone(),
+            LinkAttribute::Controller(_) => iface.has_master = true,
+            LinkAttribute::LinkInfo(infos) => {
+                iface.dummy = infos
+                    .iter()
+                    .any(|i| matches!(i, LinkInfo::Kind(InfoKind::Dummy)));
+            }
+            _ => {}
+        }
+    }
+    iface
+}
+
+/// Sends one dump request and collects its answers up to NLMSG_DONE.
+fn request(
+    socket: &Socket,
+    seq: u32,
+    msg: RouteNetlinkMessage,
+) -> io::Result<Vec<RouteNetlinkMessage>> {
+    let mut header = NetlinkHeader::default();
+    header.flags = NLM_F_REQUEST | NLM_F_DUMP;
+    header.sequence_number = seq;
+    let mut request = NetlinkMessage::new(header, NetlinkPayload::from(msg));
+    request.finalize();
+    let mut bytes = vec![0u8; request.buffer_len()];
+    request.serialize(&mut bytes);
+    socket.send(&bytes, 0)?;
+
+    let mut out = Vec::new();
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        let len = match socket.recv(&mut &mut buf[..], 0) {
+            Ok(len) => len,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
+        if len == 0 {
+            return Err(io::ErrorKind::UnexpectedEof.into());
+        }
+        let mut rest = buf.get(..len).unwrap_or_default();
+        while rest.len() >= 16 {
+            let msg_len = u32::from_ne_bytes([rest[0], rest[1], rest[2], rest[3]]) as usize;
+            if msg_len < 16 || msg_len > rest.len() {
+                return Err(io::Error::other("a truncated rtnetlink message"));
+            }
+            let kind = u16::from_ne_bytes([rest[4], rest[5]]);
+            let msg_seq = u32::from_ne_bytes([rest[8], rest[9], rest[10], rest[11]]);
+            if msg_seq == seq {
+                match kind {
+                    NLMSG_DONE => return Ok(out),
+                    NLMSG_ERROR => {
+                        let code = rest
+                            .get(16..20)
+                            .map(|b| i32::from_ne_bytes([b[0], b[1], b[2], b[3]]))
+                            .unwrap_or(0);
+                        if code != 0 {
+                            return Err(io::Error::from_raw_os_error(-code));
+                        }
+                    }
+                    _ => {
+                        if let Ok(msg) =
+                            NetlinkMessage::<RouteNetlinkMessage>::deserialize(&rest[..msg_len])
+                            && let NetlinkPayload::InnerMessage(inner) = msg.payload
+                        {
+                            out.push(inner);
+                        }
+                    }
+                }
+            }
+            let step = msg_len.next_multiple_of(4).min(rest.len());
+            rest = rest.get(step..).unwrap_or_default();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_loopback_interface_is_found_and_is_no_way_in() -> io::Result<()> {
+        let ifaces = dump()?;
+        let lo = ifaces
+            .iter()
+            .find(|i| i.name == "lo")
+            .ok_or_else(|| io::Error::other("no lo"))?;
+        assert!(lo.loopback && !lo.is_way_in(), "{lo:?}");
+        assert!(lo.addrs.contains(&IpAddr::from([127, 0, 0, 1])), "{lo:?}");
+        Ok(())
+    }
+}

@@ -1,0 +1,251 @@
+//! Lockout protection at run time: from a real SSH session into the
+//! guard's namespace (dropbear in the lab's server namespace, OpenSSH's
+//! client in its client namespace), a change that would cut that session
+//! off is refused without `--force`, says which session, and leaves the
+//! port reachable; with `--force` it applies.
+
+use std::{
+    os::unix::fs::PermissionsExt as _,
+    process::{Command, Stdio},
+    time::Duration,
+};
+
+use anyhow::{Context as _, ensure};
+use portwatch_lab::TempDir;
+use portwatch_tests::{
+    ChildGuard, Portwatch, Result,
+    net::{Connect, Lab, TempFile, run_bounded, tcp_probe, wait_listening},
+    portwatch_bin, run,
+};
+
+const WAIT: Duration = Duration::from_secs(10);
+
+/// An SSH server in the lab's server namespace that lets root in with a
+/// key of the test's own. Root's `~/.ssh` is a directory of the test's,
+/// bind-mounted in a mount namespace of dropbear's alone, so the machine's
+/// own keys are neither read nor touched.
+struct SshServer {
+    _daemon: ChildGuard,
+    dir: TempDir,
+}
+
+impl SshServer {
+    fn start(lab: &Lab) -> Result<Self> {
+        let dir = TempDir::new("ssh")?;
+        let ssh_dir = dir.join("dot-ssh");
+        std::fs::create_dir_all(&ssh_dir)?;
+        std::fs::set_permissions(&ssh_dir, std::fs::Permissions::from_mode(0o700))?;
+        let key = dir.join("id");
+        run(
+            "ssh-keygen",
+            &["-q", "-t", "ed25519", "-N", "", "-f", path(&key)?],
+        )?;
+        let public = std::fs::read_to_string(dir.join("id.pub"))?;
+        let authorized = ssh_dir.join("authorized_keys");
+        std::fs::write(&authorized, public)?;
+        std::fs::set_permissions(&authorized, std::fs::Permissions::from_mode(0o600))?;
+        let host_key = dir.join("host_key");
+        run("dropbearkey", &["-t", "ed25519", "-f", path(&host_key)?])?;
+        let listen = format!("{}:22", lab.server_v4());
+        let script = format!(
+            "mount --bind {} /root/.ssh && exec dropbear -F -E -s -r {} -p {listen} -P {}",
+            path(&ssh_dir)?,
+            path(&host_key)?,
+            path(&dir.join("dropbear.pid"))?,
+        );
+        let mut cmd = lab.server.command("unshare");
+        cmd.args(["--mount", "--propagation", "private", "sh", "-c", &script])
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit());
+        let daemon = ChildGuard::spawn(&mut cmd)?;
+        wait_listening(&lab.server, "tcp", 22)?;
+        Ok(Self {
+            _daemon: daemon,
+            dir,
+        })
+    }
+
+    /// Runs `command` as root over SSH from the client namespace; the
+    /// session's SSH_CONNECTION names the lab's addresses and port 22.
+    fn run(&self, lab: &Lab, command: &str) -> Result<portwatch_tests::net::Outcome> {
+        let mut ssh = lab.client.command("ssh");
+        ssh.args([
+            "-i",
+            path(&self.dir.join("id"))?,
+            "-o",
+            "StrictHostKeyChecking=no",
+            "-o",
+            "UserKnownHostsFile=/dev/null",
+            "-o",
+            "BatchMode=yes",
+            "-o",
+            "ConnectTimeout=5",
+            "-o",
+            "LogLevel=ERROR",
+        ])
+        .arg(format!("root@{}", lab.server_v4()))
+        .arg(command);
+        run_bounded(&mut ssh, None, Duration::from_secs(30), None)
+    }
+}
+
+impl SshServer {
+    /// An SSH session left open in the background, running `command`.
+    fn background(&self, lab: &Lab, command: &str) -> Result<ChildGuard> {
+        let mut ssh = lab.client.command("ssh");
+        ssh.args(["-i", path(&self.dir.join("id"))?])
+            .args([
+                "-o",
+                "StrictHostKeyChecking=no",
+                "-o",
+                "UserKnownHostsFile=/dev/null",
+            ])
+            .args(["-o", "BatchMode=yes", "-o", "LogLevel=ERROR"])
+            .arg(format!("root@{}", lab.server_v4()))
+            .arg(command)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null());
+        ChildGuard::spawn(&mut ssh)
+    }
+}
+
+/// Waits until the server namespace has an established connection to port
+/// 22 (the background session is up).
+fn wait_established(lab: &Lab) -> Result {
+    let deadline = std::time::Instant::now() + WAIT;
+    loop {
+        let out = run(
+            "ip",
+            &[
+                "netns",
+                "exec",
+                &lab.server.name,
+                "ss",
+                "-Htn",
+                "state",
+                "established",
+                "sport",
+                "= :22",
+            ],
+        )?;
+        if !out.trim().is_empty() {
+            return Ok(());
+        }
+        ensure!(
+            std::time::Instant::now() < deadline,
+            "no SSH session established within {WAIT:?}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn path(p: &std::path::Path) -> Result<&str> {
+    p.to_str().context("path is not UTF-8")
+}
+
+#[test]
+fn a_change_that_would_cut_off_the_operators_ssh_session_is_refused() -> Result {
+    let lab = Lab::new()?;
+    let policy = TempFile::new(
+        "lockout",
+        "allow = [{ port = \"tcp/22\", from = [\"198.18.0.0/15\"] }, \"tcp/8080\"]\n",
+    )?;
+    let socket = lab.socket()?;
+    let mut pw = Portwatch::start_in(
+        &lab.server,
+        &[
+            "guard",
+            "--iface",
+            &lab.server_if,
+            "--policy",
+            policy.as_str()?,
+            "--socket",
+            &socket,
+        ],
+    )?;
+    let ssh = SshServer::start(&lab)?;
+    let portwatch = portwatch_bin();
+    let portwatch = path(&portwatch)?;
+
+    // The session works, and says where it comes from.
+    let hello = ssh.run(&lab, "echo $SSH_CONNECTION")?;
+    ensure!(hello.success(), "ssh: {hello:?}");
+    ensure!(
+        hello
+            .stdout
+            .trim_end()
+            .ends_with(&format!("{} 22", lab.server_v4())),
+        "SSH_CONNECTION {:?}",
+        hello.stdout
+    );
+
+    // deny tcp/22 from inside the session: refused, naming it.
+    let deny = ssh.run(&lab, &format!("{portwatch} deny tcp/22 --socket {socket}"))?;
+    ensure!(!deny.success(), "deny tcp/22 was applied: {deny:?}");
+    ensure!(
+        deny.stderr.contains(&format!(
+            "runs over SSH from {} to port 22",
+            lab.client_v4()
+        )) && deny.stderr.contains("--force"),
+        "{deny:?}"
+    );
+    // Narrowing its `from` away from the session by reload: refused too.
+    std::fs::write(
+        policy.as_str()?,
+        "allow = [{ port = \"tcp/22\", from = [\"192.0.2.0/24\"] }, \"tcp/8080\"]\n",
+    )?;
+    let reload = ssh.run(&lab, &format!("{portwatch} reload --socket {socket}"))?;
+    ensure!(!reload.success(), "the reload was applied: {reload:?}");
+    ensure!(reload.stderr.contains("refusing the change"), "{reload:?}");
+    // SIGHUP cannot be forced: with a session open (an established one,
+    // not the signal's sender), the guard logs the refusal and the policy
+    // stays.
+    let open = ssh.background(&lab, "sleep 30")?;
+    wait_established(&lab)?;
+    portwatch_tests::signal(pw.pid(), libc::SIGHUP)?;
+    let deadline = std::time::Instant::now() + WAIT;
+    while !pw
+        .stderr()
+        .contains("SIGHUP: reload failed: refusing the change")
+    {
+        ensure!(
+            std::time::Instant::now() < deadline,
+            "no refusal of the SIGHUP reload in the log:\n{}",
+            pw.stderr()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let policy_now = Command::new(portwatch_bin())
+        .args(["policy", "--socket", &socket])
+        .output()?;
+    let text = String::from_utf8_lossy(&policy_now.stdout);
+    ensure!(text.contains("198.18.0.0/15"), "policy in force: {text}");
+    drop(open);
+    // Nothing was cut off: a new login still works.
+    ensure!(ssh.run(&lab, "true")?.success(), "a new SSH login fails");
+    // A change that does not touch the session goes through.
+    let other = ssh.run(
+        &lab,
+        &format!("{portwatch} deny tcp/8080 --socket {socket}"),
+    )?;
+    ensure!(other.success(), "deny tcp/8080: {other:?}");
+
+    // --force applies it: the guard stops admitting new sessions.
+    let forced = ssh.run(
+        &lab,
+        &format!("{portwatch} deny tcp/22 --force --socket {socket}"),
+    )?;
+    ensure!(forced.success(), "deny tcp/22 --force: {forced:?}");
+    let probe = tcp_probe(&lab.client, lab.server_v4(), 22, None)?;
+    ensure!(
+        probe.result == Connect::TimedOut,
+        "tcp/22 after the forced deny: {:?}",
+        probe.result
+    );
+    pw.wait_for(WAIT, |v| {
+        v["event"] == "policy" && v["change"] == "deny tcp/22"
+    })?;
+    let status = pw.stop()?;
+    ensure!(status.success(), "{status}");
+    Ok(())
+}
