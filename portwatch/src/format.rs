@@ -15,12 +15,16 @@ pub fn endpoint(addr: &IpAddr, port: u16) -> String {
 
 /// `tcp`, `udp`, `icmp`, `icmpv6`, or the IP protocol number for others.
 /// An exposure with the unguarded interfaces that widen it:
-/// `exposed via eth1,wg0`, or just `blocked`.
+/// `exposed via eth1,wg0 (not guarded)`, or just `blocked`.
 pub fn exposure(exposure: crate::model::Exposure, unguarded: &[String]) -> String {
     if unguarded.is_empty() {
         exposure.as_str().to_owned()
     } else {
-        format!("{} via {}", exposure.as_str(), unguarded.join(","))
+        format!(
+            "{} via {} (not guarded)",
+            exposure.as_str(),
+            unguarded.join(",")
+        )
     }
 }
 

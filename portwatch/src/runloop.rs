@@ -178,6 +178,7 @@ async fn event_loop<D: Daemon>(
                 Some(req) => {
                     let snapshot = Snapshot {
                         listeners: pipeline.listeners_by_exposure(),
+                        unguarded: pipeline.unguarded_listeners(),
                         events_lost: feed.stats.get(MonitorStat::EventsLost),
                         tally: pipeline.tally(),
                         guard: daemon.metrics(pipeline),

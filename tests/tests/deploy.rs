@@ -170,7 +170,7 @@ fn alert_rules_pass_promtool_check() {
             .args(["check", "rules"])
             .arg(deploy(RULES)),
     );
-    assert!(out.contains("SUCCESS: 5 rules found"), "{out}");
+    assert!(out.contains("SUCCESS: 6 rules found"), "{out}");
 }
 
 #[test]
@@ -235,6 +235,7 @@ fn exported_metrics() -> BTreeMap<String, BTreeSet<String>> {
     };
     let snapshot = Snapshot {
         listeners: [("exposed", 1), ("blocked", 1)].into_iter().collect(),
+        unguarded: [("eth1".to_owned(), 1)].into_iter().collect(),
         events_lost: 1,
         tally: Tally {
             blocked_listeners_opened: 1,

@@ -64,6 +64,9 @@ pub struct Snapshot {
     /// Listeners per exposure; "unknown" when no guard runs or a
     /// namespace's interfaces could not be read.
     pub listeners: BTreeMap<&'static str, u64>,
+    /// Interfaces of the guard's namespace with addresses and no guard,
+    /// with the listeners reachable through each.
+    pub unguarded: BTreeMap<String, u64>,
     /// Events the listener ring could not queue.
     pub events_lost: u64,
     /// What the stream counted (exported with the guard's metrics).
@@ -169,6 +172,17 @@ impl Collector for SnapshotCollector {
         let Some(g) = &s.guard else {
             return Ok(());
         };
+        let unguarded: Vec<_> = s
+            .unguarded
+            .iter()
+            .map(|(iface, n)| (vec![("iface", iface.clone())], *n))
+            .collect();
+        gauge(
+            e,
+            "unguarded_listeners",
+            "Listeners reachable through an interface with addresses where no guard runs, per interface (0: such an interface, nothing reachable through it)",
+            &unguarded,
+        )?;
         counter(
             e,
             "blocked_listeners_opened",
@@ -318,6 +332,7 @@ mod tests {
             ]
             .into_iter()
             .collect(),
+            unguarded: [("eth1".to_owned(), 2)].into_iter().collect(),
             events_lost: 6,
             tally: Tally {
                 blocked_listeners_opened: 3,
@@ -346,6 +361,8 @@ mod tests {
             "portwatch_listeners{exposure=\"unknown\"} 4",
             "# TYPE portwatch_blocked_listeners_opened_total counter",
             "portwatch_blocked_listeners_opened_total 3",
+            "# TYPE portwatch_unguarded_listeners gauge",
+            "portwatch_unguarded_listeners{iface=\"eth1\"} 2",
             "portwatch_packets_total{proto=\"tcp\",port=\"22\",action=\"pass\"} 10",
             "portwatch_packets_total{proto=\"udp\",port=\"other\",action=\"drop\"} 5",
             "portwatch_bytes_total{proto=\"udp\",port=\"other\",action=\"drop\"} 300",
@@ -371,6 +388,7 @@ mod tests {
     fn without_a_guard_only_listeners_and_the_listener_ring() -> Result<(), std::fmt::Error> {
         let snapshot = Snapshot {
             listeners: [("unknown", 2)].into_iter().collect(),
+            unguarded: BTreeMap::new(),
             events_lost: 0,
             tally: Tally::default(),
             guard: None,

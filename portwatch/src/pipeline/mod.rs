@@ -340,6 +340,26 @@ impl Pipeline {
         counts
     }
 
+    /// Per interface of the guard's namespace that has addresses and no
+    /// guard: how many of its listeners are reachable through it. Bounded
+    /// by the interfaces, whatever the listeners.
+    pub fn unguarded_listeners(&self) -> BTreeMap<String, u64> {
+        let Some(view) = &self.exposure else {
+            return BTreeMap::new();
+        };
+        let mut counts: BTreeMap<String, u64> = view
+            .unguarded()
+            .into_iter()
+            .map(|i| (i.name.clone(), 0))
+            .collect();
+        for l in self.listeners.iter().filter(|l| l.netns == view.netns()) {
+            for iface in self.reach_of(l).map(|r| r.unguarded).unwrap_or_default() {
+                *counts.entry(iface).or_insert(0) += 1;
+            }
+        }
+        counts
+    }
+
     /// Writes the summary; a closed pipe (e.g. `| head`) is not an error.
     pub fn finish(&mut self) -> anyhow::Result<Summary> {
         self.summary.listening = self.listeners.len();

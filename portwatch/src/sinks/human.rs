@@ -231,7 +231,7 @@ impl<W: Write> HumanSink<W> {
         let via = if unguarded.is_empty() {
             String::new()
         } else {
-            format!(" via={unguarded}(unguarded)")
+            format!(" via {unguarded} (not guarded)")
         };
         let command = p.cmdline.as_deref().or(p.exe.as_deref()).unwrap_or("");
         self.line(&fixed, visible, &format!("{command}{netns}{via}"))?;
@@ -572,7 +572,7 @@ mod tests {
         let mut lines = text.lines().skip(1);
         let line = lines.next().expect("listen line");
         assert!(line.contains(" exposed "), "{line}");
-        assert!(line.ends_with("via=eth1,wg0(unguarded)"), "{line}");
+        assert!(line.ends_with("via eth1,wg0 (not guarded)"), "{line}");
         let flag = lines.next().expect("flag line");
         assert!(
             flag.ends_with("blocked by policy, but reachable via eth1,wg0 where no guard runs"),
