@@ -80,6 +80,7 @@ pub const AF_INET: u16 = 2;
 pub const AF_INET6: u16 = 10;
 pub const IPPROTO_TCP: u8 = 6;
 pub const IPPROTO_UDP: u8 = 17;
+pub const IPPROTO_SCTP: u8 = 132;
 
 /// What happened to a listening socket.
 #[repr(u8)]
@@ -168,8 +169,11 @@ pub const MONITOR_STATS_LEN: u32 = 2;
 // ---------------------------------------------------------------------------
 // The guard (XDP ingress filter, tc egress flow recorder).
 
-/// Slots in `POLICY_PORTS`: one per (protocol, port).
-pub const POLICY_PORT_SLOTS: u32 = 2 * 65536;
+/// Slots in `POLICY_PORTS`: one per port of TCP, UDP and SCTP, then one
+/// per IP protocol for the protocols without ports.
+pub const POLICY_PORT_SLOTS: u32 = 3 * 65536 + 256;
+/// Where the protocols without ports start in `POLICY_PORTS`.
+pub const WHOLE_PROTOCOL_SLOTS: u32 = 3 * 65536;
 /// `POLICY_PORTS` value bits (the low half; the high half is the port's
 /// counter slot, see [`port_entry`]).
 pub const RULE_ANY: u32 = 1;
@@ -196,17 +200,43 @@ pub const fn entry_slot(entry: u32) -> u32 {
 /// other port add to its protocol's `other` slot. An outsider therefore
 /// cannot make the guard keep (or export) anything per port it picks.
 pub const MAX_COUNTER_SLOTS: u32 = 2048;
-/// TCP and UDP packets to ports with neither a rule nor a listener.
+/// TCP, UDP and SCTP packets to ports with neither a rule nor a listener.
 pub const SLOT_OTHER_TCP: u32 = 0;
 pub const SLOT_OTHER_UDP: u32 = 1;
+pub const SLOT_OTHER_SCTP: u32 = 2;
+/// Packets of every protocol without ports and without a rule (ICMP too).
+pub const SLOT_OTHER_IP: u32 = 3;
 /// The first slot user space hands out.
-pub const FIRST_COUNTER_SLOT: u32 = 2;
+pub const FIRST_COUNTER_SLOT: u32 = 4;
 
-/// Index of (protocol, port) in `POLICY_PORTS`: TCP first, then UDP.
+/// Whether the protocol's header starts with the two ports a rule names.
+#[inline(always)]
+pub const fn has_ports(proto: u8) -> bool {
+    proto == IPPROTO_TCP || proto == IPPROTO_UDP || proto == IPPROTO_SCTP
+}
+
+/// Index of (protocol, port) in `POLICY_PORTS`: TCP, UDP and SCTP ports,
+/// then one slot per other protocol (whose packets have no port).
 #[inline(always)]
 pub const fn port_slot(proto: u8, port: u16) -> u32 {
-    let base = if proto == IPPROTO_UDP { 65536 } else { 0 };
-    base + port as u32
+    match proto {
+        IPPROTO_TCP => port as u32,
+        IPPROTO_UDP => 65536 + port as u32,
+        IPPROTO_SCTP => 2 * 65536 + port as u32,
+        other => WHOLE_PROTOCOL_SLOTS + other as u32,
+    }
+}
+
+/// The `COUNTERS` slot of a protocol's packets that no rule or listener
+/// has a slot for.
+#[inline(always)]
+pub const fn other_slot(proto: u8) -> u32 {
+    match proto {
+        IPPROTO_TCP => SLOT_OTHER_TCP,
+        IPPROTO_UDP => SLOT_OTHER_UDP,
+        IPPROTO_SCTP => SLOT_OTHER_SCTP,
+        _ => SLOT_OTHER_IP,
+    }
 }
 
 /// Key data of the IPv4 source trie: protocol, port (big endian), address.
@@ -263,7 +293,8 @@ pub struct GuardConfig {
     pub flow_timeout_ns: u64,
 }
 
-/// An outbound UDP flow of the host, as the tc egress program saw it.
+/// An outbound flow of the host, as the tc egress program saw it: UDP or
+/// SCTP with ports, any other protocol but TCP and ICMP with ports 0.
 /// Ports in host byte order, addresses in network order; IPv4 uses the
 /// first 4 address bytes.
 #[repr(C)]
@@ -474,7 +505,15 @@ mod tests {
     fn slots_and_counter_keys_do_not_collide() {
         assert_eq!(port_slot(IPPROTO_TCP, 65535), 65535);
         assert_eq!(port_slot(IPPROTO_UDP, 0), 65536);
-        assert_eq!(port_slot(IPPROTO_UDP, 65535), POLICY_PORT_SLOTS - 1);
+        assert_eq!(port_slot(IPPROTO_UDP, 65535), 2 * 65536 - 1);
+        assert_eq!(port_slot(IPPROTO_SCTP, 0), 2 * 65536);
+        assert_eq!(port_slot(IPPROTO_SCTP, 65535), WHOLE_PROTOCOL_SLOTS - 1);
+        // A port-less protocol has one slot, whatever the port.
+        assert_eq!(port_slot(112, 0), WHOLE_PROTOCOL_SLOTS + 112);
+        assert_eq!(port_slot(112, 9), port_slot(112, 0));
+        assert_eq!(port_slot(255, 0), POLICY_PORT_SLOTS - 1);
+        assert_eq!(other_slot(IPPROTO_SCTP), SLOT_OTHER_SCTP);
+        assert_eq!(other_slot(47), SLOT_OTHER_IP);
         let entry = port_entry(RULE_CIDR, 77);
         assert_eq!((entry & RULE_MASK, entry_slot(entry)), (RULE_CIDR, 77));
         assert_eq!(entry_slot(port_entry(RULE_ANY, 0)), 0);

@@ -1,8 +1,10 @@
-//! tc egress: records the host's own outbound UDP flows, so that the XDP
-//! program can admit their replies under default deny.
+//! tc egress: records the host's own outbound flows that TCP's ACK rule
+//! does not cover (UDP and SCTP by ports and addresses, every port-less
+//! protocol such as GRE or ESP by addresses), so that the XDP program can
+//! admit their replies under default deny.
 
 use aya_ebpf::{helpers::bpf_ktime_get_ns, programs::TcContext};
-use portwatch_common::{FlowKey, GuardStat, IPPROTO_UDP};
+use portwatch_common::{FlowKey, GuardStat, IPPROTO_TCP};
 
 use crate::{
     headers::{Headers, Walk, ports, walk},
@@ -18,14 +20,16 @@ pub fn try_tc_egress(ctx: &TcContext) -> Option<()> {
     let Ok(Walk::Transport(off)) = walk(&skb, &mut h) else {
         return None;
     };
-    if h.proto != IPPROTO_UDP {
+    // TCP replies carry ACK; ICMP, ICMPv6 and IGMP always pass.
+    if matches!(h.proto, IPPROTO_TCP | 1 | 2 | 58) {
         return None;
     }
+    // Port-less protocols keep ports 0.
     ports(&skb, off, &mut h).ok()?;
     // Outbound: the source is local, the destination the remote peer.
     let key = FlowKey {
         family: h.family,
-        proto: IPPROTO_UDP,
+        proto: h.proto,
         _pad: 0,
         local_port: h.sport,
         remote_port: h.dport,

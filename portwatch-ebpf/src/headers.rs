@@ -7,7 +7,7 @@
 //! Every read is bounds-checked; a header that runs past the frame, a
 //! third VLAN tag or a ninth extension header is [`Malformed`].
 
-use portwatch_common::{AF_INET, AF_INET6, IPPROTO_TCP, IPPROTO_UDP};
+use portwatch_common::{AF_INET, AF_INET6, IPPROTO_SCTP, IPPROTO_TCP, IPPROTO_UDP};
 
 pub const ETH_HLEN: usize = 14;
 pub const ETH_P_IP: u16 = 0x0800;
@@ -54,6 +54,9 @@ pub struct Headers {
     /// The IP protocol of the transport header (for a later fragment, the
     /// one its fragment header names).
     pub proto: u8,
+    /// IPv4: the header's own protocol field, which names a fragmented
+    /// datagram (AH's, when AH is looked through).
+    pub ip_proto: u8,
     /// Addresses in network order; IPv4 in the first 4 bytes.
     pub src: [u8; 16],
     pub dst: [u8; 16],
@@ -81,6 +84,7 @@ impl Headers {
         Self {
             family: 0,
             proto: 0,
+            ip_proto: 0,
             src: [0; 16],
             dst: [0; 16],
             first_frag: false,
@@ -140,6 +144,7 @@ fn ipv4<B: Bytes>(b: &B, off: usize, h: &mut Headers) -> Result<Walk, Malformed>
     }
     h.family = AF_INET as u8;
     h.proto = ip[9];
+    h.ip_proto = ip[9];
     h.src[..4].copy_from_slice(&ip[12..16]);
     h.dst[..4].copy_from_slice(&ip[16..20]);
     let frag = be16(ip[6], ip[7]);
@@ -151,7 +156,19 @@ fn ipv4<B: Bytes>(b: &B, off: usize, h: &mut Headers) -> Result<Walk, Malformed>
         h.first_frag = true;
         h.frag_id = id;
     }
-    Ok(Walk::Transport(off + ihl))
+    let off = off + ihl;
+    // AH (transport mode) authenticates what follows without hiding it:
+    // judge what it carries, as over IPv6.
+    if h.proto == NEXTHDR_AUTH {
+        let e = b.bytes::<2>(off).ok_or(Malformed)?;
+        let end = off + (e[1] as usize + 2) * 4;
+        if !b.has(end) {
+            return Err(Malformed);
+        }
+        h.proto = e[0];
+        return Ok(Walk::Transport(end));
+    }
+    Ok(Walk::Transport(off))
 }
 
 #[inline(always)]
@@ -214,8 +231,9 @@ fn ipv6<B: Bytes>(b: &B, off: usize, h: &mut Headers) -> Result<Walk, Malformed>
 }
 
 /// Reads the ports (and TCP's flags) of the transport header at `off`.
-/// TCP needs its whole header, options included; UDP its 8 bytes. Other
-/// protocols have no ports: `h.has_ports` stays false.
+/// TCP needs its whole header, options included; UDP its 8 bytes; SCTP
+/// its 12-byte common header. Other protocols have no ports:
+/// `h.has_ports` stays false.
 #[inline(always)]
 pub fn ports<B: Bytes>(b: &B, off: usize, h: &mut Headers) -> Result<(), Malformed> {
     match h.proto {
@@ -235,6 +253,14 @@ pub fn ports<B: Bytes>(b: &B, off: usize, h: &mut Headers) -> Result<(), Malform
             let u = b.bytes::<8>(off).ok_or(Malformed)?;
             h.sport = be16(u[0], u[1]);
             h.dport = be16(u[2], u[3]);
+            h.has_ports = true;
+            Ok(())
+        }
+        // The 12-byte common header: ports, verification tag, checksum.
+        IPPROTO_SCTP => {
+            let c = b.bytes::<12>(off).ok_or(Malformed)?;
+            h.sport = be16(c[0], c[1]);
+            h.dport = be16(c[2], c[3]);
             h.has_ports = true;
             Ok(())
         }

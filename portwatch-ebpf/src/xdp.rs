@@ -11,8 +11,8 @@ use aya_ebpf::{
 };
 use portwatch_common::{
     AF_INET, AF_INET6, DropReason, DropReport, FlowKey, FragKey, FragVerdict, GUARD_AUDIT,
-    GuardConfig, GuardStat, IPPROTO_TCP, IPPROTO_UDP, RULE_ANY, RULE_CIDR, SLOT_OTHER_TCP,
-    SLOT_OTHER_UDP, entry_slot, port_slot, src_prefix_len, src4_key, src6_key,
+    GuardConfig, GuardStat, IPPROTO_SCTP, IPPROTO_TCP, IPPROTO_UDP, RULE_ANY, RULE_CIDR,
+    entry_slot, other_slot, port_slot, src_prefix_len, src4_key, src6_key,
 };
 
 use crate::{
@@ -47,7 +47,7 @@ pub fn try_xdp_guard(ctx: &XdpContext) -> u32 {
     if m.first_frag {
         record_first_fragment(&m, &verdict);
     }
-    if m.has_ports {
+    if m.family != 0 {
         // The whole frame, fragments of a multi-buffer frame included: the
         // linear part alone undercounts jumbo frames.
         // SAFETY: `ctx.ctx` is the xdp_md the kernel passed to this program.
@@ -87,7 +87,7 @@ fn frag_key(m: &Headers, id: u32) -> FragKey {
         proto: if m.family == AF_INET6 as u8 {
             0
         } else {
-            m.proto
+            m.ip_proto
         },
         _pad: 0,
         id,
@@ -140,8 +140,26 @@ fn transport(pkt: &Pkt, off: usize, m: &mut Headers, cfg: &GuardConfig) -> Verdi
         }
         // Neighbour discovery, path MTU discovery, multicast membership.
         IPPROTO_ICMP | IPPROTO_ICMPV6 | IPPROTO_IGMP => Ok(()),
-        // Default deny: no rule can permit other protocols.
-        _ => Err(DropReason::NoRule),
+        IPPROTO_SCTP => {
+            ports(pkt, off, m).map_err(|_| DropReason::Malformed)?;
+            or_own_flow(m, cfg)
+        }
+        // Every other protocol as a whole (port 0): VRRP, GRE, ESP, ...
+        _ => or_own_flow(m, cfg),
+    }
+}
+
+/// A rule, else an answer to a flow the host itself opened (tc egress
+/// records SCTP associations and port-less protocols' peers as it does
+/// UDP flows).
+fn or_own_flow(m: &Headers, cfg: &GuardConfig) -> Verdict {
+    match permitted(m) {
+        Ok(()) => Ok(()),
+        Err(_) if reply_to_own_flow(m, cfg) => {
+            guard_count(GuardStat::FlowReplies);
+            Ok(())
+        }
+        Err(reason) => Err(reason),
     }
 }
 
@@ -171,17 +189,11 @@ fn udp(m: &Headers, cfg: &GuardConfig) -> Verdict {
     if dhcp {
         return Ok(());
     }
-    match permitted(m) {
-        Ok(()) => Ok(()),
-        Err(_) if reply_to_own_flow(m, cfg) => {
-            guard_count(GuardStat::FlowReplies);
-            Ok(())
-        }
-        Err(reason) => Err(reason),
-    }
+    or_own_flow(m, cfg)
 }
 
-/// Whether the policy permits (proto, destination port) from this source.
+/// Whether the policy permits (proto, destination port) from this source;
+/// a protocol without ports is looked up as port 0 (`m.dport` stays 0).
 fn permitted(m: &Headers) -> Verdict {
     let rule = match POLICY_PORTS.get(port_slot(m.proto, m.dport)) {
         Some(rule) => *rule,
@@ -212,11 +224,13 @@ fn permitted(m: &Headers) -> Verdict {
     }
 }
 
-/// Whether a UDP packet answers a flow the host opened (tc egress records them).
+/// Whether a packet answers a flow the host opened (tc egress records
+/// them): UDP and SCTP by ports and addresses, other protocols by
+/// addresses (ports 0).
 fn reply_to_own_flow(m: &Headers, cfg: &GuardConfig) -> bool {
     let key = FlowKey {
         family: m.family,
-        proto: IPPROTO_UDP,
+        proto: m.proto,
         _pad: 0,
         local_port: m.dport,
         remote_port: m.sport,
@@ -236,15 +250,15 @@ fn reply_to_own_flow(m: &Headers, cfg: &GuardConfig) -> bool {
 }
 
 /// Adds the frame to its port's counter slot: the one user space gave the
-/// port (its rule's, or its listener's), else the protocol's `other`.
+/// port or protocol (its rule's, or its listener's), else the protocol's
+/// `other`.
 fn count_port(m: &Headers, dropped: bool, len: u64) {
     let entry = match POLICY_PORTS.get(port_slot(m.proto, m.dport)) {
         Some(entry) => *entry,
         None => 0,
     };
     let slot = match entry_slot(entry) {
-        0 if m.proto == IPPROTO_UDP => SLOT_OTHER_UDP,
-        0 => SLOT_OTHER_TCP,
+        0 => other_slot(m.proto),
         slot => slot,
     };
     let Some(c) = COUNTERS.get_ptr_mut(slot) else {

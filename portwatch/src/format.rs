@@ -29,13 +29,7 @@ pub fn exposure(exposure: crate::model::Exposure, unguarded: &[String]) -> Strin
 }
 
 pub fn proto_name(proto: u8) -> String {
-    match proto {
-        6 => "tcp".into(),
-        17 => "udp".into(),
-        1 => "icmp".into(),
-        58 => "icmpv6".into(),
-        other => other.to_string(),
-    }
+    crate::model::IpProto(proto).to_string()
 }
 
 /// `900 B`, `1.5 KiB`, `3.2 GiB`.
@@ -200,6 +194,7 @@ mod tests {
     fn protocols() {
         assert_eq!(proto_name(6), "tcp");
         assert_eq!(proto_name(17), "udp");
-        assert_eq!(proto_name(47), "47");
+        assert_eq!(proto_name(47), "gre");
+        assert_eq!(proto_name(253), "253");
     }
 }

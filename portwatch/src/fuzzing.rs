@@ -22,7 +22,7 @@ use portwatch_common::{
 use crate::{
     control::protocol::{self, Format, MAX_LINE, ProtocolError, Request},
     datapath::decode::{self, DecodeError, RawDrop, RawListen, encode_drop},
-    model::{DropReason, EventKind, Exposure, Mode, Proto, SockId},
+    model::{DropReason, EventKind, Exposure, IpProto, Mode, Proto, SockId},
     policy::{Policy, PolicyError, PortRange, Rule, SpecError},
 };
 
@@ -124,9 +124,21 @@ pub fn allow_spec(data: &[u8]) -> Result<(), Violation> {
     check_spec(&s)?;
     // The same bytes as a hand-built range, for `new` and `Display`.
     let mut c = Cursor::new(data);
-    let proto = if c.flag() { Proto::Udp } else { Proto::Tcp };
+    let proto = c.pick(
+        &[IpProto::TCP, IpProto::UDP, IpProto::SCTP, IpProto(47)],
+        IpProto::TCP,
+    );
     let (lo, hi) = (c.u16(), c.u16());
     match PortRange::new(proto, lo, hi) {
+        Ok(r) if !proto.has_ports() => {
+            ensure!(
+                (lo, hi) == (0, 0),
+                "new({proto}, {lo}, {hi}) accepted {r:?}"
+            );
+        }
+        Err(e) if !proto.has_ports() => {
+            ensure!((lo, hi) != (0, 0), "new({proto}, 0, 0) refused: {e}");
+        }
         Ok(r) => {
             ensure!(lo >= 1 && lo <= hi, "new({lo}, {hi}) accepted {r:?}");
             ensure!(
@@ -148,7 +160,10 @@ fn check_spec(s: &str) -> Result<(), Violation> {
                 reference == Some((r.proto, r.lo, r.hi)),
                 "{s:?} parsed as {r:?}, the reference says {reference:?}"
             );
-            ensure!(r.lo >= 1 && r.lo <= r.hi, "{s:?} -> {r:?}");
+            ensure!(
+                (r.lo >= 1 && r.lo <= r.hi) || (r.is_whole_protocol() && (r.lo, r.hi) == (0, 0)),
+                "{s:?} -> {r:?}"
+            );
             let shown = r.to_string();
             ensure!(
                 PortRange::parse(&shown).as_ref() == Ok(r),
@@ -199,11 +214,27 @@ fn check_spec(s: &str) -> Result<(), Violation> {
 
 /// The spec grammar written out independently: `tcp|udp`, `/`, a port or
 /// `LO-HI`, ports as ASCII digits (leading zeros allowed) from 1 to 65535.
-fn reference_spec(s: &str) -> Option<(Proto, u16, u16)> {
+fn reference_spec(s: &str) -> Option<(IpProto, u16, u16)> {
     let (proto, ports) = s.split_once('/')?;
     let proto = match proto {
-        "tcp" => Proto::Tcp,
-        "udp" => Proto::Udp,
+        "tcp" => IpProto::TCP,
+        "udp" => IpProto::UDP,
+        "sctp" => IpProto::SCTP,
+        "proto" => {
+            // A whole protocol: by number (digits only, at most 255) or by
+            // its well-known name; never one with ports, one always
+            // permitted, or one the guard looks through.
+            let number = if !ports.is_empty() && ports.bytes().all(|b| b.is_ascii_digit()) {
+                u8::try_from(ports.bytes().fold(0u32, |acc, b| {
+                    acc.saturating_mul(10).saturating_add(u32::from(b - b'0'))
+                }))
+                .ok()?
+            } else {
+                IpProto::from_name_or_number(ports)?.0
+            };
+            let refused = [0, 1, 2, 6, 17, 43, 44, 51, 58, 60, 132];
+            return (!refused.contains(&number)).then_some((IpProto(number), 0, 0));
+        }
         _ => return None,
     };
     let (lo, hi) = ports.split_once('-').unwrap_or((ports, ports));
@@ -407,9 +438,22 @@ fn structured_policy(c: &mut Cursor) -> Policy {
         }
     }
     for _ in 0..c.byte() % 8 {
-        let proto = if c.flag() { Proto::Udp } else { Proto::Tcp };
-        let lo = c.u16();
-        let hi = if c.flag() { lo } else { c.u16() };
+        let proto = c.pick(
+            &[
+                IpProto::TCP,
+                IpProto::UDP,
+                IpProto::SCTP,
+                IpProto(112),
+                IpProto(47),
+            ],
+            IpProto::TCP,
+        );
+        let (lo, hi) = if proto.has_ports() {
+            let lo = c.u16();
+            (lo, if c.flag() { lo } else { c.u16() })
+        } else {
+            (0, 0)
+        };
         let from = (0..c.byte() % 4).map(|_| source(c)).collect();
         // Refused rules (port 0, overlaps, redundant sources) are left out:
         // what is left is a policy the guard could hold.
@@ -488,7 +532,13 @@ fn request_round_trip(req: &Request) -> Result<(), Violation> {
 
 /// A range, valid or not (`PortRange::new` decides).
 fn structured_range(c: &mut Cursor) -> Result<PortRange, SpecError> {
-    let proto = if c.flag() { Proto::Udp } else { Proto::Tcp };
+    let proto = c.pick(
+        &[IpProto::TCP, IpProto::UDP, IpProto::SCTP, IpProto(112)],
+        IpProto::TCP,
+    );
+    if !proto.has_ports() && c.flag() {
+        return PortRange::new(proto, 0, 0);
+    }
     let lo = c.u16();
     let hi = if c.flag() { lo } else { c.u16() };
     PortRange::new(proto, lo, hi)
@@ -797,8 +847,14 @@ mod tests {
 
     #[test]
     fn the_reference_grammar() {
-        assert_eq!(reference_spec("tcp/022"), Some((Proto::Tcp, 22, 22)));
-        assert_eq!(reference_spec("udp/1-65535"), Some((Proto::Udp, 1, 65535)));
+        assert_eq!(reference_spec("tcp/022"), Some((IpProto::TCP, 22, 22)));
+        assert_eq!(
+            reference_spec("udp/1-65535"),
+            Some((IpProto::UDP, 1, 65535))
+        );
+        assert_eq!(reference_spec("proto/vrrp"), Some((IpProto(112), 0, 0)));
+        assert_eq!(reference_spec("proto/6"), None);
+        assert_eq!(reference_spec("proto/256"), None);
         for bad in ["tcp/0", "tcp/65536", "tcp/2-1", "TCP/1", "tcp/+1", "tcp/1-"] {
             assert_eq!(reference_spec(bad), None, "{bad}");
         }

@@ -38,6 +38,98 @@ impl Proto {
     }
 }
 
+/// An IP protocol number (the IPv4 protocol field, the IPv6 next header
+/// that reaches transport). What a policy rule is about: TCP, UDP and
+/// SCTP carry ports; every other protocol is permitted as a whole.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct IpProto(pub u8);
+
+/// Well-known protocol names, as /etc/protocols spells them (with the
+/// aliases people type). The first name of a number is how it is shown.
+const PROTOCOL_NAMES: &[(&str, u8)] = &[
+    ("icmp", 1),
+    ("igmp", 2),
+    ("ipip", 4),
+    ("ipencap", 4),
+    ("tcp", 6),
+    ("egp", 8),
+    ("udp", 17),
+    ("ipv6", 41),
+    ("rsvp", 46),
+    ("gre", 47),
+    ("esp", 50),
+    ("ah", 51),
+    ("icmpv6", 58),
+    ("ipv6-icmp", 58),
+    ("eigrp", 88),
+    ("ospf", 89),
+    ("ospfigp", 89),
+    ("etherip", 97),
+    ("pim", 103),
+    ("vrrp", 112),
+    ("l2tp", 115),
+    ("isis", 124),
+    ("sctp", 132),
+    ("udplite", 136),
+    ("mpls-in-ip", 137),
+];
+
+impl IpProto {
+    pub const ICMP: IpProto = IpProto(1);
+    pub const IGMP: IpProto = IpProto(2);
+    pub const TCP: IpProto = IpProto(6);
+    pub const UDP: IpProto = IpProto(17);
+    pub const ICMPV6: IpProto = IpProto(58);
+    pub const SCTP: IpProto = IpProto(132);
+
+    /// Whether its header starts with source and destination ports that a
+    /// rule can name.
+    pub fn has_ports(self) -> bool {
+        matches!(self, IpProto::TCP | IpProto::UDP | IpProto::SCTP)
+    }
+
+    /// The well-known name, if it has one.
+    pub fn name(self) -> Option<&'static str> {
+        PROTOCOL_NAMES
+            .iter()
+            .find(|(_, n)| *n == self.0)
+            .map(|(name, _)| *name)
+    }
+
+    /// A name (any case) or a number 0-255.
+    pub fn from_name_or_number(text: &str) -> Option<IpProto> {
+        if !text.is_empty() && text.bytes().all(|b| b.is_ascii_digit()) {
+            return text.parse().ok().map(IpProto);
+        }
+        let lower = text.to_ascii_lowercase();
+        PROTOCOL_NAMES
+            .iter()
+            .find(|(name, _)| *name == lower)
+            .map(|(_, n)| IpProto(*n))
+    }
+
+    /// The protocol of a listener, if this is one.
+    pub fn as_listener_proto(self) -> Option<Proto> {
+        Proto::of_number(self.0)
+    }
+}
+
+/// The name, or the number when it has none.
+impl fmt::Display for IpProto {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.name() {
+            Some(name) => f.write_str(name),
+            None => write!(f, "{}", self.0),
+        }
+    }
+}
+
+impl From<Proto> for IpProto {
+    fn from(p: Proto) -> Self {
+        IpProto(p.number())
+    }
+}
+
 /// What the guard does with what its policy does not permit.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]

@@ -10,7 +10,9 @@
 //! - IPv4: version 4, IHL >= 5, total length >= IHL*4 and the header with
 //!   its options present, else malformed. A later fragment (offset != 0)
 //!   follows the verdict recorded for the first fragment of the same
-//!   (src, dst, id, protocol), else drops (fragment).
+//!   (src, dst, id, protocol), else drops (fragment). One AH header
+//!   ((n+2)*4 bytes, whole in the frame, else malformed) is looked through:
+//!   what it carries is judged.
 //! - IPv6: version 6 and the 40-byte header present. Extension headers
 //!   hop-by-hop, routing, destination options ((n+1)*8 bytes), AH
 //!   ((n+2)*4 bytes) and fragment (8 bytes) are followed; each must lie
@@ -26,7 +28,10 @@
 //!   `from`). UDP needs its 8-byte header; DHCP replies (67->68 over
 //!   IPv4, 547->546 over IPv6) pass, then a permitted port, then a reply to
 //!   an outbound flow fresher than the flow timeout (30 s); else the
-//!   policy's reason. Other IP protocols drop (no rule).
+//!   policy's reason. SCTP needs its 12-byte common header, then a
+//!   permitted port or a reply to an outbound SCTP flow. Every other IP
+//!   protocol is judged as a whole (port 0): a `proto/...` rule, else a
+//!   reply to an outbound flow of that protocol between the same addresses.
 //! - A first fragment records its verdict, whatever it is, for the later
 //!   ones. Audit mode passes everything and reports the would-be reason.
 
@@ -37,7 +42,7 @@ use std::{
 };
 
 use portwatch::{
-    model::{Mode, Proto},
+    model::{IpProto, Mode},
     policy::Policy,
 };
 
@@ -141,14 +146,15 @@ impl fmt::Display for Outcome {
     }
 }
 
-/// The host's outbound UDP flows: (local, remote) endpoint -> the time of
-/// the last outbound packet, and the clock to judge them by.
+/// The host's outbound flows: (protocol, local, remote) endpoint -> the
+/// time of the last outbound packet, and the clock to judge them by.
+/// Protocols without ports have port 0 at both ends.
 #[derive(Clone, Debug)]
 pub struct FlowState {
     /// CLOCK_MONOTONIC now, in nanoseconds.
     pub now_ns: u64,
     pub timeout_ns: u64,
-    last: HashMap<(SocketAddr, SocketAddr), u64>,
+    last: HashMap<(u8, SocketAddr, SocketAddr), u64>,
 }
 
 impl FlowState {
@@ -160,15 +166,20 @@ impl FlowState {
         }
     }
 
-    /// The host sent `local -> remote` at `last_ns`.
+    /// The host sent UDP `local -> remote` at `last_ns`.
     pub fn record(&mut self, local: SocketAddr, remote: SocketAddr, last_ns: u64) {
-        self.last.insert((local, remote), last_ns);
+        self.record_proto(IPPROTO_UDP, local, remote, last_ns);
+    }
+
+    /// The host sent `proto` `local -> remote` at `last_ns`.
+    pub fn record_proto(&mut self, proto: u8, local: SocketAddr, remote: SocketAddr, last_ns: u64) {
+        self.last.insert((proto, local, remote), last_ns);
     }
 
     /// Whether a packet `remote -> local` answers a flow seen within the timeout.
-    pub fn admits_reply(&self, local: SocketAddr, remote: SocketAddr) -> bool {
+    pub fn admits_reply(&self, proto: u8, local: SocketAddr, remote: SocketAddr) -> bool {
         self.last
-            .get(&(local, remote))
+            .get(&(proto, local, remote))
             .is_some_and(|&last| self.now_ns.saturating_sub(last) < self.timeout_ns)
     }
 }
@@ -260,6 +271,7 @@ const IPPROTO_IGMP: u8 = 2;
 const IPPROTO_TCP: u8 = 6;
 const IPPROTO_UDP: u8 = 17;
 const IPPROTO_ICMPV6: u8 = 58;
+const IPPROTO_SCTP: u8 = 132;
 
 const EXT_HOP: u8 = 0;
 const EXT_ROUTING: u8 = 43;
@@ -359,11 +371,22 @@ impl Model<'_> {
             src: src.into(),
             dst: dst.into(),
         };
-        let verdict = self.transport(proto, &packet[header_len..], addrs);
+        let verdict = self.ipv4_payload(proto, &packet[header_len..], addrs);
         if more_fragments {
             frags.record(datagram, to_verdict(verdict));
         }
         verdict
+    }
+
+    /// An IPv4 payload: AH is looked through once, then the transport.
+    fn ipv4_payload(&self, proto: u8, rest: &[u8], addrs: Addrs) -> Step {
+        if proto != EXT_AUTH {
+            return self.transport(proto, rest, addrs);
+        }
+        let ah = take(rest, 0, 2)?;
+        let len = (usize::from(ah[1]) + 2) * 4;
+        take(rest, 0, len)?;
+        self.transport(ah[0], &rest[len..], addrs)
     }
 
     fn ipv6(&self, packet: &[u8], frags: &mut FragState) -> Step {
@@ -436,7 +459,11 @@ impl Model<'_> {
             IPPROTO_ICMP | IPPROTO_ICMPV6 | IPPROTO_IGMP => Ok(()),
             IPPROTO_TCP => self.tcp(segment, addrs),
             IPPROTO_UDP => self.udp(segment, addrs),
-            _ => Err(Reason::NoRule),
+            IPPROTO_SCTP => {
+                let h = take(segment, 0, 12)?;
+                self.or_own_flow(proto, be16(h, 0), be16(h, 2), addrs)
+            }
+            _ => self.or_own_flow(proto, 0, 0, addrs),
         }
     }
 
@@ -450,7 +477,7 @@ impl Model<'_> {
         let opening = flags & TCP_SYN != 0 && flags & TCP_ACK == 0;
         let of_a_connection = flags & (TCP_ACK | TCP_RST) != 0;
         if opening || !of_a_connection {
-            return self.permitted(Proto::Tcp, be16(h, 2), addrs.src);
+            return self.permitted(IPPROTO_TCP, be16(h, 2), addrs.src);
         }
         Ok(())
     }
@@ -465,12 +492,17 @@ impl Model<'_> {
         if dhcp_reply {
             return Ok(());
         }
-        let Err(reason) = self.permitted(Proto::Udp, dport, addrs.src) else {
+        self.or_own_flow(IPPROTO_UDP, sport, dport, addrs)
+    }
+
+    /// A rule for the destination port, else a reply to the host's own flow.
+    fn or_own_flow(&self, proto: u8, sport: u16, dport: u16, addrs: Addrs) -> Step {
+        let Err(reason) = self.permitted(proto, dport, addrs.src) else {
             return Ok(());
         };
         let local = SocketAddr::new(addrs.dst, dport);
         let remote = SocketAddr::new(addrs.src, sport);
-        if self.flows.admits_reply(local, remote) {
+        if self.flows.admits_reply(proto, local, remote) {
             return Ok(());
         }
         Err(reason)
@@ -479,7 +511,8 @@ impl Model<'_> {
     /// Whether a rule admits `src` to (proto, port). A source is matched
     /// within its own family: an IPv4-mapped IPv6 source is an IPv6 address
     /// on the wire.
-    fn permitted(&self, proto: Proto, port: u16, src: IpAddr) -> Step {
+    fn permitted(&self, proto: u8, port: u16, src: IpAddr) -> Step {
+        let proto = IpProto(proto);
         let mut covered = false;
         for rule in self
             .policy
@@ -778,10 +811,87 @@ mod tests {
             assert_eq!(c.decide(&ipv4(PEER4, proto, 0, &[], &[])), Pass);
             assert_eq!(c.decide(&ipv6(PEER6, proto, &[])), Pass);
         }
-        for proto in [47, 50, 132, 59, 255] {
+        for proto in [47, 50, 59, 112, 255] {
             assert_eq!(c.decide(&ipv4(PEER4, proto, 0, &[], &[0; 8])), Drop(NoRule));
             assert_eq!(c.decide(&ipv6(PEER6, proto, &[0; 8])), Drop(NoRule));
         }
+        // SCTP needs its common header, then a rule for its port.
+        let sctp = |dport: u16| {
+            let mut h = 5000u16.to_be_bytes().to_vec();
+            h.extend_from_slice(&dport.to_be_bytes());
+            h.extend_from_slice(&[0; 8]);
+            h
+        };
+        assert_eq!(
+            c.decide(&ipv4(PEER4, IPPROTO_SCTP, 0, &[], &[0; 11])),
+            Drop(Malformed)
+        );
+        assert_eq!(
+            c.decide(&ipv4(PEER4, IPPROTO_SCTP, 0, &[], &sctp(3868))),
+            Drop(NoRule)
+        );
+
+        c.policy = Policy::parse(
+            r#"allow = ["sctp/3868", "proto/vrrp", { port = "proto/gre", from = ["203.0.113.0/24"] }]"#,
+        )?;
+        assert_eq!(
+            c.decide(&ipv4(PEER4, IPPROTO_SCTP, 0, &[], &sctp(3868))),
+            Pass
+        );
+        assert_eq!(c.decide(&ipv6(PEER6, IPPROTO_SCTP, &sctp(3868))), Pass);
+        assert_eq!(
+            c.decide(&ipv4(PEER4, IPPROTO_SCTP, 0, &[], &sctp(3869))),
+            Drop(NoRule)
+        );
+        assert_eq!(c.decide(&ipv4(PEER4, 112, 0, &[], &[])), Pass, "VRRP");
+        assert_eq!(c.decide(&ipv6(PEER6, 112, &[])), Pass, "VRRP over IPv6");
+        assert_eq!(
+            c.decide(&ipv4(PEER4, 47, 0, &[], &[0; 4])),
+            Pass,
+            "GRE from its network"
+        );
+        assert_eq!(c.decide(&ipv4(INSIDE4, 47, 0, &[], &[0; 4])), Drop(Source));
+        assert_eq!(
+            c.decide(&ipv4(PEER4, 50, 0, &[], &[0; 8])),
+            Drop(NoRule),
+            "ESP"
+        );
+
+        // The host's own ESP to the peer admits the peer's ESP back.
+        let now = c.flows.now_ns;
+        let (local, remote) = (SocketAddr::from((HOST4, 0)), SocketAddr::from((PEER4, 0)));
+        c.flows.record_proto(50, local, remote, now);
+        assert_eq!(c.decide(&ipv4(PEER4, 50, 0, &[], &[0; 8])), Pass);
+        assert_eq!(c.decide(&ipv4(INSIDE4, 50, 0, &[], &[0; 8])), Drop(NoRule));
+        // A UDP flow between the same ends admits no ESP, and no UDP of it.
+        c.flows.record(local, remote, now);
+        assert_eq!(c.decide(&ipv4(PEER4, 4, 0, &[], &[])), Drop(NoRule));
+        Ok(())
+    }
+
+    #[test]
+    fn ipv4_ah_is_looked_through() -> TestResult {
+        let mut c = Check::new()?;
+        let ah = |next: u8| ext(EXT_AUTH, next, 1);
+        let syn = |port| {
+            ipv4(
+                PEER4,
+                EXT_AUTH,
+                0,
+                &[],
+                &cat(&[&ah(IPPROTO_TCP), &tcp(port, SYN)]),
+            )
+        };
+        assert_eq!(c.decide(&syn(22)), Pass);
+        assert_eq!(c.decide(&syn(23)), Drop(NoRule));
+        let cut = syn(22);
+        // AH itself cut short: malformed; what it carries cut: TCP's call.
+        assert_eq!(c.decide(&cut[..ETH_HLEN + 20 + 10]), Drop(Malformed));
+        assert_eq!(c.decide(&cut[..ETH_HLEN + 20 + 12 + 10]), Drop(Malformed));
+        assert_eq!(
+            c.decide(&ipv4(PEER4, EXT_AUTH, 0, &[], &ah(50))),
+            Drop(NoRule)
+        );
         Ok(())
     }
 

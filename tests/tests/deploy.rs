@@ -28,7 +28,7 @@ use portwatch::{
     model::{AttachedMode, Mode, Proto},
     policy::Policy,
 };
-use portwatch_common::{GUARD_STATS_LEN, GuardStat, IPPROTO_TCP, PortCounters};
+use portwatch_common::{GUARD_STATS_LEN, GuardStat, PortCounters};
 use portwatch_tests::{portwatch_bin, unique_name};
 use serde_json::{Value, json};
 
@@ -246,7 +246,7 @@ fn exported_metrics() -> BTreeMap<String, BTreeSet<String>> {
             interfaces: vec![("eth0".into(), AttachedMode::Native)],
             ports: [(
                 PortLabel {
-                    proto: IPPROTO_TCP,
+                    proto: "tcp".into(),
                     port: "22".into(),
                 },
                 counters,

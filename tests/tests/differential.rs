@@ -34,10 +34,10 @@ use portwatch::{
         maps::GuardTotals,
         testing::{XDP_DROP, XDP_PASS, XdpTester},
     },
-    model::Mode,
-    policy::Policy,
+    model::{IpProto, Mode},
+    policy::{Policy, PortRange},
 };
-use portwatch_common::{AF_INET, AF_INET6, FlowKey, GuardStat, IPPROTO_UDP};
+use portwatch_common::{AF_INET, AF_INET6, FlowKey, GuardStat, IPPROTO_SCTP, IPPROTO_UDP};
 use portwatch_tests::{
     Result,
     frames::{
@@ -77,10 +77,20 @@ struct Case {
 
 #[derive(Clone, Debug)]
 struct RuleSpec {
-    udp: bool,
+    proto: RuleProto,
     lo: u16,
     width: u16,
     from: Vec<NetSpec>,
+}
+
+/// What a rule names: ports of TCP, UDP or SCTP, or a whole protocol
+/// (whose number may be one no policy accepts: such rules are left out).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum RuleProto {
+    Tcp,
+    Udp,
+    Sctp,
+    Whole(u8),
 }
 
 /// A `from` network: around the case's peer (containing it, or with one
@@ -99,9 +109,9 @@ enum NetBase {
     Random(u128),
 }
 
-/// An outbound flow of the host: the reverse of one of the case's UDP
-/// frames (`pick`), maybe skewed so that it does not match, recorded
-/// `age_ms` ago (negative: in the future).
+/// An outbound flow of the host: the reverse of one of the case's UDP,
+/// SCTP or port-less frames (`pick`), maybe skewed so that it does not
+/// match, recorded `age_ms` ago (negative: in the future).
 #[derive(Clone, Debug)]
 struct FlowSpec {
     pick: Index,
@@ -179,6 +189,15 @@ enum L4 {
         dport: u16,
         payload: Vec<u8>,
     },
+    /// The SCTP common header (ports, tag, checksum), then `chunks`.
+    Sctp {
+        sport: u16,
+        dport: u16,
+        chunks: Vec<u8>,
+    },
+    /// An AH header (length field `len`, next header `next`), then `inner`
+    /// bytes: a transport header of `next` or anything.
+    Ah { next: u8, len: u8, inner: Vec<u8> },
     /// ICMP echo over IPv4, ICMPv6 echo over IPv6.
     Echo,
     /// Any protocol number and payload (later fragments, GRE, ...).
@@ -190,6 +209,8 @@ impl L4 {
         match self {
             L4::Tcp { .. } => 6,
             L4::Udp { .. } => IPPROTO_UDP,
+            L4::Sctp { .. } => IPPROTO_SCTP,
+            L4::Ah { .. } => 51,
             L4::Echo if v6 => 58,
             L4::Echo => 1,
             L4::Proto { proto, .. } => *proto,
@@ -295,8 +316,39 @@ fn l4(mix: Mix) -> BoxedStrategy<L4> {
             .prop_map(|((sport, dport), payload)| L4::Udp { sport, dport, payload }),
         1 => Just(L4::Echo),
         2 => (proto_number(), payload(24)).prop_map(|(proto, payload)| L4::Proto { proto, payload }),
+        1 => (port(mix), port(mix), payload(20))
+            .prop_map(|(sport, dport, chunks)| L4::Sctp { sport, dport, chunks }),
+        1 => ah(mix),
     ]
     .boxed()
+}
+
+/// AH carrying a TCP, UDP or SCTP header (or anything), its length field
+/// mostly right.
+fn ah(mix: Mix) -> BoxedStrategy<L4> {
+    (
+        select(&[6u8, 17, 132, 47, 50, 1, 51][..]),
+        prop_oneof![4 => Just(1u8), 1 => 0u8..6],
+        port(mix),
+        tcp_flags(),
+        payload(16),
+    )
+        .prop_map(|(next, len, dport, flags, tail)| {
+            let mut inner = 40000u16.to_be_bytes().to_vec();
+            inner.extend_from_slice(&dport.to_be_bytes());
+            match next {
+                // seq, ack, data offset 5, flags, window, checksum, urgent.
+                6 => inner.extend_from_slice(&[
+                    0, 0, 0, 1, 0, 0, 0, 0, 0x50, flags, 0xff, 0xff, 0, 0, 0, 0,
+                ]),
+                17 => inner.extend_from_slice(&[0, 8, 0, 0]),
+                132 => inner.extend_from_slice(&[0; 8]),
+                _ => {}
+            }
+            inner.extend_from_slice(&tail);
+            L4::Ah { next, len, inner }
+        })
+        .boxed()
 }
 
 fn frag_id4() -> BoxedStrategy<u16> {
@@ -534,9 +586,20 @@ fn net() -> BoxedStrategy<NetSpec> {
         .boxed()
 }
 
+fn rule_proto() -> BoxedStrategy<RuleProto> {
+    prop_oneof![
+        4 => Just(RuleProto::Tcp),
+        4 => Just(RuleProto::Udp),
+        1 => Just(RuleProto::Sctp),
+        2 => select(&[47u8, 50, 112, 89, 4, 255][..]).prop_map(RuleProto::Whole),
+        1 => any::<u8>().prop_map(RuleProto::Whole),
+    ]
+    .boxed()
+}
+
 fn rule(mix: Mix) -> BoxedStrategy<RuleSpec> {
     (
-        any::<bool>(),
+        rule_proto(),
         port(mix),
         prop_oneof![8 => Just(0u16), 3 => 1u16..16, 1 => 16u16..300],
         prop_oneof![
@@ -544,8 +607,8 @@ fn rule(mix: Mix) -> BoxedStrategy<RuleSpec> {
             ((mix.from * 1000.0) as u32).max(1) => prop::collection::vec(net(), 1..=3),
         ],
     )
-        .prop_map(|(udp, lo, width, from)| RuleSpec {
-            udp,
+        .prop_map(|(proto, lo, width, from)| RuleSpec {
+            proto,
             lo: lo.max(1),
             // Source entries are one per port and network: keep them few.
             width: if from.is_empty() {
@@ -654,6 +717,7 @@ impl Host {
 
 #[derive(Clone, Debug)]
 struct FlowRec {
+    proto: u8,
     local: SocketAddr,
     remote: SocketAddr,
     age_ms: i64,
@@ -729,13 +793,33 @@ fn transport(net: impl Net, l4: &L4) -> Vec<u8> {
             dport,
             payload,
         } => net.udp(*sport, *dport).payload(payload).build(),
+        L4::Sctp {
+            sport,
+            dport,
+            chunks,
+        } => {
+            let mut bytes = sport.to_be_bytes().to_vec();
+            bytes.extend_from_slice(&dport.to_be_bytes());
+            bytes.extend_from_slice(&[0xde, 0xad, 0xbe, 0xef, 0, 0, 0, 0]);
+            bytes.extend_from_slice(chunks);
+            net.raw(IPPROTO_SCTP, &bytes).build()
+        }
+        L4::Ah { next, len, inner } => {
+            let size = (usize::from(*len) + 2) * 4;
+            let mut bytes = vec![0u8; size.max(2)];
+            bytes[0] = *next;
+            bytes[1] = *len;
+            bytes.extend_from_slice(inner);
+            net.raw(51, &bytes).build()
+        }
         L4::Echo => net.echo().build(),
         L4::Proto { proto, payload } => net.raw(*proto, payload).build(),
     }
 }
 
-/// A UDP frame's (source, destination) endpoints.
-type UdpEnds = (SocketAddr, SocketAddr);
+/// A frame's protocol and (source, destination) endpoints, for the flows
+/// that may answer it: UDP and SCTP with ports, others with port 0.
+type UdpEnds = (u8, SocketAddr, SocketAddr);
 
 fn build_frame(spec: &FrameSpec, case: &Case, host: Host, udp: &mut Vec<UdpEnds>) -> Vec<u8> {
     let (tags, body, flips, cut) = match spec {
@@ -752,8 +836,18 @@ fn build_frame(spec: &FrameSpec, case: &Case, host: Host, udp: &mut Vec<UdpEnds>
         eth = eth.vlan(*tpid, i);
     }
     let note_udp = |udp: &mut Vec<UdpEnds>, src: IpAddr, dst: IpAddr, l4: &L4| {
-        if let L4::Udp { sport, dport, .. } = l4 {
-            udp.push((SocketAddr::new(src, *sport), SocketAddr::new(dst, *dport)));
+        let ends = |proto, sport, dport| {
+            (
+                proto,
+                SocketAddr::new(src, sport),
+                SocketAddr::new(dst, dport),
+            )
+        };
+        match l4 {
+            L4::Udp { sport, dport, .. } => udp.push(ends(IPPROTO_UDP, *sport, *dport)),
+            L4::Sctp { sport, dport, .. } => udp.push(ends(IPPROTO_SCTP, *sport, *dport)),
+            L4::Proto { proto, .. } => udp.push(ends(*proto, 0, 0)),
+            _ => {}
         }
     };
     let mut bytes = match body {
@@ -874,21 +968,40 @@ impl std::fmt::Display for Cidr {
 /// one is left out, and so is a network nested in another of its rule.
 fn policy(case: &Case) -> Result<Policy> {
     let mut text = format!("mode = \"{}\"\nallow = [\n", case.mode.as_str());
-    let mut taken: Vec<(bool, u16, u16)> = Vec::new();
+    let mut taken: Vec<(RuleProto, u16, u16)> = Vec::new();
     for rule in &case.rules {
-        let hi = rule.lo.saturating_add(rule.width);
+        let (lo, hi) = match rule.proto {
+            // A whole protocol is its one port 0; one no policy accepts
+            // (with ports, always permitted, looked through) is left out.
+            RuleProto::Whole(n) => {
+                if PortRange::whole(IpProto(n)).is_err() {
+                    continue;
+                }
+                (0, 0)
+            }
+            _ => (rule.lo, rule.lo.saturating_add(rule.width)),
+        };
         if taken
             .iter()
-            .any(|&(udp, lo, h)| udp == rule.udp && lo <= hi && rule.lo <= h)
+            .any(|&(proto, l, h)| proto == rule.proto && l <= hi && lo <= h)
         {
             continue;
         }
-        taken.push((rule.udp, rule.lo, hi));
-        let proto = if rule.udp { "udp" } else { "tcp" };
-        let spec = if hi == rule.lo {
-            format!("{proto}/{}", rule.lo)
-        } else {
-            format!("{proto}/{}-{hi}", rule.lo)
+        taken.push((rule.proto, lo, hi));
+        let spec = match rule.proto {
+            RuleProto::Whole(n) => format!("proto/{n}"),
+            proto => {
+                let name = match proto {
+                    RuleProto::Udp => "udp",
+                    RuleProto::Sctp => "sctp",
+                    _ => "tcp",
+                };
+                if hi == lo {
+                    format!("{name}/{lo}")
+                } else {
+                    format!("{name}/{lo}-{hi}")
+                }
+            }
         };
         let mut nets: Vec<Cidr> = Vec::new();
         for net in &rule.from {
@@ -930,9 +1043,10 @@ fn materialize(case: &Case, host: Host) -> Result<Concrete> {
         .flows
         .iter()
         .map(|f| {
-            // The host sent the reverse of a UDP frame: local = its destination.
-            let (mut remote, mut local) = if udp.is_empty() {
+            // The host sent the reverse of a frame: local = its destination.
+            let (proto, mut remote, mut local) = if udp.is_empty() {
                 (
+                    IPPROTO_UDP,
                     SocketAddr::new(case.peer4.into(), f.ports.1),
                     SocketAddr::new(host.v4.into(), f.ports.0),
                 )
@@ -949,6 +1063,7 @@ fn materialize(case: &Case, host: Host) -> Result<Concrete> {
                 }),
             }
             FlowRec {
+                proto,
                 local,
                 remote,
                 age_ms: f.age_ms,
@@ -1051,7 +1166,7 @@ fn before(now: u64, age_ms: i64) -> u64 {
     }
 }
 
-fn flow_key(local: SocketAddr, remote: SocketAddr) -> FlowKey {
+fn flow_key(proto: u8, local: SocketAddr, remote: SocketAddr) -> FlowKey {
     let bytes = |ip: IpAddr| match ip {
         IpAddr::V4(a) => {
             let mut out = [0u8; 16];
@@ -1066,7 +1181,7 @@ fn flow_key(local: SocketAddr, remote: SocketAddr) -> FlowKey {
         } else {
             AF_INET6 as u8
         },
-        proto: IPPROTO_UDP,
+        proto,
         _pad: 0,
         local_port: local.port(),
         remote_port: remote.port(),
@@ -1081,7 +1196,7 @@ fn regression_json(c: &Concrete, at: usize, model: Outcome, kernel: &Kernel) -> 
     let flows: Vec<Value> = c
         .flows
         .iter()
-        .map(|f| json!({"local": f.local.to_string(), "remote": f.remote.to_string(), "age_ms": f.age_ms}))
+        .map(|f| json!({"proto": f.proto, "local": f.local.to_string(), "remote": f.remote.to_string(), "age_ms": f.age_ms}))
         .collect();
     json!({
         "before_hex": c.frames.iter().take(at).map(|f| hex(f)).collect::<Vec<_>>(),
@@ -1177,8 +1292,8 @@ impl Harness {
             let last = before(now, f.age_ms);
             self.xdp
                 .maps
-                .record_flow(flow_key(f.local, f.remote), last)?;
-            flows.record(f.local, f.remote, last);
+                .record_flow(flow_key(f.proto, f.local, f.remote), last)?;
+            flows.record_proto(f.proto, f.local, f.remote, last);
         }
         flows.now_ns = monotonic_ns()?;
         let mut frags = FragState::new();
@@ -1426,6 +1541,8 @@ fn load_regression(path: &Path) -> Result<Regression> {
     let mut flows = Vec::new();
     for f in v["flows"].as_array().map(Vec::as_slice).unwrap_or(&[]) {
         flows.push(FlowRec {
+            // Files from before other protocols had flows hold UDP ones.
+            proto: f["proto"].as_u64().map_or(Ok(IPPROTO_UDP), u8::try_from)?,
             local: f["local"].as_str().context("flow local")?.parse()?,
             remote: f["remote"].as_str().context("flow remote")?.parse()?,
             age_ms: f["age_ms"].as_i64().context("flow age_ms")?,

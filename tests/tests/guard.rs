@@ -445,8 +445,8 @@ fn portwatch(ns: Option<&Netns>, args: &[&str]) -> Result<portwatch_tests::net::
 fn invalid_policies_and_allow_specs_are_refused_with_line_and_reason() -> Result {
     let cases: &[(&str, &str)] = &[
         (
-            "allow = [\n  \"tcp/22\",\n  \"sctp/9\",\n]\n",
-            r#"line 3: "sctp/9": unknown protocol "sctp" (expected tcp or udp)"#,
+            "allow = [\n  \"tcp/22\",\n  \"dccp/9\",\n]\n",
+            r#"line 3: "dccp/9": unknown protocol "dccp" (expected tcp, udp, sctp or proto/NAME)"#,
         ),
         (
             "mode = \"enforce\"\nallow = [\"tcp/0\"]\n",

@@ -591,8 +591,8 @@ mod tests {
                 r#""10.0.0.1/8" has host bits set (did you mean 10.0.0.0/8?)"#,
             ),
             (
-                r#"{"cmd":"deny","spec":"sctp/1"}"#,
-                r#""sctp/1": unknown protocol "sctp" (expected tcp or udp)"#,
+                r#"{"cmd":"deny","spec":"dccp/1"}"#,
+                r#""dccp/1": unknown protocol "dccp" (expected tcp, udp, sctp or proto/NAME)"#,
             ),
             (
                 r#"{"cmd":"status","verbose":true}"#,

@@ -461,7 +461,7 @@ impl Guard {
             .owners()
             .map(|(owner, slot)| {
                 let label = PortLabel {
-                    proto: owner.proto().number(),
+                    proto: owner.proto_label(),
                     port: owner.port_label(),
                 };
                 (label, counters.get(&slot).copied().unwrap_or_default())

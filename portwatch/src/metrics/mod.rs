@@ -21,7 +21,6 @@ use tokio::sync::oneshot;
 pub use self::server::{MIN_SNAPSHOT_GAP, MetricsError, MetricsServer};
 use crate::{
     datapath::{attach::AttachedMode, maps::GuardTotals},
-    format::proto_name,
     model::{EventKind, Exposure, ListenerEvent, Mode},
 };
 
@@ -91,7 +90,9 @@ pub struct GuardSnapshot {
 /// series.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct PortLabel {
-    pub proto: u8,
+    /// `tcp`, `vrrp`, `112`, or `other` (every protocol without ports and
+    /// without a rule).
+    pub proto: String,
     /// `22`, a rule's `8000-8099`, or `other`.
     pub port: String,
 }
@@ -192,7 +193,7 @@ impl Collector for SnapshotCollector {
         let mut packets = Vec::with_capacity(g.ports.len() * 2);
         let mut bytes = Vec::with_capacity(g.ports.len() * 2);
         for (label, c) in &g.ports {
-            let proto = proto_name(label.proto);
+            let proto = label.proto.clone();
             let port = label.port.clone();
             for (action, p, b) in [
                 ("pass", c.pass_packets, c.pass_bytes),
@@ -293,6 +294,7 @@ pub fn encode(snapshot: Snapshot) -> Result<String, std::fmt::Error> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::format::proto_name;
     use portwatch_common::{GUARD_STATS_LEN, IPPROTO_TCP, IPPROTO_UDP};
 
     fn sample() -> Snapshot {
@@ -301,8 +303,8 @@ mod tests {
         totals[GuardStat::ReportsSuppressed as usize] = 2;
         totals[GuardStat::ReportsLost as usize] = 1;
         let mut ports = BTreeMap::new();
-        let label = |proto, port: &str| PortLabel {
-            proto,
+        let label = |proto: u8, port: &str| PortLabel {
+            proto: proto_name(proto),
             port: port.to_owned(),
         };
         ports.insert(

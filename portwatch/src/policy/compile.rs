@@ -20,7 +20,7 @@ pub enum CompileError {
 pub fn compile(policy: &Policy) -> Result<MapImage, CompileError> {
     let mut image = MapImage::default();
     for rule in &policy.rules {
-        let proto = rule.ports.proto.number();
+        let proto = rule.ports.proto.0;
         for port in rule.ports.lo..=rule.ports.hi {
             let bits = image.ports.entry(port_slot(proto, port)).or_insert(0);
             if rule.from.is_empty() {

@@ -22,7 +22,7 @@ use ipnet::IpNet;
 
 pub use spec::{PortRange, SpecError};
 
-use crate::model::Proto;
+use crate::model::IpProto;
 pub use crate::model::{Exposure, Mode, UnknownMode};
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -604,7 +604,8 @@ impl Policy {
 
     /// Exposed if a rule without `from` covers the port, Partial if only
     /// rules with `from` do, else Blocked.
-    pub fn exposure(&self, proto: Proto, port: u16) -> Exposure {
+    pub fn exposure(&self, proto: impl Into<IpProto>, port: u16) -> Exposure {
+        let proto = proto.into();
         // `add_rule` keeps one rule per port; the loop is for hand-built
         // policies, where an open rule wins.
         let mut exposure = Exposure::Blocked;
@@ -620,7 +621,8 @@ impl Policy {
     /// Whether a packet from `src` to `port` gets through. An IPv4-mapped
     /// IPv6 source is matched as the IPv4 address it is, as the kernel
     /// sees it.
-    pub fn permits(&self, proto: Proto, port: u16, src: IpAddr) -> bool {
+    pub fn permits(&self, proto: impl Into<IpProto>, port: u16, src: IpAddr) -> bool {
+        let proto = proto.into();
         let src = src.to_canonical();
         self.rules.iter().any(|r| {
             r.ports.contains(proto, port)
@@ -689,6 +691,7 @@ mod tests {
     use std::net::{Ipv4Addr, Ipv6Addr};
 
     use super::*;
+    use crate::model::Proto;
 
     type TestResult = Result<(), Box<dyn std::error::Error>>;
 
@@ -804,8 +807,8 @@ allow = [
     fn spec_errors_name_the_line() {
         let file = |spec: &str| format!("allow = [\n  \"tcp/1\",\n  \"{spec}\",\n]\n");
         assert_eq!(
-            err(&file("sctp/22")),
-            r#"line 3: "sctp/22": unknown protocol "sctp" (expected tcp or udp)"#
+            err(&file("dccp/22")),
+            r#"line 3: "dccp/22": unknown protocol "dccp" (expected tcp, udp, sctp or proto/NAME)"#
         );
         assert_eq!(
             err(&file("tcp/0")),
@@ -825,7 +828,7 @@ allow = [
         );
         assert_eq!(
             err(&file("tcp22")),
-            r#"line 3: "tcp22": expected PROTO/PORT or PROTO/LO-HI, e.g. tcp/22"#
+            r#"line 3: "tcp22": expected PROTO/PORT, PROTO/LO-HI or proto/NAME, e.g. tcp/22, sctp/3868 or proto/vrrp"#
         );
         // In a table, the line of `port`.
         assert_eq!(
@@ -1018,12 +1021,12 @@ allow = [
         assert_eq!(Policy::load(&good)?, Policy::parse(EXAMPLE)?);
 
         let bad = dir.join("bad.toml");
-        std::fs::write(&bad, "allow = [\n  \"tcp/22\",\n  \"sctp/9\",\n]\n")?;
+        std::fs::write(&bad, "allow = [\n  \"tcp/22\",\n  \"dccp/9\",\n]\n")?;
         let e = Policy::load(&bad).expect_err("bad spec");
         assert_eq!(
             e.to_string(),
             format!(
-                r#"{}: line 3: "sctp/9": unknown protocol "sctp" (expected tcp or udp)"#,
+                r#"{}: line 3: "dccp/9": unknown protocol "dccp" (expected tcp, udp, sctp or proto/NAME)"#,
                 bad.display()
             )
         );
@@ -1138,7 +1141,7 @@ allow = [
         let bad = [
             Rule::anywhere(PortRange::single(Proto::Tcp, 0)),
             Rule::anywhere(PortRange {
-                proto: Proto::Udp,
+                proto: IpProto::UDP,
                 lo: 9,
                 hi: 8,
             }),

@@ -11,38 +11,49 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use portwatch_common::{
-    FIRST_COUNTER_SLOT, MAX_COUNTER_SLOTS, SLOT_OTHER_TCP, SLOT_OTHER_UDP, port_entry, port_slot,
+    FIRST_COUNTER_SLOT, MAX_COUNTER_SLOTS, SLOT_OTHER_IP, SLOT_OTHER_SCTP, SLOT_OTHER_TCP,
+    SLOT_OTHER_UDP, other_slot, port_entry, port_slot,
 };
 
 use super::{Policy, PortRange};
-use crate::{datapath::maps::MapImage, model::Proto};
+use crate::{
+    datapath::maps::MapImage,
+    model::{IpProto, Proto},
+};
 
 /// What a slot counts.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum SlotOwner {
-    /// Every port of a rule.
+    /// Every port of a rule (or every packet of a whole-protocol rule).
     Rule(PortRange),
     /// A port with a listener and no rule.
     Port(Proto, u16),
-    /// A protocol's ports with neither.
-    Other(Proto),
+    /// A protocol's ports with neither (TCP, UDP, SCTP); `None`: every
+    /// protocol without ports and without a rule.
+    Other(Option<IpProto>),
 }
 
 impl SlotOwner {
-    pub fn proto(&self) -> Proto {
+    /// The `proto` label: `tcp`, `vrrp`, `112`, or `other`.
+    pub fn proto_label(&self) -> String {
         match self {
-            SlotOwner::Rule(r) => r.proto,
-            SlotOwner::Port(p, _) | SlotOwner::Other(p) => *p,
+            SlotOwner::Rule(r) => r.proto.to_string(),
+            SlotOwner::Port(p, _) => p.as_str().to_owned(),
+            SlotOwner::Other(Some(p)) => p.to_string(),
+            SlotOwner::Other(None) => "other".to_owned(),
         }
     }
 
-    /// The `port` label: `22`, `8000-8099`, `other`.
+    /// The `port` label: `22`, `8000-8099`, `other`; empty for a
+    /// protocol without ports.
     pub fn port_label(&self) -> String {
         match self {
+            SlotOwner::Rule(r) if r.is_whole_protocol() => String::new(),
             SlotOwner::Rule(r) if r.lo == r.hi => r.lo.to_string(),
             SlotOwner::Rule(r) => format!("{}-{}", r.lo, r.hi),
             SlotOwner::Port(_, port) => port.to_string(),
-            SlotOwner::Other(_) => "other".to_owned(),
+            SlotOwner::Other(Some(_)) => "other".to_owned(),
+            SlotOwner::Other(None) => String::new(),
         }
     }
 }
@@ -62,8 +73,10 @@ pub struct CounterSlots {
 impl Default for CounterSlots {
     fn default() -> Self {
         let mut owners = BTreeMap::new();
-        owners.insert(SlotOwner::Other(Proto::Tcp), SLOT_OTHER_TCP);
-        owners.insert(SlotOwner::Other(Proto::Udp), SLOT_OTHER_UDP);
+        owners.insert(SlotOwner::Other(Some(IpProto::TCP)), SLOT_OTHER_TCP);
+        owners.insert(SlotOwner::Other(Some(IpProto::UDP)), SLOT_OTHER_UDP);
+        owners.insert(SlotOwner::Other(Some(IpProto::SCTP)), SLOT_OTHER_SCTP);
+        owners.insert(SlotOwner::Other(None), SLOT_OTHER_IP);
         Self {
             owners,
             // Popped from the end: the lowest slots go first.
@@ -126,10 +139,7 @@ impl CounterSlots {
             match owner {
                 SlotOwner::Rule(r) => {
                     for port in r.lo..=r.hi {
-                        let entry = image
-                            .ports
-                            .entry(port_slot(r.proto.number(), port))
-                            .or_insert(0);
+                        let entry = image.ports.entry(port_slot(r.proto.0, port)).or_insert(0);
                         *entry = port_entry(*entry, *slot);
                     }
                 }
@@ -160,20 +170,19 @@ impl CounterSlots {
         self.owners.iter().map(|(o, s)| (o, *s))
     }
 
-    /// The slot that counts `proto/port`: its rule's, its own, or `other`.
-    pub fn slot_of(&self, proto: Proto, port: u16) -> u32 {
+    /// The slot that counts `proto/port` (port 0 for a protocol without
+    /// ports): its rule's, its own, or `other`.
+    pub fn slot_of(&self, proto: impl Into<IpProto>, port: u16) -> u32 {
+        let proto = proto.into();
         self.owners
             .iter()
             .find(|(o, _)| match o {
                 SlotOwner::Rule(r) => r.contains(proto, port),
-                SlotOwner::Port(p, n) => *p == proto && *n == port,
+                SlotOwner::Port(p, n) => IpProto::from(*p) == proto && *n == port,
                 SlotOwner::Other(_) => false,
             })
             .map(|(_, s)| *s)
-            .unwrap_or(match proto {
-                Proto::Tcp => SLOT_OTHER_TCP,
-                Proto::Udp => SLOT_OTHER_UDP,
-            })
+            .unwrap_or(other_slot(proto.0))
     }
 }
 
@@ -230,7 +239,7 @@ mod tests {
         );
         assert!(slots.take_fresh().is_empty());
         let labels: Vec<String> = slots.owners().map(|(o, _)| o.port_label()).collect();
-        assert_eq!(labels, ["22", "8000-8002", "other", "other"]);
+        assert_eq!(labels, ["22", "8000-8002", "", "other", "other", "other"]);
     }
 
     #[test]

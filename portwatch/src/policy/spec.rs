@@ -1,34 +1,54 @@
-//! Port specs: `tcp/22`, `udp/53`, `tcp/8000-8099` (inclusive).
+//! Rule specs: `tcp/22`, `udp/53`, `sctp/8000-8099` (inclusive ranges),
+//! and whole protocols without ports: `proto/vrrp`, `proto/112`.
 //!
 //! The same syntax serves `--allow`, the policy file and the runtime
 //! `allow`/`deny` commands, so every error quotes the spec it was given.
 
 use std::{fmt, str::FromStr};
 
-use crate::model::Proto;
+use crate::model::IpProto;
 
-/// A protocol and an inclusive port range; a single port has `lo == hi`.
+/// An IP protocol and an inclusive port range; a single port has
+/// `lo == hi`. A protocol without ports (`proto/gre`) has the one range
+/// 0-0: the whole protocol.
 ///
 /// The fields are public for matching; values built by hand are checked
 /// with [`PortRange::new`] wherever a policy accepts them.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct PortRange {
-    pub proto: Proto,
+    pub proto: IpProto,
     pub lo: u16,
     pub hi: u16,
 }
 
 #[derive(Debug, PartialEq, Eq, thiserror::Error)]
 pub enum SpecError {
-    #[error("{spec:?}: expected PROTO/PORT or PROTO/LO-HI, e.g. tcp/22")]
+    #[error(
+        "{spec:?}: expected PROTO/PORT, PROTO/LO-HI or proto/NAME, e.g. tcp/22, sctp/3868 or \
+         proto/vrrp"
+    )]
     Format { spec: String },
-    #[error("{spec:?}: unknown protocol {proto:?} (expected tcp or udp{hint})")]
+    #[error("{spec:?}: unknown protocol {proto:?} (expected tcp, udp, sctp or proto/NAME{hint})")]
     UnknownProto {
         spec: String,
         proto: String,
         /// ", in lowercase" when the protocol only has the wrong case.
         hint: &'static str,
     },
+    #[error(
+        "{spec:?}: unknown IP protocol {name:?} (a number 0-255 or a name such as vrrp, gre, \
+         esp, ospf, ipip, pim, l2tp)"
+    )]
+    UnknownIpProto { spec: String, name: String },
+    #[error("{spec:?}: {proto} has ports: write {proto}/PORT or {proto}/1-65535")]
+    HasPorts { spec: String, proto: IpProto },
+    #[error("{spec:?}: {proto} is always permitted (the host needs it), so no rule can name it")]
+    AlwaysPermitted { spec: String, proto: IpProto },
+    #[error(
+        "{spec:?}: {number} is an IPv6 extension header (or AH): the guard looks through it and \
+         judges what it carries"
+    )]
+    LookedThrough { spec: String, number: u8 },
     #[error("{spec:?}: port {port:?} is not a number")]
     NotANumber { spec: String, port: String },
     #[error("{spec:?}: port 0 is not a valid port (1-65535)")]
@@ -39,20 +59,36 @@ pub enum SpecError {
     Reversed { spec: String, fixed: PortRange },
 }
 
+/// Transport protocols with ports, as specs name them.
+fn port_proto(name: &str) -> Option<IpProto> {
+    match name {
+        "tcp" => Some(IpProto::TCP),
+        "udp" => Some(IpProto::UDP),
+        "sctp" => Some(IpProto::SCTP),
+        _ => None,
+    }
+}
+
+/// Protocol numbers the guard walks through instead of judging: IPv6
+/// hop-by-hop, routing, fragment, destination options, and AH.
+const LOOKED_THROUGH: [u8; 5] = [0, 43, 44, 51, 60];
+
 impl PortRange {
     pub fn parse(s: &str) -> Result<Self, SpecError> {
         let format = || SpecError::Format { spec: s.to_owned() };
         let (proto, ports) = s.split_once('/').ok_or_else(format)?;
-        let proto = match proto {
-            "tcp" => Proto::Tcp,
-            "udp" => Proto::Udp,
-            "" => return Err(format()),
-            other => {
-                let lower = other.to_ascii_lowercase();
+        if proto == "proto" {
+            return Self::protocol(s, ports);
+        }
+        let proto = match port_proto(proto) {
+            Some(p) => p,
+            None if proto.is_empty() => return Err(format()),
+            None => {
+                let lower = proto.to_ascii_lowercase();
                 return Err(SpecError::UnknownProto {
                     spec: s.to_owned(),
-                    proto: other.to_owned(),
-                    hint: if lower == "tcp" || lower == "udp" {
+                    proto: proto.to_owned(),
+                    hint: if port_proto(&lower).is_some() || lower == "proto" {
                         ", in lowercase"
                     } else {
                         ""
@@ -81,10 +117,63 @@ impl PortRange {
         Ok(PortRange { proto, lo, hi })
     }
 
-    /// Checks a range built by hand: ports 1-65535, `lo <= hi`. The error
-    /// quotes the range as it would be written.
-    pub fn new(proto: Proto, lo: u16, hi: u16) -> Result<Self, SpecError> {
+    /// `proto/NAME` or `proto/NUMBER`: a whole protocol without ports.
+    fn protocol(s: &str, name: &str) -> Result<Self, SpecError> {
+        if name.is_empty() {
+            return Err(SpecError::Format { spec: s.to_owned() });
+        }
+        let proto =
+            IpProto::from_name_or_number(name).ok_or_else(|| SpecError::UnknownIpProto {
+                spec: s.to_owned(),
+                name: name.to_owned(),
+            })?;
+        Self::whole(proto).map_err(|e| e.with_spec(s))
+    }
+
+    /// Every packet of a protocol without ports.
+    pub fn whole(proto: IpProto) -> Result<Self, SpecError> {
+        let spec = || format!("proto/{proto}");
+        if proto.has_ports() {
+            return Err(SpecError::HasPorts {
+                spec: spec(),
+                proto,
+            });
+        }
+        if matches!(proto, IpProto::ICMP | IpProto::ICMPV6 | IpProto::IGMP) {
+            return Err(SpecError::AlwaysPermitted {
+                spec: spec(),
+                proto,
+            });
+        }
+        if LOOKED_THROUGH.contains(&proto.0) {
+            return Err(SpecError::LookedThrough {
+                spec: spec(),
+                number: proto.0,
+            });
+        }
+        Ok(PortRange {
+            proto,
+            lo: 0,
+            hi: 0,
+        })
+    }
+
+    /// Checks a range built by hand: ports 1-65535 and `lo <= hi` for a
+    /// protocol with ports, 0-0 for one without. The error quotes the
+    /// range as it would be written.
+    pub fn new(proto: impl Into<IpProto>, lo: u16, hi: u16) -> Result<Self, SpecError> {
+        let proto = proto.into();
         let range = PortRange { proto, lo, hi };
+        if !proto.has_ports() {
+            let whole = Self::whole(proto)?;
+            return if (lo, hi) == (0, 0) {
+                Ok(whole)
+            } else {
+                Err(SpecError::Format {
+                    spec: format!("proto/{proto}/{lo}-{hi}"),
+                })
+            };
+        }
         if lo == 0 {
             Err(SpecError::PortZero {
                 spec: range.to_string(),
@@ -103,17 +192,20 @@ impl PortRange {
         }
     }
 
-    /// One port. Port 0 is not checked here: [`PortRange::new`] does that.
-    pub fn single(proto: Proto, port: u16) -> Self {
+    /// One port (0 for a protocol without ports). Port 0 of a protocol
+    /// with ports is not checked here: [`PortRange::new`] does that.
+    pub fn single(proto: impl Into<IpProto>, port: u16) -> Self {
         PortRange {
-            proto,
+            proto: proto.into(),
             lo: port,
             hi: port,
         }
     }
 
-    pub fn contains(&self, proto: Proto, port: u16) -> bool {
-        self.proto == proto && self.lo <= port && port <= self.hi
+    /// Whether it covers `port` of `proto` (any packet of a protocol
+    /// without ports is port 0).
+    pub fn contains(&self, proto: impl Into<IpProto>, port: u16) -> bool {
+        self.proto == proto.into() && self.lo <= port && port <= self.hi
     }
 
     /// Shares at least one port of the same protocol.
@@ -121,9 +213,27 @@ impl PortRange {
         self.proto == other.proto && self.lo <= other.hi && other.lo <= self.hi
     }
 
-    /// How many ports the range covers.
+    /// How many ports the range covers (1 for a whole protocol).
     pub fn port_count(&self) -> usize {
         usize::from(self.hi.saturating_sub(self.lo)) + 1
+    }
+
+    /// Whether it names a whole protocol without ports.
+    pub fn is_whole_protocol(&self) -> bool {
+        !self.proto.has_ports()
+    }
+}
+
+impl SpecError {
+    /// The same error about the spec as the user wrote it.
+    fn with_spec(self, s: &str) -> Self {
+        let spec = s.to_owned();
+        match self {
+            SpecError::HasPorts { proto, .. } => SpecError::HasPorts { spec, proto },
+            SpecError::AlwaysPermitted { proto, .. } => SpecError::AlwaysPermitted { spec, proto },
+            SpecError::LookedThrough { number, .. } => SpecError::LookedThrough { spec, number },
+            other => other,
+        }
     }
 }
 
@@ -153,10 +263,12 @@ fn parse_port(spec: &str, digits: &str) -> Result<u16, SpecError> {
 
 impl fmt::Display for PortRange {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        if self.lo == self.hi {
-            write!(f, "{}/{}", self.proto.as_str(), self.lo)
+        if !self.proto.has_ports() {
+            write!(f, "proto/{}", self.proto)
+        } else if self.lo == self.hi {
+            write!(f, "{}/{}", self.proto, self.lo)
         } else {
-            write!(f, "{}/{}-{}", self.proto.as_str(), self.lo, self.hi)
+            write!(f, "{}/{}-{}", self.proto, self.lo, self.hi)
         }
     }
 }
@@ -187,6 +299,7 @@ impl<'de> serde::Deserialize<'de> for PortRange {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::Proto;
 
     fn err(s: &str) -> String {
         match PortRange::parse(s) {
@@ -208,7 +321,7 @@ mod tests {
         assert_eq!(
             "tcp/8000-8099".parse::<PortRange>()?,
             PortRange {
-                proto: Proto::Tcp,
+                proto: IpProto::TCP,
                 lo: 8000,
                 hi: 8099
             }
@@ -225,7 +338,16 @@ mod tests {
 
     #[test]
     fn displays_as_written() -> Result<(), SpecError> {
-        for s in ["tcp/22", "udp/53", "tcp/8000-8099", "udp/1-65535"] {
+        for s in [
+            "tcp/22",
+            "udp/53",
+            "tcp/8000-8099",
+            "udp/1-65535",
+            "sctp/3868",
+            "proto/vrrp",
+            "proto/gre",
+            "proto/253",
+        ] {
             assert_eq!(PortRange::parse(s)?.to_string(), s);
         }
         Ok(())
@@ -234,12 +356,36 @@ mod tests {
     #[test]
     fn error_messages() {
         assert_eq!(
-            err("sctp/22"),
-            r#""sctp/22": unknown protocol "sctp" (expected tcp or udp)"#
+            err("icmp/22"),
+            r#""icmp/22": unknown protocol "icmp" (expected tcp, udp, sctp or proto/NAME)"#
         );
         assert_eq!(
             err("TCP/22"),
-            r#""TCP/22": unknown protocol "TCP" (expected tcp or udp, in lowercase)"#
+            r#""TCP/22": unknown protocol "TCP" (expected tcp, udp, sctp or proto/NAME, in lowercase)"#
+        );
+        assert_eq!(
+            err("proto/vrrrp"),
+            r#""proto/vrrrp": unknown IP protocol "vrrrp" (a number 0-255 or a name such as vrrp, gre, esp, ospf, ipip, pim, l2tp)"#
+        );
+        assert_eq!(
+            err("proto/256"),
+            r#""proto/256": unknown IP protocol "256" (a number 0-255 or a name such as vrrp, gre, esp, ospf, ipip, pim, l2tp)"#
+        );
+        assert_eq!(
+            err("proto/6"),
+            r#""proto/6": tcp has ports: write tcp/PORT or tcp/1-65535"#
+        );
+        assert_eq!(
+            err("proto/sctp"),
+            r#""proto/sctp": sctp has ports: write sctp/PORT or sctp/1-65535"#
+        );
+        assert_eq!(
+            err("proto/icmp"),
+            r#""proto/icmp": icmp is always permitted (the host needs it), so no rule can name it"#
+        );
+        assert_eq!(
+            err("proto/ah"),
+            r#""proto/ah": 51 is an IPv6 extension header (or AH): the guard looks through it and judges what it carries"#
         );
         assert_eq!(
             err("tcp/0"),
@@ -264,16 +410,37 @@ mod tests {
             err("tcp/9000-8000"),
             r#""tcp/9000-8000": range is reversed (did you mean tcp/8000-9000?)"#
         );
-        for bad in ["tcp22", "", "/22", "tcp/", "tcp/-5", "tcp/5-"] {
+        for bad in ["tcp22", "", "/22", "tcp/", "tcp/-5", "tcp/5-", "proto/"] {
             assert_eq!(
                 err(bad),
-                format!("{bad:?}: expected PROTO/PORT or PROTO/LO-HI, e.g. tcp/22")
+                format!(
+                    "{bad:?}: expected PROTO/PORT, PROTO/LO-HI or proto/NAME, e.g. tcp/22, \
+                     sctp/3868 or proto/vrrp"
+                )
             );
         }
         assert_eq!(
             err("tcp/1-2-3"),
             r#""tcp/1-2-3": port "2-3" is not a number"#
         );
+    }
+
+    #[test]
+    fn whole_protocols_by_name_or_number() -> Result<(), SpecError> {
+        let vrrp = PortRange::parse("proto/vrrp")?;
+        assert_eq!(vrrp, PortRange::parse("proto/112")?);
+        assert_eq!(vrrp, PortRange::parse("proto/VRRP")?);
+        assert_eq!((vrrp.proto, vrrp.lo, vrrp.hi), (IpProto(112), 0, 0));
+        assert!(vrrp.is_whole_protocol() && vrrp.contains(IpProto(112), 0));
+        assert!(!vrrp.contains(IpProto(47), 0));
+        assert_eq!(PortRange::parse("proto/ospfigp")?.to_string(), "proto/ospf");
+        assert_eq!(
+            PortRange::parse("sctp/3868")?,
+            PortRange::single(IpProto::SCTP, 3868)
+        );
+        assert!(PortRange::new(IpProto(47), 0, 0).is_ok());
+        assert!(PortRange::new(IpProto(47), 1, 2).is_err());
+        Ok(())
     }
 
     #[test]

@@ -328,10 +328,10 @@ mod tests {
         );
 
         // An invalid file is left alone.
-        std::fs::write(&file, "allow = [\"sctp/1\"]\n")?;
+        std::fs::write(&file, "allow = [\"dccp/1\"]\n")?;
         let e = allow("tcp/1", &[]).expect_err("invalid file");
-        assert!(e.contains("unknown protocol \"sctp\""), "{e}");
-        assert_eq!(std::fs::read_to_string(&file)?, "allow = [\"sctp/1\"]\n");
+        assert!(e.contains("unknown protocol \"dccp\""), "{e}");
+        assert_eq!(std::fs::read_to_string(&file)?, "allow = [\"dccp/1\"]\n");
         std::fs::remove_dir_all(&dir)?;
         Ok(())
     }
