@@ -22,6 +22,7 @@ pub mod map {
     pub const GUARD_STATS: &str = "GUARD_STATS";
     pub const REPORT_BUCKET: &str = "REPORT_BUCKET";
     pub const DROPS: &str = "DROPS";
+    pub const LOCAL_ADDRS: &str = "LOCAL_ADDRS";
 
     /// Every map of the shipped object.
     pub const ALL: &[&str] = &[
@@ -38,6 +39,7 @@ pub mod map {
         GUARD_STATS,
         REPORT_BUCKET,
         DROPS,
+        LOCAL_ADDRS,
     ];
 }
 
@@ -278,6 +280,22 @@ pub const fn src_prefix_len(cidr_bits: u8) -> u32 {
 
 /// `GuardConfig.flags`: pass everything, count and report what would drop.
 pub const GUARD_AUDIT: u32 = 1;
+/// `GuardConfig.flags`: judge frames the host routes or bridges elsewhere
+/// too (without it, a frame that would be dropped passes when it is not
+/// addressed to the host: not a local address, broadcast or multicast).
+pub const GUARD_FORWARD_JUDGE: u32 = 2;
+
+/// A key of `LOCAL_ADDRS`: an address of the guard's namespace (unicast
+/// or an IPv4 subnet broadcast). IPv4 uses the first 4 address bytes.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct LocalKey {
+    pub family: u8,
+    pub _pad: [u8; 3],
+    pub addr: [u8; 16],
+}
+
+pub const MAX_LOCAL_ADDRS: u32 = 4096;
 
 /// Runtime settings of the XDP program, in `GUARD_CONFIG[0]`.
 #[repr(C)]
@@ -391,9 +409,12 @@ pub enum GuardStat {
     FlowsRecorded = 7,
     /// UDP packets passed as replies to a recorded flow.
     FlowReplies = 8,
+    /// Frames not addressed to the host that would have been dropped and
+    /// passed on instead (`forwarded = "pass"`).
+    Forwarded = 9,
 }
 
-pub const GUARD_STATS_LEN: u32 = 9;
+pub const GUARD_STATS_LEN: u32 = 10;
 
 pub const DROPS_RING_BYTES: u32 = 256 << 10;
 
@@ -459,6 +480,8 @@ mod user {
     // SAFETY: see above.
     unsafe impl aya::Pod for super::FlowKey {}
     // SAFETY: see above.
+    unsafe impl aya::Pod for super::LocalKey {}
+    // SAFETY: see above.
     unsafe impl aya::Pod for super::FragKey {}
     // SAFETY: see above.
     unsafe impl aya::Pod for super::FragVerdict {}
@@ -482,6 +505,7 @@ mod tests {
         assert_eq!(DropReport::SIZE, 56);
         assert_eq!(core::mem::size_of::<FlowKey>(), 40);
         assert_eq!(core::mem::size_of::<FragKey>(), 40);
+        assert_eq!(core::mem::size_of::<LocalKey>(), 20);
         assert_eq!(core::mem::size_of::<GuardConfig>(), 24);
     }
 

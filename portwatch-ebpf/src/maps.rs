@@ -44,8 +44,8 @@ pub fn count(stat: MonitorStat) {
 use aya_ebpf::maps::{Array, LpmTrie, LruHashMap};
 use portwatch_common::{
     DROPS_RING_BYTES, FlowKey, FragKey, FragVerdict, GUARD_STATS_LEN, GuardConfig, GuardStat,
-    MAX_COUNTER_SLOTS, MAX_FLOWS, MAX_FRAGS, MAX_SRC_RULES, POLICY_PORT_SLOTS, PortCounters,
-    ReportBucket, SRC4_KEY_LEN, SRC6_KEY_LEN,
+    LocalKey, MAX_COUNTER_SLOTS, MAX_FLOWS, MAX_FRAGS, MAX_LOCAL_ADDRS, MAX_SRC_RULES,
+    POLICY_PORT_SLOTS, PortCounters, ReportBucket, SRC4_KEY_LEN, SRC6_KEY_LEN,
 };
 
 /// BPF_F_NO_PREALLOC: LPM tries must be created with it.
@@ -66,6 +66,11 @@ pub static POLICY_SRC4: LpmTrie<[u8; SRC4_KEY_LEN], u8> =
 #[map]
 pub static POLICY_SRC6: LpmTrie<[u8; SRC6_KEY_LEN], u8> =
     LpmTrie::with_max_entries(MAX_SRC_RULES, NO_PREALLOC);
+
+/// The addresses of the guard's namespace, as user space follows them
+/// (rtnetlink): what "addressed to the host" means.
+#[map]
+pub static LOCAL_ADDRS: HashMap<LocalKey, u8> = HashMap::with_max_entries(MAX_LOCAL_ADDRS, 0);
 
 /// The host's outbound UDP flows -> last outbound packet (monotonic ns).
 #[map]

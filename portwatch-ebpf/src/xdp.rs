@@ -11,15 +11,15 @@ use aya_ebpf::{
 };
 use portwatch_common::{
     AF_INET, AF_INET6, DropReason, DropReport, FlowKey, FragKey, FragVerdict, GUARD_AUDIT,
-    GuardConfig, GuardStat, IPPROTO_SCTP, IPPROTO_TCP, IPPROTO_UDP, RULE_ANY, RULE_CIDR,
-    entry_slot, other_slot, port_slot, src_prefix_len, src4_key, src6_key,
+    GUARD_FORWARD_JUDGE, GuardConfig, GuardStat, IPPROTO_SCTP, IPPROTO_TCP, IPPROTO_UDP, LocalKey,
+    RULE_ANY, RULE_CIDR, entry_slot, other_slot, port_slot, src_prefix_len, src4_key, src6_key,
 };
 
 use crate::{
     headers::{Headers, Walk, ports, walk},
     maps::{
-        COUNTERS, DROPS, FLOWS, FRAGS, GUARD_CONFIG, POLICY_PORTS, POLICY_SRC4, POLICY_SRC6,
-        REPORT_BUCKET, guard_count,
+        COUNTERS, DROPS, FLOWS, FRAGS, GUARD_CONFIG, LOCAL_ADDRS, POLICY_PORTS, POLICY_SRC4,
+        POLICY_SRC6, REPORT_BUCKET, guard_count,
     },
     packet::Pkt,
 };
@@ -41,7 +41,24 @@ pub fn try_xdp_guard(ctx: &XdpContext) -> u32 {
     };
     let mut m = Headers::new();
     let pkt = Pkt::new(ctx);
-    let verdict = classify(&pkt, &mut m, &cfg);
+    let verdict = match classify(&pkt, &mut m, &cfg) {
+        // Not the host's own traffic: the host routes or bridges it, and
+        // what it reaches judges it. Only a frame that would drop pays for
+        // the lookup; a malformed one still drops.
+        Err(reason)
+            if reason != DropReason::Malformed
+                && cfg.flags & GUARD_FORWARD_JUDGE == 0
+                && m.family != 0
+                && !addressed_to_host(&m) =>
+        {
+            if m.first_frag {
+                record_first_fragment(&m, &Ok(()));
+            }
+            guard_count(GuardStat::Forwarded);
+            return XDP_PASS;
+        }
+        verdict => verdict,
+    };
     // A first fragment's verdict, whatever it is, is what its later
     // fragments get.
     if m.first_frag {
@@ -77,6 +94,27 @@ fn classify(pkt: &Pkt, m: &mut Headers, cfg: &GuardConfig) -> Verdict {
         Ok(Walk::LaterFragment(id)) => later_fragment(m, id),
         Ok(Walk::Transport(off)) => transport(pkt, off, m, cfg),
     }
+}
+
+/// Whether the destination is one of the host's addresses, a broadcast or
+/// a multicast group (the host may have joined it; it is judged).
+fn addressed_to_host(m: &Headers) -> bool {
+    let multicast = if m.family == AF_INET as u8 {
+        // 224/4 multicast, 240/4 reserved and the limited broadcast.
+        m.dst[0] >= 224
+    } else {
+        m.dst[0] == 0xff
+    };
+    if multicast {
+        return true;
+    }
+    let key = LocalKey {
+        family: m.family,
+        _pad: [0; 3],
+        addr: m.dst,
+    };
+    // SAFETY: a lookup without holding the value past this statement.
+    unsafe { LOCAL_ADDRS.get(&key) }.is_some()
 }
 
 /// IPv4 names a datagram by (src, dst, id, protocol) (RFC 791); IPv6 by

@@ -171,6 +171,43 @@ impl FromStr for Mode {
     }
 }
 
+/// What the guard does with frames the host routes or bridges elsewhere
+/// (not addressed to one of its addresses, a broadcast or a multicast).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Forwarded {
+    /// Pass them: a host firewall protects the host's own sockets.
+    #[default]
+    Pass,
+    /// Judge them by the policy as if they were the host's.
+    Judge,
+}
+
+impl Forwarded {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Forwarded::Pass => "pass",
+            Forwarded::Judge => "judge",
+        }
+    }
+}
+
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+#[error("unknown value {0:?} for forwarded (expected \"pass\" or \"judge\")")]
+pub struct UnknownForwarded(pub String);
+
+impl FromStr for Forwarded {
+    type Err = UnknownForwarded;
+
+    fn from_str(s: &str) -> Result<Self, UnknownForwarded> {
+        match s {
+            "pass" => Ok(Forwarded::Pass),
+            "judge" => Ok(Forwarded::Judge),
+            _ => Err(UnknownForwarded(s.to_owned())),
+        }
+    }
+}
+
 /// Whether the network can reach a port under the policy, whoever the sender.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]

@@ -653,3 +653,65 @@ fn twenty_restarts_under_traffic_never_open_a_gap() -> Result {
     pw.stop()?;
     Ok(())
 }
+
+/// The kernel's view of a pinned map: (key size, value size, entries).
+fn pinned_map_layout(path: &Path) -> Result<(u64, u64, u64)> {
+    let out = run("bpftool", &["-j", "map", "show", "pinned", path_str(path)?])?;
+    let v: Value = serde_json::from_str(&out)?;
+    let field = |name: &str| {
+        v[name]
+            .as_u64()
+            .with_context(|| format!("no {name} in {v}"))
+    };
+    Ok((
+        field("bytes_key")?,
+        field("bytes_value")?,
+        field("max_entries")?,
+    ))
+}
+
+/// A map pinned by a build with another layout (here: the policy table
+/// before SCTP and whole-protocol rules, 2 x 65536 slots) is not reused
+/// as it is: the guard replaces it, says so, and its rules work.
+#[test]
+fn pinned_maps_of_another_layout_are_replaced() -> Result {
+    let lab = Lab::new()?;
+    let paths = GuardPaths::new("ly")?;
+    std::fs::create_dir_all(&paths.pins)?;
+    let stale = paths.pins.join("POLICY_PORTS");
+    run(
+        "bpftool",
+        &[
+            "map",
+            "create",
+            path_str(&stale)?,
+            "type",
+            "array",
+            "key",
+            "4",
+            "value",
+            "4",
+            "entries",
+            "131072",
+            "name",
+            "POLICY_PORTS",
+        ],
+    )?;
+    assert_eq!(pinned_map_layout(&stale)?, (4, 4, 131_072));
+    let policy = TempFile::new("layout", "allow = [\"tcp/22\", \"sctp/3868\"]\n")?;
+    let _web = tcp_server(&lab.server, 22)?;
+    let mut pw = pinned_guard(&lab, &paths, Path::new(policy.as_str()?), &[])?;
+    assert!(
+        pw.stderr().contains("made by a build with another layout"),
+        "{}",
+        pw.stderr()
+    );
+    assert_eq!(
+        pinned_map_layout(&stale)?,
+        (4, 4, u64::from(portwatch_common::POLICY_PORT_SLOTS))
+    );
+    assert!(tcp_reachable(&lab.client, lab.server_v4(), 22)?);
+    let status = pw.stop()?;
+    assert!(status.success(), "{status}");
+    Ok(())
+}

@@ -86,6 +86,15 @@ impl Datapath {
         let paths: Vec<(&str, std::path::PathBuf)> = match pins {
             Some(pins) => {
                 pins.create()?;
+                let dropped = pins.drop_incompatible(PROGRAMS)?;
+                if !dropped.is_empty() {
+                    log::warn!(
+                        "pinned maps {} in {} were made by a build with another layout: \
+                         replaced (their flows and counters start over)",
+                        dropped.join(", "),
+                        pins.root.display()
+                    );
+                }
                 PINNED_MAPS
                     .iter()
                     .map(|name| (*name, pins.map(name)))

@@ -34,6 +34,7 @@ pub const PINNED_MAPS: &[&str] = &[
     map::FRAGS,
     map::COUNTERS,
     map::GUARD_STATS,
+    map::LOCAL_ADDRS,
 ];
 
 #[derive(Clone, Debug)]
@@ -81,6 +82,37 @@ impl PinDir {
     /// Whether a previous guard left a datapath here.
     pub fn exists(&self) -> bool {
         self.map(map::POLICY_PORTS).exists()
+    }
+
+    /// Unpins the maps a build with another layout pinned here (key size,
+    /// value size or number of entries differ from `object`'s): the loader
+    /// would reuse them as they are, and the programs would read them
+    /// wrong. They are made afresh; their state (flows, counters) starts
+    /// over. Returns the names replaced.
+    pub fn drop_incompatible(&self, object: &[u8]) -> Result<Vec<&'static str>> {
+        let obj = aya_obj::Object::parse(object).map_err(|e| Error::Io {
+            what: "parsing the kernel object".into(),
+            source: std::io::Error::other(e.to_string()),
+        })?;
+        let mut dropped = Vec::new();
+        for name in PINNED_MAPS {
+            let path = self.map(name);
+            if !path.exists() {
+                continue;
+            }
+            let Some(want) = obj.maps.get(*name) else {
+                continue;
+            };
+            let same = aya::maps::MapInfo::from_pin(&path).is_ok_and(|have| {
+                (have.key_size(), have.value_size(), have.max_entries())
+                    == (want.key_size(), want.value_size(), want.max_entries())
+            });
+            if !same {
+                fs::remove_file(&path).map_err(io(format!("unpinning {}", path.display())))?;
+                dropped.push(*name);
+            }
+        }
+        Ok(dropped)
     }
 
     pub fn create(&self) -> Result<()> {

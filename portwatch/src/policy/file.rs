@@ -13,11 +13,12 @@ use std::{fmt, marker::PhantomData};
 use serde::de::{self, Deserialize, Deserializer, MapAccess, SeqAccess, Visitor};
 use toml::Spanned;
 
-use super::Mode;
+use super::{Forwarded, Mode};
 
 #[derive(Debug, Default)]
 pub(super) struct RawFile {
     pub mode: Option<Mode>,
+    pub forwarded: Option<Forwarded>,
     pub interfaces: Vec<Spanned<String>>,
     pub allow: Vec<Spanned<RawEntry>>,
 }
@@ -175,6 +176,15 @@ impl<'de> Deserialize<'de> for ModeValue {
     }
 }
 
+struct ForwardedValue(Forwarded);
+
+impl<'de> Deserialize<'de> for ForwardedValue {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = d.deserialize_str(StrOf(r#"forwarded = "pass" or forwarded = "judge""#))?;
+        s.parse().map(ForwardedValue).map_err(de::Error::custom)
+    }
+}
+
 impl<'de> Deserialize<'de> for RawFile {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         d.deserialize_map(FileVisitor)
@@ -192,16 +202,17 @@ impl<'de> Visitor<'de> for FileVisitor {
 
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<RawFile, A::Error> {
         let key = || Key {
-            allowed: &["mode", "interfaces", "allow"],
+            allowed: &["mode", "forwarded", "interfaces", "allow"],
             place: "the policy",
         };
         // toml rejects repeated keys before this runs; each one is still
         // read once only, so a repeat cannot slip through another format.
         let mut file = RawFile::default();
-        let (mut mode, mut interfaces, mut allow) = (false, false, false);
+        let (mut mode, mut forwarded, mut interfaces, mut allow) = (false, false, false, false);
         while let Some(k) = map.next_key_seed(key())? {
             let seen = match k {
                 "mode" => &mut mode,
+                "forwarded" => &mut forwarded,
                 "interfaces" => &mut interfaces,
                 _ => &mut allow,
             };
@@ -210,6 +221,7 @@ impl<'de> Visitor<'de> for FileVisitor {
             }
             match k {
                 "mode" => file.mode = Some(map.next_value::<ModeValue>()?.0),
+                "forwarded" => file.forwarded = Some(map.next_value::<ForwardedValue>()?.0),
                 "interfaces" => file.interfaces = map.next_value::<Interfaces>()?.0,
                 _ => file.allow = map.next_value::<Rules>()?.0,
             }

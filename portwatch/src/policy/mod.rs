@@ -23,7 +23,7 @@ use ipnet::IpNet;
 pub use spec::{PortRange, SpecError};
 
 use crate::model::IpProto;
-pub use crate::model::{Exposure, Mode, UnknownMode};
+pub use crate::model::{Exposure, Forwarded, Mode, UnknownMode};
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Rule {
@@ -81,6 +81,9 @@ impl fmt::Display for Rule {
 pub struct Policy {
     /// `None`: the file does not say; the caller picks.
     pub mode: Option<Mode>,
+    /// Frames the host routes or bridges elsewhere; `None`: the file does
+    /// not say, which is `pass`.
+    pub forwarded: Option<Forwarded>,
     /// Where the guard attaches; empty: the caller picks.
     pub interfaces: Vec<String>,
     pub rules: Vec<Rule>,
@@ -451,6 +454,7 @@ impl Policy {
 
         let mut policy = Policy {
             mode: raw.mode,
+            forwarded: raw.forwarded,
             ..Policy::default()
         };
         let mut iface_lines = Vec::new();
@@ -636,6 +640,9 @@ impl Policy {
         let mut out = String::from("# managed by portwatch; edits are kept\n");
         if let Some(mode) = self.mode {
             out.push_str(&format!("mode = {}\n", toml_str(mode.as_str())));
+        }
+        if let Some(forwarded) = self.forwarded {
+            out.push_str(&format!("forwarded = {}\n", toml_str(forwarded.as_str())));
         }
         let names: Vec<String> = self.interfaces.iter().map(|n| toml_str(n)).collect();
         out.push_str(&format!("interfaces = [{}]\n", names.join(", ")));
