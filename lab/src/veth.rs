@@ -1,5 +1,5 @@
 //! Two namespaces joined by a veth pair: the lab's network. Only
-//! 198.18.X.0/24, 198.19.X.0/24 and fd7e:X::/64 are used, and traffic never leaves the
+//! 198.18.X.0/24, 198.19.X.0/24, fd7e:X::/64 and fd7e:X:1::/64 are used, and traffic never leaves the
 //! lab's namespaces.
 
 use std::{
@@ -185,7 +185,7 @@ impl Lab {
         Ok(addr)
     }
 
-    /// A second veth pair between the namespaces, `198.19.X.1/24` on the
+    /// A second veth pair between the namespaces, `198.19.X.1/25` on the
     /// server's end and `.2` on the client's: a way into the server that a
     /// guard on `server_if` does not cover. Returns the server's end's name
     /// and the client's. It goes with the namespaces.
@@ -212,11 +212,121 @@ impl Lab {
             ],
         )?;
         for (ns, iface, host) in [(&self.server, &server_if, 1), (&self.client, &client_if, 2)] {
-            let v4 = format!("{}/24", self.side_v4(host));
+            let v4 = format!("{}/25", self.side_v4(host));
             run("ip", &["-n", &ns.name, "addr", "add", &v4, "dev", iface])?;
             run("ip", &["-n", &ns.name, "link", "set", iface, "up"])?;
         }
         Ok((server_if, client_if))
+    }
+
+    /// A third namespace routed behind the server (a container, a VM, the
+    /// networks of a router): `198.19.X.130/25` and `fd7e:X:1::2/64` on
+    /// its end of a veth to the server (`.129`, `::1`), its default route
+    /// through the server, the server forwarding, and the client routing
+    /// those networks through the server. Goes with the lab.
+    pub fn add_routed(&self) -> Result<Netns> {
+        let routed = Netns::new("r")?;
+        let pid = std::process::id();
+        let n = u32::from(self.net);
+        let server_if = format!("pw{}{}f", pid % 100_000, n);
+        let routed_if = format!("pw{}{}g", pid % 100_000, n);
+        run(
+            "ip",
+            &[
+                "link",
+                "add",
+                &server_if,
+                "netns",
+                &self.server.name,
+                "type",
+                "veth",
+                "peer",
+                "name",
+                &routed_if,
+                "netns",
+                &routed.name,
+            ],
+        )?;
+        let net = self.net;
+        for (ns, iface, v4, v6) in [
+            (&self.server.name, &server_if, 129, 1),
+            (&routed.name, &routed_if, 130, 2),
+        ] {
+            let v4 = format!("198.19.{net}.{v4}/25");
+            let v6 = format!("fd7e:{net:x}:1::{v6}/64");
+            run("ip", &["-n", ns, "addr", "add", &v4, "dev", iface])?;
+            run("ip", &["-n", ns, "addr", "add", &v6, "dev", iface, "nodad"])?;
+            // Forwarding needs the link-local addresses at once, not after
+            // a second of duplicate address detection.
+            let no_dad = format!("net.ipv6.conf.{iface}.accept_dad=0");
+            run("ip", &["netns", "exec", ns, "sysctl", "-qw", &no_dad])?;
+            run("ip", &["-n", ns, "link", "set", iface, "up"])?;
+        }
+        for sysctl in ["net.ipv4.ip_forward=1", "net.ipv6.conf.all.forwarding=1"] {
+            run(
+                "ip",
+                &["netns", "exec", &self.server.name, "sysctl", "-qw", sysctl],
+            )?;
+        }
+        let via4 = format!("198.19.{net}.129");
+        let via6 = format!("fd7e:{net:x}:1::1");
+        run(
+            "ip",
+            &["-n", &routed.name, "route", "add", "default", "via", &via4],
+        )?;
+        run(
+            "ip",
+            &[
+                "-n",
+                &routed.name,
+                "-6",
+                "route",
+                "add",
+                "default",
+                "via",
+                &via6,
+            ],
+        )?;
+        let (server4, server6) = (self.server_v4().to_string(), self.server_v6().to_string());
+        let (net4, net6) = (
+            format!("198.19.{net}.128/25"),
+            format!("fd7e:{net:x}:1::/64"),
+        );
+        run(
+            "ip",
+            &[
+                "-n",
+                &self.client.name,
+                "route",
+                "add",
+                &net4,
+                "via",
+                &server4,
+            ],
+        )?;
+        run(
+            "ip",
+            &[
+                "-n",
+                &self.client.name,
+                "-6",
+                "route",
+                "add",
+                &net6,
+                "via",
+                &server6,
+            ],
+        )?;
+        Ok(routed)
+    }
+
+    /// The routed namespace's addresses (see [`Lab::add_routed`]).
+    pub fn routed_v4(&self) -> IpAddr {
+        IpAddr::V4(Ipv4Addr::new(198, 19, self.net, 130))
+    }
+
+    pub fn routed_v6(&self) -> IpAddr {
+        IpAddr::V6(Ipv6Addr::new(0xfd7e, u16::from(self.net), 1, 0, 0, 0, 0, 2))
     }
 
     /// `198.19.X.host`: an address on the side link.

@@ -262,6 +262,9 @@ fn verdict(args: &[String]) -> Result<Value> {
     let classes = classes();
 
     let mut guard = XdpTester::load().context("loading the XDP guard")?;
+    // The frames are the host's own: the forwarded-frame check runs on
+    // every drop as it does under the guard.
+    guard.set_local_addresses(&[HOST4.into(), HOST6.into()])?;
     guard.apply(&Policy::parse(POLICY)?, Mode::Enforce)?;
     let mut baselines = EbpfLoader::new()
         .load(OBJECT)

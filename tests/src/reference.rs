@@ -32,17 +32,22 @@
 //!   permitted port or a reply to an outbound SCTP flow. Every other IP
 //!   protocol is judged as a whole (port 0): a `proto/...` rule, else a
 //!   reply to an outbound flow of that protocol between the same addresses.
+//! - Scope: unless the policy says `forwarded = "judge"`, a frame that
+//!   would drop for any reason but malformed passes when its destination
+//!   is not the host's: not one of its addresses, not multicast
+//!   (224.0.0.0/4 and above over IPv4, ff00::/8), not a broadcast. A first
+//!   fragment records that pass.
 //! - A first fragment records its verdict, whatever it is, for the later
 //!   ones. Audit mode passes everything and reports the would-be reason.
 
 use std::{
-    collections::HashMap,
+    collections::{HashMap, HashSet},
     fmt,
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
 };
 
 use portwatch::{
-    model::{IpProto, Mode},
+    model::{Forwarded, IpProto, Mode},
     policy::Policy,
 };
 
@@ -238,21 +243,51 @@ impl FragState {
     }
 }
 
-/// The outcome of `frame` under `policy` and `mode`; a first fragment
-/// records its verdict in `frags`.
+/// The host's addresses: what makes a frame its own (with multicast and
+/// the limited broadcast, which are by their form).
+#[derive(Clone, Debug, Default)]
+pub struct LocalAddrs(pub HashSet<IpAddr>);
+
+impl LocalAddrs {
+    pub fn of(addrs: &[IpAddr]) -> Self {
+        Self(addrs.iter().copied().collect())
+    }
+
+    pub fn is_hosts(&self, dst: IpAddr) -> bool {
+        let by_form = match dst {
+            IpAddr::V4(a) => a.octets()[0] >= 224,
+            IpAddr::V6(a) => a.octets()[0] == 0xff,
+        };
+        by_form || self.0.contains(&dst)
+    }
+}
+
+/// The outcome of `frame` under `policy` and `mode` on a host with
+/// addresses `local`; a first fragment records its verdict in `frags`.
 pub fn verdict(
     frame: &[u8],
     policy: &Policy,
     mode: Mode,
+    local: &LocalAddrs,
     flows: &FlowState,
     frags: &mut FragState,
 ) -> Outcome {
-    Outcome::of(decide(frame, policy, flows, frags), mode)
+    Outcome::of(decide(frame, policy, local, flows, frags), mode)
 }
 
 /// The verdict enforce mode gives `frame`.
-pub fn decide(frame: &[u8], policy: &Policy, flows: &FlowState, frags: &mut FragState) -> Verdict {
-    let model = Model { policy, flows };
+pub fn decide(
+    frame: &[u8],
+    policy: &Policy,
+    local: &LocalAddrs,
+    flows: &FlowState,
+    frags: &mut FragState,
+) -> Verdict {
+    let model = Model {
+        policy,
+        local,
+        flows,
+    };
     match model.ethernet(frame, frags) {
         Ok(()) => Verdict::Pass,
         Err(reason) => Verdict::Drop(reason),
@@ -319,10 +354,26 @@ struct Addrs {
 
 struct Model<'a> {
     policy: &'a Policy,
+    local: &'a LocalAddrs,
     flows: &'a FlowState,
 }
 
 impl Model<'_> {
+    /// What a frame to `dst` that would get `step` gets, once its scope
+    /// is known: forwarded frames pass unless malformed or judged.
+    fn scoped(&self, dst: IpAddr, step: Step) -> Step {
+        match step {
+            Err(reason)
+                if reason != Reason::Malformed
+                    && self.policy.forwarded.unwrap_or_default() == Forwarded::Pass
+                    && !self.local.is_hosts(dst) =>
+            {
+                Ok(())
+            }
+            other => other,
+        }
+    }
+
     fn ethernet(&self, frame: &[u8], frags: &mut FragState) -> Step {
         let eth = take(frame, 0, ETH_HLEN)?;
         let mut ethertype = be16(eth, 12);
@@ -365,13 +416,16 @@ impl Model<'_> {
             proto,
         };
         if offset != 0 {
-            return frags.later(datagram);
+            return self.scoped(dst.into(), frags.later(datagram));
         }
         let addrs = Addrs {
             src: src.into(),
             dst: dst.into(),
         };
-        let verdict = self.ipv4_payload(proto, &packet[header_len..], addrs);
+        let verdict = self.scoped(
+            dst.into(),
+            self.ipv4_payload(proto, &packet[header_len..], addrs),
+        );
         if more_fragments {
             frags.record(datagram, to_verdict(verdict));
         }
@@ -396,7 +450,10 @@ impl Model<'_> {
         }
         let (src, dst) = (v6(h, 8), v6(h, 24));
         let mut firsts = Vec::new();
-        let verdict = self.extension_headers(h[6], &packet[40..], src, dst, &mut firsts, frags);
+        let verdict = self.scoped(
+            dst.into(),
+            self.extension_headers(h[6], &packet[40..], src, dst, &mut firsts, frags),
+        );
         // The frame is the first fragment of every datagram whose fragment
         // header said so (normally one).
         for id in firsts {
@@ -660,7 +717,9 @@ mod tests {
         }
 
         fn decide(&mut self, frame: &[u8]) -> Verdict {
-            decide(frame, &self.policy, &self.flows, &mut self.frags)
+            let local =
+                LocalAddrs::of(&[Ipv4Addr::from(HOST4).into(), Ipv6Addr::from(HOST6).into()]);
+            decide(frame, &self.policy, &local, &self.flows, &mut self.frags)
         }
     }
 
@@ -870,6 +929,60 @@ mod tests {
     }
 
     #[test]
+    fn forwarded_frames_pass_unless_judged() -> TestResult {
+        let mut c = Check::new()?;
+        let to = |dst: [u8; 4], l4: &[u8], proto: u8| {
+            let mut f = ipv4(PEER4, proto, 0, &[], l4);
+            f[ETH_HLEN + 16..ETH_HLEN + 20].copy_from_slice(&dst);
+            // Not the checksum's business: the guard does not check it.
+            f
+        };
+        let routed = [172, 17, 0, 2];
+        assert_eq!(c.decide(&to(routed, &tcp(6379, SYN), IPPROTO_TCP)), Pass);
+        assert_eq!(
+            c.decide(&to(routed, &[0; 8], 47)),
+            Pass,
+            "GRE to a routed address"
+        );
+        assert_eq!(
+            c.decide(&to(HOST4, &tcp(6379, SYN), IPPROTO_TCP)),
+            Drop(NoRule)
+        );
+        assert_eq!(
+            c.decide(&to([224, 0, 0, 18], &[0; 8], 112)),
+            Drop(NoRule),
+            "multicast"
+        );
+        assert_eq!(
+            c.decide(&to([255, 255, 255, 255], &udp(1, 9), IPPROTO_UDP)),
+            Drop(NoRule)
+        );
+        // Malformed stays malformed wherever it goes.
+        let cut = to(routed, &tcp(6379, SYN), IPPROTO_TCP);
+        assert_eq!(c.decide(&cut[..cut.len() - 4]), Drop(Malformed));
+        let v6 = |dst: [u8; 16]| {
+            let mut f = ipv6(PEER6, IPPROTO_TCP, &tcp(6379, SYN));
+            f[ETH_HLEN + 24..ETH_HLEN + 40].copy_from_slice(&dst);
+            f
+        };
+        assert_eq!(c.decide(&v6(INSIDE6)), Pass);
+        assert_eq!(c.decide(&v6(HOST6)), Drop(NoRule));
+        let mut ff02 = [0u8; 16];
+        ff02[0] = 0xff;
+        ff02[1] = 0x02;
+        ff02[15] = 1;
+        assert_eq!(c.decide(&v6(ff02)), Drop(NoRule));
+
+        c.policy = Policy::parse(&format!("forwarded = \"judge\"\n{}", POLICY))?;
+        assert_eq!(
+            c.decide(&to(routed, &tcp(6379, SYN), IPPROTO_TCP)),
+            Drop(NoRule)
+        );
+        assert_eq!(c.decide(&to(routed, &tcp(22, SYN), IPPROTO_TCP)), Pass);
+        Ok(())
+    }
+
+    #[test]
     fn ipv4_ah_is_looked_through() -> TestResult {
         let mut c = Check::new()?;
         let ah = |next: u8| ext(EXT_AUTH, next, 1);
@@ -1044,11 +1157,12 @@ mod tests {
     fn audit_mode_passes_with_the_reason() -> TestResult {
         let policy = Policy::parse(POLICY)?;
         let flows = FlowState::new(0);
+        let local = LocalAddrs::of(&[Ipv4Addr::from(HOST4).into()]);
         let mut frags = FragState::new();
         let denied = ipv4(PEER4, IPPROTO_TCP, 0, &[], &tcp(23, SYN));
         let permitted = ipv4(PEER4, IPPROTO_TCP, 0, &[], &tcp(22, SYN));
         let audit = |frame: &[u8], frags: &mut FragState| {
-            verdict(frame, &policy, Mode::Audit, &flows, frags)
+            verdict(frame, &policy, Mode::Audit, &local, &flows, frags)
         };
         assert_eq!(
             audit(&denied, &mut frags),
@@ -1065,7 +1179,7 @@ mod tests {
             }
         );
         assert_eq!(
-            verdict(&denied, &policy, Mode::Enforce, &flows, &mut frags),
+            verdict(&denied, &policy, Mode::Enforce, &local, &flows, &mut frags),
             Outcome {
                 action: Action::Drop,
                 reason: Some(NoRule)

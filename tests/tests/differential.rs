@@ -34,7 +34,7 @@ use portwatch::{
         maps::GuardTotals,
         testing::{XDP_DROP, XDP_PASS, XdpTester},
     },
-    model::{IpProto, Mode},
+    model::{Forwarded, IpProto, Mode},
     policy::{Policy, PortRange},
 };
 use portwatch_common::{AF_INET, AF_INET6, FlowKey, GuardStat, IPPROTO_SCTP, IPPROTO_UDP};
@@ -45,7 +45,7 @@ use portwatch_tests::{
         TCP_PSH, TCP_RST, TCP_SYN, Tcp, Udp,
     },
     monotonic_ns,
-    reference::{self, Action, FlowState, FragState, Outcome, Reason},
+    reference::{self, Action, FlowState, FragState, LocalAddrs, Outcome, Reason},
 };
 use proptest::{
     prelude::*,
@@ -66,6 +66,8 @@ const DEFAULT_CASES: u32 = 25_000;
 #[derive(Clone, Debug)]
 struct Case {
     mode: Mode,
+    /// The policy's `forwarded`, or none (which is `pass`).
+    forwarded: Option<Forwarded>,
     /// The usual source of the frames (IPv4, IPv6).
     peer4: Ipv4Addr,
     peer6: Ipv6Addr,
@@ -149,8 +151,18 @@ enum Body {
     V6 { ip: V6Spec, l4: L4 },
 }
 
+/// Where a frame goes: to the host, to an address the host routes
+/// elsewhere, or to a multicast group (or the limited broadcast).
+#[derive(Clone, Copy, Debug)]
+enum Dst {
+    Host,
+    Routed(u8),
+    Group,
+}
+
 #[derive(Clone, Debug)]
 struct V4Spec {
+    to: Dst,
     src: Option<Ipv4Addr>,
     id: u16,
     frag: Frag4,
@@ -169,6 +181,7 @@ enum Frag4 {
 
 #[derive(Clone, Debug)]
 struct V6Spec {
+    to: Dst,
     src: Option<Ipv6Addr>,
     exts: Vec<Ext>,
     payload_length: Option<u16>,
@@ -359,8 +372,18 @@ fn frag_id6() -> BoxedStrategy<u32> {
     prop_oneof![3 => 0u32..3, 1 => any::<u32>()].boxed()
 }
 
+fn dst() -> BoxedStrategy<Dst> {
+    prop_oneof![
+        8 => Just(Dst::Host),
+        2 => any::<u8>().prop_map(Dst::Routed),
+        1 => Just(Dst::Group),
+    ]
+    .boxed()
+}
+
 fn v4_spec() -> BoxedStrategy<V4Spec> {
     (
+        dst(),
         prop::option::weighted(0.1, any::<u32>().prop_map(Ipv4Addr::from)),
         frag_id4(),
         prop_oneof![
@@ -374,7 +397,8 @@ fn v4_spec() -> BoxedStrategy<V4Spec> {
         prop::option::weighted(0.1, prop_oneof![0u16..64, any::<u16>()]),
     )
         .prop_map(
-            |(src, id, frag, options, ihl, version, total_length)| V4Spec {
+            |(to, src, id, frag, options, ihl, version, total_length)| V4Spec {
+                to,
                 src,
                 id,
                 frag,
@@ -418,11 +442,13 @@ fn ext() -> BoxedStrategy<Ext> {
 
 fn v6_spec(mix: Mix) -> BoxedStrategy<V6Spec> {
     (
+        dst(),
         prop::option::weighted(0.1, any::<u128>().prop_map(Ipv6Addr::from)),
         prop::collection::vec(ext(), 0..=mix.max_exts),
         prop::option::weighted(0.1, any::<u16>()),
     )
-        .prop_map(|(src, exts, payload_length)| V6Spec {
+        .prop_map(|(to, src, exts, payload_length)| V6Spec {
+            to,
             src,
             exts,
             payload_length,
@@ -678,19 +704,27 @@ fn case(mix: Mix) -> BoxedStrategy<Case> {
     ];
     (
         prop_oneof![3 => Just(Mode::Enforce), mix.audit => Just(Mode::Audit)],
+        prop_oneof![
+            3 => Just(None),
+            1 => Just(Some(Forwarded::Pass)),
+            2 => Just(Some(Forwarded::Judge)),
+        ],
         peers(),
         prop::collection::vec(rule(mix), 0..=4),
         prop::collection::vec(flow(mix), 0..=mix.flows),
         frames,
     )
-        .prop_map(|(mode, (peer4, peer6), rules, flows, frames)| Case {
-            mode,
-            peer4,
-            peer6,
-            rules,
-            flows,
-            frames,
-        })
+        .prop_map(
+            |(mode, forwarded, (peer4, peer6), rules, flows, frames)| Case {
+                mode,
+                forwarded,
+                peer4,
+                peer6,
+                rules,
+                flows,
+                frames,
+            },
+        )
         .boxed()
 }
 
@@ -727,6 +761,8 @@ struct FlowRec {
 struct Concrete {
     policy: Policy,
     mode: Mode,
+    /// The host's addresses: frames to others are forwarded ones.
+    local: Vec<IpAddr>,
     flows: Vec<FlowRec>,
     frames: Vec<Vec<u8>>,
 }
@@ -854,7 +890,14 @@ fn build_frame(spec: &FrameSpec, case: &Case, host: Host, udp: &mut Vec<UdpEnds>
         Body::Ether { ethertype, payload } => eth.ethertype(*ethertype, payload).build(),
         Body::V4 { ip, l4 } => {
             let src = ip.src.unwrap_or(case.peer4);
-            let mut v4 = eth.ipv4(src, host.v4).id(ip.id).options(&ip.options);
+            let dst = match ip.to {
+                Dst::Host => host.v4,
+                Dst::Routed(n) => Ipv4Addr::new(172, 17, 0, n),
+                Dst::Group => {
+                    [Ipv4Addr::new(224, 0, 0, 18), Ipv4Addr::BROADCAST][usize::from(ip.id % 2)]
+                }
+            };
+            let mut v4 = eth.ipv4(src, dst).id(ip.id).options(&ip.options);
             v4 = match ip.frag {
                 Frag4::Whole => v4,
                 Frag4::First => v4.fragment(0, true),
@@ -869,19 +912,24 @@ fn build_frame(spec: &FrameSpec, case: &Case, host: Host, udp: &mut Vec<UdpEnds>
             if let Some(len) = ip.total_length {
                 v4 = v4.total_length(len);
             }
-            note_udp(udp, src.into(), host.v4.into(), l4);
+            note_udp(udp, src.into(), dst.into(), l4);
             transport(v4, l4)
         }
         Body::V6 { ip, l4 } => {
             let src = ip.src.unwrap_or(case.peer6);
-            let mut v6 = eth.ipv6(src, host.v6);
+            let dst = match ip.to {
+                Dst::Host => host.v6,
+                Dst::Routed(n) => Ipv6Addr::new(0x2001, 0xdb8, 0x99, 0, 0, 0, 0, u16::from(n)),
+                Dst::Group => Ipv6Addr::new(0xff02, 0, 0, 0, 0, 0, 0, 0x12),
+            };
+            let mut v6 = eth.ipv6(src, dst);
             for ext in &ip.exts {
                 v6 = v6.ext(*ext);
             }
             if let Some(len) = ip.payload_length {
                 v6 = v6.payload_length(len);
             }
-            note_udp(udp, src.into(), host.v6.into(), l4);
+            note_udp(udp, src.into(), dst.into(), l4);
             transport(v6, l4)
         }
     };
@@ -967,7 +1015,11 @@ impl std::fmt::Display for Cidr {
 /// The case's rules as a valid policy: a rule that overlaps an earlier
 /// one is left out, and so is a network nested in another of its rule.
 fn policy(case: &Case) -> Result<Policy> {
-    let mut text = format!("mode = \"{}\"\nallow = [\n", case.mode.as_str());
+    let mut text = format!("mode = \"{}\"\n", case.mode.as_str());
+    if let Some(forwarded) = case.forwarded {
+        let _ = writeln!(text, "forwarded = \"{}\"", forwarded.as_str());
+    }
+    text.push_str("allow = [\n");
     let mut taken: Vec<(RuleProto, u16, u16)> = Vec::new();
     for rule in &case.rules {
         let (lo, hi) = match rule.proto {
@@ -1073,6 +1125,7 @@ fn materialize(case: &Case, host: Host) -> Result<Concrete> {
     Ok(Concrete {
         policy: policy(case)?,
         mode: case.mode,
+        local: vec![host.v4.into(), host.v6.into()],
         flows,
         frames,
     })
@@ -1109,8 +1162,9 @@ impl Kernel {
     }
 }
 
-const OUTCOME_STATS: [(GuardStat, Option<Reason>); 5] = [
+const OUTCOME_STATS: [(GuardStat, Option<Reason>); 6] = [
     (GuardStat::Passed, None),
+    (GuardStat::Forwarded, None),
     (GuardStat::DropNoRule, Some(Reason::NoRule)),
     (GuardStat::DropSource, Some(Reason::Source)),
     (GuardStat::DropMalformed, Some(Reason::Malformed)),
@@ -1202,6 +1256,7 @@ fn regression_json(c: &Concrete, at: usize, model: Outcome, kernel: &Kernel) -> 
         "before_hex": c.frames.iter().take(at).map(|f| hex(f)).collect::<Vec<_>>(),
         "frame_hex": c.frames.get(at).map(|f| hex(f)).unwrap_or_default(),
         "policy": c.policy.to_toml(),
+        "local": c.local.iter().map(ToString::to_string).collect::<Vec<_>>(),
         "mode": c.mode.as_str(),
         "flows": flows,
         "expected": outcome_json(model),
@@ -1281,6 +1336,8 @@ impl Harness {
 
     /// Runs every frame of `c` through the kernel and the model, in order.
     fn run(&mut self, c: &Concrete) -> Result<Vec<(Outcome, Kernel)>> {
+        self.xdp.set_local_addresses(&c.local)?;
+        let local = LocalAddrs::of(&c.local);
         self.xdp.apply(&c.policy, c.mode)?;
         // Damaged frames can carry any addresses, so per-case hosts alone do
         // not keep cases apart: every case starts from empty state, as the
@@ -1299,7 +1356,7 @@ impl Harness {
         let mut frags = FragState::new();
         let mut out = Vec::with_capacity(c.frames.len());
         for frame in &c.frames {
-            let model = reference::verdict(frame, &c.policy, c.mode, &flows, &mut frags);
+            let model = reference::verdict(frame, &c.policy, c.mode, &local, &flows, &mut frags);
             out.push((model, self.kernel(frame)?));
         }
         Ok(out)
@@ -1532,7 +1589,18 @@ fn load_regression(path: &Path) -> Result<Regression> {
         Some("audit") => Mode::Audit,
         other => bail!("bad mode {other:?}"),
     };
-    let policy = Policy::parse(v["policy"].as_str().context("no policy")?)?;
+    let mut policy = Policy::parse(v["policy"].as_str().context("no policy")?)?;
+    // Files from before the scope check judged every frame as the host's.
+    let local = match v["local"].as_array() {
+        Some(addrs) => addrs
+            .iter()
+            .map(|a| Ok(a.as_str().context("local holds strings")?.parse()?))
+            .collect::<Result<Vec<IpAddr>>>()?,
+        None => {
+            policy.forwarded = Some(Forwarded::Judge);
+            Vec::new()
+        }
+    };
     let mut frames = Vec::new();
     for f in v["before_hex"].as_array().map(Vec::as_slice).unwrap_or(&[]) {
         frames.push(unhex(f.as_str().context("before_hex holds strings")?)?);
@@ -1552,6 +1620,7 @@ fn load_regression(path: &Path) -> Result<Regression> {
         concrete: Concrete {
             policy,
             mode,
+            local,
             flows,
             frames,
         },

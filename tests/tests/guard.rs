@@ -470,7 +470,7 @@ fn invalid_policies_and_allow_specs_are_refused_with_line_and_reason() -> Result
         ),
         (
             "mode = \"audit\"\nbogus = 1\n",
-            r#"line 2: unknown key "bogus" in the policy (expected mode, interfaces or allow)"#,
+            r#"line 2: unknown key "bogus" in the policy (expected mode, forwarded, interfaces or allow)"#,
         ),
     ];
     for (text, want) in cases {
@@ -871,6 +871,94 @@ fn a_way_in_without_the_guard_is_reported_and_really_is_open() -> Result {
     want.sort();
     assert_eq!(other["exposed_via"], serde_json::json!(want), "{other}");
 
+    let status = pw.stop()?;
+    assert!(status.success(), "{status}");
+    Ok(())
+}
+
+/// Writes `text` as the policy and has the running guard reload it.
+fn reload(lab: &Lab, policy: &TempFile, text: &str) -> Result {
+    std::fs::write(policy.as_str()?, text)?;
+    let out = Command::new(portwatch_bin())
+        .args(["reload", "--socket", &lab.socket()?])
+        .output()?;
+    anyhow::ensure!(out.status.success(), "reload: {out:?}");
+    Ok(())
+}
+
+/// A network routed behind the guarded host (a container's, a VM's) is
+/// not the host's: by default its traffic passes the guard, with
+/// `forwarded = "judge"` the policy applies to it; the host's own ports
+/// are judged either way, and an address added to the host at run time
+/// is the host's at once.
+#[test]
+fn routed_traffic_passes_unless_judged_and_the_hosts_own_stays_guarded() -> Result {
+    let lab = Lab::new()?;
+    let routed = lab.add_routed()?;
+    let _behind = tcp_server(&routed, 8080)?;
+    let _own = tcp_server(&lab.server, 8081)?;
+    let policy = TempFile::new("pol", "allow = [\"tcp/22\"]\n")?;
+    let mut pw = start_guard(&lab, &policy, &[])?;
+    for addr in [lab.routed_v4(), lab.routed_v6()] {
+        assert!(
+            tcp_reachable(&lab.client, addr, 8080)?,
+            "{addr}:8080 behind the host"
+        );
+    }
+    for addr in [lab.server_v4(), lab.server_v6()] {
+        let own = tcp_probe(&lab.client, addr, 8081, None)?;
+        assert_silently_dropped(&own, &format!("the host's own {addr}:8081"));
+    }
+
+    // An address the host gets now is the host's at once: judged.
+    let added = lab.v4(50);
+    run(
+        "ip",
+        &[
+            "-n",
+            &lab.server.name,
+            "addr",
+            "add",
+            &format!("{added}/24"),
+            "dev",
+            &lab.server_if,
+        ],
+    )?;
+    std::thread::sleep(Duration::from_millis(500));
+    let probe = tcp_probe(&lab.client, added, 8081, None)?;
+    assert_silently_dropped(&probe, "the host's new address");
+
+    reload(
+        &lab,
+        &policy,
+        "forwarded = \"judge\"\nallow = [\"tcp/22\"]\n",
+    )?;
+    for addr in [lab.routed_v4(), lab.routed_v6()] {
+        let behind = tcp_probe(&lab.client, addr, 8080, None)?;
+        assert_silently_dropped(&behind, &format!("{addr}:8080 judged"));
+    }
+    let drop = wait_drop(&mut pw, "tcp", lab.client_v4(), 8080)?;
+    assert_eq!(drop["dst"], lab.routed_v4().to_string(), "{drop}");
+    reload(
+        &lab,
+        &policy,
+        "forwarded = \"judge\"\nallow = [\"tcp/8080\"]\n",
+    )?;
+    assert!(
+        tcp_reachable(&lab.client, lab.routed_v4(), 8080)?,
+        "judged and permitted"
+    );
+
+    let out = Command::new(portwatch_bin())
+        .args(["status", "--json", "--socket", &lab.socket()?])
+        .output()?;
+    let status: Value = serde_json::from_slice(&out.stdout)?;
+    assert!(
+        status["totals"]["forwarded"]
+            .as_u64()
+            .is_some_and(|n| n > 0),
+        "{status}"
+    );
     let status = pw.stop()?;
     assert!(status.success(), "{status}");
     Ok(())

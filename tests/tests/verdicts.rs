@@ -33,6 +33,12 @@ const POLICY: &str = r#"allow = ["tcp/22", "udp/53", "tcp/8000-8099", { port = "
 
 /// The guarded host and a peer somewhere on the network.
 const HOST4: Ipv4Addr = Ipv4Addr::new(198, 19, 0, 1);
+/// The host's second addresses.
+const SECOND4: Ipv4Addr = Ipv4Addr::new(198, 19, 0, 2);
+const SECOND6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 2);
+/// Addresses behind the host (a container, a VM, a routed network).
+const ROUTED4: Ipv4Addr = Ipv4Addr::new(172, 17, 0, 2);
+const ROUTED6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0x99, 0, 0, 0, 0, 2);
 const PEER4: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 7);
 const HOST6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 1);
 const PEER6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0xffff, 0, 0, 0, 0, 7);
@@ -61,9 +67,11 @@ enum Outcome {
     Dropped(GuardStat),
     /// Audit mode: XDP_PASS, but counted under this drop reason.
     Audited(GuardStat),
+    /// XDP_PASS for a frame the host forwards, counted as `Forwarded`.
+    Forwarded,
 }
 
-use Outcome::{Audited, Dropped, Pass};
+use Outcome::{Audited, Dropped, Forwarded, Pass};
 
 fn verdict_name(v: u32) -> String {
     match v {
@@ -83,6 +91,7 @@ struct Guard {
 impl Guard {
     fn load(policy: &str, mode: Mode) -> Result<Self> {
         let mut xdp = XdpTester::load().context("loading the XDP guard (run as root)")?;
+        xdp.set_local_addresses(&[HOST4.into(), HOST6.into(), SECOND4.into(), SECOND6.into()])?;
         let policy = Policy::parse(policy).context("parsing the test policy")?;
         xdp.apply(&policy, mode)
             .context("applying the test policy")?;
@@ -119,14 +128,15 @@ impl Guard {
             Pass => (XDP_PASS, GuardStat::Passed),
             Dropped(stat) => (XDP_DROP, stat),
             Audited(stat) => (XDP_PASS, stat),
+            Forwarded => (XDP_PASS, GuardStat::Forwarded),
         };
-        let moved: Vec<String> = [GuardStat::Passed]
+        let moved: Vec<String> = [GuardStat::Passed, GuardStat::Forwarded]
             .iter()
             .chain(DROP_STATS.iter())
             .filter(|s| delta.get(**s) != 0)
             .map(|s| format!("{s:?}+{}", delta.get(*s)))
             .collect();
-        let counted_right = [GuardStat::Passed]
+        let counted_right = [GuardStat::Passed, GuardStat::Forwarded]
             .iter()
             .chain(DROP_STATS.iter())
             .all(|s| delta.get(*s) == u64::from(*s == want_stat));
@@ -573,10 +583,7 @@ fn udp_reply_to_recorded_flow_passes_v4() -> Result {
     )?;
     g.expect(
         "IPv4 UDP from the flow's peer to another local address",
-        &Frame::eth()
-            .ipv4(PEER4, Ipv4Addr::new(198, 19, 0, 2))
-            .udp(5353, 45000)
-            .build(),
+        &Frame::eth().ipv4(PEER4, SECOND4).udp(5353, 45000).build(),
         Dropped(GuardStat::DropNoRule),
     )?;
     g.expect(
@@ -773,11 +780,29 @@ fn icmp_icmpv6_and_igmp_pass() -> Result {
 #[test]
 fn gre_and_other_ip_protocols_drop_with_reason_no_rule() -> Result {
     let mut g = Guard::enforcing()?;
-    for (name, proto) in [
-        ("GRE", IPPROTO_GRE),
-        ("ESP", IPPROTO_ESP),
-        ("SCTP", IPPROTO_SCTP),
-    ] {
+    let sctp = |dport: u16| {
+        let mut h = 40000u16.to_be_bytes().to_vec();
+        h.extend_from_slice(&dport.to_be_bytes());
+        h.extend_from_slice(&[0; 8]);
+        h
+    };
+    g.expect(
+        "IPv4 SCTP to port 3868",
+        &Frame::eth()
+            .ipv4(PEER4, HOST4)
+            .payload(IPPROTO_SCTP, &sctp(3868))
+            .build(),
+        Dropped(GuardStat::DropNoRule),
+    )?;
+    g.expect(
+        "IPv6 SCTP cut inside its common header",
+        &Frame::eth()
+            .ipv6(PEER6, HOST6)
+            .payload(IPPROTO_SCTP, &sctp(3868)[..11])
+            .build(),
+        Dropped(GuardStat::DropMalformed),
+    )?;
+    for (name, proto) in [("GRE", IPPROTO_GRE), ("ESP", IPPROTO_ESP), ("VRRP", 112)] {
         g.expect(
             &format!("IPv4 {name}"),
             &Frame::eth()
@@ -1204,7 +1229,7 @@ fn ipv6_later_fragments_follow_a_permitted_first_fragment() -> Result {
     g.expect(
         "IPv6 later fragment, same id, another destination",
         &Frame::eth()
-            .ipv6(PEER6, Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 2))
+            .ipv6(PEER6, SECOND6)
             .fragment(9, false, 0xabcd_0001)
             .payload(IPPROTO_UDP, &[2; 8])
             .build(),
@@ -1967,4 +1992,155 @@ fn multi_buffer_jumbo_frames_get_verdicts_and_count_every_byte() -> Result {
         denied.len()
     );
     g.finish()
+}
+
+#[test]
+fn protocol_and_sctp_rules_admit_their_traffic_and_count_it() -> Result {
+    let mut g = Guard::load(
+        r#"allow = ["tcp/22", "sctp/3868", "proto/vrrp", { port = "proto/gre", from = ["203.0.113.0/24"] }]"#,
+        Mode::Enforce,
+    )?;
+    let sctp = |dport: u16| {
+        let mut h = 40000u16.to_be_bytes().to_vec();
+        h.extend_from_slice(&dport.to_be_bytes());
+        h.extend_from_slice(&[0; 8]);
+        h
+    };
+    for _ in 0..3 {
+        g.expect(
+            "VRRP advertisement to 224.0.0.18",
+            &Frame::eth()
+                .ipv4(PEER4, Ipv4Addr::new(224, 0, 0, 18))
+                .payload(112, &[0x21, 1, 100, 1, 0, 1, 0, 0, 198, 19, 0, 9])
+                .build(),
+            Pass,
+        )?;
+    }
+    g.expect(
+        "VRRP over IPv6",
+        &Frame::eth()
+            .ipv6(PEER6, HOST6)
+            .payload(112, &[0x31; 8])
+            .build(),
+        Pass,
+    )?;
+    g.expect(
+        "GRE from inside its network",
+        &Frame::eth()
+            .ipv4(PEER4, HOST4)
+            .payload(IPPROTO_GRE, &[0, 0, 0x08, 0])
+            .build(),
+        Pass,
+    )?;
+    g.expect(
+        "GRE from elsewhere",
+        &Frame::eth()
+            .ipv4(Ipv4Addr::new(192, 0, 2, 1), HOST4)
+            .payload(IPPROTO_GRE, &[0, 0, 0x08, 0])
+            .build(),
+        Dropped(GuardStat::DropSource),
+    )?;
+    g.expect(
+        "SCTP to its rule's port",
+        &Frame::eth()
+            .ipv6(PEER6, HOST6)
+            .payload(IPPROTO_SCTP, &sctp(3868))
+            .build(),
+        Pass,
+    )?;
+    g.expect(
+        "SCTP to another port",
+        &Frame::eth()
+            .ipv4(PEER4, HOST4)
+            .payload(IPPROTO_SCTP, &sctp(3869))
+            .build(),
+        Dropped(GuardStat::DropNoRule),
+    )?;
+    g.expect(
+        "ESP without a rule",
+        &Frame::eth()
+            .ipv4(PEER4, HOST4)
+            .payload(IPPROTO_ESP, &[0; 8])
+            .build(),
+        Dropped(GuardStat::DropNoRule),
+    )?;
+    let vrrp = g.xdp.counters(portwatch::model::IpProto(112), 0);
+    assert_eq!(vrrp.pass_packets, 4, "{vrrp:?}");
+    let gre = g.xdp.counters(portwatch::model::IpProto(IPPROTO_GRE), 0);
+    assert_eq!((gre.pass_packets, gre.drop_packets), (1, 1), "{gre:?}");
+    let other = g.xdp.counters(portwatch::model::IpProto(IPPROTO_ESP), 0);
+    assert_eq!(other.drop_packets, 1, "ESP in the others' slot: {other:?}");
+    g.finish()
+}
+
+#[test]
+fn frames_the_host_forwards_pass_unless_the_policy_judges_them() -> Result {
+    let frames = |g: &mut Guard, routed: Outcome| -> Result {
+        g.expect(
+            "IPv4 TCP SYN to a routed address, no rule",
+            &Frame::eth()
+                .ipv4(PEER4, ROUTED4)
+                .tcp(40000, 6379, TCP_SYN)
+                .build(),
+            routed,
+        )?;
+        g.expect(
+            "IPv6 UDP to a routed address, no rule",
+            &Frame::eth().ipv6(PEER6, ROUTED6).udp(40000, 6379).build(),
+            routed,
+        )?;
+        g.expect(
+            "IPv4 GRE to a routed address",
+            &Frame::eth()
+                .ipv4(PEER4, ROUTED4)
+                .payload(IPPROTO_GRE, &[0; 4])
+                .build(),
+            routed,
+        )?;
+        g.expect(
+            "IPv4 TCP SYN to a routed address, permitted port",
+            &Frame::eth()
+                .ipv4(PEER4, ROUTED4)
+                .tcp(40000, 22, TCP_SYN)
+                .build(),
+            Pass,
+        )?;
+        // What is the host's stays judged: its addresses, multicast, broadcast.
+        for (name, dst) in [
+            ("the host", HOST4),
+            ("its second address", SECOND4),
+            ("a multicast group", Ipv4Addr::new(239, 1, 2, 3)),
+            ("the limited broadcast", Ipv4Addr::BROADCAST),
+        ] {
+            g.expect(
+                &format!("IPv4 UDP to {name}, no rule"),
+                &Frame::eth().ipv4(PEER4, dst).udp(40000, 6379).build(),
+                Dropped(GuardStat::DropNoRule),
+            )?;
+        }
+        g.expect(
+            "IPv6 UDP to ff02::1, no rule",
+            &Frame::eth()
+                .ipv6(PEER6, Ipv6Addr::new(0xff02, 0, 0, 0, 0, 0, 0, 1))
+                .udp(40000, 6379)
+                .build(),
+            Dropped(GuardStat::DropNoRule),
+        )?;
+        // Malformed is malformed wherever it goes.
+        let syn = Frame::eth()
+            .ipv4(PEER4, ROUTED4)
+            .tcp(40000, 6379, TCP_SYN)
+            .build();
+        g.expect(
+            "IPv4 TCP to a routed address, cut inside the TCP header",
+            &syn[..syn.len() - 4],
+            Dropped(GuardStat::DropMalformed),
+        )
+    };
+    let mut pass = Guard::load(POLICY, Mode::Enforce)?;
+    frames(&mut pass, Forwarded)?;
+    pass.finish()?;
+    let mut judge = Guard::load(&format!("forwarded = \"judge\"\n{POLICY}"), Mode::Enforce)?;
+    frames(&mut judge, Dropped(GuardStat::DropNoRule))?;
+    judge.finish()
 }

@@ -247,6 +247,8 @@ pub struct Totals {
     pub reports_suppressed: u64,
     pub reports_lost: u64,
     pub flow_replies: u64,
+    /// Frames not addressed to the host passed on (`forwarded = "pass"`).
+    pub forwarded: u64,
     pub events_lost: u64,
     /// Counters of a newer guard that this client does not know by name.
     #[serde(flatten)]

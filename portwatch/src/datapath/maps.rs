@@ -53,19 +53,35 @@ use std::{
     time::Duration,
 };
 
-#[cfg(feature = "test-helpers")]
 use aya::maps::HashMap as BpfHashMap;
 use aya::maps::{
     Array, PerCpuValues,
     lpm_trie::{Key, LpmTrie},
 };
+use portwatch_common::{
+    AF_INET, AF_INET6, GUARD_AUDIT, GUARD_FORWARD_JUDGE, GUARD_STATS_LEN, GuardConfig, GuardStat,
+    LocalKey, PortCounters, SRC4_KEY_LEN, SRC6_KEY_LEN,
+};
 #[cfg(feature = "test-helpers")]
 use portwatch_common::{FlowKey, FragKey, FragVerdict};
-use portwatch_common::{
-    GUARD_AUDIT, GUARD_STATS_LEN, GuardConfig, GuardStat, PortCounters, SRC4_KEY_LEN, SRC6_KEY_LEN,
-};
 
-use crate::model::Mode;
+use crate::model::{Forwarded, Mode};
+
+/// The `LOCAL_ADDRS` key of an address.
+fn local_key(addr: &std::net::IpAddr) -> LocalKey {
+    let mut key = LocalKey::default();
+    match addr {
+        std::net::IpAddr::V4(a) => {
+            key.family = AF_INET as u8;
+            key.addr[..4].copy_from_slice(&a.octets());
+        }
+        std::net::IpAddr::V6(a) => {
+            key.family = AF_INET6 as u8;
+            key.addr = a.octets();
+        }
+    }
+    key
+}
 
 /// Everything the policy puts into the kernel, as plain values: what
 /// `install` writes, and what a diff compares.
@@ -95,17 +111,23 @@ pub struct GuardSettings {
     pub report_rate: u32,
     /// How long an outbound UDP flow admits replies after its last packet.
     pub flow_timeout: Duration,
+    /// Frames the host routes or bridges elsewhere.
+    pub forwarded: Forwarded,
 }
 
 impl GuardSettings {
     /// The one place the mode becomes the kernel's flags.
     pub fn config(&self) -> GuardConfig {
         GuardConfig {
-            flags: if self.mode == Mode::Audit {
+            flags: (if self.mode == Mode::Audit {
                 GUARD_AUDIT
             } else {
                 0
-            },
+            }) | (if self.forwarded == Forwarded::Judge {
+                GUARD_FORWARD_JUDGE
+            } else {
+                0
+            }),
             report_rate: self.report_rate,
             report_burst: self.report_rate.max(1).saturating_mul(2),
             _pad: 0,
@@ -126,6 +148,7 @@ pub struct GuardMaps {
     frags: BpfHashMap<MapData, FragKey, FragVerdict>,
     counters: PerCpuArray<MapData, PortCounters>,
     stats: PerCpuArray<MapData, u64>,
+    local: BpfHashMap<MapData, LocalKey, u8>,
 }
 
 fn map_err(name: &'static str) -> impl Fn(aya::maps::MapError) -> Error {
@@ -145,6 +168,7 @@ impl GuardMaps {
             frags: take(ebpf, map::FRAGS)?,
             counters: take(ebpf, map::COUNTERS)?,
             stats: take(ebpf, map::GUARD_STATS)?,
+            local: take(ebpf, map::LOCAL_ADDRS)?,
         })
     }
 
@@ -234,6 +258,23 @@ impl GuardMaps {
             image.src6.insert((key.prefix_len(), key.data()));
         }
         Ok(image)
+    }
+
+    /// Makes `LOCAL_ADDRS` hold `addrs`: new ones first, gone ones last,
+    /// so an address kept throughout is never missing. Whatever the map
+    /// held before (a previous guard's pins) is read back and diffed.
+    pub(crate) fn set_local_addresses(&mut self, addrs: &BTreeSet<std::net::IpAddr>) -> Result<()> {
+        let want: BTreeSet<LocalKey> = addrs.iter().map(local_key).collect();
+        let have: BTreeSet<LocalKey> = self.local.keys().filter_map(|k| k.ok()).collect();
+        for key in want.difference(&have) {
+            self.local
+                .insert(key, 1, 0)
+                .map_err(map_err(map::LOCAL_ADDRS))?;
+        }
+        for key in have.difference(&want) {
+            self.local.remove(key).map_err(map_err(map::LOCAL_ADDRS))?;
+        }
+        Ok(())
     }
 
     /// Records an outbound flow as the tc program would (tests, benches).

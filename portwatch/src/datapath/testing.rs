@@ -19,7 +19,7 @@ use super::{
 };
 use crate::{
     error::Error,
-    model::{Mode, Proto},
+    model::{IpProto, Mode},
     policy::{Policy, compile::compile, slots::CounterSlots},
     sys,
 };
@@ -66,15 +66,25 @@ impl XdpTester {
             mode,
             report_rate: 0,
             flow_timeout: Duration::from_secs(30),
+            forwarded: policy.forwarded.unwrap_or_default(),
         };
         self.maps.install(&self.image, &image, &settings)?;
         self.image = image;
         Ok(())
     }
 
+    /// The addresses frames must be sent to to count as the host's own
+    /// (the guard reads them from its interfaces); frames to others are
+    /// forwarded ones.
+    pub fn set_local_addresses(&mut self, addrs: &[std::net::IpAddr]) -> anyhow::Result<()> {
+        Ok(self
+            .maps
+            .set_local_addresses(&addrs.iter().copied().collect())?)
+    }
+
     /// What the counters hold for `proto/port`: its rule's counts, or the
     /// protocol's `other` when no rule covers it.
-    pub fn counters(&self, proto: Proto, port: u16) -> PortCounters {
+    pub fn counters(&self, proto: impl Into<IpProto>, port: u16) -> PortCounters {
         let slot = self.slots.slot_of(proto, port);
         self.maps
             .slot_counters(std::iter::once(slot))

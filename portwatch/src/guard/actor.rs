@@ -191,13 +191,25 @@ impl Guard {
         )
     }
 
-    /// Reads the interfaces of the guard's namespace again.
+    /// Reads the interfaces of the guard's namespace again, and puts
+    /// their addresses where the XDP program tells the host's own frames
+    /// from forwarded ones.
     pub fn refresh_ifaces(&mut self) {
         match crate::iface::table::dump() {
-            Ok(table) => self.ifaces_now = Arc::new(table),
-            Err(e) => {
-                log::warn!("cannot read the interfaces (rtnetlink): {e}; exposure may be stale")
+            Ok(table) => {
+                let local = crate::iface::table::local_addresses(&table);
+                if let Err(e) = self.maps.set_local_addresses(&local) {
+                    log::warn!(
+                        "cannot update the host's addresses in the kernel: {e}; frames to a \
+                         new address may be taken for forwarded ones"
+                    );
+                }
+                self.ifaces_now = Arc::new(table);
             }
+            Err(e) => log::warn!(
+                "cannot read the interfaces (rtnetlink): {e}; exposure and the host's \
+                 addresses may be stale"
+            ),
         }
     }
 
@@ -222,6 +234,7 @@ impl Guard {
             mode,
             report_rate: self.report_rate,
             flow_timeout: self.flow_timeout,
+            forwarded: policy.forwarded.unwrap_or_default(),
         };
         if let Err(e) = self.maps.install(&self.image, &image, &settings) {
             let back = GuardSettings {
@@ -442,6 +455,7 @@ impl Guard {
                 reports_suppressed: t.get(GuardStat::ReportsSuppressed),
                 reports_lost: t.get(GuardStat::ReportsLost),
                 flow_replies: t.get(GuardStat::FlowReplies),
+                forwarded: t.get(GuardStat::Forwarded),
                 events_lost: pipeline.summary().lost,
                 other: Default::default(),
             },

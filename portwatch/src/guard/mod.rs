@@ -320,6 +320,9 @@ async fn start(
             );
         }
     }
+    // The host's addresses go into the kernel before the policy and the
+    // program: until they are there, no frame is the host's own.
+    guard.refresh_ifaces();
     guard
         .install(policy.clone(), mode)
         .map_err(anyhow::Error::msg)?;
@@ -346,7 +349,6 @@ async fn start(
     // Exposure is judged over every way in, once the guard stands in its
     // own: an interface with addresses that it does not guard is a way
     // around it.
-    guard.refresh_ifaces();
     for iface in guard.exposure_view().unguarded() {
         let addrs: Vec<String> = iface.addrs.iter().map(ToString::to_string).collect();
         log::warn!(

@@ -33,6 +33,8 @@ pub struct Iface {
     /// A dummy device: nothing arrives on it from a wire.
     pub dummy: bool,
     pub addrs: Vec<IpAddr>,
+    /// IPv4 subnet broadcast addresses of its networks.
+    pub broadcast: Vec<IpAddr>,
 }
 
 impl Iface {
@@ -40,6 +42,18 @@ impl Iface {
     pub fn is_way_in(&self) -> bool {
         self.up && !self.loopback && !self.has_master && !self.dummy
     }
+}
+
+/// Every address that makes a frame the host's own: each interface's
+/// addresses (loopback's too) and IPv4 subnet broadcasts. Multicast and
+/// the limited broadcast are the host's by their form; the XDP program
+/// knows those.
+pub fn local_addresses(ifaces: &[Iface]) -> std::collections::BTreeSet<IpAddr> {
+    ifaces
+        .iter()
+        .flat_map(|i| i.addrs.iter().chain(&i.broadcast))
+        .copied()
+        .collect()
 }
 
 /// The interfaces of the calling thread's network namespace.
@@ -78,6 +92,11 @@ pub fn dump() -> io::Result<Vec<Iface>> {
             if let Some(ip) = local.or(address) {
                 iface.addrs.push(ip);
             }
+            let broadcast = addr.attributes.iter().find_map(|a| match a {
+                AddressAttribute::Broadcast(ip) => Some(IpAddr::V4(*ip)),
+                _ => None,
+            });
+            iface.broadcast.extend(broadcast);
         }
     }
     ifaces.sort_by_key(|i| i.index);
@@ -115,6 +134,7 @@ fn iface_of(link: &LinkMessage) -> Iface {
         has_master: false,
         dummy: false,
         addrs: Vec::new(),
+        broadcast: Vec::new(),
     };
     for attr in &link.attributes {
         match attr {

@@ -144,6 +144,7 @@ mod tests {
             has_master: false,
             dummy: false,
             addrs: addrs.iter().filter_map(|a| a.parse().ok()).collect(),
+            broadcast: Vec::new(),
         }
     }
 

@@ -74,9 +74,9 @@ impl Visitor<'_> for Key {
             return Ok(key);
         }
         let expected = match self.allowed {
-            [a, b] => format!("{a} or {b}"),
-            [a, b, c] => format!("{a}, {b} or {c}"),
-            all => all.join(", "),
+            [] => String::new(),
+            [one] => (*one).to_owned(),
+            [rest @ .., last] => format!("{} or {last}", rest.join(", ")),
         };
         Err(E::custom(format_args!(
             "unknown key {v:?} in {} (expected {expected})",
@@ -363,7 +363,7 @@ mod tests {
     fn shape_errors_point_at_the_culprit() {
         assert_eq!(
             shape_err("bogus = 1"),
-            r#"unknown key "bogus" in the policy (expected mode, interfaces or allow) @ bogus"#
+            r#"unknown key "bogus" in the policy (expected mode, forwarded, interfaces or allow) @ bogus"#
         );
         assert_eq!(
             shape_err("allow = [\n { port = \"tcp/1\", frm = [] },\n]"),

@@ -953,7 +953,7 @@ allow = [
     fn shape_errors_name_the_line() {
         assert_eq!(
             err("mode = \"audit\"\nbogus = 1\n"),
-            r#"line 2: unknown key "bogus" in the policy (expected mode, interfaces or allow)"#
+            r#"line 2: unknown key "bogus" in the policy (expected mode, forwarded, interfaces or allow)"#
         );
         assert_eq!(
             err("allow = [\n  \"tcp/1\",\n  { port = \"tcp/2\", form = [\"10.0.0.0/8\"] },\n]"),
@@ -1083,6 +1083,7 @@ allow = [
             Policy::default(),
             Policy {
                 mode: Some(Mode::Audit),
+                forwarded: Some(Forwarded::Judge),
                 interfaces: vec!["eth0".into(), "wg\"0\\".into()],
                 rules: vec![
                     Rule {
