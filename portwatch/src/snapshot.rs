@@ -308,19 +308,69 @@ fn dump_netns(netns: Option<u64>) -> Result<Vec<RawSocket>, SnapshotError> {
     let mut buf = vec![0u8; RECV_BUF_LEN];
     let mut sockets = Vec::new();
     for (seq, query) in (1..).zip(&QUERIES) {
-        dump(&socket, query, seq, netns, &mut buf, &mut sockets)?;
+        dump(&socket, query, seq, netns, &mut buf, &mut |diag| {
+            sockets.extend(listener(query, diag, netns));
+        })?;
     }
     Ok(sockets)
 }
 
-/// Runs one dump to its NLMSG_DONE, appending the listeners to `out`.
+/// A connected UDP socket: the flow whose replies the host expects.
+/// IPv4-mapped addresses of dual-stack sockets are given as IPv4, as the
+/// packets carry them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ConnectedUdp {
+    pub local: std::net::SocketAddr,
+    pub remote: std::net::SocketAddr,
+}
+
+/// Every connected UDP socket (`ss -tun state established` for UDP) of
+/// the calling thread's network namespace, IPv4 and IPv6.
+pub fn connected_udp() -> Result<Vec<ConnectedUdp>, SnapshotError> {
+    let socket_err = |source| SnapshotError::Socket {
+        netns: Netns(None),
+        source,
+    };
+    let mut socket = Socket::new(NETLINK_SOCK_DIAG).map_err(socket_err)?;
+    socket.bind_auto().map_err(socket_err)?;
+    socket.connect(&SocketAddr::new(0, 0)).map_err(socket_err)?;
+    let mut buf = vec![0u8; RECV_BUF_LEN];
+    let mut flows = Vec::new();
+    for (seq, (name, family)) in (1..).zip([
+        ("udp/ipv4 connected", AF_INET),
+        ("udp/ipv6 connected", AF_INET6),
+    ]) {
+        let query = Query {
+            name,
+            proto: Proto::Udp,
+            family,
+            states: StateFlags::ESTABLISHED,
+        };
+        dump(&socket, &query, seq, None, &mut buf, &mut |diag| {
+            let id = &diag.socket_id;
+            let (local, remote) = (
+                id.source_address.to_canonical(),
+                id.destination_address.to_canonical(),
+            );
+            if id.destination_port != 0 && !local.is_unspecified() && !remote.is_unspecified() {
+                flows.push(ConnectedUdp {
+                    local: std::net::SocketAddr::new(local, id.source_port),
+                    remote: std::net::SocketAddr::new(remote, id.destination_port),
+                });
+            }
+        })?;
+    }
+    Ok(flows)
+}
+
+/// Runs one dump to its NLMSG_DONE, handing each socket to `keep`.
 fn dump(
     socket: &Socket,
     query: &Query,
     seq: u32,
     netns: Option<u64>,
     buf: &mut [u8],
-    out: &mut Vec<RawSocket>,
+    keep: &mut dyn FnMut(&InetResponseHeader),
 ) -> Result<(), SnapshotError> {
     let query_err = |source| SnapshotError::Query {
         query: query.name,
@@ -400,9 +450,7 @@ fn dump(
                     SOCK_DIAG_BY_FAMILY => {
                         // Header only: the attributes are not needed.
                         let diag = InetResponseHeader::parse(payload).map_err(decode_err)?;
-                        if let Some(sock) = listener(query, &diag, netns) {
-                            out.push(sock);
-                        }
+                        keep(&diag);
                     }
                     _ => {} // NLMSG_NOOP, or stray types
                 }

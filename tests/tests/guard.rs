@@ -963,3 +963,73 @@ fn routed_traffic_passes_unless_judged_and_the_hosts_own_stays_guarded() -> Resu
     assert!(status.success(), "{status}");
     Ok(())
 }
+
+/// A UDP peer on port 5400 (IPv4 and IPv6) that answers each datagram
+/// with "pong" 4 s after it came.
+const DELAYED_ECHO: &str = "\
+import socket, threading, time
+s = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+s.bind(('::', 5400))
+def answer(peer):
+    time.sleep(4)
+    s.sendto(b'pong\\n', peer)
+while True:
+    _, peer = s.recvfrom(64)
+    threading.Thread(target=answer, args=(peer,)).start()
+";
+
+/// A UDP flow the host opened before the guard started gets its replies
+/// after: the guard records the host's connected UDP sockets as flows when
+/// it starts. IPv4 and IPv6; the peer answers 4 s after it is asked.
+#[test]
+fn replies_to_a_udp_flow_opened_before_the_guard_pass() -> Result {
+    let lab = Lab::new()?;
+    let _peer = portwatch_lab::listening::spawn_server(
+        &lab.client,
+        "udp",
+        5400,
+        "python3",
+        &["-c", DELAYED_ECHO],
+    )?;
+    let ask = |to: IpAddr| {
+        let target = format!(
+            "UDP{}:{}:5400",
+            if to.is_ipv4() { "4" } else { "6" },
+            portwatch_tests::net::host(to)
+        );
+        let mut cmd = lab.server.command("socat");
+        cmd.args(["-T15", "-", &target]);
+        std::thread::spawn(move || {
+            run_bounded(
+                &mut cmd,
+                Some(b"ping\n"),
+                Duration::from_secs(15),
+                Some("pong"),
+            )
+        })
+    };
+    let v4 = ask(lab.client_v4());
+    let v6 = ask(lab.client_v6());
+    // The questions are out before the guard is.
+    std::thread::sleep(Duration::from_millis(500));
+    let policy = TempFile::new("pol", "allow = [\"tcp/22\"]\n")?;
+    let mut pw = start_guard(&lab, &policy, &[])?;
+    for (family, asked) in [("IPv4", v4), ("IPv6", v6)] {
+        let out = asked
+            .join()
+            .map_err(|_| anyhow::anyhow!("the {family} client thread panicked"))??;
+        assert!(
+            out.stdout.contains("pong"),
+            "{family}: no reply through the guard: {out:?}"
+        );
+    }
+    assert!(
+        pw.stderr().contains("UDP flows opened before the guard"),
+        "{}",
+        pw.stderr()
+    );
+    let status = pw.stop()?;
+    assert!(status.success(), "{status}");
+    Ok(())
+}

@@ -59,11 +59,11 @@ use aya::maps::{
     lpm_trie::{Key, LpmTrie},
 };
 use portwatch_common::{
-    AF_INET, AF_INET6, GUARD_AUDIT, GUARD_FORWARD_JUDGE, GUARD_STATS_LEN, GuardConfig, GuardStat,
-    LocalKey, PortCounters, SRC4_KEY_LEN, SRC6_KEY_LEN,
+    AF_INET, AF_INET6, FlowKey, GUARD_AUDIT, GUARD_FORWARD_JUDGE, GUARD_STATS_LEN, GuardConfig,
+    GuardStat, IPPROTO_UDP, LocalKey, PortCounters, SRC4_KEY_LEN, SRC6_KEY_LEN,
 };
 #[cfg(feature = "test-helpers")]
-use portwatch_common::{FlowKey, FragKey, FragVerdict};
+use portwatch_common::{FragKey, FragVerdict};
 
 use crate::model::{Forwarded, Mode};
 
@@ -141,9 +141,10 @@ pub struct GuardMaps {
     ports: Array<MapData, u32>,
     src4: LpmTrie<MapData, [u8; SRC4_KEY_LEN], u8>,
     src6: LpmTrie<MapData, [u8; SRC6_KEY_LEN], u8>,
-    /// Written only by tests (crafted flow and fragment state).
-    #[cfg(feature = "test-helpers")]
+    /// Seeded at start with the host's connected UDP sockets; written
+    /// otherwise by tc egress (and by tests).
     flows: BpfHashMap<MapData, FlowKey, u64>,
+    /// Written only by tests (crafted fragment state).
     #[cfg(feature = "test-helpers")]
     frags: BpfHashMap<MapData, FragKey, FragVerdict>,
     counters: PerCpuArray<MapData, PortCounters>,
@@ -162,7 +163,6 @@ impl GuardMaps {
             ports: take(ebpf, map::POLICY_PORTS)?,
             src4: take(ebpf, map::POLICY_SRC4)?,
             src6: take(ebpf, map::POLICY_SRC6)?,
-            #[cfg(feature = "test-helpers")]
             flows: take(ebpf, map::FLOWS)?,
             #[cfg(feature = "test-helpers")]
             frags: take(ebpf, map::FRAGS)?,
@@ -275,6 +275,44 @@ impl GuardMaps {
             self.local.remove(key).map_err(map_err(map::LOCAL_ADDRS))?;
         }
         Ok(())
+    }
+
+    /// Records the host's connected UDP sockets as flows last used at
+    /// `monotonic_ns`, as tc egress would have had they sent through the
+    /// guard: replies to flows that predate it keep passing. Returns how
+    /// many were recorded.
+    pub(crate) fn seed_udp_flows(
+        &mut self,
+        flows: &[crate::snapshot::ConnectedUdp],
+        monotonic_ns: u64,
+    ) -> Result<usize> {
+        let bytes = |ip: std::net::IpAddr| match ip {
+            std::net::IpAddr::V4(a) => {
+                let mut out = [0u8; 16];
+                out[..4].copy_from_slice(&a.octets());
+                out
+            }
+            std::net::IpAddr::V6(a) => a.octets(),
+        };
+        for flow in flows {
+            let key = FlowKey {
+                family: if flow.local.is_ipv4() {
+                    AF_INET as u8
+                } else {
+                    AF_INET6 as u8
+                },
+                proto: IPPROTO_UDP,
+                _pad: 0,
+                local_port: flow.local.port(),
+                remote_port: flow.remote.port(),
+                local: bytes(flow.local.ip()),
+                remote: bytes(flow.remote.ip()),
+            };
+            self.flows
+                .insert(key, monotonic_ns, 0)
+                .map_err(map_err(map::FLOWS))?;
+        }
+        Ok(flows.len())
     }
 
     /// Records an outbound flow as the tc program would (tests, benches).

@@ -213,6 +213,26 @@ impl Guard {
         }
     }
 
+    /// Records the connected UDP sockets of the guard's namespace as flows,
+    /// so that replies to flows opened before the guard keep passing.
+    pub fn seed_flows(&mut self) {
+        let flows = match crate::snapshot::connected_udp() {
+            Ok(flows) => flows,
+            Err(e) => {
+                log::warn!(
+                    "cannot list the connected UDP sockets ({e}): replies to flows opened \
+                     before the guard pass only once the host sends again"
+                );
+                return;
+            }
+        };
+        match self.maps.seed_udp_flows(&flows, crate::sys::monotonic_ns()) {
+            Ok(0) => {}
+            Ok(n) => log::info!("{n} UDP flows opened before the guard: their replies pass"),
+            Err(e) => log::warn!("cannot record the UDP flows opened before the guard: {e}"),
+        }
+    }
+
     /// Puts `policy` and `mode` into the kernel: the one place where a
     /// policy reaches the maps. On error the maps are moved back to what
     /// they held, as far as the kernel lets them.

@@ -323,6 +323,7 @@ async fn start(
     // The host's addresses go into the kernel before the policy and the
     // program: until they are there, no frame is the host's own.
     guard.refresh_ifaces();
+    guard.seed_flows();
     guard
         .install(policy.clone(), mode)
         .map_err(anyhow::Error::msg)?;
