@@ -23,6 +23,9 @@ pub mod map {
     pub const REPORT_BUCKET: &str = "REPORT_BUCKET";
     pub const DROPS: &str = "DROPS";
     pub const LOCAL_ADDRS: &str = "LOCAL_ADDRS";
+    pub const LIMITS: &str = "LIMITS";
+    pub const RATE_STATE: &str = "RATE_STATE";
+    pub const RATE_OVERFLOW: &str = "RATE_OVERFLOW";
 
     /// Every map of the shipped object.
     pub const ALL: &[&str] = &[
@@ -40,6 +43,9 @@ pub mod map {
         REPORT_BUCKET,
         DROPS,
         LOCAL_ADDRS,
+        LIMITS,
+        RATE_STATE,
+        RATE_OVERFLOW,
     ];
 }
 
@@ -181,6 +187,9 @@ pub const WHOLE_PROTOCOL_SLOTS: u32 = 3 * 65536;
 pub const RULE_ANY: u32 = 1;
 /// The port is permitted only from the sources in the `POLICY_SRC*` tries.
 pub const RULE_CIDR: u32 = 2;
+/// Each source is limited by the rule's `LIMITS` entry (indexed by the
+/// counter slot, which is the rule's own).
+pub const RULE_LIMIT: u32 = 4;
 /// The rule bits of a `POLICY_PORTS` value.
 pub const RULE_MASK: u32 = 0xffff;
 
@@ -297,6 +306,42 @@ pub struct LocalKey {
 
 pub const MAX_LOCAL_ADDRS: u32 = 4096;
 
+/// A rule's per-source limit, in `LIMITS[counter slot]`, as a token bucket
+/// counted in nanoseconds: a packet (a TCP connection attempt) costs
+/// `cost_ns`; a source's bucket holds at most `cap_ns` (the burst), and
+/// refills by one nanosecond per nanosecond. `cost_ns == 0`: no limit.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RateLimit {
+    pub cost_ns: u64,
+    pub cap_ns: u64,
+}
+
+/// A source of a limited rule: the rule's counter slot, and the source
+/// address (IPv6 cut to the configured prefix). IPv4 uses 4 bytes.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct RateKey {
+    pub slot: u16,
+    pub family: u8,
+    pub _pad: u8,
+    pub addr: [u8; 16],
+}
+
+/// A source's bucket: what it held at `last_ns`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RateState {
+    pub tokens_ns: u64,
+    pub last_ns: u64,
+}
+
+/// Sources tracked at once. The table is not LRU: a flood of new sources
+/// cannot evict the buckets of sources already there. When it is full, new
+/// sources share their rule's overflow bucket (`RATE_OVERFLOW[slot]`)
+/// until user space sweeps out buckets that are full again.
+pub const MAX_RATE_SOURCES: u32 = 65536;
+
 /// Runtime settings of the XDP program, in `GUARD_CONFIG[0]`.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -305,7 +350,9 @@ pub struct GuardConfig {
     /// Drop reports per second per CPU; `report_burst` may come at once.
     pub report_rate: u32,
     pub report_burst: u32,
-    pub _pad: u32,
+    /// IPv6 sources of a limited rule are grouped by this prefix length
+    /// (1-128): one bucket per /64 by default.
+    pub limit_v6_prefix: u32,
     /// A recorded outbound UDP flow admits replies for this long after its
     /// last outbound packet.
     pub flow_timeout_ns: u64,
@@ -367,6 +414,8 @@ pub enum DropReason {
     Malformed = 3,
     /// A later fragment whose first fragment was not seen.
     Fragment = 4,
+    /// The source is over the rule's limit.
+    RateLimited = 5,
 }
 
 impl DropReason {
@@ -376,6 +425,7 @@ impl DropReason {
             2 => Some(Self::Source),
             3 => Some(Self::Malformed),
             4 => Some(Self::Fragment),
+            5 => Some(Self::RateLimited),
             _ => None,
         }
     }
@@ -412,9 +462,13 @@ pub enum GuardStat {
     /// Frames not addressed to the host that would have been dropped and
     /// passed on instead (`forwarded = "pass"`).
     Forwarded = 9,
+    DropRateLimited = 10,
+    /// Limited packets from a new source judged by the overflow bucket
+    /// because the source table was full.
+    RateTableFull = 11,
 }
 
-pub const GUARD_STATS_LEN: u32 = 10;
+pub const GUARD_STATS_LEN: u32 = 12;
 
 pub const DROPS_RING_BYTES: u32 = 256 << 10;
 
@@ -482,6 +536,12 @@ mod user {
     // SAFETY: see above.
     unsafe impl aya::Pod for super::LocalKey {}
     // SAFETY: see above.
+    unsafe impl aya::Pod for super::RateLimit {}
+    // SAFETY: see above.
+    unsafe impl aya::Pod for super::RateKey {}
+    // SAFETY: see above.
+    unsafe impl aya::Pod for super::RateState {}
+    // SAFETY: see above.
     unsafe impl aya::Pod for super::FragKey {}
     // SAFETY: see above.
     unsafe impl aya::Pod for super::FragVerdict {}
@@ -506,6 +566,9 @@ mod tests {
         assert_eq!(core::mem::size_of::<FlowKey>(), 40);
         assert_eq!(core::mem::size_of::<FragKey>(), 40);
         assert_eq!(core::mem::size_of::<LocalKey>(), 20);
+        assert_eq!(core::mem::size_of::<RateKey>(), 20);
+        assert_eq!(core::mem::size_of::<RateLimit>(), 16);
+        assert_eq!(core::mem::size_of::<RateState>(), 16);
         assert_eq!(core::mem::size_of::<GuardConfig>(), 24);
     }
 

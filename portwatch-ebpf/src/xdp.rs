@@ -12,14 +12,15 @@ use aya_ebpf::{
 use portwatch_common::{
     AF_INET, AF_INET6, DropReason, DropReport, FlowKey, FragKey, FragVerdict, GUARD_AUDIT,
     GUARD_FORWARD_JUDGE, GuardConfig, GuardStat, IPPROTO_SCTP, IPPROTO_TCP, IPPROTO_UDP, LocalKey,
-    RULE_ANY, RULE_CIDR, entry_slot, other_slot, port_slot, src_prefix_len, src4_key, src6_key,
+    RULE_ANY, RULE_CIDR, RULE_LIMIT, RateKey, RateState, entry_slot, other_slot, port_slot,
+    src_prefix_len, src4_key, src6_key,
 };
 
 use crate::{
     headers::{Headers, Walk, ports, walk},
     maps::{
-        COUNTERS, DROPS, FLOWS, FRAGS, GUARD_CONFIG, LOCAL_ADDRS, POLICY_PORTS, POLICY_SRC4,
-        POLICY_SRC6, REPORT_BUCKET, guard_count,
+        COUNTERS, DROPS, FLOWS, FRAGS, GUARD_CONFIG, LIMITS, LOCAL_ADDRS, POLICY_PORTS,
+        POLICY_SRC4, POLICY_SRC6, RATE_OVERFLOW, RATE_STATE, REPORT_BUCKET, guard_count,
     },
     packet::Pkt,
 };
@@ -80,6 +81,7 @@ pub fn try_xdp_guard(ctx: &XdpContext) -> u32 {
         DropReason::Source => GuardStat::DropSource,
         DropReason::Malformed => GuardStat::DropMalformed,
         DropReason::Fragment => GuardStat::DropFragment,
+        DropReason::RateLimited => GuardStat::DropRateLimited,
     });
     let audit = cfg.flags & GUARD_AUDIT != 0;
     report(ctx, &m, reason, audit, &cfg);
@@ -170,7 +172,7 @@ fn transport(pkt: &Pkt, off: usize, m: &mut Headers, cfg: &GuardConfig) -> Verdi
     match m.proto {
         IPPROTO_TCP => {
             ports(pkt, off, m).map_err(|_| DropReason::Malformed)?;
-            tcp(m)
+            tcp(m, cfg)
         }
         IPPROTO_UDP => {
             ports(pkt, off, m).map_err(|_| DropReason::Malformed)?;
@@ -191,7 +193,7 @@ fn transport(pkt: &Pkt, off: usize, m: &mut Headers, cfg: &GuardConfig) -> Verdi
 /// records SCTP associations and port-less protocols' peers as it does
 /// UDP flows).
 fn or_own_flow(m: &Headers, cfg: &GuardConfig) -> Verdict {
-    match permitted(m) {
+    match permitted(m, cfg) {
         Ok(()) => Ok(()),
         Err(_) if reply_to_own_flow(m, cfg) => {
             guard_count(GuardStat::FlowReplies);
@@ -201,7 +203,7 @@ fn or_own_flow(m: &Headers, cfg: &GuardConfig) -> Verdict {
     }
 }
 
-fn tcp(m: &Headers) -> Verdict {
+fn tcp(m: &Headers, cfg: &GuardConfig) -> Verdict {
     let flags = m.tcp_flags;
     // A segment that can belong to a connection passes whatever the port:
     // one with ACK (not an opening SYN), or a RST (to which no stack
@@ -213,7 +215,7 @@ fn tcp(m: &Headers) -> Verdict {
     if !opening && flags & (TCP_ACK | TCP_RST) != 0 {
         Ok(())
     } else {
-        permitted(m)
+        permitted(m, cfg)
     }
 }
 
@@ -230,13 +232,23 @@ fn udp(m: &Headers, cfg: &GuardConfig) -> Verdict {
     or_own_flow(m, cfg)
 }
 
-/// Whether the policy permits (proto, destination port) from this source;
-/// a protocol without ports is looked up as port 0 (`m.dport` stays 0).
-fn permitted(m: &Headers) -> Verdict {
+/// Whether the policy permits (proto, destination port) from this source,
+/// within the rule's per-source limit; a protocol without ports is looked
+/// up as port 0 (`m.dport` stays 0).
+fn permitted(m: &Headers, cfg: &GuardConfig) -> Verdict {
     let rule = match POLICY_PORTS.get(port_slot(m.proto, m.dport)) {
         Some(rule) => *rule,
         None => 0,
     };
+    source_permitted(m, rule)?;
+    if rule & RULE_LIMIT != 0 {
+        within_limit(m, entry_slot(rule), cfg)?;
+    }
+    Ok(())
+}
+
+/// The rule bits' answer for this source.
+fn source_permitted(m: &Headers, rule: u32) -> Verdict {
     if rule & RULE_ANY != 0 {
         return Ok(());
     }
@@ -259,6 +271,83 @@ fn permitted(m: &Headers) -> Verdict {
         Ok(())
     } else {
         Err(DropReason::Source)
+    }
+}
+
+/// Takes one packet's cost from the source's bucket of rule `slot`, or
+/// says it is over the limit. A new source starts with a full bucket; when
+/// the table of sources is full, new sources share the rule's overflow
+/// bucket.
+fn within_limit(m: &Headers, slot: u32, cfg: &GuardConfig) -> Verdict {
+    let Some(limit) = LIMITS.get(slot) else {
+        return Ok(());
+    };
+    let limit = *limit;
+    if limit.cost_ns == 0 {
+        return Ok(());
+    }
+    let mut key = RateKey {
+        slot: slot as u16,
+        family: m.family,
+        _pad: 0,
+        addr: m.src,
+    };
+    if m.family == AF_INET6 as u8 {
+        mask_prefix(&mut key.addr, cfg.limit_v6_prefix);
+    }
+    // SAFETY: bpf_ktime_get_coarse_ns has no preconditions.
+    let now = unsafe { bpf_ktime_get_coarse_ns() };
+    // A new source: a full bucket less this packet.
+    let fresh = RateState {
+        tokens_ns: limit.cap_ns.saturating_sub(limit.cost_ns),
+        last_ns: now,
+    };
+    let state = match RATE_STATE.get_ptr_mut(&key) {
+        Some(state) => state,
+        // BPF_NOEXIST: of two CPUs racing on a new source, one inserts.
+        None if RATE_STATE.insert(&key, &fresh, 1).is_ok() => return Ok(()),
+        None => match RATE_STATE.get_ptr_mut(&key) {
+            Some(state) => state, // the other CPU's
+            None => {
+                // The table is full: the rule's overflow bucket (an
+                // untouched one reads as empty at time 0, which refills
+                // it to full at once).
+                guard_count(GuardStat::RateTableFull);
+                match RATE_OVERFLOW.get_ptr_mut(slot) {
+                    Some(state) => state,
+                    None => return Ok(()),
+                }
+            }
+        },
+    };
+    // SAFETY: a pointer from a map lookup is valid for reads and writes;
+    // other CPUs may update the same bucket at once, which can only let a
+    // packet more or less through.
+    let state = unsafe { &mut *state };
+    let elapsed = now.saturating_sub(state.last_ns);
+    let tokens = state.tokens_ns.saturating_add(elapsed).min(limit.cap_ns);
+    state.last_ns = now;
+    if tokens < limit.cost_ns {
+        state.tokens_ns = tokens;
+        return Err(DropReason::RateLimited);
+    }
+    state.tokens_ns = tokens - limit.cost_ns;
+    Ok(())
+}
+
+/// Clears the address bits past `prefix` (IPv6 sources share a bucket per
+/// prefix).
+#[inline(always)]
+fn mask_prefix(addr: &mut [u8; 16], prefix: u32) {
+    let mut i = 0;
+    while i < 16 {
+        let first = (i as u32) * 8;
+        if first >= prefix {
+            addr[i] = 0;
+        } else if first + 8 > prefix {
+            addr[i] &= 0xffu8 << (8 - (prefix - first));
+        }
+        i += 1;
     }
 }
 

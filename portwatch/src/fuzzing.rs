@@ -23,7 +23,7 @@ use crate::{
     control::protocol::{self, Format, MAX_LINE, ProtocolError, Request},
     datapath::decode::{self, DecodeError, RawDrop, RawListen, encode_drop},
     model::{DropReason, EventKind, Exposure, IpProto, Mode, Proto, SockId},
-    policy::{Policy, PolicyError, PortRange, Rule, SpecError},
+    policy::{Policy, PolicyError, PortRange, RateLimit, Rule, SpecError},
 };
 
 /// A property that did not hold, with the input it failed on.
@@ -416,6 +416,16 @@ fn without_lines(p: &Policy) -> Policy {
 
 /// Pieces of interface names the kernel accepts (no '/', ':', whitespace or
 /// control characters), with TOML's special characters among them.
+/// Limits, valid and not, for generated rules and requests.
+const LIMITS: &[&str] = &[
+    "10/minute",
+    "1/second",
+    "200/s",
+    "3/hour",
+    "0/second",
+    "5/week",
+];
+
 const IFACE_PIECES: &[&str] = &[
     "eth", "0", "1", "wg", "-", "_", ".", "\"", "\\", "'", "#", "[", "]", "=", ",", "é", "{",
 ];
@@ -457,9 +467,14 @@ fn structured_policy(c: &mut Cursor) -> Policy {
         let from = (0..c.byte() % 4).map(|_| source(c)).collect();
         // Refused rules (port 0, overlaps, redundant sources) are left out:
         // what is left is a policy the guard could hold.
+        let limit = c
+            .flag()
+            .then(|| RateLimit::parse(c.pick(LIMITS, "1/second")).ok())
+            .flatten();
         let _ = p.add_rule(Rule {
             ports: PortRange { proto, lo, hi },
             from,
+            limit,
             line: None,
         });
     }
@@ -551,7 +566,8 @@ fn structured_request(c: &mut Cursor) -> Request {
         0 => {
             let ports = structured_range(c);
             let from: Vec<String> = (0..c.byte() % 4).map(|_| source(c).to_string()).collect();
-            match ports.map(|p| Rule::parse(&p.to_string(), &from)) {
+            let limit = c.flag().then(|| c.pick(LIMITS, "1/second"));
+            match ports.map(|p| Rule::parse(&p.to_string(), &from, limit)) {
                 Ok(Ok(rule)) => Request::Allow {
                     rule,
                     force: c.flag(),
@@ -698,6 +714,7 @@ fn drop_report_of(raw: &RawDrop) -> DropReport {
             DropReason::NoRule => 1,
             DropReason::SourceNotAllowed => 2,
             DropReason::Malformed => 3,
+            DropReason::RateLimited => 5,
             DropReason::Fragment => 4,
         },
         proto: raw.proto,
@@ -795,6 +812,7 @@ fn expected_drop(r: &DropReport) -> Result<RawDrop, DecodeError> {
         2 => DropReason::SourceNotAllowed,
         3 => DropReason::Malformed,
         4 => DropReason::Fragment,
+        5 => DropReason::RateLimited,
         other => return Err(DecodeError::Reason(other)),
     };
     Ok(RawDrop {

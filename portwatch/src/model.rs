@@ -362,6 +362,8 @@ pub enum DropReason {
     Malformed,
     /// A later fragment whose first fragment was not seen.
     Fragment,
+    /// The source is over its rule's limit.
+    RateLimited,
 }
 
 impl DropReason {
@@ -372,6 +374,7 @@ impl DropReason {
             DropReason::SourceNotAllowed => "source_not_allowed",
             DropReason::Malformed => "malformed",
             DropReason::Fragment => "fragment",
+            DropReason::RateLimited => "rate_limited",
         }
     }
 }

@@ -32,6 +32,10 @@
 //!   permitted port or a reply to an outbound SCTP flow. Every other IP
 //!   protocol is judged as a whole (port 0): a `proto/...` rule, else a
 //!   reply to an outbound flow of that protocol between the same addresses.
+//! - A rule with a limit admits a source (an IPv6 source: its prefix,
+//!   /64 unless the policy says otherwise) up to its burst (the limit's
+//!   count) and then drops it (rate limited); the model does not refill,
+//!   so it speaks only for limits slow enough not to refill within a case.
 //! - Scope: unless the policy says `forwarded = "judge"`, a frame that
 //!   would drop for any reason but malformed passes when its destination
 //!   is not the host's: not one of its addresses, not multicast
@@ -48,7 +52,7 @@ use std::{
 
 use portwatch::{
     model::{Forwarded, IpProto, Mode},
-    policy::Policy,
+    policy::{Policy, PortRange},
 };
 
 /// How long a recorded outbound UDP flow admits replies (the guard's default).
@@ -67,6 +71,8 @@ pub enum Reason {
     Malformed,
     /// A later fragment without a recorded first fragment.
     Fragment,
+    /// The source is over its rule's limit.
+    RateLimited,
 }
 
 impl Reason {
@@ -77,6 +83,7 @@ impl Reason {
             Reason::Source => "source_not_allowed",
             Reason::Malformed => "malformed",
             Reason::Fragment => "fragment",
+            Reason::RateLimited => "rate_limited",
         }
     }
 
@@ -86,6 +93,7 @@ impl Reason {
             Reason::Source,
             Reason::Malformed,
             Reason::Fragment,
+            Reason::RateLimited,
         ]
         .into_iter()
         .find(|r| r.as_str() == name)
@@ -243,14 +251,23 @@ impl FragState {
     }
 }
 
-/// The host's addresses: what makes a frame its own (with multicast and
-/// the limited broadcast, which are by their form).
+/// The host: its addresses (what makes a frame its own, with multicast
+/// and the limited broadcast, which are by their form), and what each
+/// source of a limited rule has used of its burst. The model's limits
+/// never refill: the differential tests only give rules limits per hour,
+/// whose refill within a case is a small fraction of one packet.
 #[derive(Clone, Debug, Default)]
-pub struct LocalAddrs(pub HashSet<IpAddr>);
+pub struct Host {
+    pub addrs: HashSet<IpAddr>,
+    used: std::cell::RefCell<HashMap<(PortRange, IpAddr), u32>>,
+}
 
-impl LocalAddrs {
+impl Host {
     pub fn of(addrs: &[IpAddr]) -> Self {
-        Self(addrs.iter().copied().collect())
+        Self {
+            addrs: addrs.iter().copied().collect(),
+            used: Default::default(),
+        }
     }
 
     pub fn is_hosts(&self, dst: IpAddr) -> bool {
@@ -258,7 +275,27 @@ impl LocalAddrs {
             IpAddr::V4(a) => a.octets()[0] >= 224,
             IpAddr::V6(a) => a.octets()[0] == 0xff,
         };
-        by_form || self.0.contains(&dst)
+        by_form || self.addrs.contains(&dst)
+    }
+
+    /// One more packet of `src` under `rule`'s limit of `burst`: whether
+    /// it is within. IPv6 sources count per `/v6_prefix`.
+    fn take(&self, rule: PortRange, src: IpAddr, burst: u32, v6_prefix: u8) -> bool {
+        let src = match src {
+            IpAddr::V6(a) => {
+                let bits = u32::from(v6_prefix.min(128));
+                let mask = u128::MAX.checked_shl(128 - bits).unwrap_or(0);
+                IpAddr::V6(Ipv6Addr::from(u128::from(a) & mask))
+            }
+            v4 => v4,
+        };
+        let mut used = self.used.borrow_mut();
+        let n = used.entry((rule, src)).or_insert(0);
+        if *n >= burst {
+            return false;
+        }
+        *n += 1;
+        true
     }
 }
 
@@ -268,7 +305,7 @@ pub fn verdict(
     frame: &[u8],
     policy: &Policy,
     mode: Mode,
-    local: &LocalAddrs,
+    local: &Host,
     flows: &FlowState,
     frags: &mut FragState,
 ) -> Outcome {
@@ -279,7 +316,7 @@ pub fn verdict(
 pub fn decide(
     frame: &[u8],
     policy: &Policy,
-    local: &LocalAddrs,
+    local: &Host,
     flows: &FlowState,
     frags: &mut FragState,
 ) -> Verdict {
@@ -354,7 +391,7 @@ struct Addrs {
 
 struct Model<'a> {
     policy: &'a Policy,
-    local: &'a LocalAddrs,
+    local: &'a Host,
     flows: &'a FlowState,
 }
 
@@ -579,7 +616,13 @@ impl Model<'_> {
         {
             covered = true;
             if rule.from.is_empty() || rule.from.iter().any(|net| net.contains(&src)) {
-                return Ok(());
+                let prefix = self.policy.limit_ipv6_prefix.unwrap_or(64);
+                return match rule.limit {
+                    Some(limit) if !self.local.take(rule.ports, src, limit.count, prefix) => {
+                        Err(Reason::RateLimited)
+                    }
+                    _ => Ok(()),
+                };
             }
         }
         Err(if covered {
@@ -717,8 +760,7 @@ mod tests {
         }
 
         fn decide(&mut self, frame: &[u8]) -> Verdict {
-            let local =
-                LocalAddrs::of(&[Ipv4Addr::from(HOST4).into(), Ipv6Addr::from(HOST6).into()]);
+            let local = Host::of(&[Ipv4Addr::from(HOST4).into(), Ipv6Addr::from(HOST6).into()]);
             decide(frame, &self.policy, &local, &self.flows, &mut self.frags)
         }
     }
@@ -1157,7 +1199,7 @@ mod tests {
     fn audit_mode_passes_with_the_reason() -> TestResult {
         let policy = Policy::parse(POLICY)?;
         let flows = FlowState::new(0);
-        let local = LocalAddrs::of(&[Ipv4Addr::from(HOST4).into()]);
+        let local = Host::of(&[Ipv4Addr::from(HOST4).into()]);
         let mut frags = FragState::new();
         let denied = ipv4(PEER4, IPPROTO_TCP, 0, &[], &tcp(23, SYN));
         let permitted = ipv4(PEER4, IPPROTO_TCP, 0, &[], &tcp(22, SYN));

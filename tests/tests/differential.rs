@@ -45,7 +45,7 @@ use portwatch_tests::{
         TCP_PSH, TCP_RST, TCP_SYN, Tcp, Udp,
     },
     monotonic_ns,
-    reference::{self, Action, FlowState, FragState, LocalAddrs, Outcome, Reason},
+    reference::{self, Action, FlowState, FragState, Host as ModelHost, Outcome, Reason},
 };
 use proptest::{
     prelude::*,
@@ -68,6 +68,8 @@ struct Case {
     mode: Mode,
     /// The policy's `forwarded`, or none (which is `pass`).
     forwarded: Option<Forwarded>,
+    /// The policy's `limit_ipv6_prefix`, or none (64).
+    limit_ipv6_prefix: Option<u8>,
     /// The usual source of the frames (IPv4, IPv6).
     peer4: Ipv4Addr,
     peer6: Ipv6Addr,
@@ -83,6 +85,8 @@ struct RuleSpec {
     lo: u16,
     width: u16,
     from: Vec<NetSpec>,
+    /// `limit = "N/hour"`: a burst of N, no refill within a case.
+    limit: Option<u8>,
 }
 
 /// What a rule names: ports of TCP, UDP or SCTP, or a whole protocol
@@ -632,9 +636,11 @@ fn rule(mix: Mix) -> BoxedStrategy<RuleSpec> {
             (((1.0 - mix.from) * 1000.0) as u32).max(1) => Just(Vec::new()),
             ((mix.from * 1000.0) as u32).max(1) => prop::collection::vec(net(), 1..=3),
         ],
+        prop::option::weighted(0.3, prop_oneof![3 => Just(1u8), 1 => 2u8..=3]),
     )
-        .prop_map(|(proto, lo, width, from)| RuleSpec {
+        .prop_map(|(proto, lo, width, from, limit)| RuleSpec {
             proto,
+            limit,
             lo: lo.max(1),
             // Source entries are one per port and network: keep them few.
             width: if from.is_empty() {
@@ -698,26 +704,32 @@ fn peers() -> BoxedStrategy<(Ipv4Addr, Ipv6Addr)> {
 
 fn case(mix: Mix) -> BoxedStrategy<Case> {
     let frames = prop_oneof![
-        10 => prop::collection::vec(frame(mix), 1..=3),
+        10 => prop::collection::vec(frame(mix), 1..=4),
+        // The same frame again and again: a source using up a limit.
+        3 => (frame(mix), 2usize..=4).prop_map(|(f, n)| vec![f; n]),
         mix.trains => v4_train(mix),
         mix.trains => v6_train(mix),
     ];
     (
         prop_oneof![3 => Just(Mode::Enforce), mix.audit => Just(Mode::Audit)],
-        prop_oneof![
-            3 => Just(None),
-            1 => Just(Some(Forwarded::Pass)),
-            2 => Just(Some(Forwarded::Judge)),
-        ],
+        (
+            prop_oneof![
+                3 => Just(None),
+                1 => Just(Some(Forwarded::Pass)),
+                2 => Just(Some(Forwarded::Judge)),
+            ],
+            prop_oneof![3 => Just(None), 1 => select(&[1u8, 48, 64, 120, 128][..]).prop_map(Some)],
+        ),
         peers(),
         prop::collection::vec(rule(mix), 0..=4),
         prop::collection::vec(flow(mix), 0..=mix.flows),
         frames,
     )
         .prop_map(
-            |(mode, forwarded, (peer4, peer6), rules, flows, frames)| Case {
+            |(mode, (forwarded, limit_ipv6_prefix), (peer4, peer6), rules, flows, frames)| Case {
                 mode,
                 forwarded,
+                limit_ipv6_prefix,
                 peer4,
                 peer6,
                 rules,
@@ -1019,6 +1031,9 @@ fn policy(case: &Case) -> Result<Policy> {
     if let Some(forwarded) = case.forwarded {
         let _ = writeln!(text, "forwarded = \"{}\"", forwarded.as_str());
     }
+    if let Some(prefix) = case.limit_ipv6_prefix {
+        let _ = writeln!(text, "limit_ipv6_prefix = {prefix}");
+    }
     text.push_str("allow = [\n");
     let mut taken: Vec<(RuleProto, u16, u16)> = Vec::new();
     for rule in &case.rules {
@@ -1069,16 +1084,15 @@ fn policy(case: &Case) -> Result<Policy> {
             // widen it to every source.
             continue;
         }
-        if nets.is_empty() {
-            let _ = writeln!(text, "  \"{spec}\",");
-        } else {
+        let mut table = format!("  {{ port = \"{spec}\"");
+        if !nets.is_empty() {
             let nets: Vec<String> = nets.iter().map(|n| format!("\"{n}\"")).collect();
-            let _ = writeln!(
-                text,
-                "  {{ port = \"{spec}\", from = [{}] }},",
-                nets.join(", ")
-            );
+            let _ = write!(table, ", from = [{}]", nets.join(", "));
         }
+        if let Some(n) = rule.limit {
+            let _ = write!(table, ", limit = \"{n}/hour\"");
+        }
+        let _ = writeln!(text, "{table} }},");
     }
     text.push_str("]\n");
     Policy::parse(&text).with_context(|| format!("the generated policy:\n{text}"))
@@ -1162,13 +1176,14 @@ impl Kernel {
     }
 }
 
-const OUTCOME_STATS: [(GuardStat, Option<Reason>); 6] = [
+const OUTCOME_STATS: [(GuardStat, Option<Reason>); 7] = [
     (GuardStat::Passed, None),
     (GuardStat::Forwarded, None),
     (GuardStat::DropNoRule, Some(Reason::NoRule)),
     (GuardStat::DropSource, Some(Reason::Source)),
     (GuardStat::DropMalformed, Some(Reason::Malformed)),
     (GuardStat::DropFragment, Some(Reason::Fragment)),
+    (GuardStat::DropRateLimited, Some(Reason::RateLimited)),
 ];
 
 fn outcome_json(o: Outcome) -> Value {
@@ -1337,12 +1352,13 @@ impl Harness {
     /// Runs every frame of `c` through the kernel and the model, in order.
     fn run(&mut self, c: &Concrete) -> Result<Vec<(Outcome, Kernel)>> {
         self.xdp.set_local_addresses(&c.local)?;
-        let local = LocalAddrs::of(&c.local);
+        let local = ModelHost::of(&c.local);
         self.xdp.apply(&c.policy, c.mode)?;
         // Damaged frames can carry any addresses, so per-case hosts alone do
         // not keep cases apart: every case starts from empty state, as the
         // model does.
         self.xdp.maps.clear_flows_and_fragments()?;
+        self.xdp.clear_rate_state()?;
         let now = monotonic_ns()?;
         let mut flows = FlowState::new(now);
         for f in &c.flows {
@@ -1569,6 +1585,7 @@ fn policies_and_flows_agree_with_the_model() -> Result {
             "drop (source_not_allowed)",
             "pass (no_rule)",
             "pass (source_not_allowed)",
+            "drop (rate_limited)",
         ],
     )
 }

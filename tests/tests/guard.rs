@@ -470,7 +470,7 @@ fn invalid_policies_and_allow_specs_are_refused_with_line_and_reason() -> Result
         ),
         (
             "mode = \"audit\"\nbogus = 1\n",
-            r#"line 2: unknown key "bogus" in the policy (expected mode, forwarded, interfaces or allow)"#,
+            r#"line 2: unknown key "bogus" in the policy (expected mode, forwarded, limit_ipv6_prefix, interfaces or allow)"#,
         ),
     ];
     for (text, want) in cases {
@@ -1028,6 +1028,89 @@ fn replies_to_a_udp_flow_opened_before_the_guard_pass() -> Result {
         pw.stderr().contains("UDP flows opened before the guard"),
         "{}",
         pw.stderr()
+    );
+    let status = pw.stop()?;
+    assert!(status.success(), "{status}");
+    Ok(())
+}
+
+/// Opens `n` TCP connections at once from `ns` to `addr:port` and counts
+/// those established within `secs` seconds.
+const CONNECT_BURST: &str = "\
+import select, socket, sys, time
+host, port, n, secs = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4])
+family = socket.AF_INET6 if ':' in host else socket.AF_INET
+socks = []
+for _ in range(n):
+    s = socket.socket(family, socket.SOCK_STREAM)
+    s.setblocking(False)
+    s.connect_ex((host, port))
+    socks.append(s)
+deadline = time.time() + secs
+pending, up = set(socks), 0
+while pending and time.time() < deadline:
+    _, ready, _ = select.select([], list(pending), [], max(0.0, deadline - time.time()))
+    for s in ready:
+        pending.discard(s)
+        if s.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) == 0:
+            up += 1
+print(up)
+";
+
+fn connect_burst(ns: &portwatch_tests::Netns, addr: IpAddr, port: u16, n: u32) -> Result<u32> {
+    let out = ns
+        .command("python3")
+        .args([
+            "-c",
+            CONNECT_BURST,
+            &addr.to_string(),
+            &port.to_string(),
+            &n.to_string(),
+            "1.0",
+        ])
+        .output()?;
+    anyhow::ensure!(out.status.success(), "connect burst: {out:?}");
+    Ok(String::from_utf8_lossy(&out.stdout).trim().parse()?)
+}
+
+/// `limit = "5/second"` on tcp/8080: a burst of 50 connection attempts
+/// from one source gets the burst (5) and what a second of refill adds
+/// through, no more; a second source connects meanwhile; the drops say
+/// `rate_limited`.
+#[test]
+fn a_rate_limit_holds_back_one_source_and_not_another() -> Result {
+    let lab = Lab::new()?;
+    let _web = tcp_server(&lab.server, 8080)?;
+    let second = lab.add_client_v4(60)?;
+    let policy = TempFile::new(
+        "pol",
+        "allow = [{ port = \"tcp/8080\", limit = \"5/second\" }]\n",
+    )?;
+    let mut pw = start_guard(&lab, &policy, &[])?;
+    let up = connect_burst(&lab.client, lab.server_v4(), 8080, 50)?;
+    assert!(
+        (1..=11).contains(&up),
+        "{up} of 50 attempts in a second got through a 5/second limit"
+    );
+    let other = tcp_probe(&lab.client, lab.server_v4(), 8080, Some(second))?;
+    assert_eq!(
+        other.result,
+        Connect::Answered,
+        "the second source: {other:?}"
+    );
+    let drop = pw.wait_for(WAIT, |v| {
+        v["event"] == "drop" && v["reason"] == "rate_limited"
+    })?;
+    assert_eq!(drop["src"], lab.client_v4().to_string(), "{drop}");
+    let out = Command::new(portwatch_bin())
+        .args(["status", "--json", "--socket", &lab.socket()?])
+        .output()?;
+    let status: Value = serde_json::from_slice(&out.stdout)?;
+    assert!(
+        status["totals"]["drop_rate_limited"]
+            .as_u64()
+            .is_some_and(|n| n >= 39),
+        "{status}"
     );
     let status = pw.stop()?;
     assert!(status.success(), "{status}");

@@ -2144,3 +2144,125 @@ fn frames_the_host_forwards_pass_unless_the_policy_judges_them() -> Result {
     frames(&mut judge, Dropped(GuardStat::DropNoRule))?;
     judge.finish()
 }
+
+#[test]
+fn a_limited_rule_admits_each_source_its_burst_then_drops_it() -> Result {
+    let mut g = Guard::load(
+        r#"allow = [{ port = "tcp/8080", limit = "3/hour" }, { port = "udp/5300", limit = "2/hour" }, "tcp/22"]"#,
+        Mode::Enforce,
+    )?;
+    let syn = |src: Ipv4Addr| {
+        Frame::eth()
+            .ipv4(src, HOST4)
+            .tcp(40000, 8080, TCP_SYN)
+            .build()
+    };
+    for i in 0..3 {
+        g.expect(&format!("SYN {i} of the burst"), &syn(PEER4), Pass)?;
+    }
+    g.expect(
+        "SYN over the limit",
+        &syn(PEER4),
+        Dropped(GuardStat::DropRateLimited),
+    )?;
+    g.expect(
+        "a segment of a connection is no attempt",
+        &Frame::eth()
+            .ipv4(PEER4, HOST4)
+            .tcp(40000, 8080, TCP_ACK)
+            .build(),
+        Pass,
+    )?;
+    g.expect(
+        "another port without a limit",
+        &Frame::eth()
+            .ipv4(PEER4, HOST4)
+            .tcp(40000, 22, TCP_SYN)
+            .build(),
+        Pass,
+    )?;
+    g.expect(
+        "another source, its own burst",
+        &syn(Ipv4Addr::new(203, 0, 113, 99)),
+        Pass,
+    )?;
+    // IPv6 sources count per /64.
+    let syn6 = |src: Ipv6Addr| {
+        Frame::eth()
+            .ipv6(src, HOST6)
+            .tcp(40000, 8080, TCP_SYN)
+            .build()
+    };
+    let same64 = |host: u16| Ipv6Addr::new(0x2001, 0xdb8, 0xffff, 0, 0, 0, 0, host);
+    for host in [1, 2, 3] {
+        g.expect(&format!("/64 neighbour {host}"), &syn6(same64(host)), Pass)?;
+    }
+    g.expect(
+        "a fourth address of the same /64",
+        &syn6(same64(4)),
+        Dropped(GuardStat::DropRateLimited),
+    )?;
+    g.expect(
+        "another /64",
+        &syn6(Ipv6Addr::new(0x2001, 0xdb8, 0xfffe, 0, 0, 0, 0, 1)),
+        Pass,
+    )?;
+    // UDP counts packets.
+    let dgram = || Frame::eth().ipv4(PEER4, HOST4).udp(40000, 5300).build();
+    g.expect("datagram 1", &dgram(), Pass)?;
+    g.expect("datagram 2", &dgram(), Pass)?;
+    g.expect("datagram 3", &dgram(), Dropped(GuardStat::DropRateLimited))?;
+    let counted = g.xdp.counters(portwatch::model::Proto::Tcp, 8080);
+    assert_eq!(counted.drop_packets, 2, "{counted:?}");
+    g.finish()
+}
+
+/// A flood of random sources fills the table of limited sources but
+/// evicts nobody: a source that used up its burst before the flood is
+/// still held back after it; new sources then share the rule's overflow
+/// bucket, and the guard counts that the table was full.
+#[test]
+fn a_source_flood_evicts_no_limited_source() -> Result {
+    let mut g = Guard::load(
+        r#"allow = [{ port = "tcp/8080", limit = "2/hour" }]"#,
+        Mode::Enforce,
+    )?;
+    let syn = |src: Ipv4Addr| {
+        Frame::eth()
+            .ipv4(src, HOST4)
+            .tcp(40000, 8080, TCP_SYN)
+            .build()
+    };
+    g.expect("the client, 1", &syn(PEER4), Pass)?;
+    g.expect("the client, 2", &syn(PEER4), Pass)?;
+    g.expect(
+        "the client, over",
+        &syn(PEER4),
+        Dropped(GuardStat::DropRateLimited),
+    )?;
+    let before = g.xdp.maps.totals();
+    // More distinct sources than the table holds.
+    let flood = portwatch_common::MAX_RATE_SOURCES + 1000;
+    for i in 0..flood {
+        let src = Ipv4Addr::from(0x0a00_0000 | i);
+        g.xdp.verdict(&syn(src))?;
+    }
+    let after = g.xdp.maps.totals();
+    let full = after.get(GuardStat::RateTableFull) - before.get(GuardStat::RateTableFull);
+    assert!(full >= 1000, "{full} packets found the table full");
+    assert_eq!(
+        g.xdp.maps.source_buckets(),
+        portwatch_common::MAX_RATE_SOURCES as usize
+    );
+    g.expect(
+        "the client after the flood, still over",
+        &syn(PEER4),
+        Dropped(GuardStat::DropRateLimited),
+    )?;
+    g.expect(
+        "a new source while the table is full: the shared bucket, used up by the flood",
+        &syn(Ipv4Addr::new(192, 0, 2, 200)),
+        Dropped(GuardStat::DropRateLimited),
+    )?;
+    g.finish()
+}

@@ -66,6 +66,8 @@ enum Wire {
         spec: String,
         #[serde(default, skip_serializing_if = "Vec::is_empty")]
         from: Vec<String>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        limit: Option<String>,
         #[serde(default, skip_serializing_if = "is_false")]
         force: bool,
     },
@@ -98,6 +100,7 @@ impl Wire {
             Request::Allow { rule, force } => Wire::Allow {
                 spec: rule.ports.to_string(),
                 from: rule.from.iter().map(ToString::to_string).collect(),
+                limit: rule.limit.map(|l| l.to_string()),
                 force: *force,
             },
             Request::Deny { ports, force } => Wire::Deny {
@@ -117,8 +120,13 @@ impl Wire {
 
     fn parse(self) -> Result<Request, PolicyError> {
         Ok(match self {
-            Wire::Allow { spec, from, force } => Request::Allow {
-                rule: Rule::parse(&spec, &from)?,
+            Wire::Allow {
+                spec,
+                from,
+                limit,
+                force,
+            } => Request::Allow {
+                rule: Rule::parse(&spec, &from, limit.as_deref())?,
                 force,
             },
             Wire::Deny { spec, force } => Request::Deny {
@@ -244,6 +252,9 @@ pub struct Totals {
     pub drop_source: u64,
     pub drop_malformed: u64,
     pub drop_fragment: u64,
+    pub drop_rate_limited: u64,
+    /// New sources of limited rules that found the source table full.
+    pub rate_table_full: u64,
     pub reports_suppressed: u64,
     pub reports_lost: u64,
     pub flow_replies: u64,
@@ -468,7 +479,7 @@ mod tests {
     fn allow(spec: &str, from: &[&str]) -> Request {
         let from: Vec<String> = from.iter().map(|s| (*s).to_owned()).collect();
         Request::Allow {
-            rule: Rule::parse(spec, &from).expect("a valid rule"),
+            rule: Rule::parse(spec, &from, None).expect("a valid rule"),
             force: false,
         }
     }

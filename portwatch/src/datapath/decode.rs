@@ -124,6 +124,7 @@ pub fn decode_drop(record: &[u8]) -> Result<RawDrop, DecodeError> {
         Some(portwatch_common::DropReason::Source) => DropReason::SourceNotAllowed,
         Some(portwatch_common::DropReason::Malformed) => DropReason::Malformed,
         Some(portwatch_common::DropReason::Fragment) => DropReason::Fragment,
+        Some(portwatch_common::DropReason::RateLimited) => DropReason::RateLimited,
         None => return Err(DecodeError::Reason(record[doff::REASON])),
     };
     let addr = |at: usize| -> Option<IpAddr> {

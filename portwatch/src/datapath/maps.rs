@@ -60,7 +60,8 @@ use aya::maps::{
 };
 use portwatch_common::{
     AF_INET, AF_INET6, FlowKey, GUARD_AUDIT, GUARD_FORWARD_JUDGE, GUARD_STATS_LEN, GuardConfig,
-    GuardStat, IPPROTO_UDP, LocalKey, PortCounters, SRC4_KEY_LEN, SRC6_KEY_LEN,
+    GuardStat, IPPROTO_UDP, LocalKey, MAX_COUNTER_SLOTS, PortCounters, RateKey, RateLimit,
+    RateState, SRC4_KEY_LEN, SRC6_KEY_LEN,
 };
 #[cfg(feature = "test-helpers")]
 use portwatch_common::{FragKey, FragVerdict};
@@ -91,6 +92,8 @@ pub struct MapImage {
     pub ports: BTreeMap<u32, u32>,
     pub src4: BTreeSet<(u32, [u8; SRC4_KEY_LEN])>,
     pub src6: BTreeSet<(u32, [u8; SRC6_KEY_LEN])>,
+    /// Counter slot (a limited rule's) -> its per-source bucket.
+    pub limits: BTreeMap<u32, RateLimit>,
 }
 
 /// Guard-wide counters summed over CPUs, indexed like `GuardStat`.
@@ -113,6 +116,8 @@ pub struct GuardSettings {
     pub flow_timeout: Duration,
     /// Frames the host routes or bridges elsewhere.
     pub forwarded: Forwarded,
+    /// IPv6 sources of limited rules share a bucket per this prefix.
+    pub limit_v6_prefix: u8,
 }
 
 impl GuardSettings {
@@ -130,7 +135,7 @@ impl GuardSettings {
             }),
             report_rate: self.report_rate,
             report_burst: self.report_rate.max(1).saturating_mul(2),
-            _pad: 0,
+            limit_v6_prefix: u32::from(self.limit_v6_prefix),
             flow_timeout_ns: u64::try_from(self.flow_timeout.as_nanos()).unwrap_or(u64::MAX),
         }
     }
@@ -150,6 +155,9 @@ pub struct GuardMaps {
     counters: PerCpuArray<MapData, PortCounters>,
     stats: PerCpuArray<MapData, u64>,
     local: BpfHashMap<MapData, LocalKey, u8>,
+    limits: Array<MapData, RateLimit>,
+    rate: BpfHashMap<MapData, RateKey, RateState>,
+    overflow: Array<MapData, RateState>,
 }
 
 fn map_err(name: &'static str) -> impl Fn(aya::maps::MapError) -> Error {
@@ -169,6 +177,9 @@ impl GuardMaps {
             counters: take(ebpf, map::COUNTERS)?,
             stats: take(ebpf, map::GUARD_STATS)?,
             local: take(ebpf, map::LOCAL_ADDRS)?,
+            limits: take(ebpf, map::LIMITS)?,
+            rate: take(ebpf, map::RATE_STATE)?,
+            overflow: take(ebpf, map::RATE_OVERFLOW)?,
         })
     }
 
@@ -204,6 +215,21 @@ impl GuardMaps {
     /// a port starts to rely on them, ports are opened before anything is
     /// closed, and sources go last.
     fn apply(&mut self, old: &MapImage, new: &MapImage) -> Result<()> {
+        // Limits before the ports that point at them; a slot whose limit
+        // changed or went forgets its sources' buckets.
+        for (slot, limit) in &new.limits {
+            if old.limits.get(slot) != Some(limit) {
+                self.limits
+                    .set(*slot, *limit, 0)
+                    .map_err(map_err(map::LIMITS))?;
+            }
+        }
+        let changed: BTreeSet<u32> = old
+            .limits
+            .iter()
+            .filter(|(slot, limit)| new.limits.get(slot) != Some(limit))
+            .map(|(slot, _)| *slot)
+            .collect();
         for (prefix, data) in new.src4.difference(&old.src4) {
             self.src4
                 .insert(&Key::new(*prefix, *data), 1, 0)
@@ -236,7 +262,56 @@ impl GuardMaps {
                 .remove(&Key::new(*prefix, *data))
                 .map_err(map_err(map::POLICY_SRC6))?;
         }
+        for slot in changed.iter().filter(|s| !new.limits.contains_key(s)) {
+            self.limits
+                .set(*slot, RateLimit::default(), 0)
+                .map_err(map_err(map::LIMITS))?;
+        }
+        if !changed.is_empty() {
+            self.forget_sources(|key, _| changed.contains(&u32::from(key.slot)))?;
+            for slot in &changed {
+                self.overflow
+                    .set(*slot, RateState::default(), 0)
+                    .map_err(map_err(map::RATE_OVERFLOW))?;
+            }
+        }
         Ok(())
+    }
+
+    /// Removes the source buckets `gone` picks. Returns how many went.
+    fn forget_sources(&mut self, gone: impl Fn(&RateKey, &RateState) -> bool) -> Result<usize> {
+        let doomed: Vec<RateKey> = self
+            .rate
+            .iter()
+            .filter_map(|entry| entry.ok())
+            .filter(|(key, state)| gone(key, state))
+            .map(|(key, _)| key)
+            .collect();
+        for key in &doomed {
+            // Gone already (the program does not delete): nothing to do.
+            let _ = self.rate.remove(key);
+        }
+        Ok(doomed.len())
+    }
+
+    /// Removes the buckets that have filled up again (a source idle for
+    /// its rule's whole burst is one the program would start afresh) and
+    /// those of slots without a limit: room for new sources when the
+    /// table filled. Returns how many went.
+    pub(crate) fn sweep_sources(&mut self, limits: &BTreeMap<u32, RateLimit>) -> Result<usize> {
+        let now = crate::sys::monotonic_ns();
+        self.forget_sources(|key, state| match limits.get(&u32::from(key.slot)) {
+            None => true,
+            Some(limit) => {
+                let refill = limit.cap_ns.saturating_sub(state.tokens_ns);
+                now.saturating_sub(state.last_ns) >= refill
+            }
+        })
+    }
+
+    /// Source buckets held now (tests, status).
+    pub fn source_buckets(&self) -> usize {
+        self.rate.keys().filter(|k| k.is_ok()).count()
     }
 
     /// What the maps hold now (for a diff against a policy, e.g. when
@@ -256,6 +331,12 @@ impl GuardMaps {
         for key in self.src6.keys() {
             let key = key.map_err(map_err(map::POLICY_SRC6))?;
             image.src6.insert((key.prefix_len(), key.data()));
+        }
+        for slot in 0..MAX_COUNTER_SLOTS {
+            let limit = self.limits.get(&slot, 0).map_err(map_err(map::LIMITS))?;
+            if limit != RateLimit::default() {
+                image.limits.insert(slot, limit);
+            }
         }
         Ok(image)
     }
@@ -313,6 +394,20 @@ impl GuardMaps {
                 .map_err(map_err(map::FLOWS))?;
         }
         Ok(flows.len())
+    }
+
+    /// Forgets every rate-limited source's bucket, and the overflow
+    /// buckets of `slots` (tests that want each case to start from empty
+    /// state).
+    #[cfg(feature = "test-helpers")]
+    pub fn clear_rate_state(&mut self, slots: impl Iterator<Item = u32>) -> Result<()> {
+        self.forget_sources(|_, _| true)?;
+        for slot in slots {
+            self.overflow
+                .set(slot, RateState::default(), 0)
+                .map_err(map_err(map::RATE_OVERFLOW))?;
+        }
+        Ok(())
     }
 
     /// Records an outbound flow as the tc program would (tests, benches).

@@ -35,6 +35,9 @@ pub const PINNED_MAPS: &[&str] = &[
     map::COUNTERS,
     map::GUARD_STATS,
     map::LOCAL_ADDRS,
+    map::LIMITS,
+    map::RATE_STATE,
+    map::RATE_OVERFLOW,
 ];
 
 #[derive(Clone, Debug)]

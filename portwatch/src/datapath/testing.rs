@@ -67,10 +67,20 @@ impl XdpTester {
             report_rate: 0,
             flow_timeout: Duration::from_secs(30),
             forwarded: policy.forwarded.unwrap_or_default(),
+            limit_v6_prefix: policy
+                .limit_ipv6_prefix
+                .unwrap_or(crate::policy::limit::DEFAULT_IPV6_PREFIX),
         };
         self.maps.install(&self.image, &image, &settings)?;
         self.image = image;
         Ok(())
+    }
+
+    /// Forgets the buckets of rate-limited sources (each case of a test
+    /// starts from empty state).
+    pub fn clear_rate_state(&mut self) -> anyhow::Result<()> {
+        let slots: Vec<u32> = self.image.limits.keys().copied().collect();
+        Ok(self.maps.clear_rate_state(slots.into_iter())?)
     }
 
     /// The addresses frames must be sent to to count as the host's own

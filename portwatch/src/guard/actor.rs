@@ -85,7 +85,14 @@ pub enum Input {
     Control(ControlRequest),
     Drops(Vec<Result<RawDrop, crate::datapath::decode::DecodeError>>),
     Links(Vec<LinkChange>),
+    /// Every few seconds: room in the table of rate-limited sources.
+    Housekeeping,
 }
+
+/// How often housekeeping runs, and how many runs make a full sweep of
+/// the rate-limited sources when the table never filled.
+pub(super) const HOUSEKEEPING: std::time::Duration = std::time::Duration::from_secs(5);
+const FULL_SWEEP_EVERY: u64 = 12;
 
 pub struct Guard {
     /// Held for attaching interfaces that come back; dropping it detaches
@@ -117,6 +124,10 @@ pub struct Guard {
     pub(super) control: Option<tokio::sync::mpsc::Receiver<ControlRequest>>,
     pub(super) links: Option<LinkWatch>,
     pub(super) shutdown: Option<Shutdown>,
+    pub(super) housekeeping: Option<tokio::time::Interval>,
+    /// Housekeeping runs so far, and the table-full count at the last sweep.
+    ticks: u64,
+    table_full_seen: u64,
 }
 
 /// Everything `Guard::new` needs.
@@ -161,6 +172,9 @@ impl Guard {
             control: Some(parts.control),
             links: parts.links,
             shutdown: None,
+            housekeeping: None,
+            ticks: 0,
+            table_full_seen: 0,
         }
     }
 
@@ -213,6 +227,30 @@ impl Guard {
         }
     }
 
+    /// Sweeps the buckets of rate-limited sources that filled up again out
+    /// of the kernel's table: at once when new sources found it full, else
+    /// once a minute while rules have limits.
+    pub fn housekeeping(&mut self) {
+        self.ticks += 1;
+        let full = self.maps.totals().get(GuardStat::RateTableFull);
+        let overflowed = full > self.table_full_seen;
+        self.table_full_seen = full;
+        if !overflowed
+            && (self.image.limits.is_empty() || !self.ticks.is_multiple_of(FULL_SWEEP_EVERY))
+        {
+            return;
+        }
+        match self.maps.sweep_sources(&self.image.limits) {
+            Ok(n) if overflowed => log::warn!(
+                "the table of rate-limited sources was full ({} tracked at most): new sources \
+                 shared their rule's bucket; {n} idle sources swept out",
+                portwatch_common::MAX_RATE_SOURCES
+            ),
+            Ok(_) => {}
+            Err(e) => log::warn!("cannot sweep the table of rate-limited sources: {e}"),
+        }
+    }
+
     /// Records the connected UDP sockets of the guard's namespace as flows,
     /// so that replies to flows opened before the guard keep passing.
     pub fn seed_flows(&mut self) {
@@ -255,6 +293,9 @@ impl Guard {
             report_rate: self.report_rate,
             flow_timeout: self.flow_timeout,
             forwarded: policy.forwarded.unwrap_or_default(),
+            limit_v6_prefix: policy
+                .limit_ipv6_prefix
+                .unwrap_or(crate::policy::limit::DEFAULT_IPV6_PREFIX),
         };
         if let Err(e) = self.maps.install(&self.image, &image, &settings) {
             let back = GuardSettings {
@@ -472,6 +513,8 @@ impl Guard {
                 drop_source: t.get(GuardStat::DropSource),
                 drop_malformed: t.get(GuardStat::DropMalformed),
                 drop_fragment: t.get(GuardStat::DropFragment),
+                drop_rate_limited: t.get(GuardStat::DropRateLimited),
+                rate_table_full: t.get(GuardStat::RateTableFull),
                 reports_suppressed: t.get(GuardStat::ReportsSuppressed),
                 reports_lost: t.get(GuardStat::ReportsLost),
                 flow_replies: t.get(GuardStat::FlowReplies),

@@ -375,7 +375,11 @@ impl Daemon for Guard {
         let mut drops = Vec::new();
         let control = self.control.as_mut();
         let links = self.links.as_mut();
+        let housekeeping = self
+            .housekeeping
+            .get_or_insert_with(|| tokio::time::interval(actor::HOUSEKEEPING));
         tokio::select! {
+            _ = housekeeping.tick() => Ok(Input::Housekeeping),
             req = recv_optional(control) => match req {
                 Some(req) => Ok(Input::Control(req)),
                 // The server is gone: nothing more comes from there.
@@ -396,6 +400,7 @@ impl Daemon for Guard {
         match input {
             Input::Control(req) => return self.handle_request(pipeline, req),
             Input::Drops(batch) => self.drop_events(pipeline, batch)?,
+            Input::Housekeeping => self.housekeeping(),
             Input::Links(changes) => {
                 for change in changes {
                     if let Some(event) = self.on_link_change(change) {

@@ -225,6 +225,7 @@ impl Collector for SnapshotCollector {
             ("source_not_allowed", GuardStat::DropSource),
             ("malformed", GuardStat::DropMalformed),
             ("fragment", GuardStat::DropFragment),
+            ("rate_limited", GuardStat::DropRateLimited),
         ]
         .into_iter()
         .map(|(name, stat)| (vec![("reason", name.to_string())], g.totals.get(stat)))

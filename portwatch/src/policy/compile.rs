@@ -2,7 +2,7 @@
 
 use ipnet::IpNet;
 use portwatch_common::{
-    MAX_SRC_RULES, RULE_ANY, RULE_CIDR, port_slot, src_prefix_len, src4_key, src6_key,
+    MAX_SRC_RULES, RULE_ANY, RULE_CIDR, RULE_LIMIT, port_slot, src_prefix_len, src4_key, src6_key,
 };
 
 use super::Policy;
@@ -23,6 +23,10 @@ pub fn compile(policy: &Policy) -> Result<MapImage, CompileError> {
         let proto = rule.ports.proto.0;
         for port in rule.ports.lo..=rule.ports.hi {
             let bits = image.ports.entry(port_slot(proto, port)).or_insert(0);
+            // The limit itself goes in with the rule's counter slot.
+            if rule.limit.is_some() {
+                *bits |= RULE_LIMIT;
+            }
             if rule.from.is_empty() {
                 *bits |= RULE_ANY;
                 continue;

@@ -19,6 +19,8 @@ use super::{Forwarded, Mode};
 pub(super) struct RawFile {
     pub mode: Option<Mode>,
     pub forwarded: Option<Forwarded>,
+    /// `limit_ipv6_prefix`: how IPv6 sources of limited rules are grouped.
+    pub limit_ipv6_prefix: Option<Spanned<i64>>,
     pub interfaces: Vec<Spanned<String>>,
     pub allow: Vec<Spanned<RawEntry>>,
 }
@@ -32,6 +34,8 @@ pub(super) enum RawEntry {
     Table {
         port: Spanned<String>,
         from: Option<Spanned<Vec<Spanned<String>>>>,
+        /// `limit = "10/minute"`.
+        limit: Option<Spanned<String>>,
     },
 }
 
@@ -167,6 +171,15 @@ impl<'de> Deserialize<'de> for PortSpec {
     }
 }
 
+struct LimitSpec(String);
+
+impl<'de> Deserialize<'de> for LimitSpec {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_str(StrOf(r#"a limit string like "10/minute""#))
+            .map(LimitSpec)
+    }
+}
+
 struct ModeValue(Mode);
 
 impl<'de> Deserialize<'de> for ModeValue {
@@ -202,17 +215,25 @@ impl<'de> Visitor<'de> for FileVisitor {
 
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<RawFile, A::Error> {
         let key = || Key {
-            allowed: &["mode", "forwarded", "interfaces", "allow"],
+            allowed: &[
+                "mode",
+                "forwarded",
+                "limit_ipv6_prefix",
+                "interfaces",
+                "allow",
+            ],
             place: "the policy",
         };
         // toml rejects repeated keys before this runs; each one is still
         // read once only, so a repeat cannot slip through another format.
         let mut file = RawFile::default();
         let (mut mode, mut forwarded, mut interfaces, mut allow) = (false, false, false, false);
+        let mut prefix = false;
         while let Some(k) = map.next_key_seed(key())? {
             let seen = match k {
                 "mode" => &mut mode,
                 "forwarded" => &mut forwarded,
+                "limit_ipv6_prefix" => &mut prefix,
                 "interfaces" => &mut interfaces,
                 _ => &mut allow,
             };
@@ -222,6 +243,7 @@ impl<'de> Visitor<'de> for FileVisitor {
             match k {
                 "mode" => file.mode = Some(map.next_value::<ModeValue>()?.0),
                 "forwarded" => file.forwarded = Some(map.next_value::<ForwardedValue>()?.0),
+                "limit_ipv6_prefix" => file.limit_ipv6_prefix = Some(map.next_value()?),
                 "interfaces" => file.interfaces = map.next_value::<Interfaces>()?.0,
                 _ => file.allow = map.next_value::<Rules>()?.0,
             }
@@ -253,22 +275,32 @@ impl<'de> Visitor<'de> for EntryVisitor {
 
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<RawEntry, A::Error> {
         let key = || Key {
-            allowed: &["port", "from"],
+            allowed: &["port", "from", "limit"],
             place: "an allow rule",
         };
         let mut port: Option<Spanned<PortSpec>> = None;
         let mut from: Option<Spanned<Sources>> = None;
+        let mut limit: Option<Spanned<LimitSpec>> = None;
         while let Some(k) = map.next_key_seed(key())? {
-            if k == "port" {
-                if port.is_some() {
-                    return Err(de::Error::duplicate_field("port"));
+            match k {
+                "port" => {
+                    if port.is_some() {
+                        return Err(de::Error::duplicate_field("port"));
+                    }
+                    port = Some(map.next_value()?);
                 }
-                port = Some(map.next_value()?);
-            } else {
-                if from.is_some() {
-                    return Err(de::Error::duplicate_field("from"));
+                "from" => {
+                    if from.is_some() {
+                        return Err(de::Error::duplicate_field("from"));
+                    }
+                    from = Some(map.next_value()?);
                 }
-                from = Some(map.next_value()?);
+                _ => {
+                    if limit.is_some() {
+                        return Err(de::Error::duplicate_field("limit"));
+                    }
+                    limit = Some(map.next_value()?);
+                }
             }
         }
         // Raised after the keys, so toml points it at the whole table.
@@ -281,6 +313,10 @@ impl<'de> Visitor<'de> for EntryVisitor {
             from: from.map(|f| {
                 let span = f.span();
                 Spanned::new(span, f.into_inner().0)
+            }),
+            limit: limit.map(|l| {
+                let span = l.span();
+                Spanned::new(span, l.into_inner().0)
             }),
         })
     }
@@ -326,6 +362,7 @@ mod tests {
         let RawEntry::Table {
             port,
             from: Some(from),
+            ..
         } = second.get_ref()
         else {
             panic!("a table with `from` expected: {second:?}");
@@ -363,11 +400,11 @@ mod tests {
     fn shape_errors_point_at_the_culprit() {
         assert_eq!(
             shape_err("bogus = 1"),
-            r#"unknown key "bogus" in the policy (expected mode, forwarded, interfaces or allow) @ bogus"#
+            r#"unknown key "bogus" in the policy (expected mode, forwarded, limit_ipv6_prefix, interfaces or allow) @ bogus"#
         );
         assert_eq!(
             shape_err("allow = [\n { port = \"tcp/1\", frm = [] },\n]"),
-            r#"unknown key "frm" in an allow rule (expected port or from) @ frm"#
+            r#"unknown key "frm" in an allow rule (expected port, from or limit) @ frm"#
         );
         assert_eq!(
             shape_err("allow = \"tcp/22\""),

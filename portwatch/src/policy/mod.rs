@@ -8,6 +8,7 @@
 
 pub mod compile;
 mod file;
+pub mod limit;
 pub mod slots;
 mod spec;
 pub mod store;
@@ -20,6 +21,7 @@ use std::{
 
 use ipnet::IpNet;
 
+pub use limit::{LimitError, RateLimit};
 pub use spec::{PortRange, SpecError};
 
 use crate::model::IpProto;
@@ -30,6 +32,8 @@ pub struct Rule {
     pub ports: PortRange,
     /// Networks that may connect; empty means from anywhere.
     pub from: Vec<IpNet>,
+    /// At most this much per source (TCP: connection attempts).
+    pub limit: Option<RateLimit>,
     /// Where the rule is in the policy file; `None` for `--allow` and
     /// runtime rules.
     pub line: Option<usize>,
@@ -40,9 +44,13 @@ impl Rule {
     /// spec and sources, parsed by the same parser as the policy file and
     /// checked as a rule on its own (no host bits, no redundant or
     /// IPv4-mapped source).
-    pub fn parse(spec: &str, from: &[String]) -> Result<Rule, PolicyError> {
+    pub fn parse(spec: &str, from: &[String], limit: Option<&str>) -> Result<Rule, PolicyError> {
         let ports =
             PortRange::parse(spec).map_err(|error| PolicyError::Spec { line: None, error })?;
+        let limit = limit
+            .map(RateLimit::parse)
+            .transpose()
+            .map_err(|error| PolicyError::Limit { line: None, error })?;
         let nets = from
             .iter()
             .map(|value| parse_source(value, None).map(|net| (net, None)))
@@ -51,6 +59,7 @@ impl Rule {
         Ok(Rule {
             ports,
             from: nets.into_iter().map(|(net, _)| net).collect(),
+            limit,
             line: None,
         })
     }
@@ -60,18 +69,22 @@ impl Rule {
         Rule {
             ports,
             from: Vec::new(),
+            limit: None,
             line: None,
         }
     }
 }
 
-/// `tcp/22`, or `tcp/5432 from 10.0.0.0/8, fd00::/8`.
+/// `tcp/22`, `tcp/5432 from 10.0.0.0/8, fd00::/8`, `tcp/22 limit 10/minute`.
 impl fmt::Display for Rule {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}", self.ports)?;
         for (i, net) in self.from.iter().enumerate() {
             f.write_str(if i == 0 { " from " } else { ", " })?;
             write!(f, "{net}")?;
+        }
+        if let Some(limit) = self.limit {
+            write!(f, " limit {limit}")?;
         }
         Ok(())
     }
@@ -84,6 +97,9 @@ pub struct Policy {
     /// Frames the host routes or bridges elsewhere; `None`: the file does
     /// not say, which is `pass`.
     pub forwarded: Option<Forwarded>,
+    /// How IPv6 sources of limited rules are grouped (a prefix length);
+    /// `None`: /64.
+    pub limit_ipv6_prefix: Option<u8>,
     /// Where the guard attaches; empty: the caller picks.
     pub interfaces: Vec<String>,
     pub rules: Vec<Rule>,
@@ -171,6 +187,15 @@ pub enum PolicyError {
         line: Option<usize>,
         error: SpecError,
     },
+
+    #[error("{}limit {error}", At(*.line))]
+    Limit {
+        line: Option<usize>,
+        error: LimitError,
+    },
+
+    #[error("{}limit_ipv6_prefix = {value}: expected a prefix length from 1 to 128", At(*.line))]
+    LimitPrefix { line: Option<usize>, value: i64 },
 
     #[error("{}{value:?} is not an address or CIDR: {reason}", At(*.line))]
     BadSource {
@@ -309,6 +334,8 @@ impl PolicyError {
             PolicyError::Syntax { line, .. }
             | PolicyError::Shape { line, .. }
             | PolicyError::Spec { line, .. }
+            | PolicyError::Limit { line, .. }
+            | PolicyError::LimitPrefix { line, .. }
             | PolicyError::BadSource { line, .. }
             | PolicyError::HostBits { line, .. }
             | PolicyError::MappedSource { line, .. }
@@ -452,9 +479,23 @@ impl Policy {
         })?;
         let line = |span: std::ops::Range<usize>| Some(line_of(text, span.start));
 
+        let limit_ipv6_prefix = match raw.limit_ipv6_prefix {
+            None => None,
+            Some(value) => {
+                let at = line(value.span());
+                let value = value.into_inner();
+                Some(
+                    u8::try_from(value)
+                        .ok()
+                        .filter(|p| (1..=128).contains(p))
+                        .ok_or(PolicyError::LimitPrefix { line: at, value })?,
+                )
+            }
+        };
         let mut policy = Policy {
             mode: raw.mode,
             forwarded: raw.forwarded,
+            limit_ipv6_prefix,
             ..Policy::default()
         };
         let mut iface_lines = Vec::new();
@@ -482,9 +523,10 @@ impl Policy {
                         error,
                     })?,
                     from: Vec::new(),
+                    limit: None,
                     line: entry_line,
                 },
-                file::RawEntry::Table { port, from } => {
+                file::RawEntry::Table { port, from, limit } => {
                     let rule_line = line(port.span());
                     let ports =
                         PortRange::parse(port.get_ref()).map_err(|error| PolicyError::Spec {
@@ -505,9 +547,20 @@ impl Policy {
                         // Checked here, where each network has its own line.
                         check_sources(&nets)?;
                     }
+                    let limit = match limit {
+                        None => None,
+                        Some(limit) => {
+                            let at = line(limit.span());
+                            Some(
+                                RateLimit::parse(limit.get_ref())
+                                    .map_err(|error| PolicyError::Limit { line: at, error })?,
+                            )
+                        }
+                    };
                     Rule {
                         ports,
                         from: nets.into_iter().map(|(net, _)| net).collect(),
+                        limit,
                         line: rule_line,
                     }
                 }
@@ -644,6 +697,9 @@ impl Policy {
         if let Some(forwarded) = self.forwarded {
             out.push_str(&format!("forwarded = {}\n", toml_str(forwarded.as_str())));
         }
+        if let Some(prefix) = self.limit_ipv6_prefix {
+            out.push_str(&format!("limit_ipv6_prefix = {prefix}\n"));
+        }
         let names: Vec<String> = self.interfaces.iter().map(|n| toml_str(n)).collect();
         out.push_str(&format!("interfaces = [{}]\n", names.join(", ")));
         if self.rules.is_empty() {
@@ -653,16 +709,21 @@ impl Policy {
         out.push_str("allow = [\n");
         for rule in &self.rules {
             let port = toml_str(&rule.ports.to_string());
-            if rule.from.is_empty() {
+            if rule.from.is_empty() && rule.limit.is_none() {
                 out.push_str(&format!("  {port},\n"));
-            } else {
+                continue;
+            }
+            let mut table = format!("  {{ port = {port}");
+            if !rule.from.is_empty() {
                 let from: Vec<String> =
                     rule.from.iter().map(|n| toml_str(&n.to_string())).collect();
-                out.push_str(&format!(
-                    "  {{ port = {port}, from = [{}] }},\n",
-                    from.join(", ")
-                ));
+                table.push_str(&format!(", from = [{}]", from.join(", ")));
             }
+            if let Some(limit) = rule.limit {
+                table.push_str(&format!(", limit = {}", toml_str(&limit.to_string())));
+            }
+            out.push_str(&table);
+            out.push_str(" },\n");
         }
         out.push_str("]\n");
         out
@@ -747,6 +808,7 @@ allow = [
         let rule = |s: &str, from: &[&str], line| Rule {
             ports: range(s),
             from: from.iter().map(|s| net(s)).collect(),
+            limit: None,
             line: Some(line),
         };
         assert_eq!(
@@ -953,11 +1015,11 @@ allow = [
     fn shape_errors_name_the_line() {
         assert_eq!(
             err("mode = \"audit\"\nbogus = 1\n"),
-            r#"line 2: unknown key "bogus" in the policy (expected mode, forwarded, interfaces or allow)"#
+            r#"line 2: unknown key "bogus" in the policy (expected mode, forwarded, limit_ipv6_prefix, interfaces or allow)"#
         );
         assert_eq!(
             err("allow = [\n  \"tcp/1\",\n  { port = \"tcp/2\", form = [\"10.0.0.0/8\"] },\n]"),
-            r#"line 3: unknown key "form" in an allow rule (expected port or from)"#
+            r#"line 3: unknown key "form" in an allow rule (expected port, from or limit)"#
         );
         assert_eq!(
             err("\n\nallow = \"tcp/22\"\n"),
@@ -1084,11 +1146,13 @@ allow = [
             Policy {
                 mode: Some(Mode::Audit),
                 forwarded: Some(Forwarded::Judge),
+                limit_ipv6_prefix: Some(56),
                 interfaces: vec!["eth0".into(), "wg\"0\\".into()],
                 rules: vec![
                     Rule {
                         ports: range("udp/1-65535"),
                         from: vec![net("192.0.2.7/32"), net("::/0")],
+                        limit: Some(RateLimit::parse("10/minute").expect("a valid limit")),
                         line: None,
                     },
                     Rule::anywhere(range("tcp/65535")),
@@ -1156,11 +1220,13 @@ allow = [
             Rule {
                 ports: range("tcp/1"),
                 from: vec![IpNet::new(v4(10, 0, 0, 1), 8).expect("valid prefix")],
+                limit: None,
                 line: None,
             },
             Rule {
                 ports: range("tcp/1"),
                 from: vec![net("10.0.0.0/8"), net("10.2.0.0/16")],
+                limit: None,
                 line: None,
             },
         ];

@@ -138,6 +138,14 @@ impl CounterSlots {
         for (owner, slot) in &self.owners {
             match owner {
                 SlotOwner::Rule(r) => {
+                    let limit = policy
+                        .rules
+                        .iter()
+                        .find(|rule| rule.ports == *r)
+                        .and_then(|rule| rule.limit);
+                    if let Some(limit) = limit {
+                        image.limits.insert(*slot, limit.bucket());
+                    }
                     for port in r.lo..=r.hi {
                         let entry = image.ports.entry(port_slot(r.proto.0, port)).or_insert(0);
                         *entry = port_entry(*entry, *slot);

@@ -330,6 +330,7 @@ fn reason_text(reason: DropReason) -> &'static str {
         DropReason::SourceNotAllowed => "source not allowed",
         DropReason::Malformed => "malformed",
         DropReason::Fragment => "fragment without its first",
+        DropReason::RateLimited => "over the rule's limit",
     }
 }
 

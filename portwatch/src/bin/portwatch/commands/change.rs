@@ -25,12 +25,15 @@ use super::{client_error, print, socket_path};
 
 #[derive(Debug, Clone, Args)]
 pub struct AllowArgs {
-    /// Ports to permit: tcp/PORT, udp/PORT or a range such as tcp/8000-8099.
+    /// What to permit: tcp/PORT, udp/PORT, sctp/PORT, a range such as tcp/8000-8099, or a whole protocol: proto/vrrp, proto/47.
     #[arg(value_name = "SPEC")]
     pub spec: String,
     /// Permit only these sources: addresses or CIDRs (repeatable, or comma-separated) [default: from anywhere]
     #[arg(long = "from", value_name = "CIDR", value_delimiter = ',')]
     pub from: Vec<String>,
+    /// At most this much per source, e.g. 10/minute or 200/second (TCP: connection attempts; others: packets).
+    #[arg(long, value_name = "COUNT/PERIOD")]
+    pub limit: Option<String>,
     /// The guard's control socket [default: /run/portwatch/control.sock]
     #[arg(long, value_name = "PATH")]
     pub socket: Option<PathBuf>,
@@ -146,7 +149,7 @@ fn edit_offline(
 
 /// `portwatch allow SPEC [--from CIDR]...`
 pub fn allow(args: AllowArgs) -> anyhow::Result<ExitCode> {
-    let rule = Rule::parse(&args.spec, &args.from)?;
+    let rule = Rule::parse(&args.spec, &args.from, args.limit.as_deref())?;
     let socket = socket_path(args.socket.as_deref());
     if args.offline {
         return edit_offline(args.policy.as_deref(), &socket, |policy| {
@@ -228,7 +231,7 @@ mod tests {
     fn local_checks() {
         let err = |spec: &str, from: &[&str]| {
             let from: Vec<String> = from.iter().map(|s| (*s).to_owned()).collect();
-            Rule::parse(spec, &from)
+            Rule::parse(spec, &from, None)
                 .map(|r| describe(&r))
                 .map_err(|e| e.to_string())
         };
@@ -289,6 +292,7 @@ mod tests {
             allow(AllowArgs {
                 spec: spec.into(),
                 from: from.iter().map(|s| (*s).to_owned()).collect(),
+                limit: None,
                 socket: Some(socket.clone()),
                 offline: true,
                 policy: Some(file.clone()),

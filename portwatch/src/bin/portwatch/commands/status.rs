@@ -64,6 +64,7 @@ fn totals_line(t: &Totals, paint: impl Fn(&'static str) -> (&'static str, &'stat
         (t.drop_source, "source not allowed"),
         (t.drop_malformed, "malformed"),
         (t.drop_fragment, "fragment"),
+        (t.drop_rate_limited, "rate limited"),
     ];
     let sum: u64 = reasons.iter().map(|(n, _)| n).sum();
     let each: Vec<String> = reasons.iter().map(|(n, l)| format!("{l} {n}")).collect();
@@ -73,6 +74,12 @@ fn totals_line(t: &Totals, paint: impl Fn(&'static str) -> (&'static str, &'stat
     parts.push(format!("{on}events lost {}{off}", t.events_lost));
     parts.push(format!("flow replies {}", t.flow_replies));
     parts.push(format!("forwarded {}", t.forwarded));
+    if t.rate_table_full > 0 {
+        parts.push(format!(
+            "rate-limited sources over the table {}",
+            t.rate_table_full
+        ));
+    }
     parts.push(format!("reports lost {}", t.reports_lost));
     // Counters of a newer guard, by their names.
     for (key, value) in &t.other {
@@ -311,7 +318,7 @@ mode        enforce
 policy      /etc/portwatch/policy.toml
 pinned      /sys/fs/bpf/portwatch
 interfaces  eth0 (native), eth1 (generic)
-totals      passed 1, dropped 2 (no rule 2, source not allowed 0, malformed 0, fragment 0), drop reports held back 0, events lost 0, flow replies 5, forwarded 0, reports lost 0, new counter 9
+totals      passed 1, dropped 2 (no rule 2, source not allowed 0, malformed 0, fragment 0, rate limited 0), drop reports held back 0, events lost 0, flow replies 5, forwarded 0, reports lost 0, new counter 9
 
 PROTO ADDRESS       PID COMM    USER   EXPOSURE     PASSED     DROPPED COMMAND
 tcp   0.0.0.0:22    812 sshd    root   exposed  10 (900 B)     0 (0 B) sshd -D

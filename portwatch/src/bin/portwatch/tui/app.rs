@@ -759,6 +759,7 @@ impl App {
             ("source", t.drop_source),
             ("malformed", t.drop_malformed),
             ("fragment", t.drop_fragment),
+            ("rate limited", t.drop_rate_limited),
         ];
         header.suppressed = Some(t.reports_suppressed);
         header.events_lost = Some(t.events_lost);
@@ -1331,7 +1332,8 @@ mod tests {
                     ("no rule", 5),
                     ("source", 1),
                     ("malformed", 0),
-                    ("fragment", 0)
+                    ("fragment", 0),
+                    ("rate limited", 0)
                 ],
                 suppressed: Some(0),
                 events_lost: Some(0),
