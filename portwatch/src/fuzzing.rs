@@ -562,7 +562,7 @@ fn structured_range(c: &mut Cursor) -> Result<PortRange, SpecError> {
 /// A request from the bytes; a rule the policy refuses (port 0, host bits,
 /// redundant sources) becomes `status`, which has nothing to get wrong.
 fn structured_request(c: &mut Cursor) -> Request {
-    match c.byte() % 7 {
+    match c.byte() % 10 {
         0 => {
             let ports = structured_range(c);
             let from: Vec<String> = (0..c.byte() % 4).map(|_| source(c).to_string()).collect();
@@ -571,6 +571,7 @@ fn structured_request(c: &mut Cursor) -> Request {
                 Ok(Ok(rule)) => Request::Allow {
                     rule,
                     force: c.flag(),
+                    confirm_within: c.flag().then(|| u64::from(c.byte())),
                 },
                 _ => Request::Status,
             }
@@ -579,9 +580,37 @@ fn structured_request(c: &mut Cursor) -> Request {
             Ok(ports) => Request::Deny {
                 ports,
                 force: c.flag(),
+                confirm_within: c.flag().then(|| u64::from(c.byte())),
             },
             Err(_) => Request::Status,
         },
+        7 => Request::Confirm,
+        8 | 9 => {
+            // A small policy of generated rules, as `apply` or `diff`.
+            let mut policy = Policy::default();
+            for _ in 0..c.byte() % 4 {
+                if let Ok(ports) = structured_range(c) {
+                    let _ = policy.add_rule(Rule::anywhere(ports));
+                }
+            }
+            // As a file gives it: rules know their lines.
+            let text = policy.to_toml();
+            let Ok(policy) = Policy::parse(&text) else {
+                return Request::Status;
+            };
+            if c.byte().is_multiple_of(2) {
+                Request::Diff {
+                    policy: Box::new(policy),
+                }
+            } else {
+                Request::Apply {
+                    text,
+                    policy: Box::new(policy),
+                    force: c.flag(),
+                    confirm_within: c.flag().then(|| u64::from(c.byte())),
+                }
+            }
+        }
         2 => Request::Policy,
         3 => Request::Reload { force: c.flag() },
         4 => Request::Status,

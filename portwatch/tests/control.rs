@@ -195,8 +195,8 @@ async fn bad_lines_get_errors_and_the_connection_goes_on() -> TestResult {
         assert!(error_of(&answers[0]).starts_with("request is not JSON: expected ident"));
         assert_eq!(
             error_of(&answers[1]),
-            "unknown command \"frobnicate\" (expected allow, deny, policy, reload, status, \
-             subscribe, shutdown)"
+            "unknown command \"frobnicate\" (expected allow, deny, apply, confirm, diff, policy, \
+             reload, status, subscribe, shutdown)"
         );
         assert_eq!(
             error_of(&answers[2]),

@@ -2,7 +2,8 @@
 //!
 //! `portwatch guard` listens on a Unix stream socket,
 //! `/run/portwatch/control.sock` by default. `portwatch allow`, `deny`,
-//! `policy`, `reload` and `status` (and `watch`, while a guard runs) are its
+//! `apply`, `confirm`, `diff`, `policy`, `reload` and `status` (and
+//! `watch`, while a guard runs) are its
 //! clients, and so is anything that can write a line to a socket:
 //!
 //! ```text
@@ -22,7 +23,8 @@
 //! | a member of the read group (primary or supplementary group) | `policy`, `status`, `subscribe` |
 //! | anyone else | nothing: one error line, then the guard closes the connection |
 //!
-//! A read-only peer that sends `allow`, `deny`, `reload` or `shutdown` gets
+//! A read-only peer that sends `allow`, `deny`, `apply`, `confirm`, `diff`
+//! (it shows whose SSH sessions a policy would cut), `reload` or `shutdown` gets
 //! a permission error, and the connection stays usable.
 //!
 //! # Framing
@@ -37,7 +39,7 @@
 //! `"error"` string that says what went wrong:
 //!
 //! ```json
-//! {"ok":false,"error":"unknown command \"frobnicate\" (expected allow, deny, policy, reload, status, subscribe, shutdown)"}
+//! {"ok":false,"error":"unknown command \"frobnicate\" (expected allow, deny, apply, confirm, diff, policy, reload, status, subscribe, shutdown)"}
 //! ```
 //!
 //! # Requests
@@ -48,11 +50,20 @@
 //! |---|---|---|
 //! | `{"cmd":"allow","spec":"tcp/8080"}`, optionally `"from":["10.0.0.0/8","fd00::/8"]` | write | `change`: what changed, e.g. `"allow tcp/8080"`; `policy`: the policy now in force (as for `policy`) |
 //! | `{"cmd":"deny","spec":"tcp/8080"}` | write | `change` |
+//! | `{"cmd":"apply","policy":"allow = [\"tcp/22\"]\n"}`: a whole policy file's text | write | `change`; the text becomes the policy file, applied as `reload` would |
+//! | `{"cmd":"confirm"}` | write | `change`: the change awaiting confirmation is kept |
+//! | `{"cmd":"diff","policy":"…"}` | write | `added`, `removed` (rules), `settings` (`"mode enforce -> audit"`), `exposure` (`[{"proto","addr","port","pid","comm","from","to"}]`), `ssh` (sessions it would cut off); nothing is applied |
 //! | `{"cmd":"policy"}` | read | `mode`, `file`, `interfaces`, `rules` (`[{"ports":"tcp/22","from":[]}]`) and `toml`: the policy in force, as policy file text |
 //! | `{"cmd":"reload"}` | write | `change`: the policy file was read again and applied |
 //! | `{"cmd":"status"}` | read | the guard's state, below |
 //! | `{"cmd":"subscribe"}`, optionally `"format":"json"` (default) or `"human"`, `"colour":true` | read | an acknowledgement, then one line per event as `portwatch guard` prints them (`--json` for `json`) |
 //! | `{"cmd":"shutdown"}`, optionally `"detach":true` | write | the guard stops; its pinned datapath keeps enforcing, unless `detach` (what `portwatch down` sends): then it detaches and unpins everything |
+//!
+//! `allow`, `deny` and `apply` take `"force":true` (apply even if it cuts
+//! off an SSH session) and `"confirm_within":SECONDS`: the change reverts
+//! (file and kernel maps) unless `confirm` follows in time; while it waits,
+//! other changes are refused. A guard that stops meanwhile reverts it, and
+//! so does the next guard that starts (the file `POLICY.pending` records it).
 //!
 //! `spec` is `tcp/PORT`, `udp/PORT` or `tcp/LO-HI`, as in the policy file.
 //! The status answer (clients render what is there and ignore what is not):

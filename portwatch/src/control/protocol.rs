@@ -23,6 +23,9 @@ pub const MAX_LINE: usize = 64 * 1024;
 pub const COMMANDS: &[&str] = &[
     "allow",
     "deny",
+    "apply",
+    "confirm",
+    "diff",
     "policy",
     "reload",
     "status",
@@ -38,9 +41,30 @@ pub const COMMANDS: &[&str] = &[
 pub enum Request {
     /// Permit `rule.ports` from `rule.from` (from anywhere when empty).
     /// `force`: even if it cuts off an SSH session (lockout protection).
-    Allow { rule: Rule, force: bool },
+    /// `confirm_within`: revert unless confirmed within so many seconds.
+    Allow {
+        rule: Rule,
+        force: bool,
+        confirm_within: Option<u64>,
+    },
     /// Stop permitting `ports`; rules that reach past it keep the rest.
-    Deny { ports: PortRange, force: bool },
+    Deny {
+        ports: PortRange,
+        force: bool,
+        confirm_within: Option<u64>,
+    },
+    /// Make `text` (a whole policy file, valid as `policy`) the policy
+    /// file and apply it.
+    Apply {
+        text: String,
+        policy: Box<Policy>,
+        force: bool,
+        confirm_within: Option<u64>,
+    },
+    /// Keep the change that awaits confirmation.
+    Confirm,
+    /// What applying `policy` would change; nothing is applied.
+    Diff { policy: Box<Policy> },
     /// The policy in force.
     Policy,
     /// Read the policy file again and apply it.
@@ -70,11 +94,27 @@ enum Wire {
         limit: Option<String>,
         #[serde(default, skip_serializing_if = "is_false")]
         force: bool,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        confirm_within: Option<u64>,
     },
     Deny {
         spec: String,
         #[serde(default, skip_serializing_if = "is_false")]
         force: bool,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        confirm_within: Option<u64>,
+    },
+    Apply {
+        /// The policy file's text.
+        policy: String,
+        #[serde(default, skip_serializing_if = "is_false")]
+        force: bool,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        confirm_within: Option<u64>,
+    },
+    Confirm,
+    Diff {
+        policy: String,
     },
     Policy,
     Reload {
@@ -97,15 +137,39 @@ enum Wire {
 impl Wire {
     fn of(request: &Request) -> Self {
         match request {
-            Request::Allow { rule, force } => Wire::Allow {
+            Request::Allow {
+                rule,
+                force,
+                confirm_within,
+            } => Wire::Allow {
                 spec: rule.ports.to_string(),
                 from: rule.from.iter().map(ToString::to_string).collect(),
                 limit: rule.limit.map(|l| l.to_string()),
                 force: *force,
+                confirm_within: *confirm_within,
             },
-            Request::Deny { ports, force } => Wire::Deny {
+            Request::Deny {
+                ports,
+                force,
+                confirm_within,
+            } => Wire::Deny {
                 spec: ports.to_string(),
                 force: *force,
+                confirm_within: *confirm_within,
+            },
+            Request::Apply {
+                text,
+                force,
+                confirm_within,
+                ..
+            } => Wire::Apply {
+                policy: text.clone(),
+                force: *force,
+                confirm_within: *confirm_within,
+            },
+            Request::Confirm => Wire::Confirm,
+            Request::Diff { policy } => Wire::Diff {
+                policy: policy.to_toml(),
             },
             Request::Policy => Wire::Policy,
             Request::Reload { force } => Wire::Reload { force: *force },
@@ -125,14 +189,35 @@ impl Wire {
                 from,
                 limit,
                 force,
+                confirm_within,
             } => Request::Allow {
                 rule: Rule::parse(&spec, &from, limit.as_deref())?,
                 force,
+                confirm_within,
             },
-            Wire::Deny { spec, force } => Request::Deny {
+            Wire::Deny {
+                spec,
+                force,
+                confirm_within,
+            } => Request::Deny {
                 ports: PortRange::parse(&spec)
                     .map_err(|error| PolicyError::Spec { line: None, error })?,
                 force,
+                confirm_within,
+            },
+            Wire::Apply {
+                policy,
+                force,
+                confirm_within,
+            } => Request::Apply {
+                policy: Box::new(Policy::parse(&policy)?),
+                text: policy,
+                force,
+                confirm_within,
+            },
+            Wire::Confirm => Request::Confirm,
+            Wire::Diff { policy } => Request::Diff {
+                policy: Box::new(Policy::parse(&policy)?),
             },
             Wire::Policy => Request::Policy,
             Wire::Reload { force } => Request::Reload { force },
@@ -149,6 +234,9 @@ impl Request {
         match self {
             Request::Allow { .. } => "allow",
             Request::Deny { .. } => "deny",
+            Request::Apply { .. } => "apply",
+            Request::Confirm => "confirm",
+            Request::Diff { .. } => "diff",
             Request::Policy => "policy",
             Request::Reload { .. } => "reload",
             Request::Status => "status",
@@ -163,8 +251,13 @@ impl Request {
         match self {
             Request::Allow { .. }
             | Request::Deny { .. }
+            | Request::Apply { .. }
+            | Request::Confirm
             | Request::Reload { .. }
             | Request::Shutdown { .. } => true,
+            // A diff shows whose SSH sessions a policy would cut: the
+            // writers' business.
+            Request::Diff { .. } => true,
             Request::Policy | Request::Status | Request::Subscribe { .. } => false,
         }
     }
@@ -188,6 +281,33 @@ pub struct ChangeResponse {
     /// The policy now in force (not for shutdown).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub policy: Option<PolicyView>,
+}
+
+/// What a policy would change against the one in force.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct DiffResponse {
+    /// Rules only the new policy has, and only the one in force has.
+    pub added: Vec<String>,
+    pub removed: Vec<String>,
+    /// Settings that change: `mode enforce -> audit`, `forwarded ...`.
+    pub settings: Vec<String>,
+    /// Listeners of the guard's namespace whose exposure changes.
+    pub exposure: Vec<ExposureChange>,
+    /// SSH sessions (the asker's, established ones) it would cut off.
+    pub ssh: Vec<String>,
+}
+
+/// A listener whose exposure a new policy changes.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExposureChange {
+    pub proto: Proto,
+    pub addr: IpAddr,
+    pub port: u16,
+    pub pid: Option<u32>,
+    pub comm: Option<String>,
+    pub from: Option<Exposure>,
+    pub to: Option<Exposure>,
 }
 
 /// The policy in force.
@@ -303,6 +423,7 @@ pub struct Subscribed {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Response {
     Change(ChangeResponse),
+    Diff(DiffResponse),
     Policy(PolicyView),
     Status(Box<StatusResponse>),
     Subscribed,
@@ -335,6 +456,7 @@ impl Response {
         }
         let text = match self {
             Response::Change(c) => ok(c),
+            Response::Diff(d) => ok(d),
             Response::Policy(p) => ok(p),
             Response::Status(s) => ok(s.as_ref()),
             Response::Subscribed => ok(&Subscribed { subscribed: true }),
@@ -481,6 +603,7 @@ mod tests {
         Request::Allow {
             rule: Rule::parse(spec, &from, None).expect("a valid rule"),
             force: false,
+            confirm_within: None,
         }
     }
 
@@ -500,6 +623,7 @@ mod tests {
                 Request::Deny {
                     ports: PortRange::parse("udp/53").expect("a valid spec"),
                     force: false,
+                    confirm_within: None,
                 },
             ),
             (r#"{"cmd":"policy"}"#, Request::Policy),
@@ -509,10 +633,11 @@ mod tests {
                 Request::Reload { force: true },
             ),
             (
-                r#"{"cmd":"deny","spec":"tcp/22","force":true}"#,
+                r#"{"cmd":"deny","spec":"tcp/22","force":true,"confirm_within":60}"#,
                 Request::Deny {
                     ports: PortRange::parse("tcp/22").expect("a valid spec"),
                     force: true,
+                    confirm_within: Some(60),
                 },
             ),
             (" {\"cmd\":\"status\"} \r\n", Request::Status),
@@ -528,6 +653,22 @@ mod tests {
                 Request::Subscribe {
                     format: Format::Human,
                     colour: true,
+                },
+            ),
+            (r#"{"cmd":"confirm"}"#, Request::Confirm),
+            (
+                r#"{"cmd":"apply","policy":"allow = [\"tcp/22\"]\n","confirm_within":30}"#,
+                Request::Apply {
+                    text: "allow = [\"tcp/22\"]\n".into(),
+                    policy: Box::new(Policy::parse("allow = [\"tcp/22\"]\n").expect("a policy")),
+                    force: false,
+                    confirm_within: Some(30),
+                },
+            ),
+            (
+                r#"{"cmd":"diff","policy":"mode = \"audit\"\n"}"#,
+                Request::Diff {
+                    policy: Box::new(Policy::parse("mode = \"audit\"\n").expect("a policy")),
                 },
             ),
             (r#"{"cmd":"shutdown"}"#, Request::Shutdown { detach: false }),
@@ -551,6 +692,11 @@ mod tests {
             Request::Deny {
                 ports: PortRange::parse("tcp/1").expect("a valid spec"),
                 force: false,
+                confirm_within: None,
+            },
+            Request::Confirm,
+            Request::Diff {
+                policy: Box::default(),
             },
             Request::Policy,
             Request::Reload { force: false },
@@ -565,7 +711,10 @@ mod tests {
         .filter(|r| r.needs_write())
         .map(Request::name)
         .collect();
-        assert_eq!(writes, ["allow", "deny", "reload", "shutdown"]);
+        assert_eq!(
+            writes,
+            ["allow", "deny", "confirm", "diff", "reload", "shutdown"]
+        );
     }
 
     #[test]
@@ -573,19 +722,19 @@ mod tests {
         let cases = [
             (
                 r#"{"cmd":"frobnicate"}"#,
-                r#"unknown command "frobnicate" (expected allow, deny, policy, reload, status, subscribe, shutdown)"#,
+                r#"unknown command "frobnicate" (expected allow, deny, apply, confirm, diff, policy, reload, status, subscribe, shutdown)"#,
             ),
             (
                 r#"{"cmd":"Status"}"#,
-                r#"unknown command "Status" (expected allow, deny, policy, reload, status, subscribe, shutdown)"#,
+                r#"unknown command "Status" (expected allow, deny, apply, confirm, diff, policy, reload, status, subscribe, shutdown)"#,
             ),
             (
                 r#"{"spec":"tcp/1"}"#,
-                r#"request has no "cmd" field (expected one of allow, deny, policy, reload, status, subscribe, shutdown)"#,
+                r#"request has no "cmd" field (expected one of allow, deny, apply, confirm, diff, policy, reload, status, subscribe, shutdown)"#,
             ),
             (
                 r#"{"cmd":7}"#,
-                r#""cmd" must be a string (expected one of allow, deny, policy, reload, status, subscribe, shutdown)"#,
+                r#""cmd" must be a string (expected one of allow, deny, apply, confirm, diff, policy, reload, status, subscribe, shutdown)"#,
             ),
             (
                 r#"{"cmd":"allow"}"#,
@@ -593,7 +742,7 @@ mod tests {
             ),
             (
                 r#"{"cmd":"deny","spec":"tcp/1","from":[]}"#,
-                r#"bad "deny" request: unknown field `from`, expected `spec` or `force`"#,
+                r#"bad "deny" request: unknown field `from`, expected one of `spec`, `force`, `confirm_within`"#,
             ),
             (
                 r#"{"cmd":"allow","spec":"tcp/x"}"#,

@@ -15,10 +15,16 @@ use std::{
 
 use portwatch_common::GuardStat;
 
-use super::lockout;
+use super::{
+    confirm::{Pending, current_text, restore_text},
+    lockout,
+};
 use crate::{
     control::{
-        protocol::{ChangeResponse, ListenerStatus, PolicyView, StatusResponse, Totals},
+        protocol::{
+            ChangeResponse, DiffResponse, ExposureChange, ListenerStatus, PolicyView,
+            StatusResponse, Totals,
+        },
         server::ControlRequest,
     },
     datapath::{
@@ -66,6 +72,8 @@ pub struct Change<'a> {
     by: Requester,
     /// Apply it even if it cuts off an SSH session.
     force: bool,
+    /// Revert it unless confirmed within so many seconds.
+    confirm_within: Option<u64>,
     /// The listeners now, for the SSH daemons' ports.
     pipeline: &'a Pipeline,
 }
@@ -75,8 +83,15 @@ impl<'a> Change<'a> {
         Self {
             by,
             force,
+            confirm_within: None,
             pipeline,
         }
+    }
+
+    /// Reverts unless confirmed within `secs` seconds.
+    pub fn confirm_within(mut self, secs: Option<u64>) -> Self {
+        self.confirm_within = secs;
+        self
     }
 }
 
@@ -87,6 +102,28 @@ pub enum Input {
     Links(Vec<LinkChange>),
     /// Every few seconds: room in the table of rate-limited sources.
     Housekeeping,
+    /// A change was not confirmed in time.
+    ConfirmExpired,
+}
+
+/// A change in force that reverts unless confirmed in time.
+pub(super) struct Awaiting {
+    record: Pending,
+    /// When it reverts.
+    pub(super) at: tokio::time::Instant,
+    /// What was in force before it.
+    policy: Arc<Policy>,
+    mode: Mode,
+}
+
+/// What a change writes to the policy file.
+enum Persist {
+    /// Nothing: the file is what is applied (reload).
+    No,
+    /// The new rules (allow, deny), keeping the file's mode and interfaces.
+    Rules,
+    /// This text, as it is (apply).
+    Text(String),
 }
 
 /// How often housekeeping runs, and how many runs make a full sweep of
@@ -128,6 +165,8 @@ pub struct Guard {
     /// Housekeeping runs so far, and the table-full count at the last sweep.
     ticks: u64,
     table_full_seen: u64,
+    /// The change in force that awaits confirmation.
+    pub(super) awaiting: Option<Awaiting>,
 }
 
 /// Everything `Guard::new` needs.
@@ -175,6 +214,7 @@ impl Guard {
             housekeeping: None,
             ticks: 0,
             table_full_seen: 0,
+            awaiting: None,
         }
     }
 
@@ -357,7 +397,7 @@ impl Guard {
         let mut policy = Policy::clone(&self.policy);
         let change = format!("allow {rule}");
         policy.add_rule(rule).map_err(|e| e.to_string())?;
-        self.commit(policy, self.mode, change, how, true)
+        self.commit(policy, self.mode, change, how, Persist::Rules)
     }
 
     /// Stops permitting `ports` (persisted).
@@ -368,7 +408,13 @@ impl Guard {
     ) -> Result<(ChangeResponse, Event), String> {
         let mut policy = Policy::clone(&self.policy);
         policy.remove_port(ports).map_err(|e| e.to_string())?;
-        self.commit(policy, self.mode, format!("deny {ports}"), how, true)
+        self.commit(
+            policy,
+            self.mode,
+            format!("deny {ports}"),
+            how,
+            Persist::Rules,
+        )
     }
 
     /// Reads the policy file again, with the start-up `--allow` and
@@ -377,7 +423,151 @@ impl Guard {
         let policy = super::effective_policy(Some(&self.start.policy_path), &self.start.allow)
             .map_err(|e| format!("{e:#}; the policy in force is unchanged"))?;
         let mode = self.start.mode.or(policy.mode).unwrap_or(self.mode);
-        self.commit(policy, mode, "reload".into(), how, false)
+        self.commit(policy, mode, "reload".into(), how, Persist::No)
+    }
+
+    /// Makes `text` (which parsed as `policy`) the policy file and applies
+    /// it as a reload would.
+    pub fn apply(
+        &mut self,
+        text: String,
+        policy: Policy,
+        how: &Change<'_>,
+    ) -> Result<(ChangeResponse, Event), String> {
+        let (policy, mode) = self.as_loaded(policy)?;
+        self.commit(policy, mode, "apply".into(), how, Persist::Text(text))
+    }
+
+    /// `policy` as the guard would run it: the start-up `--allow` rules
+    /// added, `--mode` (else the file's, else the mode now) winning.
+    fn as_loaded(&self, policy: Policy) -> Result<(Policy, Mode), String> {
+        let policy = super::with_start_rules(policy, &self.start.allow)
+            .map_err(|e| format!("{e:#}; the policy in force is unchanged"))?;
+        let mode = self.start.mode.or(policy.mode).unwrap_or(self.mode);
+        Ok((policy, mode))
+    }
+
+    /// Keeps the change that awaits confirmation.
+    pub fn confirm(&mut self, by: Requester) -> Result<(ChangeResponse, Event), String> {
+        let Some(awaiting) = &self.awaiting else {
+            return Err("nothing awaits confirmation".into());
+        };
+        let change = format!("confirm {}", awaiting.record.change);
+        Pending::clear(&self.start.policy_path).map_err(|e| {
+            format!("cannot remove the record of the pending change ({e}); it is still pending")
+        })?;
+        self.awaiting = None;
+        Ok(self.announce(change, by))
+    }
+
+    /// Undoes the change that awaits confirmation (time is up, or the
+    /// guard stops): the file as it was, the policy that was in force.
+    pub fn revert_unconfirmed(&mut self, why: &str) -> Option<Event> {
+        let awaiting = self.awaiting.take()?;
+        let path = self.start.policy_path.clone();
+        if let Err(e) = awaiting.record.restore_file(&path) {
+            log::error!(
+                "cannot restore the policy file {} as it was before {:?}: {e}",
+                path.display(),
+                awaiting.record.change
+            );
+        }
+        if let Err(e) = Pending::clear(&path) {
+            log::error!("cannot remove the record of the pending change: {e}");
+        }
+        if let Err(e) = self.install(Policy::clone(&awaiting.policy), awaiting.mode) {
+            log::error!("reverting {:?} failed: {e}", awaiting.record.change);
+        }
+        log::warn!(
+            "{:?} was not confirmed {why}: reverted to the policy before it",
+            awaiting.record.change
+        );
+        Some(
+            self.announce(
+                format!("revert {} (not confirmed)", awaiting.record.change),
+                Requester::default(),
+            )
+            .1,
+        )
+    }
+
+    /// What applying `policy` (as `apply` would) changes; nothing is applied.
+    pub fn diff(
+        &self,
+        policy: Policy,
+        pipeline: &Pipeline,
+        by: Requester,
+    ) -> Result<DiffResponse, String> {
+        let (next, mode) = self.as_loaded(policy)?;
+        compile(&next).map_err(|e| e.to_string())?;
+        let names =
+            |p: &Policy| -> BTreeSet<String> { p.rules.iter().map(ToString::to_string).collect() };
+        let (now, then) = (names(&self.policy), names(&next));
+        let mut settings = Vec::new();
+        let mut setting = |name: &str, from: String, to: String| {
+            if from != to {
+                settings.push(format!("{name} {from} -> {to}"));
+            }
+        };
+        setting("mode", self.mode.to_string(), mode.to_string());
+        setting(
+            "forwarded",
+            self.policy.forwarded.unwrap_or_default().as_str().into(),
+            next.forwarded.unwrap_or_default().as_str().into(),
+        );
+        let prefix = |p: &Policy| {
+            format!(
+                "/{}",
+                p.limit_ipv6_prefix
+                    .unwrap_or(crate::policy::limit::DEFAULT_IPV6_PREFIX)
+            )
+        };
+        setting("limit_ipv6_prefix", prefix(&self.policy), prefix(&next));
+        if self.policy.interfaces != next.interfaces {
+            settings.push(format!(
+                "interfaces [{}] -> [{}] (takes effect when the guard starts again)",
+                self.policy.interfaces.join(", "),
+                next.interfaces.join(", ")
+            ));
+        }
+        let ssh = self
+            .lockouts(&next, mode, by, pipeline)
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        let view = ExposureView::new(
+            Arc::new(next),
+            self.netns,
+            Arc::clone(&self.ifaces_now),
+            self.attached.iter().map(|a| a.iface.clone()).collect(),
+        );
+        let mut exposure: Vec<ExposureChange> = pipeline
+            .listeners()
+            .filter(|l| l.netns == self.netns)
+            .filter_map(|l| {
+                let from = pipeline.reach_of(l).map(|r| r.exposure);
+                let to = view.of(l, None).map(|r| r.exposure);
+                (from != to).then(|| ExposureChange {
+                    proto: l.proto,
+                    addr: l.addr,
+                    port: l.port,
+                    pid: l.process.pid,
+                    comm: l.process.comm.clone(),
+                    from,
+                    to,
+                })
+            })
+            .collect();
+        exposure.sort_by(|a, b| {
+            (a.proto, a.port, a.addr.to_string()).cmp(&(b.proto, b.port, b.addr.to_string()))
+        });
+        Ok(DiffResponse {
+            added: then.difference(&now).cloned().collect(),
+            removed: now.difference(&then).cloned().collect(),
+            settings,
+            exposure,
+            ssh,
+        })
     }
 
     /// The lockout check of start-up, for a change at run time: what the
@@ -385,23 +575,10 @@ impl Guard {
     /// against the requester's SSH session (found through its process
     /// tree) and every established session of an SSH daemon here.
     fn check_lockout(&self, next: &Policy, mode: Mode, how: &Change<'_>) -> Result<(), String> {
-        if mode == Mode::Audit || how.force {
+        if how.force {
             return Ok(());
         }
-        let ssh = how.by.pid.and_then(procinfo::ssh_connection_of);
-        let listeners: Vec<&Listener> = how
-            .pipeline
-            .listeners()
-            .filter(|l| l.netns == self.netns)
-            .collect();
-        let current = (self.mode == Mode::Enforce).then_some(&*self.policy);
-        let cut = lockout::new_problems(
-            current,
-            next,
-            listeners.iter().copied(),
-            ssh.as_deref(),
-            &lockout::established_tcp(),
-        );
+        let cut = self.lockouts(next, mode, how.by, how.pipeline);
         if cut.is_empty() {
             return Ok(());
         }
@@ -412,42 +589,130 @@ impl Guard {
         ))
     }
 
-    /// Persists (unless a reload), installs, and describes the change.
+    /// The SSH sessions `next` in `mode` would cut off that the policy in
+    /// force does not: the requester's (found through its process tree)
+    /// and every established session of an SSH daemon here.
+    fn lockouts(
+        &self,
+        next: &Policy,
+        mode: Mode,
+        by: Requester,
+        pipeline: &Pipeline,
+    ) -> Vec<lockout::Lockout> {
+        if mode == Mode::Audit {
+            return Vec::new();
+        }
+        let ssh = by.pid.and_then(procinfo::ssh_connection_of);
+        let listeners: Vec<&Listener> = pipeline
+            .listeners()
+            .filter(|l| l.netns == self.netns)
+            .collect();
+        let current = (self.mode == Mode::Enforce).then_some(&*self.policy);
+        lockout::new_problems(
+            current,
+            next,
+            listeners.iter().copied(),
+            ssh.as_deref(),
+            &lockout::established_tcp(),
+        )
+    }
+
+    /// Persists as `persist` says, installs, and describes the change;
+    /// with `confirm_within`, it reverts unless confirmed in time.
     fn commit(
         &mut self,
         policy: Policy,
         mode: Mode,
         change: String,
         how: &Change<'_>,
-        persist: bool,
+        persist: Persist,
     ) -> Result<(ChangeResponse, Event), String> {
+        if let Some(awaiting) = &self.awaiting {
+            return Err(format!(
+                "{:?} awaits confirmation (it reverts in {} s): `portwatch confirm` keeps it; \
+                 nothing changed",
+                awaiting.record.change,
+                awaiting.record.remaining().as_secs()
+            ));
+        }
         // Checked before anything is written.
         compile(&policy).map_err(|e| e.to_string())?;
         self.check_lockout(&policy, mode, how)?;
         let path = self.start.policy_path.clone();
-        if persist {
-            // Keep the file's mode and interfaces: only the rules change here.
-            let mut on_disk = policy.clone();
-            on_disk.mode = self.policy.mode;
-            on_disk.interfaces = self.policy.interfaces.clone();
-            write_atomically(&path, &on_disk.to_toml()).map_err(|e| {
-                format!(
-                    "cannot write the policy file {}: {e}; nothing changed (neither the file nor the kernel maps)",
-                    path.display()
-                )
-            })?;
+        let unwritten = |e: std::io::Error| {
+            format!(
+                "cannot write the policy file {}: {e}; nothing changed (neither the file nor \
+                 the kernel maps)",
+                path.display()
+            )
+        };
+        // What the file said, to put back should this fail or be reverted.
+        let before = current_text(&path).map_err(|e| {
+            format!(
+                "cannot read the policy file {}: {e}; nothing changed",
+                path.display()
+            )
+        })?;
+        let record = how.confirm_within.map(|within| {
+            Pending::new(before.clone(), Duration::from_secs(within), change.clone())
+        });
+        // The record first: a guard that dies after writing the file still
+        // finds it at its next start.
+        if let Some(record) = &record {
+            record
+                .save(&path)
+                .map_err(|e| format!("{:#}; nothing changed", anyhow::Error::new(e)))?;
         }
-        if let Err(e) = self.install(policy, mode) {
-            if persist {
-                // The file goes back too, so that it says what is in force.
-                let _ = write_atomically(&path, &self.policy.to_toml());
+        let written = match persist {
+            Persist::No => Ok(()),
+            Persist::Rules => {
+                // Keep the file's mode and interfaces: only the rules change here.
+                let mut on_disk = policy.clone();
+                on_disk.mode = self.policy.mode;
+                on_disk.interfaces = self.policy.interfaces.clone();
+                write_atomically(&path, &on_disk.to_toml())
             }
+            Persist::Text(ref text) => write_atomically(&path, text),
+        };
+        let restore = |path: &std::path::Path| {
+            let _ = Pending::clear(path);
+            if !matches!(persist, Persist::No) {
+                let _ = restore_text(path, before.as_deref());
+            }
+        };
+        if let Err(e) = written {
+            restore(&path);
+            return Err(unwritten(e));
+        }
+        let (previous, previous_mode) = (Arc::clone(&self.policy), self.mode);
+        if let Err(e) = self.install(policy, mode) {
+            // The file goes back too, so that it says what is in force.
+            restore(&path);
             return Err(format!("{e}; the previous policy stays in force"));
         }
+        let mut change = change;
+        if let Some(record) = record {
+            let within = record.remaining();
+            change = format!(
+                "{change} (reverts in {} s unless confirmed: portwatch confirm)",
+                within.as_secs()
+            );
+            self.awaiting = Some(Awaiting {
+                record,
+                at: tokio::time::Instant::now() + within,
+                policy: previous,
+                mode: previous_mode,
+            });
+        }
+        Ok(self.announce(change, how.by))
+    }
+
+    /// The answer and the stream's event for a change now in force.
+    fn announce(&self, change: String, by: Requester) -> (ChangeResponse, Event) {
         let event = Event::Policy(PolicyEvent {
             ts: SystemTime::now(),
             change: change.clone(),
-            by: how.by,
+            by,
             mode: self.mode,
             rules: self.policy.rules.len(),
         });
@@ -455,7 +720,7 @@ impl Guard {
             change,
             policy: Some(self.policy_view()),
         };
-        Ok((answer, event))
+        (answer, event)
     }
 
     pub fn policy_view(&self) -> PolicyView {

@@ -7,6 +7,7 @@
 //! through [`requests`].
 
 pub mod actor;
+pub mod confirm;
 pub mod lock;
 pub mod lockout;
 mod requests;
@@ -77,7 +78,7 @@ pub struct Options {
 /// The policy file (a missing default file is an empty policy) plus the
 /// command line's `--allow` rules.
 pub fn effective_policy(path: Option<&Path>, allow: &[PortRange]) -> anyhow::Result<Policy> {
-    let mut policy = match path {
+    let policy = match path {
         Some(path) => Policy::load(path)?,
         None if Path::new(DEFAULT_POLICY).exists() => Policy::load(Path::new(DEFAULT_POLICY))?,
         None => {
@@ -87,6 +88,11 @@ pub fn effective_policy(path: Option<&Path>, allow: &[PortRange]) -> anyhow::Res
             Policy::default()
         }
     };
+    with_start_rules(policy, allow)
+}
+
+/// `policy` with the command line's `--allow` rules added.
+pub fn with_start_rules(mut policy: Policy, allow: &[PortRange]) -> anyhow::Result<Policy> {
     for ports in allow {
         match policy.add_rule(Rule::anywhere(*ports)) {
             // Already in the file (e.g. persisted by a runtime change): fine.
@@ -111,6 +117,17 @@ pub async fn run(
     sink: Box<dyn Sink>,
     metrics: Option<MetricsServer>,
 ) -> anyhow::Result<Summary> {
+    // A change left unconfirmed by a guard that stopped is undone first.
+    let policy_path = opts
+        .policy
+        .clone()
+        .unwrap_or_else(|| PathBuf::from(DEFAULT_POLICY));
+    if let Some(change) = confirm::recover(&policy_path)? {
+        log::warn!(
+            "{change:?} was not confirmed before the guard stopped: {} is back as it was before it",
+            policy_path.display()
+        );
+    }
     let policy = effective_policy(opts.policy.as_deref(), &opts.allow)?;
     let mode = opts.mode.or(policy.mode).unwrap_or(Mode::Enforce);
     let named = if opts.ifaces.is_empty() {
@@ -238,6 +255,11 @@ async fn serve(
         }
         Err(e) => Err(e),
     };
+    // Whatever stops it, a change nobody confirmed does not outlive the
+    // guard in the pinned maps.
+    if let Some(event) = guard.revert_unconfirmed("before the guard stopped") {
+        let _ = pipeline.emit(event);
+    }
     finish_control(control_task, stop_control).await;
     result?;
     let detach = opts.detach_on_exit || guard.shutdown == Some(Shutdown::Detach);
@@ -378,8 +400,10 @@ impl Daemon for Guard {
         let housekeeping = self
             .housekeeping
             .get_or_insert_with(|| tokio::time::interval(actor::HOUSEKEEPING));
+        let unconfirmed = self.awaiting.as_ref().map(|a| a.at);
         tokio::select! {
             _ = housekeeping.tick() => Ok(Input::Housekeeping),
+            () = sleep_until(unconfirmed) => Ok(Input::ConfirmExpired),
             req = recv_optional(control) => match req {
                 Some(req) => Ok(Input::Control(req)),
                 // The server is gone: nothing more comes from there.
@@ -401,6 +425,12 @@ impl Daemon for Guard {
             Input::Control(req) => return self.handle_request(pipeline, req),
             Input::Drops(batch) => self.drop_events(pipeline, batch)?,
             Input::Housekeeping => self.housekeeping(),
+            Input::ConfirmExpired => {
+                if let Some(event) = self.revert_unconfirmed("in time") {
+                    pipeline.set_exposure(self.exposure_view());
+                    pipeline.emit(event)?;
+                }
+            }
             Input::Links(changes) => {
                 for change in changes {
                     if let Some(event) = self.on_link_change(change) {
@@ -432,6 +462,14 @@ impl Daemon for Guard {
         let mut drops = Vec::new();
         self.drops.drain_now(|rec| drops.push(decode_drop(rec)));
         self.drop_events(pipeline, drops)
+    }
+}
+
+/// Completes at `at`; never without one.
+async fn sleep_until(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
     }
 }
 

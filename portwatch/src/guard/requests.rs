@@ -28,14 +28,42 @@ impl Guard {
         };
         let mut flow = Flow::Continue;
         let reply = match req.request {
-            Request::Allow { rule, force } => {
-                let result = self.allow(rule, &Change::new(pipeline, by, force));
+            Request::Allow {
+                rule,
+                force,
+                confirm_within,
+            } => {
+                let how = Change::new(pipeline, by, force).confirm_within(confirm_within);
+                let result = self.allow(rule, &how);
                 self.changed(pipeline, result)?
             }
-            Request::Deny { ports, force } => {
-                let result = self.deny(ports, &Change::new(pipeline, by, force));
+            Request::Deny {
+                ports,
+                force,
+                confirm_within,
+            } => {
+                let how = Change::new(pipeline, by, force).confirm_within(confirm_within);
+                let result = self.deny(ports, &how);
                 self.changed(pipeline, result)?
             }
+            Request::Apply {
+                text,
+                policy,
+                force,
+                confirm_within,
+            } => {
+                let how = Change::new(pipeline, by, force).confirm_within(confirm_within);
+                let result = self.apply(text, *policy, &how);
+                self.changed(pipeline, result)?
+            }
+            Request::Confirm => {
+                let result = self.confirm(by);
+                self.changed(pipeline, result)?
+            }
+            Request::Diff { policy } => Reply::Once(match self.diff(*policy, pipeline, by) {
+                Ok(diff) => Response::Diff(diff),
+                Err(e) => Response::Error(e),
+            }),
             Request::Reload { force } => {
                 let result = self.reload(&Change::new(pipeline, by, force));
                 self.changed(pipeline, result)?

@@ -40,6 +40,12 @@ pub enum Command {
     Policy(commands::change::PolicyArgs),
     /// Re-read the policy file (as SIGHUP does).
     Reload(commands::change::ReloadArgs),
+    /// Put a whole policy file in force (it becomes the policy file), optionally reverting unless confirmed.
+    Apply(commands::apply::ApplyArgs),
+    /// Keep the change that awaits confirmation (after --confirm-within).
+    Confirm(commands::apply::ConfirmArgs),
+    /// Show what a policy file would change against the policy in force: rules, settings, listeners' exposure, SSH sessions.
+    Diff(commands::apply::DiffArgs),
     /// Interfaces, mode, and every listener with its exposure and counters.
     Status(commands::status::StatusArgs),
     /// Stop a running guard and remove everything portwatch attached or pinned.

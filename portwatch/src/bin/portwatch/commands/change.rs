@@ -46,6 +46,9 @@ pub struct AllowArgs {
     /// Apply it even if it would cut off an SSH session (yours, or one established).
     #[arg(long, conflicts_with = "offline")]
     pub force: bool,
+    /// Revert it unless `portwatch confirm` follows within this time (e.g. 60, 90s, 5m).
+    #[arg(long, value_name = "TIME", value_parser = super::apply::parse_within, conflicts_with = "offline")]
+    pub confirm_within: Option<u64>,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -65,6 +68,9 @@ pub struct DenyArgs {
     /// Apply it even if it would cut off an SSH session (yours, or one established).
     #[arg(long, conflicts_with = "offline")]
     pub force: bool,
+    /// Revert it unless `portwatch confirm` follows within this time (e.g. 60, 90s, 5m).
+    #[arg(long, value_name = "TIME", value_parser = super::apply::parse_within, conflicts_with = "offline")]
+    pub confirm_within: Option<u64>,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -98,7 +104,7 @@ fn describe(rule: &Rule) -> String {
 }
 
 /// The guard's account of what changed.
-fn print_change(answer: &ChangeResponse) -> anyhow::Result<ExitCode> {
+pub(super) fn print_change(answer: &ChangeResponse) -> anyhow::Result<ExitCode> {
     print(&format!("{}\n", answer.change.trim_end()))?;
     Ok(ExitCode::SUCCESS)
 }
@@ -161,6 +167,7 @@ pub fn allow(args: AllowArgs) -> anyhow::Result<ExitCode> {
     let request = Request::Allow {
         rule,
         force: args.force,
+        confirm_within: args.confirm_within,
     };
     let answer = client::request::<ChangeResponse>(&socket, &request)
         .map_err(|e| client_error(e, &offline_hint("allow", &args.spec, &args.from)))?;
@@ -185,6 +192,7 @@ pub fn deny(args: DenyArgs) -> anyhow::Result<ExitCode> {
     let request = Request::Deny {
         ports,
         force: args.force,
+        confirm_within: args.confirm_within,
     };
     let answer = client::request::<ChangeResponse>(&socket, &request)
         .map_err(|e| client_error(e, &offline_hint("deny", &args.spec, &[])))?;
@@ -297,6 +305,7 @@ mod tests {
                 offline: true,
                 policy: Some(file.clone()),
                 force: false,
+                confirm_within: None,
             })
             .map_err(|e| format!("{e:#}"))
         };
@@ -318,6 +327,7 @@ mod tests {
                 offline: true,
                 policy: Some(file.clone()),
                 force: false,
+                confirm_within: None,
             })
             .map_err(|e| format!("{e:#}"))
         };

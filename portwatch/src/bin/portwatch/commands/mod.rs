@@ -1,8 +1,10 @@
 //! The client commands: steering a running guard through its control
-//! socket (`allow`, `deny`, `policy`, `reload`: [`change`]), showing its
+//! socket (`allow`, `deny`, `policy`, `reload`: [`change`]; `apply`,
+//! `confirm`, `diff`: [`apply`]), showing its
 //! state (`status`: [`status`]), following its stream (`watch` while a
 //! guard runs: [`follow`]), and the local ones (`check-policy`, `down`).
 
+pub mod apply;
 pub mod change;
 pub mod follow;
 pub mod status;

@@ -142,10 +142,12 @@ impl Sources {
                         "allow" => Request::Allow {
                             rule: Rule::anywhere(ports),
                             force: false,
+                            confirm_within: None,
                         },
                         _ => Request::Deny {
                             ports,
                             force: false,
+                            confirm_within: None,
                         },
                     };
                     client::request::<ChangeResponse>(&path, &request)
