@@ -715,3 +715,182 @@ fn pinned_maps_of_another_layout_are_replaced() -> Result {
     assert!(status.success(), "{status}");
     Ok(())
 }
+
+/// The text of a file, or None when it does not exist.
+fn text_of(path: &str) -> Result<Option<String>> {
+    match std::fs::read_to_string(path) {
+        Ok(t) => Ok(Some(t)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e.into()),
+    }
+}
+
+#[test]
+fn diff_shows_a_change_and_apply_reverts_it_unless_confirmed() -> Result {
+    let lab = Lab::new()?;
+    let paths = GuardPaths::new("cf")?;
+    let before = "# web only\nallow = [\"tcp/8080\"]\n";
+    let policy = TempFile::new("confirm", before)?;
+    let next = TempFile::new(
+        "confirm-next",
+        "allow = [\"tcp/9090\"]\nmode = \"enforce\"\n",
+    )?;
+    let pending = format!("{}.pending", policy.as_str()?);
+    let _a = tcp_server(&lab.server, 8080)?;
+    let _b = tcp_server(&lab.server, 9090)?;
+    let server = lab.server_v4();
+    let mut pw = pinned_guard(&lab, &paths, Path::new(policy.as_str()?), &[])?;
+    pw.wait_for(Duration::from_secs(10), |v| {
+        v["event"] == "listen" && v["port"] == 9090
+    })?;
+
+    // diff: rules, and the listeners whose exposure the file changes.
+    let out = client(&paths, &["diff", next.as_str()?])?;
+    ok(&out)?;
+    let shown = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        shown.contains("+ tcp/9090") && shown.contains("- tcp/8080"),
+        "{shown}"
+    );
+    assert!(
+        shown.contains(":9090") && shown.contains("blocked -> exposed"),
+        "{shown}"
+    );
+    assert!(shown.contains("exposed -> blocked"), "{shown}");
+    let out = client(&paths, &["diff", next.as_str()?, "--json", "--exit-code"])?;
+    assert_eq!(out.status.code(), Some(1), "a diff with changes exits 1");
+    let json: Value = serde_json::from_slice(&out.stdout)?;
+    assert_eq!(json["added"], serde_json::json!(["tcp/9090"]), "{json}");
+    let out = client(&paths, &["diff", policy.as_str()?, "--exit-code"])?;
+    ok(&out)?;
+    assert!(String::from_utf8_lossy(&out.stdout).starts_with("no change"));
+    // Nothing was applied.
+    assert!(tcp_reachable(&lab.client, server, 8080)?);
+    assert!(!tcp_reachable(&lab.client, server, 9090)?);
+
+    // apply, unconfirmed: in force at once, back as it was when time is up.
+    ok(&client(
+        &paths,
+        &["apply", next.as_str()?, "--confirm-within", "3"],
+    )?)?;
+    assert!(tcp_reachable(&lab.client, server, 9090)?);
+    assert!(!tcp_reachable(&lab.client, server, 8080)?);
+    assert_eq!(text_of(policy.as_str()?)?, text_of(next.as_str()?)?);
+    assert!(
+        Path::new(&pending).exists(),
+        "no record of the pending change"
+    );
+    let out = client(&paths, &["allow", "tcp/7070"])?;
+    assert!(
+        !out.status.success(),
+        "a change went through while one awaited confirmation"
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("awaits confirmation"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let revert = pw.wait_for(Duration::from_secs(10), |v| {
+        v["event"] == "policy"
+            && v["change"]
+                .as_str()
+                .is_some_and(|c| c.starts_with("revert"))
+    })?;
+    assert!(
+        revert["change"]
+            .as_str()
+            .is_some_and(|c| c.contains("apply")),
+        "{revert}"
+    );
+    assert!(tcp_reachable(&lab.client, server, 8080)?);
+    assert!(!tcp_reachable(&lab.client, server, 9090)?);
+    assert_eq!(
+        text_of(policy.as_str()?)?.as_deref(),
+        Some(before),
+        "the file was not restored"
+    );
+    assert!(!Path::new(&pending).exists());
+
+    // Confirmed in time: it stays.
+    ok(&client(
+        &paths,
+        &["allow", "tcp/9090", "--confirm-within", "2"],
+    )?)?;
+    let out = client(&paths, &["confirm"])?;
+    ok(&out)?;
+    assert!(String::from_utf8_lossy(&out.stdout).contains("confirm allow tcp/9090"));
+    std::thread::sleep(Duration::from_secs(3));
+    assert!(
+        tcp_reachable(&lab.client, server, 9090)?,
+        "a confirmed change reverted"
+    );
+    assert!(tcp_reachable(&lab.client, server, 8080)?);
+    assert!(text_of(policy.as_str()?)?.is_some_and(|t| t.contains("tcp/9090")));
+    assert!(!Path::new(&pending).exists());
+    let out = client(&paths, &["confirm"])?;
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("nothing awaits confirmation"));
+    pw.stop()?;
+    ok(&client(
+        &paths,
+        &["down", "--pin-dir", path_str(&paths.pins)?],
+    )?)?;
+    Ok(())
+}
+
+#[test]
+fn an_unconfirmed_change_does_not_outlive_the_guard() -> Result {
+    let lab = Lab::new()?;
+    let paths = GuardPaths::new("cg")?;
+    let before = "allow = [\"tcp/8080\"]\n";
+    let policy = TempFile::new("outlive", before)?;
+    let next = TempFile::new("outlive-next", "allow = [\"tcp/9090\"]\n")?;
+    let _a = tcp_server(&lab.server, 8080)?;
+    let _b = tcp_server(&lab.server, 9090)?;
+    let server = lab.server_v4();
+
+    // The guard stops while the change waits: the pinned maps keep
+    // enforcing the policy before it, not the unconfirmed one.
+    let mut pw = pinned_guard(&lab, &paths, Path::new(policy.as_str()?), &[])?;
+    ok(&client(
+        &paths,
+        &["apply", next.as_str()?, "--confirm-within", "300"],
+    )?)?;
+    assert!(tcp_reachable(&lab.client, server, 9090)?);
+    pw.stop()?;
+    assert!(pw.stderr().contains("was not confirmed"), "{}", pw.stderr());
+    assert!(xdp_attached(&lab)?);
+    assert!(tcp_reachable(&lab.client, server, 8080)?);
+    assert!(!tcp_reachable(&lab.client, server, 9090)?);
+    assert_eq!(text_of(policy.as_str()?)?.as_deref(), Some(before));
+
+    // Killed while it waits: the next guard finds the record and reverts.
+    let mut pw = pinned_guard(&lab, &paths, Path::new(policy.as_str()?), &[])?;
+    ok(&client(
+        &paths,
+        &["apply", next.as_str()?, "--confirm-within", "300"],
+    )?)?;
+    portwatch_tests::signal(pw.pid(), libc::SIGKILL)?;
+    let _ = pw.stop();
+    assert!(
+        tcp_reachable(&lab.client, server, 9090)?,
+        "kill -9 took the change with it"
+    );
+    let mut pw = pinned_guard(&lab, &paths, Path::new(policy.as_str()?), &[])?;
+    assert!(
+        pw.stderr()
+            .contains("was not confirmed before the guard stopped"),
+        "{}",
+        pw.stderr()
+    );
+    assert!(tcp_reachable(&lab.client, server, 8080)?);
+    assert!(!tcp_reachable(&lab.client, server, 9090)?);
+    assert_eq!(text_of(policy.as_str()?)?.as_deref(), Some(before));
+    assert!(!Path::new(&format!("{}.pending", policy.as_str()?)).exists());
+    pw.stop()?;
+    ok(&client(
+        &paths,
+        &["down", "--pin-dir", path_str(&paths.pins)?],
+    )?)?;
+    Ok(())
+}
