@@ -33,7 +33,7 @@ use portwatch::{
     model::Mode,
     policy::Policy,
 };
-use portwatch_common::{AF_INET, FlowKey, IPPROTO_TCP, IPPROTO_UDP};
+use portwatch_common::{AF_INET, FlowKey, IPPROTO_SCTP, IPPROTO_TCP, IPPROTO_UDP};
 use serde_json::{Value, json};
 
 /// The benchmark object build.rs made from portwatch-ebpf: the baselines
@@ -87,11 +87,16 @@ fn opt_u32(args: &[String], name: &str, default: u32) -> Result<u32> {
 // ---- verdict ----
 
 /// The guard's policy in the bench; xdp-filter gets the same permitted ports.
-const POLICY: &str = r#"allow = ["tcp/22", "udp/53", "tcp/443"]"#;
+/// The last three rules are for the classes of the checks protocol rules,
+/// scope and rate limits added; the others' costs do not depend on them.
+const POLICY: &str = r#"allow = ["tcp/22", "udp/53", "tcp/443", "proto/vrrp", "sctp/3868",
+    { port = "tcp/2222", limit = "1/hour" }]"#;
 
 const HOST4: Ipv4Addr = Ipv4Addr::new(198, 19, 0, 1);
 const PEER4: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 7);
 const HOST6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 1);
+/// An address behind the host (a routed guest): not one of the host's.
+const ROUTED4: Ipv4Addr = Ipv4Addr::new(198, 19, 7, 9);
 const PEER6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0xffff, 0, 0, 0, 0, 7);
 /// The host's port of the UDP flow whose reply is measured.
 const FLOW_PORT: u16 = 45000;
@@ -156,6 +161,38 @@ fn classes() -> Vec<Class> {
             key: "later_fragment",
             label: "IPv4 later fragment of a permitted UDP datagram",
             frame: eth(None, ETH_P_IP, &ipv4(IPPROTO_UDP, 185, FRAG_ID, &[0u8; 64])),
+            guard: XDP_PASS,
+        },
+        Class {
+            key: "proto_permitted",
+            label: "VRRP advertisement, permitted by proto/vrrp",
+            frame: eth(None, ETH_P_IP, &ipv4(IPPROTO_VRRP, 0, 0x1234, &[0x21; 20])),
+            guard: XDP_PASS,
+        },
+        Class {
+            key: "sctp_permitted",
+            label: "SCTP INIT to a permitted port (sctp/3868)",
+            frame: eth(
+                None,
+                ETH_P_IP,
+                &ipv4(IPPROTO_SCTP, IP_DF, 0x1234, &sctp_init(40000, 3868)),
+            ),
+            guard: XDP_PASS,
+        },
+        Class {
+            key: "tcp_syn_rate_limited",
+            label: "TCP SYN over its source's limit (tcp/2222, 1/hour)",
+            frame: eth(None, ETH_P_IP, &syn(2222)),
+            guard: XDP_DROP,
+        },
+        Class {
+            key: "forwarded",
+            label: "TCP SYN to a closed port of a routed address (forwarded = pass)",
+            frame: eth(
+                None,
+                ETH_P_IP,
+                &ipv4_to(ROUTED4, IPPROTO_TCP, IP_DF, 0x1234, &tcp_syn(40000, 6379)),
+            ),
             guard: XDP_PASS,
         },
         Class {
@@ -384,6 +421,7 @@ fn verdict(args: &[String]) -> Result<Value> {
 // ---- frames (every byte written here; L4 checksums left 0: nothing
 // measured reads them) ----
 
+const IPPROTO_VRRP: u8 = 112;
 const ETH_P_IP: u16 = 0x0800;
 const ETH_P_ARP: u16 = 0x0806;
 const ETH_P_IPV6: u16 = 0x86dd;
@@ -410,6 +448,11 @@ fn eth(vlan: Option<u16>, ethertype: u16, payload: &[u8]) -> Vec<u8> {
 
 /// PEER4 -> HOST4; `frag` is the flags-and-offset field.
 fn ipv4(proto: u8, frag: u16, id: u16, payload: &[u8]) -> Vec<u8> {
+    ipv4_to(HOST4, proto, frag, id, payload)
+}
+
+/// PEER4 -> `dst`.
+fn ipv4_to(dst: Ipv4Addr, proto: u8, frag: u16, id: u16, payload: &[u8]) -> Vec<u8> {
     let total = u16::try_from(20 + payload.len()).unwrap_or(u16::MAX);
     let mut h = vec![0x45, 0];
     h.extend_from_slice(&total.to_be_bytes());
@@ -417,7 +460,7 @@ fn ipv4(proto: u8, frag: u16, id: u16, payload: &[u8]) -> Vec<u8> {
     h.extend_from_slice(&frag.to_be_bytes());
     h.extend_from_slice(&[64, proto, 0, 0]);
     h.extend_from_slice(&PEER4.octets());
-    h.extend_from_slice(&HOST4.octets());
+    h.extend_from_slice(&dst.octets());
     let mut sum: u32 = h
         .chunks(2)
         .map(|w| u32::from(u16::from_be_bytes([w[0], w[1]])))
@@ -457,6 +500,20 @@ fn tcp_syn(sport: u16, dport: u16) -> Vec<u8> {
     t.extend_from_slice(&[2, 4, 0x05, 0xb4, 4, 2, 8, 10, 0, 0, 0, 1]);
     t.extend_from_slice(&[0, 0, 0, 0, 1, 3, 3, 7]);
     t
+}
+
+/// An SCTP common header and an INIT chunk (20 bytes, no parameters).
+fn sctp_init(sport: u16, dport: u16) -> Vec<u8> {
+    let mut c = Vec::with_capacity(32);
+    c.extend_from_slice(&sport.to_be_bytes());
+    c.extend_from_slice(&dport.to_be_bytes());
+    c.extend_from_slice(&[0; 8]); // verification tag 0 (INIT), checksum
+    c.extend_from_slice(&[1, 0, 0, 20]); // INIT, flags, length
+    c.extend_from_slice(&0x1234_5678u32.to_be_bytes()); // initiate tag
+    c.extend_from_slice(&65535u32.to_be_bytes()); // a_rwnd
+    c.extend_from_slice(&[0, 10, 0, 10]); // streams out, in
+    c.extend_from_slice(&1u32.to_be_bytes()); // initial TSN
+    c
 }
 
 fn udp(sport: u16, dport: u16, payload: usize) -> Vec<u8> {

@@ -466,6 +466,14 @@ pub enum Event {
         change: String,
         xdp_mode: Option<AttachedMode>,
     },
+    /// Events this follower of a guard's stream did not get (it could not
+    /// keep up) since the last report; `total` for this follower since it
+    /// subscribed. The listeners now follow as a fresh snapshot.
+    Missed {
+        ts: SystemTime,
+        count: u64,
+        total: u64,
+    },
     /// Drop reports the kernel's rate limit held back since the last report.
     Suppressed {
         ts: SystemTime,

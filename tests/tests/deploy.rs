@@ -240,6 +240,7 @@ fn exported_metrics() -> BTreeMap<String, BTreeSet<String>> {
         tally: Tally {
             blocked_listeners_opened: 1,
             policy_changes: 1,
+            follower_events_missed: 0,
         },
         guard: Some(GuardSnapshot {
             mode: Mode::Enforce,

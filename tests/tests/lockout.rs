@@ -32,7 +32,10 @@ struct SshServer {
 impl SshServer {
     fn start(lab: &Lab) -> Result<Self> {
         let dir = TempDir::new("ssh")?;
-        let ssh_dir = dir.join("dot-ssh");
+        // dropbear reads root's ~/.ssh: a home of the test's own is mounted
+        // over /root in a private mount namespace (/root/.ssh need not exist).
+        let home = dir.join("home");
+        let ssh_dir = home.join(".ssh");
         std::fs::create_dir_all(&ssh_dir)?;
         std::fs::set_permissions(&ssh_dir, std::fs::Permissions::from_mode(0o700))?;
         let key = dir.join("id");
@@ -48,8 +51,8 @@ impl SshServer {
         run("dropbearkey", &["-t", "ed25519", "-f", path(&host_key)?])?;
         let listen = format!("{}:22", lab.server_v4());
         let script = format!(
-            "mount --bind {} /root/.ssh && exec dropbear -F -E -s -r {} -p {listen} -P {}",
-            path(&ssh_dir)?,
+            "mount --bind {} /root && exec dropbear -F -E -s -r {} -p {listen} -P {}",
+            path(&home)?,
             path(&host_key)?,
             path(&dir.join("dropbear.pid"))?,
         );

@@ -894,3 +894,150 @@ fn an_unconfirmed_change_does_not_outlive_the_guard() -> Result {
     )?)?;
     Ok(())
 }
+
+/// Opens and closes `rounds` × `batch` TCP listeners on loopback, then
+/// opens one more; prints its pid and that last listener's port.
+const BURST: &str = r#"
+import os, socket, sys
+rounds, batch = int(sys.argv[1]), int(sys.argv[2])
+for _ in range(rounds):
+    socks = []
+    for _ in range(batch):
+        s = socket.socket()
+        s.bind(("127.0.0.1", 0))
+        s.listen(1)
+        socks.append(s)
+    for s in socks:
+        s.close()
+# The last event of the burst: a listener whose port the test waits for.
+m = socket.socket()
+m.bind(("127.0.0.1", 0))
+m.listen(1)
+print(os.getpid(), m.getsockname()[1])
+"#;
+
+#[test]
+fn a_follower_that_cannot_keep_up_is_told_what_it_missed_and_starts_over() -> Result {
+    let lab = Lab::new()?;
+    let paths = GuardPaths::new("fl")?;
+    let policy = TempFile::new("follow", "allow = [\"tcp/8080\"]\n")?;
+    let mut pw = pinned_guard(&lab, &paths, Path::new(policy.as_str()?), &[])?;
+
+    // A follower whose output nobody reads during the burst: its pipe, its
+    // socket and then its queue at the guard fill up.
+    let mut cmd = Command::new(portwatch_bin());
+    cmd.args(["watch", "--json", "--socket", path_str(&paths.socket())?])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    let mut follower = ChildGuard::spawn(&mut cmd)?;
+    std::thread::sleep(Duration::from_millis(500));
+
+    let (rounds, batch) = (20u64, 1000u64);
+    let burst = lab
+        .server
+        .command("python3")
+        .args(["-c", BURST, &rounds.to_string(), &batch.to_string()])
+        .output()?;
+    ensure!(
+        burst.status.success(),
+        "{}",
+        String::from_utf8_lossy(&burst.stderr)
+    );
+    let printed = String::from_utf8_lossy(&burst.stdout).into_owned();
+    let mut fields = printed.split_whitespace().map(str::parse::<u64>);
+    let (Some(Ok(pid)), Some(Ok(last_port))) = (fields.next(), fields.next()) else {
+        bail!("the burst printed {printed:?}");
+    };
+    let events = 2 * rounds * batch;
+    // The guard itself got through the whole burst (its last listener is
+    // the last event).
+    pw.wait_for(Duration::from_secs(60), |v| {
+        v["event"] == "listen" && v["pid"] == pid && v["port"] == last_port
+    })?;
+
+    // Now read it all, until it has been quiet for 2 s (60 s at most).
+    let out = follower.0.stdout.take().context("stdout")?;
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(out).lines().map_while(|l| l.ok()) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let mut lines: Vec<Value> = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while Instant::now() < deadline {
+        match rx.recv_timeout(Duration::from_secs(2)) {
+            Ok(line) => lines.push(serde_json::from_str(&line).with_context(|| line.clone())?),
+            Err(_) => break,
+        }
+    }
+    let live = lines
+        .iter()
+        .filter(|v| v["pid"] == pid && v["origin"] == "live")
+        .count() as u64;
+    let missed: Vec<&Value> = lines.iter().filter(|v| v["event"] == "missed").collect();
+    let missed_sum: u64 = missed.iter().filter_map(|v| v["count"].as_u64()).sum();
+    assert!(
+        !missed.is_empty(),
+        "the follower kept up with {events} events unread? ({live} seen of {} lines; \
+         follower {:?}: {})",
+        lines.len(),
+        follower.0.try_wait(),
+        {
+            let mut e = String::new();
+            if let Some(mut err) = follower.0.stderr.take() {
+                let _ = std::io::Read::read_to_string(&mut err, &mut e);
+            }
+            e
+        }
+    );
+    assert!(
+        live + missed_sum >= events,
+        "{events} events: {live} delivered, {missed_sum} counted missed: some vanished"
+    );
+    // After the last `missed` line: the listeners as they are (the burst's
+    // all closed), then `ready`.
+    let last = lines
+        .iter()
+        .rposition(|v| v["event"] == "missed")
+        .context("a missed line")?;
+    let after = &lines[last + 1..];
+    let ready = after
+        .iter()
+        .position(|v| v["event"] == "ready")
+        .context("no ready line after the missed one")?;
+    assert!(
+        after[..ready]
+            .iter()
+            .all(|v| v["origin"] == "snapshot" && v["pid"] != pid),
+        "the fresh start holds listeners of the burst, all closed by then"
+    );
+    // The guard counts it.
+    let status: Value = serde_json::from_slice(&client(&paths, &["status", "--json"])?.stdout)?;
+    assert_eq!(
+        status["totals"]["follower_events_missed"].as_u64(),
+        Some(missed_sum),
+        "{}",
+        status["totals"]
+    );
+
+    // The guard goes away: the follower says so and fails.
+    pw.stop()?;
+    let status = follower.0.wait()?;
+    let mut stderr = String::new();
+    if let Some(mut e) = follower.0.stderr.take() {
+        std::io::Read::read_to_string(&mut e, &mut stderr)?;
+    }
+    assert!(
+        !status.success(),
+        "a follower whose guard went away exited 0"
+    );
+    assert!(stderr.contains("ended its stream"), "{stderr}");
+    ok(&client(
+        &paths,
+        &["down", "--pin-dir", path_str(&paths.pins)?],
+    )?)?;
+    Ok(())
+}

@@ -165,6 +165,15 @@ pub struct Subscription {
     done: bool,
 }
 
+impl Subscription {
+    /// Whether the next line is already here (read, not yet returned): a
+    /// copier flushes its output only when it is not, so a burst costs one
+    /// write per buffer rather than one per line.
+    pub fn more_buffered(&self) -> bool {
+        self.reader.buffer().contains(&b'\n')
+    }
+}
+
 impl Iterator for Subscription {
     type Item = io::Result<String>;
 

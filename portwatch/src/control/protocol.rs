@@ -381,6 +381,8 @@ pub struct Totals {
     /// Frames not addressed to the host passed on (`forwarded = "pass"`).
     pub forwarded: u64,
     pub events_lost: u64,
+    /// Events followers of the stream (watch, top) could not keep up with.
+    pub follower_events_missed: u64,
     /// Counters of a newer guard that this client does not know by name.
     #[serde(flatten)]
     pub other: std::collections::BTreeMap<String, u64>,

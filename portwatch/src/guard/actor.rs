@@ -785,6 +785,7 @@ impl Guard {
                 flow_replies: t.get(GuardStat::FlowReplies),
                 forwarded: t.get(GuardStat::Forwarded),
                 events_lost: pipeline.summary().lost,
+                follower_events_missed: pipeline.followers_missed(),
                 other: Default::default(),
             },
             listeners,

@@ -39,6 +39,8 @@ pub struct Tally {
     pub blocked_listeners_opened: u64,
     /// Policy changes applied at run time (allow, deny, reload, SIGHUP).
     pub policy_changes: u64,
+    /// Events followers of the guard's stream could not take.
+    pub follower_events_missed: u64,
 }
 
 impl Tally {
@@ -244,6 +246,12 @@ impl Collector for SnapshotCollector {
         )?;
         counter(
             e,
+            "follower_events_missed",
+            "Events followers of the guard's stream (watch, top) could not keep up with; each was told how many and given the listeners anew",
+            &[(Vec::new(), s.tally.follower_events_missed)],
+        )?;
+        counter(
+            e,
             "policy_changes",
             "Policy changes applied at run time (allow, deny, reload, SIGHUP)",
             &[(Vec::new(), s.tally.policy_changes)],
@@ -340,6 +348,7 @@ mod tests {
             tally: Tally {
                 blocked_listeners_opened: 3,
                 policy_changes: 4,
+                follower_events_missed: 8,
             },
             guard: Some(GuardSnapshot {
                 mode: Mode::Audit,
@@ -376,6 +385,7 @@ mod tests {
             "portwatch_events_lost_total{ring=\"listeners\"} 6",
             "portwatch_events_lost_total{ring=\"drops\"} 1",
             "portwatch_policy_changes_total 4",
+            "portwatch_follower_events_missed_total 8",
             "portwatch_xdp_attached{iface=\"eth0\",mode=\"native\"} 1",
             "portwatch_guard_mode{mode=\"audit\"} 1",
             "portwatch_guard_mode{mode=\"enforce\"} 0",

@@ -21,13 +21,17 @@ use std::{
     time::SystemTime,
 };
 
+/// How soon a follower that fell behind is looked at again when nothing
+/// else wakes the loop.
+const CATCH_UP_EVERY: std::time::Duration = std::time::Duration::from_millis(50);
+
 use anyhow::Context as _;
 
 use self::{
     enrich::Enriched,
     exposure::ExposureView,
     listeners::Listeners,
-    subscribers::{Subscriber, Subscribers},
+    subscribers::{Subscriber, Subscribers, Taken},
 };
 use crate::{
     iface::table::Iface,
@@ -140,7 +144,10 @@ impl Pipeline {
     }
 
     pub fn tally(&self) -> Tally {
-        self.tally
+        Tally {
+            follower_events_missed: self.subscribers.missed(),
+            ..self.tally
+        }
     }
 
     pub fn summary(&self) -> Summary {
@@ -169,16 +176,59 @@ impl Pipeline {
     }
 
     pub fn flush(&mut self) -> io::Result<()> {
+        self.catch_up_followers();
         self.sink.flush()
     }
 
     /// When the sink wants `tick` called; None: never.
     pub fn next_tick(&self) -> Option<SystemTime> {
-        self.sink.next_tick()
+        let sink = self.sink.next_tick();
+        if !self.subscribers.any_behind() {
+            return sink;
+        }
+        // A follower behind is looked at again soon, even in a lull.
+        let soon = SystemTime::now() + CATCH_UP_EVERY;
+        Some(sink.map_or(soon, |t| t.min(soon)))
     }
 
     pub fn tick(&mut self, now: SystemTime) -> io::Result<()> {
+        self.catch_up_followers();
         self.sink.tick(now)
+    }
+
+    /// Followers that fell behind and have room again get their `missed`
+    /// line and the listeners now.
+    pub fn catch_up_followers(&mut self) {
+        if self.subscribers.any_behind() {
+            let now = SystemTime::now();
+            let fresh = self.fresh_start(now);
+            self.subscribers.catch_up(now, &fresh);
+        }
+    }
+
+    /// Events followers of the stream missed since start.
+    pub fn followers_missed(&self) -> u64 {
+        self.subscribers.missed()
+    }
+
+    /// What a follower starts from: the listeners now, then `ready`.
+    fn fresh_start(&self, now: SystemTime) -> Vec<Event> {
+        let mut events: Vec<Event> = self
+            .listeners
+            .iter()
+            .map(|l| {
+                Event::Listener(ListenerEvent {
+                    ts: now,
+                    kind: EventKind::Listen,
+                    origin: Origin::Snapshot,
+                    listener: l.clone(),
+                    reach: self.reach_of(l),
+                })
+            })
+            .collect();
+        let snapshot = events.len();
+        events.push(Event::Ready { ts: now, snapshot });
+        events
     }
 
     /// The listeners that exist now (sock_diag, every namespace), not yet
@@ -303,23 +353,9 @@ impl Pipeline {
     ) -> tokio::sync::mpsc::Receiver<String> {
         let host_netns = self.exposure.as_ref().and_then(ExposureView::netns);
         let (mut subscriber, rx) = Subscriber::new(format, colour, host_netns);
-        let now = SystemTime::now();
-        let mut sent = 0;
-        for l in self.listeners.iter() {
-            subscriber.send(&Event::Listener(ListenerEvent {
-                ts: now,
-                kind: EventKind::Listen,
-                origin: Origin::Snapshot,
-                listener: l.clone(),
-                reach: self.reach_of(l),
-            }));
-            sent += 1;
+        if subscriber.start(&self.fresh_start(SystemTime::now())) != Taken::Gone {
+            self.subscribers.add(subscriber);
         }
-        subscriber.send(&Event::Ready {
-            ts: now,
-            snapshot: sent,
-        });
-        self.subscribers.add(subscriber);
         rx
     }
 

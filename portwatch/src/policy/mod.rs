@@ -355,12 +355,27 @@ impl PolicyError {
 
 /// 1-based line of a byte offset; offsets past the end count as the end.
 fn line_of(text: &str, offset: usize) -> usize {
-    let end = offset.min(text.len());
-    text.as_bytes()[..end]
-        .iter()
-        .filter(|&&b| b == b'\n')
-        .count()
-        + 1
+    Lines::new(text).of(offset)
+}
+
+/// Where each line of a text starts, to find the line of many offsets in
+/// log time each (a policy may hold thousands of sources).
+struct Lines(Vec<usize>);
+
+impl Lines {
+    fn new(text: &str) -> Self {
+        let starts = text
+            .bytes()
+            .enumerate()
+            .filter(|&(_, b)| b == b'\n')
+            .map(|(i, _)| i + 1);
+        Lines(std::iter::once(0).chain(starts).collect())
+    }
+
+    /// 1-based line of a byte offset.
+    fn of(&self, offset: usize) -> usize {
+        self.0.partition_point(|&start| start <= offset).max(1)
+    }
 }
 
 /// An address (a /32 or /128) or a CIDR whose host bits are clear.
@@ -405,8 +420,11 @@ fn parse_source(value: &str, line: Option<usize>) -> Result<IpNet, PolicyError> 
 /// Host bits clear, no IPv4-mapped network, and no network listed twice or
 /// inside another one of the list (each would mean the author expects
 /// something they do not get).
+///
+/// The first problem in list order is reported, as a reader going down the
+/// list would meet it; O(n log n), for lists of thousands of sources.
 fn check_sources(nets: &[(IpNet, Option<usize>)]) -> Result<(), PolicyError> {
-    for (i, (net, line)) in nets.iter().enumerate() {
+    for (net, line) in nets {
         if net.trunc() != *net {
             return Err(PolicyError::HostBits {
                 line: *line,
@@ -421,24 +439,56 @@ fn check_sources(nets: &[(IpNet, Option<usize>)]) -> Result<(), PolicyError> {
                 ipv4,
             });
         }
-        for (other, other_line) in &nets[..i] {
-            // Whichever is the wider one covers the other.
-            let (inner, outer) = if other.contains(net) {
-                (net, other)
-            } else if net.contains(other) {
-                (other, net)
-            } else {
-                continue;
-            };
-            return Err(PolicyError::RedundantSource {
-                line: *line,
-                net: *inner,
-                covered_by: *outer,
-                other_line: *other_line,
-            });
-        }
+    }
+    let Some(i) = first_covered(nets.iter().map(|(n, _)| *n)) else {
+        return Ok(());
+    };
+    let (net, line) = &nets[i];
+    // The first one before it that it covers or that covers it.
+    for (other, other_line) in &nets[..i] {
+        // Whichever is the wider one covers the other.
+        let (inner, outer) = if other.contains(net) {
+            (net, other)
+        } else if net.contains(other) {
+            (other, net)
+        } else {
+            continue;
+        };
+        return Err(PolicyError::RedundantSource {
+            line: *line,
+            net: *inner,
+            covered_by: *outer,
+            other_line: *other_line,
+        });
     }
     Ok(())
+}
+
+/// The smallest index `i` such that the network at `i` covers or is
+/// covered by one before it, if any.
+///
+/// Networks nest or are disjoint, so in address order (wider first on a
+/// tie) the networks that cover one are exactly those on a stack of open
+/// ones when it comes. A pair's index is that of its later member: for each
+/// network, the best pair is with the earliest network covering it.
+fn first_covered(nets: impl Iterator<Item = IpNet>) -> Option<usize> {
+    let mut order: Vec<(IpNet, usize)> = nets.enumerate().map(|(i, n)| (n, i)).collect();
+    order.sort_unstable_by_key(|(n, i)| (n.network(), n.prefix_len(), *i));
+    // Open networks, each with the smallest index among it and those below.
+    let mut open: Vec<(IpNet, usize)> = Vec::new();
+    let mut first: Option<usize> = None;
+    for (net, i) in order {
+        while open.last().is_some_and(|(outer, _)| !outer.contains(&net)) {
+            open.pop();
+        }
+        if let Some(&(_, earliest)) = open.last() {
+            let pair = earliest.max(i);
+            first = Some(first.map_or(pair, |f| f.min(pair)));
+        }
+        let earliest = open.last().map_or(i, |&(_, e)| e.min(i));
+        open.push((net, earliest));
+    }
+    first
 }
 
 /// The IPv4 network a network inside `::ffff:0:0/96` stands for.
@@ -477,7 +527,8 @@ impl Policy {
                 message: e.message().to_owned(),
             },
         })?;
-        let line = |span: std::ops::Range<usize>| Some(line_of(text, span.start));
+        let lines = Lines::new(text);
+        let line = |span: std::ops::Range<usize>| Some(lines.of(span.start));
 
         let limit_ipv6_prefix = match raw.limit_ipv6_prefix {
             None => None,
@@ -1323,5 +1374,59 @@ allow = [
         assert_eq!(serde_json::to_string(&Exposure::Partial)?, r#""partial""#);
         assert_eq!(serde_json::to_string(&range("tcp/1-2"))?, r#""tcp/1-2""#);
         Ok(())
+    }
+
+    #[test]
+    fn lines_of_offsets() {
+        for text in ["", "a", "\n", "ab\ncd\n\nef", "x\n\n"] {
+            let lines = Lines::new(text);
+            for offset in 0..text.len() + 3 {
+                let naive = text.as_bytes()[..offset.min(text.len())]
+                    .iter()
+                    .filter(|&&b| b == b'\n')
+                    .count()
+                    + 1;
+                assert_eq!(lines.of(offset), naive, "{text:?} at {offset}");
+            }
+        }
+    }
+
+    /// The sweep finds the pair a reader going down the list would, as
+    /// comparing every pair does.
+    mod covered {
+        use proptest::prelude::*;
+
+        use super::super::first_covered;
+        use ipnet::{IpNet, Ipv4Net, Ipv6Net};
+
+        fn brute(nets: &[IpNet]) -> Option<usize> {
+            (0..nets.len()).find(|&i| {
+                nets[..i]
+                    .iter()
+                    .any(|o| o.contains(&nets[i]) || nets[i].contains(o))
+            })
+        }
+
+        fn net() -> impl Strategy<Value = IpNet> {
+            // A small space, so that nesting and duplicates are common.
+            prop_oneof![
+                (0u8..16, 0u8..=8).prop_map(|(a, len)| {
+                    let n = Ipv4Net::new([10, a, 0, 0].into(), 8 + len).unwrap_or_default();
+                    IpNet::V4(n.trunc())
+                }),
+                (0u16..16, 0u8..=8).prop_map(|(a, len)| {
+                    let addr = std::net::Ipv6Addr::new(0xfd00, a << 8, 0, 0, 0, 0, 0, 0);
+                    let n = Ipv6Net::new(addr, 16 + len).unwrap_or_default();
+                    IpNet::V6(n.trunc())
+                }),
+            ]
+        }
+
+        proptest! {
+            #[test]
+            fn as_every_pair_says(nets in proptest::collection::vec(net(), 0..24)) {
+                prop_assert_eq!(first_covered(nets.iter().copied()), brute(&nets));
+            }
+        }
     }
 }

@@ -406,6 +406,15 @@ impl<W: Write> Sink for HumanSink<W> {
                 );
                 self.line(&fixed, 15 + 1 + 6 + 1, &text)
             }
+            Event::Missed { ts, count, total } => {
+                let (on, off) = self.paint(RED);
+                let fixed = format!("{} {on}missed{off} ", clock(*ts));
+                let text = format!(
+                    "this stream could not keep up and missed {count} events ({total} in all); \
+                     the listeners now follow"
+                );
+                self.line(&fixed, 15 + 1 + 6 + 1, &text)
+            }
             Event::Lost { ts, count, total } => {
                 let (on, off) = self.paint(RED);
                 let fixed = format!("{} {on}lost{off}   ", clock(*ts));

@@ -153,6 +153,7 @@ enum Tag {
     Drop,
     Lost,
     Suppressed,
+    Missed,
     Policy,
     Interface,
     Ready,
@@ -249,7 +250,7 @@ pub fn parse_line(text: &str) -> Result<Line, serde_json::Error> {
     let tag = match &line {
         AnyLine::Listener(_) => None,
         AnyLine::Drop(l) => Some((l.event, Tag::Drop)),
-        AnyLine::Count(l) if l.event == Tag::Suppressed => None,
+        AnyLine::Count(l) if matches!(l.event, Tag::Suppressed | Tag::Missed) => None,
         AnyLine::Count(l) => Some((l.event, Tag::Lost)),
         AnyLine::Policy(l) => Some((l.event, Tag::Policy)),
         AnyLine::Interface(l) => Some((l.event, Tag::Interface)),
@@ -277,6 +278,11 @@ pub fn parse_line(text: &str) -> Result<Line, serde_json::Error> {
             audit: d.audit,
         })),
         AnyLine::Count(c) if c.event == Tag::Suppressed => Line::Event(Event::Suppressed {
+            ts: c.ts.0,
+            count: c.count,
+            total: c.total,
+        }),
+        AnyLine::Count(c) if c.event == Tag::Missed => Line::Event(Event::Missed {
             ts: c.ts.0,
             count: c.count,
             total: c.total,
@@ -348,6 +354,12 @@ impl<W: Write> Sink for JsonSink<W> {
             Event::Lost { ts, count, total } => self.line(&CountLine {
                 ts: Ts(*ts),
                 event: Tag::Lost,
+                count: *count,
+                total: *total,
+            }),
+            Event::Missed { ts, count, total } => self.line(&CountLine {
+                ts: Ts(*ts),
+                event: Tag::Missed,
                 count: *count,
                 total: *total,
             }),
@@ -513,6 +525,11 @@ mod tests {
                 ts: ts(),
                 count: 1,
                 total: 2,
+            },
+            Event::Missed {
+                ts: ts(),
+                count: 4,
+                total: 9,
             },
             Event::Ready {
                 ts: ts(),

@@ -2,7 +2,7 @@
 //! a second set of kernel hooks.
 
 use std::{
-    io::{self, IsTerminal as _, Write as _},
+    io::{self, Write as _},
     path::Path,
 };
 
@@ -38,17 +38,34 @@ pub fn watch_via_guard(socket: &Path, json: bool, colour: bool) -> anyhow::Resul
             )));
         }
     };
-    let mut out = io::stdout().lock();
-    for line in lines {
+    let mut out = io::BufWriter::with_capacity(64 * 1024, io::stdout().lock());
+    let mut lines = lines;
+    while let Some(line) = lines.next() {
         let line = line.context("reading the guard's stream")?;
-        match writeln!(out, "{line}").and_then(|()| out.flush()) {
+        let written = writeln!(out, "{line}").and_then(|()| {
+            // Every line is out before we wait for the next one.
+            if lines.more_buffered() {
+                Ok(())
+            } else {
+                out.flush()
+            }
+        });
+        match written {
             Ok(()) => {}
             Err(e) if e.kind() == io::ErrorKind::BrokenPipe => return Ok(true),
             Err(e) => return Err(e).context("writing to stdout"),
         }
     }
-    if !json && io::stderr().is_terminal() {
-        eprintln!("portwatch: the guard ended its stream");
+    match out.flush() {
+        Err(e) if e.kind() != io::ErrorKind::BrokenPipe => {
+            return Err(e).context("writing to stdout");
+        }
+        _ => {}
     }
-    Ok(true)
+    // Not an end we asked for: the guard stopped or restarted.
+    anyhow::bail!(
+        "the guard ended its stream (it stopped or is restarting; control socket {}): no \
+         more events follow",
+        socket.display()
+    )
 }

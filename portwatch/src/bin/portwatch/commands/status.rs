@@ -72,6 +72,13 @@ fn totals_line(t: &Totals, paint: impl Fn(&'static str) -> (&'static str, &'stat
     parts.push(format!("drop reports held back {}", t.reports_suppressed));
     let (on, off) = paint(if t.events_lost > 0 { RED } else { "" });
     parts.push(format!("{on}events lost {}{off}", t.events_lost));
+    if t.follower_events_missed > 0 {
+        let (on, off) = paint(RED);
+        parts.push(format!(
+            "{on}events followers missed {}{off}",
+            t.follower_events_missed
+        ));
+    }
     parts.push(format!("flow replies {}", t.flow_replies));
     parts.push(format!("forwarded {}", t.forwarded));
     if t.rate_table_full > 0 {

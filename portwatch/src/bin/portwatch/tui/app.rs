@@ -722,6 +722,17 @@ impl App {
                     format!("{count} events lost (ring buffer full)"),
                 );
             }
+            Event::Missed { ts, count, .. } => {
+                // The listeners now follow, as a snapshot: start over.
+                self.rows.clear();
+                self.log(
+                    LogKind::Error,
+                    time_of_day(*ts),
+                    format!(
+                        "{count} events missed (this view could not keep up); listeners reloaded"
+                    ),
+                );
+            }
             Event::Suppressed { ts, count, .. } => {
                 self.log(
                     LogKind::Info,
