@@ -23,6 +23,7 @@ pub mod map {
     pub const REPORT_BUCKET: &str = "REPORT_BUCKET";
     pub const DROPS: &str = "DROPS";
     pub const LOCAL_ADDRS: &str = "LOCAL_ADDRS";
+    pub const LOCAL_LIST: &str = "LOCAL_LIST";
     pub const LIMITS: &str = "LIMITS";
     pub const RATE_STATE: &str = "RATE_STATE";
     pub const RATE_OVERFLOW: &str = "RATE_OVERFLOW";
@@ -43,6 +44,7 @@ pub mod map {
         REPORT_BUCKET,
         DROPS,
         LOCAL_ADDRS,
+        LOCAL_LIST,
         LIMITS,
         RATE_STATE,
         RATE_OVERFLOW,
@@ -306,6 +308,28 @@ pub struct LocalKey {
 
 pub const MAX_LOCAL_ADDRS: u32 = 4096;
 
+/// Addresses `LocalList` holds inline, per family.
+pub const LOCAL_INLINE_V4: usize = 16;
+pub const LOCAL_INLINE_V6: usize = 8;
+
+/// The host's first addresses, in the single entry of `LOCAL_LIST`: a
+/// drop-path check compares against these in place, which costs a few ns
+/// where a hash lookup costs ~20; `LOCAL_ADDRS` is looked up only when
+/// the host has more addresses of the family than fit here.
+/// IPv4 addresses are their 4 bytes read as a native-endian u32, IPv6 ones
+/// their 16 bytes as two native-endian u64.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct LocalList {
+    pub v4: [u32; LOCAL_INLINE_V4],
+    pub v6: [[u64; 2]; LOCAL_INLINE_V6],
+    pub n4: u32,
+    pub n6: u32,
+    /// Non-zero: more addresses of the family than fit; look up the rest.
+    pub more4: u32,
+    pub more6: u32,
+}
+
 /// A rule's per-source limit, in `LIMITS[counter slot]`, as a token bucket
 /// counted in nanoseconds: a packet (a TCP connection attempt) costs
 /// `cost_ns`; a source's bucket holds at most `cap_ns` (the burst), and
@@ -536,6 +560,8 @@ mod user {
     // SAFETY: see above.
     unsafe impl aya::Pod for super::LocalKey {}
     // SAFETY: see above.
+    unsafe impl aya::Pod for super::LocalList {}
+    // SAFETY: see above.
     unsafe impl aya::Pod for super::RateLimit {}
     // SAFETY: see above.
     unsafe impl aya::Pod for super::RateKey {}
@@ -566,6 +592,7 @@ mod tests {
         assert_eq!(core::mem::size_of::<FlowKey>(), 40);
         assert_eq!(core::mem::size_of::<FragKey>(), 40);
         assert_eq!(core::mem::size_of::<LocalKey>(), 20);
+        assert_eq!(core::mem::size_of::<LocalList>(), 64 + 128 + 16);
         assert_eq!(core::mem::size_of::<RateKey>(), 20);
         assert_eq!(core::mem::size_of::<RateLimit>(), 16);
         assert_eq!(core::mem::size_of::<RateState>(), 16);

@@ -44,9 +44,9 @@ pub fn count(stat: MonitorStat) {
 use aya_ebpf::maps::{Array, LpmTrie, LruHashMap};
 use portwatch_common::{
     DROPS_RING_BYTES, FlowKey, FragKey, FragVerdict, GUARD_STATS_LEN, GuardConfig, GuardStat,
-    LocalKey, MAX_COUNTER_SLOTS, MAX_FLOWS, MAX_FRAGS, MAX_LOCAL_ADDRS, MAX_RATE_SOURCES,
-    MAX_SRC_RULES, POLICY_PORT_SLOTS, PortCounters, RateKey, RateLimit, RateState, ReportBucket,
-    SRC4_KEY_LEN, SRC6_KEY_LEN,
+    LocalKey, LocalList, MAX_COUNTER_SLOTS, MAX_FLOWS, MAX_FRAGS, MAX_LOCAL_ADDRS,
+    MAX_RATE_SOURCES, MAX_SRC_RULES, POLICY_PORT_SLOTS, PortCounters, RateKey, RateLimit,
+    RateState, ReportBucket, SRC4_KEY_LEN, SRC6_KEY_LEN,
 };
 
 /// BPF_F_NO_PREALLOC: LPM tries must be created with it.
@@ -72,6 +72,10 @@ pub static POLICY_SRC6: LpmTrie<[u8; SRC6_KEY_LEN], u8> =
 /// (rtnetlink): what "addressed to the host" means.
 #[map]
 pub static LOCAL_ADDRS: HashMap<LocalKey, u8> = HashMap::with_max_entries(MAX_LOCAL_ADDRS, 0);
+
+/// The first of those addresses, inline (see `LocalList`).
+#[map]
+pub static LOCAL_LIST: Array<LocalList> = Array::with_max_entries(1, 0);
 
 /// Per-source limits of rules, by the rule's counter slot.
 #[map]

@@ -11,15 +11,15 @@ use aya_ebpf::{
 };
 use portwatch_common::{
     AF_INET, AF_INET6, DropReason, DropReport, FlowKey, FragKey, FragVerdict, GUARD_AUDIT,
-    GUARD_FORWARD_JUDGE, GuardConfig, GuardStat, IPPROTO_SCTP, IPPROTO_TCP, IPPROTO_UDP, LocalKey,
-    RULE_ANY, RULE_CIDR, RULE_LIMIT, RateKey, RateState, entry_slot, other_slot, port_slot,
-    src_prefix_len, src4_key, src6_key,
+    GUARD_FORWARD_JUDGE, GuardConfig, GuardStat, IPPROTO_SCTP, IPPROTO_TCP, IPPROTO_UDP,
+    LOCAL_INLINE_V4, LOCAL_INLINE_V6, LocalKey, RULE_ANY, RULE_CIDR, RULE_LIMIT, RateKey,
+    RateState, entry_slot, other_slot, port_slot, src_prefix_len, src4_key, src6_key,
 };
 
 use crate::{
     headers::{Headers, Walk, ports, walk},
     maps::{
-        COUNTERS, DROPS, FLOWS, FRAGS, GUARD_CONFIG, LIMITS, LOCAL_ADDRS, POLICY_PORTS,
+        COUNTERS, DROPS, FLOWS, FRAGS, GUARD_CONFIG, LIMITS, LOCAL_ADDRS, LOCAL_LIST, POLICY_PORTS,
         POLICY_SRC4, POLICY_SRC6, RATE_OVERFLOW, RATE_STATE, REPORT_BUCKET, guard_count,
     },
     packet::Pkt,
@@ -109,6 +109,43 @@ fn addressed_to_host(m: &Headers) -> bool {
     };
     if multicast {
         return true;
+    }
+    // The first addresses inline: most hosts have no others.
+    if let Some(list) = LOCAL_LIST.get(0) {
+        let more = if m.family == AF_INET as u8 {
+            let a = u32::from_ne_bytes([m.dst[0], m.dst[1], m.dst[2], m.dst[3]]);
+            let n = list.n4 as usize;
+            for i in 0..LOCAL_INLINE_V4 {
+                if i >= n {
+                    break;
+                }
+                if list.v4[i] == a {
+                    return true;
+                }
+            }
+            list.more4
+        } else {
+            let hi = u64::from_ne_bytes([
+                m.dst[0], m.dst[1], m.dst[2], m.dst[3], m.dst[4], m.dst[5], m.dst[6], m.dst[7],
+            ]);
+            let lo = u64::from_ne_bytes([
+                m.dst[8], m.dst[9], m.dst[10], m.dst[11], m.dst[12], m.dst[13], m.dst[14],
+                m.dst[15],
+            ]);
+            let n = list.n6 as usize;
+            for i in 0..LOCAL_INLINE_V6 {
+                if i >= n {
+                    break;
+                }
+                if list.v6[i][0] == hi && list.v6[i][1] == lo {
+                    return true;
+                }
+            }
+            list.more6
+        };
+        if more == 0 {
+            return false;
+        }
     }
     let key = LocalKey {
         family: m.family,

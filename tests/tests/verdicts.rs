@@ -2146,6 +2146,74 @@ fn frames_the_host_forwards_pass_unless_the_policy_judges_them() -> Result {
 }
 
 #[test]
+fn every_address_of_a_host_with_many_is_its_own() -> Result {
+    // More addresses than the inline list holds (16 IPv4, 8 IPv6): the
+    // first are compared in place, the rest found in the table.
+    let v4: Vec<Ipv4Addr> = (1..=40).map(|i| Ipv4Addr::new(10, 9, 0, i)).collect();
+    let v6: Vec<Ipv6Addr> = (1..=20)
+        .map(|i| Ipv6Addr::new(0x2001, 0xdb8, 0x9, 0, 0, 0, 0, i))
+        .collect();
+    let mut g = Guard::load(POLICY, Mode::Enforce)?;
+    let all: Vec<std::net::IpAddr> = v4
+        .iter()
+        .map(|a| (*a).into())
+        .chain(v6.iter().map(|a| (*a).into()))
+        .collect();
+    g.xdp.set_local_addresses(&all)?;
+    for dst in &v4 {
+        g.expect(
+            &format!("IPv4 UDP to the host's {dst}, no rule"),
+            &Frame::eth().ipv4(PEER4, *dst).udp(40000, 6379).build(),
+            Dropped(GuardStat::DropNoRule),
+        )?;
+    }
+    for dst in &v6 {
+        g.expect(
+            &format!("IPv6 UDP to the host's {dst}, no rule"),
+            &Frame::eth().ipv6(PEER6, *dst).udp(40000, 6379).build(),
+            Dropped(GuardStat::DropNoRule),
+        )?;
+    }
+    for (dst4, dst6) in [
+        (
+            Ipv4Addr::new(10, 9, 0, 41),
+            Ipv6Addr::new(0x2001, 0xdb8, 0x9, 0, 0, 0, 0, 21),
+        ),
+        (HOST4, HOST6),
+    ] {
+        g.expect(
+            &format!("IPv4 UDP to {dst4}, no longer the host's"),
+            &Frame::eth().ipv4(PEER4, dst4).udp(40000, 6379).build(),
+            Forwarded,
+        )?;
+        g.expect(
+            &format!("IPv6 UDP to {dst6}, no longer the host's"),
+            &Frame::eth().ipv6(PEER6, dst6).udp(40000, 6379).build(),
+            Forwarded,
+        )?;
+    }
+    // Down to a few: the inline list alone, and the table no longer says
+    // yes for an address gone.
+    g.xdp.set_local_addresses(&[v4[30].into(), v6[15].into()])?;
+    g.expect(
+        "IPv4 UDP to an address the host kept",
+        &Frame::eth().ipv4(PEER4, v4[30]).udp(40000, 6379).build(),
+        Dropped(GuardStat::DropNoRule),
+    )?;
+    g.expect(
+        "IPv4 UDP to an address the host dropped",
+        &Frame::eth().ipv4(PEER4, v4[0]).udp(40000, 6379).build(),
+        Forwarded,
+    )?;
+    g.expect(
+        "IPv6 UDP to an address the host dropped",
+        &Frame::eth().ipv6(PEER6, v6[19]).udp(40000, 6379).build(),
+        Forwarded,
+    )?;
+    g.finish()
+}
+
+#[test]
 fn a_limited_rule_admits_each_source_its_burst_then_drops_it() -> Result {
     let mut g = Guard::load(
         r#"allow = [{ port = "tcp/8080", limit = "3/hour" }, { port = "udp/5300", limit = "2/hour" }, "tcp/22"]"#,

@@ -60,13 +60,44 @@ use aya::maps::{
 };
 use portwatch_common::{
     AF_INET, AF_INET6, FlowKey, GUARD_AUDIT, GUARD_FORWARD_JUDGE, GUARD_STATS_LEN, GuardConfig,
-    GuardStat, IPPROTO_UDP, LocalKey, MAX_COUNTER_SLOTS, PortCounters, RateKey, RateLimit,
-    RateState, SRC4_KEY_LEN, SRC6_KEY_LEN,
+    GuardStat, IPPROTO_UDP, LOCAL_INLINE_V4, LOCAL_INLINE_V6, LocalKey, LocalList,
+    MAX_COUNTER_SLOTS, PortCounters, RateKey, RateLimit, RateState, SRC4_KEY_LEN, SRC6_KEY_LEN,
 };
 #[cfg(feature = "test-helpers")]
 use portwatch_common::{FragKey, FragVerdict};
 
 use crate::model::{Forwarded, Mode};
+
+/// The first addresses of each family inline, and whether there are more.
+fn local_list(addrs: &BTreeSet<std::net::IpAddr>) -> LocalList {
+    let mut list = LocalList::default();
+    for addr in addrs {
+        match addr {
+            std::net::IpAddr::V4(a) => match list.v4.get_mut(list.n4 as usize) {
+                Some(slot) => {
+                    *slot = u32::from_ne_bytes(a.octets());
+                    list.n4 += 1;
+                }
+                None => list.more4 = 1,
+            },
+            std::net::IpAddr::V6(a) => match list.v6.get_mut(list.n6 as usize) {
+                Some(slot) => {
+                    let o = a.octets();
+                    let half = |h: &[u8]| {
+                        let mut b = [0u8; 8];
+                        b.copy_from_slice(h);
+                        u64::from_ne_bytes(b)
+                    };
+                    *slot = [half(&o[..8]), half(&o[8..])];
+                    list.n6 += 1;
+                }
+                None => list.more6 = 1,
+            },
+        }
+    }
+    debug_assert!(list.n4 as usize <= LOCAL_INLINE_V4 && list.n6 as usize <= LOCAL_INLINE_V6);
+    list
+}
 
 /// The `LOCAL_ADDRS` key of an address.
 fn local_key(addr: &std::net::IpAddr) -> LocalKey {
@@ -155,6 +186,7 @@ pub struct GuardMaps {
     counters: PerCpuArray<MapData, PortCounters>,
     stats: PerCpuArray<MapData, u64>,
     local: BpfHashMap<MapData, LocalKey, u8>,
+    local_list: Array<MapData, LocalList>,
     limits: Array<MapData, RateLimit>,
     rate: BpfHashMap<MapData, RateKey, RateState>,
     overflow: Array<MapData, RateState>,
@@ -177,6 +209,7 @@ impl GuardMaps {
             counters: take(ebpf, map::COUNTERS)?,
             stats: take(ebpf, map::GUARD_STATS)?,
             local: take(ebpf, map::LOCAL_ADDRS)?,
+            local_list: take(ebpf, map::LOCAL_LIST)?,
             limits: take(ebpf, map::LIMITS)?,
             rate: take(ebpf, map::RATE_STATE)?,
             overflow: take(ebpf, map::RATE_OVERFLOW)?,
@@ -352,6 +385,11 @@ impl GuardMaps {
                 .insert(key, 1, 0)
                 .map_err(map_err(map::LOCAL_ADDRS))?;
         }
+        // The inline list after the table has the new ones and before it
+        // loses the old ones: either way every address is found somewhere.
+        self.local_list
+            .set(0, local_list(addrs), 0)
+            .map_err(map_err(map::LOCAL_LIST))?;
         for key in have.difference(&want) {
             self.local.remove(key).map_err(map_err(map::LOCAL_ADDRS))?;
         }

@@ -35,6 +35,7 @@ pub const PINNED_MAPS: &[&str] = &[
     map::COUNTERS,
     map::GUARD_STATS,
     map::LOCAL_ADDRS,
+    map::LOCAL_LIST,
     map::LIMITS,
     map::RATE_STATE,
     map::RATE_OVERFLOW,
