@@ -4,7 +4,7 @@
 
 use std::{collections::BTreeMap, net::IpAddr, process::Command, time::Duration};
 
-use anyhow::Context as _;
+use anyhow::{Context as _, ensure};
 use portwatch_tests::{
     ChildGuard, Netns, Portwatch, Result,
     net::{
@@ -1114,5 +1114,50 @@ fn a_rate_limit_holds_back_one_source_and_not_another() -> Result {
     );
     let status = pw.stop()?;
     assert!(status.success(), "{status}");
+    Ok(())
+}
+
+#[test]
+fn auto_attaches_generic_xdp_on_a_veth_and_says_why() -> Result {
+    let lab = Lab::new()?;
+    let policy = TempFile::new("auto-mode", "allow = [\"tcp/8080\"]\n")?;
+    let status_of = || -> Result<Value> {
+        let out = Command::new(portwatch_bin())
+            .args(["status", "--json", "--socket", &lab.socket()?])
+            .output()?;
+        ensure!(out.status.success(), "{out:?}");
+        Ok(serde_json::from_slice(&out.stdout)?)
+    };
+    let mut pw = start_guard(&lab, &policy, &[])?;
+    assert!(
+        pw.stderr().contains("generic XDP") && pw.stderr().contains("veth: native XDP would copy"),
+        "{}",
+        pw.stderr()
+    );
+    let status = status_of()?;
+    let iface = &status["interfaces"][0];
+    assert_eq!(iface["xdp_mode"], "generic", "{status}");
+    assert!(
+        iface["why"]
+            .as_str()
+            .is_some_and(|w| w.starts_with("veth:")),
+        "{iface}"
+    );
+    assert!(
+        lab.server_link()?.contains("xdpgeneric"),
+        "{}",
+        lab.server_link()?
+    );
+    let _server = tcp_server(&lab.server, 8080)?;
+    assert!(tcp_reachable(&lab.client, lab.server_v4(), 8080)?);
+    assert!(!tcp_reachable(&lab.client, lab.server_v4(), 9090)?);
+    pw.stop()?;
+
+    // Asked for, native it is.
+    let mut pw = start_guard(&lab, &policy, &["--xdp-mode", "native"])?;
+    let status = status_of()?;
+    assert_eq!(status["interfaces"][0]["xdp_mode"], "native", "{status}");
+    assert!(status["interfaces"][0].get("why").is_none(), "{status}");
+    pw.stop()?;
     Ok(())
 }

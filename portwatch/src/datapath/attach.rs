@@ -22,7 +22,8 @@ use crate::{
 /// The XDP attach mode asked for.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum XdpMode {
-    /// Native (driver) mode, falling back to generic with a notice.
+    /// Per interface (see [`auto_mode`]): generic on veth and tun
+    /// devices, else native, falling back to generic with a notice.
     #[default]
     Auto,
     Native,
@@ -35,6 +36,26 @@ pub struct Attached {
     pub iface: String,
     pub ifindex: u32,
     pub xdp_mode: AttachedMode,
+    /// Why `auto` chose this mode, when not for the usual reason.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub why: Option<String>,
+}
+
+/// What `auto` attaches with on an interface of `kind` (None: hardware),
+/// and why when it is not native: native XDP on a veth or a tun device
+/// must copy each packet, already in an skb, into an XDP buffer (large TCP
+/// segments linearised), which costs more than generic XDP on the skb.
+pub fn auto_mode(kind: Option<&str>) -> (XdpMode, Option<String>) {
+    match kind {
+        Some(k @ ("veth" | "tun")) => (
+            XdpMode::Generic,
+            Some(format!(
+                "{k}: native XDP would copy every packet into an XDP buffer; generic costs less \
+                 here (--xdp-mode native to force it)"
+            )),
+        ),
+        _ => (XdpMode::Auto, None),
+    }
 }
 
 /// Attaches (or adopts) the guard on `iface`: tc egress first, then XDP.
@@ -51,6 +72,7 @@ pub(crate) fn attach(
     attach_tc(pins, ebpf, iface, held)?;
     let xdp_mode = attach_xdp(pins, ebpf, iface, mode, held)?;
     Ok(Attached {
+        why: None,
         iface: iface.to_string(),
         ifindex,
         xdp_mode,

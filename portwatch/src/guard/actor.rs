@@ -378,14 +378,34 @@ impl Guard {
     /// pinned there); returns how each one is guarded.
     pub fn attach_all(&mut self) -> crate::error::Result<&[Attached]> {
         for iface in self.ifaces.clone() {
-            let attached = self
-                .datapath
-                .attach_guard(&self.pins, &iface, self.xdp_mode)?;
+            let attached = self.attach_one(&iface)?;
             self.ifnames
                 .insert(attached.ifindex, attached.iface.clone());
             self.attached.push(attached);
         }
         Ok(&self.attached)
+    }
+
+    /// Attaches to `iface` in the mode asked for; `auto` looks at what the
+    /// interface is first.
+    fn attach_one(&mut self, iface: &str) -> crate::error::Result<Attached> {
+        let (mode, why) = match self.xdp_mode {
+            XdpMode::Auto => {
+                let kind = self
+                    .ifaces_now
+                    .iter()
+                    .find(|i| i.name == iface)
+                    .and_then(|i| i.kind.as_deref());
+                crate::datapath::attach::auto_mode(kind)
+            }
+            asked => (asked, None),
+        };
+        let mut attached = self.datapath.attach_guard(&self.pins, iface, mode)?;
+        // An adopted link keeps the mode it was made with.
+        if attached.xdp_mode == crate::model::AttachedMode::Generic && mode == XdpMode::Generic {
+            attached.why = why;
+        }
+        Ok(attached)
     }
 
     /// Permits `rule` (persisted).
@@ -887,34 +907,32 @@ impl Guard {
         if !up {
             return None;
         }
-        Some(
-            match self.datapath.attach_guard(&self.pins, &name, self.xdp_mode) {
-                Ok(attached) => {
-                    log::info!(
-                        "{name} is back: guard re-attached ({} XDP)",
-                        attached.xdp_mode
-                    );
-                    self.ifnames
-                        .insert(attached.ifindex, attached.iface.clone());
-                    let xdp_mode = attached.xdp_mode;
-                    self.attached.push(attached);
-                    Event::Interface {
-                        ts: SystemTime::now(),
-                        iface: name,
-                        change: "attached".into(),
-                        xdp_mode: Some(xdp_mode),
-                    }
+        Some(match self.attach_one(&name) {
+            Ok(attached) => {
+                log::info!(
+                    "{name} is back: guard re-attached ({} XDP)",
+                    attached.xdp_mode
+                );
+                self.ifnames
+                    .insert(attached.ifindex, attached.iface.clone());
+                let xdp_mode = attached.xdp_mode;
+                self.attached.push(attached);
+                Event::Interface {
+                    ts: SystemTime::now(),
+                    iface: name,
+                    change: "attached".into(),
+                    xdp_mode: Some(xdp_mode),
                 }
-                Err(e) => {
-                    log::error!("{name} is back but attaching the guard failed: {e}");
-                    Event::Interface {
-                        ts: SystemTime::now(),
-                        iface: name,
-                        change: format!("attach failed: {e}"),
-                        xdp_mode: None,
-                    }
+            }
+            Err(e) => {
+                log::error!("{name} is back but attaching the guard failed: {e}");
+                Event::Interface {
+                    ts: SystemTime::now(),
+                    iface: name,
+                    change: format!("attach failed: {e}"),
+                    xdp_mode: None,
                 }
-            },
-        )
+            }
+        })
     }
 }

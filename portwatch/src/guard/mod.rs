@@ -364,9 +364,14 @@ async fn start(
     let rules = guard.policy().rules.len();
     for attached in guard.attach_all()? {
         log::info!(
-            "guarding {} ({} XDP, {mode} mode, {rules} rules)",
+            "guarding {} ({} XDP, {mode} mode, {rules} rules){}",
             attached.iface,
             attached.xdp_mode,
+            attached
+                .why
+                .as_ref()
+                .map(|w| format!("; {w}"))
+                .unwrap_or_default()
         );
     }
     // Exposure is judged over every way in, once the guard stands in its

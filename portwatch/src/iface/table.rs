@@ -32,6 +32,9 @@ pub struct Iface {
     pub has_master: bool,
     /// A dummy device: nothing arrives on it from a wire.
     pub dummy: bool,
+    /// The kind of a software device (`veth`, `bridge`, `tun`, ...); None
+    /// for a hardware one.
+    pub kind: Option<String>,
     pub addrs: Vec<IpAddr>,
     /// IPv4 subnet broadcast addresses of its networks.
     pub broadcast: Vec<IpAddr>,
@@ -133,6 +136,7 @@ fn iface_of(link: &LinkMessage) -> Iface {
         loopback: link.header.flags.contains(LinkFlags::Loopback),
         has_master: false,
         dummy: false,
+        kind: None,
         addrs: Vec::new(),
         broadcast: Vec::new(),
     };
@@ -144,6 +148,10 @@ fn iface_of(link: &LinkMessage) -> Iface {
                 iface.dummy = infos
                     .iter()
                     .any(|i| matches!(i, LinkInfo::Kind(InfoKind::Dummy)));
+                iface.kind = infos.iter().find_map(|i| match i {
+                    LinkInfo::Kind(kind) => Some(kind.to_string()),
+                    _ => None,
+                });
             }
             _ => {}
         }

@@ -80,7 +80,7 @@ pub enum ModeArg {
 /// How the guard attaches to an interface.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum XdpModeArg {
-    /// Native (driver) mode, falling back to generic with a notice.
+    /// Per interface: generic on veth and tun devices (native XDP there copies every packet), else native, falling back to generic with a notice.
     Auto,
     Native,
     Generic,

@@ -118,7 +118,13 @@ fn render_status(
     let list: Vec<String> = status
         .interfaces
         .iter()
-        .map(|i| format!("{} ({})", i.iface, i.xdp_mode))
+        .map(
+            |i| match i.why.as_deref().and_then(|w| w.split(':').next()) {
+                // `eth1 (generic: veth)`: auto chose generic for what it is.
+                Some(kind) => format!("{} ({}: {kind})", i.iface, i.xdp_mode),
+                None => format!("{} ({})", i.iface, i.xdp_mode),
+            },
+        )
         .collect();
     head.push((
         "interfaces",
@@ -260,11 +266,13 @@ mod tests {
                     iface: "eth0".into(),
                     ifindex: 2,
                     xdp_mode: AttachedMode::Native,
+                    why: None,
                 },
                 Attached {
                     iface: "eth1".into(),
                     ifindex: 3,
                     xdp_mode: AttachedMode::Generic,
+                    why: None,
                 },
             ],
             totals: Totals {

@@ -1294,6 +1294,7 @@ mod tests {
                 iface: "eth0".into(),
                 ifindex: 2,
                 xdp_mode: AttachedMode::Native,
+                why: None,
             }],
             totals: Totals {
                 passed: 10,
