@@ -143,6 +143,7 @@ mod tests {
             loopback: name == "lo",
             has_master: false,
             dummy: false,
+            kind: None,
             addrs: addrs.iter().filter_map(|a| a.parse().ok()).collect(),
             broadcast: Vec::new(),
         }
