@@ -17,6 +17,7 @@ pub mod map {
     pub const POLICY_SRC4: &str = "POLICY_SRC4";
     pub const POLICY_SRC6: &str = "POLICY_SRC6";
     pub const FLOWS: &str = "FLOWS";
+    pub const FLOW_PORTS: &str = "FLOW_PORTS";
     pub const FRAGS: &str = "FRAGS";
     pub const COUNTERS: &str = "COUNTERS";
     pub const GUARD_STATS: &str = "GUARD_STATS";
@@ -38,6 +39,7 @@ pub mod map {
         POLICY_SRC4,
         POLICY_SRC6,
         FLOWS,
+        FLOW_PORTS,
         FRAGS,
         COUNTERS,
         GUARD_STATS,
@@ -400,6 +402,25 @@ pub struct FlowKey {
 
 pub const MAX_FLOWS: u32 = 65536;
 
+/// `FLOW_PORTS`: one byte per `port_slot`, set (non-zero) for every local
+/// port (or port-less protocol) the host has sent a recorded flow from. A
+/// packet to a port whose byte is clear cannot be a reply, so it skips the
+/// `FLOWS` lookup. Bytes, not bits: each port's mark is a plain store, with
+/// no read-modify-write for CPUs to race on. Marks are only ever set while
+/// the guard runs (a port stays marked after its flows expire, which costs
+/// that port the lookup, never a reply).
+pub const FLOW_PORTS_PER_ENTRY: u32 = 64;
+pub const FLOW_PORT_ENTRIES: u32 = POLICY_PORT_SLOTS.div_ceil(FLOW_PORTS_PER_ENTRY);
+
+/// The `FLOW_PORTS` entry and byte of a `port_slot`.
+#[inline(always)]
+pub const fn flow_port_byte(slot: u32) -> (u32, usize) {
+    (
+        slot / FLOW_PORTS_PER_ENTRY,
+        (slot % FLOW_PORTS_PER_ENTRY) as usize,
+    )
+}
+
 /// A fragmented datagram, for later fragments to follow the first one.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
@@ -545,6 +566,9 @@ pub struct ReportBucket {
     /// Tokens times 1e9 (so refills in nanoseconds stay integers).
     pub tokens: u64,
     pub last_ns: u64,
+    /// jiffies when `last_ns` was read: the coarse clock only moves with
+    /// jiffies, so an empty bucket in the same tick needs no clock read.
+    pub last_jiffies: u64,
 }
 
 #[cfg(feature = "user")]
@@ -596,6 +620,9 @@ mod tests {
         assert_eq!(core::mem::size_of::<RateKey>(), 20);
         assert_eq!(core::mem::size_of::<RateLimit>(), 16);
         assert_eq!(core::mem::size_of::<RateState>(), 16);
+        assert_eq!(core::mem::size_of::<ReportBucket>(), 24);
+        assert_eq!(flow_port_byte(port_slot(IPPROTO_UDP, 53)), (1024, 53));
+        assert!(FLOW_PORT_ENTRIES * FLOW_PORTS_PER_ENTRY >= POLICY_PORT_SLOTS);
         assert_eq!(core::mem::size_of::<GuardConfig>(), 24);
     }
 

@@ -4,11 +4,11 @@
 //! admit their replies under default deny.
 
 use aya_ebpf::{helpers::bpf_ktime_get_ns, programs::TcContext};
-use portwatch_common::{FlowKey, GuardStat, IPPROTO_TCP};
+use portwatch_common::{FlowKey, GuardStat, IPPROTO_TCP, flow_port_byte, port_slot};
 
 use crate::{
     headers::{Headers, Walk, ports, walk},
-    maps::{FLOWS, guard_count},
+    maps::{FLOW_PORTS, FLOWS, guard_count},
     packet::Skb,
 };
 
@@ -39,6 +39,25 @@ pub fn try_tc_egress(ctx: &TcContext) -> Option<()> {
     // SAFETY: bpf_ktime_get_ns has no preconditions.
     let now = unsafe { bpf_ktime_get_ns() };
     FLOWS.insert(key, now, 0).ok()?;
+    // After the flow: a reply that sees the bit finds the flow.
+    mark_flow_port(port_slot(h.proto, h.sport));
     guard_count(GuardStat::FlowsRecorded);
     Some(())
+}
+
+/// Marks the port in `FLOW_PORTS` (once: a store only when unmarked).
+#[inline(always)]
+fn mark_flow_port(slot: u32) {
+    let (entry, byte) = flow_port_byte(slot);
+    let Some(marks) = FLOW_PORTS.get_ptr_mut(entry) else {
+        return;
+    };
+    // SAFETY: a pointer from an array lookup is valid for the program's
+    // run; `byte` < the entry's length. A byte store cannot tear, and every
+    // writer stores the same value.
+    unsafe {
+        if (*marks)[byte] == 0 {
+            (*marks)[byte] = 1;
+        }
+    }
 }

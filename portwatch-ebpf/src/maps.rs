@@ -43,10 +43,10 @@ pub fn count(stat: MonitorStat) {
 
 use aya_ebpf::maps::{Array, LpmTrie, LruHashMap};
 use portwatch_common::{
-    DROPS_RING_BYTES, FlowKey, FragKey, FragVerdict, GUARD_STATS_LEN, GuardConfig, GuardStat,
-    LocalKey, LocalList, MAX_COUNTER_SLOTS, MAX_FLOWS, MAX_FRAGS, MAX_LOCAL_ADDRS,
-    MAX_RATE_SOURCES, MAX_SRC_RULES, POLICY_PORT_SLOTS, PortCounters, RateKey, RateLimit,
-    RateState, ReportBucket, SRC4_KEY_LEN, SRC6_KEY_LEN,
+    DROPS_RING_BYTES, FLOW_PORT_ENTRIES, FLOW_PORTS_PER_ENTRY, FlowKey, FragKey, FragVerdict,
+    GUARD_STATS_LEN, GuardConfig, GuardStat, LocalKey, LocalList, MAX_COUNTER_SLOTS, MAX_FLOWS,
+    MAX_FRAGS, MAX_LOCAL_ADDRS, MAX_RATE_SOURCES, MAX_SRC_RULES, POLICY_PORT_SLOTS, PortCounters,
+    RateKey, RateLimit, RateState, ReportBucket, SRC4_KEY_LEN, SRC6_KEY_LEN,
 };
 
 /// BPF_F_NO_PREALLOC: LPM tries must be created with it.
@@ -93,6 +93,12 @@ pub static RATE_OVERFLOW: Array<RateState> = Array::with_max_entries(MAX_COUNTER
 /// The host's outbound UDP flows -> last outbound packet (monotonic ns).
 #[map]
 pub static FLOWS: LruHashMap<FlowKey, u64> = LruHashMap::with_max_entries(MAX_FLOWS, 0);
+
+/// Local ports with recorded flows, a byte per `port_slot` (see
+/// `FLOW_PORTS_PER_ENTRY`).
+#[map]
+pub static FLOW_PORTS: Array<[u8; FLOW_PORTS_PER_ENTRY as usize]> =
+    Array::with_max_entries(FLOW_PORT_ENTRIES, 0);
 
 /// First-fragment verdicts for the later fragments of the same datagram.
 #[map]

@@ -5,7 +5,7 @@
 
 use aya_ebpf::{
     bindings::xdp_action::{XDP_DROP, XDP_PASS},
-    helpers::generated::{bpf_ktime_get_coarse_ns, bpf_xdp_get_buff_len},
+    helpers::generated::{bpf_jiffies64, bpf_ktime_get_coarse_ns, bpf_xdp_get_buff_len},
     maps::lpm_trie::Key,
     programs::XdpContext,
 };
@@ -13,14 +13,16 @@ use portwatch_common::{
     AF_INET, AF_INET6, DropReason, DropReport, FlowKey, FragKey, FragVerdict, GUARD_AUDIT,
     GUARD_FORWARD_JUDGE, GuardConfig, GuardStat, IPPROTO_SCTP, IPPROTO_TCP, IPPROTO_UDP,
     LOCAL_INLINE_V4, LOCAL_INLINE_V6, LocalKey, RULE_ANY, RULE_CIDR, RULE_LIMIT, RateKey,
-    RateState, entry_slot, other_slot, port_slot, src_prefix_len, src4_key, src6_key,
+    RateState, entry_slot, flow_port_byte, other_slot, port_slot, src_prefix_len, src4_key,
+    src6_key,
 };
 
 use crate::{
     headers::{Headers, Walk, ports, walk},
     maps::{
-        COUNTERS, DROPS, FLOWS, FRAGS, GUARD_CONFIG, LIMITS, LOCAL_ADDRS, LOCAL_LIST, POLICY_PORTS,
-        POLICY_SRC4, POLICY_SRC6, RATE_OVERFLOW, RATE_STATE, REPORT_BUCKET, guard_count,
+        COUNTERS, DROPS, FLOW_PORTS, FLOWS, FRAGS, GUARD_CONFIG, LIMITS, LOCAL_ADDRS, LOCAL_LIST,
+        POLICY_PORTS, POLICY_SRC4, POLICY_SRC6, RATE_OVERFLOW, RATE_STATE, REPORT_BUCKET,
+        guard_count,
     },
     packet::Pkt,
 };
@@ -35,6 +37,27 @@ const NS_PER_TOKEN: u64 = 1_000_000_000;
 
 type Verdict = Result<(), DropReason>;
 
+/// No `POLICY_PORTS` entry has every bit set (slots fit the high half
+/// with room to spare): the frame's entry was not looked up yet.
+const NOT_LOOKED_UP: u32 = u32::MAX;
+
+/// The frame's `POLICY_PORTS` entry, looked up at most once: the verdict
+/// and the counter both read it.
+struct Entry(u32);
+
+impl Entry {
+    #[inline(always)]
+    fn of(&mut self, m: &Headers) -> u32 {
+        if self.0 == NOT_LOOKED_UP {
+            self.0 = match POLICY_PORTS.get(port_slot(m.proto, m.dport)) {
+                Some(entry) => *entry,
+                None => 0,
+            };
+        }
+        self.0
+    }
+}
+
 pub fn try_xdp_guard(ctx: &XdpContext) -> u32 {
     let cfg = match GUARD_CONFIG.get(0) {
         Some(cfg) => *cfg,
@@ -42,7 +65,8 @@ pub fn try_xdp_guard(ctx: &XdpContext) -> u32 {
     };
     let mut m = Headers::new();
     let pkt = Pkt::new(ctx);
-    let verdict = match classify(&pkt, &mut m, &cfg) {
+    let mut entry = Entry(NOT_LOOKED_UP);
+    let verdict = match classify(&pkt, &mut m, &mut entry, &cfg) {
         // Not the host's own traffic: the host routes or bridges it, and
         // what it reaches judges it. Only a frame that would drop pays for
         // the lookup; a malformed one still drops.
@@ -70,7 +94,7 @@ pub fn try_xdp_guard(ctx: &XdpContext) -> u32 {
         // linear part alone undercounts jumbo frames.
         // SAFETY: `ctx.ctx` is the xdp_md the kernel passed to this program.
         let len = unsafe { bpf_xdp_get_buff_len(ctx.ctx) };
-        count_port(&m, verdict.is_err(), len);
+        count_port(&m, &mut entry, verdict.is_err(), len);
     }
     let Err(reason) = verdict else {
         guard_count(GuardStat::Passed);
@@ -88,13 +112,13 @@ pub fn try_xdp_guard(ctx: &XdpContext) -> u32 {
     if audit { XDP_PASS } else { XDP_DROP }
 }
 
-fn classify(pkt: &Pkt, m: &mut Headers, cfg: &GuardConfig) -> Verdict {
+fn classify(pkt: &Pkt, m: &mut Headers, entry: &mut Entry, cfg: &GuardConfig) -> Verdict {
     match walk(pkt, m) {
         Err(_) => Err(DropReason::Malformed),
         // ARP and every other non-IP protocol: the host needs them.
         Ok(Walk::NotIp) => Ok(()),
         Ok(Walk::LaterFragment(id)) => later_fragment(m, id),
-        Ok(Walk::Transport(off)) => transport(pkt, off, m, cfg),
+        Ok(Walk::Transport(off)) => transport(pkt, off, m, entry, cfg),
     }
 }
 
@@ -205,32 +229,38 @@ fn later_fragment(m: &mut Headers, id: u32) -> Verdict {
     }
 }
 
-fn transport(pkt: &Pkt, off: usize, m: &mut Headers, cfg: &GuardConfig) -> Verdict {
+fn transport(
+    pkt: &Pkt,
+    off: usize,
+    m: &mut Headers,
+    entry: &mut Entry,
+    cfg: &GuardConfig,
+) -> Verdict {
     match m.proto {
         IPPROTO_TCP => {
             ports(pkt, off, m).map_err(|_| DropReason::Malformed)?;
-            tcp(m, cfg)
+            tcp(m, entry, cfg)
         }
         IPPROTO_UDP => {
             ports(pkt, off, m).map_err(|_| DropReason::Malformed)?;
-            udp(m, cfg)
+            udp(m, entry, cfg)
         }
         // Neighbour discovery, path MTU discovery, multicast membership.
         IPPROTO_ICMP | IPPROTO_ICMPV6 | IPPROTO_IGMP => Ok(()),
         IPPROTO_SCTP => {
             ports(pkt, off, m).map_err(|_| DropReason::Malformed)?;
-            or_own_flow(m, cfg)
+            or_own_flow(m, entry, cfg)
         }
         // Every other protocol as a whole (port 0): VRRP, GRE, ESP, ...
-        _ => or_own_flow(m, cfg),
+        _ => or_own_flow(m, entry, cfg),
     }
 }
 
 /// A rule, else an answer to a flow the host itself opened (tc egress
 /// records SCTP associations and port-less protocols' peers as it does
 /// UDP flows).
-fn or_own_flow(m: &Headers, cfg: &GuardConfig) -> Verdict {
-    match permitted(m, cfg) {
+fn or_own_flow(m: &Headers, entry: &mut Entry, cfg: &GuardConfig) -> Verdict {
+    match permitted(m, entry.of(m), cfg) {
         Ok(()) => Ok(()),
         Err(_) if reply_to_own_flow(m, cfg) => {
             guard_count(GuardStat::FlowReplies);
@@ -240,7 +270,7 @@ fn or_own_flow(m: &Headers, cfg: &GuardConfig) -> Verdict {
     }
 }
 
-fn tcp(m: &Headers, cfg: &GuardConfig) -> Verdict {
+fn tcp(m: &Headers, entry: &mut Entry, cfg: &GuardConfig) -> Verdict {
     let flags = m.tcp_flags;
     // A segment that can belong to a connection passes whatever the port:
     // one with ACK (not an opening SYN), or a RST (to which no stack
@@ -252,11 +282,11 @@ fn tcp(m: &Headers, cfg: &GuardConfig) -> Verdict {
     if !opening && flags & (TCP_ACK | TCP_RST) != 0 {
         Ok(())
     } else {
-        permitted(m, cfg)
+        permitted(m, entry.of(m), cfg)
     }
 }
 
-fn udp(m: &Headers, cfg: &GuardConfig) -> Verdict {
+fn udp(m: &Headers, entry: &mut Entry, cfg: &GuardConfig) -> Verdict {
     // DHCP replies to the host's own client.
     let dhcp = if m.family == AF_INET as u8 {
         m.sport == 67 && m.dport == 68
@@ -266,17 +296,13 @@ fn udp(m: &Headers, cfg: &GuardConfig) -> Verdict {
     if dhcp {
         return Ok(());
     }
-    or_own_flow(m, cfg)
+    or_own_flow(m, entry, cfg)
 }
 
 /// Whether the policy permits (proto, destination port) from this source,
 /// within the rule's per-source limit; a protocol without ports is looked
-/// up as port 0 (`m.dport` stays 0).
-fn permitted(m: &Headers, cfg: &GuardConfig) -> Verdict {
-    let rule = match POLICY_PORTS.get(port_slot(m.proto, m.dport)) {
-        Some(rule) => *rule,
-        None => 0,
-    };
+/// up as port 0 (`m.dport` stays 0). `rule` is its `POLICY_PORTS` entry.
+fn permitted(m: &Headers, rule: u32, cfg: &GuardConfig) -> Verdict {
     source_permitted(m, rule)?;
     if rule & RULE_LIMIT != 0 {
         within_limit(m, entry_slot(rule), cfg)?;
@@ -392,6 +418,12 @@ fn mask_prefix(addr: &mut [u8; 16], prefix: u32) {
 /// them): UDP and SCTP by ports and addresses, other protocols by
 /// addresses (ports 0).
 fn reply_to_own_flow(m: &Headers, cfg: &GuardConfig) -> bool {
+    // No flow ever left from this port: nothing to look up.
+    let (entry, byte) = flow_port_byte(port_slot(m.proto, m.dport));
+    match FLOW_PORTS.get(entry) {
+        Some(marks) if marks[byte] != 0 => {}
+        _ => return false,
+    }
     let key = FlowKey {
         family: m.family,
         proto: m.proto,
@@ -416,12 +448,8 @@ fn reply_to_own_flow(m: &Headers, cfg: &GuardConfig) -> bool {
 /// Adds the frame to its port's counter slot: the one user space gave the
 /// port or protocol (its rule's, or its listener's), else the protocol's
 /// `other`.
-fn count_port(m: &Headers, dropped: bool, len: u64) {
-    let entry = match POLICY_PORTS.get(port_slot(m.proto, m.dport)) {
-        Some(entry) => *entry,
-        None => 0,
-    };
-    let slot = match entry_slot(entry) {
+fn count_port(m: &Headers, entry: &mut Entry, dropped: bool, len: u64) {
+    let slot = match entry_slot(entry.of(m)) {
         0 => other_slot(m.proto),
         slot => slot,
     };
@@ -442,15 +470,25 @@ fn count_port(m: &Headers, dropped: bool, len: u64) {
 
 /// Sends a drop report unless the per-CPU token bucket is empty.
 fn report(ctx: &XdpContext, m: &Headers, reason: DropReason, audit: bool, cfg: &GuardConfig) {
-    // The coarse clock (tick resolution) is enough for a 30 s timeout and a
-    // per-second rate limit, and much cheaper on the per-packet path.
-    // SAFETY: bpf_ktime_get_coarse_ns has no preconditions.
-    let now = unsafe { bpf_ktime_get_coarse_ns() };
     let Some(bucket) = REPORT_BUCKET.get_ptr_mut(0) else {
         return;
     };
     // SAFETY: this CPU's own bucket; no concurrent writer.
     let bucket = unsafe { &mut *bucket };
+    // A flood empties the bucket; the coarse clock moves only at a tick,
+    // so until jiffies moves the bucket cannot have refilled. jiffies64
+    // is inlined by the verifier (a load), the clock is a helper call.
+    // SAFETY: bpf_jiffies64 has no preconditions.
+    let jiffies = unsafe { bpf_jiffies64() };
+    if bucket.tokens < NS_PER_TOKEN && jiffies == bucket.last_jiffies {
+        guard_count(GuardStat::ReportsSuppressed);
+        return;
+    }
+    bucket.last_jiffies = jiffies;
+    // The coarse clock (tick resolution) is enough for a per-second rate
+    // limit, and much cheaper than the precise one.
+    // SAFETY: bpf_ktime_get_coarse_ns has no preconditions.
+    let now = unsafe { bpf_ktime_get_coarse_ns() };
     // Cap the refill interval so the product cannot overflow.
     let elapsed = now.saturating_sub(bucket.last_ns).min(10 * NS_PER_TOKEN);
     let cap = u64::from(cfg.report_burst) * NS_PER_TOKEN;

@@ -59,12 +59,13 @@ use aya::maps::{
     lpm_trie::{Key, LpmTrie},
 };
 use portwatch_common::{
-    AF_INET, AF_INET6, FlowKey, GUARD_AUDIT, GUARD_FORWARD_JUDGE, GUARD_STATS_LEN, GuardConfig,
-    GuardStat, IPPROTO_UDP, LOCAL_INLINE_V4, LOCAL_INLINE_V6, LocalKey, LocalList,
-    MAX_COUNTER_SLOTS, PortCounters, RateKey, RateLimit, RateState, SRC4_KEY_LEN, SRC6_KEY_LEN,
+    AF_INET, AF_INET6, FLOW_PORTS_PER_ENTRY, FlowKey, GUARD_AUDIT, GUARD_FORWARD_JUDGE,
+    GUARD_STATS_LEN, GuardConfig, GuardStat, IPPROTO_UDP, LOCAL_INLINE_V4, LOCAL_INLINE_V6,
+    LocalKey, LocalList, MAX_COUNTER_SLOTS, PortCounters, RateKey, RateLimit, RateState,
+    SRC4_KEY_LEN, SRC6_KEY_LEN, flow_port_byte, port_slot,
 };
 #[cfg(feature = "test-helpers")]
-use portwatch_common::{FragKey, FragVerdict};
+use portwatch_common::{FLOW_PORT_ENTRIES, FragKey, FragVerdict};
 
 use crate::model::{Forwarded, Mode};
 
@@ -180,6 +181,8 @@ pub struct GuardMaps {
     /// Seeded at start with the host's connected UDP sockets; written
     /// otherwise by tc egress (and by tests).
     flows: BpfHashMap<MapData, FlowKey, u64>,
+    /// Which local ports have flows (see `FLOW_PORTS_PER_ENTRY`).
+    flow_ports: Array<MapData, [u8; FLOW_PORTS_PER_ENTRY as usize]>,
     /// Written only by tests (crafted fragment state).
     #[cfg(feature = "test-helpers")]
     frags: BpfHashMap<MapData, FragKey, FragVerdict>,
@@ -204,6 +207,7 @@ impl GuardMaps {
             src4: take(ebpf, map::POLICY_SRC4)?,
             src6: take(ebpf, map::POLICY_SRC6)?,
             flows: take(ebpf, map::FLOWS)?,
+            flow_ports: take(ebpf, map::FLOW_PORTS)?,
             #[cfg(feature = "test-helpers")]
             frags: take(ebpf, map::FRAGS)?,
             counters: take(ebpf, map::COUNTERS)?,
@@ -431,7 +435,37 @@ impl GuardMaps {
                 .insert(key, monotonic_ns, 0)
                 .map_err(map_err(map::FLOWS))?;
         }
+        self.mark_flow_ports(flows.iter().map(|f| port_slot(IPPROTO_UDP, f.local.port())))?;
         Ok(flows.len())
+    }
+
+    /// Marks the local ports of flows recorded from user space in
+    /// `FLOW_PORTS`, as tc egress marks its own: after the flows, so that a
+    /// reply that sees the mark finds its flow. A user-space write replaces
+    /// a whole entry; tc egress marking another port of it in between loses
+    /// that mark until that port's next outbound packet marks it again.
+    fn mark_flow_ports(&mut self, slots: impl Iterator<Item = u32>) -> Result<()> {
+        let mut by_entry: std::collections::BTreeMap<u32, Vec<usize>> = Default::default();
+        for slot in slots {
+            let (entry, byte) = flow_port_byte(slot);
+            by_entry.entry(entry).or_default().push(byte);
+        }
+        for (entry, bytes) in by_entry {
+            let mut marks = self
+                .flow_ports
+                .get(&entry, 0)
+                .map_err(map_err(map::FLOW_PORTS))?;
+            if bytes.iter().all(|&b| marks[b] != 0) {
+                continue;
+            }
+            for b in bytes {
+                marks[b] = 1;
+            }
+            self.flow_ports
+                .set(entry, marks, 0)
+                .map_err(map_err(map::FLOW_PORTS))?;
+        }
+        Ok(())
     }
 
     /// Forgets every rate-limited source's bucket, and the overflow
@@ -453,7 +487,8 @@ impl GuardMaps {
     pub fn record_flow(&mut self, key: FlowKey, monotonic_ns: u64) -> Result<()> {
         self.flows
             .insert(key, monotonic_ns, 0)
-            .map_err(map_err(map::FLOWS))
+            .map_err(map_err(map::FLOWS))?;
+        self.mark_flow_ports(std::iter::once(port_slot(key.proto, key.local_port)))
     }
 
     /// Forgets every recorded flow and first fragment (tests that want each
@@ -467,6 +502,11 @@ impl GuardMaps {
         let frags: Vec<FragKey> = self.frags.keys().filter_map(|k| k.ok()).collect();
         for key in frags {
             let _ = self.frags.remove(&key);
+        }
+        for entry in 0..FLOW_PORT_ENTRIES {
+            self.flow_ports
+                .set(entry, [0; FLOW_PORTS_PER_ENTRY as usize], 0)
+                .map_err(map_err(map::FLOW_PORTS))?;
         }
         Ok(())
     }

@@ -31,6 +31,7 @@ pub const PINNED_MAPS: &[&str] = &[
     map::POLICY_SRC4,
     map::POLICY_SRC6,
     map::FLOWS,
+    map::FLOW_PORTS,
     map::FRAGS,
     map::COUNTERS,
     map::GUARD_STATS,
