@@ -622,7 +622,7 @@ mod tests {
         assert_eq!(core::mem::size_of::<RateState>(), 16);
         assert_eq!(core::mem::size_of::<ReportBucket>(), 24);
         assert_eq!(flow_port_byte(port_slot(IPPROTO_UDP, 53)), (1024, 53));
-        assert!(FLOW_PORT_ENTRIES * FLOW_PORTS_PER_ENTRY >= POLICY_PORT_SLOTS);
+        const { assert!(FLOW_PORT_ENTRIES * FLOW_PORTS_PER_ENTRY >= POLICY_PORT_SLOTS) };
         assert_eq!(core::mem::size_of::<GuardConfig>(), 24);
     }
 
