@@ -26,17 +26,18 @@ const NEVER: u32 = 0x5eed_cafe;
 
 pub fn try_parse_drop(ctx: &XdpContext) -> u32 {
     let pkt = Pkt::new(ctx);
-    let mut h = Headers::new();
-    let end = match walk(&pkt, &mut h) {
+    let mut slot = core::mem::MaybeUninit::uninit();
+    let h = Headers::zeroed(&mut slot);
+    let end = match walk(&pkt, h) {
         Ok(Walk::Transport(off)) => {
-            let _ = ports(&pkt, off, &mut h);
+            let _ = ports(&pkt, off, h);
             0
         }
         Ok(Walk::LaterFragment(id)) => id,
         Ok(Walk::NotIp) => 1,
         Err(_) => 2,
     };
-    if fold(&h) ^ end == NEVER {
+    if fold(h) ^ end == NEVER {
         XDP_PASS
     } else {
         XDP_DROP

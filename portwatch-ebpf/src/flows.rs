@@ -14,10 +14,11 @@ use crate::{
 
 pub fn try_tc_egress(ctx: &TcContext) -> Option<()> {
     let skb = Skb(ctx);
-    let mut h = Headers::new();
+    let mut slot = core::mem::MaybeUninit::uninit();
+    let h = Headers::zeroed(&mut slot);
     // Later fragments carry no UDP header; what does not parse is not ours
     // to judge on the way out.
-    let Ok(Walk::Transport(off)) = walk(&skb, &mut h) else {
+    let Ok(Walk::Transport(off)) = walk(&skb, h) else {
         return None;
     };
     // TCP replies carry ACK; ICMP, ICMPv6 and IGMP always pass.
@@ -25,7 +26,7 @@ pub fn try_tc_egress(ctx: &TcContext) -> Option<()> {
         return None;
     }
     // Port-less protocols keep ports 0.
-    ports(&skb, off, &mut h).ok()?;
+    ports(&skb, off, h).ok()?;
     // Outbound: the source is local, the destination the remote peer.
     let key = FlowKey {
         family: h.family,

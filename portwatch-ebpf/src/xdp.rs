@@ -63,10 +63,11 @@ pub fn try_xdp_guard(ctx: &XdpContext) -> u32 {
         Some(cfg) => *cfg,
         None => GuardConfig::default(),
     };
-    let mut m = Headers::new();
+    let mut slot = core::mem::MaybeUninit::uninit();
+    let m = Headers::zeroed(&mut slot);
     let pkt = Pkt::new(ctx);
     let mut entry = Entry(NOT_LOOKED_UP);
-    let verdict = match classify(&pkt, &mut m, &mut entry, &cfg) {
+    let verdict = match classify(&pkt, m, &mut entry, &cfg) {
         // Not the host's own traffic: the host routes or bridges it, and
         // what it reaches judges it. Only a frame that would drop pays for
         // the lookup; a malformed one still drops.
@@ -74,10 +75,10 @@ pub fn try_xdp_guard(ctx: &XdpContext) -> u32 {
             if reason != DropReason::Malformed
                 && cfg.flags & GUARD_FORWARD_JUDGE == 0
                 && m.family != 0
-                && !addressed_to_host(&m) =>
+                && !addressed_to_host(m) =>
         {
             if m.first_frag {
-                record_first_fragment(&m, &Ok(()));
+                record_first_fragment(m, &Ok(()));
             }
             guard_count(GuardStat::Forwarded);
             return XDP_PASS;
@@ -87,14 +88,14 @@ pub fn try_xdp_guard(ctx: &XdpContext) -> u32 {
     // A first fragment's verdict, whatever it is, is what its later
     // fragments get.
     if m.first_frag {
-        record_first_fragment(&m, &verdict);
+        record_first_fragment(m, &verdict);
     }
     if m.family != 0 {
         // The whole frame, fragments of a multi-buffer frame included: the
         // linear part alone undercounts jumbo frames.
         // SAFETY: `ctx.ctx` is the xdp_md the kernel passed to this program.
         let len = unsafe { bpf_xdp_get_buff_len(ctx.ctx) };
-        count_port(&m, &mut entry, verdict.is_err(), len);
+        count_port(m, &mut entry, verdict.is_err(), len);
     }
     let Err(reason) = verdict else {
         guard_count(GuardStat::Passed);
@@ -108,7 +109,7 @@ pub fn try_xdp_guard(ctx: &XdpContext) -> u32 {
         DropReason::RateLimited => GuardStat::DropRateLimited,
     });
     let audit = cfg.flags & GUARD_AUDIT != 0;
-    report(ctx, &m, reason, audit, &cfg);
+    report(ctx, m, reason, audit, &cfg);
     if audit { XDP_PASS } else { XDP_DROP }
 }
 
