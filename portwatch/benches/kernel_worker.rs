@@ -90,7 +90,8 @@ fn opt_u32(args: &[String], name: &str, default: u32) -> Result<u32> {
 /// The last three rules are for the classes of the checks protocol rules,
 /// scope and rate limits added; the others' costs do not depend on them.
 const POLICY: &str = r#"allow = ["tcp/22", "udp/53", "tcp/443", "proto/vrrp", "sctp/3868",
-    { port = "tcp/2222", limit = "1/hour" }]"#;
+    { port = "tcp/2222", limit = "1/hour" },
+    { port = "tcp/8443", from = ["10.0.0.0/8", "203.0.113.0/24"] }]"#;
 
 const HOST4: Ipv4Addr = Ipv4Addr::new(198, 19, 0, 1);
 const PEER4: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 7);
@@ -124,6 +125,22 @@ fn classes() -> Vec<Class> {
             label: "TCP SYN to a closed port (tcp/6379)",
             frame: eth(None, ETH_P_IP, &syn(6379)),
             guard: XDP_DROP,
+        },
+        Class {
+            key: "tcp_ack",
+            label: "TCP ACK segment to a port without a rule (tcp/6379)",
+            frame: eth(
+                None,
+                ETH_P_IP,
+                &ipv4(IPPROTO_TCP, IP_DF, 0x1234, &tcp_ack(40000, 6379)),
+            ),
+            guard: XDP_PASS,
+        },
+        Class {
+            key: "cidr_permitted",
+            label: "TCP SYN to a CIDR-restricted port from inside (tcp/8443 from 203.0.113.0/24)",
+            frame: eth(None, ETH_P_IP, &syn(8443)),
+            guard: XDP_PASS,
         },
         Class {
             key: "udp_dropped",
@@ -499,6 +516,17 @@ fn tcp_syn(sport: u16, dport: u16) -> Vec<u8> {
     t.extend_from_slice(&[10 << 4, 0x02, 0xff, 0xff, 0, 0, 0, 0]);
     t.extend_from_slice(&[2, 4, 0x05, 0xb4, 4, 2, 8, 10, 0, 0, 0, 1]);
     t.extend_from_slice(&[0, 0, 0, 0, 1, 3, 3, 7]);
+    t
+}
+
+/// A bare ACK segment (20-byte header, no options, no payload).
+fn tcp_ack(sport: u16, dport: u16) -> Vec<u8> {
+    let mut t = Vec::with_capacity(20);
+    t.extend_from_slice(&sport.to_be_bytes());
+    t.extend_from_slice(&dport.to_be_bytes());
+    t.extend_from_slice(&1000u32.to_be_bytes());
+    t.extend_from_slice(&2000u32.to_be_bytes());
+    t.extend_from_slice(&[5 << 4, 0x10, 0xff, 0xff, 0, 0, 0, 0]);
     t
 }
 

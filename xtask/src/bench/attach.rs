@@ -110,3 +110,24 @@ pub fn start_guard(portwatch: &Path, lab: &Lab, mode: &str, allow: &[&str]) -> R
     );
     Ok(guard)
 }
+
+/// The guard as an operator starts it, without `--xdp-mode` (auto); the
+/// XDP mode auto chose, as `ip link` shows it.
+pub fn start_guard_default(
+    portwatch: &Path,
+    lab: &Lab,
+    allow: &[&str],
+) -> Result<(Guard, &'static str)> {
+    let guard = Guard::start(portwatch, &lab.server, &lab.server_if, allow, &[])?;
+    let link = lab.server_link()?;
+    ensure!(
+        link.contains("xdp_guard"),
+        "portwatch guard (default XDP mode): not attached:\n{link}"
+    );
+    let mode = if link.contains("xdpgeneric") {
+        "generic"
+    } else {
+        "native"
+    };
+    Ok((guard, mode))
+}
