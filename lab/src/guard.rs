@@ -148,6 +148,11 @@ impl Guard {
         self.paths.socket()
     }
 
+    /// Its policy file (what `reload` re-reads).
+    pub fn policy_path(&self) -> PathBuf {
+        self.paths.run.join("policy.toml")
+    }
+
     /// Stops it (SIGINT, SIGKILL after `limit`); its exit status if it
     /// exited by itself. Its pins go when it is dropped.
     pub fn stop(&mut self, limit: Duration) -> Option<ExitStatus> {

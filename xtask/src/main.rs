@@ -60,7 +60,7 @@ enum Task {
         /// A short smoke run (fewer rounds): checks the harness, not for figures.
         #[arg(long)]
         quick: bool,
-        /// Run only this section (verdict, veth, permitted, monitor, host).
+        /// Run only this section (verdict, veth, permitted, monitor, host, policy).
         #[arg(long)]
         only: Option<String>,
     },

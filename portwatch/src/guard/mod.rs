@@ -293,6 +293,10 @@ async fn finish_control(
     }
 }
 
+/// Blocked listeners named one by one per process at start; the rest
+/// are counted.
+const BLOCKED_LINES_PER_PROCESS: usize = 3;
+
 /// Snapshot, lockout check, policy, interfaces: everything between loading
 /// and serving.
 async fn start(
@@ -307,14 +311,30 @@ async fn start(
     let found = Pipeline::collect_snapshot().await?;
     let own_netns = procinfo::netns_of(std::process::id());
     let local = || found.listeners.iter().filter(move |l| l.netns == own_netns);
+    // A few lines per process, then a count: a process with thousands of
+    // blocked listeners must not flood the journal.
+    let mut per_process: std::collections::BTreeMap<Option<u32>, usize> = Default::default();
     for l in local() {
         if exposure_of(policy, l) == Exposure::Blocked && !l.addr.is_loopback() {
+            let seen = per_process.entry(l.process.pid).or_default();
+            *seen += 1;
+            if *seen <= BLOCKED_LINES_PER_PROCESS {
+                log::warn!(
+                    "{} (pid {}) listens on {} {}: blocked by policy",
+                    l.process.comm.as_deref().unwrap_or("?"),
+                    l.process.pid.map_or_else(|| "?".into(), |p| p.to_string()),
+                    l.proto.as_str(),
+                    endpoint(&l.addr, l.port)
+                );
+            }
+        }
+    }
+    for (pid, n) in per_process {
+        if n > BLOCKED_LINES_PER_PROCESS {
             log::warn!(
-                "{} (pid {}) listens on {} {}: blocked by policy",
-                l.process.comm.as_deref().unwrap_or("?"),
-                l.process.pid.map_or_else(|| "?".into(), |p| p.to_string()),
-                l.proto.as_str(),
-                endpoint(&l.addr, l.port)
+                "pid {}: {} more listeners blocked by policy",
+                pid.map_or_else(|| "?".into(), |p| p.to_string()),
+                n - BLOCKED_LINES_PER_PROCESS
             );
         }
     }

@@ -2,7 +2,10 @@
 //! when NO_COLOR is unset; the last column is cut to the terminal's width.
 //! Drop reports are summed per source, port and reason over 5-second
 //! windows ("12 SYNs from 203.0.113.7 to tcp/6379 dropped in the last 5 s"):
-//! a scan must not scroll everything else away.
+//! a scan must not scroll everything else away. Listeners the policy blocks
+//! are flagged at once for a process's first in a window, and its others
+//! summed at the window's end ("python3 (pid 11394): 14999 more listeners
+//! blocked by policy in the last 5 s"); `--json` keeps every one.
 
 use std::{
     collections::BTreeMap,
@@ -47,7 +50,18 @@ pub struct HumanSink<W: Write> {
     /// Terminal width to cut lines to; None when not a terminal.
     width: Option<usize>,
     drops: BTreeMap<DropKey, u64>,
+    /// Processes flagged for a blocked listener in this window, with the
+    /// ones not written since; the first of each is written at once.
+    violators: BTreeMap<Violator, u64>,
+    /// When the window of what is summed (drops, violations) began.
     window_start: Option<SystemTime>,
+}
+
+/// Whose blocked listeners are summed.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+struct Violator {
+    pid: u32,
+    comm: String,
 }
 
 /// Column widths: the full layout, or a compact one for narrow terminals
@@ -123,6 +137,7 @@ impl<W: Write> HumanSink<W> {
             header_done: false,
             width: None,
             drops: BTreeMap::new(),
+            violators: BTreeMap::new(),
             window_start: None,
         }
     }
@@ -167,12 +182,13 @@ impl<W: Write> HumanSink<W> {
 
     fn listener_line(
         &mut self,
-        time: &str,
+        ts: SystemTime,
         kind: EventKind,
         origin: Origin,
         l: &Listener,
         reach: Option<&Reach>,
     ) -> io::Result<()> {
+        let time = &clock(ts);
         let exposure = reach.map(|r| r.exposure);
         let unguarded = reach.map(|r| r.unguarded.join(",")).unwrap_or_default();
         let (on, off) = self.paint(match kind {
@@ -239,6 +255,17 @@ impl<W: Write> HumanSink<W> {
         // service the network cannot (or should not) reach.
         let policy_blocks = reach.map(|r| r.policy) == Some(Exposure::Blocked);
         if kind == EventKind::Listen && policy_blocks && !l.addr.is_loopback() {
+            let violator = Violator {
+                pid: p.pid.unwrap_or(0),
+                comm: p.comm.clone().unwrap_or_else(|| "?".into()),
+            };
+            self.window_start.get_or_insert(ts);
+            if let Some(more) = self.violators.get_mut(&violator) {
+                // Flagged once in this window: summed at its end.
+                *more += 1;
+                return Ok(());
+            }
+            self.violators.insert(violator, 0);
             let (on, off) = self.paint(RED);
             let but = if unguarded.is_empty() {
                 String::new()
@@ -274,8 +301,9 @@ impl<W: Write> HumanSink<W> {
         *self.drops.entry(key).or_insert(0) += 1;
     }
 
-    /// Writes one line per (source, port, reason) summed since the window began.
-    fn flush_drops(&mut self, now: SystemTime) -> io::Result<()> {
+    /// Writes one line per (source, port, reason) summed since the window
+    /// began, and one per process with blocked listeners not yet written.
+    fn flush_window(&mut self, now: SystemTime) -> io::Result<()> {
         let Some(start) = self.window_start.take() else {
             return Ok(());
         };
@@ -283,6 +311,21 @@ impl<W: Write> HumanSink<W> {
             .duration_since(start)
             .unwrap_or_default()
             .max(DROP_WINDOW);
+        for (v, more) in std::mem::take(&mut self.violators) {
+            if more == 0 {
+                continue;
+            }
+            let (on, off) = self.paint(RED);
+            let fixed = format!("{} {on}! ", clock(now));
+            let noun = if more == 1 { "listener" } else { "listeners" };
+            let text = format!(
+                "{} (pid {}): {more} more {noun} blocked by policy in the last {} s{off}",
+                v.comm,
+                v.pid,
+                window.as_secs()
+            );
+            self.line(&fixed, 15 + 1 + 2, &text)?;
+        }
         let mut rows: Vec<(DropKey, u64)> = std::mem::take(&mut self.drops).into_iter().collect();
         rows.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
         for (key, count) in rows {
@@ -363,13 +406,9 @@ impl<W: Write> Sink for HumanSink<W> {
             writeln!(self.out, "{dim}{header}{undim}")?;
         }
         match event {
-            Event::Listener(ev) => self.listener_line(
-                &clock(ev.ts),
-                ev.kind,
-                ev.origin,
-                &ev.listener,
-                ev.reach.as_ref(),
-            ),
+            Event::Listener(ev) => {
+                self.listener_line(ev.ts, ev.kind, ev.origin, &ev.listener, ev.reach.as_ref())
+            }
             Event::Drop(d) => {
                 self.add_drop(d);
                 Ok(())
@@ -443,14 +482,14 @@ impl<W: Write> Sink for HumanSink<W> {
 
     fn tick(&mut self, now: SystemTime) -> io::Result<()> {
         if self.next_tick().is_some_and(|due| now >= due) {
-            self.flush_drops(now)?;
+            self.flush_window(now)?;
             self.out.flush()?;
         }
         Ok(())
     }
 
     fn summary(&mut self, s: &Summary) -> io::Result<()> {
-        self.flush_drops(SystemTime::now())?;
+        self.flush_window(SystemTime::now())?;
         let (on, off) = self.paint(if s.lost > 0 { RED } else { DIM });
         writeln!(
             self.out,
@@ -622,6 +661,56 @@ mod tests {
             "{text}"
         );
         assert_eq!(sink.next_tick(), None, "the window closed");
+    }
+
+    #[test]
+    fn a_burst_of_blocked_listeners_is_flagged_once_then_summed_per_process() {
+        let blocked = |pid: u32, port: u16| {
+            let Event::Listener(mut ev) = listen(1, guarded(Exposure::Blocked)) else {
+                unreachable!("listen() makes a listener event")
+            };
+            ev.listener.process.pid = Some(pid);
+            ev.listener.port = port;
+            Event::Listener(ev)
+        };
+        let mut sink = HumanSink::new(Vec::new(), false, Some(1));
+        for port in 0..1000 {
+            sink.event(&blocked(11394, 10_000 + port)).expect("writes");
+        }
+        sink.event(&blocked(77, 9000)).expect("writes");
+        let flags = |sink: &HumanSink<Vec<u8>>| {
+            String::from_utf8_lossy(&sink.out)
+                .lines()
+                .filter(|l| l.contains(" ! "))
+                .map(str::to_string)
+                .collect::<Vec<_>>()
+        };
+        // Each process's first at once, with its address.
+        let now = flags(&sink);
+        assert_eq!(now.len(), 2, "{now:?}");
+        assert!(
+            now[0].ends_with("python3 (pid 11394) listens on 0.0.0.0:10000: blocked by policy")
+        );
+        assert!(now[1].ends_with("python3 (pid 77) listens on 0.0.0.0:9000: blocked by policy"));
+        // The rest summed when the window ends; every listener still has its line.
+        let due = sink.next_tick().expect("a window is open");
+        sink.tick(due).expect("ticks");
+        let all = flags(&sink);
+        assert_eq!(all.len(), 3, "{all:?}");
+        assert!(
+            all[2].ends_with(
+                "python3 (pid 11394): 999 more listeners blocked by policy in the last 5 s"
+            ),
+            "{all:?}"
+        );
+        let listens = String::from_utf8_lossy(&sink.out)
+            .lines()
+            .filter(|l| l.contains(" listen "))
+            .count();
+        assert_eq!(listens, 1001);
+        // A new window flags the process's next one at once again.
+        sink.event(&blocked(11394, 20_000)).expect("writes");
+        assert_eq!(flags(&sink).len(), 4);
     }
 
     #[test]

@@ -10,6 +10,7 @@ pub mod attach;
 pub mod host;
 pub mod monitor;
 pub mod permitted;
+pub mod policy;
 pub mod stats;
 pub mod verdict;
 pub mod veth;
@@ -51,12 +52,13 @@ pub fn bench(quick: bool, only: Option<&str>) -> Result<()> {
         portwatch,
         quick,
     };
-    let sections: [(&str, Runner); 5] = [
+    let sections: [(&str, Runner); 6] = [
         ("verdict", verdict::run),
         ("veth", veth::run),
         ("permitted", permitted::run),
         ("monitor", monitor::run),
         ("host", host::run),
+        ("policy", policy::run),
     ];
     let started = Instant::now();
     let mut json_out = serde_json::Map::new();
