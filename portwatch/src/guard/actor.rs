@@ -104,6 +104,8 @@ pub enum Input {
     Housekeeping,
     /// A change was not confirmed in time.
     ConfirmExpired,
+    /// A policy file read and checked off the loop, to put in force.
+    Loaded(Box<super::loading::Loaded>),
 }
 
 /// A change in force that reverts unless confirmed in time.
@@ -167,6 +169,9 @@ pub struct Guard {
     table_full_seen: u64,
     /// The change in force that awaits confirmation.
     pub(super) awaiting: Option<Awaiting>,
+    /// Policy files read off the loop (reloads) come back here.
+    loaded_tx: tokio::sync::mpsc::UnboundedSender<super::loading::Loaded>,
+    pub(super) loaded_rx: tokio::sync::mpsc::UnboundedReceiver<super::loading::Loaded>,
 }
 
 /// Everything `Guard::new` needs.
@@ -189,6 +194,7 @@ impl Guard {
     /// The guard before it installs anything: `image` is what the maps
     /// hold now (empty, or what a previous guard left pinned).
     pub fn new(parts: Parts, image: MapImage) -> Self {
+        let (loaded_tx, loaded_rx) = tokio::sync::mpsc::unbounded_channel();
         Self {
             datapath: parts.datapath,
             maps: parts.maps,
@@ -215,6 +221,8 @@ impl Guard {
             ticks: 0,
             table_full_seen: 0,
             awaiting: None,
+            loaded_tx,
+            loaded_rx,
         }
     }
 
@@ -442,6 +450,40 @@ impl Guard {
     pub fn reload(&mut self, how: &Change<'_>) -> Result<(ChangeResponse, Event), String> {
         let policy = super::effective_policy(Some(&self.start.policy_path), &self.start.allow)
             .map_err(|e| format!("{e:#}; the policy in force is unchanged"))?;
+        let mode = self.start.mode.or(policy.mode).unwrap_or(self.mode);
+        self.commit(policy, mode, "reload".into(), how, Persist::No)
+    }
+
+    /// Starts a reload: the file is read and checked off the loop, and
+    /// `finish_reload` puts it in force when it comes back.
+    pub fn start_reload(
+        &self,
+        by: Requester,
+        force: bool,
+        reply: Option<tokio::sync::oneshot::Sender<crate::control::server::Reply>>,
+    ) {
+        super::loading::spawn(
+            self.start.policy_path.clone(),
+            self.start.allow.clone(),
+            by,
+            force,
+            reply,
+            self.loaded_tx.clone(),
+        );
+    }
+
+    /// Puts a policy read off the loop in force, as `reload` would; if a
+    /// change wrote the file since it was read, it is read again here.
+    pub fn finish_reload(
+        &mut self,
+        text: Option<String>,
+        policy: Result<Policy, String>,
+        how: &Change<'_>,
+    ) -> Result<(ChangeResponse, Event), String> {
+        let policy = policy?;
+        if current_text(&self.start.policy_path).ok() != Some(text) {
+            return self.reload(how);
+        }
         let mode = self.start.mode.or(policy.mode).unwrap_or(self.mode);
         self.commit(policy, mode, "reload".into(), how, Persist::No)
     }

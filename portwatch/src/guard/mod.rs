@@ -10,6 +10,7 @@ pub mod actor;
 pub mod confirm;
 pub mod lock;
 pub mod lockout;
+mod loading;
 mod requests;
 
 use std::{
@@ -442,6 +443,8 @@ impl Daemon for Guard {
                 Ok(Input::Drops(drops))
             }
             changes = next_links(links) => Ok(Input::Links(changes?)),
+            // The guard holds the sender: this never ends.
+            Some(loaded) = self.loaded_rx.recv() => Ok(Input::Loaded(Box::new(loaded))),
         }
     }
 
@@ -450,6 +453,7 @@ impl Daemon for Guard {
             Input::Control(req) => return self.handle_request(pipeline, req),
             Input::Drops(batch) => self.drop_events(pipeline, batch)?,
             Input::Housekeeping => self.housekeeping(),
+            Input::Loaded(loaded) => self.reload_loaded(pipeline, *loaded)?,
             Input::ConfirmExpired => {
                 if let Some(event) = self.revert_unconfirmed("in time") {
                     pipeline.set_exposure(self.exposure_view());
@@ -470,8 +474,9 @@ impl Daemon for Guard {
         Ok(Flow::Continue)
     }
 
-    fn hangup(&mut self, pipeline: &mut Pipeline) -> io::Result<()> {
-        self.reload_on_signal(pipeline)
+    fn hangup(&mut self, _pipeline: &mut Pipeline) -> io::Result<()> {
+        self.reload_on_signal();
+        Ok(())
     }
 
     fn metrics(&self, _pipeline: &Pipeline) -> Option<GuardSnapshot> {

@@ -4,7 +4,10 @@
 
 use std::io;
 
-use super::actor::{Change, Guard, Shutdown};
+use super::{
+    actor::{Change, Guard, Shutdown},
+    loading::Loaded,
+};
 use crate::{
     control::{
         protocol::{ChangeResponse, Request, Response},
@@ -65,8 +68,9 @@ impl Guard {
                 Err(e) => Response::Error(e),
             }),
             Request::Reload { force } => {
-                let result = self.reload(&Change::new(pipeline, by, force));
-                self.changed(pipeline, result)?
+                // Answered when the file, read off the loop, is in force.
+                self.start_reload(by, force, Some(req.reply));
+                return Ok(flow);
             }
             Request::Policy => Reply::Once(Response::Policy(self.policy_view())),
             Request::Status => Reply::Once(Response::Status(Box::new(self.status(pipeline)))),
@@ -97,12 +101,29 @@ impl Guard {
 
     /// SIGHUP: a reload on behalf of whoever sent the signal. It cannot
     /// be forced: one that would cut off an SSH session is refused.
-    pub fn reload_on_signal(&mut self, pipeline: &mut Pipeline) -> io::Result<()> {
-        let result = self.reload(&Change::new(pipeline, Requester::default(), false));
-        if let Err(e) = &result {
-            log::warn!("SIGHUP: reload failed: {e}");
+    pub fn reload_on_signal(&mut self) {
+        self.start_reload(Requester::default(), false, None);
+    }
+
+    /// A reload's file, read off the loop, put in force; the answer to
+    /// whoever asked (a SIGHUP's failure is logged).
+    pub fn reload_loaded(&mut self, pipeline: &mut Pipeline, loaded: Loaded) -> io::Result<()> {
+        let how = Change::new(pipeline, loaded.by, loaded.force);
+        let result = self.finish_reload(loaded.text, loaded.policy, &how);
+        match loaded.reply {
+            Some(reply) => {
+                let answer = self.changed(pipeline, result)?;
+                // A client that gave up waiting is no concern of ours.
+                let _ = reply.send(answer);
+            }
+            None => {
+                if let Err(e) = &result {
+                    log::warn!("SIGHUP: reload failed: {e}");
+                }
+                self.changed(pipeline, result)?;
+            }
         }
-        self.changed(pipeline, result).map(drop)
+        Ok(())
     }
 
     /// Announces a change that went through and gives the pipeline the new
