@@ -31,13 +31,15 @@ pub fn process_info(pid: u32) -> ProcessInfo {
             .and_then(|raw| real_uid(&raw)),
         exe: fs::read_link(format!("{base}/exe"))
             .ok()
-            .map(|path| lossy(path.as_os_str().as_bytes())),
+            .map(|path| lossy(path.as_os_str().as_bytes()).into()),
         cmdline: fs::read(format!("{base}/cmdline"))
             .ok()
-            .and_then(|raw| join_cmdline(&raw)),
+            .and_then(|raw| join_cmdline(&raw))
+            .map(Into::into),
         cgroup: fs::read(format!("{base}/cgroup"))
             .ok()
-            .and_then(|raw| cgroup_v2_path(&raw)),
+            .and_then(|raw| cgroup_v2_path(&raw))
+            .map(Into::into),
     }
 }
 
@@ -292,7 +294,7 @@ mod tests {
         assert_eq!(info.pid, Some(pid));
         assert!(info.comm.as_deref().is_some_and(|c| !c.is_empty()));
         let exe = info.exe.ok_or("no exe")?;
-        assert!(Path::new(&exe).exists(), "exe {exe} does not exist");
+        assert!(Path::new(&*exe).exists(), "exe {exe} does not exist");
         assert!(info.cmdline.as_deref().is_some_and(|c| !c.is_empty()));
         // Tests run as root in CI, but compare with our real uid anyway.
         assert_eq!(info.uid, Some(nix::unistd::getuid().as_raw()));

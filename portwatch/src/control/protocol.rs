@@ -398,8 +398,8 @@ pub struct ListenerStatus {
     pub pid: Option<u32>,
     pub comm: Option<String>,
     pub uid: Option<u32>,
-    pub exe: Option<String>,
-    pub cmdline: Option<String>,
+    pub exe: Option<std::sync::Arc<str>>,
+    pub cmdline: Option<std::sync::Arc<str>>,
     pub netns: Option<u64>,
     pub exposure: Option<Exposure>,
     /// Interfaces that reach this listener without a guard on them.

@@ -8,9 +8,9 @@
 
 pub mod actor;
 pub mod confirm;
+mod loading;
 pub mod lock;
 pub mod lockout;
-mod loading;
 mod requests;
 
 use std::{

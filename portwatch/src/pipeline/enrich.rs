@@ -146,9 +146,9 @@ struct CachedProc {
     comm: String,
     read_at: Instant,
     netns: Option<u64>,
-    exe: Option<String>,
-    cmdline: Option<String>,
-    cgroup: Option<String>,
+    exe: Option<Arc<str>>,
+    cmdline: Option<Arc<str>>,
+    cgroup: Option<Arc<str>>,
 }
 
 /// How long a process's details are trusted without reading /proc again.

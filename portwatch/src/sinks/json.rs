@@ -71,9 +71,9 @@ struct ListenerLine {
     pid: Option<u32>,
     comm: Option<String>,
     uid: Option<u32>,
-    exe: Option<String>,
-    cmdline: Option<String>,
-    cgroup: Option<String>,
+    exe: Option<std::sync::Arc<str>>,
+    cmdline: Option<std::sync::Arc<str>>,
+    cgroup: Option<std::sync::Arc<str>>,
     netns: Option<u64>,
     /// Who can reach it over every way in (absent: not known).
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -288,7 +288,7 @@ mod tests {
                     comm: Some("dnsmasq".into()),
                     uid: Some(65534),
                     exe: Some("/usr/sbin/dnsmasq".into()),
-                    cmdline: Some(String::new()),
+                    cmdline: Some("".into()),
                     exposure: Some(portwatch::model::Exposure::Blocked),
                     exposed_via: vec![],
                     drop_packets: 3,
