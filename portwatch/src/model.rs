@@ -313,10 +313,10 @@ pub enum SockId {
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct ProcessInfo {
     pub pid: Option<u32>,
-    pub comm: Option<String>,
-    pub uid: Option<u32>,
     // Shared by every listener of a process (a burst of 45,000 from three
     // processes holds three copies of each, not 45,000).
+    pub comm: Option<Arc<str>>,
+    pub uid: Option<u32>,
     pub exe: Option<Arc<str>>,
     pub cmdline: Option<Arc<str>>,
     pub cgroup: Option<Arc<str>>,

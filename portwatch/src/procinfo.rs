@@ -25,7 +25,7 @@ pub fn process_info(pid: u32) -> ProcessInfo {
         pid: Some(pid),
         comm: fs::read(format!("{base}/comm"))
             .ok()
-            .map(|raw| lossy(trim_newline(&raw))),
+            .map(|raw| lossy(trim_newline(&raw)).into()),
         uid: fs::read(format!("{base}/status"))
             .ok()
             .and_then(|raw| real_uid(&raw)),

@@ -305,7 +305,7 @@ pub struct ExposureChange {
     pub addr: IpAddr,
     pub port: u16,
     pub pid: Option<u32>,
-    pub comm: Option<String>,
+    pub comm: Option<std::sync::Arc<str>>,
     pub from: Option<Exposure>,
     pub to: Option<Exposure>,
 }
@@ -396,7 +396,7 @@ pub struct ListenerStatus {
     pub addr: IpAddr,
     pub port: u16,
     pub pid: Option<u32>,
-    pub comm: Option<String>,
+    pub comm: Option<std::sync::Arc<str>>,
     pub uid: Option<u32>,
     pub exe: Option<std::sync::Arc<str>>,
     pub cmdline: Option<std::sync::Arc<str>>,

@@ -142,8 +142,9 @@ const NETNS_TTL: Duration = Duration::from_secs(30);
 
 struct CachedProc {
     /// The kernel's comm when it was read: a different one means the pid
-    /// now runs another program (exec, or a reused pid).
-    comm: String,
+    /// now runs another program (exec, or a reused pid). Shared by the
+    /// process's listeners.
+    comm: Arc<str>,
     read_at: Instant,
     netns: Option<u64>,
     exe: Option<Arc<str>>,
@@ -161,7 +162,7 @@ impl ProcCache {
         let fresh = self
             .entries
             .get(&tgid)
-            .is_some_and(|c| c.comm == comm && c.read_at.elapsed() < PROC_TTL);
+            .is_some_and(|c| &*c.comm == comm && c.read_at.elapsed() < PROC_TTL);
         if !fresh {
             if self.entries.len() >= PROC_CACHE_MAX {
                 self.entries.clear();
@@ -170,7 +171,7 @@ impl ProcCache {
             self.entries.insert(
                 tgid,
                 CachedProc {
-                    comm: comm.to_string(),
+                    comm: comm.into(),
                     read_at: Instant::now(),
                     netns: procinfo::netns_of(tgid),
                     exe: details.exe,
@@ -202,7 +203,7 @@ impl ProcCache {
             netns: cached.netns,
             process: ProcessInfo {
                 pid: Some(raw.tgid),
-                comm: Some(raw.comm),
+                comm: Some(cached.comm.clone()),
                 uid: Some(raw.uid),
                 exe: cached.exe.clone(),
                 cmdline: cached.cmdline.clone(),

@@ -13,7 +13,9 @@ pub type PortKey = (Proto, u16, Option<u64>);
 
 #[derive(Default)]
 pub struct Listeners {
-    open: HashMap<(Proto, SockId), Listener>,
+    /// Boxed: the table keeps spare slots (up to half of it after it
+    /// grows), which then cost a pointer each rather than a listener.
+    open: HashMap<(Proto, SockId), Box<Listener>>,
     /// Listeners per port, to say at once whether a port is listened on.
     per_port: HashMap<PortKey, usize>,
     /// Ports that gained their first listener or lost their last since the
@@ -35,7 +37,7 @@ impl Listeners {
     }
 
     pub fn iter(&self) -> impl Iterator<Item = &Listener> {
-        self.open.values()
+        self.open.values().map(|l| &**l)
     }
 
     /// Records a listener found by the start-up snapshot.
@@ -56,7 +58,7 @@ impl Listeners {
 
     fn add(&mut self, key: (Proto, SockId), listener: Listener) {
         let port = port_key(&listener);
-        if let Some(old) = self.open.insert(key, listener) {
+        if let Some(old) = self.open.insert(key, Box::new(listener)) {
             self.count_out(port_key(&old));
         }
         let n = self.per_port.entry(port).or_insert(0);
@@ -69,7 +71,7 @@ impl Listeners {
     fn remove(&mut self, key: &(Proto, SockId)) -> Option<Listener> {
         let listener = self.open.remove(key)?;
         self.count_out(port_key(&listener));
-        Some(listener)
+        Some(*listener)
     }
 
     fn count_out(&mut self, port: PortKey) {

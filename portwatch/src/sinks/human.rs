@@ -61,7 +61,7 @@ pub struct HumanSink<W: Write> {
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
 struct Violator {
     pid: u32,
-    comm: String,
+    comm: std::sync::Arc<str>,
 }
 
 /// Column widths: the full layout, or a compact one for narrow terminals

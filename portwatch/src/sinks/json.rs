@@ -69,7 +69,7 @@ struct ListenerLine {
     addr: IpAddr,
     port: u16,
     pid: Option<u32>,
-    comm: Option<String>,
+    comm: Option<std::sync::Arc<str>>,
     uid: Option<u32>,
     exe: Option<std::sync::Arc<str>>,
     cmdline: Option<std::sync::Arc<str>>,

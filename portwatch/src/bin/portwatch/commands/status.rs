@@ -170,7 +170,7 @@ fn render_status(
                 l.proto.as_str().to_owned(),
                 endpoint(&l.addr, l.port),
                 l.pid.map_or_else(|| "-".to_owned(), |p| p.to_string()),
-                l.comm.clone().unwrap_or_else(|| "-".to_owned()),
+                l.comm.as_deref().unwrap_or("-").to_owned(),
                 l.uid.map_or_else(|| "-".to_owned(), &mut *user_name),
                 l.exposure
                     .map_or_else(|| "-".to_owned(), |e| format::exposure(e, &l.exposed_via)),

@@ -635,7 +635,7 @@ impl App {
                 let l = &ev.listener;
                 let key = RowKey::of(l);
                 let pid = l.process.pid.map(u64::from);
-                let process = l.process.comm.clone();
+                let process = l.process.comm.as_deref().map(str::to_owned);
                 let who = match (&process, pid) {
                     (Some(p), Some(pid)) => format!(" {p} (pid {pid})"),
                     (None, Some(pid)) => format!(" pid {pid}"),
