@@ -64,6 +64,15 @@ enum Task {
         #[arg(long)]
         only: Option<String>,
     },
+    /// Redraws the SVG charts of a bench run's JSON (e.g. a saved
+    /// bench/results/*.json) into bench/results/STEM-*.svg.
+    Charts {
+        /// The run's JSON.
+        file: std::path::PathBuf,
+        /// Name the charts start with (default: the file's stem).
+        #[arg(long)]
+        stem: Option<String>,
+    },
     /// Differential testing of the XDP program against the reference model,
     /// with more cases than CI runs (PORTWATCH_PROOF_CASES per property).
     Proof {
@@ -125,6 +134,7 @@ fn main() -> ExitCode {
         Task::Run { release, args } => run::run(release, &args),
         Task::Test { args } => test::test(&args),
         Task::Bench { quick, only } => bench::bench(quick, only.as_deref()),
+        Task::Charts { file, stem } => bench::redraw(&file, stem.as_deref()),
         Task::Proof { cases } => test::proof(cases),
         Task::Fuzz { seconds, target } => fuzz::fuzz(seconds, target.as_deref()),
         Task::Soak { minutes } => soak::soak(minutes),

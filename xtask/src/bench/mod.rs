@@ -7,6 +7,7 @@
 //! one missing tool does not cost the other figures.
 
 pub mod attach;
+pub mod charts;
 pub mod host;
 pub mod monitor;
 pub mod permitted;
@@ -98,11 +99,42 @@ pub fn bench(quick: bool, only: Option<&str>) -> Result<()> {
     let md_path = dir.join(if quick { "quick.md" } else { "latest.md" });
     std::fs::write(
         &json_path,
-        serde_json::to_string_pretty(&Value::Object(json_out))?,
+        serde_json::to_string_pretty(&Value::Object(json_out.clone()))?,
     )?;
     std::fs::write(&md_path, &md)?;
     println!("{md}");
     println!("wrote {} and {}", json_path.display(), md_path.display());
+    let stem = if quick { "quick" } else { "latest" };
+    for chart in charts::write(&Value::Object(json_out), &dir, stem)? {
+        println!("wrote {}", chart.display());
+    }
+    Ok(())
+}
+
+/// `cargo xtask charts FILE`: the charts of a saved run.
+pub fn redraw(file: &std::path::Path, stem: Option<&str>) -> Result<()> {
+    let text =
+        std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?;
+    let run: Value =
+        serde_json::from_str(&text).with_context(|| format!("parsing {}", file.display()))?;
+    let stem = match stem {
+        Some(s) => s.to_string(),
+        None => file
+            .file_stem()
+            .and_then(|s| s.to_str())
+            .context("the file has no name to name the charts after")?
+            .to_string(),
+    };
+    let dir = util::workspace_root().join("bench/results");
+    let written = charts::write(&run, &dir, &stem)?;
+    anyhow::ensure!(
+        !written.is_empty(),
+        "{} has no verdict or veth section to chart",
+        file.display()
+    );
+    for chart in written {
+        println!("wrote {}", chart.display());
+    }
     Ok(())
 }
 

@@ -371,6 +371,55 @@ fn ss_snapshot(ns: &Netns) -> Result<(f64, u64)> {
     Ok((took, out.stdout.matches('\n').count() as u64))
 }
 
+/// What the guard holds per listener: its RSS before and after `procs` ×
+/// `per` listeners open in its namespace, and what `status --json` costs
+/// then.
+struct GuardMemory {
+    before_mb: f64,
+    after_mb: f64,
+    status_bytes: usize,
+    status_s: f64,
+}
+
+/// Target: the guard's RSS grows by ≤ 300 bytes per listener.
+const MAX_BYTES_PER_LISTENER: f64 = 300.0;
+
+fn guard_memory(ctx: &Ctx, dir: &TempDir, procs: u16, per: u16) -> Result<GuardMemory> {
+    let lab = portwatch_lab::Lab::new()?;
+    let guard =
+        portwatch_lab::Guard::start(&ctx.portwatch, &lab.server, &lab.server_if, &["tcp/22"], &[])?;
+    let before_mb = crate::procstat::memory_mb(guard.pid())?.0;
+    let mut listeners = Listeners::spawn(&lab.server, dir, procs, per, "mem")?;
+    listeners.go()?;
+    listeners.wait_done()?;
+    // Every listen through the guard's stream: then it holds them all.
+    let total = usize::from(procs) * usize::from(per);
+    let mut seen = 0;
+    wait_line(&guard.lines, Duration::from_secs(120), |l| {
+        seen += usize::from(l.contains("\"event\":\"listen\"") && l.contains("\"origin\":\"live\""));
+        seen >= total
+    })
+    .with_context(|| format!("the guard reported {seen} of {total} listeners"))?;
+    let after_mb = crate::procstat::memory_mb(guard.pid())?.0;
+    let t = Instant::now();
+    let out = run_bounded(
+        Command::new(&ctx.portwatch)
+            .args(["status", "--json", "--socket"])
+            .arg(guard.socket()),
+        None,
+        Duration::from_secs(60),
+        None,
+    )?;
+    let status_s = t.elapsed().as_secs_f64();
+    drop(listeners);
+    Ok(GuardMemory {
+        before_mb,
+        after_mb,
+        status_bytes: out.stdout.len(),
+        status_s,
+    })
+}
+
 pub fn run(ctx: &Ctx) -> Result<Section> {
     let (rounds, procs, per): (usize, u16, u16) = if ctx.quick {
         (1, 3, 2_000)
@@ -516,6 +565,21 @@ pub fn run(ctx: &Ctx) -> Result<Section> {
         verdict(snap_met)
     );
 
+    let mem = guard_memory(ctx, &dir, procs, per).context("the guard's memory per listener")?;
+    let per_listener = (mem.after_mb - mem.before_mb) * 1024.0 * 1024.0 / total as f64;
+    let mem_met = per_listener <= MAX_BYTES_PER_LISTENER;
+    let _ = writeln!(
+        md,
+        "- the guard's RSS per listener ≤ {MAX_BYTES_PER_LISTENER} B ({total} listeners in its \
+         namespace, {procs} processes; RSS {:.1} → {:.1} MB): {per_listener:.0} B — {}; \
+         `status --json` then: {:.1} MB in {:.2} s",
+        mem.before_mb,
+        mem.after_mb,
+        verdict(mem_met),
+        mem.status_bytes as f64 / 1e6,
+        mem.status_s
+    );
+
     let burst_json = |bs: &[Burst]| {
         json!({
             "delivered": stats_json(&delivered(bs)),
@@ -542,6 +606,14 @@ pub fn run(ctx: &Ctx) -> Result<Section> {
                 "ss_seconds": stats_json(&ss_snap),
                 "ss_lines": sizes.1,
             },
+            "guard_memory": {
+                "listeners": total,
+                "rss_before_mb": mem.before_mb,
+                "rss_after_mb": mem.after_mb,
+                "bytes_per_listener": per_listener,
+                "status_json_bytes": mem.status_bytes,
+                "status_seconds": mem.status_s,
+            },
             "ratios": {
                 "snapshot_portwatch_vs_ss": snap_ratio,
                 "cpu_per_event_portwatch_vs_bpftrace": median(&cpu_us(&pw_bursts)) / median(&cpu_us(&bt_bursts)),
@@ -550,6 +622,7 @@ pub fn run(ctx: &Ctx) -> Result<Section> {
                 {"target": "zero events lost", "lost": pw_lost, "all_delivered": pw_all_delivered, "met": zero_lost},
                 {"target": "p99 listen→event < 1 ms", "p99_us": pw_p99, "met": p99_met},
                 {"target": "snapshot ≤ 0.5× ss -ltnp", "ratio": snap_ratio, "met": snap_met},
+                {"target": "guard RSS ≤ 300 B per listener", "bytes": per_listener, "met": mem_met},
             ],
         }),
         markdown: md,
