@@ -15,7 +15,11 @@ use serde_json::Value;
 const WIDTH: u32 = 960;
 const ROW: u32 = 30;
 /// Guard, parse→drop floor, xdp-filter.
-const COLOURS: [RGBColor; 3] = [RGBColor(31, 119, 180), RGBColor(160, 160, 160), RGBColor(255, 127, 14)];
+const COLOURS: [RGBColor; 3] = [
+    RGBColor(31, 119, 180),
+    RGBColor(160, 160, 160),
+    RGBColor(255, 127, 14),
+];
 
 /// Horizontal bars: per row a label and up to three values (median), one
 /// per series; missing values are left out.
@@ -49,8 +53,8 @@ fn bars(
         .x_desc(unit)
         .y_labels(0)
         .draw()?;
-    let label_style = TextStyle::from(("sans-serif", 13).into_font())
-        .pos(Pos::new(HPos::Right, VPos::Center));
+    let label_style =
+        TextStyle::from(("sans-serif", 13).into_font()).pos(Pos::new(HPos::Right, VPos::Center));
     for (i, (label, _)) in rows.iter().enumerate() {
         let (x, y) = chart.backend_coord(&(0.0, n - i as f64 - 0.5));
         root.draw(&Text::new(label.clone(), (x - 8, y), label_style.clone()))?;
@@ -61,7 +65,10 @@ fn bars(
         let rects = rows.iter().enumerate().filter_map(|(i, (_, vs))| {
             let v = (*vs.get(k)?)?;
             let top = n - i as f64 - 0.1 - band * k as f64;
-            Some(Rectangle::new([(0.0, top - band), (v, top)], colour.filled()))
+            Some(Rectangle::new(
+                [(0.0, top - band), (v, top)],
+                colour.filled(),
+            ))
         });
         chart
             .draw_series(rects)?
@@ -103,7 +110,11 @@ pub fn write(run: &Value, dir: &Path, stem: &str) -> Result<Vec<PathBuf>> {
                 let ns = &c["ns"];
                 (
                     short(c["label"].as_str().unwrap_or("?")),
-                    vec![median(&ns["guard"]), median(&ns["parse_drop"]), median(&ns["xdp_filter"])],
+                    vec![
+                        median(&ns["guard"]),
+                        median(&ns["parse_drop"]),
+                        median(&ns["xdp_filter"]),
+                    ],
                 )
             })
             .collect();

@@ -386,8 +386,13 @@ const MAX_BYTES_PER_LISTENER: f64 = 300.0;
 
 fn guard_memory(ctx: &Ctx, dir: &TempDir, procs: u16, per: u16) -> Result<GuardMemory> {
     let lab = portwatch_lab::Lab::new()?;
-    let guard =
-        portwatch_lab::Guard::start(&ctx.portwatch, &lab.server, &lab.server_if, &["tcp/22"], &[])?;
+    let guard = portwatch_lab::Guard::start(
+        &ctx.portwatch,
+        &lab.server,
+        &lab.server_if,
+        &["tcp/22"],
+        &[],
+    )?;
     let before_mb = crate::procstat::memory_mb(guard.pid())?.0;
     let mut listeners = Listeners::spawn(&lab.server, dir, procs, per, "mem")?;
     listeners.go()?;
@@ -396,7 +401,8 @@ fn guard_memory(ctx: &Ctx, dir: &TempDir, procs: u16, per: u16) -> Result<GuardM
     let total = usize::from(procs) * usize::from(per);
     let mut seen = 0;
     wait_line(&guard.lines, Duration::from_secs(120), |l| {
-        seen += usize::from(l.contains("\"event\":\"listen\"") && l.contains("\"origin\":\"live\""));
+        seen +=
+            usize::from(l.contains("\"event\":\"listen\"") && l.contains("\"origin\":\"live\""));
         seen >= total
     })
     .with_context(|| format!("the guard reported {seen} of {total} listeners"))?;
