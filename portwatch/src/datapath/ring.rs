@@ -21,28 +21,43 @@ impl RingReader {
         Ok(Self { fd })
     }
 
-    /// Waits until records are available, then hands each to `f`. Returns the
-    /// number of records read.
+    /// Waits until records are available, then hands each to `f`, at most
+    /// [`MAX_BATCH`] of them. Returns the number of records read.
     pub async fn read_batch(&mut self, mut f: impl FnMut(&[u8])) -> io::Result<usize> {
         let mut guard = self.fd.readable_mut().await?;
-        let n = drain(guard.get_inner_mut(), &mut f);
-        // Safe against lost wake-ups: tokio keeps the readiness if a new
-        // notification arrived after this guard was taken.
-        guard.clear_ready();
+        let (n, more) = drain(guard.get_inner_mut(), &mut f, MAX_BATCH);
+        // Records left behind keep the ring readable: the next call takes
+        // them at once. Otherwise this is safe against lost wake-ups: tokio
+        // keeps the readiness if a new notification arrived after this
+        // guard was taken.
+        if !more {
+            guard.clear_ready();
+        }
         Ok(n)
     }
 
     /// Reads whatever is queued now, without waiting.
     pub fn drain_now(&mut self, mut f: impl FnMut(&[u8])) -> usize {
-        drain(self.fd.get_mut(), &mut f)
+        drain(self.fd.get_mut(), &mut f, usize::MAX).0
     }
 }
 
-fn drain(ring: &mut RingBuf<MapData>, f: &mut impl FnMut(&[u8])) -> usize {
+/// Records taken per read: a whole drain in a burst is tens of thousands
+/// of records handled in one turn of the event loop, during which control
+/// requests and ticks wait; bounded reads keep the loop turning. (It does
+/// not shorten the burst's listen-to-line latency, which is the stream's
+/// throughput: bench/results/monitor-memory.md.)
+pub const MAX_BATCH: usize = 256;
+
+/// Up to `max` records; whether it stopped at `max`.
+fn drain(ring: &mut RingBuf<MapData>, f: &mut impl FnMut(&[u8]), max: usize) -> (usize, bool) {
     let mut n = 0;
-    while let Some(item) = ring.next() {
+    while n < max {
+        let Some(item) = ring.next() else {
+            return (n, false);
+        };
         f(&item);
         n += 1;
     }
-    n
+    (n, true)
 }
