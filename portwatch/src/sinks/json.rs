@@ -3,12 +3,15 @@
 //! following a guard turn its lines into [`Event`]s with it.
 
 use std::{
+    collections::HashMap,
     io::{self, Write},
     net::IpAddr,
+    sync::Arc,
     time::SystemTime,
 };
 
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
+use serde_json::value::RawValue;
 
 use super::{Sink, Summary};
 use crate::{
@@ -59,8 +62,10 @@ impl<'de> Deserialize<'de> for IpProto {
     }
 }
 
+/// `T` is how the process's strings are held: shared as in the model, or
+/// (when writing) already escaped, see [`Escaped`].
 #[derive(Serialize, Deserialize)]
-struct ListenerLine {
+struct ListenerLine<T = Arc<str>> {
     ts: Ts,
     event: EventKind,
     origin: Origin,
@@ -69,11 +74,11 @@ struct ListenerLine {
     addr: IpAddr,
     port: u16,
     pid: Option<u32>,
-    comm: Option<std::sync::Arc<str>>,
+    comm: Option<T>,
     uid: Option<u32>,
-    exe: Option<std::sync::Arc<str>>,
-    cmdline: Option<std::sync::Arc<str>>,
-    cgroup: Option<std::sync::Arc<str>>,
+    exe: Option<T>,
+    cmdline: Option<T>,
+    cgroup: Option<T>,
     netns: Option<u64>,
     /// Who can reach it over every way in (absent: not known).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -160,8 +165,9 @@ enum Tag {
     Summary,
 }
 
-impl ListenerLine {
-    fn of(ev: &ListenerEvent) -> Self {
+impl<T> ListenerLine<T> {
+    /// The line of `ev`, its process's strings held as `string` makes them.
+    fn with_strings(ev: &ListenerEvent, mut string: impl FnMut(&Arc<str>) -> T) -> Self {
         let l = &ev.listener;
         let p = &l.process;
         Self {
@@ -173,11 +179,11 @@ impl ListenerLine {
             addr: l.addr,
             port: l.port,
             pid: p.pid,
-            comm: p.comm.clone(),
+            comm: p.comm.as_ref().map(&mut string),
             uid: p.uid,
-            exe: p.exe.clone(),
-            cmdline: p.cmdline.clone(),
-            cgroup: p.cgroup.clone(),
+            exe: p.exe.as_ref().map(&mut string),
+            cmdline: p.cmdline.as_ref().map(&mut string),
+            cgroup: p.cgroup.as_ref().map(&mut string),
             netns: l.netns,
             exposure: ev.reach.as_ref().map(|r| r.exposure),
             policy_exposure: ev
@@ -192,7 +198,9 @@ impl ListenerLine {
                 .unwrap_or_default(),
         }
     }
+}
 
+impl ListenerLine {
     fn into_event(self) -> ListenerEvent {
         ListenerEvent {
             ts: self.ts.0,
@@ -323,13 +331,52 @@ pub fn parse_line(text: &str) -> Result<Line, serde_json::Error> {
     })
 }
 
+/// A process's strings as JSON, escaped once per string rather than once
+/// per line: in a burst, thousands of lines carry the same command line,
+/// and escaping it byte by byte was the stream's largest cost after the
+/// writes themselves. Keyed by the shared string's address, which cannot be
+/// reused while the entry holds the string.
+#[derive(Default)]
+struct Escaped {
+    strings: HashMap<usize, (Arc<str>, Arc<RawValue>)>,
+}
+
+/// Bound on [`Escaped`]; cleared when full (the next lines refill it).
+const ESCAPED_MAX: usize = 256;
+
+impl Escaped {
+    fn get(&mut self, text: &Arc<str>) -> Arc<RawValue> {
+        let key = Arc::as_ptr(text).cast::<u8>() as usize;
+        if let Some((held, raw)) = self.strings.get(&key)
+            && Arc::ptr_eq(held, text)
+        {
+            return Arc::clone(raw);
+        }
+        if self.strings.len() >= ESCAPED_MAX {
+            self.strings.clear();
+        }
+        // A string always serializes; the fallback keeps the type total.
+        let raw: Arc<RawValue> = match serde_json::value::to_raw_value(&**text) {
+            Ok(raw) => raw.into(),
+            Err(_) => RawValue::NULL.to_owned().into(),
+        };
+        self.strings
+            .insert(key, (Arc::clone(text), Arc::clone(&raw)));
+        raw
+    }
+}
+
 pub struct JsonSink<W: Write> {
     out: W,
+    escaped: Escaped,
 }
 
 impl<W: Write> JsonSink<W> {
     pub fn new(out: W) -> Self {
-        Self { out }
+        Self {
+            out,
+            escaped: Escaped::default(),
+        }
     }
 
     fn line(&mut self, value: &impl Serialize) -> io::Result<()> {
@@ -350,7 +397,11 @@ pub fn to_json(event: &Event) -> serde_json::Result<String> {
 impl<W: Write> Sink for JsonSink<W> {
     fn event(&mut self, event: &Event) -> io::Result<()> {
         match event {
-            Event::Listener(ev) => self.line(&ListenerLine::of(ev)),
+            Event::Listener(ev) => {
+                let escaped = &mut self.escaped;
+                let line = ListenerLine::with_strings(ev, |s| escaped.get(s));
+                self.line(&line)
+            }
             Event::Lost { ts, count, total } => self.line(&CountLine {
                 ts: Ts(*ts),
                 event: Tag::Lost,
@@ -510,6 +561,48 @@ mod tests {
         let v: serde_json::Value =
             serde_json::from_str(&to_json(&unknown).expect("serialises")).expect("valid JSON");
         assert!(v.get("exposure").is_none(), "{v}");
+    }
+
+    #[test]
+    fn strings_escaped_once_read_as_written_every_time() {
+        let awkward: [&str; 4] = [
+            "python3 -c \"print('a\\b')\"\n\t\u{1}",
+            "/usr/bin/caf\u{e9} \u{2028}",
+            "plain",
+            "",
+        ];
+        let mut sink = JsonSink::new(Vec::new());
+        let mut expected = Vec::new();
+        // Each string twice through one sink (the second from the cache),
+        // with the cache cleared halfway by filling it past its bound.
+        for round in 0..2 {
+            if round == 1 {
+                for n in 0..ESCAPED_MAX {
+                    sink.escaped.get(&Arc::from(n.to_string()));
+                }
+            }
+            for text in awkward {
+                let shared: Arc<str> = text.into();
+                for _ in 0..2 {
+                    let Event::Listener(mut ev) = listener_event() else {
+                        unreachable!("a listener event");
+                    };
+                    ev.listener.process.cmdline = Some(Arc::clone(&shared));
+                    ev.listener.process.exe = Some(format!("{text}!").into());
+                    let plain = ListenerLine::with_strings(&ev, Arc::clone);
+                    expected.extend(serde_json::to_vec(&plain).expect("serialises"));
+                    expected.push(b'\n');
+                    sink.event(&Event::Listener(ev)).expect("written");
+                }
+            }
+        }
+        assert_eq!(String::from_utf8_lossy(&sink.out), String::from_utf8_lossy(&expected));
+        for line in String::from_utf8_lossy(&sink.out).lines() {
+            let v: serde_json::Value = serde_json::from_str(line).expect("valid JSON");
+            let cmdline = v["cmdline"].as_str().expect("a string");
+            assert!(awkward.contains(&cmdline), "{cmdline:?}");
+            assert_eq!(v["exe"].as_str(), Some(format!("{cmdline}!").as_str()));
+        }
     }
 
     #[test]
