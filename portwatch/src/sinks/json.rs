@@ -596,7 +596,10 @@ mod tests {
                 }
             }
         }
-        assert_eq!(String::from_utf8_lossy(&sink.out), String::from_utf8_lossy(&expected));
+        assert_eq!(
+            String::from_utf8_lossy(&sink.out),
+            String::from_utf8_lossy(&expected)
+        );
         for line in String::from_utf8_lossy(&sink.out).lines() {
             let v: serde_json::Value = serde_json::from_str(line).expect("valid JSON");
             let cmdline = v["cmdline"].as_str().expect("a string");
