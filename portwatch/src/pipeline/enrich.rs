@@ -189,31 +189,48 @@ const WARM_MARGIN: Duration = Duration::from_millis(100);
 const PROC_CACHE_MAX: usize = 4096;
 
 impl ProcCache {
-    /// Whether `enrich` would read nothing from /proc for any of `batch`.
+    /// Whether `enrich` would read nothing from /proc for any of `batch`,
+    /// also [`WARM_MARGIN`] from now.
     fn all_warm(&self, batch: &[RawListen]) -> bool {
         let now = Instant::now();
         batch.iter().all(|raw| {
-            let port_zero =
-                raw.kind == EventKind::Listen && raw.proto == Proto::Tcp && raw.port == 0;
-            !port_zero
-                && self.entries.get(&raw.tgid).is_some_and(|c| {
-                    *c.comm == *raw.comm
-                        && now.duration_since(c.read_at) + WARM_MARGIN < PROC_TTL
-                        && c.netns.is_none_or(|ns| {
-                            Some(ns) == self.own_netns
-                                || self.netns_read.get(&ns).is_some_and(|at| {
-                                    now.duration_since(*at) + WARM_MARGIN < NETNS_TTL
-                                })
-                        })
-                })
+            !needs_listening_ports(raw)
+                && self
+                    .fresh_proc(raw.tgid, &raw.comm, now, WARM_MARGIN)
+                    .is_some_and(|c| !self.netns_stale(c.netns, now, WARM_MARGIN))
+        })
+    }
+
+    /// The cached details of `tgid` if it still runs `comm` and they stay
+    /// fresh for `margin` after `now`.
+    fn fresh_proc(
+        &self,
+        tgid: u32,
+        comm: &str,
+        now: Instant,
+        margin: Duration,
+    ) -> Option<&CachedProc> {
+        self.entries.get(&tgid).filter(|c| {
+            &*c.comm == comm && now.saturating_duration_since(c.read_at) + margin < PROC_TTL
+        })
+    }
+
+    /// Whether the interfaces of namespace `netns` are to be (re)read: not
+    /// ours, and not read within [`NETNS_TTL`] of `now` plus `margin`.
+    fn netns_stale(&self, netns: Option<u64>, now: Instant, margin: Duration) -> bool {
+        netns.is_some_and(|ns| {
+            Some(ns) != self.own_netns
+                && self
+                    .netns_read
+                    .get(&ns)
+                    .is_none_or(|at| now.saturating_duration_since(*at) + margin >= NETNS_TTL)
         })
     }
 
     fn lookup(&mut self, tgid: u32, comm: &str) -> &CachedProc {
         let fresh = self
-            .entries
-            .get(&tgid)
-            .is_some_and(|c| &*c.comm == comm && c.read_at.elapsed() < PROC_TTL);
+            .fresh_proc(tgid, comm, Instant::now(), Duration::ZERO)
+            .is_some();
         if !fresh {
             if self.entries.len() >= PROC_CACHE_MAX {
                 self.entries.clear();
@@ -238,12 +255,11 @@ impl ProcCache {
     /// they were taken in the right context, /proc may already show
     /// another program.
     fn enrich(&mut self, raw: RawListen) -> Enriched {
-        let listening_ports =
-            if raw.kind == EventKind::Listen && raw.proto == Proto::Tcp && raw.port == 0 {
-                procinfo::listening_tcp_ports(raw.tgid, raw.addr.is_ipv6())
-            } else {
-                Vec::new()
-            };
+        let listening_ports = if needs_listening_ports(&raw) {
+            procinfo::listening_tcp_ports(raw.tgid, raw.addr.is_ipv6())
+        } else {
+            Vec::new()
+        };
         let cached = self.lookup(raw.tgid, &raw.comm);
         let netns = cached.netns;
         let listener = Listener {
@@ -275,12 +291,7 @@ impl ProcCache {
     /// not read in the last [`NETNS_TTL`].
     fn netns_ifaces(&mut self, pid: u32, netns: Option<u64>) -> Option<(u64, Arc<Vec<Iface>>)> {
         let ns = netns?;
-        if Some(ns) == self.own_netns
-            || self
-                .netns_read
-                .get(&ns)
-                .is_some_and(|at| at.elapsed() < NETNS_TTL)
-        {
+        if !self.netns_stale(netns, Instant::now(), Duration::ZERO) {
             return None;
         }
         if self.netns_read.len() >= PROC_CACHE_MAX {
@@ -296,6 +307,12 @@ impl ProcCache {
             }
         }
     }
+}
+
+/// A TCP listen() without bind(): which port the kernel picked is read
+/// from the process's sockets.
+fn needs_listening_ports(raw: &RawListen) -> bool {
+    raw.kind == EventKind::Listen && raw.proto == Proto::Tcp && raw.port == 0
 }
 
 #[cfg(test)]

@@ -334,8 +334,8 @@ pub fn parse_line(text: &str) -> Result<Line, serde_json::Error> {
 /// A process's strings as JSON, escaped once per string rather than once
 /// per line: in a burst, thousands of lines carry the same command line,
 /// and escaping it byte by byte was the stream's largest cost after the
-/// writes themselves. Keyed by the shared string's address, which cannot be
-/// reused while the entry holds the string.
+/// writes themselves. Keyed by the shared string's address, which no other
+/// string can take while the entry holds this one.
 #[derive(Default)]
 struct Escaped {
     strings: HashMap<usize, (Arc<str>, Arc<RawValue>)>,
@@ -347,9 +347,7 @@ const ESCAPED_MAX: usize = 256;
 impl Escaped {
     fn get(&mut self, text: &Arc<str>) -> Arc<RawValue> {
         let key = Arc::as_ptr(text).cast::<u8>() as usize;
-        if let Some((held, raw)) = self.strings.get(&key)
-            && Arc::ptr_eq(held, text)
-        {
+        if let Some((_, raw)) = self.strings.get(&key) {
             return Arc::clone(raw);
         }
         if self.strings.len() >= ESCAPED_MAX {
