@@ -78,7 +78,8 @@ fn listener_event() -> Event {
                 exe: Some("/usr/bin/python3.11".into()),
                 cmdline: Some("/usr/bin/python3 -m http.server 8765".into()),
                 cgroup: Some("/user.slice/user-0.slice/session-1.scope".into()),
-            },
+            }
+            .into(),
         },
         reach: None,
     })

@@ -331,7 +331,7 @@ pub struct Listener {
     pub sock_id: SockId,
     /// Network namespace inode, where known.
     pub netns: Option<u64>,
-    pub process: ProcessInfo,
+    pub process: Arc<ProcessInfo>,
 }
 
 impl Listener {

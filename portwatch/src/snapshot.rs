@@ -7,7 +7,10 @@ use std::{
     net::IpAddr,
     os::unix::{ffi::OsStrExt, fs::MetadataExt},
     path::PathBuf,
-    sync::atomic::{AtomicUsize, Ordering},
+    sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+    },
     thread,
 };
 
@@ -105,22 +108,30 @@ pub fn snapshot() -> Result<Vec<Listener>, SnapshotError> {
     // One /proc read per process, not per socket: a server can hold
     // thousands of listeners.
     let mut processes: HashMap<u32, ProcessInfo> = HashMap::new();
+    // Listeners point at one shared copy per (process, socket uid).
+    let mut shared: HashMap<(Option<u32>, u32), Arc<ProcessInfo>> = HashMap::new();
     let mut listeners: Vec<(u64, Listener)> = sockets
         .into_iter()
         .map(|sock| {
             let owner = (sock.inode != 0)
-                .then(|| owners.get(&u64::from(sock.inode)))
+                .then(|| owners.get(&u64::from(sock.inode)).copied())
                 .flatten();
-            let mut process = match owner {
-                Some(&pid) => processes
-                    .entry(pid)
-                    .or_insert_with(|| process_info(pid))
-                    .clone(),
-                None => ProcessInfo::default(),
-            };
-            // The socket's uid (its creator's) stands in when there is no
-            // process or its status can't be read.
-            process.uid = process.uid.or(Some(sock.uid));
+            let process = shared
+                .entry((owner, sock.uid))
+                .or_insert_with(|| {
+                    let mut process = match owner {
+                        Some(pid) => processes
+                            .entry(pid)
+                            .or_insert_with(|| process_info(pid))
+                            .clone(),
+                        None => ProcessInfo::default(),
+                    };
+                    // The socket's uid (its creator's) stands in when there
+                    // is no process or its status can't be read.
+                    process.uid = process.uid.or(Some(sock.uid));
+                    Arc::new(process)
+                })
+                .clone();
             let listener = Listener {
                 proto: sock.proto,
                 addr: sock.addr,

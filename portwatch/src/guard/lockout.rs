@@ -256,7 +256,8 @@ mod tests {
             process: ProcessInfo {
                 comm: Some("sshd".into()),
                 ..ProcessInfo::default()
-            },
+            }
+            .into(),
         };
         let local = IpAddr::V4(Ipv4Addr::new(192, 0, 2, 1));
         let remote = IpAddr::V4(Ipv4Addr::new(203, 0, 113, 9));
@@ -267,7 +268,7 @@ mod tests {
         assert!(problems(&policy, [&sshd].into_iter(), None, &[(local, 80, remote)]).is_empty());
         // Dropbear is an SSH daemon too.
         let mut dropbear = sshd.clone();
-        dropbear.process.comm = Some("dropbear".into());
+        std::sync::Arc::make_mut(&mut dropbear.process).comm = Some("dropbear".into());
         let found = problems(
             &policy,
             [&dropbear].into_iter(),

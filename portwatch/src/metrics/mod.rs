@@ -449,7 +449,7 @@ mod tests {
                 port: 8080,
                 sock_id: SockId::Cookie(1),
                 netns: None,
-                process: ProcessInfo::default(),
+                process: ProcessInfo::default().into(),
             },
             reach: exposure.map(|e| crate::model::Reach {
                 exposure: e,

@@ -175,9 +175,10 @@ struct CachedProc {
     comm: Arc<str>,
     read_at: Instant,
     netns: Option<u64>,
-    exe: Option<Arc<str>>,
-    cmdline: Option<Arc<str>>,
-    cgroup: Option<Arc<str>>,
+    /// The details every listener of the process points at (one copy per
+    /// process, not per listener); rebuilt when the kernel reports another
+    /// uid for the same program.
+    info: Arc<ProcessInfo>,
 }
 
 /// How long a process's details are trusted without reading /proc again.
@@ -227,7 +228,7 @@ impl ProcCache {
         })
     }
 
-    fn lookup(&mut self, tgid: u32, comm: &str) -> &CachedProc {
+    fn lookup(&mut self, tgid: u32, comm: &str, uid: u32) -> &CachedProc {
         let fresh = self
             .fresh_proc(tgid, comm, Instant::now(), Duration::ZERO)
             .is_some();
@@ -235,20 +236,34 @@ impl ProcCache {
             if self.entries.len() >= PROC_CACHE_MAX {
                 self.entries.clear();
             }
-            let details = procinfo::process_info(tgid);
-            self.entries.insert(
-                tgid,
-                CachedProc {
-                    comm: comm.into(),
-                    read_at: Instant::now(),
-                    netns: procinfo::netns_of(tgid),
-                    exe: details.exe,
-                    cmdline: details.cmdline,
-                    cgroup: details.cgroup,
-                },
-            );
+            self.entries.remove(&tgid);
         }
-        &self.entries[&tgid]
+        let cached = self.entries.entry(tgid).or_insert_with(|| {
+            let details = procinfo::process_info(tgid);
+            let comm: Arc<str> = comm.into();
+            let info = Arc::new(ProcessInfo {
+                pid: Some(tgid),
+                comm: Some(Arc::clone(&comm)),
+                uid: Some(uid),
+                exe: details.exe,
+                cmdline: details.cmdline,
+                cgroup: details.cgroup,
+            });
+            CachedProc {
+                comm,
+                read_at: Instant::now(),
+                netns: procinfo::netns_of(tgid),
+                info,
+            }
+        });
+        // The uid is the kernel's at listen time: a process that changed
+        // credentials gets details of its own from now on.
+        if cached.info.uid != Some(uid) {
+            let mut info = ProcessInfo::clone(&cached.info);
+            info.uid = Some(uid);
+            cached.info = Arc::new(info);
+        }
+        cached
     }
 
     /// Adds what only /proc knows. The kernel's pid, comm and uid stay:
@@ -260,7 +275,7 @@ impl ProcCache {
         } else {
             Vec::new()
         };
-        let cached = self.lookup(raw.tgid, &raw.comm);
+        let cached = self.lookup(raw.tgid, &raw.comm, raw.uid);
         let netns = cached.netns;
         let listener = Listener {
             proto: raw.proto,
@@ -268,14 +283,7 @@ impl ProcCache {
             port: raw.port,
             sock_id: raw.sock_id,
             netns: cached.netns,
-            process: ProcessInfo {
-                pid: Some(raw.tgid),
-                comm: Some(cached.comm.clone()),
-                uid: Some(raw.uid),
-                exe: cached.exe.clone(),
-                cmdline: cached.cmdline.clone(),
-                cgroup: cached.cgroup.clone(),
-            },
+            process: Arc::clone(&cached.info),
         };
         let netns_ifaces = self.netns_ifaces(raw.tgid, netns);
         Enriched {

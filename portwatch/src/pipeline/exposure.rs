@@ -156,7 +156,7 @@ mod tests {
             port,
             sock_id: SockId::Cookie(1),
             netns: Some(netns),
-            process: ProcessInfo::default(),
+            process: ProcessInfo::default().into(),
         }
     }
 

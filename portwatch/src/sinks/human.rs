@@ -532,7 +532,8 @@ mod tests {
                     exe: Some("/usr/bin/python3.11".into()),
                     cmdline: Some("python3 -m http.server 8765".into()),
                     cgroup: None,
-                },
+                }
+                .into(),
             },
             reach,
         })
@@ -669,7 +670,7 @@ mod tests {
             let Event::Listener(mut ev) = listen(1, guarded(Exposure::Blocked)) else {
                 unreachable!("listen() makes a listener event")
             };
-            ev.listener.process.pid = Some(pid);
+            std::sync::Arc::make_mut(&mut ev.listener.process).pid = Some(pid);
             ev.listener.port = port;
             Event::Listener(ev)
         };

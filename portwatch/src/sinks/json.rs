@@ -213,14 +213,14 @@ impl ListenerLine {
                 // The stream does not carry the kernel's socket identity.
                 sock_id: SockId::Unknown,
                 netns: self.netns,
-                process: ProcessInfo {
+                process: Arc::new(ProcessInfo {
                     pid: self.pid,
                     comm: self.comm,
                     uid: self.uid,
                     exe: self.exe,
                     cmdline: self.cmdline,
                     cgroup: self.cgroup,
-                },
+                }),
             },
             reach: self.exposure.map(|exposure| Reach {
                 exposure,
@@ -516,7 +516,8 @@ mod tests {
                     exe: None,
                     cmdline: Some("avahi-daemon -s".into()),
                     cgroup: None,
-                },
+                }
+                .into(),
             },
             reach,
         })
@@ -585,8 +586,9 @@ mod tests {
                     let Event::Listener(mut ev) = listener_event() else {
                         unreachable!("a listener event");
                     };
-                    ev.listener.process.cmdline = Some(Arc::clone(&shared));
-                    ev.listener.process.exe = Some(format!("{text}!").into());
+                    let process = Arc::make_mut(&mut ev.listener.process);
+                    process.cmdline = Some(Arc::clone(&shared));
+                    process.exe = Some(format!("{text}!").into());
                     let plain = ListenerLine::with_strings(&ev, Arc::clone);
                     expected.extend(serde_json::to_vec(&plain).expect("serialises"));
                     expected.push(b'\n');

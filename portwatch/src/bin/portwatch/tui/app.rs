@@ -877,7 +877,8 @@ mod tests {
                     comm: Some(comm.into()),
                     uid: Some(0),
                     ..ProcessInfo::default()
-                },
+                }
+                .into(),
             },
             reach: Some(Reach::guarded(Exposure::Exposed)),
         }
