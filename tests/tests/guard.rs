@@ -812,6 +812,91 @@ fn status_listener(lab: &Lab, port: u16) -> Result<Value> {
         .with_context(|| format!("no tcp/{port} in {status}"))
 }
 
+/// A status with many listeners is not one line of megabytes: asked with
+/// `"lines": true` (as `status` and `top` do), the answer says how many
+/// listeners follow and each comes on a line of its own; a real client
+/// (socat) reads the same listeners `status --json` prints as one document.
+#[test]
+fn status_sends_its_listeners_one_line_each() -> Result {
+    let lab = Lab::new()?;
+    let _tcp = tcp_server(&lab.server, 8080)?;
+    let _blocked = tcp_server(&lab.server, 8091)?;
+    let _udp = udp_server(&lab.server, 5353)?;
+    let policy = TempFile::new("lines", "allow = [\"tcp/8080\"]\n")?;
+    let mut pw = start_guard(&lab, &policy, &[])?;
+    let socket = lab.socket()?;
+    // The request, then end of input: socat half-closes, the guard answers
+    // and closes.
+    let out = run_bounded(
+        Command::new("sh").args([
+            "-c",
+            r#"printf '%s\n' "$1" | socat -t 5 - UNIX-CONNECT:"$2""#,
+            "sh",
+            r#"{"cmd":"status","lines":true}"#,
+            &socket,
+        ]),
+        None,
+        Duration::from_secs(10),
+        None,
+    )?;
+    ensure!(
+        out.success(),
+        "socat: {:?} after {:?}: {} {}",
+        out.status,
+        out.elapsed,
+        out.stderr,
+        out.stdout
+    );
+    let mut lines = out.stdout.lines();
+    let head: Value = serde_json::from_str(lines.next().context("no answer")?)?;
+    assert_eq!(head["ok"], true, "{head}");
+    assert_eq!(head["listeners"], serde_json::json!([]), "{head}");
+    assert!(head["totals"].is_object(), "{head}");
+    let follow = head["listeners_follow"]
+        .as_u64()
+        .with_context(|| format!("no count in {head}"))?;
+    let streamed: Vec<Value> = lines
+        .map(serde_json::from_str)
+        .collect::<std::result::Result<_, _>>()?;
+    assert_eq!(streamed.len() as u64, follow, "{}", out.stdout);
+    let key = |l: &Value| format!("{}/{} {}", l["proto"], l["port"], l["addr"]);
+    for (proto, port, exposure) in [
+        ("tcp", 8080, "exposed"),
+        ("tcp", 8091, "blocked"),
+        ("udp", 5353, "blocked"),
+    ] {
+        let found = streamed
+            .iter()
+            .find(|l| l["proto"] == proto && l["port"] == port)
+            .with_context(|| format!("no {proto}/{port} in {}", out.stdout))?;
+        assert_eq!(found["exposure"], exposure, "{found}");
+    }
+
+    let whole = Command::new(portwatch_bin())
+        .args(["status", "--json", "--socket", &socket])
+        .output()?;
+    ensure!(
+        whole.status.success(),
+        "{}",
+        String::from_utf8_lossy(&whole.stderr)
+    );
+    assert_eq!(whole.stdout.iter().filter(|&&b| b == b'\n').count(), 1);
+    let whole: Value = serde_json::from_slice(&whole.stdout)?;
+    assert!(whole.get("listeners_follow").is_none(), "{whole}");
+    let mut a: Vec<String> = streamed.iter().map(key).collect();
+    let mut b: Vec<String> = whole["listeners"]
+        .as_array()
+        .context("no listeners")?
+        .iter()
+        .map(key)
+        .collect();
+    a.sort();
+    b.sort();
+    assert_eq!(a, b);
+    pw.stop()?;
+    Ok(())
+}
+
 /// An interface the guard is not on is a way around it. A listener the
 /// policy blocks, reachable through such an interface, is reported exposed
 /// and the interface is named: when it appears under a running guard, for

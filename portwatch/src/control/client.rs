@@ -17,7 +17,7 @@ use nix::{
 };
 use serde::de::DeserializeOwned;
 
-use super::protocol::{AnswerError, Format, Request, Subscribed, decode_answer};
+use super::protocol::{AnswerError, Format, Request, StatusResponse, Subscribed, decode_answer};
 
 /// How long `request` waits to connect and for the answer.
 pub const TIMEOUT: Duration = Duration::from_secs(10);
@@ -156,6 +156,44 @@ pub fn request<T: DeserializeOwned>(path: &Path, req: &Request) -> Result<T, Cli
     timeouts(&stream, Some(TIMEOUT))?;
     exchange(&mut BufReader::new(stream), req)
 }
+
+/// The guard's status, its listeners read one line each (`{"cmd":"status",
+/// "lines":true}`): no answer line grows with the number of listeners.
+pub fn status(path: &Path) -> Result<StatusResponse, ClientError> {
+    let stream = connect(path, TIMEOUT)?;
+    timeouts(&stream, Some(TIMEOUT))?;
+    let mut reader = BufReader::new(stream);
+    let mut status: StatusResponse = exchange(&mut reader, &Request::StatusLines)?;
+    let count = status.listeners_follow.take().ok_or_else(|| {
+        ClientError::Protocol("the guard's status does not say how many listeners follow".into())
+    })?;
+    // The count comes from the guard; reserve no more than a sane amount up
+    // front, the vector grows if there are truly more.
+    status.listeners.reserve(count.min(1 << 16));
+    let mut line = Vec::new();
+    for n in 0..count {
+        line.clear();
+        let read = reader
+            .by_ref()
+            .take(MAX_LISTENER_LINE)
+            .read_until(b'\n', &mut line)
+            .map_err(io_error("cannot read the guard's listeners"))?;
+        if read == 0 || line.last() != Some(&b'\n') {
+            return Err(ClientError::Protocol(format!(
+                "the guard's status ended after {n} of {count} listeners"
+            )));
+        }
+        let listener = serde_json::from_slice(&line).map_err(|e| {
+            ClientError::Protocol(format!("listener {} of {count} is malformed: {e}", n + 1))
+        })?;
+        status.listeners.push(listener);
+    }
+    Ok(status)
+}
+
+/// The longest listener line read (a command line of the kernel's maximum
+/// length, escaped, with room to spare).
+const MAX_LISTENER_LINE: u64 = 1 << 20;
 
 /// The guard's event stream, one line at a time (without the newline),
 /// until the guard ends it.

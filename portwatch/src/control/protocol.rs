@@ -71,6 +71,10 @@ pub enum Request {
     Reload { force: bool },
     /// Mode, interfaces, counters and listeners with their exposure.
     Status,
+    /// The same, with the listeners sent one line each after the answer
+    /// (`listeners_follow` says how many): no answer grows into one line of
+    /// megabytes, and the client parses each listener on its own.
+    StatusLines,
     /// The guard's event stream, from now on.
     Subscribe { format: Format, colour: bool },
     /// Stop the guard; `detach` also removes its kernel programs.
@@ -121,7 +125,10 @@ enum Wire {
         #[serde(default, skip_serializing_if = "is_false")]
         force: bool,
     },
-    Status,
+    Status {
+        #[serde(default, skip_serializing_if = "is_false")]
+        lines: bool,
+    },
     Subscribe {
         #[serde(default)]
         format: Format,
@@ -173,7 +180,8 @@ impl Wire {
             },
             Request::Policy => Wire::Policy,
             Request::Reload { force } => Wire::Reload { force: *force },
-            Request::Status => Wire::Status,
+            Request::Status => Wire::Status { lines: false },
+            Request::StatusLines => Wire::Status { lines: true },
             Request::Subscribe { format, colour } => Wire::Subscribe {
                 format: *format,
                 colour: *colour,
@@ -221,7 +229,8 @@ impl Wire {
             },
             Wire::Policy => Request::Policy,
             Wire::Reload { force } => Request::Reload { force },
-            Wire::Status => Request::Status,
+            Wire::Status { lines: false } => Request::Status,
+            Wire::Status { lines: true } => Request::StatusLines,
             Wire::Subscribe { format, colour } => Request::Subscribe { format, colour },
             Wire::Shutdown { detach } => Request::Shutdown { detach },
         })
@@ -239,7 +248,7 @@ impl Request {
             Request::Diff { .. } => "diff",
             Request::Policy => "policy",
             Request::Reload { .. } => "reload",
-            Request::Status => "status",
+            Request::Status | Request::StatusLines => "status",
             Request::Subscribe { .. } => "subscribe",
             Request::Shutdown { .. } => "shutdown",
         }
@@ -258,7 +267,10 @@ impl Request {
             // A diff shows whose SSH sessions a policy would cut: the
             // writers' business.
             Request::Diff { .. } => true,
-            Request::Policy | Request::Status | Request::Subscribe { .. } => false,
+            Request::Policy
+            | Request::Status
+            | Request::StatusLines
+            | Request::Subscribe { .. } => false,
         }
     }
 
@@ -361,6 +373,10 @@ pub struct StatusResponse {
     pub totals: Totals,
     #[serde(default)]
     pub listeners: Vec<ListenerStatus>,
+    /// How many listener lines follow this answer (`{"cmd":"status",
+    /// "lines":true}`); `listeners` is then empty.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub listeners_follow: Option<usize>,
 }
 
 /// Guard-wide counters.
@@ -428,6 +444,9 @@ pub enum Response {
     Diff(DiffResponse),
     Policy(PolicyView),
     Status(Box<StatusResponse>),
+    /// The status with its listeners as lines of their own: see
+    /// [`Response::following_lines`].
+    StatusLines(Box<StatusResponse>),
     Subscribed,
     Error(String),
 }
@@ -461,6 +480,18 @@ impl Response {
             Response::Diff(d) => ok(d),
             Response::Policy(p) => ok(p),
             Response::Status(s) => ok(s.as_ref()),
+            Response::StatusLines(s) => {
+                let head = StatusResponse {
+                    mode: s.mode,
+                    policy_file: s.policy_file.clone(),
+                    pinned: s.pinned.clone(),
+                    interfaces: s.interfaces.clone(),
+                    totals: s.totals.clone(),
+                    listeners: Vec::new(),
+                    listeners_follow: Some(s.listeners.len()),
+                };
+                ok(&head)
+            }
             Response::Subscribed => ok(&Subscribed { subscribed: true }),
             Response::Error(error) => serde_json::to_string(&Err { ok: false, error }),
         };
@@ -471,6 +502,42 @@ impl Response {
         });
         line.push('\n');
         line
+    }
+
+    /// Writes the answer line to `out` as it is encoded (a status with many
+    /// listeners is not built as one string first).
+    pub fn write_line<W: std::io::Write>(&self, mut out: W) -> std::io::Result<()> {
+        match self {
+            Response::Status(s) => {
+                serde_json::to_writer(
+                    &mut out,
+                    &Ok {
+                        ok: true,
+                        body: s.as_ref(),
+                    },
+                )?;
+                out.write_all(b"\n")
+            }
+            _ => out.write_all(self.to_line().as_bytes()),
+        }
+    }
+
+    /// The lines that follow the answer line: for a status sent as lines,
+    /// one per listener, each ending in a newline; none otherwise.
+    pub fn following_lines(&self) -> impl Iterator<Item = Vec<u8>> + '_ {
+        let listeners = match self {
+            Response::StatusLines(s) => s.listeners.as_slice(),
+            _ => &[],
+        };
+        listeners.iter().map(|l| {
+            // Plain data (strings, numbers, addresses): cannot fail; the
+            // line would otherwise say why it is missing.
+            let mut line = serde_json::to_vec(l).unwrap_or_else(|e| {
+                format!("{{\"error\":\"cannot encode a listener: {e}\"}}").into_bytes()
+            });
+            line.push(b'\n');
+            line
+        })
     }
 }
 
@@ -582,7 +649,7 @@ pub fn decode_request(line: &[u8]) -> Result<Request, ProtocolError> {
     };
     // serde ignores extra fields of unit variants in an internally tagged
     // enum, whatever `deny_unknown_fields` says: checked here.
-    if matches!(cmd.as_str(), "policy" | "status")
+    if cmd == "policy"
         && let Some(extra) = fields.keys().find(|k| *k != "cmd")
     {
         return Err(bad(format!("unknown field `{extra}`, there are no fields")));
@@ -760,7 +827,7 @@ mod tests {
             ),
             (
                 r#"{"cmd":"status","verbose":true}"#,
-                r#"bad "status" request: unknown field `verbose`, there are no fields"#,
+                r#"bad "status" request: unknown field `verbose`, expected `lines`"#,
             ),
             (
                 r#"{"cmd":"allow","spec":22}"#,
@@ -850,5 +917,62 @@ mod tests {
         };
         let line = Response::Status(Box::new(status.clone())).to_line();
         assert_eq!(decode_answer::<StatusResponse>(line.as_bytes()), Ok(status));
+    }
+
+    #[test]
+    fn a_status_as_lines_is_a_head_then_one_line_per_listener() {
+        assert_eq!(
+            decode("{\"cmd\":\"status\",\"lines\":true}\n"),
+            Ok(Request::StatusLines)
+        );
+        assert_eq!(
+            decode(&Request::StatusLines.to_line()),
+            Ok(Request::StatusLines)
+        );
+        let listener = |port: u16| ListenerStatus {
+            proto: Proto::Tcp,
+            family: Family::Ipv4,
+            addr: "10.0.0.1".parse().expect("an address"),
+            port,
+            pid: Some(7),
+            comm: Some("redis\n\"x".into()),
+            uid: Some(0),
+            exe: None,
+            cmdline: None,
+            netns: None,
+            exposure: Some(Exposure::Blocked),
+            exposed_via: Vec::new(),
+            pass_packets: 1,
+            pass_bytes: 2,
+            drop_packets: 3,
+            drop_bytes: 4,
+        };
+        let status = StatusResponse {
+            mode: Some(Mode::Enforce),
+            listeners: vec![listener(1), listener(2), listener(3)],
+            ..StatusResponse::default()
+        };
+        let answer = Response::StatusLines(Box::new(status.clone()));
+        let head =
+            decode_answer::<StatusResponse>(answer.to_line().as_bytes()).expect("an ok answer");
+        assert_eq!(head.listeners_follow, Some(3));
+        assert!(head.listeners.is_empty());
+        let lines: Vec<Vec<u8>> = answer.following_lines().collect();
+        assert_eq!(lines.len(), 3);
+        let back: Vec<ListenerStatus> = lines
+            .iter()
+            .map(|l| {
+                assert_eq!(l.iter().filter(|&&b| b == b'\n').count(), 1);
+                serde_json::from_slice(l).expect("a listener")
+            })
+            .collect();
+        assert_eq!(back, status.listeners);
+        // The one-line form has nothing after its line, and writes what
+        // `to_line` builds.
+        let whole = Response::Status(Box::new(status));
+        assert_eq!(whole.following_lines().count(), 0);
+        let mut written = Vec::new();
+        whole.write_line(&mut written).expect("writes");
+        assert_eq!(written, whole.to_line().into_bytes());
     }
 }

@@ -526,7 +526,22 @@ impl<R: AsyncRead + Unpin> LineReader<R> {
 }
 
 async fn write_answer<W: AsyncWrite + Unpin>(out: &mut W, answer: &Response) -> io::Result<()> {
-    out.write_all(answer.to_line().as_bytes()).await
+    out.write_all(answer.to_line().as_bytes()).await?;
+    // Lines that follow (a status's listeners) go out in batches of about
+    // this size: each write is bounded, the socket drains as we go.
+    const BATCH: usize = 64 << 10;
+    let mut batch = Vec::with_capacity(BATCH);
+    for line in answer.following_lines() {
+        batch.extend_from_slice(&line);
+        if batch.len() >= BATCH {
+            out.write_all(&batch).await?;
+            batch.clear();
+        }
+    }
+    if !batch.is_empty() {
+        out.write_all(&batch).await?;
+    }
+    Ok(())
 }
 
 async fn write_error<W: AsyncWrite + Unpin>(out: &mut W, message: &str) -> io::Result<()> {

@@ -826,9 +826,8 @@ impl Guard {
                 }
             })
             .collect();
-        listeners.sort_by(|a, b| {
-            (a.proto, a.port, a.addr.to_string()).cmp(&(b.proto, b.port, b.addr.to_string()))
-        });
+        // Numeric address order (IPv4 before IPv6): no string per comparison.
+        listeners.sort_by_key(|l| (l.proto, l.port, l.addr));
         StatusResponse {
             mode: Some(self.mode),
             policy_file: Some(self.start.policy_path.display().to_string()),
@@ -851,6 +850,7 @@ impl Guard {
                 other: Default::default(),
             },
             listeners,
+            listeners_follow: None,
         }
     }
 

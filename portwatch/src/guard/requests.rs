@@ -74,6 +74,9 @@ impl Guard {
             }
             Request::Policy => Reply::Once(Response::Policy(self.policy_view())),
             Request::Status => Reply::Once(Response::Status(Box::new(self.status(pipeline)))),
+            Request::StatusLines => {
+                Reply::Once(Response::StatusLines(Box::new(self.status(pipeline))))
+            }
             Request::Subscribe { format, colour } => Reply::Stream {
                 lines: pipeline.subscribe(format, colour),
             },

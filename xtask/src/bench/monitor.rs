@@ -398,6 +398,43 @@ struct GuardMemory {
     after_mb: f64,
     status_bytes: usize,
     status_s: f64,
+    /// The control socket's answer to `{"cmd":"status","lines":true}`, read
+    /// raw: its lines, the longest, and when the first listener came.
+    wire: WireStatus,
+}
+
+struct WireStatus {
+    lines: usize,
+    longest: usize,
+    first_listener_s: f64,
+}
+
+/// Asks for the status as lines, as `status` and `top` do, and measures
+/// what comes back.
+fn wire_status(socket: &std::path::Path) -> Result<WireStatus> {
+    use std::io::{BufRead as _, BufReader};
+    let stream = std::os::unix::net::UnixStream::connect(socket)
+        .with_context(|| format!("connecting to {}", socket.display()))?;
+    stream.set_read_timeout(Some(Duration::from_secs(60)))?;
+    let t = Instant::now();
+    (&stream).write_all(b"{\"cmd\":\"status\",\"lines\":true}\n")?;
+    stream.shutdown(std::net::Shutdown::Write)?;
+    let mut reader = BufReader::new(stream);
+    let (mut lines, mut longest, mut first_listener_s) = (0, 0, 0.0);
+    let mut line = Vec::new();
+    while reader.read_until(b'\n', &mut line)? > 0 {
+        lines += 1;
+        longest = longest.max(line.len());
+        if lines == 2 {
+            first_listener_s = t.elapsed().as_secs_f64();
+        }
+        line.clear();
+    }
+    Ok(WireStatus {
+        lines,
+        longest,
+        first_listener_s,
+    })
 }
 
 /// Target: the guard's RSS grows by ≤ 300 bytes per listener.
@@ -436,12 +473,14 @@ fn guard_memory(ctx: &Ctx, dir: &TempDir, procs: u16, per: u16) -> Result<GuardM
         None,
     )?;
     let status_s = t.elapsed().as_secs_f64();
+    let wire = wire_status(&guard.socket())?;
     drop(listeners);
     Ok(GuardMemory {
         before_mb,
         after_mb,
         status_bytes: out.stdout.len(),
         status_s,
+        wire,
     })
 }
 
@@ -635,6 +674,18 @@ pub fn run(ctx: &Ctx) -> Result<Section> {
         mem.status_bytes as f64 / 1e6,
         mem.status_s
     );
+    // A head and at least one line per listener of the burst, none long.
+    let streamed = mem.wire.lines > total && mem.wire.longest < 64 << 10;
+    let _ = writeln!(
+        md,
+        "- `status` streams its listeners instead of one line of megabytes: the socket \
+         answered {} lines (a head, then one per listener), the longest {} B, the first \
+         listener after {:.3} s — {}",
+        mem.wire.lines,
+        mem.wire.longest,
+        mem.wire.first_listener_s,
+        verdict(streamed)
+    );
 
     let burst_json = |bs: &[Burst]| {
         json!({
@@ -671,6 +722,9 @@ pub fn run(ctx: &Ctx) -> Result<Section> {
                 "bytes_per_listener": per_listener,
                 "status_json_bytes": mem.status_bytes,
                 "status_seconds": mem.status_s,
+                "status_wire_lines": mem.wire.lines,
+                "status_wire_longest_line": mem.wire.longest,
+                "status_first_listener_seconds": mem.wire.first_listener_s,
             },
             "ratios": {
                 "snapshot_portwatch_vs_ss": snap_ratio,

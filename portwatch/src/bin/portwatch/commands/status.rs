@@ -1,20 +1,27 @@
 //! `portwatch status`: the guard's mode, interfaces, counters and every
 //! listener with its exposure, as a table for people or the guard's JSON.
 
-use std::{fmt::Write as _, path::PathBuf, process::ExitCode};
+use std::{
+    fmt::Write as _,
+    io::{self, Write as _},
+    path::PathBuf,
+    process::ExitCode,
+};
+
+use anyhow::Context as _;
 
 use clap::Args;
 use portwatch::{
     control::{
         client,
-        protocol::{ListenerStatus, Request, Response, StatusResponse, Totals},
+        protocol::{ListenerStatus, Response, StatusResponse, Totals},
     },
     format::{self, UserNames, bytes, endpoint},
     model::Mode,
     procinfo,
 };
 
-use super::{client_error, print, socket_path};
+use super::{client_error, ignore_broken_pipe, print, socket_path};
 
 #[derive(Debug, Clone, Args)]
 pub struct StatusArgs {
@@ -29,10 +36,18 @@ pub struct StatusArgs {
 /// `portwatch status`.
 pub fn status(args: StatusArgs) -> anyhow::Result<ExitCode> {
     let socket = socket_path(args.socket.as_deref());
-    let answer = client::request::<StatusResponse>(&socket, &Request::Status)
-        .map_err(|e| client_error(e, "start one with `portwatch guard`"))?;
+    let answer =
+        client::status(&socket).map_err(|e| client_error(e, "start one with `portwatch guard`"))?;
     if args.json {
-        print(&Response::Status(Box::new(answer)).to_line())?;
+        // One document, as before; written as it is encoded, not built as
+        // one string first.
+        let stdout = io::stdout().lock();
+        let mut out = io::BufWriter::with_capacity(64 << 10, stdout);
+        Response::Status(Box::new(answer))
+            .write_line(&mut out)
+            .and_then(|()| out.flush())
+            .or_else(ignore_broken_pipe)
+            .context("cannot write the status")?;
     } else {
         let own_netns = procinfo::netns_of(std::process::id());
         let mut users = UserNames::default();
@@ -314,6 +329,7 @@ mod tests {
                     ..listener(Proto::Tcp, "10.0.0.5", 5432)
                 },
             ],
+            listeners_follow: None,
         }
     }
 

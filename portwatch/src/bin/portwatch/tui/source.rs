@@ -280,7 +280,7 @@ fn follow_stream(path: &Path, tx: &Sender<Msg>, stop: &AtomicBool) {
 
 fn poll_status(path: &Path, tx: &Sender<Msg>, stop: &AtomicBool) {
     while !stop.load(Ordering::Relaxed) {
-        let msg = match client::request::<StatusResponse>(path, &Request::Status) {
+        let msg = match client::status(path) {
             Ok(status) => Msg::Status(status),
             Err(e) => Msg::StatusError(e.to_string()),
         };
