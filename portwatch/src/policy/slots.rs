@@ -182,15 +182,22 @@ impl CounterSlots {
     /// ports): its rule's, its own, or `other`.
     pub fn slot_of(&self, proto: impl Into<IpProto>, port: u16) -> u32 {
         let proto = proto.into();
-        self.owners
+        // Rules sort first and are few; a listened port's own slot is found
+        // by key, not by a walk past thousands of them (status asks once per
+        // listener).
+        let by_rule = self
+            .owners
             .iter()
-            .find(|(o, _)| match o {
-                SlotOwner::Rule(r) => r.contains(proto, port),
-                SlotOwner::Port(p, n) => IpProto::from(*p) == proto && *n == port,
-                SlotOwner::Other(_) => false,
-            })
-            .map(|(_, s)| *s)
-            .unwrap_or(other_slot(proto.0))
+            .take_while(|(o, _)| matches!(o, SlotOwner::Rule(_)))
+            .find(|(o, _)| matches!(o, SlotOwner::Rule(r) if r.contains(proto, port)))
+            .map(|(_, s)| *s);
+        let by_port = || {
+            [Proto::Tcp, Proto::Udp]
+                .into_iter()
+                .find(|p| IpProto::from(*p) == proto)
+                .and_then(|p| self.owners.get(&SlotOwner::Port(p, port)).copied())
+        };
+        by_rule.or_else(by_port).unwrap_or(other_slot(proto.0))
     }
 }
 
@@ -234,6 +241,15 @@ mod tests {
         );
         assert_eq!(slot(Proto::Tcp, 9), None, "no entry: `other`");
         assert_eq!(slots.slot_of(Proto::Tcp, 9), SLOT_OTHER_TCP);
+        // What counts a port is what the datapath's entry says: rule, own
+        // port, rule over a listener.
+        for (proto, port) in [(Proto::Tcp, 22), (Proto::Udp, 5353), (Proto::Tcp, 8001)] {
+            assert_eq!(
+                Some(slots.slot_of(proto, port)),
+                slot(proto, port),
+                "{proto:?}/{port}"
+            );
+        }
         assert_eq!(slots.take_fresh().len(), 3);
         assert!(slots.take_fresh().is_empty());
 
