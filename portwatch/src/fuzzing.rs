@@ -475,6 +475,7 @@ fn structured_policy(c: &mut Cursor) -> Policy {
             ports: PortRange { proto, lo, hi },
             from,
             limit,
+            owner: None,
             line: None,
         });
     }

@@ -416,6 +416,20 @@ pub struct PolicyEvent {
     pub rules: usize,
 }
 
+/// An owned port opened or closed at XDP as its owner came or went.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct GateEvent {
+    pub ts: SystemTime,
+    /// `tcp/6379`.
+    pub port: String,
+    pub open: bool,
+    /// The listening process that opened it (none when it closed).
+    pub pid: Option<u32>,
+    pub comm: Option<Arc<str>>,
+    /// The owner the rule names, e.g. `unit redis-server.service`.
+    pub owner: String,
+}
+
 /// The XDP attach mode an interface got.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -460,6 +474,8 @@ pub enum Event {
     Drop(DropEvent),
     /// The policy in force changed.
     Policy(PolicyEvent),
+    /// An owned port opened or closed with its owner.
+    Gate(GateEvent),
     /// A guarded interface went away or came back.
     Interface {
         ts: SystemTime,

@@ -812,6 +812,72 @@ fn status_listener(lab: &Lab, port: u16) -> Result<Value> {
         .with_context(|| format!("no tcp/{port} in {status}"))
 }
 
+/// A port with an owner is open at XDP only while its owner listens:
+/// closed with nothing there, closed to a stranger on the port, open from
+/// the generator namespace once the owner (socat) listens, closed again
+/// within a second when the owner goes; the stream says when and why.
+#[test]
+fn an_owned_port_opens_only_while_its_owner_listens() -> Result {
+    let lab = Lab::new()?;
+    let policy = TempFile::new(
+        "owned",
+        "allow = [\n  { port = \"tcp/6379\", owner = { comm = \"socat\", user = \"root\" } },\n]\n",
+    )?;
+    let mut pw = start_guard(&lab, &policy, &[])?;
+    let addr = lab.server_v4();
+
+    // Nothing listens: dropped, not refused (the port is closed at XDP).
+    assert_silently_dropped(&tcp_probe(&lab.client, addr, 6379, None)?, "no owner");
+
+    // A stranger on the owned port: still closed to the network.
+    let stranger = http_server(&lab.server, 6379, "/tmp")?;
+    pw.wait_for(Duration::from_secs(10), |v| {
+        v["event"] == "listen" && v["port"] == 6379 && v["comm"] == "python3"
+    })?;
+    assert_silently_dropped(
+        &tcp_probe(&lab.client, addr, 6379, None)?,
+        "a stranger listens",
+    );
+    let line = status_listener(&lab, 6379)?;
+    assert_eq!(line["exposure"], "blocked", "{line}");
+    assert!(
+        !pw.seen.iter().any(|v| v["event"] == "gate"),
+        "no gate event for a stranger: {:?}",
+        pw.seen
+    );
+    drop(stranger);
+
+    // The owner listens: the port opens, and the stream says who opened it.
+    let owner = tcp_server(&lab.server, 6379)?;
+    let opened = pw.wait_for(Duration::from_secs(10), |v| {
+        v["event"] == "gate" && v["open"] == true
+    })?;
+    assert_eq!(opened["port"], "tcp/6379", "{opened}");
+    assert_eq!(opened["comm"], "socat", "{opened}");
+    assert_eq!(opened["owner"], "user root, comm socat", "{opened}");
+    assert!(opened["pid"].as_u64().is_some(), "{opened}");
+    assert!(tcp_reachable(&lab.client, addr, 6379)?, "the owner listens");
+    let line = status_listener(&lab, 6379)?;
+    assert_eq!(line["exposure"], "exposed", "{line}");
+
+    // The owner goes: closed again, whatever the kernel would answer.
+    drop(owner);
+    let closed = pw.wait_for(Duration::from_secs(10), |v| {
+        v["event"] == "gate" && v["open"] == false
+    })?;
+    assert_eq!(closed["port"], "tcp/6379", "{closed}");
+    assert_silently_dropped(&tcp_probe(&lab.client, addr, 6379, None)?, "owner gone");
+
+    // The policy shows the owner; the guard's log said it too.
+    let out = Command::new(portwatch_bin())
+        .args(["policy", "--json", "--socket", &lab.socket()?])
+        .output()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("user root, comm socat"), "{text}");
+    pw.stop()?;
+    Ok(())
+}
+
 /// A status with many listeners is not one line of megabytes: asked with
 /// `"lines": true` (as `status` and `top` do), the answer says how many
 /// listeners follow and each comes on a line of its own; a real client

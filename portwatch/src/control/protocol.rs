@@ -339,6 +339,9 @@ pub struct PolicyView {
 pub struct RuleView {
     pub ports: PortRange,
     pub from: Vec<ipnet::IpNet>,
+    /// Who must listen for the port to open, e.g. `unit redis.service`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub owner: Option<String>,
 }
 
 impl PolicyView {
@@ -353,6 +356,7 @@ impl PolicyView {
                 .map(|r| RuleView {
                     ports: r.ports,
                     from: r.from.clone(),
+                    owner: r.owner.as_ref().map(ToString::to_string),
                 })
                 .collect(),
             toml: policy.to_toml(),

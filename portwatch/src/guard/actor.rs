@@ -17,6 +17,7 @@ use portwatch_common::GuardStat;
 
 use super::{
     confirm::{Pending, current_text, restore_text},
+    gate::{self, Holder},
     lockout,
 };
 use crate::{
@@ -97,7 +98,7 @@ impl<'a> Change<'a> {
 
 /// What the guard waits for besides the listener stream.
 pub enum Input {
-    Control(ControlRequest),
+    Control(Box<ControlRequest>),
     Drops(Vec<Result<RawDrop, crate::datapath::decode::DecodeError>>),
     Links(Vec<LinkChange>),
     /// Every few seconds: room in the table of rate-limited sources.
@@ -140,6 +141,11 @@ pub struct Guard {
     maps: GuardMaps,
     pub(super) drops: RingReader,
     policy: Arc<Policy>,
+    /// The policy as the kernel has it: rules with an owner only while
+    /// the owner listens.
+    gated: Arc<Policy>,
+    /// Owned ports open now, and the owner process that opened each.
+    gate_open: BTreeMap<PortRange, Holder>,
     mode: Mode,
     /// What the maps hold.
     image: MapImage,
@@ -200,6 +206,8 @@ impl Guard {
             maps: parts.maps,
             drops: parts.drops,
             policy: Arc::new(Policy::default()),
+            gated: Arc::new(Policy::default()),
+            gate_open: BTreeMap::new(),
             mode: Mode::Enforce,
             image,
             slots: CounterSlots::default(),
@@ -245,8 +253,10 @@ impl Guard {
     /// What the pipeline rates listeners by, under the policy in force.
     pub fn exposure_view(&self) -> ExposureView {
         let guarded = self.attached.iter().map(|a| a.iface.clone()).collect();
+        // Exposure is what reaches the port: an owned port without its
+        // owner is closed, whoever else listens there.
         ExposureView::new(
-            Arc::clone(&self.policy),
+            Arc::clone(&self.gated),
             self.netns,
             Arc::clone(&self.ifaces_now),
             guarded,
@@ -323,8 +333,10 @@ impl Guard {
     /// policy reaches the maps. On error the maps are moved back to what
     /// they held, as far as the kernel lets them.
     pub fn install(&mut self, policy: Policy, mode: Mode) -> Result<(), String> {
-        let mut image = compile(&policy).map_err(|e| e.to_string())?;
-        self.slots.stamp(&mut image, &policy, &self.listened);
+        let open = self.gate_open.keys().copied().collect();
+        let gated = policy.gated(&open);
+        let mut image = compile(&gated).map_err(|e| e.to_string())?;
+        self.slots.stamp(&mut image, &gated, &self.listened);
         if self.slots.overflow() > 0 {
             log::warn!(
                 "{} rules and listened ports have no counter slot of their own (all {} taken): \
@@ -356,7 +368,37 @@ impl Guard {
         }
         self.image = image;
         self.policy = Arc::new(policy);
+        self.gated = Arc::new(gated);
         self.mode = mode;
+        Ok(())
+    }
+
+    /// Opens the owned ports whose owner now listens and closes those whose
+    /// owner went, after listeners or the policy changed; the stream says
+    /// which. On a failed update the gate stays as the kernel has it.
+    pub fn regate(&mut self, pipeline: &mut Pipeline) -> std::io::Result<()> {
+        if !self.policy.has_owners() && self.gate_open.is_empty() {
+            return Ok(());
+        }
+        let now = gate::holders(&self.policy, pipeline.listeners(), self.netns);
+        // The same ports open: nothing for the kernel; the holder may
+        // have changed (a restart handed the port over), which is kept.
+        if now.keys().eq(self.gate_open.keys()) {
+            self.gate_open = now;
+            return Ok(());
+        }
+        let events = gate::changes(&self.policy, &self.gate_open, &now, SystemTime::now());
+        let before = std::mem::replace(&mut self.gate_open, now);
+        let policy = Policy::clone(&self.policy);
+        if let Err(e) = self.install(policy, self.mode) {
+            log::warn!("opening or closing owned ports failed: {e}");
+            self.gate_open = before;
+            return Ok(());
+        }
+        pipeline.set_exposure(self.exposure_view());
+        for event in events {
+            pipeline.emit(Event::Gate(event))?;
+        }
         Ok(())
     }
 

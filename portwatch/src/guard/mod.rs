@@ -8,6 +8,7 @@
 
 pub mod actor;
 pub mod confirm;
+mod gate;
 mod loading;
 pub mod lock;
 pub mod lockout;
@@ -409,8 +410,10 @@ async fn start(
     }
     pipeline.set_exposure(guard.exposure_view());
     pipeline.emit_snapshot(found)?;
-    // The snapshot's listened ports get their counter slots.
+    // The snapshot's listened ports get their counter slots, and owned
+    // ports whose owner listens open.
     guard.listeners_changed(pipeline);
+    guard.regate(pipeline)?;
     sd_notify("READY=1");
     pipeline.announce_ready()?;
     Ok(())
@@ -431,7 +434,7 @@ impl Daemon for Guard {
             _ = housekeeping.tick() => Ok(Input::Housekeeping),
             () = sleep_until(unconfirmed) => Ok(Input::ConfirmExpired),
             req = recv_optional(control) => match req {
-                Some(req) => Ok(Input::Control(req)),
+                Some(req) => Ok(Input::Control(Box::new(req))),
                 // The server is gone: nothing more comes from there.
                 None => {
                     self.control = None;
@@ -449,8 +452,44 @@ impl Daemon for Guard {
     }
 
     fn handle(&mut self, input: Input, pipeline: &mut Pipeline) -> io::Result<Flow> {
+        // A change of policy may add, remove or re-own an owned port: the
+        // gate follows at once. Drops, links and housekeeping leave it be.
+        let policy_may_change = matches!(
+            input,
+            Input::Control(_) | Input::Loaded(_) | Input::ConfirmExpired
+        );
+        let flow = self.handle_input(input, pipeline)?;
+        if policy_may_change {
+            self.regate(pipeline)?;
+        }
+        Ok(flow)
+    }
+
+    fn hangup(&mut self, _pipeline: &mut Pipeline) -> io::Result<()> {
+        self.reload_on_signal();
+        Ok(())
+    }
+
+    fn metrics(&self, _pipeline: &Pipeline) -> Option<GuardSnapshot> {
+        Some(Guard::metrics(self))
+    }
+
+    fn listeners_changed(&mut self, pipeline: &mut Pipeline) -> io::Result<()> {
+        Guard::listeners_changed(self, pipeline);
+        self.regate(pipeline)
+    }
+
+    fn drain(&mut self, pipeline: &mut Pipeline) -> io::Result<()> {
+        let mut drops = Vec::new();
+        self.drops.drain_now(|rec| drops.push(decode_drop(rec)));
+        self.drop_events(pipeline, drops)
+    }
+}
+
+impl Guard {
+    fn handle_input(&mut self, input: Input, pipeline: &mut Pipeline) -> io::Result<Flow> {
         match input {
-            Input::Control(req) => return self.handle_request(pipeline, req),
+            Input::Control(req) => return self.handle_request(pipeline, *req),
             Input::Drops(batch) => self.drop_events(pipeline, batch)?,
             Input::Housekeeping => self.housekeeping(),
             Input::Loaded(loaded) => self.reload_loaded(pipeline, *loaded)?,
@@ -472,26 +511,6 @@ impl Daemon for Guard {
             }
         }
         Ok(Flow::Continue)
-    }
-
-    fn hangup(&mut self, _pipeline: &mut Pipeline) -> io::Result<()> {
-        self.reload_on_signal();
-        Ok(())
-    }
-
-    fn metrics(&self, _pipeline: &Pipeline) -> Option<GuardSnapshot> {
-        Some(Guard::metrics(self))
-    }
-
-    fn listeners_changed(&mut self, pipeline: &mut Pipeline) -> io::Result<()> {
-        Guard::listeners_changed(self, pipeline);
-        Ok(())
-    }
-
-    fn drain(&mut self, pipeline: &mut Pipeline) -> io::Result<()> {
-        let mut drops = Vec::new();
-        self.drops.drain_now(|rec| drops.push(decode_drop(rec)));
-        self.drop_events(pipeline, drops)
     }
 }
 

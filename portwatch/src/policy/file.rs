@@ -36,7 +36,26 @@ pub(super) enum RawEntry {
         from: Option<Spanned<Vec<Spanned<String>>>>,
         /// `limit = "10/minute"`.
         limit: Option<Spanned<String>>,
+        /// `owner = { unit = "redis-server.service" }`.
+        owner: Option<Box<Spanned<RawOwner>>>,
     },
+}
+
+/// `owner = { unit = ..., cgroup = ..., user = ..., comm = ..., exe = ... }`.
+#[derive(Debug, Default)]
+pub(super) struct RawOwner {
+    pub unit: Option<Spanned<String>>,
+    pub cgroup: Option<Spanned<String>>,
+    pub user: Option<Spanned<RawUser>>,
+    pub comm: Option<Spanned<String>>,
+    pub exe: Option<Spanned<String>>,
+}
+
+/// A user as a name or a uid.
+#[derive(Debug)]
+pub(super) enum RawUser {
+    Name(String),
+    Id(i64),
 }
 
 /// Reads a whole document; syntax errors are toml's, everything else is a
@@ -180,6 +199,86 @@ impl<'de> Deserialize<'de> for LimitSpec {
     }
 }
 
+struct OwnerText(String);
+
+impl<'de> Deserialize<'de> for OwnerText {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_str(StrOf("a string")).map(OwnerText)
+    }
+}
+
+impl<'de> Deserialize<'de> for RawUser {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_any(UserVisitor)
+    }
+}
+
+struct UserVisitor;
+
+impl Visitor<'_> for UserVisitor {
+    type Value = RawUser;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(r#"a user name or uid, e.g. user = "www-data" or user = 33"#)
+    }
+
+    fn visit_str<E: de::Error>(self, v: &str) -> Result<RawUser, E> {
+        Ok(RawUser::Name(v.to_owned()))
+    }
+
+    fn visit_i64<E: de::Error>(self, v: i64) -> Result<RawUser, E> {
+        Ok(RawUser::Id(v))
+    }
+}
+
+impl<'de> Deserialize<'de> for RawOwner {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_map(OwnerVisitor)
+    }
+}
+
+struct OwnerVisitor;
+
+impl<'de> Visitor<'de> for OwnerVisitor {
+    type Value = RawOwner;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(r#"an owner table, e.g. owner = { unit = "redis-server.service" }"#)
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<RawOwner, A::Error> {
+        let key = || Key {
+            allowed: &["unit", "cgroup", "user", "comm", "exe"],
+            place: "an owner",
+        };
+        let mut owner = RawOwner::default();
+        let text = |v: Spanned<OwnerText>| {
+            let span = v.span();
+            Spanned::new(span, v.into_inner().0)
+        };
+        while let Some(k) = map.next_key_seed(key())? {
+            let taken = match k {
+                "unit" => owner.unit.is_some(),
+                "cgroup" => owner.cgroup.is_some(),
+                "user" => owner.user.is_some(),
+                "comm" => owner.comm.is_some(),
+                _ => owner.exe.is_some(),
+            };
+            if taken {
+                return Err(de::Error::duplicate_field(k));
+            }
+            match k {
+                "unit" => owner.unit = Some(text(map.next_value()?)),
+                "cgroup" => owner.cgroup = Some(text(map.next_value()?)),
+                "user" => owner.user = Some(map.next_value()?),
+                "comm" => owner.comm = Some(text(map.next_value()?)),
+                _ => owner.exe = Some(text(map.next_value()?)),
+            }
+        }
+        Ok(owner)
+    }
+}
+
 struct ModeValue(Mode);
 
 impl<'de> Deserialize<'de> for ModeValue {
@@ -275,14 +374,21 @@ impl<'de> Visitor<'de> for EntryVisitor {
 
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<RawEntry, A::Error> {
         let key = || Key {
-            allowed: &["port", "from", "limit"],
+            allowed: &["port", "from", "limit", "owner"],
             place: "an allow rule",
         };
         let mut port: Option<Spanned<PortSpec>> = None;
         let mut from: Option<Spanned<Sources>> = None;
         let mut limit: Option<Spanned<LimitSpec>> = None;
+        let mut owner: Option<Box<Spanned<RawOwner>>> = None;
         while let Some(k) = map.next_key_seed(key())? {
             match k {
+                "owner" => {
+                    if owner.is_some() {
+                        return Err(de::Error::duplicate_field("owner"));
+                    }
+                    owner = Some(Box::new(map.next_value()?));
+                }
                 "port" => {
                     if port.is_some() {
                         return Err(de::Error::duplicate_field("port"));
@@ -318,6 +424,7 @@ impl<'de> Visitor<'de> for EntryVisitor {
                 let span = l.span();
                 Spanned::new(span, l.into_inner().0)
             }),
+            owner,
         })
     }
 }
@@ -404,7 +511,7 @@ mod tests {
         );
         assert_eq!(
             shape_err("allow = [\n { port = \"tcp/1\", frm = [] },\n]"),
-            r#"unknown key "frm" in an allow rule (expected port, from or limit) @ frm"#
+            r#"unknown key "frm" in an allow rule (expected port, from, limit or owner) @ frm"#
         );
         assert_eq!(
             shape_err("allow = \"tcp/22\""),

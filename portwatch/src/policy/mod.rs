@@ -9,6 +9,7 @@
 pub mod compile;
 mod file;
 pub mod limit;
+mod owner;
 pub mod slots;
 mod spec;
 pub mod store;
@@ -22,6 +23,7 @@ use std::{
 use ipnet::IpNet;
 
 pub use limit::{LimitError, RateLimit};
+pub use owner::{Owner, OwnerError, OwnerUser};
 pub use spec::{PortRange, SpecError};
 
 use crate::model::IpProto;
@@ -34,6 +36,8 @@ pub struct Rule {
     pub from: Vec<IpNet>,
     /// At most this much per source (TCP: connection attempts).
     pub limit: Option<RateLimit>,
+    /// The process that must listen for the port to open (one port only).
+    pub owner: Option<Owner>,
     /// Where the rule is in the policy file; `None` for `--allow` and
     /// runtime rules.
     pub line: Option<usize>,
@@ -60,6 +64,7 @@ impl Rule {
             ports,
             from: nets.into_iter().map(|(net, _)| net).collect(),
             limit,
+            owner: None,
             line: None,
         })
     }
@@ -70,6 +75,7 @@ impl Rule {
             ports,
             from: Vec::new(),
             limit: None,
+            owner: None,
             line: None,
         }
     }
@@ -85,6 +91,9 @@ impl fmt::Display for Rule {
         }
         if let Some(limit) = self.limit {
             write!(f, " limit {limit}")?;
+        }
+        if let Some(owner) = &self.owner {
+            write!(f, " owner {owner}")?;
         }
         Ok(())
     }
@@ -192,6 +201,12 @@ pub enum PolicyError {
     Limit {
         line: Option<usize>,
         error: LimitError,
+    },
+
+    #[error("{}owner: {error}", At(*.line))]
+    Owner {
+        line: Option<usize>,
+        error: OwnerError,
     },
 
     #[error("{}limit_ipv6_prefix = {value}: expected a prefix length from 1 to 128", At(*.line))]
@@ -335,6 +350,7 @@ impl PolicyError {
             | PolicyError::Shape { line, .. }
             | PolicyError::Spec { line, .. }
             | PolicyError::Limit { line, .. }
+            | PolicyError::Owner { line, .. }
             | PolicyError::LimitPrefix { line, .. }
             | PolicyError::BadSource { line, .. }
             | PolicyError::HostBits { line, .. }
@@ -575,9 +591,15 @@ impl Policy {
                     })?,
                     from: Vec::new(),
                     limit: None,
+                    owner: None,
                     line: entry_line,
                 },
-                file::RawEntry::Table { port, from, limit } => {
+                file::RawEntry::Table {
+                    port,
+                    from,
+                    limit,
+                    owner,
+                } => {
                     let rule_line = line(port.span());
                     let ports =
                         PortRange::parse(port.get_ref()).map_err(|error| PolicyError::Spec {
@@ -608,10 +630,18 @@ impl Policy {
                             )
                         }
                     };
+                    let owner = owner
+                        .map(|owner| {
+                            let at = line(owner.span());
+                            owner_of(owner.into_inner())
+                                .map_err(|error| PolicyError::Owner { line: at, error })
+                        })
+                        .transpose()?;
                     Rule {
                         ports,
                         from: nets.into_iter().map(|(net, _)| net).collect(),
                         limit,
+                        owner,
                         line: rule_line,
                     }
                 }
@@ -641,6 +671,17 @@ impl Policy {
         PortRange::new(proto, lo, hi).map_err(|error| PolicyError::Spec { line, error })?;
         let nets: Vec<_> = rule.from.iter().map(|n| (*n, line)).collect();
         check_sources(&nets)?;
+        if let Some(owner) = &rule.owner {
+            owner
+                .check()
+                .map_err(|error| PolicyError::Owner { line, error })?;
+            if lo != hi || !rule.ports.proto.has_ports() {
+                return Err(PolicyError::Owner {
+                    line,
+                    error: OwnerError::NotOnePort(rule.ports.to_string()),
+                });
+            }
+        }
 
         let ports = rule.ports;
         if let Some(other) = self.rules.iter().find(|r| r.ports.overlaps(&ports)) {
@@ -738,6 +779,26 @@ impl Policy {
         })
     }
 
+    /// Whether any rule has an owner (and so opens only while it listens).
+    pub fn has_owners(&self) -> bool {
+        self.rules.iter().any(|r| r.owner.is_some())
+    }
+
+    /// The policy the kernel gets: a rule with an owner only while one of
+    /// its owners listens (`open` holds those rules' ports).
+    pub fn gated(&self, open: &std::collections::BTreeSet<PortRange>) -> Policy {
+        Policy {
+            rules: self
+                .rules
+                .iter()
+                .filter(|r| r.owner.is_none() || open.contains(&r.ports))
+                .cloned()
+                .collect(),
+            interfaces: self.interfaces.clone(),
+            ..*self
+        }
+    }
+
     /// The policy as file text, in rule order, that parses back to the same
     /// policy (except `line`). Used to persist runtime changes.
     pub fn to_toml(&self) -> String {
@@ -760,7 +821,7 @@ impl Policy {
         out.push_str("allow = [\n");
         for rule in &self.rules {
             let port = toml_str(&rule.ports.to_string());
-            if rule.from.is_empty() && rule.limit.is_none() {
+            if rule.from.is_empty() && rule.limit.is_none() && rule.owner.is_none() {
                 out.push_str(&format!("  {port},\n"));
                 continue;
             }
@@ -773,12 +834,35 @@ impl Policy {
             if let Some(limit) = rule.limit {
                 table.push_str(&format!(", limit = {}", toml_str(&limit.to_string())));
             }
+            if let Some(owner) = &rule.owner {
+                table.push_str(&format!(", owner = {}", owner.to_toml()));
+            }
             out.push_str(&table);
             out.push_str(" },\n");
         }
         out.push_str("]\n");
         out
     }
+}
+
+/// An owner as the file wrote it, each value checked where it stands.
+fn owner_of(raw: file::RawOwner) -> Result<Owner, OwnerError> {
+    let user = match raw.user {
+        None => None,
+        Some(user) => Some(match user.into_inner() {
+            file::RawUser::Name(name) => OwnerUser::named(&name)?,
+            file::RawUser::Id(uid) => OwnerUser::id(uid)?,
+        }),
+    };
+    let owner = Owner {
+        unit: raw.unit.map(toml::Spanned::into_inner),
+        cgroup: raw.cgroup.map(toml::Spanned::into_inner),
+        user,
+        comm: raw.comm.map(toml::Spanned::into_inner),
+        exe: raw.exe.map(toml::Spanned::into_inner),
+    };
+    owner.check()?;
+    Ok(owner)
 }
 
 /// The kernel's rules for a device name (`dev_valid_name`), so that a bad
@@ -860,6 +944,7 @@ allow = [
             ports: range(s),
             from: from.iter().map(|s| net(s)).collect(),
             limit: None,
+            owner: None,
             line: Some(line),
         };
         assert_eq!(
@@ -1070,7 +1155,7 @@ allow = [
         );
         assert_eq!(
             err("allow = [\n  \"tcp/1\",\n  { port = \"tcp/2\", form = [\"10.0.0.0/8\"] },\n]"),
-            r#"line 3: unknown key "form" in an allow rule (expected port, from or limit)"#
+            r#"line 3: unknown key "form" in an allow rule (expected port, from, limit or owner)"#
         );
         assert_eq!(
             err("\n\nallow = \"tcp/22\"\n"),
@@ -1102,6 +1187,72 @@ allow = [
         let e = Policy::parse("allow = []\nallow = []\n").expect_err("key twice");
         assert!(e.to_string().contains("duplicate key"), "{e}");
         assert_eq!(e.line(), Some(2));
+    }
+
+    #[test]
+    fn owner_rules_parse_round_trip_and_name_their_errors() {
+        let text = "allow = [\n  \"tcp/22\",\n  { port = \"tcp/6379\", from = [\"10.0.0.0/8\"], \
+                    owner = { unit = \"redis-server.service\" } },\n  { port = \"tcp/443\", \
+                    owner = { user = \"root\", comm = \"nginx\" } },\n  { port = \"udp/51820\", \
+                    owner = { exe = \"/usr/bin/wireguard-go\", user = 0 } },\n]\n";
+        let policy = Policy::parse(text).expect("valid");
+        assert!(policy.has_owners());
+        let owners: Vec<String> = policy
+            .rules
+            .iter()
+            .map(|r| {
+                r.owner
+                    .as_ref()
+                    .map(ToString::to_string)
+                    .unwrap_or_default()
+            })
+            .collect();
+        assert_eq!(
+            owners,
+            [
+                "",
+                "unit redis-server.service",
+                "user root, comm nginx",
+                "uid 0, exe /usr/bin/wireguard-go"
+            ]
+        );
+        assert_eq!(
+            policy.rules[1].to_string(),
+            "tcp/6379 from 10.0.0.0/8 owner unit redis-server.service"
+        );
+        // Persisted and read back: the same rules.
+        let again = Policy::parse(&policy.to_toml()).expect("its own text parses");
+        let strip = |p: &Policy| -> Vec<Rule> {
+            p.rules
+                .iter()
+                .map(|r| Rule {
+                    line: None,
+                    ..r.clone()
+                })
+                .collect()
+        };
+        assert_eq!(strip(&again), strip(&policy));
+
+        assert_eq!(
+            err("allow = [\n  { port = \"tcp/1\", owner = { user = \"no-such-user-pw\" } },\n]"),
+            r#"line 2: owner: user "no-such-user-pw" does not exist on this host"#
+        );
+        assert_eq!(
+            err("allow = [{ port = \"tcp/1-9\", owner = { comm = \"x\" } }]"),
+            "line 1: owner: an owner rule names one port (e.g. \"tcp/6379\"), not tcp/1-9: the \
+             port opens while its owner listens on it"
+        );
+        assert!(err("allow = [{ port = \"tcp/1\", owner = {} }]").contains("at least one of unit"));
+        assert!(
+            err("allow = [{ port = \"tcp/1\", owner = { name = \"x\" } }]").contains(
+                r#"unknown key "name" in an owner (expected unit, cgroup, user, comm or exe)"#
+            )
+        );
+        assert!(
+            err("allow = [{ port = \"tcp/1\", owner = { comm = \"a-very-long-command\" } }]")
+                .contains("1 to 15 bytes")
+        );
+        assert!(err("allow = [{ port = \"tcp/1\", owner = { user = -5 } }]").contains("not a uid"));
     }
 
     #[test]
@@ -1204,6 +1355,7 @@ allow = [
                         ports: range("udp/1-65535"),
                         from: vec![net("192.0.2.7/32"), net("::/0")],
                         limit: Some(RateLimit::parse("10/minute").expect("a valid limit")),
+                        owner: None,
                         line: None,
                     },
                     Rule::anywhere(range("tcp/65535")),
@@ -1272,12 +1424,14 @@ allow = [
                 ports: range("tcp/1"),
                 from: vec![IpNet::new(v4(10, 0, 0, 1), 8).expect("valid prefix")],
                 limit: None,
+                owner: None,
                 line: None,
             },
             Rule {
                 ports: range("tcp/1"),
                 from: vec![net("10.0.0.0/8"), net("10.2.0.0/16")],
                 limit: None,
+                owner: None,
                 line: None,
             },
         ];

@@ -438,6 +438,22 @@ impl<W: Write> Sink for HumanSink<W> {
                 let text = format!("{} ({by}; {} mode, {} rules)", p.change, p.mode, p.rules);
                 self.line(&fixed, 15 + 1 + 6 + 1, &text)
             }
+            Event::Gate(g) => {
+                let (on, off) = self.paint(if g.open { GREEN } else { YELLOW });
+                let fixed = format!("{} {on}{:<6}{off} ", clock(g.ts), "gate");
+                let text = if g.open {
+                    let who = match (&g.comm, g.pid) {
+                        (Some(comm), Some(pid)) => format!("{comm} (pid {pid})"),
+                        (Some(comm), None) => comm.to_string(),
+                        (None, Some(pid)) => format!("pid {pid}"),
+                        (None, None) => "its owner".to_owned(),
+                    };
+                    format!("port {} opened: {who} listens (owner {})", g.port, g.owner)
+                } else {
+                    format!("port {} closed: owner gone (owner {})", g.port, g.owner)
+                };
+                self.line(&fixed, 15 + 1 + 6 + 1, &text)
+            }
             Event::Suppressed { ts, count, total } => {
                 let fixed = format!("{} {:<6} ", clock(*ts), "drop");
                 let text = format!(

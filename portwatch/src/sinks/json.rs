@@ -17,8 +17,9 @@ use super::{Sink, Summary};
 use crate::{
     format::{parse_rfc3339, proto_name, rfc3339_micros},
     model::{
-        AttachedMode, DropEvent, DropReason, Event, EventKind, Exposure, Family, Listener,
-        ListenerEvent, Mode, Origin, PolicyEvent, ProcessInfo, Proto, Reach, Requester, SockId,
+        AttachedMode, DropEvent, DropReason, Event, EventKind, Exposure, Family, GateEvent,
+        Listener, ListenerEvent, Mode, Origin, PolicyEvent, ProcessInfo, Proto, Reach, Requester,
+        SockId,
     },
 };
 
@@ -125,6 +126,17 @@ struct PolicyLine {
 }
 
 #[derive(Serialize, Deserialize)]
+struct GateLine {
+    ts: Ts,
+    event: Tag,
+    port: String,
+    open: bool,
+    pid: Option<u32>,
+    comm: Option<Arc<str>>,
+    owner: String,
+}
+
+#[derive(Serialize, Deserialize)]
 struct InterfaceLine {
     ts: Ts,
     event: Tag,
@@ -160,6 +172,7 @@ enum Tag {
     Suppressed,
     Missed,
     Policy,
+    Gate,
     Interface,
     Ready,
     Summary,
@@ -247,6 +260,7 @@ enum AnyLine {
     Drop(DropLine),
     Count(CountLine),
     Policy(PolicyLine),
+    Gate(GateLine),
     Interface(InterfaceLine),
     Ready(ReadyLine),
     Summary(SummaryLine),
@@ -261,6 +275,7 @@ pub fn parse_line(text: &str) -> Result<Line, serde_json::Error> {
         AnyLine::Count(l) if matches!(l.event, Tag::Suppressed | Tag::Missed) => None,
         AnyLine::Count(l) => Some((l.event, Tag::Lost)),
         AnyLine::Policy(l) => Some((l.event, Tag::Policy)),
+        AnyLine::Gate(l) => Some((l.event, Tag::Gate)),
         AnyLine::Interface(l) => Some((l.event, Tag::Interface)),
         AnyLine::Ready(l) => Some((l.event, Tag::Ready)),
         AnyLine::Summary(l) => Some((l.event, Tag::Summary)),
@@ -309,6 +324,14 @@ pub fn parse_line(text: &str) -> Result<Line, serde_json::Error> {
             },
             mode: p.mode,
             rules: p.rules,
+        })),
+        AnyLine::Gate(g) => Line::Event(Event::Gate(GateEvent {
+            ts: g.ts.0,
+            port: g.port,
+            open: g.open,
+            pid: g.pid,
+            comm: g.comm,
+            owner: g.owner,
         })),
         AnyLine::Interface(i) => Line::Event(Event::Interface {
             ts: i.ts.0,
@@ -446,6 +469,15 @@ impl<W: Write> Sink for JsonSink<W> {
                 iface: iface.clone(),
                 change: change.clone(),
                 xdp_mode: *xdp_mode,
+            }),
+            Event::Gate(g) => self.line(&GateLine {
+                ts: Ts(g.ts),
+                event: Tag::Gate,
+                port: g.port.clone(),
+                open: g.open,
+                pid: g.pid,
+                comm: g.comm.clone(),
+                owner: g.owner.clone(),
             }),
             Event::Policy(p) => self.line(&PolicyLine {
                 ts: Ts(p.ts),

@@ -714,6 +714,18 @@ impl App {
                     format!("policy: {}{by}", p.change),
                 );
             }
+            Event::Gate(g) => {
+                let text = if g.open {
+                    let who = g.comm.as_deref().unwrap_or("its owner");
+                    match g.pid {
+                        Some(pid) => format!("port {} opened: {who} (pid {pid}) listens", g.port),
+                        None => format!("port {} opened: {who} listens", g.port),
+                    }
+                } else {
+                    format!("port {} closed: owner gone ({})", g.port, g.owner)
+                };
+                self.log(LogKind::Policy, time_of_day(g.ts), text);
+            }
             Event::Lost { ts, count, total } => {
                 self.stream_lost = *total;
                 self.log(
