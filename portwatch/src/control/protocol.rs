@@ -13,7 +13,7 @@ pub use crate::sinks::Format;
 use crate::{
     datapath::attach::Attached,
     model::{Exposure, Family, Mode, Proto},
-    policy::{Policy, PolicyError, PortRange, Rule},
+    policy::{OwnerSpec, Policy, PolicyError, PortRange, Rule},
 };
 
 /// The longest request line accepted, in bytes, without its newline.
@@ -96,6 +96,9 @@ enum Wire {
         from: Vec<String>,
         #[serde(default, skip_serializing_if = "Option::is_none")]
         limit: Option<String>,
+        /// The process that must listen for the port to open.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        owner: Option<OwnerSpec>,
         #[serde(default, skip_serializing_if = "is_false")]
         force: bool,
         #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -152,6 +155,7 @@ impl Wire {
                 spec: rule.ports.to_string(),
                 from: rule.from.iter().map(ToString::to_string).collect(),
                 limit: rule.limit.map(|l| l.to_string()),
+                owner: rule.owner.as_ref().map(OwnerSpec::from),
                 force: *force,
                 confirm_within: *confirm_within,
             },
@@ -196,10 +200,12 @@ impl Wire {
                 spec,
                 from,
                 limit,
+                owner,
                 force,
                 confirm_within,
             } => Request::Allow {
-                rule: Rule::parse(&spec, &from, limit.as_deref())?,
+                rule: Rule::parse(&spec, &from, limit.as_deref())?
+                    .owned_by(&owner.unwrap_or_default())?,
                 force,
                 confirm_within,
             },
@@ -921,6 +927,34 @@ mod tests {
         };
         let line = Response::Status(Box::new(status.clone())).to_line();
         assert_eq!(decode_answer::<StatusResponse>(line.as_bytes()), Ok(status));
+    }
+
+    #[test]
+    fn allow_carries_an_owner_both_ways() {
+        let line =
+            r#"{"cmd":"allow","spec":"tcp/6379","owner":{"user":"0","comm":"redis-server"}}"#;
+        let Ok(Request::Allow { rule, .. }) = decode(&format!("{line}\n")) else {
+            panic!("an allow request");
+        };
+        assert_eq!(
+            rule.owner.as_ref().map(ToString::to_string).as_deref(),
+            Some("uid 0, comm redis-server")
+        );
+        let request = Request::Allow {
+            rule,
+            force: false,
+            confirm_within: None,
+        };
+        assert_eq!(decode(&request.to_line()), Ok(request));
+        let e = decode(r#"{"cmd":"allow","spec":"tcp/1","owner":{"name":"x"}}"#)
+            .expect_err("unknown owner key");
+        assert!(e.to_string().contains("unknown field `name`"), "{e}");
+        let e = decode(r#"{"cmd":"allow","spec":"tcp/1-2","owner":{"comm":"x"}}"#)
+            .expect_err("an owner on a range");
+        assert!(
+            e.to_string().contains("an owner rule names one port"),
+            "{e}"
+        );
     }
 
     #[test]

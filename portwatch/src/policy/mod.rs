@@ -23,7 +23,7 @@ use std::{
 use ipnet::IpNet;
 
 pub use limit::{LimitError, RateLimit};
-pub use owner::{Owner, OwnerError, OwnerUser};
+pub use owner::{Owner, OwnerError, OwnerSpec, OwnerUser};
 pub use spec::{PortRange, SpecError};
 
 use crate::model::IpProto;
@@ -66,6 +66,29 @@ impl Rule {
             limit,
             owner: None,
             line: None,
+        })
+    }
+
+    /// The rule with `owner` (as typed), checked as the policy file checks
+    /// it: the user exists, one port only.
+    pub fn owned_by(self, owner: &OwnerSpec) -> Result<Rule, PolicyError> {
+        if owner.is_empty() {
+            return Ok(self);
+        }
+        let line = self.line;
+        let owner = owner
+            .resolve()
+            .map_err(|error| PolicyError::Owner { line, error })?;
+        let PortRange { lo, hi, proto } = self.ports;
+        if lo != hi || !proto.has_ports() {
+            return Err(PolicyError::Owner {
+                line,
+                error: OwnerError::NotOnePort(self.ports.to_string()),
+            });
+        }
+        Ok(Rule {
+            owner: Some(owner),
+            ..self
         })
     }
 

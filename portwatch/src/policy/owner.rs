@@ -78,6 +78,65 @@ impl OwnerUser {
     }
 }
 
+/// An owner as people type it on the command line or send it over the
+/// control socket: strings, `user` a name or a uid.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OwnerSpec {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unit: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cgroup: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub comm: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exe: Option<String>,
+}
+
+impl OwnerSpec {
+    /// Whether no key is given (then there is no owner).
+    pub fn is_empty(&self) -> bool {
+        *self == OwnerSpec::default()
+    }
+
+    /// The owner it names, checked; `user` is looked up on this host.
+    pub fn resolve(&self) -> Result<Owner, OwnerError> {
+        let user = match self.user.as_deref() {
+            None => None,
+            Some(text) => Some(match text.parse::<i64>() {
+                Ok(uid) => OwnerUser::id(uid)?,
+                Err(_) => OwnerUser::named(text)?,
+            }),
+        };
+        let owner = Owner {
+            unit: self.unit.clone(),
+            cgroup: self.cgroup.clone(),
+            user,
+            comm: self.comm.clone(),
+            exe: self.exe.clone(),
+        };
+        owner.check()?;
+        Ok(owner)
+    }
+}
+
+impl From<&Owner> for OwnerSpec {
+    fn from(owner: &Owner) -> Self {
+        OwnerSpec {
+            unit: owner.unit.clone(),
+            cgroup: owner.cgroup.clone(),
+            user: owner.user.as_ref().map(|u| match &u.name {
+                Some(name) => name.clone(),
+                None => u.uid.to_string(),
+            }),
+            comm: owner.comm.clone(),
+            exe: owner.exe.clone(),
+        }
+    }
+}
+
 impl Owner {
     /// Checks what was written; each key on its own.
     pub fn check(&self) -> Result<(), OwnerError> {
@@ -317,6 +376,34 @@ mod tests {
             ..Owner::default()
         };
         assert!(by_comm.matches(&gone));
+    }
+
+    #[test]
+    fn an_owner_as_typed_resolves_and_goes_back() {
+        let spec = OwnerSpec {
+            user: Some("root".into()),
+            comm: Some("nginx".into()),
+            ..OwnerSpec::default()
+        };
+        let owner = spec.resolve().expect("valid");
+        assert_eq!(owner.user.as_ref().map(|u| u.uid), Some(0));
+        assert_eq!(OwnerSpec::from(&owner), spec);
+        let by_uid = OwnerSpec {
+            user: Some("33".into()),
+            ..OwnerSpec::default()
+        };
+        assert_eq!(by_uid.resolve().map(|o| o.to_string()), Ok("uid 33".into()));
+        assert_eq!(OwnerSpec::from(&by_uid.resolve().expect("valid")), by_uid);
+        assert!(OwnerSpec::default().is_empty());
+        assert_eq!(OwnerSpec::default().resolve(), Err(OwnerError::Empty));
+        assert!(matches!(
+            OwnerSpec {
+                user: Some("no-such-user-portwatch".into()),
+                ..OwnerSpec::default()
+            }
+            .resolve(),
+            Err(OwnerError::UnknownUser(_))
+        ));
     }
 
     #[test]

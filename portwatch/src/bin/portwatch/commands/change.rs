@@ -16,7 +16,7 @@ use portwatch::{
         protocol::{ChangeResponse, PolicyView, Request, Response},
     },
     policy::{
-        Policy, PolicyError, PortRange, Rule,
+        OwnerSpec, Policy, PolicyError, PortRange, Rule,
         store::{DEFAULT_POLICY, load_or_empty, write_atomically},
     },
 };
@@ -34,6 +34,8 @@ pub struct AllowArgs {
     /// At most this much per source, e.g. 10/minute or 200/second (TCP: connection attempts; others: packets).
     #[arg(long, value_name = "COUNT/PERIOD")]
     pub limit: Option<String>,
+    #[command(flatten)]
+    pub owner: OwnerArgs,
     /// The guard's control socket [default: /run/portwatch/control.sock]
     #[arg(long, value_name = "PATH")]
     pub socket: Option<PathBuf>,
@@ -49,6 +51,39 @@ pub struct AllowArgs {
     /// Revert it unless `portwatch confirm` follows within this time (e.g. 60, 90s, 5m).
     #[arg(long, value_name = "TIME", value_parser = super::apply::parse_within, conflicts_with = "offline")]
     pub confirm_within: Option<u64>,
+}
+
+/// `--owner-*`: the process that must listen for the port to open.
+#[derive(Debug, Clone, Default, Args)]
+#[command(next_help_heading = "Owner (the port is open only while it listens)")]
+pub struct OwnerArgs {
+    /// A process of this systemd unit.
+    #[arg(long, value_name = "UNIT")]
+    pub owner_unit: Option<String>,
+    /// A process in this cgroup v2 path (or below it).
+    #[arg(long, value_name = "PATH")]
+    pub owner_cgroup: Option<String>,
+    /// A process of this user (a name or a uid).
+    #[arg(long, value_name = "USER")]
+    pub owner_user: Option<String>,
+    /// A process with this command name (the kernel's comm, at most 15 bytes).
+    #[arg(long, value_name = "COMM")]
+    pub owner_comm: Option<String>,
+    /// A process running this executable.
+    #[arg(long, value_name = "PATH")]
+    pub owner_exe: Option<String>,
+}
+
+impl OwnerArgs {
+    fn spec(&self) -> OwnerSpec {
+        OwnerSpec {
+            unit: self.owner_unit.clone(),
+            cgroup: self.owner_cgroup.clone(),
+            user: self.owner_user.clone(),
+            comm: self.owner_comm.clone(),
+            exe: self.owner_exe.clone(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Args)]
@@ -155,7 +190,8 @@ fn edit_offline(
 
 /// `portwatch allow SPEC [--from CIDR]...`
 pub fn allow(args: AllowArgs) -> anyhow::Result<ExitCode> {
-    let rule = Rule::parse(&args.spec, &args.from, args.limit.as_deref())?;
+    let rule =
+        Rule::parse(&args.spec, &args.from, args.limit.as_deref())?.owned_by(&args.owner.spec())?;
     let socket = socket_path(args.socket.as_deref());
     if args.offline {
         return edit_offline(args.policy.as_deref(), &socket, |policy| {
@@ -301,6 +337,7 @@ mod tests {
                 spec: spec.into(),
                 from: from.iter().map(|s| (*s).to_owned()).collect(),
                 limit: None,
+                owner: OwnerArgs::default(),
                 socket: Some(socket.clone()),
                 offline: true,
                 policy: Some(file.clone()),
@@ -339,6 +376,36 @@ mod tests {
         assert_eq!(
             rules,
             ["tcp/8000-8049", "tcp/8051-8099", "tcp/5432 from 10.0.0.0/8"]
+        );
+
+        // An owner from the command line is checked and persisted.
+        let owned = |spec: &str, user: &str| {
+            super::allow(AllowArgs {
+                spec: spec.into(),
+                from: Vec::new(),
+                limit: None,
+                owner: OwnerArgs {
+                    owner_user: Some(user.into()),
+                    owner_comm: Some("redis-server".into()),
+                    ..OwnerArgs::default()
+                },
+                socket: Some(socket.clone()),
+                offline: true,
+                policy: Some(file.clone()),
+                force: false,
+                confirm_within: None,
+            })
+            .map_err(|e| format!("{e:#}"))
+        };
+        assert!(owned("tcp/6379", "root").is_ok());
+        let e = owned("tcp/7000-7001", "root").expect_err("a range");
+        assert!(e.contains("an owner rule names one port"), "{e}");
+        let e = owned("tcp/7002", "no-such-user-pw").expect_err("no such user");
+        assert!(e.contains("user \"no-such-user-pw\" does not exist"), "{e}");
+        let policy = Policy::load(&file)?;
+        assert_eq!(
+            policy.rules.last().map(ToString::to_string).as_deref(),
+            Some("tcp/6379 owner user root, comm redis-server")
         );
 
         // An invalid file is left alone.
