@@ -255,6 +255,12 @@ fn exported_metrics() -> BTreeMap<String, BTreeSet<String>> {
             .into_iter()
             .collect(),
             totals: GuardTotals(totals),
+            owned: vec![metrics::OwnedSeries {
+                proto: "tcp".into(),
+                port: "6379".into(),
+                open: true,
+                squatters: 0,
+            }],
         }),
     };
     let text = metrics::encode(snapshot).expect("portwatch encodes its metrics");

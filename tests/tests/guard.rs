@@ -794,6 +794,23 @@ fn guard_attaches_in_native_mode_on_a_jumbo_mtu() -> Result {
     Ok(())
 }
 
+/// The guard's one owned port from `status --json`.
+fn status_owned(lab: &Lab) -> Result<Value> {
+    let out = Command::new(portwatch_bin())
+        .args(["status", "--json", "--socket", &lab.socket()?])
+        .output()?;
+    ensure!(
+        out.status.success(),
+        "status: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let status: Value = serde_json::from_slice(&out.stdout)?;
+    match status["owned"].as_array().map(Vec::as_slice) {
+        Some([one]) => Ok(one.clone()),
+        _ => anyhow::bail!("not one owned port in {status}"),
+    }
+}
+
 /// The guard's listener entry for `tcp/port` from `status --json`.
 fn status_listener(lab: &Lab, port: u16) -> Result<Value> {
     let out = Command::new(portwatch_bin())
@@ -823,8 +840,34 @@ fn an_owned_port_opens_only_while_its_owner_listens() -> Result {
         "owned",
         "allow = [\n  { port = \"tcp/6379\", owner = { comm = \"socat\", user = \"root\" } },\n]\n",
     )?;
-    let mut pw = start_guard(&lab, &policy, &[])?;
+    let mut pw = start_guard(&lab, &policy, &["--metrics", "127.0.0.1:9464"])?;
     let addr = lab.server_v4();
+    let metric = |open: u8, squatters: u8| -> Result<()> {
+        let out = run_bounded(
+            lab.server.command("curl").args([
+                "-sS",
+                "--max-time",
+                "5",
+                "http://127.0.0.1:9464/metrics",
+            ]),
+            None,
+            Duration::from_secs(10),
+            None,
+        )?;
+        ensure!(out.success(), "curl: {}", out.stderr);
+        for want in [
+            format!("portwatch_owned_port_open{{proto=\"tcp\",port=\"6379\"}} {open}"),
+            format!("portwatch_owned_port_squatters{{proto=\"tcp\",port=\"6379\"}} {squatters}"),
+        ] {
+            ensure!(
+                out.stdout.lines().any(|l| l == want),
+                "no {want:?} in\n{}",
+                out.stdout
+            );
+        }
+        Ok(())
+    };
+    metric(0, 0)?;
 
     // Nothing listens: dropped, not refused (the port is closed at XDP).
     assert_silently_dropped(&tcp_probe(&lab.client, addr, 6379, None)?, "no owner");
@@ -840,6 +883,12 @@ fn an_owned_port_opens_only_while_its_owner_listens() -> Result {
     );
     let line = status_listener(&lab, 6379)?;
     assert_eq!(line["exposure"], "blocked", "{line}");
+    assert_eq!(line["is_owner"], false, "{line}");
+    let owned = status_owned(&lab)?;
+    assert_eq!(owned["port"], "tcp/6379", "{owned}");
+    assert_eq!(owned["open"], false, "{owned}");
+    assert_eq!(owned["squatters"], 1, "{owned}");
+    metric(0, 1)?;
     assert!(
         !pw.seen.iter().any(|v| v["event"] == "gate"),
         "no gate event for a stranger: {:?}",
@@ -859,6 +908,15 @@ fn an_owned_port_opens_only_while_its_owner_listens() -> Result {
     assert!(tcp_reachable(&lab.client, addr, 6379)?, "the owner listens");
     let line = status_listener(&lab, 6379)?;
     assert_eq!(line["exposure"], "exposed", "{line}");
+    assert_eq!(line["is_owner"], true, "{line}");
+    let owned = status_owned(&lab)?;
+    assert_eq!(
+        (&owned["open"], &owned["comm"]),
+        (&Value::from(true), &Value::from("socat")),
+        "{owned}"
+    );
+    assert_eq!(owned["squatters"], 0, "{owned}");
+    metric(1, 0)?;
 
     // The owner goes: closed again, whatever the kernel would answer.
     drop(owner);

@@ -381,6 +381,9 @@ pub struct StatusResponse {
     pub interfaces: Vec<Attached>,
     #[serde(default)]
     pub totals: Totals,
+    /// Ports whose rule names an owner: open or not, and who holds them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub owned: Vec<OwnedPort>,
     #[serde(default)]
     pub listeners: Vec<ListenerStatus>,
     /// How many listener lines follow this answer (`{"cmd":"status",
@@ -414,6 +417,21 @@ pub struct Totals {
     pub other: std::collections::BTreeMap<String, u64>,
 }
 
+/// A port that opens only while its owner listens.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OwnedPort {
+    pub port: PortRange,
+    /// The owner the rule names, e.g. `unit redis-server.service`.
+    pub owner: String,
+    /// Open at XDP now (an owner listens).
+    pub open: bool,
+    /// The owner process holding it open.
+    pub pid: Option<u32>,
+    pub comm: Option<std::sync::Arc<str>>,
+    /// Listeners on the port that are not its owner.
+    pub squatters: usize,
+}
+
 /// One listener with its exposure and the guard's counters for its port.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ListenerStatus {
@@ -431,6 +449,9 @@ pub struct ListenerStatus {
     /// Interfaces that reach this listener without a guard on them.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub exposed_via: Vec<String>,
+    /// On an owned port: whether this listener is its owner.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub is_owner: Option<bool>,
     #[serde(default)]
     pub pass_packets: u64,
     #[serde(default)]
@@ -497,6 +518,7 @@ impl Response {
                     pinned: s.pinned.clone(),
                     interfaces: s.interfaces.clone(),
                     totals: s.totals.clone(),
+                    owned: s.owned.clone(),
                     listeners: Vec::new(),
                     listeners_follow: Some(s.listeners.len()),
                 };
@@ -980,6 +1002,7 @@ mod tests {
             netns: None,
             exposure: Some(Exposure::Blocked),
             exposed_via: Vec::new(),
+            is_owner: None,
             pass_packets: 1,
             pass_bytes: 2,
             drop_packets: 3,

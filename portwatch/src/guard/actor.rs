@@ -23,7 +23,7 @@ use super::{
 use crate::{
     control::{
         protocol::{
-            ChangeResponse, DiffResponse, ExposureChange, ListenerStatus, PolicyView,
+            ChangeResponse, DiffResponse, ExposureChange, ListenerStatus, OwnedPort, PolicyView,
             StatusResponse, Totals,
         },
         server::ControlRequest,
@@ -40,7 +40,7 @@ use crate::{
         table::Iface,
         watch::{LinkChange, LinkWatch},
     },
-    metrics::{GuardSnapshot, PortLabel},
+    metrics::{GuardSnapshot, OwnedSeries, PortLabel},
     model::{DropEvent, Event, Listener, Mode, PolicyEvent, Proto, Requester},
     pipeline::{Pipeline, exposure::ExposureView},
     policy::{
@@ -838,10 +838,20 @@ impl Guard {
             .maps
             .slot_counters(self.slots.owners().map(|(_, slot)| slot));
         let t = self.maps.totals();
+        let owned_rules: Vec<(PortRange, &crate::policy::Owner)> = self
+            .policy
+            .rules
+            .iter()
+            .filter_map(|r| r.owner.as_ref().map(|o| (r.ports, o)))
+            .collect();
         let mut listeners: Vec<ListenerStatus> = pipeline
             .listeners()
             .filter(|l| l.netns == self.netns)
             .map(|l| {
+                let is_owner = owned_rules
+                    .iter()
+                    .find(|(ports, _)| ports.contains(l.proto, l.port))
+                    .map(|(_, owner)| owner.matches(&l.process));
                 let c = counters
                     .get(&self.slots.slot_of(l.proto, l.port))
                     .copied()
@@ -861,6 +871,7 @@ impl Guard {
                     netns: l.netns,
                     exposure: reach.as_ref().map(|r| r.exposure),
                     exposed_via: reach.map(|r| r.unguarded).unwrap_or_default(),
+                    is_owner,
                     pass_packets: c.pass_packets,
                     pass_bytes: c.pass_bytes,
                     drop_packets: c.drop_packets,
@@ -870,6 +881,7 @@ impl Guard {
             .collect();
         // Numeric address order (IPv4 before IPv6): no string per comparison.
         listeners.sort_by_key(|l| (l.proto, l.port, l.addr));
+        let owned = self.owned_ports(pipeline);
         StatusResponse {
             mode: Some(self.mode),
             policy_file: Some(self.start.policy_path.display().to_string()),
@@ -891,15 +903,57 @@ impl Guard {
                 follower_events_missed: pipeline.followers_missed(),
                 other: Default::default(),
             },
+            owned,
             listeners,
             listeners_follow: None,
         }
     }
 
+    /// The ports whose rule names an owner: open or not, who holds each,
+    /// and how many other listeners sit on it.
+    pub fn owned_ports(&self, pipeline: &Pipeline) -> Vec<OwnedPort> {
+        let mut owned: Vec<OwnedPort> = self
+            .policy
+            .rules
+            .iter()
+            .filter_map(|r| {
+                let owner = r.owner.as_ref()?;
+                let holder = self.gate_open.get(&r.ports);
+                Some(OwnedPort {
+                    port: r.ports,
+                    owner: owner.to_string(),
+                    open: holder.is_some(),
+                    pid: holder.and_then(|h| h.pid),
+                    comm: holder.and_then(|h| h.comm.clone()),
+                    squatters: 0,
+                })
+            })
+            .collect();
+        if owned.is_empty() {
+            return owned;
+        }
+        for l in pipeline.listeners().filter(|l| l.netns == self.netns) {
+            let Some(o) = owned.iter_mut().find(|o| o.port.contains(l.proto, l.port)) else {
+                continue;
+            };
+            let is_owner = self
+                .policy
+                .rules
+                .iter()
+                .find(|r| r.ports == o.port)
+                .and_then(|r| r.owner.as_ref())
+                .is_some_and(|owner| owner.matches(&l.process));
+            if !is_owner {
+                o.squatters += 1;
+            }
+        }
+        owned
+    }
+
     /// The guard's part of a metrics scrape: a series per counter slot
     /// (each rule, each listened port without a rule, and per protocol the
     /// `other` ports).
-    pub fn metrics(&self) -> GuardSnapshot {
+    pub fn metrics(&self, pipeline: &Pipeline) -> GuardSnapshot {
         let counters = self
             .maps
             .slot_counters(self.slots.owners().map(|(_, slot)| slot));
@@ -923,6 +977,16 @@ impl Guard {
                 .collect(),
             ports,
             totals: self.maps.totals(),
+            owned: self
+                .owned_ports(pipeline)
+                .into_iter()
+                .map(|o| OwnedSeries {
+                    proto: o.port.proto.to_string(),
+                    port: o.port.lo.to_string(),
+                    open: o.open,
+                    squatters: o.squatters as u64,
+                })
+                .collect(),
         }
     }
 

@@ -470,8 +470,8 @@ impl Daemon for Guard {
         Ok(())
     }
 
-    fn metrics(&self, _pipeline: &Pipeline) -> Option<GuardSnapshot> {
-        Some(Guard::metrics(self))
+    fn metrics(&self, pipeline: &Pipeline) -> Option<GuardSnapshot> {
+        Some(Guard::metrics(self, pipeline))
     }
 
     fn listeners_changed(&mut self, pipeline: &mut Pipeline) -> io::Result<()> {

@@ -84,6 +84,18 @@ pub struct GuardSnapshot {
     /// a listener each on their own, the rest summed per protocol.
     pub ports: BTreeMap<PortLabel, PortCounters>,
     pub totals: GuardTotals,
+    /// Ports whose rule names an owner.
+    pub owned: Vec<OwnedSeries>,
+}
+
+/// An owned port: open while its owner listens, and the other listeners
+/// on it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct OwnedSeries {
+    pub proto: String,
+    pub port: String,
+    pub open: bool,
+    pub squatters: u64,
 }
 
 /// The `proto` and `port` labels of a counter series. Only rules and
@@ -281,6 +293,25 @@ impl Collector for SnapshotCollector {
                 )
             })
             .collect();
+        let label = |o: &OwnedSeries| vec![("proto", o.proto.clone()), ("port", o.port.clone())];
+        let open: Vec<_> = g
+            .owned
+            .iter()
+            .map(|o| (label(o), u64::from(o.open)))
+            .collect();
+        gauge(
+            e,
+            "owned_port_open",
+            "1 while the owner a rule names listens on its port (the port is open at XDP), else 0",
+            &open,
+        )?;
+        let squatters: Vec<_> = g.owned.iter().map(|o| (label(o), o.squatters)).collect();
+        gauge(
+            e,
+            "owned_port_squatters",
+            "Listeners on an owned port that are not its owner",
+            &squatters,
+        )?;
         gauge(
             e,
             "guard_mode",
@@ -355,6 +386,12 @@ mod tests {
                 interfaces: vec![("eth0".into(), AttachedMode::Native)],
                 ports,
                 totals: GuardTotals(totals),
+                owned: vec![OwnedSeries {
+                    proto: "tcp".into(),
+                    port: "6379".into(),
+                    open: false,
+                    squatters: 2,
+                }],
             }),
         }
     }
@@ -389,6 +426,8 @@ mod tests {
             "portwatch_xdp_attached{iface=\"eth0\",mode=\"native\"} 1",
             "portwatch_guard_mode{mode=\"audit\"} 1",
             "portwatch_guard_mode{mode=\"enforce\"} 0",
+            "portwatch_owned_port_open{proto=\"tcp\",port=\"6379\"} 0",
+            "portwatch_owned_port_squatters{proto=\"tcp\",port=\"6379\"} 2",
         ] {
             assert!(text.lines().any(|l| l == line), "no {line:?} in\n{text}");
         }

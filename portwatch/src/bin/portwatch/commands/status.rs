@@ -150,6 +150,33 @@ fn render_status(
         },
     ));
     head.push(("totals", totals_line(&status.totals, paint)));
+    if !status.owned.is_empty() {
+        let owned: Vec<String> = status
+            .owned
+            .iter()
+            .map(|o| {
+                let state = if o.open {
+                    let who = match (&o.comm, o.pid) {
+                        (Some(comm), Some(pid)) => format!("{comm}, pid {pid}"),
+                        (Some(comm), None) => comm.to_string(),
+                        (None, Some(pid)) => format!("pid {pid}"),
+                        (None, None) => "its owner".to_owned(),
+                    };
+                    format!("open ({who} listens)")
+                } else {
+                    let (on, off) = paint(YELLOW);
+                    format!("{on}closed{off} (no owner listens)")
+                };
+                let squat = match o.squatters {
+                    0 => String::new(),
+                    1 => ", 1 other listener on it".to_owned(),
+                    n => format!(", {n} other listeners on it"),
+                };
+                format!("{} {state}; owner {}{squat}", o.port, o.owner)
+            })
+            .collect();
+        head.push(("owned", owned.join("; ")));
+    }
     let mut out = String::new();
     let key_width = head.iter().map(|(k, _)| k.len()).max().unwrap_or(0);
     for (key, value) in &head {
@@ -243,6 +270,7 @@ fn render_status(
 #[cfg(test)]
 mod tests {
     use portwatch::{
+        control::protocol::OwnedPort,
         datapath::attach::Attached,
         model::{AttachedMode, Family, Proto},
     };
@@ -264,6 +292,7 @@ mod tests {
             netns: Some(1),
             exposure: None,
             exposed_via: vec![],
+            is_owner: None,
             pass_packets: 0,
             pass_bytes: 0,
             drop_packets: 0,
@@ -306,6 +335,7 @@ mod tests {
                     cmdline: Some("".into()),
                     exposure: Some(portwatch::model::Exposure::Blocked),
                     exposed_via: vec![],
+                    is_owner: None,
                     drop_packets: 3,
                     drop_bytes: 3000,
                     ..listener(Proto::Udp, "::", 53)
@@ -318,6 +348,7 @@ mod tests {
                     cmdline: Some("sshd -D".into()),
                     exposure: Some(portwatch::model::Exposure::Exposed),
                     exposed_via: vec![],
+                    is_owner: None,
                     pass_packets: 10,
                     pass_bytes: 900,
                     ..listener(Proto::Tcp, "0.0.0.0", 22)
@@ -326,9 +357,18 @@ mod tests {
                     netns: Some(7),
                     exposure: Some(portwatch::model::Exposure::Partial),
                     exposed_via: vec![],
+                    is_owner: None,
                     ..listener(Proto::Tcp, "10.0.0.5", 5432)
                 },
             ],
+            owned: vec![OwnedPort {
+                port: "tcp/6379".parse().expect("a port"),
+                owner: "unit redis-server.service".into(),
+                open: false,
+                pid: None,
+                comm: None,
+                squatters: 1,
+            }],
             listeners_follow: None,
         }
     }
@@ -350,6 +390,7 @@ policy      /etc/portwatch/policy.toml
 pinned      /sys/fs/bpf/portwatch
 interfaces  eth0 (native), eth1 (generic)
 totals      passed 1, dropped 2 (no rule 2, source not allowed 0, malformed 0, fragment 0, rate limited 0), drop reports held back 0, events lost 0, flow replies 5, forwarded 0, reports lost 0, new counter 9
+owned       tcp/6379 closed (no owner listens); owner unit redis-server.service, 1 other listener on it
 
 PROTO ADDRESS       PID COMM    USER   EXPOSURE     PASSED     DROPPED COMMAND
 tcp   0.0.0.0:22    812 sshd    root   exposed  10 (900 B)     0 (0 B) sshd -D

@@ -932,6 +932,7 @@ mod tests {
             netns: Some(1),
             exposure: None,
             exposed_via: vec![],
+            is_owner: None,
             pass_packets: pass,
             pass_bytes: 0,
             drop_packets: dropped,
