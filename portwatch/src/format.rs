@@ -5,6 +5,17 @@
 
 use std::{collections::HashMap, net::IpAddr, time::SystemTime};
 
+/// `redis-server (pid 812)`: a process as the stream names it, with what
+/// is known of it.
+pub fn process(comm: Option<&str>, pid: Option<u32>) -> String {
+    match (comm, pid) {
+        (Some(comm), Some(pid)) => format!("{comm} (pid {pid})"),
+        (Some(comm), None) => comm.to_owned(),
+        (None, Some(pid)) => format!("pid {pid}"),
+        (None, None) => "an unknown process".to_owned(),
+    }
+}
+
 /// `1.2.3.4:80`, `[::]:80`.
 pub fn endpoint(addr: &IpAddr, port: u16) -> String {
     match addr {

@@ -442,12 +442,7 @@ impl<W: Write> Sink for HumanSink<W> {
                 let (on, off) = self.paint(if g.open { GREEN } else { YELLOW });
                 let fixed = format!("{} {on}{:<6}{off} ", clock(g.ts), "gate");
                 let text = if g.open {
-                    let who = match (&g.comm, g.pid) {
-                        (Some(comm), Some(pid)) => format!("{comm} (pid {pid})"),
-                        (Some(comm), None) => comm.to_string(),
-                        (None, Some(pid)) => format!("pid {pid}"),
-                        (None, None) => "its owner".to_owned(),
-                    };
+                    let who = crate::format::process(g.comm.as_deref(), g.pid);
                     format!("port {} opened: {who} listens (owner {})", g.port, g.owner)
                 } else {
                     format!("port {} closed: owner gone (owner {})", g.port, g.owner)
@@ -575,6 +570,35 @@ mod tests {
             sink.event(ev).expect("writes");
         }
         String::from_utf8(sink.out).expect("utf-8")
+    }
+
+    #[test]
+    fn an_owned_port_says_who_opened_it_and_when_it_closed() {
+        let gate = |open: bool| {
+            Event::Gate(crate::model::GateEvent {
+                ts: UNIX_EPOCH + Duration::from_secs(1),
+                port: "tcp/6379".into(),
+                open,
+                pid: open.then_some(812),
+                comm: open.then(|| "redis-server".into()),
+                owner: "unit redis-server.service".into(),
+            })
+        };
+        let text = render(false, None, &[gate(true), gate(false)]);
+        let lines: Vec<&str> = text.lines().skip(1).collect();
+        assert!(
+            lines[0].ends_with(
+                "gate   port tcp/6379 opened: redis-server (pid 812) listens (owner unit \
+                 redis-server.service)"
+            ),
+            "{text}"
+        );
+        assert!(
+            lines[1].ends_with(
+                "gate   port tcp/6379 closed: owner gone (owner unit redis-server.service)"
+            ),
+            "{text}"
+        );
     }
 
     #[test]

@@ -690,6 +690,22 @@ mod tests {
                 change: "attached".into(),
                 xdp_mode: Some(AttachedMode::Generic),
             },
+            Event::Gate(GateEvent {
+                ts: ts(),
+                port: "tcp/6379".into(),
+                open: true,
+                pid: Some(812),
+                comm: Some("redis-server".into()),
+                owner: "unit redis-server.service".into(),
+            }),
+            Event::Gate(GateEvent {
+                ts: ts(),
+                port: "udp/51820".into(),
+                open: false,
+                pid: None,
+                comm: None,
+                owner: "exe /usr/bin/wireguard-go".into(),
+            }),
         ];
         for event in events {
             let text = to_json(&event).expect("serialises");

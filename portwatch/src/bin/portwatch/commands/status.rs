@@ -156,16 +156,11 @@ fn render_status(
             .iter()
             .map(|o| {
                 let state = if o.open {
-                    let who = match (&o.comm, o.pid) {
-                        (Some(comm), Some(pid)) => format!("{comm}, pid {pid}"),
-                        (Some(comm), None) => comm.to_string(),
-                        (None, Some(pid)) => format!("pid {pid}"),
-                        (None, None) => "its owner".to_owned(),
-                    };
-                    format!("open ({who} listens)")
+                    let who = format::process(o.comm.as_deref(), o.pid);
+                    format!("open: {who} listens")
                 } else {
                     let (on, off) = paint(YELLOW);
-                    format!("{on}closed{off} (no owner listens)")
+                    format!("{on}closed{off}: no owner listens")
                 };
                 let squat = match o.squatters {
                     0 => String::new(),
@@ -390,7 +385,7 @@ policy      /etc/portwatch/policy.toml
 pinned      /sys/fs/bpf/portwatch
 interfaces  eth0 (native), eth1 (generic)
 totals      passed 1, dropped 2 (no rule 2, source not allowed 0, malformed 0, fragment 0, rate limited 0), drop reports held back 0, events lost 0, flow replies 5, forwarded 0, reports lost 0, new counter 9
-owned       tcp/6379 closed (no owner listens); owner unit redis-server.service, 1 other listener on it
+owned       tcp/6379 closed: no owner listens; owner unit redis-server.service, 1 other listener on it
 
 PROTO ADDRESS       PID COMM    USER   EXPOSURE     PASSED     DROPPED COMMAND
 tcp   0.0.0.0:22    812 sshd    root   exposed  10 (900 B)     0 (0 B) sshd -D

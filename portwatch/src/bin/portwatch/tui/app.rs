@@ -716,11 +716,8 @@ impl App {
             }
             Event::Gate(g) => {
                 let text = if g.open {
-                    let who = g.comm.as_deref().unwrap_or("its owner");
-                    match g.pid {
-                        Some(pid) => format!("port {} opened: {who} (pid {pid}) listens", g.port),
-                        None => format!("port {} opened: {who} listens", g.port),
-                    }
+                    let who = portwatch::format::process(g.comm.as_deref(), g.pid);
+                    format!("port {} opened: {who} listens", g.port)
                 } else {
                     format!("port {} closed: owner gone ({})", g.port, g.owner)
                 };
