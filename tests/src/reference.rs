@@ -41,6 +41,9 @@
 //!   is not the host's: not one of its addresses, not multicast
 //!   (224.0.0.0/4 and above over IPv4, ff00::/8), not a broadcast. A first
 //!   fragment records that pass.
+//! - A rule with an owner counts only while its owner listens on its port
+//!   (the host's `owners_listening`); otherwise the port is as if the rule
+//!   were not there.
 //! - A first fragment records its verdict, whatever it is, for the later
 //!   ones. Audit mode passes everything and reports the would-be reason.
 
@@ -259,6 +262,8 @@ impl FragState {
 #[derive(Clone, Debug, Default)]
 pub struct Host {
     pub addrs: HashSet<IpAddr>,
+    /// Owned rules (by their ports) whose owner listens now.
+    pub owners_listening: HashSet<PortRange>,
     used: std::cell::RefCell<HashMap<(PortRange, IpAddr), u32>>,
 }
 
@@ -266,8 +271,15 @@ impl Host {
     pub fn of(addrs: &[IpAddr]) -> Self {
         Self {
             addrs: addrs.iter().copied().collect(),
+            owners_listening: HashSet::new(),
             used: Default::default(),
         }
+    }
+
+    /// The host with the owners of `ports` listening.
+    pub fn with_owners_listening(mut self, ports: impl IntoIterator<Item = PortRange>) -> Self {
+        self.owners_listening = ports.into_iter().collect();
+        self
     }
 
     pub fn is_hosts(&self, dst: IpAddr) -> bool {
@@ -613,6 +625,7 @@ impl Model<'_> {
             .rules
             .iter()
             .filter(|r| r.ports.contains(proto, port))
+            .filter(|r| r.owner.is_none() || self.local.owners_listening.contains(&r.ports))
         {
             covered = true;
             if rule.from.is_empty() || rule.from.iter().any(|net| net.contains(&src)) {
@@ -866,6 +879,25 @@ mod tests {
         let mut ack = v4(PEER4, 23, ACK);
         ack[ETH_HLEN + 20 + 12] = 0x10;
         assert_eq!(c.decide(&ack), Drop(Malformed));
+        Ok(())
+    }
+
+    #[test]
+    fn an_owned_port_counts_only_while_its_owner_listens() -> TestResult {
+        let policy = Policy::parse(
+            "allow = [{ port = \"tcp/6379\", owner = { comm = \"redis-server\" } }]",
+        )?;
+        let syn = ipv4(PEER4, IPPROTO_TCP, 0, &[], &tcp(6379, SYN));
+        let addrs = [Ipv4Addr::from(HOST4).into(), Ipv6Addr::from(HOST6).into()];
+        let flows = FlowState::new(100 * FLOW_TIMEOUT_NS);
+        let mut frags = FragState::new();
+        let away = Host::of(&addrs);
+        assert_eq!(
+            decide(&syn, &policy, &away, &flows, &mut frags),
+            Drop(NoRule)
+        );
+        let listens = Host::of(&addrs).with_owners_listening([policy.rules[0].ports]);
+        assert_eq!(decide(&syn, &policy, &listens, &flows, &mut frags), Pass);
         Ok(())
     }
 

@@ -22,7 +22,7 @@
 
 use std::{
     cell::RefCell,
-    collections::BTreeMap,
+    collections::{BTreeMap, BTreeSet},
     fmt::Write as _,
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     path::{Path, PathBuf},
@@ -87,6 +87,8 @@ struct RuleSpec {
     from: Vec<NetSpec>,
     /// `limit = "N/hour"`: a burst of N, no refill within a case.
     limit: Option<u8>,
+    /// An owner (on a one-port rule), and whether it listens.
+    owner: Option<bool>,
 }
 
 /// What a rule names: ports of TCP, UDP or SCTP, or a whole protocol
@@ -637,10 +639,12 @@ fn rule(mix: Mix) -> BoxedStrategy<RuleSpec> {
             ((mix.from * 1000.0) as u32).max(1) => prop::collection::vec(net(), 1..=3),
         ],
         prop::option::weighted(0.3, prop_oneof![3 => Just(1u8), 1 => 2u8..=3]),
+        prop::option::weighted(0.2, any::<bool>()),
     )
-        .prop_map(|(proto, lo, width, from, limit)| RuleSpec {
+        .prop_map(|(proto, lo, width, from, limit, owner)| RuleSpec {
             proto,
             limit,
+            owner,
             lo: lo.max(1),
             // Source entries are one per port and network: keep them few.
             width: if from.is_empty() {
@@ -1026,6 +1030,21 @@ impl std::fmt::Display for Cidr {
 
 /// The case's rules as a valid policy: a rule that overlaps an earlier
 /// one is left out, and so is a network nested in another of its rule.
+/// The command names of generated owners: the one that listens, and the
+/// one that does not.
+const OWNER_LISTENS: &str = "pw-listens";
+const OWNER_AWAY: &str = "pw-away";
+
+/// The owned rules whose owner listens, by their ports.
+fn owners_listening(policy: &Policy) -> BTreeSet<PortRange> {
+    policy
+        .rules
+        .iter()
+        .filter(|r| r.owner.as_ref().and_then(|o| o.comm.as_deref()) == Some(OWNER_LISTENS))
+        .map(|r| r.ports)
+        .collect()
+}
+
 fn policy(case: &Case) -> Result<Policy> {
     let mut text = format!("mode = \"{}\"\n", case.mode.as_str());
     if let Some(forwarded) = case.forwarded {
@@ -1091,6 +1110,14 @@ fn policy(case: &Case) -> Result<Policy> {
         }
         if let Some(n) = rule.limit {
             let _ = write!(table, ", limit = \"{n}/hour\"");
+        }
+        // An owner names one port; whether it listens is in its name.
+        if let Some(listens) = rule.owner
+            && lo == hi
+            && !matches!(rule.proto, RuleProto::Whole(_))
+        {
+            let comm = if listens { OWNER_LISTENS } else { OWNER_AWAY };
+            let _ = write!(table, ", owner = {{ comm = \"{comm}\" }}");
         }
         let _ = writeln!(text, "{table} }},");
     }
@@ -1352,8 +1379,11 @@ impl Harness {
     /// Runs every frame of `c` through the kernel and the model, in order.
     fn run(&mut self, c: &Concrete) -> Result<Vec<(Outcome, Kernel)>> {
         self.xdp.set_local_addresses(&c.local)?;
-        let local = ModelHost::of(&c.local);
-        self.xdp.apply(&c.policy, c.mode)?;
+        let listening = owners_listening(&c.policy);
+        let local = ModelHost::of(&c.local).with_owners_listening(listening.iter().copied());
+        // The kernel gets what the guard gives it: the owned rules whose
+        // owner listens; the model judges the whole policy with the owners.
+        self.xdp.apply(&c.policy.gated(&listening), c.mode)?;
         // Damaged frames can carry any addresses, so per-case hosts alone do
         // not keep cases apart: every case starts from empty state, as the
         // model does.
