@@ -15,6 +15,17 @@ pub struct ChildGuard(pub Child);
 
 impl ChildGuard {
     pub fn spawn(cmd: &mut Command) -> Result<Self> {
+        // A background job of a non-interactive shell (CI runners, nohup
+        // jobs) inherits SIGINT ignored, and so would the child: then
+        // `interrupt` could never stop it gently.
+        // SAFETY: between fork and exec only signal() runs, which is
+        // async-signal-safe; it touches no memory of the parent.
+        unsafe {
+            std::os::unix::process::CommandExt::pre_exec(cmd, || {
+                libc::signal(libc::SIGINT, libc::SIG_DFL);
+                Ok(())
+            });
+        }
         let child = cmd
             .spawn()
             .with_context(|| format!("could not start `{}`", command_line(cmd)))?;
