@@ -28,6 +28,8 @@ pub mod map {
     pub const LIMITS: &str = "LIMITS";
     pub const RATE_STATE: &str = "RATE_STATE";
     pub const RATE_OVERFLOW: &str = "RATE_OVERFLOW";
+    pub const OWNERS: &str = "OWNERS";
+    pub const BINDS: &str = "BINDS";
 
     /// Every map of the shipped object.
     pub const ALL: &[&str] = &[
@@ -50,6 +52,8 @@ pub mod map {
         LIMITS,
         RATE_STATE,
         RATE_OVERFLOW,
+        OWNERS,
+        BINDS,
     ];
 }
 
@@ -61,6 +65,8 @@ pub mod prog {
     pub const SOCK_RELEASE: &str = "sock_release";
     pub const XDP_GUARD: &str = "xdp_guard";
     pub const TC_EGRESS: &str = "tc_egress";
+    pub const BIND4: &str = "bind4";
+    pub const BIND6: &str = "bind6";
 
     /// Every program of the shipped object.
     pub const ALL: &[&str] = &[
@@ -70,6 +76,8 @@ pub mod prog {
         SOCK_RELEASE,
         XDP_GUARD,
         TC_EGRESS,
+        BIND4,
+        BIND6,
     ];
 
     /// Benchmark baselines, in the separate benchmark object only.
@@ -511,9 +519,15 @@ pub enum GuardStat {
     /// Limited packets from a new source judged by the overflow bucket
     /// because the source table was full.
     RateTableFull = 11,
+    /// Binds of owned ports by others, refused (enforce mode).
+    BindsDenied = 12,
+    /// Binds of owned ports by others, let through in audit mode.
+    BindsAudited = 13,
+    /// Bind reports not sent because their ring buffer was full.
+    BindReportsLost = 14,
 }
 
-pub const GUARD_STATS_LEN: u32 = 12;
+pub const GUARD_STATS_LEN: u32 = 15;
 
 pub const DROPS_RING_BYTES: u32 = 256 << 10;
 
@@ -571,6 +585,100 @@ pub struct ReportBucket {
     pub last_jiffies: u64,
 }
 
+// ---------------------------------------------------------------------------
+// Bind-time enforcement of owned ports (cgroup `bind4`/`bind6` at the cgroup
+// v2 root).
+
+/// An owned port: the `OWNERS` key.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct OwnerKey {
+    /// Host byte order.
+    pub port: u16,
+    /// IPPROTO_TCP or IPPROTO_UDP.
+    pub proto: u8,
+    pub _pad: u8,
+}
+
+/// `OwnerRule::flags`: refuse the bind (else only report it).
+pub const OWNER_ENFORCE: u32 = 1;
+/// `OwnerRule::flags`: the owner names a cgroup (`cgroup_id` at `cgroup_level`).
+pub const OWNER_CGROUP: u32 = 2;
+/// `OwnerRule::flags`: the owner names a uid.
+pub const OWNER_UID: u32 = 4;
+/// `OwnerRule::flags`: the owner names a command.
+pub const OWNER_COMM: u32 = 8;
+
+/// Who may bind an owned port: the kernel-checkable keys of its owner.
+/// Every key flagged must match. A cgroup the owner names that does not
+/// exist now (its unit is stopped) has `cgroup_id` 0: no task is in it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct OwnerRule {
+    /// Binds in other network namespaces are not judged.
+    pub netns_cookie: u64,
+    /// The cgroup's id: a task matches when its ancestor at `cgroup_level`
+    /// (its own cgroup or one above it) has this id.
+    pub cgroup_id: u64,
+    pub cgroup_level: u32,
+    pub uid: u32,
+    pub flags: u32,
+    pub _pad: u32,
+    /// NUL padded, compared whole.
+    pub comm: [u8; 16],
+}
+
+/// Owned ports at most: one per owner rule.
+pub const MAX_OWNED_PORTS: u32 = 4096;
+
+/// `BindReport::verdict`.
+pub const BIND_DENIED: u8 = 1;
+/// Audit mode: the bind went through, and would have been refused.
+pub const BIND_AUDITED: u8 = 2;
+
+/// A bind of an owned port by a task that is not its owner.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct BindReport {
+    /// CLOCK_MONOTONIC nanoseconds.
+    pub ts_ns: u64,
+    pub cgroup_id: u64,
+    pub tgid: u32,
+    pub uid: u32,
+    /// Host byte order.
+    pub port: u16,
+    pub family: u16,
+    pub proto: u8,
+    pub verdict: u8,
+    pub _pad: [u8; 2],
+    /// The address asked for: 4 bytes for IPv4, 16 for IPv6, network order.
+    pub addr: [u8; 16],
+    pub comm: [u8; 16],
+}
+
+impl BindReport {
+    pub const SIZE: usize = core::mem::size_of::<Self>();
+}
+
+/// Byte offsets of `BindReport` fields, for the length-checked decoder.
+pub mod bind_report_offsets {
+    use super::BindReport;
+    use core::mem::offset_of;
+    pub const TS_NS: usize = offset_of!(BindReport, ts_ns);
+    pub const CGROUP_ID: usize = offset_of!(BindReport, cgroup_id);
+    pub const TGID: usize = offset_of!(BindReport, tgid);
+    pub const UID: usize = offset_of!(BindReport, uid);
+    pub const PORT: usize = offset_of!(BindReport, port);
+    pub const FAMILY: usize = offset_of!(BindReport, family);
+    pub const PROTO: usize = offset_of!(BindReport, proto);
+    pub const VERDICT: usize = offset_of!(BindReport, verdict);
+    pub const ADDR: usize = offset_of!(BindReport, addr);
+    pub const COMM: usize = offset_of!(BindReport, comm);
+}
+
+/// Bind reports in flight: binds are rare, a refused one rarer.
+pub const BINDS_RING_BYTES: u32 = 64 << 10;
+
 #[cfg(feature = "user")]
 mod user {
     // SAFETY: ListenEvent is repr(C), made only of integers and byte arrays,
@@ -601,6 +709,10 @@ mod user {
     unsafe impl aya::Pod for super::DropReport {}
     // SAFETY: see above.
     unsafe impl aya::Pod for super::ReportBucket {}
+    // SAFETY: see above.
+    unsafe impl aya::Pod for super::OwnerKey {}
+    // SAFETY: see above.
+    unsafe impl aya::Pod for super::OwnerRule {}
 }
 
 #[cfg(test)]
@@ -624,6 +736,11 @@ mod tests {
         assert_eq!(flow_port_byte(port_slot(IPPROTO_UDP, 53)), (1024, 53));
         const { assert!(FLOW_PORT_ENTRIES * FLOW_PORTS_PER_ENTRY >= POLICY_PORT_SLOTS) };
         assert_eq!(core::mem::size_of::<GuardConfig>(), 24);
+        assert_eq!(core::mem::size_of::<OwnerKey>(), 4);
+        assert_eq!(core::mem::size_of::<OwnerRule>(), 48);
+        assert_eq!(BindReport::SIZE, 64);
+        assert_eq!(bind_report_offsets::ADDR, 32);
+        assert_eq!(bind_report_offsets::COMM, 48);
     }
 
     #[test]

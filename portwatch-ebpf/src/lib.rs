@@ -3,10 +3,12 @@
 //! shipped one (monitor and guard), `bench_main.rs` the benchmark
 //! baselines. One probe family per module: [`listen`] (the monitor),
 //! [`xdp`] (the guard's verdicts), [`flows`] (its tc egress side), all
-//! parsing frames with the one walk in [`headers`].
+//! parsing frames with the one walk in [`headers`], and [`bind`] (owned
+//! ports at bind time).
 #![no_std]
 
 pub mod bench;
+pub mod bind;
 pub mod flows;
 pub mod headers;
 pub mod listen;

@@ -42,6 +42,7 @@ pub fn count(stat: MonitorStat) {
 // The guard's maps. User space writes the policy ones; the programs only read.
 
 use aya_ebpf::maps::{Array, LpmTrie, LruHashMap};
+use portwatch_common::{BINDS_RING_BYTES, MAX_OWNED_PORTS, OwnerKey, OwnerRule};
 use portwatch_common::{
     DROPS_RING_BYTES, FLOW_PORT_ENTRIES, FLOW_PORTS_PER_ENTRY, FlowKey, FragKey, FragVerdict,
     GUARD_STATS_LEN, GuardConfig, GuardStat, LocalKey, LocalList, MAX_COUNTER_SLOTS, MAX_FLOWS,
@@ -120,6 +121,14 @@ pub static REPORT_BUCKET: PerCpuArray<ReportBucket> = PerCpuArray::with_max_entr
 /// Dropped-packet reports for user space.
 #[map]
 pub static DROPS: RingBuf = RingBuf::with_byte_size(DROPS_RING_BYTES, 0);
+
+/// Owned ports and who may bind them (the bind hooks' policy).
+#[map]
+pub static OWNERS: HashMap<OwnerKey, OwnerRule> = HashMap::with_max_entries(MAX_OWNED_PORTS, 0);
+
+/// Binds of owned ports by others, for user space.
+#[map]
+pub static BINDS: RingBuf = RingBuf::with_byte_size(BINDS_RING_BYTES, 0);
 
 #[inline(always)]
 pub fn guard_count(stat: GuardStat) {

@@ -16,6 +16,38 @@ pub fn process(comm: Option<&str>, pid: Option<u32>) -> String {
     }
 }
 
+/// What a refused (or audited) bind of an owned port says, in the stream
+/// and the journal.
+pub fn bind(b: &crate::model::BindEvent) -> String {
+    let verdict = if b.audit {
+        "would have been refused (audit)"
+    } else {
+        "refused (EPERM)"
+    };
+    let cgroup = b
+        .cgroup
+        .as_deref()
+        .map(|c| format!(", cgroup {c}"))
+        .unwrap_or_default();
+    format!(
+        "port {} bind of {} {verdict}: {} (pid {}, uid {}{cgroup}) is not its owner ({})",
+        b.port,
+        endpoint(&b.addr, port_of(&b.port)),
+        b.comm,
+        b.pid,
+        b.uid,
+        b.owner
+    )
+}
+
+/// The number of `tcp/6379`.
+fn port_of(port: &str) -> u16 {
+    port.rsplit('/')
+        .next()
+        .and_then(|p| p.parse().ok())
+        .unwrap_or(0)
+}
+
 /// `1.2.3.4:80`, `[::]:80`.
 pub fn endpoint(addr: &IpAddr, port: u16) -> String {
     match addr {

@@ -16,7 +16,8 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use ipnet::IpNet;
 use portwatch_common::{
-    AF_INET, AF_INET6, DropReport, IPPROTO_TCP, IPPROTO_UDP, ListenEvent, ListenKind,
+    AF_INET, AF_INET6, BIND_AUDITED, BIND_DENIED, BindReport, DropReport, IPPROTO_TCP, IPPROTO_UDP,
+    ListenEvent, ListenKind,
 };
 
 use crate::{
@@ -629,7 +630,7 @@ fn structured_request(c: &mut Cursor) -> Request {
 
 // ---------------------------------------------------------------- ring_event
 
-/// `decode_listen` and `decode_drop`: never panic; refuse exactly the
+/// `decode_listen`, `decode_drop` and `decode_bind`: never panic; refuse exactly the
 /// records that are too short; read only the record's own bytes; what
 /// decodes re-encodes to itself; and events built from the bytes come back
 /// field for field from `decode(encode(ev))`.
@@ -651,6 +652,42 @@ pub fn ring_event(data: &[u8]) -> Result<(), Violation> {
     check_record(data, DropReport::SIZE, &dropped, decode::decode_drop)?;
     if let Ok(raw) = &dropped {
         let again = decode::decode_drop(&encode_drop(&drop_report_of(raw)));
+        ensure!(
+            again.as_ref() == Ok(raw),
+            "{data:?}: {raw:?} re-encodes to {again:?}"
+        );
+    }
+    let bound = decode::decode_bind(data);
+    check_record(data, BindReport::SIZE, &bound, decode::decode_bind)?;
+    if let Ok(raw) = &bound
+        && raw.comm.bytes().all(|b| b != 0 && b < 0x80)
+        && raw.comm.len() <= 16
+    {
+        let mut report = BindReport {
+            ts_ns: raw.ts_ns,
+            cgroup_id: raw.cgroup_id,
+            tgid: raw.tgid,
+            uid: raw.uid,
+            port: raw.port,
+            family: if raw.addr.is_ipv4() {
+                AF_INET
+            } else {
+                AF_INET6
+            },
+            proto: if raw.proto == Proto::Tcp {
+                IPPROTO_TCP
+            } else {
+                IPPROTO_UDP
+            },
+            verdict: if raw.audit { BIND_AUDITED } else { BIND_DENIED },
+            ..BindReport::default()
+        };
+        match raw.addr {
+            std::net::IpAddr::V4(a) => report.addr[..4].copy_from_slice(&a.octets()),
+            std::net::IpAddr::V6(a) => report.addr = a.octets(),
+        }
+        report.comm[..raw.comm.len()].copy_from_slice(raw.comm.as_bytes());
+        let again = decode::decode_bind(&decode::encode_bind(&report));
         ensure!(
             again.as_ref() == Ok(raw),
             "{data:?}: {raw:?} re-encodes to {again:?}"

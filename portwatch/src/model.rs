@@ -430,6 +430,27 @@ pub struct GateEvent {
     pub owner: String,
 }
 
+/// A bind() of an owned port by a process that is not its owner: refused
+/// by the kernel (enforce), or let through and reported (audit).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BindEvent {
+    pub ts: SystemTime,
+    /// `tcp/6379`.
+    pub port: String,
+    /// The address the process asked for.
+    pub addr: IpAddr,
+    pub pid: u32,
+    pub comm: Arc<str>,
+    pub uid: u32,
+    /// The process's cgroup v2 path, when it could still be read.
+    pub cgroup: Option<Arc<str>>,
+    /// The owner the rule names, e.g. `unit redis-server.service`.
+    pub owner: String,
+    /// Let through because the guard audits; otherwise the bind failed
+    /// with EPERM.
+    pub audit: bool,
+}
+
 /// The XDP attach mode an interface got.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -476,6 +497,8 @@ pub enum Event {
     Policy(PolicyEvent),
     /// An owned port opened or closed with its owner.
     Gate(GateEvent),
+    /// A bind of an owned port by another process.
+    Bind(BindEvent),
     /// A guarded interface went away or came back.
     Interface {
         ts: SystemTime,

@@ -36,10 +36,7 @@ pub fn process_info(pid: u32) -> ProcessInfo {
             .ok()
             .and_then(|raw| join_cmdline(&raw))
             .map(Into::into),
-        cgroup: fs::read(format!("{base}/cgroup"))
-            .ok()
-            .and_then(|raw| cgroup_v2_path(&raw))
-            .map(Into::into),
+        cgroup: cgroup_of(pid).map(Into::into),
     }
 }
 
@@ -70,6 +67,13 @@ pub fn ssh_connection_of(pid: u32) -> Option<String> {
             })?;
     }
     None
+}
+
+/// The cgroup v2 path of `pid`, when it can still be read.
+pub fn cgroup_of(pid: u32) -> Option<String> {
+    fs::read(format!("/proc/{pid}/cgroup"))
+        .ok()
+        .and_then(|raw| cgroup_v2_path(&raw))
 }
 
 /// The inode of the network namespace `pid` lives in.

@@ -145,6 +145,33 @@ pub fn cgroup2_root() -> Result<PathBuf> {
     Ok(PathBuf::from(OWN_CGROUP2))
 }
 
+/// The cookie of this process's network namespace: what the kernel's
+/// `bpf_get_netns_cookie` returns for sockets made here (Linux 5.14+ for
+/// SO_NETNS_COOKIE).
+pub fn netns_cookie() -> std::io::Result<u64> {
+    // Not in the libc crate yet; the same value on every architecture.
+    const SO_NETNS_COOKIE: libc::c_int = 71;
+    let socket = std::net::UdpSocket::bind("127.0.0.1:0")
+        .or_else(|_| std::net::UdpSocket::bind("[::1]:0"))?;
+    let mut cookie: u64 = 0;
+    let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
+    // SAFETY: the socket is open for the call; cookie and len are valid,
+    // writable and len says cookie's size.
+    let ret = unsafe {
+        libc::getsockopt(
+            std::os::fd::AsRawFd::as_raw_fd(&socket),
+            libc::SOL_SOCKET,
+            SO_NETNS_COOKIE,
+            (&raw mut cookie).cast(),
+            &mut len,
+        )
+    };
+    if ret != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(cookie)
+}
+
 /// CLOCK_MONOTONIC now, in nanoseconds: the clock of bpf_ktime_get_ns.
 pub fn monotonic_ns() -> u64 {
     nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)

@@ -410,6 +410,11 @@ pub struct Totals {
     /// Frames not addressed to the host passed on (`forwarded = "pass"`).
     pub forwarded: u64,
     pub events_lost: u64,
+    /// Binds of owned ports by others: refused, and let through in audit mode.
+    #[serde(default)]
+    pub binds_refused: u64,
+    #[serde(default)]
+    pub binds_audited: u64,
     /// Events followers of the stream (watch, top) could not keep up with.
     pub follower_events_missed: u64,
     /// Counters of a newer guard that this client does not know by name.

@@ -8,6 +8,7 @@ use portwatch_common::{
     AF_INET, AF_INET6, DropReport, IPPROTO_TCP, IPPROTO_UDP, ListenEvent, ListenKind,
     drop_report_offsets as doff, listen_event_offsets as off,
 };
+use portwatch_common::{BIND_AUDITED, BIND_DENIED, BindReport, bind_report_offsets as boff};
 
 use crate::model::{DropReason, EventKind, Proto, SockId};
 
@@ -38,6 +39,8 @@ pub enum DecodeError {
     Family(u16),
     #[error("unknown drop reason {0}")]
     Reason(u8),
+    #[error("unknown bind verdict {0}")]
+    Verdict(u8),
 }
 
 /// Decodes one `ListenEvent` record (native byte order, as the kernel wrote it).
@@ -152,6 +155,82 @@ pub fn decode_drop(record: &[u8]) -> Result<RawDrop, DecodeError> {
     })
 }
 
+/// A bind of an owned port by a task that is not its owner.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RawBind {
+    pub ts_ns: u64,
+    pub cgroup_id: u64,
+    pub tgid: u32,
+    pub uid: u32,
+    pub proto: Proto,
+    pub addr: IpAddr,
+    pub port: u16,
+    /// Let through and reported (audit mode); otherwise refused.
+    pub audit: bool,
+    pub comm: String,
+}
+
+/// Decodes one `BindReport` record.
+pub fn decode_bind(record: &[u8]) -> Result<RawBind, DecodeError> {
+    if record.len() < BindReport::SIZE {
+        return Err(DecodeError::Short {
+            got: record.len(),
+            need: BindReport::SIZE,
+        });
+    }
+    let u64_at = |o: usize| (&record[o..o + 8]).get_u64_ne();
+    let u32_at = |o: usize| (&record[o..o + 4]).get_u32_ne();
+    let u16_at = |o: usize| (&record[o..o + 2]).get_u16_ne();
+    let audit = match record[boff::VERDICT] {
+        BIND_DENIED => false,
+        BIND_AUDITED => true,
+        other => return Err(DecodeError::Verdict(other)),
+    };
+    let proto = match record[boff::PROTO] {
+        IPPROTO_TCP => Proto::Tcp,
+        IPPROTO_UDP => Proto::Udp,
+        other => return Err(DecodeError::Proto(other)),
+    };
+    let raw = &record[boff::ADDR..boff::ADDR + 16];
+    let addr = match u16_at(boff::FAMILY) {
+        AF_INET => IpAddr::V4(Ipv4Addr::new(raw[0], raw[1], raw[2], raw[3])),
+        AF_INET6 => {
+            let mut octets = [0u8; 16];
+            octets.copy_from_slice(raw);
+            IpAddr::V6(Ipv6Addr::from(octets))
+        }
+        other => return Err(DecodeError::Family(other)),
+    };
+    Ok(RawBind {
+        ts_ns: u64_at(boff::TS_NS),
+        cgroup_id: u64_at(boff::CGROUP_ID),
+        tgid: u32_at(boff::TGID),
+        uid: u32_at(boff::UID),
+        proto,
+        addr,
+        port: u16_at(boff::PORT),
+        audit,
+        comm: c_string(&record[boff::COMM..boff::COMM + 16]),
+    })
+}
+
+/// A `BindReport` record as the kernel lays it out (native byte order).
+#[cfg(any(test, feature = "test-helpers", feature = "fuzzing"))]
+pub fn encode_bind(r: &BindReport) -> Vec<u8> {
+    let mut out = vec![0u8; BindReport::SIZE];
+    out[boff::TS_NS..boff::TS_NS + 8].copy_from_slice(&r.ts_ns.to_ne_bytes());
+    out[boff::CGROUP_ID..boff::CGROUP_ID + 8].copy_from_slice(&r.cgroup_id.to_ne_bytes());
+    out[boff::TGID..boff::TGID + 4].copy_from_slice(&r.tgid.to_ne_bytes());
+    out[boff::UID..boff::UID + 4].copy_from_slice(&r.uid.to_ne_bytes());
+    out[boff::PORT..boff::PORT + 2].copy_from_slice(&r.port.to_ne_bytes());
+    out[boff::FAMILY..boff::FAMILY + 2].copy_from_slice(&r.family.to_ne_bytes());
+    out[boff::PROTO] = r.proto;
+    out[boff::VERDICT] = r.verdict;
+    out[boff::ADDR..boff::ADDR + 16].copy_from_slice(&r.addr);
+    out[boff::COMM..boff::COMM + 16].copy_from_slice(&r.comm);
+    out
+}
+
 /// A NUL-padded kernel string, lossily as UTF-8.
 fn c_string(bytes: &[u8]) -> String {
     let end = bytes.iter().position(|&b| b == 0).unwrap_or(bytes.len());
@@ -225,6 +304,73 @@ mod tests {
         assert_eq!(decode_drop(&rec), Err(DecodeError::Reason(0)));
         assert!(matches!(
             decode_drop(&rec[..10]),
+            Err(DecodeError::Short { .. })
+        ));
+    }
+
+    #[test]
+    fn decodes_bind_reports() {
+        let mut comm = [0u8; 16];
+        comm[..7].copy_from_slice(b"python3");
+        let report = BindReport {
+            ts_ns: 77,
+            cgroup_id: 0x1234,
+            tgid: 4242,
+            uid: 1000,
+            port: 6379,
+            family: AF_INET6,
+            proto: IPPROTO_UDP,
+            verdict: BIND_DENIED,
+            _pad: [0; 2],
+            addr: Ipv6Addr::LOCALHOST.octets(),
+            comm,
+        };
+        let b = decode_bind(&encode_bind(&report)).expect("valid");
+        assert_eq!(
+            (b.ts_ns, b.cgroup_id, b.tgid, b.uid, b.port),
+            (77, 0x1234, 4242, 1000, 6379)
+        );
+        assert_eq!(
+            (b.proto, b.addr, b.audit, b.comm.as_str()),
+            (
+                Proto::Udp,
+                IpAddr::V6(Ipv6Addr::LOCALHOST),
+                false,
+                "python3"
+            )
+        );
+        let mut v4 = [0u8; 16];
+        v4[..4].copy_from_slice(&[127, 0, 0, 1]);
+        let audited = BindReport {
+            verdict: BIND_AUDITED,
+            family: AF_INET,
+            addr: v4,
+            ..report
+        };
+        let b = decode_bind(&encode_bind(&audited)).expect("valid");
+        assert!(b.audit);
+        assert_eq!(b.addr, IpAddr::V4(Ipv4Addr::LOCALHOST));
+        for (bad, err) in [
+            (
+                BindReport {
+                    verdict: 0,
+                    ..report
+                },
+                DecodeError::Verdict(0),
+            ),
+            (BindReport { proto: 1, ..report }, DecodeError::Proto(1)),
+            (
+                BindReport {
+                    family: 1,
+                    ..report
+                },
+                DecodeError::Family(1),
+            ),
+        ] {
+            assert_eq!(decode_bind(&encode_bind(&bad)), Err(err));
+        }
+        assert!(matches!(
+            decode_bind(&encode_bind(&report)[..BindReport::SIZE - 1]),
             Err(DecodeError::Short { .. })
         ));
     }

@@ -567,3 +567,42 @@ impl GuardMaps {
         totals
     }
 }
+
+// ---------------------------------------------------------------------------
+// Owned ports at bind time.
+
+use portwatch_common::{OwnerKey, OwnerRule};
+
+/// `OWNERS`: who may bind each owned port. Written by the guard alone.
+pub struct OwnerMap {
+    map: BpfHashMap<MapData, OwnerKey, OwnerRule>,
+}
+
+impl OwnerMap {
+    pub(crate) fn open(ebpf: &mut Ebpf) -> Result<Self> {
+        Ok(Self {
+            map: take(ebpf, map::OWNERS)?,
+        })
+    }
+
+    /// Moves the map from `old` (what it holds) to `new`: entries that
+    /// stay are replaced in place (an update is atomic per key, so a bind
+    /// never sees a port unowned in between), the rest added or removed.
+    pub(crate) fn apply(
+        &mut self,
+        old: &BTreeMap<OwnerKey, OwnerRule>,
+        new: &BTreeMap<OwnerKey, OwnerRule>,
+    ) -> Result<()> {
+        for (key, rule) in new {
+            if old.get(key) != Some(rule) {
+                self.map
+                    .insert(key, rule, 0)
+                    .map_err(map_err(map::OWNERS))?;
+            }
+        }
+        for key in old.keys().filter(|k| !new.contains_key(k)) {
+            self.map.remove(key).map_err(map_err(map::OWNERS))?;
+        }
+        Ok(())
+    }
+}

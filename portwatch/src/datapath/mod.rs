@@ -18,14 +18,14 @@ use std::fs::File;
 
 use aya::{
     Ebpf, EbpfLoader,
-    programs::{CgroupAttachMode, CgroupSock, TracePoint},
+    programs::{CgroupAttachMode, CgroupSock, CgroupSockAddr, TracePoint},
 };
 use portwatch_common::{map, prog};
 use tokio::io::{Interest, unix::AsyncFd};
 
 use self::{
     attach::{Attached, XdpMode},
-    maps::{GuardMaps, MonitorStats},
+    maps::{GuardMaps, MonitorStats, OwnerMap},
     pins::{PINNED_MAPS, PinDir},
     ring::RingReader,
 };
@@ -183,6 +183,37 @@ impl Datapath {
             }
         })?;
         Ok((maps, drops))
+    }
+
+    /// Attaches the bind hooks of owned ports at the cgroup v2 root; returns
+    /// their policy map and report reader. They judge nothing until the
+    /// map names a port, and go with the `Datapath` (not pinned).
+    pub fn attach_bind_guard(&mut self) -> Result<(OwnerMap, RingReader)> {
+        let owners = OwnerMap::open(&mut self.ebpf)?;
+        let reports =
+            RingReader::new(maps::ring(&mut self.ebpf, map::BINDS)?).map_err(|source| {
+                Error::Io {
+                    what: "registering the bind report ring buffer with the runtime".into(),
+                    source,
+                }
+            })?;
+        let root = sys::cgroup2_root()?;
+        let hint = "owned ports are enforced at bind() through cgroup sock_addr hooks                     (Linux 4.17+, CONFIG_CGROUP_BPF)";
+        for name in [prog::BIND4, prog::BIND6] {
+            let cgroup = File::open(&root).map_err(|source| Error::CgroupOpen {
+                path: root.clone(),
+                source,
+            })?;
+            let prog: &mut CgroupSockAddr = program(&mut self.ebpf, name)?;
+            prog.load()
+                .map_err(program_error(format!("loading cgroup/{name}"), hint))?;
+            prog.attach(cgroup, CgroupAttachMode::Single)
+                .map_err(program_error(
+                    format!("attaching cgroup/{name} at {}", root.display()),
+                    hint,
+                ))?;
+        }
+        Ok((owners, reports))
     }
 
     /// Attaches the guard (tc egress, then XDP) to one interface, or

@@ -16,6 +16,7 @@ use std::{
 use portwatch_common::GuardStat;
 
 use super::{
+    binds::{self, BindHooks},
     confirm::{Pending, current_text, restore_text},
     gate::{self, Holder},
     lockout,
@@ -31,7 +32,7 @@ use crate::{
     datapath::{
         Datapath,
         attach::{Attached, XdpMode},
-        decode::RawDrop,
+        decode::{DecodeError, RawBind, RawDrop},
         maps::{GuardMaps, GuardSettings, MapImage},
         pins::PinDir,
         ring::RingReader,
@@ -99,7 +100,9 @@ impl<'a> Change<'a> {
 /// What the guard waits for besides the listener stream.
 pub enum Input {
     Control(Box<ControlRequest>),
-    Drops(Vec<Result<RawDrop, crate::datapath::decode::DecodeError>>),
+    Drops(Vec<Result<RawDrop, DecodeError>>),
+    /// Binds of owned ports by others, as the bind hooks reported them.
+    Binds(Vec<Result<RawBind, DecodeError>>),
     Links(Vec<LinkChange>),
     /// Every few seconds: room in the table of rate-limited sources.
     Housekeeping,
@@ -140,6 +143,8 @@ pub struct Guard {
     pub(super) datapath: Datapath,
     maps: GuardMaps,
     pub(super) drops: RingReader,
+    /// Owned ports at bind(); none where the hooks could not attach.
+    pub(super) binds: Option<BindHooks>,
     policy: Arc<Policy>,
     /// The policy as the kernel has it: rules with an owner only while
     /// the owner listens.
@@ -185,6 +190,7 @@ pub struct Parts {
     pub datapath: Datapath,
     pub maps: GuardMaps,
     pub drops: RingReader,
+    pub binds: Option<BindHooks>,
     pub start: StartArgs,
     pub pins: PinDir,
     pub ifaces: Vec<String>,
@@ -205,6 +211,7 @@ impl Guard {
             datapath: parts.datapath,
             maps: parts.maps,
             drops: parts.drops,
+            binds: parts.binds,
             policy: Arc::new(Policy::default()),
             gated: Arc::new(Policy::default()),
             gate_open: BTreeMap::new(),
@@ -290,6 +297,14 @@ impl Guard {
     /// once a minute while rules have limits.
     pub fn housekeeping(&mut self) {
         self.ticks += 1;
+        // A unit that started or restarted since has a cgroup of its own
+        // (a new id): its owner's binds must be let through.
+        if self.policy.has_owners()
+            && let Some(binds) = &mut self.binds
+            && let Err(e) = binds.sync(&self.policy, self.mode)
+        {
+            log::warn!("updating the owned ports' bind rules failed: {e}");
+        }
         let full = self.maps.totals().get(GuardStat::RateTableFull);
         let overflowed = full > self.table_full_seen;
         self.table_full_seen = full;
@@ -345,6 +360,12 @@ impl Guard {
                 portwatch_common::MAX_COUNTER_SLOTS
             );
         }
+        // Bind rules first: if they cannot be written, nothing changed.
+        if let Some(binds) = &mut self.binds {
+            binds
+                .sync(&policy, mode)
+                .map_err(|e| format!("updating the owned ports' bind rules failed: {e}"))?;
+        }
         // New owners start from zero, before any port points at them.
         let fresh = self.slots.take_fresh();
         self.maps.zero_slots(&fresh).map_err(|e| e.to_string())?;
@@ -364,6 +385,9 @@ impl Guard {
             };
             // Best effort: the error above is what the caller hears.
             let _ = self.maps.install(&image, &self.image, &back);
+            if let Some(binds) = &mut self.binds {
+                let _ = binds.sync(&self.policy, self.mode);
+            }
             return Err(format!("updating the kernel maps failed: {e}"));
         }
         self.image = image;
@@ -900,6 +924,8 @@ impl Guard {
                 flow_replies: t.get(GuardStat::FlowReplies),
                 forwarded: t.get(GuardStat::Forwarded),
                 events_lost: pipeline.summary().lost,
+                binds_refused: t.get(GuardStat::BindsDenied),
+                binds_audited: t.get(GuardStat::BindsAudited),
                 follower_events_missed: pipeline.followers_missed(),
                 other: Default::default(),
             },
@@ -990,11 +1016,30 @@ impl Guard {
         }
     }
 
+    /// Refused (or audited) binds of owned ports, as events for the stream.
+    pub fn bind_events(
+        &self,
+        pipeline: &mut Pipeline,
+        batch: Vec<Result<RawBind, DecodeError>>,
+    ) -> std::io::Result<()> {
+        for record in batch {
+            match record {
+                Ok(raw) => {
+                    let ts = pipeline.wall(raw.ts_ns);
+                    let event = binds::event(&self.policy, raw, ts);
+                    pipeline.emit(Event::Bind(event))?;
+                }
+                Err(e) => pipeline.malformed(&e),
+            }
+        }
+        Ok(())
+    }
+
     /// Drop reports, as events for the stream.
     pub fn drop_events(
         &self,
         pipeline: &mut Pipeline,
-        batch: Vec<Result<RawDrop, crate::datapath::decode::DecodeError>>,
+        batch: Vec<Result<RawDrop, DecodeError>>,
     ) -> std::io::Result<()> {
         for record in batch {
             match record {

@@ -7,6 +7,7 @@
 //! through [`requests`].
 
 pub mod actor;
+mod binds;
 pub mod confirm;
 mod gate;
 mod loading;
@@ -31,7 +32,7 @@ use crate::{
     datapath::{
         Datapath,
         attach::XdpMode,
-        decode::decode_drop,
+        decode::{DecodeError, RawBind, decode_bind, decode_drop},
         maps::MapImage,
         pins::{DEFAULT_PIN_DIR, PinDir},
     },
@@ -193,6 +194,7 @@ async fn serve(
         .take_monitor_feed()
         .context("the monitor's ring buffer is already taken")?;
     let (maps, drops) = datapath.guard_maps()?;
+    let binds = bind_hooks(&mut datapath);
     let opts = setup.opts;
     let server = ControlServer::bind(
         &setup.socket,
@@ -222,6 +224,7 @@ async fn serve(
         datapath,
         maps,
         drops,
+        binds,
         start: StartArgs {
             policy_path: opts
                 .policy
@@ -278,6 +281,38 @@ async fn serve(
         );
     }
     pipeline.finish()
+}
+
+/// The bind hooks of owned ports, attached; without them (an old kernel)
+/// owned ports are still gated at XDP, and the guard says what is missing.
+fn bind_hooks(datapath: &mut Datapath) -> Option<binds::BindHooks> {
+    let cookie = match crate::sys::netns_cookie() {
+        Ok(cookie) => cookie,
+        Err(e) => {
+            log::warn!(
+                "owned ports are not enforced at bind(): the network namespace's cookie is                  unreadable (SO_NETNS_COOKIE, Linux 5.14+): {e}; they still open at XDP only                  while their owner listens"
+            );
+            return None;
+        }
+    };
+    let attached = crate::sys::cgroup2_root().and_then(|root| {
+        let (map, reports) = datapath.attach_bind_guard()?;
+        Ok(binds::BindHooks::new(
+            map,
+            reports,
+            binds::Cgroups::new(root),
+            cookie,
+        ))
+    });
+    match attached {
+        Ok(hooks) => Some(hooks),
+        Err(e) => {
+            log::warn!(
+                "owned ports are not enforced at bind(): {e}; they still open at XDP only                  while their owner listens"
+            );
+            None
+        }
+    }
 }
 
 /// Answers already given (a `shutdown` one among them) still reach their
@@ -424,6 +459,7 @@ impl Daemon for Guard {
 
     async fn next(&mut self) -> io::Result<Input> {
         let mut drops = Vec::new();
+        let mut binds = Vec::new();
         let control = self.control.as_mut();
         let links = self.links.as_mut();
         let housekeeping = self
@@ -444,6 +480,10 @@ impl Daemon for Guard {
             read = self.drops.read_batch(|rec| drops.push(decode_drop(rec))) => {
                 read?;
                 Ok(Input::Drops(drops))
+            }
+            read = next_binds(self.binds.as_mut(), &mut binds) => {
+                read?;
+                Ok(Input::Binds(binds))
             }
             changes = next_links(links) => Ok(Input::Links(changes?)),
             // The guard holds the sender: this never ends.
@@ -482,6 +522,11 @@ impl Daemon for Guard {
     fn drain(&mut self, pipeline: &mut Pipeline) -> io::Result<()> {
         let mut drops = Vec::new();
         self.drops.drain_now(|rec| drops.push(decode_drop(rec)));
+        let mut binds = Vec::new();
+        if let Some(hooks) = self.binds.as_mut() {
+            hooks.reports.drain_now(|rec| binds.push(decode_bind(rec)));
+        }
+        self.bind_events(pipeline, binds)?;
         self.drop_events(pipeline, drops)
     }
 }
@@ -491,6 +536,7 @@ impl Guard {
         match input {
             Input::Control(req) => return self.handle_request(pipeline, *req),
             Input::Drops(batch) => self.drop_events(pipeline, batch)?,
+            Input::Binds(batch) => self.bind_events(pipeline, batch)?,
             Input::Housekeeping => self.housekeeping(),
             Input::Loaded(loaded) => self.reload_loaded(pipeline, *loaded)?,
             Input::ConfirmExpired => {
@@ -523,6 +569,21 @@ async fn sleep_until(at: Option<tokio::time::Instant>) {
 }
 
 /// The next link changes when following them; never completes otherwise.
+/// The next batch of bind reports; never without the hooks.
+async fn next_binds(
+    hooks: Option<&mut binds::BindHooks>,
+    batch: &mut Vec<Result<RawBind, DecodeError>>,
+) -> io::Result<usize> {
+    match hooks {
+        Some(h) => {
+            h.reports
+                .read_batch(|rec| batch.push(decode_bind(rec)))
+                .await
+        }
+        None => std::future::pending().await,
+    }
+}
+
 async fn next_links(
     links: Option<&mut LinkWatch>,
 ) -> io::Result<Vec<crate::iface::watch::LinkChange>> {

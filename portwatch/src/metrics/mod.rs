@@ -177,6 +177,8 @@ impl Collector for SnapshotCollector {
         if let Some(g) = &s.guard {
             let drops = g.totals.get(GuardStat::ReportsLost);
             lost.push((vec![("ring", "drops".to_string())], drops));
+            let binds = g.totals.get(GuardStat::BindReportsLost);
+            lost.push((vec![("ring", "binds".to_string())], binds));
         }
         counter(
             e,
@@ -249,6 +251,19 @@ impl Collector for SnapshotCollector {
             "dropped_packets",
             "Inbound packets dropped per reason (audit mode: would-be drops)",
             &reasons,
+        )?;
+        let binds: Vec<_> = [
+            ("refused", GuardStat::BindsDenied),
+            ("audited", GuardStat::BindsAudited),
+        ]
+        .into_iter()
+        .map(|(name, stat)| (vec![("verdict", name.to_string())], g.totals.get(stat)))
+        .collect();
+        counter(
+            e,
+            "owned_port_binds",
+            "Binds of owned ports by processes that are not their owner: refused (EPERM), or let through in audit mode",
+            &binds,
         )?;
         counter(
             e,

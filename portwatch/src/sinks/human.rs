@@ -449,6 +449,11 @@ impl<W: Write> Sink for HumanSink<W> {
                 };
                 self.line(&fixed, 15 + 1 + 6 + 1, &text)
             }
+            Event::Bind(b) => {
+                let (on, off) = self.paint(if b.audit { YELLOW } else { RED });
+                let fixed = format!("{} {on}{:<6}{off} ", clock(b.ts), "bind");
+                self.line(&fixed, 15 + 1 + 6 + 1, &crate::format::bind(b))
+            }
             Event::Suppressed { ts, count, total } => {
                 let fixed = format!("{} {:<6} ", clock(*ts), "drop");
                 let text = format!(

@@ -17,9 +17,9 @@ use super::{Sink, Summary};
 use crate::{
     format::{parse_rfc3339, proto_name, rfc3339_micros},
     model::{
-        AttachedMode, DropEvent, DropReason, Event, EventKind, Exposure, Family, GateEvent,
-        Listener, ListenerEvent, Mode, Origin, PolicyEvent, ProcessInfo, Proto, Reach, Requester,
-        SockId,
+        AttachedMode, BindEvent, DropEvent, DropReason, Event, EventKind, Exposure, Family,
+        GateEvent, Listener, ListenerEvent, Mode, Origin, PolicyEvent, ProcessInfo, Proto, Reach,
+        Requester, SockId,
     },
 };
 
@@ -136,6 +136,21 @@ struct GateLine {
     owner: String,
 }
 
+/// `"event": "bind_denied"`: a bind of an owned port by another process.
+#[derive(Serialize, Deserialize)]
+struct BindLine {
+    ts: Ts,
+    event: Tag,
+    port: String,
+    addr: IpAddr,
+    pid: u32,
+    comm: Arc<str>,
+    uid: u32,
+    cgroup: Option<Arc<str>>,
+    owner: String,
+    audit: bool,
+}
+
 #[derive(Serialize, Deserialize)]
 struct InterfaceLine {
     ts: Ts,
@@ -173,6 +188,8 @@ enum Tag {
     Missed,
     Policy,
     Gate,
+    #[serde(rename = "bind_denied")]
+    BindDenied,
     Interface,
     Ready,
     Summary,
@@ -261,6 +278,7 @@ enum AnyLine {
     Count(CountLine),
     Policy(PolicyLine),
     Gate(GateLine),
+    Bind(BindLine),
     Interface(InterfaceLine),
     Ready(ReadyLine),
     Summary(SummaryLine),
@@ -276,6 +294,7 @@ pub fn parse_line(text: &str) -> Result<Line, serde_json::Error> {
         AnyLine::Count(l) => Some((l.event, Tag::Lost)),
         AnyLine::Policy(l) => Some((l.event, Tag::Policy)),
         AnyLine::Gate(l) => Some((l.event, Tag::Gate)),
+        AnyLine::Bind(l) => Some((l.event, Tag::BindDenied)),
         AnyLine::Interface(l) => Some((l.event, Tag::Interface)),
         AnyLine::Ready(l) => Some((l.event, Tag::Ready)),
         AnyLine::Summary(l) => Some((l.event, Tag::Summary)),
@@ -332,6 +351,17 @@ pub fn parse_line(text: &str) -> Result<Line, serde_json::Error> {
             pid: g.pid,
             comm: g.comm,
             owner: g.owner,
+        })),
+        AnyLine::Bind(b) => Line::Event(Event::Bind(BindEvent {
+            ts: b.ts.0,
+            port: b.port,
+            addr: b.addr,
+            pid: b.pid,
+            comm: b.comm,
+            uid: b.uid,
+            cgroup: b.cgroup,
+            owner: b.owner,
+            audit: b.audit,
         })),
         AnyLine::Interface(i) => Line::Event(Event::Interface {
             ts: i.ts.0,
@@ -478,6 +508,18 @@ impl<W: Write> Sink for JsonSink<W> {
                 pid: g.pid,
                 comm: g.comm.clone(),
                 owner: g.owner.clone(),
+            }),
+            Event::Bind(b) => self.line(&BindLine {
+                ts: Ts(b.ts),
+                event: Tag::BindDenied,
+                port: b.port.clone(),
+                addr: b.addr,
+                pid: b.pid,
+                comm: b.comm.clone(),
+                uid: b.uid,
+                cgroup: b.cgroup.clone(),
+                owner: b.owner.clone(),
+                audit: b.audit,
             }),
             Event::Policy(p) => self.line(&PolicyLine {
                 ts: Ts(p.ts),
@@ -705,6 +747,28 @@ mod tests {
                 pid: None,
                 comm: None,
                 owner: "exe /usr/bin/wireguard-go".into(),
+            }),
+            Event::Bind(BindEvent {
+                ts: ts(),
+                port: "tcp/6379".into(),
+                addr: "::".parse().expect("an address"),
+                pid: 4242,
+                comm: "python3".into(),
+                uid: 1000,
+                cgroup: Some("/user.slice/user-1000.slice/session-4.scope".into()),
+                owner: "unit redis-server.service".into(),
+                audit: false,
+            }),
+            Event::Bind(BindEvent {
+                ts: ts(),
+                port: "udp/53".into(),
+                addr: "127.0.0.1".parse().expect("an address"),
+                pid: 7,
+                comm: "dnsmasq".into(),
+                uid: 0,
+                cgroup: None,
+                owner: "comm unbound".into(),
+                audit: true,
             }),
         ];
         for event in events {

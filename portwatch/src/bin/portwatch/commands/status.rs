@@ -103,6 +103,13 @@ fn totals_line(t: &Totals, paint: impl Fn(&'static str) -> (&'static str, &'stat
         ));
     }
     parts.push(format!("reports lost {}", t.reports_lost));
+    if t.binds_refused + t.binds_audited > 0 {
+        let (on, off) = paint(RED);
+        parts.push(format!(
+            "{on}owned-port binds by others refused {}, audited {}{off}",
+            t.binds_refused, t.binds_audited
+        ));
+    }
     // Counters of a newer guard, by their names.
     for (key, value) in &t.other {
         parts.push(format!("{} {value}", key.replace('_', " ")));

@@ -723,6 +723,14 @@ impl App {
                 };
                 self.log(LogKind::Policy, time_of_day(g.ts), text);
             }
+            Event::Bind(b) => {
+                let kind = if b.audit {
+                    LogKind::Policy
+                } else {
+                    LogKind::Error
+                };
+                self.log(kind, time_of_day(b.ts), portwatch::format::bind(b));
+            }
             Event::Lost { ts, count, total } => {
                 self.stream_lost = *total;
                 self.log(

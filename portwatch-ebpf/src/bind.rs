@@ -1,0 +1,150 @@
+//! Bind-time enforcement of owned ports: cgroup `bind4`/`bind6` at the cgroup
+//! v2 root see every bind() (TCP and UDP, io_uring's too) before the kernel
+//! takes the port, and may refuse it (EPERM). A bind of an owned port in the
+//! guarded namespace by a task that is not the port's owner is refused
+//! (enforce) or let through (audit), and reported either way.
+
+use core::ptr::read_volatile;
+
+use aya_ebpf::{
+    EbpfContext,
+    helpers::{
+        bpf_get_current_ancestor_cgroup_id, bpf_get_current_cgroup_id, bpf_get_current_comm,
+        bpf_get_current_pid_tgid, bpf_get_current_uid_gid, bpf_get_netns_cookie, bpf_ktime_get_ns,
+    },
+    programs::SockAddrContext,
+};
+use portwatch_common::{
+    AF_INET, AF_INET6, BIND_AUDITED, BIND_DENIED, BindReport, GuardStat, IPPROTO_TCP, IPPROTO_UDP,
+    OWNER_CGROUP, OWNER_COMM, OWNER_ENFORCE, OWNER_UID, OwnerKey, OwnerRule,
+};
+
+use crate::maps::{BINDS, OWNERS, guard_count};
+
+/// The hook's answers: 1 lets the bind go on, 0 makes it fail with EPERM.
+const ALLOW: i32 = 1;
+const REFUSE: i32 = 0;
+
+/// Context fields are readable only at constant offsets, each hook its own
+/// family's address: one volatile read per word.
+macro_rules! ctx_read {
+    ($ctx:expr, $($field:tt)+) => {
+        // SAFETY: ctx.sock_addr is the program's context pointer; the
+        // verifier checks the read against the fields this hook may access.
+        unsafe { read_volatile(&raw const (*$ctx.sock_addr).$($field)+) }
+    };
+}
+
+pub fn try_bind4(ctx: &SockAddrContext) -> i32 {
+    let mut addr = [0u8; 16];
+    addr[..4].copy_from_slice(&ctx_read!(ctx, user_ip4).to_ne_bytes());
+    judge(ctx, AF_INET, addr)
+}
+
+pub fn try_bind6(ctx: &SockAddrContext) -> i32 {
+    let words = [
+        ctx_read!(ctx, user_ip6[0]),
+        ctx_read!(ctx, user_ip6[1]),
+        ctx_read!(ctx, user_ip6[2]),
+        ctx_read!(ctx, user_ip6[3]),
+    ];
+    let mut addr = [0u8; 16];
+    addr[0..4].copy_from_slice(&words[0].to_ne_bytes());
+    addr[4..8].copy_from_slice(&words[1].to_ne_bytes());
+    addr[8..12].copy_from_slice(&words[2].to_ne_bytes());
+    addr[12..16].copy_from_slice(&words[3].to_ne_bytes());
+    judge(ctx, AF_INET6, addr)
+}
+
+#[inline(always)]
+fn judge(ctx: &SockAddrContext, family: u16, addr: [u8; 16]) -> i32 {
+    let proto = ctx_read!(ctx, protocol);
+    if proto != u32::from(IPPROTO_TCP) && proto != u32::from(IPPROTO_UDP) {
+        return ALLOW;
+    }
+    // Network byte order in the low 16 bits. Port 0 asks the kernel to
+    // pick one: nothing owned is named.
+    let port = u16::from_be(ctx_read!(ctx, user_port) as u16);
+    if port == 0 {
+        return ALLOW;
+    }
+    let key = OwnerKey {
+        port,
+        proto: proto as u8,
+        _pad: 0,
+    };
+    // SAFETY: the value is copied out at once; user space may replace it,
+    // never free it under us (hash values live until an RCU grace period).
+    let Some(rule) = (unsafe { OWNERS.get(&key) }).copied() else {
+        return ALLOW;
+    };
+    // SAFETY: the context is a sock_addr, which bpf_get_netns_cookie takes.
+    if unsafe { bpf_get_netns_cookie(ctx.as_ptr()) } != rule.netns_cookie {
+        return ALLOW;
+    }
+    let uid = bpf_get_current_uid_gid() as u32;
+    let comm = bpf_get_current_comm().unwrap_or([0; 16]);
+    if is_owner(&rule, uid, &comm) {
+        return ALLOW;
+    }
+    let enforce = rule.flags & OWNER_ENFORCE != 0;
+    guard_count(if enforce {
+        GuardStat::BindsDenied
+    } else {
+        GuardStat::BindsAudited
+    });
+    report(port, proto as u8, family, addr, uid, comm, enforce);
+    if enforce { REFUSE } else { ALLOW }
+}
+
+#[inline(always)]
+fn is_owner(rule: &OwnerRule, uid: u32, comm: &[u8; 16]) -> bool {
+    if rule.flags & OWNER_UID != 0 && uid != rule.uid {
+        return false;
+    }
+    if rule.flags & OWNER_COMM != 0 && *comm != rule.comm {
+        return false;
+    }
+    if rule.flags & OWNER_CGROUP != 0 {
+        // Id 0 is no cgroup (the owner's unit is not running): no match.
+        // SAFETY: the helper takes any level; past the task's own depth it
+        // returns 0.
+        let at = unsafe { bpf_get_current_ancestor_cgroup_id(rule.cgroup_level as i32) };
+        if rule.cgroup_id == 0 || at != rule.cgroup_id {
+            return false;
+        }
+    }
+    true
+}
+
+#[inline(always)]
+fn report(
+    port: u16,
+    proto: u8,
+    family: u16,
+    addr: [u8; 16],
+    uid: u32,
+    comm: [u8; 16],
+    enforce: bool,
+) {
+    let Some(mut entry) = BINDS.reserve::<BindReport>(0) else {
+        guard_count(GuardStat::BindReportsLost);
+        return;
+    };
+    entry.write(BindReport {
+        // SAFETY: bpf_ktime_get_ns has no preconditions.
+        ts_ns: unsafe { bpf_ktime_get_ns() },
+        // SAFETY: no preconditions.
+        cgroup_id: unsafe { bpf_get_current_cgroup_id() },
+        tgid: (bpf_get_current_pid_tgid() >> 32) as u32,
+        uid,
+        port,
+        family,
+        proto,
+        verdict: if enforce { BIND_DENIED } else { BIND_AUDITED },
+        _pad: [0; 2],
+        addr,
+        comm,
+    });
+    entry.submit(0);
+}

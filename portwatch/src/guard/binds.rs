@@ -1,0 +1,389 @@
+//! Owned ports at bind time: the kernel's `OWNERS` entries worked out from
+//! the policy's owners (units and cgroups resolved to cgroup ids, users to
+//! uids), and the reports of binds it refused or, in audit mode, let by.
+//!
+//! Only what the kernel can check at bind() goes there: cgroup (or unit),
+//! uid and comm. An owner named by `exe` alone is checked in user space on
+//! the listen event, where it keeps the port closed at XDP (the gate).
+
+use std::{collections::BTreeMap, os::unix::fs::MetadataExt, path::PathBuf, sync::Arc};
+
+use portwatch_common::{
+    IPPROTO_TCP, IPPROTO_UDP, OWNER_CGROUP, OWNER_COMM, OWNER_ENFORCE, OWNER_UID, OwnerKey,
+    OwnerRule,
+};
+
+use crate::{
+    datapath::{decode::RawBind, maps::OwnerMap, ring::RingReader},
+    model::{BindEvent, Mode},
+    policy::{Owner, Policy},
+};
+
+/// The bind hooks as the guard holds them: their map, what it holds, and
+/// their reports.
+pub struct BindHooks {
+    map: OwnerMap,
+    pub(super) reports: RingReader,
+    held: BTreeMap<OwnerKey, OwnerRule>,
+    cgroups: Cgroups,
+    netns_cookie: u64,
+    /// Owned ports whose cgroup was missing at the last sync, to say so
+    /// once rather than at every sync.
+    missing: Vec<String>,
+}
+
+impl BindHooks {
+    pub fn new(map: OwnerMap, reports: RingReader, cgroups: Cgroups, netns_cookie: u64) -> Self {
+        Self {
+            map,
+            reports,
+            held: BTreeMap::new(),
+            cgroups,
+            netns_cookie,
+            missing: Vec::new(),
+        }
+    }
+
+    /// Puts `policy`'s owners in force at bind time (units resolved again:
+    /// a restarted unit has a new cgroup). A map write is made only for
+    /// what changed.
+    pub fn sync(&mut self, policy: &Policy, mode: Mode) -> crate::error::Result<()> {
+        let rules = owner_rules(policy, mode, &self.cgroups, self.netns_cookie);
+        if rules != self.held {
+            self.map.apply(&self.held, &rules)?;
+            self.held = rules;
+        }
+        let missing = missing_cgroups(policy, &self.cgroups);
+        if missing != self.missing {
+            for port in missing.iter().filter(|m| !self.missing.contains(m)) {
+                log::warn!(
+                    "{port}: its unit or cgroup does not exist now; binds of the port are                      refused until it does (re-resolved when it appears)"
+                );
+            }
+            self.missing = missing;
+        }
+        Ok(())
+    }
+}
+
+/// A cgroup as the kernel's ancestor helper sees it: its id (the inode of
+/// its directory in cgroupfs) and its depth below the root (the root is 0).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CgroupRef {
+    pub id: u64,
+    pub level: u32,
+}
+
+/// Looks cgroups up under the cgroup v2 mount.
+#[derive(Clone, Debug)]
+pub struct Cgroups {
+    root: PathBuf,
+}
+
+/// How deep a unit may be nested below the root (slices within slices,
+/// containers' trees).
+const MAX_DEPTH: usize = 10;
+
+impl Cgroups {
+    pub fn new(root: PathBuf) -> Self {
+        Self { root }
+    }
+
+    /// The cgroup at `path` ("/system.slice/redis.service"), if it exists.
+    pub fn at(&self, path: &str) -> Option<CgroupRef> {
+        let rel = path.trim_start_matches('/');
+        let meta = std::fs::metadata(self.root.join(rel)).ok()?;
+        if !meta.is_dir() {
+            return None;
+        }
+        let level = rel.split('/').filter(|p| !p.is_empty()).count() as u32;
+        Some(CgroupRef {
+            id: meta.ino(),
+            level,
+        })
+    }
+
+    /// The cgroup path of systemd unit `unit`: the shallowest directory of
+    /// that name (the host's unit before a container's of the same name).
+    pub fn unit_path(&self, unit: &str) -> Option<String> {
+        let mut level: Vec<PathBuf> = vec![self.root.clone()];
+        for _ in 0..MAX_DEPTH {
+            let mut next = Vec::new();
+            for dir in &level {
+                let Ok(entries) = std::fs::read_dir(dir) else {
+                    continue;
+                };
+                for entry in entries.flatten() {
+                    if !entry.file_type().is_ok_and(|t| t.is_dir()) {
+                        continue;
+                    }
+                    let path = entry.path();
+                    if entry.file_name() == unit {
+                        let rel = path.strip_prefix(&self.root).ok()?;
+                        return Some(format!("/{}", rel.display()));
+                    }
+                    next.push(path);
+                }
+            }
+            if next.is_empty() {
+                return None;
+            }
+            level = next;
+        }
+        None
+    }
+
+    /// The cgroup an owner names, as far as the kernel can check it: the
+    /// unit's (which must lie within `cgroup` when both are given), else
+    /// the cgroup's. `Some(None)`: it names one that does not exist now
+    /// (no process can match). `None`: it names no cgroup.
+    fn of(&self, owner: &Owner) -> Option<Option<CgroupRef>> {
+        let path = match (&owner.unit, &owner.cgroup) {
+            (None, None) => return None,
+            (Some(unit), within) => self
+                .unit_path(unit)
+                .filter(|p| within.as_deref().is_none_or(|w| under(p, w))),
+            (None, Some(cgroup)) => Some(cgroup.clone()),
+        };
+        Some(path.and_then(|p| self.at(&p)))
+    }
+}
+
+fn under(path: &str, want: &str) -> bool {
+    let want = want.trim_end_matches('/');
+    want.is_empty()
+        || path == want
+        || path
+            .strip_prefix(want)
+            .is_some_and(|rest| rest.starts_with('/'))
+}
+
+/// The kernel entries for `policy`'s owned ports: who may bind each one
+/// in the network namespace `netns_cookie`.
+pub fn owner_rules(
+    policy: &Policy,
+    mode: Mode,
+    cgroups: &Cgroups,
+    netns_cookie: u64,
+) -> BTreeMap<OwnerKey, OwnerRule> {
+    let mut out = BTreeMap::new();
+    for rule in &policy.rules {
+        let Some(owner) = &rule.owner else { continue };
+        let proto = rule.ports.proto.0;
+        if (proto != IPPROTO_TCP && proto != IPPROTO_UDP) || rule.ports.lo != rule.ports.hi {
+            continue;
+        }
+        let mut entry = OwnerRule {
+            netns_cookie,
+            flags: if mode == Mode::Enforce {
+                OWNER_ENFORCE
+            } else {
+                0
+            },
+            ..OwnerRule::default()
+        };
+        if let Some(cgroup) = cgroups.of(owner) {
+            entry.flags |= OWNER_CGROUP;
+            if let Some(cg) = cgroup {
+                entry.cgroup_id = cg.id;
+                entry.cgroup_level = cg.level;
+            }
+        }
+        if let Some(user) = &owner.user {
+            entry.flags |= OWNER_UID;
+            entry.uid = user.uid;
+        }
+        if let Some(comm) = &owner.comm {
+            entry.flags |= OWNER_COMM;
+            let bytes = comm.as_bytes();
+            let n = bytes.len().min(15);
+            entry.comm[..n].copy_from_slice(&bytes[..n]);
+        }
+        // Nothing the kernel can check (exe alone): the gate judges.
+        if entry.flags & (OWNER_CGROUP | OWNER_UID | OWNER_COMM) == 0 {
+            continue;
+        }
+        let key = OwnerKey {
+            port: rule.ports.lo,
+            proto,
+            _pad: 0,
+        };
+        out.insert(key, entry);
+    }
+    out
+}
+
+/// Owners whose unit or cgroup does not exist now: binds of their port
+/// are refused until it does (the unit starts).
+pub fn missing_cgroups(policy: &Policy, cgroups: &Cgroups) -> Vec<String> {
+    policy
+        .rules
+        .iter()
+        .filter_map(|r| r.owner.as_ref().map(|o| (r, o)))
+        .filter(|(_, o)| cgroups.of(o) == Some(None))
+        .map(|(r, o)| format!("{} (owner {o})", r.ports))
+        .collect()
+}
+
+/// A kernel report as a stream event; the owner is the policy's.
+pub fn event(policy: &Policy, raw: RawBind, ts: std::time::SystemTime) -> BindEvent {
+    let owner = policy
+        .rules
+        .iter()
+        .find(|r| r.owner.is_some() && r.ports.contains(raw.proto, raw.port))
+        .and_then(|r| r.owner.as_ref())
+        .map(ToString::to_string)
+        .unwrap_or_else(|| "no longer in the policy".to_owned());
+    BindEvent {
+        ts,
+        port: format!("{}/{}", raw.proto.as_str(), raw.port),
+        addr: raw.addr,
+        pid: raw.tgid,
+        comm: Arc::from(raw.comm),
+        uid: raw.uid,
+        cgroup: crate::procinfo::cgroup_of(raw.tgid).map(Arc::from),
+        owner,
+        audit: raw.audit,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::policy::{OwnerUser, Rule};
+
+    /// A directory tree standing in for cgroupfs; removed when dropped.
+    struct Tree(PathBuf);
+    use std::path::Path;
+
+    impl Tree {
+        fn path(&self) -> &Path {
+            &self.0
+        }
+    }
+
+    impl Drop for Tree {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    fn tree() -> (Tree, Cgroups) {
+        static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let dir = Tree(
+            std::env::temp_dir().join(format!("portwatch-cgroups-{}-{n}", std::process::id())),
+        );
+        for d in [
+            "system.slice/redis-server.service",
+            "system.slice/web.slice/nginx.service",
+            "machine.slice/c1/system.slice/nginx.service",
+        ] {
+            std::fs::create_dir_all(dir.path().join(d)).expect("created");
+        }
+        let cgroups = Cgroups::new(dir.path().to_path_buf());
+        (dir, cgroups)
+    }
+
+    fn owned(spec: &str, owner: Owner) -> Rule {
+        let mut rule = Rule::parse(spec, &[], None).expect("a rule");
+        rule.owner = Some(owner);
+        rule
+    }
+
+    #[test]
+    fn units_resolve_to_the_shallowest_cgroup_of_their_name() {
+        let (_dir, cgroups) = tree();
+        assert_eq!(
+            cgroups.unit_path("nginx.service").as_deref(),
+            Some("/system.slice/web.slice/nginx.service")
+        );
+        assert_eq!(cgroups.unit_path("absent.service"), None);
+        let at = cgroups
+            .at("/system.slice/web.slice/nginx.service")
+            .expect("exists");
+        assert_eq!(at.level, 3);
+        assert_ne!(at.id, 0);
+        assert_eq!(cgroups.at("/").map(|c| c.level), Some(0));
+    }
+
+    #[test]
+    fn kernel_entries_hold_the_checkable_keys() {
+        let (_dir, cgroups) = tree();
+        let policy = Policy {
+            rules: vec![
+                owned(
+                    "tcp/6379",
+                    Owner {
+                        unit: Some("redis-server.service".into()),
+                        user: Some(OwnerUser {
+                            uid: 110,
+                            name: None,
+                        }),
+                        ..Owner::default()
+                    },
+                ),
+                owned(
+                    "udp/51820",
+                    Owner {
+                        exe: Some("/usr/bin/wireguard-go".into()),
+                        ..Owner::default()
+                    },
+                ),
+                owned(
+                    "tcp/443",
+                    Owner {
+                        unit: Some("stopped.service".into()),
+                        comm: Some("nginx".into()),
+                        ..Owner::default()
+                    },
+                ),
+            ],
+            ..Policy::default()
+        };
+        let rules = owner_rules(&policy, Mode::Enforce, &cgroups, 42);
+        let key = |port, proto| OwnerKey {
+            port,
+            proto,
+            _pad: 0,
+        };
+        assert_eq!(rules.len(), 2, "exe alone is for user space");
+        let redis = rules[&key(6379, IPPROTO_TCP)];
+        assert_eq!(redis.flags, OWNER_ENFORCE | OWNER_CGROUP | OWNER_UID);
+        assert_eq!(
+            (redis.uid, redis.cgroup_level, redis.netns_cookie),
+            (110, 2, 42)
+        );
+        assert_eq!(
+            Some(redis.cgroup_id),
+            cgroups
+                .at("/system.slice/redis-server.service")
+                .map(|c| c.id)
+        );
+        let web = rules[&key(443, IPPROTO_TCP)];
+        assert_eq!(web.cgroup_id, 0, "a stopped unit's port: nobody binds");
+        assert_eq!(&web.comm[..6], b"nginx\0");
+        assert_eq!(
+            missing_cgroups(&policy, &cgroups),
+            vec!["tcp/443 (owner unit stopped.service, comm nginx)".to_owned()]
+        );
+        let audit = owner_rules(&policy, Mode::Audit, &cgroups, 42);
+        assert_eq!(audit[&key(6379, IPPROTO_TCP)].flags & OWNER_ENFORCE, 0);
+    }
+
+    #[test]
+    fn a_unit_outside_the_cgroup_also_named_matches_nothing() {
+        let (_dir, cgroups) = tree();
+        let owner = Owner {
+            unit: Some("redis-server.service".into()),
+            cgroup: Some("/machine.slice".into()),
+            ..Owner::default()
+        };
+        assert_eq!(cgroups.of(&owner), Some(None));
+        let inside = Owner {
+            cgroup: Some("/system.slice".into()),
+            ..owner
+        };
+        assert!(matches!(cgroups.of(&inside), Some(Some(_))));
+    }
+}
