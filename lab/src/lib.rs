@@ -1,6 +1,6 @@
 //! The lab that portwatch's integration tests (`tests/`) and its development
 //! tasks (`xtask/`) share: network namespaces and veth pairs between them,
-//! child processes and commands bounded in time, temporary files, and a
+//! child processes and commands bounded in time, cgroups, temporary files, and a
 //! guard running with pins and a control socket of its own.
 //!
 //! Everything that creates something (a namespace, a process, a pin
@@ -14,6 +14,7 @@
 //! lab's results as their own.
 
 pub mod bounded;
+pub mod cgroup;
 pub mod guard;
 pub mod lines;
 pub mod listening;
@@ -25,6 +26,7 @@ pub mod tools;
 pub mod veth;
 
 pub use bounded::{Outcome, run, run_bounded, run_within};
+pub use cgroup::TestCgroup;
 pub use guard::{Guard, GuardPaths};
 pub use lines::{Lines, line_reader, wait_line};
 pub use listening::{spawn_server, wait_listening};

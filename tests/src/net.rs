@@ -209,3 +209,55 @@ pub fn pinned_guard(
     cmd.args(extra);
     Portwatch::start_command(cmd)
 }
+
+/// `portwatch guard` on the lab's server interface with `policy`, its
+/// control socket in the lab's directory (they go with the lab), and
+/// `extra` arguments.
+pub fn start_guard(lab: &Lab, policy: &TempFile, extra: &[&str]) -> Result<Portwatch> {
+    let socket = lab.socket()?;
+    let mut args = vec![
+        "guard",
+        "--iface",
+        &lab.server_if,
+        "--policy",
+        policy.as_str()?,
+        "--socket",
+        &socket,
+    ];
+    args.extend_from_slice(extra);
+    Portwatch::start_in(&lab.server, &args)
+}
+
+/// The guard's `status --json`.
+pub fn status_json(lab: &Lab) -> Result<serde_json::Value> {
+    let out = std::process::Command::new(portwatch_bin())
+        .args(["status", "--json", "--socket", &lab.socket()?])
+        .output()?;
+    anyhow::ensure!(
+        out.status.success(),
+        "status: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(serde_json::from_slice(&out.stdout)?)
+}
+
+/// The status line of the TCP listener on `port`.
+pub fn status_listener(lab: &Lab, port: u16) -> Result<serde_json::Value> {
+    let status = status_json(lab)?;
+    status["listeners"]
+        .as_array()
+        .and_then(|ls| ls.iter().find(|l| l["proto"] == "tcp" && l["port"] == port))
+        .cloned()
+        .with_context(|| format!("no tcp/{port} in {status}"))
+}
+
+/// Whether a TCP connect was dropped, not refused: socat says it timed out,
+/// and it took the whole connect timeout.
+pub fn assert_silently_dropped(probe: &TcpProbe, what: &str) {
+    assert_eq!(probe.result, Connect::TimedOut, "{what}: {probe:?}");
+    assert!(
+        probe.elapsed >= CONNECT_TIMEOUT - Duration::from_millis(100),
+        "{what}: gave up after {:?}, before the connect timeout: {probe:?}",
+        probe.elapsed
+    );
+}

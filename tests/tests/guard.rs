@@ -8,8 +8,8 @@ use anyhow::{Context as _, ensure};
 use portwatch_tests::{
     ChildGuard, Netns, Portwatch, Result,
     net::{
-        CONNECT_TIMEOUT, Connect, Lab, TempFile, http_server, run_bounded, tcp_probe,
-        tcp_reachable, tcp_server, udp_echo, udp_server,
+        CONNECT_TIMEOUT, Connect, Lab, TempFile, assert_silently_dropped, http_server, run_bounded,
+        start_guard, status_listener, tcp_probe, tcp_reachable, tcp_server, udp_echo, udp_server,
     },
     nmap::nmap,
     portwatch_bin, run,
@@ -17,25 +17,6 @@ use portwatch_tests::{
 use serde_json::Value;
 
 const WAIT: Duration = Duration::from_secs(10);
-
-/// `portwatch guard --iface SERVER_IF --policy FILE EXTRA... --json`, in
-/// the server namespace (whose private bpffs takes the pins with it), with a
-/// control socket of its own.
-fn start_guard(lab: &Lab, policy: &TempFile, extra: &[&str]) -> Result<Portwatch> {
-    // In the lab's directory: the socket and its lock file go with the lab.
-    let socket = lab.socket()?;
-    let mut args = vec![
-        "guard",
-        "--iface",
-        &lab.server_if,
-        "--policy",
-        policy.as_str()?,
-        "--socket",
-        &socket,
-    ];
-    args.extend_from_slice(extra);
-    Portwatch::start_in(&lab.server, &args)
-}
 
 /// The snapshot's listener line for `proto/port` in `ns`.
 fn snapshot_line<'a>(pw: &'a Portwatch, ns: &Netns, proto: &str, port: u16) -> Result<&'a Value> {
@@ -73,17 +54,6 @@ fn summary(pw: &Portwatch) -> Result<&Value> {
         "the last line is not the summary: {last}"
     );
     Ok(last)
-}
-
-/// Whether a TCP connect was dropped, not refused: socat says it timed out,
-/// and it took the whole connect timeout.
-fn assert_silently_dropped(probe: &portwatch_tests::net::TcpProbe, what: &str) {
-    assert_eq!(probe.result, Connect::TimedOut, "{what}: {probe:?}");
-    assert!(
-        probe.elapsed >= CONNECT_TIMEOUT - Duration::from_millis(100),
-        "{what}: gave up after {:?}, before the connect timeout: {probe:?}",
-        probe.elapsed
-    );
 }
 
 #[test]
@@ -790,148 +760,6 @@ fn guard_attaches_in_native_mode_on_a_jumbo_mtu() -> Result {
     );
     let _server = tcp_server(&lab.server, 8080)?;
     assert!(tcp_reachable(&lab.client, lab.server_v4(), 8080)?);
-    pw.stop()?;
-    Ok(())
-}
-
-/// The guard's one owned port from `status --json`.
-fn status_owned(lab: &Lab) -> Result<Value> {
-    let out = Command::new(portwatch_bin())
-        .args(["status", "--json", "--socket", &lab.socket()?])
-        .output()?;
-    ensure!(
-        out.status.success(),
-        "status: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let status: Value = serde_json::from_slice(&out.stdout)?;
-    match status["owned"].as_array().map(Vec::as_slice) {
-        Some([one]) => Ok(one.clone()),
-        _ => anyhow::bail!("not one owned port in {status}"),
-    }
-}
-
-/// The guard's listener entry for `tcp/port` from `status --json`.
-fn status_listener(lab: &Lab, port: u16) -> Result<Value> {
-    let out = Command::new(portwatch_bin())
-        .args(["status", "--json", "--socket", &lab.socket()?])
-        .output()?;
-    anyhow::ensure!(
-        out.status.success(),
-        "status: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let status: Value = serde_json::from_slice(&out.stdout)?;
-    status["listeners"]
-        .as_array()
-        .and_then(|ls| ls.iter().find(|l| l["proto"] == "tcp" && l["port"] == port))
-        .cloned()
-        .with_context(|| format!("no tcp/{port} in {status}"))
-}
-
-/// A port with an owner is open at XDP only while its owner listens:
-/// closed with nothing there, closed to a stranger on the port, open from
-/// the generator namespace once the owner (socat) listens, closed again
-/// within a second when the owner goes; the stream says when and why.
-#[test]
-fn an_owned_port_opens_only_while_its_owner_listens() -> Result {
-    let lab = Lab::new()?;
-    let policy = TempFile::new(
-        "owned",
-        "allow = [\n  { port = \"tcp/6379\", owner = { comm = \"socat\", user = \"root\" } },\n]\n",
-    )?;
-    let mut pw = start_guard(&lab, &policy, &["--metrics", "127.0.0.1:9464"])?;
-    let addr = lab.server_v4();
-    let metric = |open: u8, squatters: u8| -> Result<()> {
-        let out = run_bounded(
-            lab.server.command("curl").args([
-                "-sS",
-                "--max-time",
-                "5",
-                "http://127.0.0.1:9464/metrics",
-            ]),
-            None,
-            Duration::from_secs(10),
-            None,
-        )?;
-        ensure!(out.success(), "curl: {}", out.stderr);
-        for want in [
-            format!("portwatch_owned_port_open{{proto=\"tcp\",port=\"6379\"}} {open}"),
-            format!("portwatch_owned_port_squatters{{proto=\"tcp\",port=\"6379\"}} {squatters}"),
-        ] {
-            ensure!(
-                out.stdout.lines().any(|l| l == want),
-                "no {want:?} in\n{}",
-                out.stdout
-            );
-        }
-        Ok(())
-    };
-    metric(0, 0)?;
-
-    // Nothing listens: dropped, not refused (the port is closed at XDP).
-    assert_silently_dropped(&tcp_probe(&lab.client, addr, 6379, None)?, "no owner");
-
-    // A stranger on the owned port: still closed to the network.
-    let stranger = http_server(&lab.server, 6379, "/tmp")?;
-    pw.wait_for(Duration::from_secs(10), |v| {
-        v["event"] == "listen" && v["port"] == 6379 && v["comm"] == "python3"
-    })?;
-    assert_silently_dropped(
-        &tcp_probe(&lab.client, addr, 6379, None)?,
-        "a stranger listens",
-    );
-    let line = status_listener(&lab, 6379)?;
-    assert_eq!(line["exposure"], "blocked", "{line}");
-    assert_eq!(line["is_owner"], false, "{line}");
-    let owned = status_owned(&lab)?;
-    assert_eq!(owned["port"], "tcp/6379", "{owned}");
-    assert_eq!(owned["open"], false, "{owned}");
-    assert_eq!(owned["squatters"], 1, "{owned}");
-    metric(0, 1)?;
-    assert!(
-        !pw.seen.iter().any(|v| v["event"] == "gate"),
-        "no gate event for a stranger: {:?}",
-        pw.seen
-    );
-    drop(stranger);
-
-    // The owner listens: the port opens, and the stream says who opened it.
-    let owner = tcp_server(&lab.server, 6379)?;
-    let opened = pw.wait_for(Duration::from_secs(10), |v| {
-        v["event"] == "gate" && v["open"] == true
-    })?;
-    assert_eq!(opened["port"], "tcp/6379", "{opened}");
-    assert_eq!(opened["comm"], "socat", "{opened}");
-    assert_eq!(opened["owner"], "user root, comm socat", "{opened}");
-    assert!(opened["pid"].as_u64().is_some(), "{opened}");
-    assert!(tcp_reachable(&lab.client, addr, 6379)?, "the owner listens");
-    let line = status_listener(&lab, 6379)?;
-    assert_eq!(line["exposure"], "exposed", "{line}");
-    assert_eq!(line["is_owner"], true, "{line}");
-    let owned = status_owned(&lab)?;
-    assert_eq!(
-        (&owned["open"], &owned["comm"]),
-        (&Value::from(true), &Value::from("socat")),
-        "{owned}"
-    );
-    assert_eq!(owned["squatters"], 0, "{owned}");
-    metric(1, 0)?;
-
-    // The owner goes: closed again, whatever the kernel would answer.
-    drop(owner);
-    let closed = pw.wait_for(Duration::from_secs(10), |v| {
-        v["event"] == "gate" && v["open"] == false
-    })?;
-    assert_eq!(closed["port"], "tcp/6379", "{closed}");
-    assert_silently_dropped(&tcp_probe(&lab.client, addr, 6379, None)?, "owner gone");
-
-    // The policy shows the owner; the guard's log said it too.
-    let out = Command::new(portwatch_bin())
-        .args(["policy", "--json", "--socket", &lab.socket()?])
-        .output()?;
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert!(text.contains("user root, comm socat"), "{text}");
     pw.stop()?;
     Ok(())
 }

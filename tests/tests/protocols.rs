@@ -9,29 +9,13 @@
 use std::{net::IpAddr, thread, time::Duration};
 
 use portwatch_tests::{
-    Netns, Portwatch, Result,
-    net::{Lab, TempFile, host, run_bounded},
+    Netns, Result,
+    net::{Lab, TempFile, host, run_bounded, start_guard},
     portwatch_bin,
 };
 
 const MAGIC: &str = "pw-raw-probe";
 const WAIT: Duration = Duration::from_secs(10);
-
-fn start_guard(lab: &Lab, policy: &TempFile) -> Result<Portwatch> {
-    let socket = lab.socket()?;
-    Portwatch::start_in(
-        &lab.server,
-        &[
-            "guard",
-            "--iface",
-            &lab.server_if,
-            "--policy",
-            policy.as_str()?,
-            "--socket",
-            &socket,
-        ],
-    )
-}
 
 fn family(addr: IpAddr) -> &'static str {
     if addr.is_ipv4() { "IP4" } else { "IP6" }
@@ -95,7 +79,7 @@ fn only_permitted_protocols_reach_the_host_on_ipv4_and_ipv6() -> Result {
         "proto",
         "allow = [\"tcp/22\", \"proto/vrrp\", \"sctp/3868\"]\n",
     )?;
-    let mut pw = start_guard(&lab, &policy)?;
+    let mut pw = start_guard(&lab, &policy, &[])?;
     for to in [lab.server_v4(), lab.server_v6()] {
         assert!(delivered(&lab, to, 112, 0)?, "VRRP to {to} with proto/vrrp");
         assert!(!delivered(&lab, to, 47, 0)?, "GRE to {to} without a rule");
@@ -126,7 +110,7 @@ fn only_permitted_protocols_reach_the_host_on_ipv4_and_ipv6() -> Result {
 fn the_hosts_own_packets_of_a_protocol_admit_the_peers_answers() -> Result {
     let lab = Lab::new()?;
     let policy = TempFile::new("proto", "allow = [\"tcp/22\"]\n")?;
-    let mut pw = start_guard(&lab, &policy)?;
+    let mut pw = start_guard(&lab, &policy, &[])?;
     // ESP from a peer the host never spoke ESP to: dropped.
     assert!(!delivered(&lab, lab.server_v4(), 50, 0)?, "unsolicited ESP");
     // The host sends ESP to the peer (tc egress records it): the peer's

@@ -5,8 +5,8 @@
 use std::{collections::BTreeMap, net::IpAddr};
 
 use portwatch_tests::{
-    Portwatch, Result,
-    net::{Lab, TempFile, tcp_server, udp_server},
+    Result,
+    net::{Lab, TempFile, start_guard, tcp_server, udp_server},
     nmap::nmap,
 };
 
@@ -14,22 +14,6 @@ use portwatch_tests::{
 /// with a listener; tcp/9 and udp/9 blocked with none.
 const TCP_PORTS: &str = "22,8080,9";
 const UDP_PORTS: &str = "8081,9";
-
-fn start_guard(lab: &Lab, policy: &TempFile) -> Result<Portwatch> {
-    let socket = lab.socket()?;
-    Portwatch::start_in(
-        &lab.server,
-        &[
-            "guard",
-            "--iface",
-            &lab.server_if,
-            "--policy",
-            policy.as_str()?,
-            "--socket",
-            &socket,
-        ],
-    )
-}
 
 /// One scan's states, with the blocked listener's and the empty port's.
 fn scan(
@@ -55,7 +39,7 @@ fn every_scan_type_sees_a_blocked_listener_as_a_port_without_one() -> Result {
     let _tcp_blocked = tcp_server(&lab.server, 8080)?;
     let _udp_blocked = udp_server(&lab.server, 8081)?;
     let policy = TempFile::new("scan", "allow = [\"tcp/22\"]\n")?;
-    let mut pw = start_guard(&lab, &policy)?;
+    let mut pw = start_guard(&lab, &policy, &[])?;
 
     let tcp_scans: &[&[&str]] = &[
         &["-sS"],

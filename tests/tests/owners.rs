@@ -1,0 +1,344 @@
+//! Owned ports (#16): a rule's owner is enforced at bind() by the kernel
+//! (cgroup bind4/bind6 hooks) in the guarded namespace, and its port opens
+//! at XDP only while the owner listens. Real cgroups made by the tests,
+//! real processes moved into them (socat as the owner, python3 as the
+//! stranger), real packets from the lab's client namespace.
+
+use std::{process::Command, time::Duration};
+
+use anyhow::ensure;
+use portwatch_lab::TestCgroup;
+use portwatch_tests::{
+    Netns, Result,
+    net::{
+        Lab, TempFile, assert_silently_dropped, http_server, run_bounded, start_guard, status_json,
+        status_listener, tcp_probe, tcp_reachable, tcp_server,
+    },
+    portwatch_bin,
+};
+use serde_json::Value;
+
+const WAIT: Duration = Duration::from_secs(10);
+
+/// Binds one socket and says how it went: `bound`, or the errno's name.
+const TRY_BIND: &str = r#"
+import errno, socket, sys
+proto, host, port = sys.argv[1], sys.argv[2], int(sys.argv[3])
+family = socket.AF_INET6 if ':' in host else socket.AF_INET
+s = socket.socket(family, socket.SOCK_STREAM if proto == 'tcp' else socket.SOCK_DGRAM)
+if 'reuseport' in sys.argv[4:]:
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+try:
+    s.bind((host, port))
+    print('bound')
+except OSError as e:
+    print(errno.errorcode.get(e.errno, str(e.errno)))
+"#;
+
+/// Runs [`TRY_BIND`] with `cmd` (python3, wherever it runs) and returns
+/// what it printed.
+fn try_bind(
+    mut cmd: Command,
+    proto: &str,
+    host: &str,
+    port: u16,
+    reuseport: bool,
+) -> Result<String> {
+    cmd.args(["-c", TRY_BIND, proto, host, &port.to_string()]);
+    if reuseport {
+        cmd.arg("reuseport");
+    }
+    let out = run_bounded(&mut cmd, None, WAIT, None)?;
+    ensure!(out.success(), "python3 failed: {}", out.stderr);
+    Ok(out.stdout.trim().to_owned())
+}
+
+/// The guard's one owned port from `status --json`.
+fn status_owned(lab: &Lab) -> Result<Value> {
+    let status = status_json(lab)?;
+    match status["owned"].as_array().map(Vec::as_slice) {
+        Some([one]) => Ok(one.clone()),
+        _ => anyhow::bail!("not one owned port in {status}"),
+    }
+}
+
+/// The guard's metrics, scraped from inside its namespace.
+fn metrics(ns: &Netns, listen: &str) -> Result<String> {
+    let out = run_bounded(
+        ns.command("curl").args([
+            "-sS",
+            "--max-time",
+            "5",
+            &format!("http://{listen}/metrics"),
+        ]),
+        None,
+        WAIT,
+        None,
+    )?;
+    ensure!(out.success(), "curl: {}", out.stderr);
+    Ok(out.stdout)
+}
+
+/// Whether `text` has the sample line `want`.
+fn has_sample(text: &str, want: &str) -> bool {
+    text.lines().any(|l| l == want)
+}
+
+/// A port with an owner is open at XDP only while its owner listens. A
+/// stranger that held the port before the guard started squats on it: it
+/// stays unreachable, and status and metrics name it. Under the guard a
+/// stranger's bind is refused (EPERM) and reported. The owner (socat)
+/// opens the port to the generator namespace; when it goes the port closes
+/// within a second; the stream says when and why.
+#[test]
+fn an_owned_port_opens_only_while_its_owner_listens() -> Result {
+    let lab = Lab::new()?;
+    let policy = TempFile::new(
+        "owned",
+        "allow = [\n  { port = \"tcp/6379\", owner = { comm = \"socat\", user = \"root\" } },\n]\n",
+    )?;
+    // Bound before the guard: nothing at bind() could stop it.
+    let stranger = http_server(&lab.server, 6379, "/tmp")?;
+    let mut pw = start_guard(&lab, &policy, &["--metrics", "127.0.0.1:9464"])?;
+    let addr = lab.server_v4();
+    let metric = |open: u8, squatters: u8| -> Result<()> {
+        let text = metrics(&lab.server, "127.0.0.1:9464")?;
+        for want in [
+            format!("portwatch_owned_port_open{{proto=\"tcp\",port=\"6379\"}} {open}"),
+            format!("portwatch_owned_port_squatters{{proto=\"tcp\",port=\"6379\"}} {squatters}"),
+        ] {
+            ensure!(has_sample(&text, &want), "no {want:?} in\n{text}");
+        }
+        Ok(())
+    };
+
+    // A stranger on the owned port: closed to the network.
+    assert_silently_dropped(
+        &tcp_probe(&lab.client, addr, 6379, None)?,
+        "a stranger listens",
+    );
+    let line = status_listener(&lab, 6379)?;
+    assert_eq!(line["exposure"], "blocked", "{line}");
+    assert_eq!(line["is_owner"], false, "{line}");
+    let owned = status_owned(&lab)?;
+    assert_eq!(owned["port"], "tcp/6379", "{owned}");
+    assert_eq!(owned["open"], false, "{owned}");
+    assert_eq!(owned["squatters"], 1, "{owned}");
+    metric(0, 1)?;
+    drop(stranger);
+    pw.wait_for(WAIT, |v| v["event"] == "close" && v["port"] == 6379)?;
+
+    // Nothing listens: dropped, not refused.
+    assert_silently_dropped(&tcp_probe(&lab.client, addr, 6379, None)?, "no owner");
+    metric(0, 0)?;
+
+    // Under the guard, a stranger cannot take the port at all.
+    let got = try_bind(lab.server.command("python3"), "tcp", "::", 6379, false)?;
+    assert_eq!(got, "EPERM", "a stranger's bind");
+    let denied = pw.wait_for(WAIT, |v| v["event"] == "bind_denied")?;
+    assert_eq!(denied["port"], "tcp/6379", "{denied}");
+    assert_eq!(denied["comm"], "python3", "{denied}");
+    assert_eq!(denied["addr"], "::", "{denied}");
+    assert_eq!(denied["audit"], false, "{denied}");
+    assert_eq!(denied["owner"], "user root, comm socat", "{denied}");
+    assert!(
+        !pw.seen.iter().any(|v| v["event"] == "gate"),
+        "no gate event for a stranger: {:?}",
+        pw.seen
+    );
+
+    // The owner listens: the port opens, and the stream says who opened it.
+    let owner = tcp_server(&lab.server, 6379)?;
+    let opened = pw.wait_for(WAIT, |v| v["event"] == "gate" && v["open"] == true)?;
+    assert_eq!(opened["port"], "tcp/6379", "{opened}");
+    assert_eq!(opened["comm"], "socat", "{opened}");
+    assert_eq!(opened["owner"], "user root, comm socat", "{opened}");
+    assert!(opened["pid"].as_u64().is_some(), "{opened}");
+    assert!(tcp_reachable(&lab.client, addr, 6379)?, "the owner listens");
+    let line = status_listener(&lab, 6379)?;
+    assert_eq!(line["exposure"], "exposed", "{line}");
+    assert_eq!(line["is_owner"], true, "{line}");
+    let owned = status_owned(&lab)?;
+    assert_eq!(
+        (&owned["open"], &owned["comm"]),
+        (&Value::from(true), &Value::from("socat")),
+        "{owned}"
+    );
+    assert_eq!(owned["squatters"], 0, "{owned}");
+    metric(1, 0)?;
+
+    // The owner goes: closed again, whatever the kernel would answer.
+    drop(owner);
+    let closed = pw.wait_for(WAIT, |v| v["event"] == "gate" && v["open"] == false)?;
+    assert_eq!(closed["port"], "tcp/6379", "{closed}");
+    assert_silently_dropped(&tcp_probe(&lab.client, addr, 6379, None)?, "owner gone");
+
+    // The policy shows the owner.
+    let out = Command::new(portwatch_bin())
+        .args(["policy", "--json", "--socket", &lab.socket()?])
+        .output()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("user root, comm socat"), "{text}");
+    pw.stop()?;
+    Ok(())
+}
+
+/// An owner named by cgroup: processes in that cgroup or below it may bind
+/// the owned ports (TCP and UDP, IPv4 and IPv6, and join with
+/// SO_REUSEPORT); a process in another cgroup is refused with EPERM, also
+/// when it tries to join the owner's SO_REUSEPORT group, and each refusal
+/// is a `bind_denied` event naming its cgroup, counted in status and
+/// metrics. Binds in another network namespace are not the guard's.
+#[test]
+fn binds_of_owned_ports_are_refused_to_other_cgroups() -> Result {
+    let lab = Lab::new()?;
+    let mut cgroups = TestCgroup::new("own")?;
+    let owner_cg = cgroups.child("owner")?;
+    let worker_cg = cgroups.child("owner/worker")?;
+    let stranger_cg = cgroups.child("stranger")?;
+    let policy = TempFile::new(
+        "owned-cgroup",
+        &format!(
+            "allow = [\n  {{ port = \"tcp/6379\", owner = {{ cgroup = \"{owner_cg}\" }} }},\n  \
+             {{ port = \"udp/5353\", owner = {{ cgroup = \"{owner_cg}\" }} }},\n]\n"
+        ),
+    )?;
+    let mut pw = start_guard(&lab, &policy, &["--metrics", "127.0.0.1:9465"])?;
+    let python = |cg: &str| cgroups.command(cg, &lab.server, "python3");
+
+    for (proto, host, port) in [
+        ("tcp", "0.0.0.0", 6379),
+        ("tcp", "::", 6379),
+        ("udp", "127.0.0.1", 5353),
+        ("udp", "::1", 5353),
+    ] {
+        let what = format!("{proto} [{host}]:{port}");
+        assert_eq!(
+            try_bind(python(&stranger_cg), proto, host, port, false)?,
+            "EPERM",
+            "a stranger's bind of {what}"
+        );
+        assert_eq!(
+            try_bind(python(&owner_cg), proto, host, port, false)?,
+            "bound",
+            "the owner's bind of {what}"
+        );
+        assert_eq!(
+            try_bind(python(&worker_cg), proto, host, port, false)?,
+            "bound",
+            "a bind of {what} from below the owner's cgroup"
+        );
+    }
+    // Ports nobody owns, and the owned ports in another namespace: free.
+    assert_eq!(
+        try_bind(python(&stranger_cg), "tcp", "::", 6380, false)?,
+        "bound"
+    );
+    assert_eq!(
+        try_bind(
+            cgroups.command(&stranger_cg, &lab.client, "python3"),
+            "tcp",
+            "::",
+            6379,
+            false
+        )?,
+        "bound",
+        "another namespace"
+    );
+
+    // The owner listens with SO_REUSEPORT: its own second process may join
+    // the group, a stranger may not.
+    let mut socat = cgroups.command(&owner_cg, &lab.server, "socat");
+    socat
+        .args([
+            "TCP6-LISTEN:6379,ipv6only=0,reuseaddr,reuseport,fork",
+            "SYSTEM:echo hi",
+        ])
+        .stdin(std::process::Stdio::null());
+    let _owner = portwatch_lab::ChildGuard::spawn(&mut socat)?;
+    portwatch_lab::wait_listening(&lab.server, "tcp", 6379)?;
+    pw.wait_for(WAIT, |v| v["event"] == "gate" && v["open"] == true)?;
+    assert!(tcp_reachable(&lab.client, lab.server_v4(), 6379)?);
+    assert_eq!(
+        try_bind(python(&stranger_cg), "tcp", "::", 6379, true)?,
+        "EPERM",
+        "a stranger joining the owner's SO_REUSEPORT group"
+    );
+    assert_eq!(
+        try_bind(python(&worker_cg), "tcp", "::", 6379, true)?,
+        "bound",
+        "the owner's own process joining its group"
+    );
+
+    // Five refusals: four binds and the join, each reported.
+    let events = |pw: &portwatch_tests::Portwatch| -> Vec<Value> {
+        pw.seen
+            .iter()
+            .filter(|v| v["event"] == "bind_denied")
+            .cloned()
+            .collect()
+    };
+    let deadline = std::time::Instant::now() + WAIT;
+    while events(&pw).len() < 5 && std::time::Instant::now() < deadline {
+        let _ = pw.wait_for(Duration::from_millis(200), |_| false);
+    }
+    let denied = events(&pw);
+    assert_eq!(denied.len(), 5, "{denied:?}");
+    for ev in &denied {
+        assert_eq!(ev["cgroup"], stranger_cg.as_str(), "{ev}");
+        assert_eq!(ev["comm"], "python3", "{ev}");
+        assert_eq!(ev["audit"], false, "{ev}");
+        assert_eq!(ev["owner"], format!("cgroup {owner_cg}"), "{ev}");
+    }
+    let ports: Vec<&str> = denied.iter().filter_map(|v| v["port"].as_str()).collect();
+    assert_eq!(
+        ports,
+        ["tcp/6379", "tcp/6379", "udp/5353", "udp/5353", "tcp/6379"]
+    );
+    let status = status_json(&lab)?;
+    assert_eq!(status["totals"]["binds_refused"], 5, "{status}");
+    assert_eq!(status["totals"]["binds_audited"], 0, "{status}");
+    let text = metrics(&lab.server, "127.0.0.1:9465")?;
+    for want in [
+        "portwatch_owned_port_binds_total{verdict=\"refused\"} 5",
+        "portwatch_owned_port_binds_total{verdict=\"audited\"} 0",
+    ] {
+        assert!(has_sample(&text, want), "no {want:?} in\n{text}");
+    }
+    pw.stop()?;
+    Ok(())
+}
+
+/// In audit mode a stranger's bind of an owned port goes through, and the
+/// stream says it would have been refused.
+#[test]
+fn audit_mode_lets_a_strangers_bind_through_and_reports_it() -> Result {
+    let lab = Lab::new()?;
+    let mut cgroups = TestCgroup::new("aud")?;
+    let owner_cg = cgroups.child("owner")?;
+    let stranger_cg = cgroups.child("stranger")?;
+    let policy = TempFile::new(
+        "owned-audit",
+        &format!(
+            "mode = \"audit\"\nallow = [\n  {{ port = \"udp/5353\", owner = {{ cgroup = \"{owner_cg}\" }} }},\n]\n"
+        ),
+    )?;
+    let mut pw = start_guard(&lab, &policy, &[])?;
+    let got = try_bind(
+        cgroups.command(&stranger_cg, &lab.server, "python3"),
+        "udp",
+        "0.0.0.0",
+        5353,
+        false,
+    )?;
+    assert_eq!(got, "bound", "audit mode refuses nothing");
+    let audited = pw.wait_for(WAIT, |v| v["event"] == "bind_denied")?;
+    assert_eq!(audited["audit"], true, "{audited}");
+    assert_eq!(audited["port"], "udp/5353", "{audited}");
+    assert_eq!(audited["cgroup"], stranger_cg.as_str(), "{audited}");
+    let status = status_json(&lab)?;
+    assert_eq!(status["totals"]["binds_audited"], 1, "{status}");
+    assert_eq!(status["totals"]["binds_refused"], 0, "{status}");
+    pw.stop()?;
+    Ok(())
+}
