@@ -63,6 +63,15 @@ impl TestCgroup {
         Ok(format!("/{}", rel.display()))
     }
 
+    /// Removes child `name` (empty by now), as systemd does when a unit
+    /// stops; `child` makes it anew (a new cgroup, with a new id).
+    pub fn remove_child(&mut self, name: &str) -> Result<()> {
+        let rel = self.rel.join(name);
+        Self::remove(&self.root.join(&rel))?;
+        self.children.retain(|c| *c != rel);
+        Ok(())
+    }
+
     /// Its path as portwatch and /proc/PID/cgroup write it: `/NAME`.
     pub fn path(&self) -> String {
         format!("/{}", self.rel.display())

@@ -342,3 +342,63 @@ fn audit_mode_lets_a_strangers_bind_through_and_reports_it() -> Result {
     pw.stop()?;
     Ok(())
 }
+
+/// An owner whose cgroup does not exist yet (its unit has not started)
+/// holds its port for nobody; once the cgroup is made, the first bind from
+/// it goes through at once (the guard watches where cgroups are made), and
+/// so does the first bind after a restart (the cgroup made anew, with a new
+/// id), while a stranger stays refused throughout.
+#[test]
+fn a_restarted_owner_gets_its_port_back_at_once() -> Result {
+    let lab = Lab::new()?;
+    let mut cgroups = TestCgroup::new("rst")?;
+    let stranger_cg = cgroups.child("stranger")?;
+    let owner_cg = format!("{}/owner", cgroups.path());
+    let policy = TempFile::new(
+        "owned-later",
+        &format!(
+            "allow = [\n  {{ port = \"tcp/7000\", owner = {{ cgroup = \"{owner_cg}\" }} }},\n]\n"
+        ),
+    )?;
+    let mut pw = start_guard(&lab, &policy, &[])?;
+    let bind = |cgroups: &TestCgroup, cg: &str| {
+        try_bind(
+            cgroups.command(cg, &lab.server, "python3"),
+            "tcp",
+            "::",
+            7000,
+            false,
+        )
+    };
+    assert_eq!(
+        bind(&cgroups, &stranger_cg)?,
+        "EPERM",
+        "no owner yet: nobody binds"
+    );
+    for round in ["start", "restart"] {
+        cgroups.child("owner")?;
+        assert_eq!(
+            bind(&cgroups, &owner_cg)?,
+            "bound",
+            "the owner's first bind after its {round}"
+        );
+        assert_eq!(
+            bind(&cgroups, &stranger_cg)?,
+            "EPERM",
+            "a stranger after the owner's {round}"
+        );
+        cgroups.remove_child("owner")?;
+    }
+    pw.stop()?;
+    let refused: Vec<&Value> = pw
+        .seen
+        .iter()
+        .filter(|v| v["event"] == "bind_denied")
+        .collect();
+    assert_eq!(refused.len(), 3, "{refused:?}");
+    assert!(
+        refused.iter().all(|v| v["cgroup"] == stranger_cg.as_str()),
+        "only the stranger was refused: {refused:?}"
+    );
+    Ok(())
+}

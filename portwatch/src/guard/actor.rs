@@ -103,6 +103,9 @@ pub enum Input {
     Drops(Vec<Result<RawDrop, DecodeError>>),
     /// Binds of owned ports by others, as the bind hooks reported them.
     Binds(Vec<Result<RawBind, DecodeError>>),
+    /// An owner's cgroup may have been made or removed (a unit started or
+    /// stopped): the bind rules follow at once.
+    CgroupsChanged,
     Links(Vec<LinkChange>),
     /// Every few seconds: room in the table of rate-limited sources.
     Housekeeping,
@@ -295,16 +298,22 @@ impl Guard {
     /// Sweeps the buckets of rate-limited sources that filled up again out
     /// of the kernel's table: at once when new sources found it full, else
     /// once a minute while rules have limits.
-    pub fn housekeeping(&mut self) {
-        self.ticks += 1;
-        // A unit that started or restarted since has a cgroup of its own
-        // (a new id): its owner's binds must be let through.
+    /// Resolves the owners' units and cgroups again: one that started or
+    /// restarted has a cgroup of its own (a new id) whose binds must be let
+    /// through, one that stopped leaves its port to nobody.
+    pub fn owner_cgroups_changed(&mut self) {
         if self.policy.has_owners()
             && let Some(binds) = &mut self.binds
             && let Err(e) = binds.sync(&self.policy, self.mode)
         {
             log::warn!("updating the owned ports' bind rules failed: {e}");
         }
+    }
+
+    pub fn housekeeping(&mut self) {
+        self.ticks += 1;
+        // Also without inotify, a new cgroup is seen within a tick.
+        self.owner_cgroups_changed();
         let full = self.maps.totals().get(GuardStat::RateTableFull);
         let overflowed = full > self.table_full_seen;
         self.table_full_seen = full;

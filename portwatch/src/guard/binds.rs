@@ -6,7 +6,15 @@
 //! uid and comm. An owner named by `exe` alone is checked in user space on
 //! the listen event, where it keeps the port closed at XDP (the gate).
 
-use std::{collections::BTreeMap, os::unix::fs::MetadataExt, path::PathBuf, sync::Arc};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    os::unix::fs::MetadataExt,
+    path::PathBuf,
+    sync::Arc,
+};
+
+use nix::sys::inotify::{AddWatchFlags, InitFlags, Inotify, WatchDescriptor};
+use tokio::io::unix::AsyncFd;
 
 use portwatch_common::{
     IPPROTO_TCP, IPPROTO_UDP, OWNER_CGROUP, OWNER_COMM, OWNER_ENFORCE, OWNER_UID, OwnerKey,
@@ -14,22 +22,37 @@ use portwatch_common::{
 };
 
 use crate::{
-    datapath::{decode::RawBind, maps::OwnerMap, ring::RingReader},
+    datapath::{
+        decode::{DecodeError, RawBind, decode_bind},
+        maps::OwnerMap,
+        ring::RingReader,
+    },
     model::{BindEvent, Mode},
     policy::{Owner, Policy},
 };
+
+/// What woke the bind hooks' side of the loop.
+pub enum BindNews {
+    /// Bind reports, in the batch.
+    Reports,
+    /// A directory where owners' cgroups live changed.
+    CgroupsChanged,
+}
 
 /// The bind hooks as the guard holds them: their map, what it holds, and
 /// their reports.
 pub struct BindHooks {
     map: OwnerMap,
-    pub(super) reports: RingReader,
+    reports: RingReader,
     held: BTreeMap<OwnerKey, OwnerRule>,
     cgroups: Cgroups,
     netns_cookie: u64,
     /// Owned ports whose cgroup was missing at the last sync, to say so
     /// once rather than at every sync.
     missing: Vec<String>,
+    /// Where the owners' cgroups come and go; `None` without inotify (then
+    /// only the housekeeping tick re-resolves them).
+    watch: Option<CgroupWatch>,
 }
 
 impl BindHooks {
@@ -41,7 +64,42 @@ impl BindHooks {
             cgroups,
             netns_cookie,
             missing: Vec::new(),
+            watch: CgroupWatch::new()
+                .inspect_err(|e| {
+                    log::warn!(
+                        "cannot watch cgroups (inotify: {e}): a restarted owner's new cgroup is \
+                         seen within 5 s, its binds refused until then"
+                    );
+                })
+                .ok(),
         }
+    }
+
+    /// Waits for bind reports (decoded into `batch`) or for an owner's
+    /// cgroup to come or go.
+    pub async fn next(
+        &mut self,
+        batch: &mut Vec<Result<RawBind, DecodeError>>,
+    ) -> std::io::Result<BindNews> {
+        let watch = self.watch.as_mut();
+        tokio::select! {
+            read = self.reports.read_batch(|rec| batch.push(decode_bind(rec))) => {
+                read.map(|_| BindNews::Reports)
+            }
+            changed = async {
+                match watch {
+                    Some(w) => w.changed().await,
+                    None => std::future::pending().await,
+                }
+            } => changed.map(|()| BindNews::CgroupsChanged),
+        }
+    }
+
+    /// The reports queued now, without waiting.
+    pub fn drain(&mut self) -> Vec<Result<RawBind, DecodeError>> {
+        let mut batch = Vec::new();
+        self.reports.drain_now(|rec| batch.push(decode_bind(rec)));
+        batch
     }
 
     /// Puts `policy`'s owners in force at bind time (units resolved again:
@@ -52,6 +110,9 @@ impl BindHooks {
         if rules != self.held {
             self.map.apply(&self.held, &rules)?;
             self.held = rules;
+        }
+        if let Some(watch) = &mut self.watch {
+            watch.follow(self.cgroups.parents(policy));
         }
         let missing = missing_cgroups(policy, &self.cgroups);
         if missing != self.missing {
@@ -133,6 +194,43 @@ impl Cgroups {
         None
     }
 
+    /// The directories where the owners' cgroups are made and removed: the
+    /// parent of each one found, and for a unit not found the places
+    /// systemd makes units (the root and system.slice).
+    fn parents(&self, policy: &Policy) -> BTreeSet<PathBuf> {
+        let mut dirs = BTreeSet::new();
+        for owner in policy.rules.iter().filter_map(|r| r.owner.as_ref()) {
+            let path = match (&owner.unit, &owner.cgroup) {
+                (Some(unit), _) => self.unit_path(unit),
+                (None, Some(cgroup)) => Some(cgroup.clone()),
+                (None, None) => continue,
+            };
+            match path {
+                Some(path) => {
+                    let dir = self.root.join(path.trim_start_matches('/'));
+                    // The nearest ancestor that exists: a cgroup's parent
+                    // may be made with it.
+                    let mut parent = dir.parent().map(PathBuf::from);
+                    while let Some(p) = &parent {
+                        if p.is_dir() || !p.starts_with(&self.root) {
+                            break;
+                        }
+                        parent = p.parent().map(PathBuf::from);
+                    }
+                    if let Some(p) = parent.filter(|p| p.starts_with(&self.root)) {
+                        dirs.insert(p);
+                    }
+                }
+                None => {
+                    dirs.insert(self.root.clone());
+                    dirs.insert(self.root.join("system.slice"));
+                }
+            }
+        }
+        dirs.retain(|d| d.is_dir());
+        dirs
+    }
+
     /// The cgroup an owner names, as far as the kernel can check it: the
     /// unit's (which must lie within `cgroup` when both are given), else
     /// the cgroup's. `Some(None)`: it names one that does not exist now
@@ -146,6 +244,81 @@ impl Cgroups {
             (None, Some(cgroup)) => Some(cgroup.clone()),
         };
         Some(path.and_then(|p| self.at(&p)))
+    }
+}
+
+/// inotify on the directories where owners' cgroups live: a cgroup made or
+/// removed there (a unit started or stopped) is news at once, before the
+/// service's first bind().
+struct CgroupWatch {
+    fd: AsyncFd<Notify>,
+    watching: BTreeMap<PathBuf, WatchDescriptor>,
+}
+
+/// The inotify instance, as tokio registers it.
+struct Notify(Inotify);
+
+impl std::os::fd::AsRawFd for Notify {
+    fn as_raw_fd(&self) -> std::os::fd::RawFd {
+        std::os::fd::AsFd::as_fd(&self.0).as_raw_fd()
+    }
+}
+
+impl CgroupWatch {
+    fn new() -> std::io::Result<Self> {
+        let inotify = Inotify::init(InitFlags::IN_NONBLOCK | InitFlags::IN_CLOEXEC)?;
+        // SAFETY: the Inotify owns its fd, which stays open and the same
+        // until the AsyncFd (which owns the Inotify) is dropped.
+        let fd = unsafe {
+            AsyncFd::register_with_interest(Notify(inotify), tokio::io::Interest::READABLE)
+        }?;
+        Ok(Self {
+            fd,
+            watching: BTreeMap::new(),
+        })
+    }
+
+    /// Watches exactly `dirs`.
+    fn follow(&mut self, dirs: BTreeSet<PathBuf>) {
+        let gone: Vec<PathBuf> = self
+            .watching
+            .keys()
+            .filter(|d| !dirs.contains(*d))
+            .cloned()
+            .collect();
+        for dir in gone {
+            if let Some(wd) = self.watching.remove(&dir) {
+                // The directory may be gone already, and its watch with it.
+                let _ = self.fd.get_ref().0.rm_watch(wd);
+            }
+        }
+        let flags = AddWatchFlags::IN_CREATE
+            | AddWatchFlags::IN_DELETE
+            | AddWatchFlags::IN_MOVED_TO
+            | AddWatchFlags::IN_ONLYDIR;
+        for dir in dirs {
+            if self.watching.contains_key(&dir) {
+                continue;
+            }
+            match self.fd.get_ref().0.add_watch(&dir, flags) {
+                Ok(wd) => {
+                    self.watching.insert(dir, wd);
+                }
+                Err(e) => log::debug!("cannot watch {}: {e}", dir.display()),
+            }
+        }
+    }
+
+    /// Waits for the next change and takes every event queued with it.
+    async fn changed(&mut self) -> std::io::Result<()> {
+        loop {
+            let mut guard = self.fd.readable().await?;
+            match guard.get_inner().0.read_events() {
+                Ok(_) => return Ok(()),
+                Err(nix::errno::Errno::EAGAIN) => guard.clear_ready(),
+                Err(e) => return Err(e.into()),
+            }
+        }
     }
 }
 

@@ -32,7 +32,7 @@ use crate::{
     datapath::{
         Datapath,
         attach::XdpMode,
-        decode::{DecodeError, RawBind, decode_bind, decode_drop},
+        decode::{DecodeError, RawBind, decode_drop},
         maps::MapImage,
         pins::{DEFAULT_PIN_DIR, PinDir},
     },
@@ -481,10 +481,10 @@ impl Daemon for Guard {
                 read?;
                 Ok(Input::Drops(drops))
             }
-            read = next_binds(self.binds.as_mut(), &mut binds) => {
-                read?;
-                Ok(Input::Binds(binds))
-            }
+            news = next_binds(self.binds.as_mut(), &mut binds) => Ok(match news? {
+                binds::BindNews::Reports => Input::Binds(binds),
+                binds::BindNews::CgroupsChanged => Input::CgroupsChanged,
+            }),
             changes = next_links(links) => Ok(Input::Links(changes?)),
             // The guard holds the sender: this never ends.
             Some(loaded) = self.loaded_rx.recv() => Ok(Input::Loaded(Box::new(loaded))),
@@ -522,10 +522,7 @@ impl Daemon for Guard {
     fn drain(&mut self, pipeline: &mut Pipeline) -> io::Result<()> {
         let mut drops = Vec::new();
         self.drops.drain_now(|rec| drops.push(decode_drop(rec)));
-        let mut binds = Vec::new();
-        if let Some(hooks) = self.binds.as_mut() {
-            hooks.reports.drain_now(|rec| binds.push(decode_bind(rec)));
-        }
+        let binds = self.binds.as_mut().map(|b| b.drain()).unwrap_or_default();
         self.bind_events(pipeline, binds)?;
         self.drop_events(pipeline, drops)
     }
@@ -537,6 +534,7 @@ impl Guard {
             Input::Control(req) => return self.handle_request(pipeline, *req),
             Input::Drops(batch) => self.drop_events(pipeline, batch)?,
             Input::Binds(batch) => self.bind_events(pipeline, batch)?,
+            Input::CgroupsChanged => self.owner_cgroups_changed(),
             Input::Housekeeping => self.housekeeping(),
             Input::Loaded(loaded) => self.reload_loaded(pipeline, *loaded)?,
             Input::ConfirmExpired => {
@@ -569,17 +567,13 @@ async fn sleep_until(at: Option<tokio::time::Instant>) {
 }
 
 /// The next link changes when following them; never completes otherwise.
-/// The next batch of bind reports; never without the hooks.
+/// The bind hooks' next news; never without the hooks.
 async fn next_binds(
     hooks: Option<&mut binds::BindHooks>,
     batch: &mut Vec<Result<RawBind, DecodeError>>,
-) -> io::Result<usize> {
+) -> io::Result<binds::BindNews> {
     match hooks {
-        Some(h) => {
-            h.reports
-                .read_batch(|rec| batch.push(decode_bind(rec)))
-                .await
-        }
+        Some(h) => h.next(batch).await,
         None => std::future::pending().await,
     }
 }
