@@ -82,9 +82,7 @@ fn judge(ctx: &SockAddrContext, family: u16, addr: [u8; 16]) -> i32 {
     if unsafe { bpf_get_netns_cookie(ctx.as_ptr()) } != rule.netns_cookie {
         return ALLOW;
     }
-    let uid = bpf_get_current_uid_gid() as u32;
-    let comm = bpf_get_current_comm().unwrap_or([0; 16]);
-    if is_owner(&rule, uid, &comm) {
+    if is_owner(&rule) {
         return ALLOW;
     }
     let enforce = rule.flags & OWNER_ENFORCE != 0;
@@ -93,18 +91,14 @@ fn judge(ctx: &SockAddrContext, family: u16, addr: [u8; 16]) -> i32 {
     } else {
         GuardStat::BindsAudited
     });
-    report(port, proto as u8, family, addr, uid, comm, enforce);
+    report(port, proto as u8, family, addr, enforce);
     if enforce { REFUSE } else { ALLOW }
 }
 
+/// Every key the rule names must match; each helper runs only for a key
+/// that is named (a bind() of an owned port pays for its own checks only).
 #[inline(always)]
-fn is_owner(rule: &OwnerRule, uid: u32, comm: &[u8; 16]) -> bool {
-    if rule.flags & OWNER_UID != 0 && uid != rule.uid {
-        return false;
-    }
-    if rule.flags & OWNER_COMM != 0 && *comm != rule.comm {
-        return false;
-    }
+fn is_owner(rule: &OwnerRule) -> bool {
     if rule.flags & OWNER_CGROUP != 0 {
         // Id 0 is no cgroup (the owner's unit is not running): no match.
         // SAFETY: the helper takes any level; past the task's own depth it
@@ -114,19 +108,17 @@ fn is_owner(rule: &OwnerRule, uid: u32, comm: &[u8; 16]) -> bool {
             return false;
         }
     }
+    if rule.flags & OWNER_UID != 0 && bpf_get_current_uid_gid() as u32 != rule.uid {
+        return false;
+    }
+    if rule.flags & OWNER_COMM != 0 && bpf_get_current_comm().unwrap_or([0; 16]) != rule.comm {
+        return false;
+    }
     true
 }
 
 #[inline(always)]
-fn report(
-    port: u16,
-    proto: u8,
-    family: u16,
-    addr: [u8; 16],
-    uid: u32,
-    comm: [u8; 16],
-    enforce: bool,
-) {
+fn report(port: u16, proto: u8, family: u16, addr: [u8; 16], enforce: bool) {
     let Some(mut entry) = BINDS.reserve::<BindReport>(0) else {
         guard_count(GuardStat::BindReportsLost);
         return;
@@ -137,14 +129,14 @@ fn report(
         // SAFETY: no preconditions.
         cgroup_id: unsafe { bpf_get_current_cgroup_id() },
         tgid: (bpf_get_current_pid_tgid() >> 32) as u32,
-        uid,
+        uid: bpf_get_current_uid_gid() as u32,
         port,
         family,
         proto,
         verdict: if enforce { BIND_DENIED } else { BIND_AUDITED },
         _pad: [0; 2],
         addr,
-        comm,
+        comm: bpf_get_current_comm().unwrap_or([0; 16]),
     });
     entry.submit(0);
 }

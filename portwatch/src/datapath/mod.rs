@@ -18,7 +18,10 @@ use std::fs::File;
 
 use aya::{
     Ebpf, EbpfLoader,
-    programs::{CgroupAttachMode, CgroupSock, CgroupSockAddr, TracePoint},
+    programs::{
+        CgroupAttachMode, CgroupSock, CgroupSockAddr, TracePoint,
+        cgroup_sock_addr::CgroupSockAddrLink,
+    },
 };
 use portwatch_common::{map, prog};
 use tokio::io::{Interest, unix::AsyncFd};
@@ -33,6 +36,9 @@ use crate::{
     error::{Error, Result, program_error},
     sys,
 };
+
+const BIND_HINT: &str = "owned ports are enforced at bind() through cgroup sock_addr hooks \
+                         (Linux 4.17+, CONFIG_CGROUP_BPF)";
 
 /// A program of the object by name, as its concrete type.
 pub(crate) fn program<'a, T>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut T>
@@ -185,10 +191,11 @@ impl Datapath {
         Ok((maps, drops))
     }
 
-    /// Attaches the bind hooks of owned ports at the cgroup v2 root; returns
-    /// their policy map and report reader. They judge nothing until the
-    /// map names a port, and go with the `Datapath` (not pinned).
-    pub fn attach_bind_guard(&mut self) -> Result<(OwnerMap, RingReader)> {
+    /// Loads the bind hooks of owned ports (the verifier checks them now)
+    /// and opens their policy map and report reader. They attach only
+    /// while the policy owns ports ([`Datapath::attach_bind_hooks`]): a
+    /// host without owner rules pays nothing at bind().
+    pub fn bind_guard(&mut self) -> Result<(OwnerMap, RingReader)> {
         let owners = OwnerMap::open(&mut self.ebpf)?;
         let reports =
             RingReader::new(maps::ring(&mut self.ebpf, map::BINDS)?).map_err(|source| {
@@ -197,23 +204,32 @@ impl Datapath {
                     source,
                 }
             })?;
+        for name in [prog::BIND4, prog::BIND6] {
+            let prog: &mut CgroupSockAddr = program(&mut self.ebpf, name)?;
+            prog.load()
+                .map_err(program_error(format!("loading cgroup/{name}"), BIND_HINT))?;
+        }
+        Ok((owners, reports))
+    }
+
+    /// Attaches the loaded bind hooks at the cgroup v2 root; they stay
+    /// attached while the links live.
+    pub fn attach_bind_hooks(&mut self) -> Result<Vec<CgroupSockAddrLink>> {
         let root = sys::cgroup2_root()?;
-        let hint = "owned ports are enforced at bind() through cgroup sock_addr hooks                     (Linux 4.17+, CONFIG_CGROUP_BPF)";
+        let mut links = Vec::new();
         for name in [prog::BIND4, prog::BIND6] {
             let cgroup = File::open(&root).map_err(|source| Error::CgroupOpen {
                 path: root.clone(),
                 source,
             })?;
             let prog: &mut CgroupSockAddr = program(&mut self.ebpf, name)?;
-            prog.load()
-                .map_err(program_error(format!("loading cgroup/{name}"), hint))?;
-            prog.attach(cgroup, CgroupAttachMode::Single)
-                .map_err(program_error(
-                    format!("attaching cgroup/{name} at {}", root.display()),
-                    hint,
-                ))?;
+            let what = format!("attaching cgroup/{name} at {}", root.display());
+            let id = prog
+                .attach(cgroup, CgroupAttachMode::Single)
+                .map_err(program_error(what.clone(), BIND_HINT))?;
+            links.push(prog.take_link(id).map_err(program_error(what, BIND_HINT))?);
         }
-        Ok((owners, reports))
+        Ok(links)
     }
 
     /// Attaches the guard (tc egress, then XDP) to one interface, or

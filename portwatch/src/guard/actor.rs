@@ -302,9 +302,10 @@ impl Guard {
     /// restarted has a cgroup of its own (a new id) whose binds must be let
     /// through, one that stopped leaves its port to nobody.
     pub fn owner_cgroups_changed(&mut self) {
+        let datapath = &mut self.datapath;
         if self.policy.has_owners()
             && let Some(binds) = &mut self.binds
-            && let Err(e) = binds.sync(&self.policy, self.mode)
+            && let Err(e) = binds.sync(&self.policy, self.mode, || datapath.attach_bind_hooks())
         {
             log::warn!("updating the owned ports' bind rules failed: {e}");
         }
@@ -371,8 +372,9 @@ impl Guard {
         }
         // Bind rules first: if they cannot be written, nothing changed.
         if let Some(binds) = &mut self.binds {
+            let datapath = &mut self.datapath;
             binds
-                .sync(&policy, mode)
+                .sync(&policy, mode, || datapath.attach_bind_hooks())
                 .map_err(|e| format!("updating the owned ports' bind rules failed: {e}"))?;
         }
         // New owners start from zero, before any port points at them.
@@ -395,7 +397,8 @@ impl Guard {
             // Best effort: the error above is what the caller hears.
             let _ = self.maps.install(&image, &self.image, &back);
             if let Some(binds) = &mut self.binds {
-                let _ = binds.sync(&self.policy, self.mode);
+                let datapath = &mut self.datapath;
+                let _ = binds.sync(&self.policy, self.mode, || datapath.attach_bind_hooks());
             }
             return Err(format!("updating the kernel maps failed: {e}"));
         }

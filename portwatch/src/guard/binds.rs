@@ -13,6 +13,7 @@ use std::{
     sync::Arc,
 };
 
+use aya::programs::cgroup_sock_addr::CgroupSockAddrLink;
 use nix::sys::inotify::{AddWatchFlags, InitFlags, Inotify, WatchDescriptor};
 use tokio::io::unix::AsyncFd;
 
@@ -53,6 +54,9 @@ pub struct BindHooks {
     /// Where the owners' cgroups come and go; `None` without inotify (then
     /// only the housekeeping tick re-resolves them).
     watch: Option<CgroupWatch>,
+    /// The hooks' links at the cgroup root, held while the policy owns
+    /// ports; dropping them detaches the hooks.
+    links: Vec<CgroupSockAddrLink>,
 }
 
 impl BindHooks {
@@ -64,6 +68,7 @@ impl BindHooks {
             cgroups,
             netns_cookie,
             missing: Vec::new(),
+            links: Vec::new(),
             watch: CgroupWatch::new()
                 .inspect_err(|e| {
                     log::warn!(
@@ -102,14 +107,30 @@ impl BindHooks {
         batch
     }
 
+    /// Whether the hooks are attached.
+    pub fn attached(&self) -> bool {
+        !self.links.is_empty()
+    }
+
     /// Puts `policy`'s owners in force at bind time (units resolved again:
     /// a restarted unit has a new cgroup). A map write is made only for
-    /// what changed.
-    pub fn sync(&mut self, policy: &Policy, mode: Mode) -> crate::error::Result<()> {
+    /// what changed. The hooks are attached (`attach`) while there is an
+    /// owner for the kernel to check, and detached when none is left.
+    pub fn sync(
+        &mut self,
+        policy: &Policy,
+        mode: Mode,
+        attach: impl FnOnce() -> crate::error::Result<Vec<CgroupSockAddrLink>>,
+    ) -> crate::error::Result<()> {
         let rules = owner_rules(policy, mode, &self.cgroups, self.netns_cookie);
         if rules != self.held {
             self.map.apply(&self.held, &rules)?;
             self.held = rules;
+        }
+        if self.held.is_empty() {
+            self.links.clear();
+        } else if self.links.is_empty() {
+            self.links = attach()?;
         }
         if let Some(watch) = &mut self.watch {
             watch.follow(self.cgroups.parents(policy));
@@ -118,7 +139,8 @@ impl BindHooks {
         if missing != self.missing {
             for port in missing.iter().filter(|m| !self.missing.contains(m)) {
                 log::warn!(
-                    "{port}: its unit or cgroup does not exist now; binds of the port are                      refused until it does (re-resolved when it appears)"
+                    "{port}: its unit or cgroup does not exist now; binds of the port are \
+                     refused until it does (re-resolved when it appears)"
                 );
             }
             self.missing = missing;

@@ -290,13 +290,15 @@ fn bind_hooks(datapath: &mut Datapath) -> Option<binds::BindHooks> {
         Ok(cookie) => cookie,
         Err(e) => {
             log::warn!(
-                "owned ports are not enforced at bind(): the network namespace's cookie is                  unreadable (SO_NETNS_COOKIE, Linux 5.14+): {e}; they still open at XDP only                  while their owner listens"
+                "owned ports are not enforced at bind(): the network namespace's cookie is \
+                 unreadable (SO_NETNS_COOKIE, Linux 5.14+): {e}; they still open at XDP only \
+                 while their owner listens"
             );
             return None;
         }
     };
     let attached = crate::sys::cgroup2_root().and_then(|root| {
-        let (map, reports) = datapath.attach_bind_guard()?;
+        let (map, reports) = datapath.bind_guard()?;
         Ok(binds::BindHooks::new(
             map,
             reports,
@@ -308,7 +310,8 @@ fn bind_hooks(datapath: &mut Datapath) -> Option<binds::BindHooks> {
         Ok(hooks) => Some(hooks),
         Err(e) => {
             log::warn!(
-                "owned ports are not enforced at bind(): {e}; they still open at XDP only                  while their owner listens"
+                "owned ports are not enforced at bind(): {e}; they still open at XDP only \
+                 while their owner listens"
             );
             None
         }
