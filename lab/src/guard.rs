@@ -105,14 +105,23 @@ impl Guard {
         allow: &[&str],
         extra: &[&str],
     ) -> Result<Self> {
+        let rules: Vec<String> = allow.iter().map(|r| format!("\"{r}\"")).collect();
+        let policy = format!("mode = \"enforce\"\nallow = [{}]\n", rules.join(", "));
+        Self::start_with_policy(portwatch, netns, iface, &policy, extra)
+    }
+
+    /// Like [`Guard::start`], with the policy file's text as given.
+    pub fn start_with_policy(
+        portwatch: &Path,
+        netns: &Netns,
+        iface: &str,
+        policy_text: &str,
+        extra: &[&str],
+    ) -> Result<Self> {
         let paths = GuardPaths::new("g", portwatch)?;
         let policy = paths.run.join("policy.toml");
-        let rules: Vec<String> = allow.iter().map(|r| format!("\"{r}\"")).collect();
-        std::fs::write(
-            &policy,
-            format!("mode = \"enforce\"\nallow = [{}]\n", rules.join(", ")),
-        )
-        .with_context(|| format!("writing {}", policy.display()))?;
+        std::fs::write(&policy, policy_text)
+            .with_context(|| format!("writing {}", policy.display()))?;
         let errors = paths.run.join("guard.err");
         let stderr = std::fs::File::create(&errors)
             .with_context(|| format!("creating {}", errors.display()))?;

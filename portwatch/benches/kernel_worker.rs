@@ -7,8 +7,9 @@
 //!   of the guard, of two baselines from the benchmark object
 //!   (`bench_xdp_drop`, `bench_parse_drop`) and of xdp-filter's pinned program, on one frame
 //!   per traffic class; every program through the same syscall.
-//! - `calls --cycles N`: per-call latency of socket/bind/listen/close, for
-//!   the monitor's cost to the host.
+//! - `calls --cycles N [--port P]`: per-call latency of
+//!   socket/bind/listen/close (on 127.0.0.1:P, 0 by default), for the
+//!   monitor's and the bind hooks' cost to the host.
 
 use std::{
     net::{Ipv4Addr, Ipv6Addr},
@@ -586,7 +587,10 @@ fn ns_since(t: Instant) -> f64 {
 
 fn calls(args: &[String]) -> Result<Value> {
     let cycles = opt_u32(args, "--cycles", 20_000)? as usize;
-    let any = SockaddrIn::new(127, 0, 0, 1, 0);
+    // 0: the kernel picks one; a port of its own names it every time (an
+    // owned port's bind hook judges only named ports).
+    let port = u16::try_from(opt_u32(args, "--port", 0)?).context("--port wants 0-65535")?;
+    let any = SockaddrIn::new(127, 0, 0, 1, port);
     let backlog = Backlog::new(16)?;
     let mut t = [(); 7].map(|()| Vec::with_capacity(cycles));
     let started = Instant::now();

@@ -7,6 +7,7 @@
 //! one missing tool does not cost the other figures.
 
 pub mod attach;
+pub mod binds;
 pub mod charts;
 pub mod host;
 pub mod monitor;
@@ -53,12 +54,13 @@ pub fn bench(quick: bool, only: Option<&str>) -> Result<()> {
         portwatch,
         quick,
     };
-    let sections: [(&str, Runner); 6] = [
+    let sections: [(&str, Runner); 7] = [
         ("verdict", verdict::run),
         ("veth", veth::run),
         ("permitted", permitted::run),
         ("monitor", monitor::run),
         ("host", host::run),
+        ("binds", binds::run),
         ("policy", policy::run),
     ];
     let started = Instant::now();
