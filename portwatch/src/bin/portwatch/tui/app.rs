@@ -175,6 +175,8 @@ pub struct Row {
     pub rate: Option<f64>,
     /// The previous status answer's drop count, for the rate.
     sample: Option<(u64, Instant)>,
+    /// On an owned port: whether this listener is its owner.
+    pub is_owner: Option<bool>,
 }
 
 impl Row {
@@ -227,6 +229,10 @@ pub struct Header {
     pub drops: Vec<(&'static str, u64)>,
     pub suppressed: Option<u64>,
     pub events_lost: Option<u64>,
+    /// Owned ports: `tcp/6379 open (redis-server)`, `udp/53 closed`.
+    pub owned: Vec<String>,
+    /// Binds of owned ports by others: refused, audited.
+    pub binds: (u64, u64),
 }
 
 pub struct App {
@@ -669,6 +675,7 @@ impl App {
                             passed: old.as_ref().and_then(|o| o.passed),
                             dropped: old.as_ref().and_then(|o| o.dropped),
                             rate: old.as_ref().and_then(|o| o.rate),
+                            is_owner: old.as_ref().and_then(|o| o.is_owner),
                             sample: old.and_then(|o| o.sample),
                         },
                     );
@@ -791,6 +798,23 @@ impl App {
         ];
         header.suppressed = Some(t.reports_suppressed);
         header.events_lost = Some(t.events_lost);
+        header.binds = (t.binds_refused, t.binds_audited);
+        header.owned = status
+            .owned
+            .iter()
+            .map(|o| {
+                let state = match (&o.comm, o.open) {
+                    (Some(comm), true) => format!("open ({comm})"),
+                    (None, true) => "open".to_owned(),
+                    (_, false) => "closed".to_owned(),
+                };
+                let squat = match o.squatters {
+                    0 => String::new(),
+                    n => format!(", {n} squatting"),
+                };
+                format!("{} {state}{squat}", o.port)
+            })
+            .collect();
         for l in &status.listeners {
             let Some(row) = self.rows.get_mut(&RowKey::of_status(l)) else {
                 continue;
@@ -798,6 +822,7 @@ impl App {
             if let Some(e) = l.exposure {
                 row.exposure = Some(format::exposure(e, &l.exposed_via));
             }
+            row.is_owner = l.is_owner;
             row.passed = Some(l.pass_packets);
             row.dropped = Some(l.drop_packets);
             if let Some((before, then)) = row.sample {
@@ -1319,11 +1344,21 @@ mod tests {
                 passed: 10,
                 drop_no_rule: drops,
                 drop_source: 1,
+                binds_refused: 2,
                 ..Totals::default()
             },
+            owned: vec![portwatch::control::protocol::OwnedPort {
+                port: "tcp/6379".parse().expect("a port"),
+                owner: "unit redis-server.service".into(),
+                open: false,
+                pid: None,
+                comm: None,
+                squatters: 1,
+            }],
             listeners: vec![
                 ListenerStatus {
                     exposure: Some(Exposure::Blocked),
+                    is_owner: Some(false),
                     ..status_listener("0.0.0.0", 6379, 4, drops)
                 },
                 // Not in the stream (yet, or any more): not added.
@@ -1342,6 +1377,7 @@ mod tests {
         assert_eq!(redis(&app).rate, None, "one sample: no rate yet");
         assert_eq!(redis(&app).dropped, Some(100));
         assert_eq!(redis(&app).exposure.as_deref(), Some("blocked"));
+        assert_eq!(redis(&app).is_owner, Some(false), "a squatter");
         assert_eq!(app.total_len(), 3);
         app.on_status(&status(130), t0 + Duration::from_secs(2));
         assert_eq!(redis(&app).rate, Some(15.0));
@@ -1368,6 +1404,8 @@ mod tests {
                 ],
                 suppressed: Some(0),
                 events_lost: Some(0),
+                owned: vec!["tcp/6379 closed, 1 squatting".into()],
+                binds: (2, 0),
             }
         );
         assert_eq!(rate_text(None), "-");

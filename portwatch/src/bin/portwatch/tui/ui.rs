@@ -299,6 +299,17 @@ fn draw_header(frame: &mut Frame, app: &App, area: Rect) {
                 ));
             }
             second.push_str(&format!("  events lost {}", count(h.events_lost)));
+            if !h.owned.is_empty() {
+                second.push_str(&format!("  owned: {}", h.owned.join(", ")));
+            }
+            let (refused, audited) = h.binds;
+            if refused + audited > 0 {
+                second.push_str(&format!(
+                    "  binds by others refused {}, audited {}",
+                    compact(refused),
+                    compact(audited)
+                ));
+            }
             if let Some(n) = h.suppressed.filter(|n| *n > 0) {
                 second.push_str(&format!("  reports held back {}", compact(n)));
             }
@@ -338,7 +349,12 @@ fn cells(app: &App, row: &Row) -> [String; 10] {
         row.pid.map_or_else(dash, |p| p.to_string()),
         row.process.clone().unwrap_or_else(dash),
         row.user.clone().unwrap_or_else(dash),
-        row.exposure.clone().unwrap_or_else(dash),
+        match (&row.exposure, row.is_owner) {
+            (Some(e), Some(true)) => format!("{e}, owner"),
+            (Some(e), Some(false)) => format!("{e}, not owner"),
+            (Some(e), None) => e.clone(),
+            (None, _) => dash(),
+        },
         row.passed.map_or_else(dash, compact),
         row.dropped.map_or_else(dash, compact),
         if row.dropped.is_some() {
