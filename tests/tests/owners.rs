@@ -4,15 +4,15 @@
 //! real processes moved into them (socat as the owner, python3 as the
 //! stranger), real packets from the lab's client namespace.
 
-use std::{process::Command, time::Duration};
+use std::{path::Path, process::Command, time::Duration};
 
 use anyhow::ensure;
-use portwatch_lab::TestCgroup;
+use portwatch_lab::{TempDir, TestCgroup, spawn_server};
 use portwatch_tests::{
     Netns, Result,
     net::{
-        Lab, TempFile, assert_silently_dropped, http_server, run_bounded, start_guard, status_json,
-        status_listener, tcp_probe, tcp_reachable, tcp_server,
+        GuardPaths, Lab, TempFile, assert_silently_dropped, http_server, pinned_guard, run_bounded,
+        start_guard, status_json, status_listener, tcp_probe, tcp_reachable, tcp_server,
     },
     portwatch_bin,
 };
@@ -400,5 +400,95 @@ fn a_restarted_owner_gets_its_port_back_at_once() -> Result {
         refused.iter().all(|v| v["cgroup"] == stranger_cg.as_str()),
         "only the stranger was refused: {refused:?}"
     );
+    Ok(())
+}
+
+/// An owner named by its executable: a process with the owner's command
+/// name but another executable (a copy of socat elsewhere) may bind (the
+/// kernel checks the command name), but the port stays closed at XDP: it is
+/// not the owner, and status counts it as a squatter. The real executable
+/// opens the port.
+#[test]
+fn a_process_with_another_executable_does_not_open_the_port() -> Result {
+    let lab = Lab::new()?;
+    let policy = TempFile::new(
+        "owned-exe",
+        "allow = [\n  { port = \"tcp/6379\", owner = { comm = \"socat\", exe = \"/usr/bin/socat\" } },\n]\n",
+    )?;
+    let mut pw = start_guard(&lab, &policy, &[])?;
+    let dir = TempDir::new("exe")?;
+    let copy = dir.join("socat");
+    std::fs::copy("/usr/bin/socat", &copy)?;
+    let copy = copy.to_string_lossy().into_owned();
+    let impostor = spawn_server(
+        &lab.server,
+        "tcp",
+        6379,
+        &copy,
+        &[
+            "TCP6-LISTEN:6379,ipv6only=0,reuseaddr,fork",
+            "SYSTEM:echo hi",
+        ],
+    )?;
+    let listen = pw.wait_for(WAIT, |v| v["event"] == "listen" && v["port"] == 6379)?;
+    assert_eq!(listen["exe"], copy.as_str(), "{listen}");
+    assert_silently_dropped(
+        &tcp_probe(&lab.client, lab.server_v4(), 6379, None)?,
+        "another executable listens",
+    );
+    let owned = status_owned(&lab)?;
+    assert_eq!(owned["open"], false, "{owned}");
+    assert_eq!(owned["squatters"], 1, "{owned}");
+    drop(impostor);
+    pw.wait_for(WAIT, |v| v["event"] == "close" && v["port"] == 6379)?;
+
+    let _owner = tcp_server(&lab.server, 6379)?;
+    let opened = pw.wait_for(WAIT, |v| v["event"] == "gate" && v["open"] == true)?;
+    assert_eq!(opened["comm"], "socat", "{opened}");
+    assert!(tcp_reachable(&lab.client, lab.server_v4(), 6379)?);
+    pw.stop()?;
+    Ok(())
+}
+
+/// kill -9 leaves the gate as the pinned maps have it (open: the owner
+/// listened); the owner goes while no guard runs; the guard that adopts the
+/// pinned datapath works the gate out again from its snapshot (closed),
+/// and opens it when the owner is back.
+#[test]
+fn a_guard_adopting_after_kill_9_works_the_gate_out_again() -> Result {
+    let lab = Lab::new()?;
+    let paths = GuardPaths::new("ow")?;
+    let policy = TempFile::new(
+        "owned-adopt",
+        "allow = [\n  { port = \"tcp/6379\", owner = { comm = \"socat\" } },\n]\n",
+    )?;
+    let addr = lab.server_v4();
+    let owner = tcp_server(&lab.server, 6379)?;
+    let mut pw = pinned_guard(&lab, &paths, Path::new(policy.as_str()?), &[])?;
+    pw.wait_for(WAIT, |v| v["event"] == "gate" && v["open"] == true)?;
+    assert!(tcp_reachable(&lab.client, addr, 6379)?, "the owner listens");
+
+    portwatch_tests::signal(pw.pid(), libc::SIGKILL)?;
+    let _ = pw.stop();
+    assert!(
+        tcp_reachable(&lab.client, addr, 6379)?,
+        "while no guard runs, the pinned gate keeps its last state"
+    );
+    drop(owner);
+
+    let mut pw = pinned_guard(&lab, &paths, Path::new(policy.as_str()?), &[])?;
+    assert!(
+        pw.stderr().contains("adopted the pinned datapath"),
+        "{}",
+        pw.stderr()
+    );
+    assert_silently_dropped(
+        &tcp_probe(&lab.client, addr, 6379, None)?,
+        "the adopting guard found no owner",
+    );
+    let _owner = tcp_server(&lab.server, 6379)?;
+    pw.wait_for(WAIT, |v| v["event"] == "gate" && v["open"] == true)?;
+    assert!(tcp_reachable(&lab.client, addr, 6379)?, "the owner is back");
+    pw.stop()?;
     Ok(())
 }
