@@ -602,28 +602,40 @@ pub struct OwnerKey {
 
 /// `OwnerRule::flags`: refuse the bind (else only report it).
 pub const OWNER_ENFORCE: u32 = 1;
-/// `OwnerRule::flags`: the owner names a cgroup (`cgroup_id` at `cgroup_level`).
+/// `OwnerRule::flags`: the owner names a cgroup (`cgroup_id`).
 pub const OWNER_CGROUP: u32 = 2;
 /// `OwnerRule::flags`: the owner names a uid.
 pub const OWNER_UID: u32 = 4;
 /// `OwnerRule::flags`: the owner names a command.
 pub const OWNER_COMM: u32 = 8;
+/// `OwnerRule::flags`: the owner is a socket-activated unit: the service
+/// manager (a task in `manager_cgroup_id`) binds for it, or its helper: a
+/// root task named [`SYSTEMD_LISTEN_HELPER`] within the socket unit's slice
+/// (`helper_slice_id`), which systemd forks into the socket unit's cgroup
+/// to make the socket there.
+pub const OWNER_MANAGER: u32 = 16;
+/// The command name of systemd's socket-making helper, NUL padded.
+pub const SYSTEMD_LISTEN_HELPER: [u8; 16] = *b"(sd-listen)\0\0\0\0\0";
+/// How deep below the root a binding task's cgroup is looked at: "within
+/// cgroup X" walks the task's ancestors up to this depth. Cgroup ids are
+/// the same in every cgroup namespace, depths are not (a container's root
+/// is deep in the host's tree), so a cgroup is matched by id at any depth.
+pub const MAX_CGROUP_DEPTH: i32 = 32;
 
 /// Who may bind an owned port: the kernel-checkable keys of its owner.
 /// Every key flagged must match. A cgroup the owner names that does not
-/// exist now (its unit is stopped) has `cgroup_id` 0: no task is in it.
+/// exist now (its unit is stopped) has id 0: no task is in it.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct OwnerRule {
     /// Binds in other network namespaces are not judged.
     pub netns_cookie: u64,
-    /// The cgroup's id: a task matches when its ancestor at `cgroup_level`
-    /// (its own cgroup or one above it) has this id.
+    /// The owner's cgroup: a task matches when it is in it or below it.
     pub cgroup_id: u64,
-    pub cgroup_level: u32,
+    pub manager_cgroup_id: u64,
+    pub helper_slice_id: u64,
     pub uid: u32,
     pub flags: u32,
-    pub _pad: u32,
     /// NUL padded, compared whole.
     pub comm: [u8; 16],
 }
@@ -737,7 +749,8 @@ mod tests {
         const { assert!(FLOW_PORT_ENTRIES * FLOW_PORTS_PER_ENTRY >= POLICY_PORT_SLOTS) };
         assert_eq!(core::mem::size_of::<GuardConfig>(), 24);
         assert_eq!(core::mem::size_of::<OwnerKey>(), 4);
-        assert_eq!(core::mem::size_of::<OwnerRule>(), 48);
+        assert_eq!(core::mem::size_of::<OwnerRule>(), 56);
+        assert_eq!(&SYSTEMD_LISTEN_HELPER[..11], b"(sd-listen)");
         assert_eq!(BindReport::SIZE, 64);
         assert_eq!(bind_report_offsets::ADDR, 32);
         assert_eq!(bind_report_offsets::COMM, 48);

@@ -16,7 +16,8 @@ use aya_ebpf::{
 };
 use portwatch_common::{
     AF_INET, AF_INET6, BIND_AUDITED, BIND_DENIED, BindReport, GuardStat, IPPROTO_TCP, IPPROTO_UDP,
-    OWNER_CGROUP, OWNER_COMM, OWNER_ENFORCE, OWNER_UID, OwnerKey, OwnerRule,
+    MAX_CGROUP_DEPTH, OWNER_CGROUP, OWNER_COMM, OWNER_ENFORCE, OWNER_MANAGER, OWNER_UID, OwnerKey,
+    OwnerRule, SYSTEMD_LISTEN_HELPER,
 };
 
 use crate::maps::{BINDS, OWNERS, guard_count};
@@ -82,7 +83,7 @@ fn judge(ctx: &SockAddrContext, family: u16, addr: [u8; 16]) -> i32 {
     if unsafe { bpf_get_netns_cookie(ctx.as_ptr()) } != rule.netns_cookie {
         return ALLOW;
     }
-    if is_owner(&rule) {
+    if is_owner(&rule) || is_manager(&rule) {
         return ALLOW;
     }
     let enforce = rule.flags & OWNER_ENFORCE != 0;
@@ -95,18 +96,28 @@ fn judge(ctx: &SockAddrContext, family: u16, addr: [u8; 16]) -> i32 {
     if enforce { REFUSE } else { ALLOW }
 }
 
+/// The service manager (or its socket-making helper) binding a
+/// socket-activated owner's port for it.
+#[inline(always)]
+fn is_manager(rule: &OwnerRule) -> bool {
+    if rule.flags & OWNER_MANAGER == 0 {
+        return false;
+    }
+    if within(rule.manager_cgroup_id) {
+        return true;
+    }
+    rule.helper_slice_id != 0
+        && bpf_get_current_uid_gid() as u32 == 0
+        && bpf_get_current_comm().unwrap_or([0; 16]) == SYSTEMD_LISTEN_HELPER
+        && within(rule.helper_slice_id)
+}
+
 /// Every key the rule names must match; each helper runs only for a key
 /// that is named (a bind() of an owned port pays for its own checks only).
 #[inline(always)]
 fn is_owner(rule: &OwnerRule) -> bool {
-    if rule.flags & OWNER_CGROUP != 0 {
-        // Id 0 is no cgroup (the owner's unit is not running): no match.
-        // SAFETY: the helper takes any level; past the task's own depth it
-        // returns 0.
-        let at = unsafe { bpf_get_current_ancestor_cgroup_id(rule.cgroup_level as i32) };
-        if rule.cgroup_id == 0 || at != rule.cgroup_id {
-            return false;
-        }
+    if rule.flags & OWNER_CGROUP != 0 && !within(rule.cgroup_id) {
+        return false;
     }
     if rule.flags & OWNER_UID != 0 && bpf_get_current_uid_gid() as u32 != rule.uid {
         return false;
@@ -115,6 +126,30 @@ fn is_owner(rule: &OwnerRule) -> bool {
         return false;
     }
     true
+}
+
+/// Whether the current task's cgroup is `id` or below it. Walked from the
+/// root down by id, at whatever depth (see `MAX_CGROUP_DEPTH`); id 0 is no
+/// cgroup (an owner's unit that is not running).
+#[inline(always)]
+fn within(id: u64) -> bool {
+    if id == 0 {
+        return false;
+    }
+    let mut level = 0;
+    while level < MAX_CGROUP_DEPTH {
+        // SAFETY: the helper takes any level; past the task's own depth it
+        // returns 0.
+        let at = unsafe { bpf_get_current_ancestor_cgroup_id(level) };
+        if at == id {
+            return true;
+        }
+        if at == 0 {
+            return false;
+        }
+        level += 1;
+    }
+    false
 }
 
 #[inline(always)]

@@ -326,6 +326,18 @@ fn dump_netns(netns: Option<u64>) -> Result<Vec<RawSocket>, SnapshotError> {
     Ok(sockets)
 }
 
+/// Whether a socket listens on `proto` `addr`:`port` in the calling
+/// thread's namespace now: for a listener whose process is gone before it
+/// could be looked at (it handed the socket on, as systemd's socket-making
+/// helper does), where it lives.
+pub fn listens_here(proto: Proto, addr: IpAddr, port: u16) -> bool {
+    dump_netns(None).is_ok_and(|sockets| {
+        sockets
+            .iter()
+            .any(|s| s.proto == proto && s.addr == addr && s.port == port)
+    })
+}
+
 /// A connected UDP socket: the flow whose replies the host expects.
 /// IPv4-mapped addresses of dual-stack sockets are given as IPv4, as the
 /// packets carry them.

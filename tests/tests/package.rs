@@ -892,6 +892,18 @@ fn wait_until(within: Duration, what: &str, mut check: impl FnMut() -> Result<bo
     Ok(())
 }
 
+/// Binds one TCP or UDP socket and prints `bound` or the errno's name.
+const TRY_BIND: &str = r#"
+import errno, socket, sys
+proto, host, port = sys.argv[1], sys.argv[2], int(sys.argv[3])
+s = socket.socket(socket.AF_INET, socket.SOCK_STREAM if proto == 'tcp' else socket.SOCK_DGRAM)
+try:
+    s.bind((host, port))
+    print('bound')
+except OSError as e:
+    print(errno.errorcode.get(e.errno, str(e.errno)))
+"#;
+
 /// The capability mask of a `CapabilityBoundingSet=` line.
 fn capability_mask(set: &str) -> Result<u64> {
     const NAMES: &[(&str, u32)] = &[
@@ -964,6 +976,38 @@ fn systemd_runs_the_unit_in_a_booted_container() -> Result {
         std::fs::symlink_metadata(root.0.join(WANTS.trim_start_matches('/'))).is_ok(),
         "postinst did not enable the unit"
     );
+    // A socket-activated service that owns its port: systemd binds
+    // tcp/7070 for pw-echo.socket in its own cgroup, not the service's.
+    let units = root.0.join("etc/systemd/system");
+    std::fs::write(
+        units.join("pw-echo.socket"),
+        "[Socket]\nListenStream=7070\n\n[Install]\nWantedBy=sockets.target\n",
+    )?;
+    std::fs::write(
+        units.join("pw-echo.service"),
+        "[Service]\nExecStart=/bin/sleep infinity\n",
+    )?;
+    // No gettys: one forked by PID 1 at boot that never gets to exec
+    // holds every socket PID 1 had then, and a restarted socket unit would
+    // find its port taken.
+    for getty in [
+        "console-getty.service",
+        "container-getty@.service",
+        "getty@.service",
+        "serial-getty@.service",
+    ] {
+        std::os::unix::fs::symlink("/dev/null", units.join(getty))?;
+    }
+    std::fs::create_dir_all(units.join("sockets.target.wants"))?;
+    std::os::unix::fs::symlink(
+        "/etc/systemd/system/pw-echo.socket",
+        units.join("sockets.target.wants/pw-echo.socket"),
+    )?;
+    std::fs::write(
+        root.0.join(POLICY.trim_start_matches('/')),
+        "mode = \"enforce\"\nallow = [\n  \"tcp/22\",\n  \
+         { port = \"tcp/7070\", owner = { unit = \"pw-echo.service\" } },\n]\n",
+    )?;
 
     let ns = Netns::new("ct")?;
     let net = u8::try_from(std::process::id() % 200 + 22)?;
@@ -1000,6 +1044,83 @@ fn systemd_runs_the_unit_in_a_booted_container() -> Result {
     .with_context(|| journal(init).unwrap_or_default())?;
     ensure!(xdp_attached(&ns, &iface)?, "active, but no XDP on {iface}");
     assert_eq!(unit_property(init, "Type")?, "notify");
+
+    // Socket activation under an owner rule: systemd re-binds the socket
+    // unit's port (accepted: it binds for the owner), a stranger's bind is
+    // refused (EPERM, not EADDRINUSE: the hook answers first), and the port
+    // is open at XDP while systemd listens for the service.
+    inside(init, &["systemctl", "restart", "pw-echo.socket"]).with_context(|| {
+        let socket_log = inside(
+            init,
+            &[
+                "journalctl",
+                "-b",
+                "-u",
+                "pw-echo.socket",
+                "--no-pager",
+                "-o",
+                "cat",
+            ],
+        )
+        .unwrap_or_default();
+        let ss = inside(init, &["ss", "-ltnpe"]).unwrap_or_default();
+        format!("{socket_log}\n{ss}\n{}", journal(init).unwrap_or_default())
+    })?;
+    let socket_state = inside(
+        init,
+        &[
+            "systemctl",
+            "show",
+            "pw-echo.socket",
+            "-p",
+            "ActiveState",
+            "--value",
+        ],
+    )?;
+    assert_eq!(socket_state.trim(), "active", "{}", journal(init)?);
+    // The stranger is a unit of the container's (systemd-run), so in its
+    // cgroup tree, where the guard's hooks are.
+    let stranger = inside(
+        init,
+        &[
+            "systemd-run",
+            "--unit",
+            "pw-stranger",
+            "--wait",
+            "--pipe",
+            "--quiet",
+            "/usr/bin/python3",
+            "-c",
+            TRY_BIND,
+            "tcp",
+            "0.0.0.0",
+            "7070",
+        ],
+    )?;
+    assert_eq!(
+        stranger.trim(),
+        "EPERM",
+        "a stranger's bind of the owned port"
+    );
+    let mut owned = serde_json::Value::Null;
+    wait_until(Duration::from_secs(10), "tcp/7070 open for systemd", || {
+        let status: serde_json::Value =
+            serde_json::from_str(&inside(init, &["portwatch", "status", "--json"])?)?;
+        owned = status["owned"][0].clone();
+        Ok(owned["open"] == true)
+    })
+    .with_context(|| format!("{owned}"))?;
+    assert_eq!(owned["port"], "tcp/7070", "{owned}");
+    // PID 1, or the helper it forked to make the socket (gone by now).
+    assert!(
+        owned["comm"] == "systemd" || owned["comm"] == "(sd-listen)",
+        "{owned}"
+    );
+    wait_until(
+        Duration::from_secs(10),
+        "the refusal in the journal",
+        || Ok(journal(init)?.contains("refused (EPERM): python3")),
+    )?;
     ensure!(
         unit_property(init, "Before")?.contains("network-online.target"),
         "not before network-online.target"

@@ -16,6 +16,7 @@ use std::{
 use portwatch_common::GuardStat;
 
 use super::{
+    activation,
     binds::{self, BindHooks},
     confirm::{Pending, current_text, restore_text},
     gate::{self, Holder},
@@ -45,7 +46,8 @@ use crate::{
     model::{DropEvent, Event, Listener, Mode, PolicyEvent, Proto, Requester},
     pipeline::{Pipeline, exposure::ExposureView},
     policy::{
-        Policy, PortRange, Rule, compile::compile, slots::CounterSlots, store::write_atomically,
+        Activation, Policy, PortRange, Rule, compile::compile, slots::CounterSlots,
+        store::write_atomically,
     },
     procinfo,
 };
@@ -148,6 +150,9 @@ pub struct Guard {
     pub(super) drops: RingReader,
     /// Owned ports at bind(); none where the hooks could not attach.
     pub(super) binds: Option<BindHooks>,
+    /// Which owners' units are socket-activated, and by whom.
+    activation: Activation,
+    resolver: activation::Resolver,
     policy: Arc<Policy>,
     /// The policy as the kernel has it: rules with an owner only while
     /// the owner listens.
@@ -215,6 +220,8 @@ impl Guard {
             maps: parts.maps,
             drops: parts.drops,
             binds: parts.binds,
+            activation: Activation::default(),
+            resolver: activation::Resolver::default(),
             policy: Arc::new(Policy::default()),
             gated: Arc::new(Policy::default()),
             gate_open: BTreeMap::new(),
@@ -305,7 +312,9 @@ impl Guard {
         let datapath = &mut self.datapath;
         if self.policy.has_owners()
             && let Some(binds) = &mut self.binds
-            && let Err(e) = binds.sync(&self.policy, self.mode, || datapath.attach_bind_hooks())
+            && let Err(e) = binds.sync(&self.policy, self.mode, &self.activation, || {
+                datapath.attach_bind_hooks()
+            })
         {
             log::warn!("updating the owned ports' bind rules failed: {e}");
         }
@@ -313,6 +322,12 @@ impl Guard {
 
     pub fn housekeeping(&mut self) {
         self.ticks += 1;
+        // A unit may gain or lose a socket unit: ask systemd again now and
+        // then.
+        if self.ticks.is_multiple_of(FULL_SWEEP_EVERY) && self.policy.has_owners() {
+            self.resolver.forget();
+            self.activation = self.resolver.resolve(&self.policy);
+        }
         // Also without inotify, a new cgroup is seen within a tick.
         self.owner_cgroups_changed();
         let full = self.maps.totals().get(GuardStat::RateTableFull);
@@ -371,10 +386,11 @@ impl Guard {
             );
         }
         // Bind rules first: if they cannot be written, nothing changed.
+        let activation = self.resolver.resolve(&policy);
         if let Some(binds) = &mut self.binds {
             let datapath = &mut self.datapath;
             binds
-                .sync(&policy, mode, || datapath.attach_bind_hooks())
+                .sync(&policy, mode, &activation, || datapath.attach_bind_hooks())
                 .map_err(|e| format!("updating the owned ports' bind rules failed: {e}"))?;
         }
         // New owners start from zero, before any port points at them.
@@ -398,11 +414,14 @@ impl Guard {
             let _ = self.maps.install(&image, &self.image, &back);
             if let Some(binds) = &mut self.binds {
                 let datapath = &mut self.datapath;
-                let _ = binds.sync(&self.policy, self.mode, || datapath.attach_bind_hooks());
+                let _ = binds.sync(&self.policy, self.mode, &self.activation, || {
+                    datapath.attach_bind_hooks()
+                });
             }
             return Err(format!("updating the kernel maps failed: {e}"));
         }
         self.image = image;
+        self.activation = activation;
         self.policy = Arc::new(policy);
         self.gated = Arc::new(gated);
         self.mode = mode;
@@ -416,7 +435,12 @@ impl Guard {
         if !self.policy.has_owners() && self.gate_open.is_empty() {
             return Ok(());
         }
-        let now = gate::holders(&self.policy, pipeline.listeners(), self.netns);
+        let now = gate::holders(
+            &self.policy,
+            pipeline.listeners(),
+            self.netns,
+            &self.activation,
+        );
         // The same ports open: nothing for the kernel; the holder may
         // have changed (a restart handed the port over), which is kept.
         if now.keys().eq(self.gate_open.keys()) {
@@ -887,7 +911,7 @@ impl Guard {
                 let is_owner = owned_rules
                     .iter()
                     .find(|(ports, _)| ports.contains(l.proto, l.port))
-                    .map(|(_, owner)| owner.matches(&l.process));
+                    .map(|(_, owner)| owner.holds(&l.process, &self.activation));
                 let c = counters
                     .get(&self.slots.slot_of(l.proto, l.port))
                     .copied()
@@ -980,7 +1004,7 @@ impl Guard {
                 .iter()
                 .find(|r| r.ports == o.port)
                 .and_then(|r| r.owner.as_ref())
-                .is_some_and(|owner| owner.matches(&l.process));
+                .is_some_and(|owner| owner.holds(&l.process, &self.activation));
             if !is_owner {
                 o.squatters += 1;
             }

@@ -18,8 +18,8 @@ use nix::sys::inotify::{AddWatchFlags, InitFlags, Inotify, WatchDescriptor};
 use tokio::io::unix::AsyncFd;
 
 use portwatch_common::{
-    IPPROTO_TCP, IPPROTO_UDP, OWNER_CGROUP, OWNER_COMM, OWNER_ENFORCE, OWNER_UID, OwnerKey,
-    OwnerRule,
+    IPPROTO_TCP, IPPROTO_UDP, OWNER_CGROUP, OWNER_COMM, OWNER_ENFORCE, OWNER_MANAGER, OWNER_UID,
+    OwnerKey, OwnerRule,
 };
 
 use crate::{
@@ -29,7 +29,7 @@ use crate::{
         ring::RingReader,
     },
     model::{BindEvent, Mode},
-    policy::{Owner, Policy},
+    policy::{Activation, Owner, Policy},
 };
 
 /// What woke the bind hooks' side of the loop.
@@ -120,9 +120,10 @@ impl BindHooks {
         &mut self,
         policy: &Policy,
         mode: Mode,
+        activation: &Activation,
         attach: impl FnOnce() -> crate::error::Result<Vec<CgroupSockAddrLink>>,
     ) -> crate::error::Result<()> {
-        let rules = owner_rules(policy, mode, &self.cgroups, self.netns_cookie);
+        let rules = owner_rules(policy, mode, activation, &self.cgroups, self.netns_cookie);
         if rules != self.held {
             self.map.apply(&self.held, &rules)?;
             self.held = rules;
@@ -149,12 +150,11 @@ impl BindHooks {
     }
 }
 
-/// A cgroup as the kernel's ancestor helper sees it: its id (the inode of
-/// its directory in cgroupfs) and its depth below the root (the root is 0).
+/// A cgroup as the kernel knows it: its id, the inode of its directory in
+/// cgroupfs (the same in every cgroup namespace; its depth is not).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct CgroupRef {
     pub id: u64,
-    pub level: u32,
 }
 
 /// Looks cgroups up under the cgroup v2 mount.
@@ -179,11 +179,7 @@ impl Cgroups {
         if !meta.is_dir() {
             return None;
         }
-        let level = rel.split('/').filter(|p| !p.is_empty()).count() as u32;
-        Some(CgroupRef {
-            id: meta.ino(),
-            level,
-        })
+        Some(CgroupRef { id: meta.ino() })
     }
 
     /// The cgroup path of systemd unit `unit`: the shallowest directory of
@@ -358,9 +354,14 @@ fn under(path: &str, want: &str) -> bool {
 pub fn owner_rules(
     policy: &Policy,
     mode: Mode,
+    activation: &Activation,
     cgroups: &Cgroups,
     netns_cookie: u64,
 ) -> BTreeMap<OwnerKey, OwnerRule> {
+    let manager = activation
+        .manager_cgroup
+        .as_deref()
+        .and_then(|path| cgroups.at(path));
     let mut out = BTreeMap::new();
     for rule in &policy.rules {
         let Some(owner) = &rule.owner else { continue };
@@ -381,7 +382,6 @@ pub fn owner_rules(
             entry.flags |= OWNER_CGROUP;
             if let Some(cg) = cgroup {
                 entry.cgroup_id = cg.id;
-                entry.cgroup_level = cg.level;
             }
         }
         if let Some(user) = &owner.user {
@@ -397,6 +397,25 @@ pub fn owner_rules(
         // Nothing the kernel can check (exe alone): the gate judges.
         if entry.flags & (OWNER_CGROUP | OWNER_UID | OWNER_COMM) == 0 {
             continue;
+        }
+        // systemd binds a socket-activated unit's port: PID 1 itself, or
+        // its helper in the socket unit's slice.
+        if let Some(unit) = owner
+            .unit
+            .as_ref()
+            .filter(|u| activation.units.contains(*u))
+        {
+            entry.flags |= OWNER_MANAGER;
+            if let Some(m) = manager {
+                entry.manager_cgroup_id = m.id;
+            }
+            if let Some(slice) = activation
+                .helper_slices
+                .get(unit)
+                .and_then(|p| cgroups.at(p))
+            {
+                entry.helper_slice_id = slice.id;
+            }
         }
         let key = OwnerKey {
             port: rule.ports.lo,
@@ -497,9 +516,9 @@ mod tests {
         let at = cgroups
             .at("/system.slice/web.slice/nginx.service")
             .expect("exists");
-        assert_eq!(at.level, 3);
         assert_ne!(at.id, 0);
-        assert_eq!(cgroups.at("/").map(|c| c.level), Some(0));
+        assert!(cgroups.at("/").is_some());
+        assert_eq!(cgroups.at("/system.slice/absent.service"), None);
     }
 
     #[test]
@@ -536,7 +555,7 @@ mod tests {
             ],
             ..Policy::default()
         };
-        let rules = owner_rules(&policy, Mode::Enforce, &cgroups, 42);
+        let rules = owner_rules(&policy, Mode::Enforce, &Activation::default(), &cgroups, 42);
         let key = |port, proto| OwnerKey {
             port,
             proto,
@@ -545,10 +564,7 @@ mod tests {
         assert_eq!(rules.len(), 2, "exe alone is for user space");
         let redis = rules[&key(6379, IPPROTO_TCP)];
         assert_eq!(redis.flags, OWNER_ENFORCE | OWNER_CGROUP | OWNER_UID);
-        assert_eq!(
-            (redis.uid, redis.cgroup_level, redis.netns_cookie),
-            (110, 2, 42)
-        );
+        assert_eq!((redis.uid, redis.netns_cookie), (110, 42));
         assert_eq!(
             Some(redis.cgroup_id),
             cgroups
@@ -562,8 +578,31 @@ mod tests {
             missing_cgroups(&policy, &cgroups),
             vec!["tcp/443 (owner unit stopped.service, comm nginx)".to_owned()]
         );
-        let audit = owner_rules(&policy, Mode::Audit, &cgroups, 42);
+        let audit = owner_rules(&policy, Mode::Audit, &Activation::default(), &cgroups, 42);
         assert_eq!(audit[&key(6379, IPPROTO_TCP)].flags & OWNER_ENFORCE, 0);
+        // A socket-activated unit: the manager may bind for it.
+        let activation = Activation {
+            units: ["redis-server.service".to_owned()].into(),
+            manager_cgroup: Some("/system.slice".into()),
+            helper_slices: [(
+                "redis-server.service".to_owned(),
+                "/system.slice".to_owned(),
+            )]
+            .into(),
+        };
+        let activated = owner_rules(&policy, Mode::Enforce, &activation, &cgroups, 42);
+        let redis = activated[&key(6379, IPPROTO_TCP)];
+        assert_ne!(redis.flags & OWNER_MANAGER, 0);
+        assert_eq!(
+            Some(redis.manager_cgroup_id),
+            cgroups.at("/system.slice").map(|c| c.id)
+        );
+        assert_eq!(redis.helper_slice_id, redis.manager_cgroup_id);
+        assert_eq!(
+            activated[&key(443, IPPROTO_TCP)].flags & OWNER_MANAGER,
+            0,
+            "not activated"
+        );
     }
 
     #[test]

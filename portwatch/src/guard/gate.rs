@@ -7,7 +7,7 @@ use std::{collections::BTreeMap, sync::Arc, time::SystemTime};
 
 use crate::{
     model::{GateEvent, Listener},
-    policy::{Policy, PortRange},
+    policy::{Activation, Policy, PortRange},
 };
 
 /// The process that holds an owned port open.
@@ -23,6 +23,7 @@ pub fn holders<'a>(
     policy: &Policy,
     listeners: impl Iterator<Item = &'a Listener>,
     netns: Option<u64>,
+    activation: &Activation,
 ) -> BTreeMap<PortRange, Holder> {
     let owned: Vec<_> = policy
         .rules
@@ -35,7 +36,7 @@ pub fn holders<'a>(
     }
     for l in listeners.filter(|l| l.netns == netns) {
         for (ports, owner) in &owned {
-            if !ports.contains(l.proto, l.port) || !owner.matches(&l.process) {
+            if !ports.contains(l.proto, l.port) || !owner.holds(&l.process, activation) {
                 continue;
             }
             let holder = Holder {
@@ -128,21 +129,21 @@ mod tests {
         )
         .expect("a valid policy");
         let port = policy.rules[1].ports;
-        let none = holders(&policy, [].iter(), Some(1));
+        let none = holders(&policy, [].iter(), Some(1), &Activation::default());
         assert!(none.is_empty());
 
         let squatter = listener(6379, "python3", 40, 1);
         let elsewhere = listener(6379, "redis-server", 41, 2);
         let other_port = listener(6380, "redis-server", 42, 1);
         let shut = [squatter.clone(), elsewhere, other_port];
-        assert!(holders(&policy, shut.iter(), Some(1)).is_empty());
+        assert!(holders(&policy, shut.iter(), Some(1), &Activation::default()).is_empty());
 
         let owners = [
             squatter,
             listener(6379, "redis-server", 812, 1),
             listener(6379, "redis-server", 811, 1),
         ];
-        let open = holders(&policy, owners.iter(), Some(1));
+        let open = holders(&policy, owners.iter(), Some(1), &Activation::default());
         assert_eq!(open.len(), 1);
         assert_eq!(open[&port].pid, Some(811), "the lowest pid names it");
 

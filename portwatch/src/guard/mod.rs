@@ -6,6 +6,7 @@
 //! guard's state lives in one [`actor::Guard`]; control requests reach it
 //! through [`requests`].
 
+mod activation;
 pub mod actor;
 mod binds;
 pub mod confirm;

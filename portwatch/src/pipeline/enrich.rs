@@ -275,15 +275,25 @@ impl ProcCache {
         } else {
             Vec::new()
         };
+        let own_netns = self.own_netns;
         let cached = self.lookup(raw.tgid, &raw.comm, raw.uid);
-        let netns = cached.netns;
+        let mut netns = cached.netns;
+        let process = Arc::clone(&cached.info);
+        // The process is gone already (a helper that made the socket and
+        // handed it on): the socket may still listen, here.
+        if netns.is_none()
+            && raw.kind == EventKind::Listen
+            && crate::snapshot::listens_here(raw.proto, raw.addr, raw.port)
+        {
+            netns = own_netns;
+        }
         let listener = Listener {
             proto: raw.proto,
             addr: raw.addr,
             port: raw.port,
             sock_id: raw.sock_id,
-            netns: cached.netns,
-            process: Arc::clone(&cached.info),
+            netns,
+            process,
         };
         let netns_ifaces = self.netns_ifaces(raw.tgid, netns);
         Enriched {

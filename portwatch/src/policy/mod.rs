@@ -23,7 +23,7 @@ use std::{
 use ipnet::IpNet;
 
 pub use limit::{LimitError, RateLimit};
-pub use owner::{Owner, OwnerError, OwnerSpec, OwnerUser};
+pub use owner::{Activation, Owner, OwnerError, OwnerSpec, OwnerUser, SYSTEMD_LISTEN_HELPER};
 pub use spec::{PortRange, SpecError};
 
 use crate::model::IpProto;

@@ -3,9 +3,27 @@
 //! executable; every key given must match). The guard opens such a port at
 //! XDP only while a matching process listens on it.
 
-use std::fmt;
+use std::{collections::BTreeSet, fmt};
 
 use crate::model::ProcessInfo;
+
+/// Socket activation as the host's service manager has it: the owners'
+/// units that a socket unit starts, and the manager's own cgroup. The
+/// manager binds and listens on such a unit's port for it (`ssh.socket`
+/// for `ssh.service`), so it counts as that owner.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Activation {
+    pub units: BTreeSet<String>,
+    /// The service manager's cgroup v2 path (PID 1's, e.g. `/init.scope`).
+    pub manager_cgroup: Option<String>,
+    /// Per unit, the cgroup of the slice its socket unit runs in
+    /// (`/system.slice`): systemd makes the socket there, in a helper
+    /// process named `(sd-listen)`.
+    pub helper_slices: std::collections::BTreeMap<String, String>,
+}
+
+/// The command name of systemd's socket-making helper.
+pub const SYSTEMD_LISTEN_HELPER: &str = "(sd-listen)";
 
 /// The user an owner names: as written (for the file), and the uid it is.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -205,6 +223,26 @@ impl Owner {
         unit_ok && cgroup_ok && user_ok && comm_ok && exe_ok
     }
 
+    /// Whether `process` holds the port for this owner: it is the owner,
+    /// or the owner is a socket-activated unit and `process` is the service
+    /// manager that listens for it.
+    pub fn holds(&self, process: &ProcessInfo, activation: &Activation) -> bool {
+        if self.matches(process) {
+            return true;
+        }
+        let Some(unit) = self.unit.as_ref().filter(|u| activation.units.contains(*u)) else {
+            return false;
+        };
+        let manager = activation.manager_cgroup.is_some()
+            && process.cgroup.as_deref() == activation.manager_cgroup.as_deref();
+        // The helper exits as soon as the socket is made: what is known of
+        // it is what the kernel said (command name and uid).
+        let helper = activation.helper_slices.contains_key(unit)
+            && process.comm.as_deref() == Some(SYSTEMD_LISTEN_HELPER)
+            && process.uid == Some(0);
+        manager || helper
+    }
+
     /// The owner as a TOML inline table.
     pub fn to_toml(&self) -> String {
         let mut keys = Vec::new();
@@ -357,6 +395,49 @@ mod tests {
         assert!(by_exe.matches(&nested));
         let renamed = process("nginx", 33, "/", "/tmp/nginx");
         assert!(!by_exe.matches(&renamed));
+    }
+
+    #[test]
+    fn the_service_manager_holds_a_socket_activated_units_port() {
+        let systemd = process("systemd", 0, "/init.scope", "/usr/lib/systemd/systemd");
+        let ssh = Owner {
+            unit: Some("ssh.service".into()),
+            ..Owner::default()
+        };
+        let none = Activation::default();
+        assert!(!ssh.holds(&systemd, &none));
+        let activated = Activation {
+            units: BTreeSet::from(["ssh.service".to_owned()]),
+            manager_cgroup: Some("/init.scope".into()),
+            helper_slices: [("ssh.service".to_owned(), "/system.slice".to_owned())].into(),
+        };
+        assert!(ssh.holds(&systemd, &activated));
+        let helper = ProcessInfo {
+            pid: Some(4242),
+            comm: Some(Arc::from("(sd-listen)")),
+            uid: Some(0),
+            ..ProcessInfo::default()
+        };
+        assert!(ssh.holds(&helper, &activated), "systemd's helper");
+        let user_helper = ProcessInfo {
+            uid: Some(1000),
+            ..helper.clone()
+        };
+        assert!(!ssh.holds(&user_helper, &activated), "not root");
+        let sshd = process("sshd", 0, "/system.slice/ssh.service", "/usr/sbin/sshd");
+        assert!(ssh.holds(&sshd, &activated), "the service itself too");
+        let stranger = process(
+            "python3",
+            0,
+            "/user.slice/session-1.scope",
+            "/usr/bin/python3",
+        );
+        assert!(!ssh.holds(&stranger, &activated));
+        let other = Owner {
+            unit: Some("nginx.service".into()),
+            ..Owner::default()
+        };
+        assert!(!other.holds(&systemd, &activated), "not activated");
     }
 
     #[test]
