@@ -69,6 +69,58 @@ pub fn ssh_connection_of(pid: u32) -> Option<String> {
     None
 }
 
+/// The SHA-256 (lower-case hex) of the executable `pid` runs: the file it
+/// was started from (`/proc/PID/exe`, also when replaced or deleted on disk
+/// since). Read once per file: digests are kept by device, inode, size and
+/// modification time.
+pub fn exe_sha256(pid: u32) -> Option<String> {
+    use sha2::Digest;
+    use std::{
+        collections::HashMap,
+        io::Read,
+        os::unix::fs::MetadataExt,
+        sync::{Mutex, OnceLock},
+    };
+    type Key = (u64, u64, u64, i64, i64);
+    static DIGESTS: OnceLock<Mutex<HashMap<Key, String>>> = OnceLock::new();
+    // A bound on what is kept: a host runs few distinct owner executables.
+    const KEEP: usize = 256;
+
+    let mut file = fs::File::open(format!("/proc/{pid}/exe")).ok()?;
+    let meta = file.metadata().ok()?;
+    let key = (
+        meta.dev(),
+        meta.ino(),
+        meta.size(),
+        meta.mtime(),
+        meta.mtime_nsec(),
+    );
+    let digests = DIGESTS.get_or_init(|| Mutex::new(HashMap::new()));
+    if let Some(known) = digests.lock().ok()?.get(&key) {
+        return Some(known.clone());
+    }
+    let mut hasher = sha2::Sha256::new();
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        let n = file.read(&mut buf).ok()?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+    }
+    let hex: String = hasher
+        .finalize()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    let mut map = digests.lock().ok()?;
+    if map.len() >= KEEP {
+        map.clear();
+    }
+    map.insert(key, hex.clone());
+    Some(hex)
+}
+
 /// The cgroup v2 path of `pid`, when it can still be read.
 pub fn cgroup_of(pid: u32) -> Option<String> {
     fs::read(format!("/proc/{pid}/cgroup"))
@@ -285,6 +337,22 @@ pub fn listening_tcp_ports(pid: u32, ipv6: bool) -> Vec<u16> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn the_digest_of_the_running_executable_is_sha256sums() {
+        let exe = std::fs::read_link("/proc/self/exe").expect("our executable");
+        let out = std::process::Command::new("sha256sum")
+            .arg(&exe)
+            .output()
+            .expect("sha256sum runs");
+        let text = String::from_utf8_lossy(&out.stdout);
+        let want = text.split_whitespace().next().expect("a digest");
+        let got = exe_sha256(std::process::id()).expect("readable");
+        assert_eq!(got, want);
+        // Kept: the same answer without reading the file again.
+        assert_eq!(exe_sha256(std::process::id()).as_deref(), Some(want));
+        assert_eq!(exe_sha256(u32::MAX), None, "no such process");
+    }
+
     use std::{error::Error, net::TcpListener, os::fd::AsRawFd, path::Path};
 
     use super::*;

@@ -492,3 +492,61 @@ fn a_guard_adopting_after_kill_9_works_the_gate_out_again() -> Result {
     pw.stop()?;
     Ok(())
 }
+
+/// An owner pinned to its executable's contents: socat whose SHA-256 is the
+/// one named opens its port; the same socat on a port whose rule names
+/// another digest does not (a rebuilt or replaced binary is not the owner).
+#[test]
+fn an_owner_pinned_by_sha256_opens_only_with_that_executable() -> Result {
+    let lab = Lab::new()?;
+    let out = run_bounded(
+        Command::new("sha256sum").arg("/usr/bin/socat"),
+        None,
+        WAIT,
+        None,
+    )?;
+    ensure!(out.success(), "sha256sum: {}", out.stderr);
+    let digest = out
+        .stdout
+        .split_whitespace()
+        .next()
+        .map(str::to_owned)
+        .unwrap_or_default();
+    ensure!(digest.len() == 64, "{}", out.stdout);
+    let other = "0".repeat(64);
+    let policy = TempFile::new(
+        "owned-sha",
+        &format!(
+            "allow = [\n  {{ port = \"tcp/6379\", owner = {{ exe = \"/usr/bin/socat\", sha256 = \"{digest}\" }} }},\n  \
+             {{ port = \"tcp/6380\", owner = {{ exe = \"/usr/bin/socat\", sha256 = \"{other}\" }} }},\n]\n"
+        ),
+    )?;
+    let mut pw = start_guard(&lab, &policy, &[])?;
+    let _pinned = tcp_server(&lab.server, 6379)?;
+    let _other = tcp_server(&lab.server, 6380)?;
+    let opened = pw.wait_for(WAIT, |v| v["event"] == "gate" && v["open"] == true)?;
+    assert_eq!(opened["port"], "tcp/6379", "{opened}");
+    assert!(tcp_reachable(&lab.client, lab.server_v4(), 6379)?);
+    pw.wait_for(WAIT, |v| v["event"] == "listen" && v["port"] == 6380)?;
+    assert_silently_dropped(
+        &tcp_probe(&lab.client, lab.server_v4(), 6380, None)?,
+        "another digest",
+    );
+    let status = status_json(&lab)?;
+    let owned = status["owned"]
+        .as_array()
+        .and_then(|o| o.iter().find(|p| p["port"] == "tcp/6380"))
+        .cloned()
+        .unwrap_or_default();
+    assert_eq!(owned["open"], false, "{owned}");
+    assert_eq!(owned["squatters"], 1, "{owned}");
+    pw.stop()?;
+    assert!(
+        !pw.seen
+            .iter()
+            .any(|v| v["event"] == "gate" && v["port"] == "tcp/6380"),
+        "{:?}",
+        pw.seen
+    );
+    Ok(())
+}

@@ -41,7 +41,7 @@ pub(super) enum RawEntry {
     },
 }
 
-/// `owner = { unit = ..., cgroup = ..., user = ..., comm = ..., exe = ... }`.
+/// `owner = { unit = ..., cgroup = ..., user = ..., comm = ..., exe = ..., sha256 = ... }`.
 #[derive(Debug, Default)]
 pub(super) struct RawOwner {
     pub unit: Option<Spanned<String>>,
@@ -49,6 +49,7 @@ pub(super) struct RawOwner {
     pub user: Option<Spanned<RawUser>>,
     pub comm: Option<Spanned<String>>,
     pub exe: Option<Spanned<String>>,
+    pub sha256: Option<Spanned<String>>,
 }
 
 /// A user as a name or a uid.
@@ -248,7 +249,7 @@ impl<'de> Visitor<'de> for OwnerVisitor {
 
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<RawOwner, A::Error> {
         let key = || Key {
-            allowed: &["unit", "cgroup", "user", "comm", "exe"],
+            allowed: &["unit", "cgroup", "user", "comm", "exe", "sha256"],
             place: "an owner",
         };
         let mut owner = RawOwner::default();
@@ -262,7 +263,8 @@ impl<'de> Visitor<'de> for OwnerVisitor {
                 "cgroup" => owner.cgroup.is_some(),
                 "user" => owner.user.is_some(),
                 "comm" => owner.comm.is_some(),
-                _ => owner.exe.is_some(),
+                "exe" => owner.exe.is_some(),
+                _ => owner.sha256.is_some(),
             };
             if taken {
                 return Err(de::Error::duplicate_field(k));
@@ -272,7 +274,8 @@ impl<'de> Visitor<'de> for OwnerVisitor {
                 "cgroup" => owner.cgroup = Some(text(map.next_value()?)),
                 "user" => owner.user = Some(map.next_value()?),
                 "comm" => owner.comm = Some(text(map.next_value()?)),
-                _ => owner.exe = Some(text(map.next_value()?)),
+                "exe" => owner.exe = Some(text(map.next_value()?)),
+                _ => owner.sha256 = Some(text(map.next_value()?)),
             }
         }
         Ok(owner)

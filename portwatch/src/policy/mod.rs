@@ -883,6 +883,7 @@ fn owner_of(raw: file::RawOwner) -> Result<Owner, OwnerError> {
         user,
         comm: raw.comm.map(toml::Spanned::into_inner),
         exe: raw.exe.map(toml::Spanned::into_inner),
+        sha256: raw.sha256.map(|d| d.into_inner().to_ascii_lowercase()),
     };
     owner.check()?;
     Ok(owner)
@@ -1217,7 +1218,8 @@ allow = [
         let text = "allow = [\n  \"tcp/22\",\n  { port = \"tcp/6379\", from = [\"10.0.0.0/8\"], \
                     owner = { unit = \"redis-server.service\" } },\n  { port = \"tcp/443\", \
                     owner = { user = \"root\", comm = \"nginx\" } },\n  { port = \"udp/51820\", \
-                    owner = { exe = \"/usr/bin/wireguard-go\", user = 0 } },\n]\n";
+                    owner = { exe = \"/usr/bin/wireguard-go\", user = 0 } },\n  { port = \"udp/53\", \
+                    owner = { exe = \"/usr/sbin/unbound\", sha256 = \"ABCDEF0123456789abcdef0123456789ABCDEF0123456789abcdef0123456789\" } },\n]\n";
         let policy = Policy::parse(text).expect("valid");
         assert!(policy.has_owners());
         let owners: Vec<String> = policy
@@ -1236,7 +1238,8 @@ allow = [
                 "",
                 "unit redis-server.service",
                 "user root, comm nginx",
-                "uid 0, exe /usr/bin/wireguard-go"
+                "uid 0, exe /usr/bin/wireguard-go",
+                "exe /usr/sbin/unbound, sha256 abcdef0123456789…"
             ]
         );
         assert_eq!(
@@ -1268,7 +1271,7 @@ allow = [
         assert!(err("allow = [{ port = \"tcp/1\", owner = {} }]").contains("at least one of unit"));
         assert!(
             err("allow = [{ port = \"tcp/1\", owner = { name = \"x\" } }]").contains(
-                r#"unknown key "name" in an owner (expected unit, cgroup, user, comm or exe)"#
+                r#"unknown key "name" in an owner (expected unit, cgroup, user, comm, exe or sha256)"#
             )
         );
         assert!(

@@ -46,6 +46,9 @@ pub struct Owner {
     pub comm: Option<String>,
     /// The executable's path.
     pub exe: Option<String>,
+    /// The SHA-256 of the executable's contents (64 hex digits, lower
+    /// case), checked with `exe`.
+    pub sha256: Option<String>,
 }
 
 /// Why an owner as written cannot be used.
@@ -67,6 +70,10 @@ pub enum OwnerError {
     BadComm(String),
     #[error("exe {0:?} is not an absolute path")]
     BadExe(String),
+    #[error("sha256 {0:?} is not a SHA-256 digest (64 hex digits)")]
+    BadSha256(String),
+    #[error("sha256 is checked against the executable: give exe too")]
+    Sha256WithoutExe,
     #[error(
         "an owner rule names one port (e.g. \"tcp/6379\"), not {0}: the port opens while its \
          owner listens on it"
@@ -111,6 +118,8 @@ pub struct OwnerSpec {
     pub comm: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub exe: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sha256: Option<String>,
 }
 
 impl OwnerSpec {
@@ -134,6 +143,7 @@ impl OwnerSpec {
             user,
             comm: self.comm.clone(),
             exe: self.exe.clone(),
+            sha256: self.sha256.as_deref().map(str::to_ascii_lowercase),
         };
         owner.check()?;
         Ok(owner)
@@ -151,6 +161,7 @@ impl From<&Owner> for OwnerSpec {
             }),
             comm: owner.comm.clone(),
             exe: owner.exe.clone(),
+            sha256: owner.sha256.clone(),
         }
     }
 }
@@ -164,6 +175,7 @@ impl Owner {
             user,
             comm,
             exe,
+            sha256,
         } = self;
         if unit.is_none() && cgroup.is_none() && user.is_none() && comm.is_none() && exe.is_none() {
             return Err(OwnerError::Empty);
@@ -191,6 +203,14 @@ impl Owner {
             && !exe.starts_with('/')
         {
             return Err(OwnerError::BadExe(exe.clone()));
+        }
+        if let Some(digest) = sha256 {
+            if digest.len() != 64 || !digest.bytes().all(|b| b.is_ascii_hexdigit()) {
+                return Err(OwnerError::BadSha256(digest.clone()));
+            }
+            if exe.is_none() {
+                return Err(OwnerError::Sha256WithoutExe);
+            }
         }
         Ok(())
     }
@@ -220,7 +240,16 @@ impl Owner {
             .exe
             .as_deref()
             .is_none_or(|e| process.exe.as_deref() == Some(e));
-        unit_ok && cgroup_ok && user_ok && comm_ok && exe_ok
+        // Last: the only check that may read a file (once per executable).
+        let digest_ok = || {
+            self.sha256.as_deref().is_none_or(|want| {
+                process
+                    .pid
+                    .and_then(crate::procinfo::exe_sha256)
+                    .is_some_and(|got| got.eq_ignore_ascii_case(want))
+            })
+        };
+        unit_ok && cgroup_ok && user_ok && comm_ok && exe_ok && digest_ok()
     }
 
     /// Whether `process` holds the port for this owner: it is the owner,
@@ -265,6 +294,9 @@ impl Owner {
         if let Some(exe) = &self.exe {
             keys.push(format!("exe = {}", super::toml_str(exe)));
         }
+        if let Some(digest) = &self.sha256 {
+            keys.push(format!("sha256 = {}", super::toml_str(digest)));
+        }
         format!("{{ {} }}", keys.join(", "))
     }
 }
@@ -301,6 +333,10 @@ impl fmt::Display for Owner {
         }
         if let Some(exe) = &self.exe {
             parts.push(format!("exe {exe}"));
+        }
+        if let Some(digest) = &self.sha256 {
+            // Enough to tell builds apart in a line; the policy has it all.
+            parts.push(format!("sha256 {}…", &digest[..digest.len().min(16)]));
         }
         f.write_str(&parts.join(", "))
     }
@@ -519,6 +555,22 @@ mod tests {
                     ..Owner::default()
                 },
                 "not an absolute path",
+            ),
+            (
+                Owner {
+                    exe: Some("/usr/sbin/nginx".into()),
+                    sha256: Some("abc".into()),
+                    ..Owner::default()
+                },
+                "not a SHA-256 digest",
+            ),
+            (
+                Owner {
+                    comm: Some("nginx".into()),
+                    sha256: Some("0".repeat(64)),
+                    ..Owner::default()
+                },
+                "give exe too",
             ),
         ] {
             let e = check(owner.clone()).expect_err("refused");

@@ -72,6 +72,9 @@ pub struct OwnerArgs {
     /// A process running this executable.
     #[arg(long, value_name = "PATH")]
     pub owner_exe: Option<String>,
+    /// ... whose contents have this SHA-256 (64 hex digits; with --owner-exe).
+    #[arg(long, value_name = "HEX")]
+    pub owner_sha256: Option<String>,
 }
 
 impl OwnerArgs {
@@ -82,6 +85,7 @@ impl OwnerArgs {
             user: self.owner_user.clone(),
             comm: self.owner_comm.clone(),
             exe: self.owner_exe.clone(),
+            sha256: self.owner_sha256.clone(),
         }
     }
 }
