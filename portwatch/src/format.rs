@@ -40,6 +40,20 @@ pub fn bind(b: &crate::model::BindEvent) -> String {
     )
 }
 
+/// What a listener on an owned port that is not its owner says.
+pub fn not_owner(e: &crate::model::NotOwnerEvent) -> String {
+    let who = process(e.comm.as_deref(), e.pid);
+    let exe = e
+        .exe
+        .as_deref()
+        .map(|x| format!(", exe {x}"))
+        .unwrap_or_default();
+    format!(
+        "port {} stays closed: {who}{exe} listens but is not its owner ({})",
+        e.port, e.owner
+    )
+}
+
 /// The number of `tcp/6379`.
 fn port_of(port: &str) -> u16 {
     port.rsplit('/')

@@ -451,6 +451,20 @@ pub struct BindEvent {
     pub audit: bool,
 }
 
+/// A process listening on an owned port that is not its owner (another
+/// user, command, executable or digest): the port stays closed for it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NotOwnerEvent {
+    pub ts: SystemTime,
+    /// `tcp/6379`.
+    pub port: String,
+    pub pid: Option<u32>,
+    pub comm: Option<Arc<str>>,
+    pub exe: Option<Arc<str>>,
+    /// The owner the rule names.
+    pub owner: String,
+}
+
 /// The XDP attach mode an interface got.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -499,6 +513,8 @@ pub enum Event {
     Gate(GateEvent),
     /// A bind of an owned port by another process.
     Bind(BindEvent),
+    /// A listener on an owned port that is not its owner.
+    NotOwner(NotOwnerEvent),
     /// A guarded interface went away or came back.
     Interface {
         ts: SystemTime,

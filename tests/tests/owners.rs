@@ -125,6 +125,13 @@ fn an_owned_port_opens_only_while_its_owner_listens() -> Result {
     assert_eq!(owned["open"], false, "{owned}");
     assert_eq!(owned["squatters"], 1, "{owned}");
     metric(0, 1)?;
+    let squat = pw.wait_for(WAIT, |v| v["event"] == "not_owner")?;
+    assert_eq!(
+        (&squat["port"], &squat["comm"]),
+        (&Value::from("tcp/6379"), &Value::from("python3")),
+        "{squat}"
+    );
+    assert_eq!(squat["owner"], "user root, comm socat", "{squat}");
     drop(stranger);
     pw.wait_for(WAIT, |v| v["event"] == "close" && v["port"] == 6379)?;
 
@@ -439,6 +446,9 @@ fn a_process_with_another_executable_does_not_open_the_port() -> Result {
     let owned = status_owned(&lab)?;
     assert_eq!(owned["open"], false, "{owned}");
     assert_eq!(owned["squatters"], 1, "{owned}");
+    let squat = pw.wait_for(WAIT, |v| v["event"] == "not_owner")?;
+    assert_eq!(squat["exe"], copy.as_str(), "{squat}");
+    assert_eq!(squat["owner"], "comm socat, exe /usr/bin/socat", "{squat}");
     drop(impostor);
     pw.wait_for(WAIT, |v| v["event"] == "close" && v["port"] == 6379)?;
 

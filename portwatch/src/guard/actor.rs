@@ -43,7 +43,7 @@ use crate::{
         watch::{LinkChange, LinkWatch},
     },
     metrics::{GuardSnapshot, OwnedSeries, PortLabel},
-    model::{DropEvent, Event, Listener, Mode, PolicyEvent, Proto, Requester},
+    model::{DropEvent, Event, Listener, Mode, NotOwnerEvent, PolicyEvent, Proto, Requester},
     pipeline::{Pipeline, exposure::ExposureView},
     policy::{
         Activation, Policy, PortRange, Rule, compile::compile, slots::CounterSlots,
@@ -152,6 +152,8 @@ pub struct Guard {
     pub(super) binds: Option<BindHooks>,
     /// Which owners' units are socket-activated, and by whom.
     activation: Activation,
+    /// Listeners on owned ports that are not their owner, already said.
+    squatting: BTreeSet<(PortRange, Option<u32>)>,
     resolver: activation::Resolver,
     policy: Arc<Policy>,
     /// The policy as the kernel has it: rules with an owner only while
@@ -222,6 +224,7 @@ impl Guard {
             binds: parts.binds,
             activation: Activation::default(),
             resolver: activation::Resolver::default(),
+            squatting: BTreeSet::new(),
             policy: Arc::new(Policy::default()),
             gated: Arc::new(Policy::default()),
             gate_open: BTreeMap::new(),
@@ -433,8 +436,10 @@ impl Guard {
     /// which. On a failed update the gate stays as the kernel has it.
     pub fn regate(&mut self, pipeline: &mut Pipeline) -> std::io::Result<()> {
         if !self.policy.has_owners() && self.gate_open.is_empty() {
+            self.squatting.clear();
             return Ok(());
         }
+        self.say_squatters(pipeline)?;
         let now = gate::holders(
             &self.policy,
             pipeline.listeners(),
@@ -459,6 +464,40 @@ impl Guard {
         for event in events {
             pipeline.emit(Event::Gate(event))?;
         }
+        Ok(())
+    }
+
+    /// Says each listener on an owned port that is not its owner, once.
+    fn say_squatters(&mut self, pipeline: &mut Pipeline) -> std::io::Result<()> {
+        let now = gate::squatters(
+            &self.policy,
+            pipeline.listeners(),
+            self.netns,
+            &self.activation,
+        );
+        let ts = SystemTime::now();
+        for (key, s) in &now {
+            if self.squatting.contains(key) {
+                continue;
+            }
+            let owner = self
+                .policy
+                .rules
+                .iter()
+                .find(|r| r.ports == key.0)
+                .and_then(|r| r.owner.as_ref())
+                .map(ToString::to_string)
+                .unwrap_or_default();
+            pipeline.emit(Event::NotOwner(NotOwnerEvent {
+                ts,
+                port: key.0.to_string(),
+                pid: s.pid,
+                comm: s.comm.clone(),
+                exe: s.exe.clone(),
+                owner,
+            }))?;
+        }
+        self.squatting = now.into_keys().collect();
         Ok(())
     }
 

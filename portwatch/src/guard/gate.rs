@@ -55,6 +55,48 @@ pub fn holders<'a>(
     open
 }
 
+/// A listener on an owned port, in the guard's namespace, that is not its
+/// owner: the port stays closed for it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Squatter {
+    pub pid: Option<u32>,
+    pub comm: Option<Arc<str>>,
+    pub exe: Option<Arc<str>>,
+}
+
+/// Every squatter now, by owned port and pid.
+pub fn squatters<'a>(
+    policy: &Policy,
+    listeners: impl Iterator<Item = &'a Listener>,
+    netns: Option<u64>,
+    activation: &Activation,
+) -> BTreeMap<(PortRange, Option<u32>), Squatter> {
+    let owned: Vec<_> = policy
+        .rules
+        .iter()
+        .filter_map(|r| r.owner.as_ref().map(|o| (r.ports, o)))
+        .collect();
+    let mut out = BTreeMap::new();
+    if owned.is_empty() {
+        return out;
+    }
+    for l in listeners.filter(|l| l.netns == netns) {
+        for (ports, owner) in &owned {
+            if ports.contains(l.proto, l.port) && !owner.holds(&l.process, activation) {
+                out.insert(
+                    (*ports, l.process.pid),
+                    Squatter {
+                        pid: l.process.pid,
+                        comm: l.process.comm.clone(),
+                        exe: l.process.exe.clone(),
+                    },
+                );
+            }
+        }
+    }
+    out
+}
+
 /// The stream's events for the step from `before` to `after`: ports that
 /// opened, then ports that closed. A port that stays open under another
 /// owner process is not news.
@@ -166,6 +208,14 @@ mod tests {
             },
         );
         assert!(changes(&policy, &open, &other, ts).is_empty());
+
+        // Who squats: the python3 in the guard's namespace, once.
+        let squat = squatters(&policy, owners.iter(), Some(1), &Activation::default());
+        assert_eq!(squat.len(), 1);
+        assert_eq!(
+            squat.get(&(port, Some(40))).and_then(|s| s.comm.as_deref()),
+            Some("python3")
+        );
 
         // What the kernel gets: the owned rule only while it is open.
         assert_eq!(policy.gated(&Default::default()).rules.len(), 1);

@@ -449,6 +449,11 @@ impl<W: Write> Sink for HumanSink<W> {
                 };
                 self.line(&fixed, 15 + 1 + 6 + 1, &text)
             }
+            Event::NotOwner(n) => {
+                let (on, off) = self.paint(YELLOW);
+                let fixed = format!("{} {on}{:<6}{off} ", clock(n.ts), "owner");
+                self.line(&fixed, 15 + 1 + 6 + 1, &crate::format::not_owner(n))
+            }
             Event::Bind(b) => {
                 let (on, off) = self.paint(if b.audit { YELLOW } else { RED });
                 let fixed = format!("{} {on}{:<6}{off} ", clock(b.ts), "bind");

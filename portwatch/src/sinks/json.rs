@@ -18,8 +18,8 @@ use crate::{
     format::{parse_rfc3339, proto_name, rfc3339_micros},
     model::{
         AttachedMode, BindEvent, DropEvent, DropReason, Event, EventKind, Exposure, Family,
-        GateEvent, Listener, ListenerEvent, Mode, Origin, PolicyEvent, ProcessInfo, Proto, Reach,
-        Requester, SockId,
+        GateEvent, Listener, ListenerEvent, Mode, NotOwnerEvent, Origin, PolicyEvent, ProcessInfo,
+        Proto, Reach, Requester, SockId,
     },
 };
 
@@ -136,6 +136,18 @@ struct GateLine {
     owner: String,
 }
 
+/// `"event": "not_owner"`: a listener on an owned port that is not its owner.
+#[derive(Serialize, Deserialize)]
+struct NotOwnerLine {
+    ts: Ts,
+    event: Tag,
+    port: String,
+    pid: Option<u32>,
+    comm: Option<Arc<str>>,
+    exe: Option<Arc<str>>,
+    owner: String,
+}
+
 /// `"event": "bind_denied"`: a bind of an owned port by another process.
 #[derive(Serialize, Deserialize)]
 struct BindLine {
@@ -190,6 +202,8 @@ enum Tag {
     Gate,
     #[serde(rename = "bind_denied")]
     BindDenied,
+    #[serde(rename = "not_owner")]
+    NotOwner,
     Interface,
     Ready,
     Summary,
@@ -279,6 +293,7 @@ enum AnyLine {
     Policy(PolicyLine),
     Gate(GateLine),
     Bind(BindLine),
+    NotOwner(NotOwnerLine),
     Interface(InterfaceLine),
     Ready(ReadyLine),
     Summary(SummaryLine),
@@ -295,6 +310,7 @@ pub fn parse_line(text: &str) -> Result<Line, serde_json::Error> {
         AnyLine::Policy(l) => Some((l.event, Tag::Policy)),
         AnyLine::Gate(l) => Some((l.event, Tag::Gate)),
         AnyLine::Bind(l) => Some((l.event, Tag::BindDenied)),
+        AnyLine::NotOwner(l) => Some((l.event, Tag::NotOwner)),
         AnyLine::Interface(l) => Some((l.event, Tag::Interface)),
         AnyLine::Ready(l) => Some((l.event, Tag::Ready)),
         AnyLine::Summary(l) => Some((l.event, Tag::Summary)),
@@ -362,6 +378,14 @@ pub fn parse_line(text: &str) -> Result<Line, serde_json::Error> {
             cgroup: b.cgroup,
             owner: b.owner,
             audit: b.audit,
+        })),
+        AnyLine::NotOwner(n) => Line::Event(Event::NotOwner(NotOwnerEvent {
+            ts: n.ts.0,
+            port: n.port,
+            pid: n.pid,
+            comm: n.comm,
+            exe: n.exe,
+            owner: n.owner,
         })),
         AnyLine::Interface(i) => Line::Event(Event::Interface {
             ts: i.ts.0,
@@ -508,6 +532,15 @@ impl<W: Write> Sink for JsonSink<W> {
                 pid: g.pid,
                 comm: g.comm.clone(),
                 owner: g.owner.clone(),
+            }),
+            Event::NotOwner(n) => self.line(&NotOwnerLine {
+                ts: Ts(n.ts),
+                event: Tag::NotOwner,
+                port: n.port.clone(),
+                pid: n.pid,
+                comm: n.comm.clone(),
+                exe: n.exe.clone(),
+                owner: n.owner.clone(),
             }),
             Event::Bind(b) => self.line(&BindLine {
                 ts: Ts(b.ts),
@@ -758,6 +791,14 @@ mod tests {
                 cgroup: Some("/user.slice/user-1000.slice/session-4.scope".into()),
                 owner: "unit redis-server.service".into(),
                 audit: false,
+            }),
+            Event::NotOwner(NotOwnerEvent {
+                ts: ts(),
+                port: "tcp/6379".into(),
+                pid: Some(4242),
+                comm: Some("socat".into()),
+                exe: Some("/tmp/socat".into()),
+                owner: "exe /usr/bin/socat".into(),
             }),
             Event::Bind(BindEvent {
                 ts: ts(),

@@ -730,6 +730,13 @@ impl App {
                 };
                 self.log(LogKind::Policy, time_of_day(g.ts), text);
             }
+            Event::NotOwner(n) => {
+                self.log(
+                    LogKind::Policy,
+                    time_of_day(n.ts),
+                    portwatch::format::not_owner(n),
+                );
+            }
             Event::Bind(b) => {
                 let kind = if b.audit {
                     LogKind::Policy
