@@ -29,7 +29,7 @@ use crate::{
         ring::RingReader,
     },
     model::{BindEvent, Mode},
-    policy::{Activation, Owner, Policy},
+    policy::{Activation, Owner, Policy, cgroup_under},
 };
 
 /// What woke the bind hooks' side of the loop.
@@ -258,7 +258,7 @@ impl Cgroups {
             (None, None) => return None,
             (Some(unit), within) => self
                 .unit_path(unit)
-                .filter(|p| within.as_deref().is_none_or(|w| under(p, w))),
+                .filter(|p| within.as_deref().is_none_or(|w| cgroup_under(p, w))),
             (None, Some(cgroup)) => Some(cgroup.clone()),
         };
         Some(path.and_then(|p| self.at(&p)))
@@ -338,15 +338,6 @@ impl CgroupWatch {
             }
         }
     }
-}
-
-fn under(path: &str, want: &str) -> bool {
-    let want = want.trim_end_matches('/');
-    want.is_empty()
-        || path == want
-        || path
-            .strip_prefix(want)
-            .is_some_and(|rest| rest.starts_with('/'))
 }
 
 /// The kernel entries for `policy`'s owned ports: who may bind each one

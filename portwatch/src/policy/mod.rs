@@ -23,7 +23,9 @@ use std::{
 use ipnet::IpNet;
 
 pub use limit::{LimitError, RateLimit};
-pub use owner::{Activation, Owner, OwnerError, OwnerSpec, OwnerUser, SYSTEMD_LISTEN_HELPER};
+pub use owner::{
+    Activation, Owner, OwnerError, OwnerSpec, OwnerUser, SYSTEMD_LISTEN_HELPER, cgroup_under,
+};
 pub use spec::{PortRange, SpecError};
 
 use crate::model::IpProto;

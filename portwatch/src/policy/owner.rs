@@ -227,7 +227,7 @@ impl Owner {
         let cgroup_ok = self
             .cgroup
             .as_deref()
-            .is_none_or(|want| cgroup.is_some_and(|path| under(path, want)));
+            .is_none_or(|want| cgroup.is_some_and(|path| cgroup_under(path, want)));
         let user_ok = self
             .user
             .as_ref()
@@ -302,7 +302,7 @@ impl Owner {
 }
 
 /// Whether cgroup `path` is `want` or below it.
-fn under(path: &str, want: &str) -> bool {
+pub fn cgroup_under(path: &str, want: &str) -> bool {
     let want = want.trim_end_matches('/');
     want.is_empty()
         || path == want
