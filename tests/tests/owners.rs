@@ -560,3 +560,59 @@ fn an_owner_pinned_by_sha256_opens_only_with_that_executable() -> Result {
     );
     Ok(())
 }
+
+/// The time a line of the guard's JSON stream says, read by portwatch's own
+/// parser.
+fn ts_of(v: &Value) -> Result<std::time::SystemTime> {
+    use portwatch::{model::Event, sinks::json::Line};
+    match portwatch::sinks::json::parse_line(&v.to_string())? {
+        Line::Event(Event::Listener(ev)) => Ok(ev.ts),
+        Line::Event(Event::Bind(b)) => Ok(b.ts),
+        other => anyhow::bail!("no time in {other:?}"),
+    }
+}
+
+/// No gap across a restart: after kill -9 the monitor's and the bind
+/// hooks stay attached (pinned). While no guard runs, a stranger's bind of
+/// the owned port is still refused, and a listener opens and closes; the
+/// next guard (adopting the pinned datapath) reports all three from the
+/// pinned rings, with the times they happened.
+#[test]
+fn hooks_hold_across_kill_9_and_the_next_guard_hears_what_happened() -> Result {
+    let lab = Lab::new()?;
+    let paths = GuardPaths::new("hk")?;
+    let policy = TempFile::new(
+        "owned-hooks",
+        "allow = [\n  { port = \"tcp/6379\", owner = { comm = \"socat\" } },\n]\n",
+    )?;
+    let mut pw = pinned_guard(&lab, &paths, Path::new(policy.as_str()?), &[])?;
+    portwatch_tests::signal(pw.pid(), libc::SIGKILL)?;
+    let _ = pw.stop();
+
+    let before = std::time::SystemTime::now();
+    drop(tcp_server(&lab.server, 7777)?);
+    let got = try_bind(lab.server.command("python3"), "tcp", "::", 6379, false)?;
+    assert_eq!(got, "EPERM", "the pinned bind hook, with no guard running");
+    let after = std::time::SystemTime::now();
+
+    let mut pw = pinned_guard(&lab, &paths, Path::new(policy.as_str()?), &[])?;
+    assert!(
+        pw.stderr().contains("adopted the pinned datapath"),
+        "{}",
+        pw.stderr()
+    );
+    for event in ["listen", "close"] {
+        let line = pw.wait_for(WAIT, |v| v["event"] == event && v["port"] == 7777)?;
+        let ts = ts_of(&line)?;
+        assert!(
+            before <= ts && ts <= after,
+            "{event} of tcp/7777 at its own time, not the new guard's: {line}"
+        );
+    }
+    let denied = pw.wait_for(WAIT, |v| v["event"] == "bind_denied")?;
+    assert_eq!(denied["comm"], "python3", "{denied}");
+    let ts = ts_of(&denied)?;
+    assert!(before <= ts && ts <= after, "{denied}");
+    pw.stop()?;
+    Ok(())
+}

@@ -585,6 +585,11 @@ impl OwnerMap {
         })
     }
 
+    /// What the map holds (what a previous guard left pinned).
+    pub(crate) fn entries(&self) -> BTreeMap<OwnerKey, OwnerRule> {
+        self.map.iter().flatten().collect()
+    }
+
     /// Moves the map from `old` (what it holds) to `new`: entries that
     /// stay are replaced in place (an update is atomic per key, so a bind
     /// never sees a port unowned in between), the rest added or removed.

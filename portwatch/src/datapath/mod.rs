@@ -8,6 +8,7 @@
 
 pub mod attach;
 pub mod decode;
+pub mod hooks;
 pub mod maps;
 pub mod pins;
 pub mod ring;
@@ -18,16 +19,14 @@ use std::fs::File;
 
 use aya::{
     Ebpf, EbpfLoader,
-    programs::{
-        CgroupAttachMode, CgroupSock, CgroupSockAddr, TracePoint,
-        cgroup_sock_addr::CgroupSockAddrLink,
-    },
+    programs::{CgroupAttachMode, CgroupSock, CgroupSockAddr, TracePoint, links::FdLink},
 };
 use portwatch_common::{map, prog};
 use tokio::io::{Interest, unix::AsyncFd};
 
 use self::{
     attach::{Attached, XdpMode},
+    hooks::HookLink,
     maps::{GuardMaps, MonitorStats, OwnerMap},
     pins::{PINNED_MAPS, PinDir},
     ring::RingReader,
@@ -73,6 +72,8 @@ pub struct Datapath {
     logger: Option<tokio::task::JoinHandle<()>>,
     /// The guard's pinned links, held while the daemon runs.
     held_links: Vec<aya::programs::links::PinnedLink>,
+    /// The monitor's hook links (pinned for the guard).
+    hooks: Vec<HookLink>,
 }
 
 impl Datapath {
@@ -130,6 +131,7 @@ impl Datapath {
             feed: Some(MonitorFeed { events, stats }),
             logger,
             held_links: Vec::new(),
+            hooks: Vec::new(),
         })
     }
 
@@ -139,39 +141,106 @@ impl Datapath {
         self.feed.take()
     }
 
-    /// Attaches the TCP tracepoint and the UDP cgroup hooks.
+    /// Attaches the TCP tracepoint and the UDP cgroup hooks, held by the
+    /// `Datapath` (`watch`).
     pub fn attach_monitor(&mut self) -> Result<()> {
-        let tp: &mut TracePoint = program(&mut self.ebpf, prog::INET_SOCK_SET_STATE)?;
+        self.attach_monitor_with(None)
+    }
+
+    /// Like `attach_monitor`, with the links pinned in `pins` (the guard):
+    /// they stay attached while no guard runs, and a guard adopts those of
+    /// its own build that it finds there.
+    pub fn attach_monitor_pinned(&mut self, pins: &PinDir) -> Result<()> {
+        self.attach_monitor_with(Some(pins))
+    }
+
+    fn attach_monitor_with(&mut self, pins: Option<&PinDir>) -> Result<()> {
         let tp_hint =
             "TCP listeners are seen through this tracepoint (Linux 4.16+, CONFIG_TRACEPOINTS)";
+        let tp: &mut TracePoint = program(&mut self.ebpf, prog::INET_SOCK_SET_STATE)?;
         tp.load().map_err(program_error(
             "loading the tracepoint program".into(),
             tp_hint,
         ))?;
-        tp.attach("sock", "inet_sock_set_state")
-            .map_err(program_error(
-                "attaching to tracepoint sock/inet_sock_set_state".into(),
-                tp_hint,
-            ))?;
+        let tag = tp.info().map(|i| i.tag()).unwrap_or_default();
+        let (adopted, stale) = match pins {
+            Some(p) => hooks::adopt(&p.hook_link(prog::INET_SOCK_SET_STATE), tag),
+            None => (None, None),
+        };
+        if let Some(link) = adopted {
+            self.hooks.push(link);
+        } else {
+            let id = tp
+                .attach("sock", "inet_sock_set_state")
+                .map_err(program_error(
+                    "attaching to tracepoint sock/inet_sock_set_state".into(),
+                    tp_hint,
+                ))?;
+            if let Some(p) = pins {
+                let link = tp.take_link(id).map_err(program_error(
+                    "taking the tracepoint's link".into(),
+                    tp_hint,
+                ))?;
+                let pin = p.hook_link(prog::INET_SOCK_SET_STATE);
+                match FdLink::try_from(link) {
+                    Ok(fd) => self.hooks.push(hooks::pin(fd, &pin, stale)?),
+                    Err(_) => {
+                        // Only bpf_link attachments pin (Linux 5.15+ for
+                        // tracepoints): attach again, held by the daemon.
+                        log::warn!(
+                            "the tracepoint cannot be pinned on this kernel: listener events \
+                             are seen only while the guard runs"
+                        );
+                        tp.attach("sock", "inet_sock_set_state")
+                            .map_err(program_error(
+                                "attaching to tracepoint sock/inet_sock_set_state".into(),
+                                tp_hint,
+                            ))?;
+                        if let Some(old) = stale {
+                            old.release();
+                        }
+                    }
+                }
+            }
+        }
 
         let root = sys::cgroup2_root()?;
         let cg_hint =
             "UDP binds are seen through cgroup socket hooks (Linux 4.17+, CONFIG_CGROUP_BPF)";
         for name in [prog::POST_BIND4, prog::POST_BIND6, prog::SOCK_RELEASE] {
+            let prog: &mut CgroupSock = program(&mut self.ebpf, name)?;
+            prog.load()
+                .map_err(program_error(format!("loading cgroup/{name}"), cg_hint))?;
+            let tag = prog.info().map(|i| i.tag()).unwrap_or_default();
+            let (adopted, stale) = match pins {
+                Some(p) => hooks::adopt(&p.hook_link(name), tag),
+                None => (None, None),
+            };
+            if let Some(link) = adopted {
+                self.hooks.push(link);
+                continue;
+            }
             let cgroup = File::open(&root).map_err(|source| Error::CgroupOpen {
                 path: root.clone(),
                 source,
             })?;
-            let prog: &mut CgroupSock = program(&mut self.ebpf, name)?;
-            prog.load()
-                .map_err(program_error(format!("loading cgroup/{name}"), cg_hint))?;
             // aya attaches through bpf_link (Linux 5.7+), which takes no flags and
             // always coexists with programs others attach there.
-            prog.attach(cgroup, CgroupAttachMode::Single)
-                .map_err(program_error(
-                    format!("attaching cgroup/{name} at {}", root.display()),
-                    cg_hint,
-                ))?;
+            let what = format!("attaching cgroup/{name} at {}", root.display());
+            let id = prog
+                .attach(cgroup, CgroupAttachMode::Single)
+                .map_err(program_error(what.clone(), cg_hint))?;
+            let link = prog
+                .take_link(id)
+                .map_err(program_error(what.clone(), cg_hint))?;
+            let fd = FdLink::try_from(link).map_err(|e| Error::Io {
+                what: format!("{what}: not a bpf_link"),
+                source: std::io::Error::other(e.to_string()),
+            })?;
+            self.hooks.push(match pins {
+                Some(p) => hooks::pin(fd, &p.hook_link(name), stale)?,
+                None => hooks::unpinned(fd),
+            });
         }
         Ok(())
     }
@@ -212,24 +281,61 @@ impl Datapath {
         Ok((owners, reports))
     }
 
-    /// Attaches the loaded bind hooks at the cgroup v2 root; they stay
-    /// attached while the links live.
-    pub fn attach_bind_hooks(&mut self) -> Result<Vec<CgroupSockAddrLink>> {
+    /// Attaches the loaded bind hooks at the cgroup v2 root, pinned in
+    /// `pins` (adopted when a guard of this build left them there); they
+    /// stay attached while the links live or are pinned.
+    pub fn attach_bind_hooks(&mut self, pins: &PinDir) -> Result<Vec<HookLink>> {
         let root = sys::cgroup2_root()?;
         let mut links = Vec::new();
         for name in [prog::BIND4, prog::BIND6] {
+            let prog: &mut CgroupSockAddr = program(&mut self.ebpf, name)?;
+            let tag = prog.info().map(|i| i.tag()).unwrap_or_default();
+            let (adopted, stale) = hooks::adopt(&pins.hook_link(name), tag);
+            if let Some(link) = adopted {
+                links.push(link);
+                continue;
+            }
             let cgroup = File::open(&root).map_err(|source| Error::CgroupOpen {
                 path: root.clone(),
                 source,
             })?;
-            let prog: &mut CgroupSockAddr = program(&mut self.ebpf, name)?;
             let what = format!("attaching cgroup/{name} at {}", root.display());
             let id = prog
                 .attach(cgroup, CgroupAttachMode::Single)
                 .map_err(program_error(what.clone(), BIND_HINT))?;
-            links.push(prog.take_link(id).map_err(program_error(what, BIND_HINT))?);
+            let link = prog
+                .take_link(id)
+                .map_err(program_error(what.clone(), BIND_HINT))?;
+            let fd = FdLink::try_from(link).map_err(|e| Error::Io {
+                what: format!("{what}: not a bpf_link"),
+                source: std::io::Error::other(e.to_string()),
+            })?;
+            links.push(hooks::pin(fd, &pins.hook_link(name), stale)?);
         }
         Ok(links)
+    }
+
+    /// The bind hooks a previous guard of this build pinned in `pins`: the
+    /// guard takes them over (binds stay judged across the restart) and
+    /// lets them go once its policy owns no port. Those of another build
+    /// are let go now; this guard attaches its own when its policy owns a
+    /// port (call after `bind_guard`, which loads the programs).
+    pub fn pinned_bind_hooks(&mut self, pins: &PinDir) -> Vec<HookLink> {
+        let mut links = Vec::new();
+        for name in [prog::BIND4, prog::BIND6] {
+            let tag = program::<CgroupSockAddr>(&mut self.ebpf, name)
+                .ok()
+                .and_then(|p| p.info().ok())
+                .map(|i| i.tag())
+                .unwrap_or_default();
+            let (same, other) = hooks::adopt(&pins.hook_link(name), tag);
+            links.extend(same);
+            if let Some(old) = other {
+                log::info!("bind hook {name} of another build let go");
+                old.release();
+            }
+        }
+        links
     }
 
     /// Attaches the guard (tc egress, then XDP) to one interface, or

@@ -23,9 +23,17 @@ use crate::error::{Error, Result};
 pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/portwatch";
 
 /// The guard's maps that are pinned: policy, mode, flow and fragment state,
-/// counters. The drop-report ring buffer and the report rate limit are not:
-/// they belong to the running daemon.
+/// counters; the monitor's event ring, counters and UDP socket table, and
+/// the bind hooks' owners and reports (their hooks are pinned too: what
+/// happens while no guard runs waits in the rings for the next one). The
+/// drop-report ring buffer and the report rate limit are not: they belong
+/// to the running daemon.
 pub const PINNED_MAPS: &[&str] = &[
+    map::EVENTS,
+    map::MONITOR_STATS,
+    map::UDP_SOCKS,
+    map::OWNERS,
+    map::BINDS,
     map::GUARD_CONFIG,
     map::POLICY_PORTS,
     map::POLICY_SRC4,
@@ -78,6 +86,11 @@ impl PinDir {
             .into_iter()
             .map(|mode| (self.xdp_link(iface, mode.as_str()), mode))
             .find(|(path, _)| path.exists())
+    }
+
+    /// The pinned link of a monitor or bind hook, by program name.
+    pub(crate) fn hook_link(&self, program: &str) -> PathBuf {
+        self.links().join(format!("hook-{program}"))
     }
 
     pub(crate) fn tc_link(&self, iface: &str) -> PathBuf {

@@ -312,11 +312,11 @@ impl Guard {
     /// restarted has a cgroup of its own (a new id) whose binds must be let
     /// through, one that stopped leaves its port to nobody.
     pub fn owner_cgroups_changed(&mut self) {
-        let datapath = &mut self.datapath;
+        let (datapath, pins) = (&mut self.datapath, &self.pins);
         if self.policy.has_owners()
             && let Some(binds) = &mut self.binds
             && let Err(e) = binds.sync(&self.policy, self.mode, &self.activation, || {
-                datapath.attach_bind_hooks()
+                datapath.attach_bind_hooks(pins)
             })
         {
             log::warn!("updating the owned ports' bind rules failed: {e}");
@@ -391,9 +391,11 @@ impl Guard {
         // Bind rules first: if they cannot be written, nothing changed.
         let activation = self.resolver.resolve(&policy);
         if let Some(binds) = &mut self.binds {
-            let datapath = &mut self.datapath;
+            let (datapath, pins) = (&mut self.datapath, &self.pins);
             binds
-                .sync(&policy, mode, &activation, || datapath.attach_bind_hooks())
+                .sync(&policy, mode, &activation, || {
+                    datapath.attach_bind_hooks(pins)
+                })
                 .map_err(|e| format!("updating the owned ports' bind rules failed: {e}"))?;
         }
         // New owners start from zero, before any port points at them.
@@ -416,9 +418,9 @@ impl Guard {
             // Best effort: the error above is what the caller hears.
             let _ = self.maps.install(&image, &self.image, &back);
             if let Some(binds) = &mut self.binds {
-                let datapath = &mut self.datapath;
+                let (datapath, pins) = (&mut self.datapath, &self.pins);
                 let _ = binds.sync(&self.policy, self.mode, &self.activation, || {
-                    datapath.attach_bind_hooks()
+                    datapath.attach_bind_hooks(pins)
                 });
             }
             return Err(format!("updating the kernel maps failed: {e}"));

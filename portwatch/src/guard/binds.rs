@@ -13,7 +13,6 @@ use std::{
     sync::Arc,
 };
 
-use aya::programs::cgroup_sock_addr::CgroupSockAddrLink;
 use nix::sys::inotify::{AddWatchFlags, InitFlags, Inotify, WatchDescriptor};
 use tokio::io::unix::AsyncFd;
 
@@ -25,6 +24,7 @@ use portwatch_common::{
 use crate::{
     datapath::{
         decode::{DecodeError, RawBind, decode_bind},
+        hooks::HookLink,
         maps::OwnerMap,
         ring::RingReader,
     },
@@ -54,21 +54,30 @@ pub struct BindHooks {
     /// Where the owners' cgroups come and go; `None` without inotify (then
     /// only the housekeeping tick re-resolves them).
     watch: Option<CgroupWatch>,
-    /// The hooks' links at the cgroup root, held while the policy owns
-    /// ports; dropping them detaches the hooks.
-    links: Vec<CgroupSockAddrLink>,
+    /// The hooks' links at the cgroup root (pinned), held while the
+    /// policy owns ports; released when it owns none.
+    links: Vec<HookLink>,
 }
 
 impl BindHooks {
-    pub fn new(map: OwnerMap, reports: RingReader, cgroups: Cgroups, netns_cookie: u64) -> Self {
+    /// `adopted`: the hooks a previous guard left pinned, with what its
+    /// map holds; the first sync moves both to this guard's policy.
+    pub fn new(
+        map: OwnerMap,
+        reports: RingReader,
+        cgroups: Cgroups,
+        netns_cookie: u64,
+        adopted: Vec<HookLink>,
+    ) -> Self {
+        let held = map.entries();
         Self {
             map,
             reports,
-            held: BTreeMap::new(),
+            held,
             cgroups,
             netns_cookie,
             missing: Vec::new(),
-            links: Vec::new(),
+            links: adopted,
             watch: CgroupWatch::new()
                 .inspect_err(|e| {
                     log::warn!(
@@ -121,7 +130,7 @@ impl BindHooks {
         policy: &Policy,
         mode: Mode,
         activation: &Activation,
-        attach: impl FnOnce() -> crate::error::Result<Vec<CgroupSockAddrLink>>,
+        attach: impl FnOnce() -> crate::error::Result<Vec<HookLink>>,
     ) -> crate::error::Result<()> {
         let rules = owner_rules(policy, mode, activation, &self.cgroups, self.netns_cookie);
         if rules != self.held {
@@ -129,7 +138,9 @@ impl BindHooks {
             self.held = rules;
         }
         if self.held.is_empty() {
-            self.links.clear();
+            for link in self.links.drain(..) {
+                link.release();
+            }
         } else if self.links.is_empty() {
             self.links = attach()?;
         }

@@ -190,12 +190,12 @@ async fn serve(
 ) -> anyhow::Result<Summary> {
     let mut signals = Signals::install()?;
     let mut datapath = Datapath::load_with_pins(Some(&pins))?;
-    datapath.attach_monitor()?;
+    datapath.attach_monitor_pinned(&pins)?;
     let mut feed = datapath
         .take_monitor_feed()
         .context("the monitor's ring buffer is already taken")?;
     let (maps, drops) = datapath.guard_maps()?;
-    let binds = bind_hooks(&mut datapath);
+    let binds = bind_hooks(&mut datapath, &pins);
     let opts = setup.opts;
     let server = ControlServer::bind(
         &setup.socket,
@@ -286,7 +286,7 @@ async fn serve(
 
 /// The bind hooks of owned ports, attached; without them (an old kernel)
 /// owned ports are still gated at XDP, and the guard says what is missing.
-fn bind_hooks(datapath: &mut Datapath) -> Option<binds::BindHooks> {
+fn bind_hooks(datapath: &mut Datapath, pins: &PinDir) -> Option<binds::BindHooks> {
     let cookie = match crate::sys::netns_cookie() {
         Ok(cookie) => cookie,
         Err(e) => {
@@ -300,11 +300,13 @@ fn bind_hooks(datapath: &mut Datapath) -> Option<binds::BindHooks> {
     };
     let attached = crate::sys::cgroup2_root().and_then(|root| {
         let (map, reports) = datapath.bind_guard()?;
+        let adopted = datapath.pinned_bind_hooks(pins);
         Ok(binds::BindHooks::new(
             map,
             reports,
             binds::Cgroups::new(root),
             cookie,
+            adopted,
         ))
     });
     match attached {
