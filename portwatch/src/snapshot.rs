@@ -338,6 +338,19 @@ pub fn listens_here(proto: Proto, addr: IpAddr, port: u16) -> bool {
     })
 }
 
+/// The listening sockets of the calling thread's namespace with their
+/// inodes (to find who holds them in /proc).
+pub fn own_listening_sockets() -> Vec<(Proto, IpAddr, u16, u64)> {
+    dump_netns(None)
+        .map(|sockets| {
+            sockets
+                .into_iter()
+                .map(|s| (s.proto, s.addr, s.port, u64::from(s.inode)))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
 /// A connected UDP socket: the flow whose replies the host expects.
 /// IPv4-mapped addresses of dual-stack sockets are given as IPv4, as the
 /// packets carry them.

@@ -616,3 +616,90 @@ fn hooks_hold_across_kill_9_and_the_next_guard_hears_what_happened() -> Result {
     pw.stop()?;
     Ok(())
 }
+
+/// Listens on a port as `pw-owner`, forks a child that renames itself
+/// `pw-heir`, keeps the socket and answers "hi" on it (for 120 s at most),
+/// prints the child's pid, and exits when its stdin says so.
+const HAND_OVER: &str = r#"
+import ctypes, os, signal, socket, sys
+libc = ctypes.CDLL(None)
+libc.prctl(15, b"pw-owner", 0, 0, 0)
+s = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("::", int(sys.argv[1])))
+s.listen()
+child = os.fork()
+if child == 0:
+    libc.prctl(15, b"pw-heir", 0, 0, 0)
+    signal.alarm(120)
+    while True:
+        c, _ = s.accept()
+        c.sendall(b"hi\n")
+        c.close()
+print(child, flush=True)
+sys.stdin.readline()
+"#;
+
+/// Ends a process the test started indirectly (a grandchild), by its pid.
+struct Grandchild(u32);
+
+impl Drop for Grandchild {
+    fn drop(&mut self) {
+        let _ = portwatch_tests::signal(self.0, libc::SIGKILL);
+    }
+}
+
+/// A descriptor handed on keeps the port open only while an owner holds it:
+/// the owner (`pw-owner`) listens and forks a child that keeps the socket;
+/// while the owner lives the port is open; when it exits, the child holding
+/// the socket is not the owner, and the port closes (on the next
+/// housekeeping tick, 5 s) without any socket closing.
+#[test]
+fn a_socket_kept_by_a_stranger_after_its_owner_exits_closes_the_port() -> Result {
+    use std::io::{BufRead, Write};
+    let lab = Lab::new()?;
+    let policy = TempFile::new(
+        "owned-heir",
+        "allow = [\n  { port = \"tcp/6379\", owner = { comm = \"pw-owner\" } },\n]\n",
+    )?;
+    let mut pw = start_guard(&lab, &policy, &[])?;
+    let mut cmd = lab.server.command("python3");
+    cmd.args(["-c", HAND_OVER, "6379"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped());
+    let mut owner = portwatch_lab::ChildGuard::spawn(&mut cmd)?;
+    let mut line = String::new();
+    let stdout = owner
+        .0
+        .stdout
+        .take()
+        .ok_or_else(|| anyhow::anyhow!("no stdout"))?;
+    std::io::BufReader::new(stdout).read_line(&mut line)?;
+    let heir = Grandchild(line.trim().parse()?);
+    let opened = pw.wait_for(WAIT, |v| v["event"] == "gate" && v["open"] == true)?;
+    assert_eq!(opened["comm"], "pw-owner", "{opened}");
+    assert!(tcp_reachable(&lab.client, lab.server_v4(), 6379)?);
+
+    // The owner exits; its child keeps the listening socket.
+    let mut stdin = owner
+        .0
+        .stdin
+        .take()
+        .ok_or_else(|| anyhow::anyhow!("no stdin"))?;
+    stdin.write_all(b"go\n")?;
+    owner.wait_within(WAIT)?;
+    let closed = pw.wait_for(Duration::from_secs(15), |v| {
+        v["event"] == "gate" && v["open"] == false
+    })?;
+    assert_eq!(closed["port"], "tcp/6379", "{closed}");
+    let heir_line = pw.wait_for(WAIT, |v| v["event"] == "not_owner")?;
+    assert_eq!(heir_line["comm"], "pw-heir", "{heir_line}");
+    assert_eq!(heir_line["pid"], heir.0, "{heir_line}");
+    assert_silently_dropped(
+        &tcp_probe(&lab.client, lab.server_v4(), 6379, None)?,
+        "the socket is held by a stranger now",
+    );
+    drop(heir);
+    pw.stop()?;
+    Ok(())
+}

@@ -43,7 +43,9 @@ use crate::{
         watch::{LinkChange, LinkWatch},
     },
     metrics::{GuardSnapshot, OwnedSeries, PortLabel},
-    model::{DropEvent, Event, Listener, Mode, NotOwnerEvent, PolicyEvent, Proto, Requester},
+    model::{
+        DropEvent, Event, Listener, Mode, NotOwnerEvent, PolicyEvent, Proto, Requester, SockId,
+    },
     pipeline::{Pipeline, exposure::ExposureView},
     policy::{
         Activation, Policy, PortRange, Rule, compile::compile, slots::CounterSlots,
@@ -467,6 +469,51 @@ impl Guard {
             pipeline.emit(Event::Gate(event))?;
         }
         Ok(())
+    }
+
+    /// Listeners on owned ports whose process is gone while their socket
+    /// still listens (handed on by fd passing, or kept by a child after its
+    /// parent exited): the process holding the socket now is the one behind
+    /// them, and the gate follows who that is. Run on the housekeeping tick:
+    /// no event says that a process went while its socket stayed.
+    pub fn follow_handed_over(&mut self, pipeline: &mut Pipeline) {
+        if !self.policy.has_owners() {
+            return;
+        }
+        let owned: Vec<PortRange> = self
+            .policy
+            .rules
+            .iter()
+            .filter(|r| r.owner.is_some())
+            .map(|r| r.ports)
+            .collect();
+        let gone = |pid: Option<u32>| {
+            pid.is_none_or(|p| !std::path::Path::new(&format!("/proc/{p}")).exists())
+        };
+        let stale: Vec<(Proto, SockId, std::net::IpAddr, u16)> = pipeline
+            .listeners()
+            .filter(|l| l.netns == self.netns)
+            .filter(|l| owned.iter().any(|p| p.contains(l.proto, l.port)))
+            .filter(|l| gone(l.process.pid))
+            .map(|l| (l.proto, l.sock_id, l.addr, l.port))
+            .collect();
+        if stale.is_empty() {
+            return;
+        }
+        let sockets = crate::snapshot::own_listening_sockets();
+        let holders = procinfo::socket_owners();
+        for (proto, sock_id, addr, port) in stale {
+            let holder = sockets
+                .iter()
+                .find(|(p, a, po, _)| *p == proto && *a == addr && *po == port)
+                .and_then(|(_, _, _, inode)| holders.get(inode))
+                .copied();
+            // No holder: the socket is closing, and its close event will say so.
+            if let Some(pid) = holder {
+                let process = Arc::new(procinfo::process_info(pid));
+                pipeline.hand_over(proto, sock_id, process);
+            }
+        }
     }
 
     /// Says each listener on an owned port that is not its owner, once.

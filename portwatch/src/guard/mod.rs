@@ -541,7 +541,11 @@ impl Guard {
             Input::Drops(batch) => self.drop_events(pipeline, batch)?,
             Input::Binds(batch) => self.bind_events(pipeline, batch)?,
             Input::CgroupsChanged => self.owner_cgroups_changed(),
-            Input::Housekeeping => self.housekeeping(),
+            Input::Housekeeping => {
+                self.housekeeping();
+                self.follow_handed_over(pipeline);
+                self.regate(pipeline)?;
+            }
             Input::Loaded(loaded) => self.reload_loaded(pipeline, *loaded)?,
             Input::ConfirmExpired => {
                 if let Some(event) = self.revert_unconfirmed("in time") {

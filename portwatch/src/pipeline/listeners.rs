@@ -45,6 +45,23 @@ impl Listeners {
         self.add((listener.proto, listener.sock_id), listener);
     }
 
+    /// Names another process as the one behind a listener (its socket was
+    /// handed on); false when no such listener is open.
+    pub fn set_process(
+        &mut self,
+        proto: Proto,
+        sock_id: SockId,
+        process: std::sync::Arc<crate::model::ProcessInfo>,
+    ) -> bool {
+        match self.open.get_mut(&(proto, sock_id)) {
+            Some(l) => {
+                l.process = process;
+                true
+            }
+            None => false,
+        }
+    }
+
     /// Whether anything listens on `proto/port` in `netns`.
     pub fn is_listened(&self, key: &PortKey) -> bool {
         self.per_port.get(key).is_some_and(|n| *n > 0)

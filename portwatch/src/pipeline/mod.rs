@@ -134,6 +134,17 @@ impl Pipeline {
     }
 
     /// Whether anything listens on `proto/port` in `netns`.
+    /// The process now behind a listener whose socket was handed on (its
+    /// first process is gone); false when no such listener is open.
+    pub fn hand_over(
+        &mut self,
+        proto: Proto,
+        sock_id: crate::model::SockId,
+        process: Arc<crate::model::ProcessInfo>,
+    ) -> bool {
+        self.listeners.set_process(proto, sock_id, process)
+    }
+
     pub fn is_listened(&self, proto: Proto, port: u16, netns: Option<u64>) -> bool {
         self.listeners.is_listened(&(proto, port, netns))
     }
