@@ -156,6 +156,8 @@ pub struct Guard {
     activation: Activation,
     /// Listeners on owned ports that are not their owner, already said.
     squatting: BTreeSet<(PortRange, Option<u32>)>,
+    /// The gate was seeded from the snapshot and not yet announced.
+    gate_unannounced: bool,
     resolver: activation::Resolver,
     policy: Arc<Policy>,
     /// The policy as the kernel has it: rules with an owner only while
@@ -227,6 +229,7 @@ impl Guard {
             activation: Activation::default(),
             resolver: activation::Resolver::default(),
             squatting: BTreeSet::new(),
+            gate_unannounced: false,
             policy: Arc::new(Policy::default()),
             gated: Arc::new(Policy::default()),
             gate_open: BTreeMap::new(),
@@ -450,25 +453,41 @@ impl Guard {
             self.netns,
             &self.activation,
         );
+        // Ports opened at start from the snapshot are news the first time.
+        let announced = if std::mem::take(&mut self.gate_unannounced) {
+            BTreeMap::new()
+        } else {
+            self.gate_open.clone()
+        };
+        let events = gate::changes(&self.policy, &announced, &now, SystemTime::now());
         // The same ports open: nothing for the kernel; the holder may
         // have changed (a restart handed the port over), which is kept.
         if now.keys().eq(self.gate_open.keys()) {
             self.gate_open = now;
-            return Ok(());
+        } else {
+            let before = std::mem::replace(&mut self.gate_open, now);
+            let policy = Policy::clone(&self.policy);
+            if let Err(e) = self.install(policy, self.mode) {
+                log::warn!("opening or closing owned ports failed: {e}");
+                self.gate_open = before;
+                return Ok(());
+            }
+            pipeline.set_exposure(self.exposure_view());
         }
-        let events = gate::changes(&self.policy, &self.gate_open, &now, SystemTime::now());
-        let before = std::mem::replace(&mut self.gate_open, now);
-        let policy = Policy::clone(&self.policy);
-        if let Err(e) = self.install(policy, self.mode) {
-            log::warn!("opening or closing owned ports failed: {e}");
-            self.gate_open = before;
-            return Ok(());
-        }
-        pipeline.set_exposure(self.exposure_view());
         for event in events {
             pipeline.emit(Event::Gate(event))?;
         }
         Ok(())
+    }
+
+    /// Works the gate out from the start-up snapshot before the first
+    /// install: an owned port whose owner listens is open from the first
+    /// moment (a guard adopting a pinned datapath does not close it while
+    /// it reports the snapshot). The first `regate` announces it.
+    pub fn seed_gate(&mut self, policy: &Policy, listeners: &[Listener]) {
+        let activation = self.resolver.resolve(policy);
+        self.gate_open = gate::holders(policy, listeners.iter(), self.netns, &activation);
+        self.gate_unannounced = true;
     }
 
     /// Listeners on owned ports whose process is gone while their socket

@@ -409,6 +409,7 @@ async fn start(
     // program: until they are there, no frame is the host's own.
     guard.refresh_ifaces();
     guard.seed_flows();
+    guard.seed_gate(policy, &found.listeners);
     guard
         .install(policy.clone(), mode)
         .map_err(anyhow::Error::msg)?;
