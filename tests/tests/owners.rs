@@ -193,7 +193,8 @@ fn an_owned_port_opens_only_while_its_owner_listens() -> Result {
 /// An owner named by cgroup: processes in that cgroup or below it may bind
 /// the owned ports (TCP and UDP, IPv4 and IPv6, and join with
 /// SO_REUSEPORT); a process in another cgroup is refused with EPERM, also
-/// when it tries to join the owner's SO_REUSEPORT group, and each refusal
+/// when it tries to join the owner's SO_REUSEPORT group or binds through
+/// io_uring (IORING_OP_BIND), and each refusal
 /// is a `bind_denied` event naming its cgroup, counted in status and
 /// metrics. Binds in another network namespace are not the guard's.
 #[test]
@@ -277,7 +278,26 @@ fn binds_of_owned_ports_are_refused_to_other_cgroups() -> Result {
         "the owner's own process joining its group"
     );
 
-    // Five refusals: four binds and the join, each reported.
+    // io_uring's bind (IORING_OP_BIND) meets the same hook.
+    let uring_bind = |cg: &str| -> Result<String> {
+        let mut cmd = cgroups.command(cg, &lab.server, env!("CARGO_BIN_EXE_uring-bind"));
+        cmd.args(["udp", "::", "5353"]);
+        let out = run_bounded(&mut cmd, None, WAIT, None)?;
+        ensure!(out.success(), "uring-bind: {}", out.stderr);
+        Ok(out.stdout.trim().to_owned())
+    };
+    assert_eq!(
+        uring_bind(&stranger_cg)?,
+        "EPERM",
+        "a stranger's io_uring bind"
+    );
+    assert_eq!(
+        uring_bind(&worker_cg)?,
+        "bound",
+        "the owner's io_uring bind"
+    );
+
+    // Six refusals: four binds, the join and the io_uring bind, each reported.
     let events = |pw: &portwatch_tests::Portwatch| -> Vec<Value> {
         pw.seen
             .iter()
@@ -286,28 +306,33 @@ fn binds_of_owned_ports_are_refused_to_other_cgroups() -> Result {
             .collect()
     };
     let deadline = std::time::Instant::now() + WAIT;
-    while events(&pw).len() < 5 && std::time::Instant::now() < deadline {
+    while events(&pw).len() < 6 && std::time::Instant::now() < deadline {
         let _ = pw.wait_for(Duration::from_millis(200), |_| false);
     }
     let denied = events(&pw);
-    assert_eq!(denied.len(), 5, "{denied:?}");
+    assert_eq!(denied.len(), 6, "{denied:?}");
     for ev in &denied {
         assert_eq!(ev["cgroup"], stranger_cg.as_str(), "{ev}");
-        assert_eq!(ev["comm"], "python3", "{ev}");
+        assert!(
+            ev["comm"] == "python3" || ev["comm"] == "uring-bind",
+            "{ev}"
+        );
         assert_eq!(ev["audit"], false, "{ev}");
         assert_eq!(ev["owner"], format!("cgroup {owner_cg}"), "{ev}");
     }
     let ports: Vec<&str> = denied.iter().filter_map(|v| v["port"].as_str()).collect();
     assert_eq!(
         ports,
-        ["tcp/6379", "tcp/6379", "udp/5353", "udp/5353", "tcp/6379"]
+        [
+            "tcp/6379", "tcp/6379", "udp/5353", "udp/5353", "tcp/6379", "udp/5353"
+        ]
     );
     let status = status_json(&lab)?;
-    assert_eq!(status["totals"]["binds_refused"], 5, "{status}");
+    assert_eq!(status["totals"]["binds_refused"], 6, "{status}");
     assert_eq!(status["totals"]["binds_audited"], 0, "{status}");
     let text = metrics(&lab.server, "127.0.0.1:9465")?;
     for want in [
-        "portwatch_owned_port_binds_total{verdict=\"refused\"} 5",
+        "portwatch_owned_port_binds_total{verdict=\"refused\"} 6",
         "portwatch_owned_port_binds_total{verdict=\"audited\"} 0",
     ] {
         assert!(has_sample(&text, want), "no {want:?} in\n{text}");

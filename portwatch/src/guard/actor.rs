@@ -1169,7 +1169,8 @@ impl Guard {
             match record {
                 Ok(raw) => {
                     let ts = pipeline.wall(raw.ts_ns);
-                    let event = binds::event(&self.policy, raw, ts);
+                    let cgroups = self.binds.as_ref().map(BindHooks::cgroups);
+                    let event = binds::event(&self.policy, raw, ts, cgroups);
                     pipeline.emit(Event::Bind(event))?;
                 }
                 Err(e) => pipeline.malformed(&e),

@@ -116,6 +116,11 @@ impl BindHooks {
         batch
     }
 
+    /// The cgroup tree the hooks resolve owners in.
+    pub fn cgroups(&self) -> &Cgroups {
+        &self.cgroups
+    }
+
     /// Whether the hooks are attached.
     pub fn attached(&self) -> bool {
         !self.links.is_empty()
@@ -258,6 +263,38 @@ impl Cgroups {
         }
         dirs.retain(|d| d.is_dir());
         dirs
+    }
+
+    /// The path of the cgroup with id `id` (its directory's inode), looked
+    /// for breadth first.
+    pub fn path_of(&self, id: u64) -> Option<String> {
+        if id == 0 {
+            return None;
+        }
+        let mut level: Vec<PathBuf> = vec![self.root.clone()];
+        for _ in 0..=MAX_DEPTH {
+            let mut next = Vec::new();
+            for dir in &level {
+                if std::fs::metadata(dir).is_ok_and(|m| m.ino() == id) {
+                    let rel = dir.strip_prefix(&self.root).ok()?;
+                    return Some(format!("/{}", rel.display()));
+                }
+                let Ok(entries) = std::fs::read_dir(dir) else {
+                    continue;
+                };
+                next.extend(
+                    entries
+                        .flatten()
+                        .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+                        .map(|e| e.path()),
+                );
+            }
+            if next.is_empty() {
+                return None;
+            }
+            level = next;
+        }
+        None
     }
 
     /// The cgroup an owner names, as far as the kernel can check it: the
@@ -441,8 +478,17 @@ pub fn missing_cgroups(policy: &Policy, cgroups: &Cgroups) -> Vec<String> {
         .collect()
 }
 
-/// A kernel report as a stream event; the owner is the policy's.
-pub fn event(policy: &Policy, raw: RawBind, ts: std::time::SystemTime) -> BindEvent {
+/// A kernel report as a stream event; the owner is the policy's. The
+/// cgroup is the process's, or (a process gone already) the one with the
+/// id the kernel reported.
+pub fn event(
+    policy: &Policy,
+    raw: RawBind,
+    ts: std::time::SystemTime,
+    cgroups: Option<&Cgroups>,
+) -> BindEvent {
+    let cgroup = crate::procinfo::cgroup_of(raw.tgid)
+        .or_else(|| cgroups.and_then(|c| c.path_of(raw.cgroup_id)));
     let owner = policy
         .rules
         .iter()
@@ -457,7 +503,7 @@ pub fn event(policy: &Policy, raw: RawBind, ts: std::time::SystemTime) -> BindEv
         pid: raw.tgid,
         comm: Arc::from(raw.comm),
         uid: raw.uid,
-        cgroup: crate::procinfo::cgroup_of(raw.tgid).map(Arc::from),
+        cgroup: cgroup.map(Arc::from),
         owner,
         audit: raw.audit,
     }
@@ -515,6 +561,15 @@ mod tests {
             Some("/system.slice/web.slice/nginx.service")
         );
         assert_eq!(cgroups.unit_path("absent.service"), None);
+        let id = cgroups
+            .at("/system.slice/web.slice/nginx.service")
+            .map(|c| c.id)
+            .expect("exists");
+        assert_eq!(
+            cgroups.path_of(id).as_deref(),
+            Some("/system.slice/web.slice/nginx.service")
+        );
+        assert_eq!(cgroups.path_of(0), None);
         let at = cgroups
             .at("/system.slice/web.slice/nginx.service")
             .expect("exists");
