@@ -645,11 +645,23 @@ fn twenty_restarts_under_traffic_never_open_a_gap() -> Result {
         4000,
         "datagrams to the permitted port were dropped"
     );
-    // Nothing pinned twice: one XDP and one tc link for the one interface.
-    let links: Vec<String> = std::fs::read_dir(paths.pins.join("links"))?
+    // Nothing pinned twice: one XDP and one tc link for the one interface,
+    // and one link per monitor hook (no bind hooks: nothing is owned).
+    let mut links: Vec<String> = std::fs::read_dir(paths.pins.join("links"))?
         .filter_map(|e| e.ok()?.file_name().into_string().ok())
         .collect();
-    assert_eq!(links.len(), 2, "{links:?}");
+    links.sort();
+    let iface = &lab.server_if;
+    let mut want = vec![
+        format!("tc-{iface}"),
+        format!("xdp-generic-{iface}"),
+        "hook-inet_sock_set_state".to_owned(),
+        "hook-post_bind4".to_owned(),
+        "hook-post_bind6".to_owned(),
+        "hook-sock_release".to_owned(),
+    ];
+    want.sort();
+    assert_eq!(links, want);
     pw.stop()?;
     Ok(())
 }
