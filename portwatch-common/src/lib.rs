@@ -29,6 +29,7 @@ pub mod map {
     pub const RATE_STATE: &str = "RATE_STATE";
     pub const RATE_OVERFLOW: &str = "RATE_OVERFLOW";
     pub const OWNERS: &str = "OWNERS";
+    pub const OWNER_COUNT: &str = "OWNER_COUNT";
     pub const BINDS: &str = "BINDS";
 
     /// Every map of the shipped object.
@@ -53,6 +54,7 @@ pub mod map {
         RATE_STATE,
         RATE_OVERFLOW,
         OWNERS,
+        OWNER_COUNT,
         BINDS,
     ];
 }
@@ -65,8 +67,6 @@ pub mod prog {
     pub const SOCK_RELEASE: &str = "sock_release";
     pub const XDP_GUARD: &str = "xdp_guard";
     pub const TC_EGRESS: &str = "tc_egress";
-    pub const BIND4: &str = "bind4";
-    pub const BIND6: &str = "bind6";
 
     /// Every program of the shipped object.
     pub const ALL: &[&str] = &[
@@ -76,8 +76,6 @@ pub mod prog {
         SOCK_RELEASE,
         XDP_GUARD,
         TC_EGRESS,
-        BIND4,
-        BIND6,
     ];
 
     /// Benchmark baselines, in the separate benchmark object only.
@@ -586,8 +584,8 @@ pub struct ReportBucket {
 }
 
 // ---------------------------------------------------------------------------
-// Bind-time enforcement of owned ports (cgroup `bind4`/`bind6` at the cgroup
-// v2 root).
+// Bind-time enforcement of owned ports (in the monitor's post_bind hooks at
+// the cgroup v2 root).
 
 /// An owned port: the `OWNERS` key.
 #[repr(C)]

@@ -1,10 +1,10 @@
-//! Bind-time enforcement of owned ports: cgroup `bind4`/`bind6` at the cgroup
-//! v2 root see every bind() (TCP and UDP, io_uring's too) before the kernel
-//! takes the port, and may refuse it (EPERM). A bind of an owned port in the
-//! guarded namespace by a task that is not the port's owner is refused
+//! Owned ports at bind time, judged in the monitor's `post_bind4`/`post_bind6`
+//! hooks at the cgroup v2 root (one program per bind, not two): they see
+//! every explicit bind() (TCP and UDP, io_uring's too, kernel-picked ports
+//! included) once the kernel has given the socket its port, and a 0 from
+//! them undoes the bind and fails it with EPERM. A bind of an owned port in
+//! the guarded namespace by a task that is not the port's owner is refused
 //! (enforce) or let through (audit), and reported either way.
-
-use core::ptr::read_volatile;
 
 use aya_ebpf::{
     EbpfContext,
@@ -12,62 +12,25 @@ use aya_ebpf::{
         bpf_get_current_ancestor_cgroup_id, bpf_get_current_cgroup_id, bpf_get_current_comm,
         bpf_get_current_pid_tgid, bpf_get_current_uid_gid, bpf_get_netns_cookie, bpf_ktime_get_ns,
     },
-    programs::SockAddrContext,
+    programs::SockContext,
 };
 use portwatch_common::{
-    AF_INET, AF_INET6, BIND_AUDITED, BIND_DENIED, BindReport, GuardStat, IPPROTO_TCP, IPPROTO_UDP,
-    MAX_CGROUP_DEPTH, OWNER_CGROUP, OWNER_COMM, OWNER_ENFORCE, OWNER_MANAGER, OWNER_UID, OwnerKey,
-    OwnerRule, SYSTEMD_LISTEN_HELPER,
+    BIND_AUDITED, BIND_DENIED, BindReport, GuardStat, IPPROTO_TCP, IPPROTO_UDP, MAX_CGROUP_DEPTH,
+    OWNER_CGROUP, OWNER_COMM, OWNER_ENFORCE, OWNER_MANAGER, OWNER_UID, OwnerKey, OwnerRule,
+    SYSTEMD_LISTEN_HELPER,
 };
 
-use crate::maps::{BINDS, OWNERS, guard_count};
+use crate::maps::{BINDS, OWNER_COUNT, OWNERS, guard_count};
 
-/// The hook's answers: 1 lets the bind go on, 0 makes it fail with EPERM.
-const ALLOW: i32 = 1;
-const REFUSE: i32 = 0;
-
-/// Context fields are readable only at constant offsets, each hook its own
-/// family's address: one volatile read per word.
-macro_rules! ctx_read {
-    ($ctx:expr, $($field:tt)+) => {
-        // SAFETY: ctx.sock_addr is the program's context pointer; the
-        // verifier checks the read against the fields this hook may access.
-        unsafe { read_volatile(&raw const (*$ctx.sock_addr).$($field)+) }
-    };
-}
-
-pub fn try_bind4(ctx: &SockAddrContext) -> i32 {
-    let mut addr = [0u8; 16];
-    addr[..4].copy_from_slice(&ctx_read!(ctx, user_ip4).to_ne_bytes());
-    judge(ctx, AF_INET, addr)
-}
-
-pub fn try_bind6(ctx: &SockAddrContext) -> i32 {
-    let words = [
-        ctx_read!(ctx, user_ip6[0]),
-        ctx_read!(ctx, user_ip6[1]),
-        ctx_read!(ctx, user_ip6[2]),
-        ctx_read!(ctx, user_ip6[3]),
-    ];
-    let mut addr = [0u8; 16];
-    addr[0..4].copy_from_slice(&words[0].to_ne_bytes());
-    addr[4..8].copy_from_slice(&words[1].to_ne_bytes());
-    addr[8..12].copy_from_slice(&words[2].to_ne_bytes());
-    addr[12..16].copy_from_slice(&words[3].to_ne_bytes());
-    judge(ctx, AF_INET6, addr)
-}
-
+/// Whether the bind of `proto` `port` on `addr` may stand.
 #[inline(always)]
-fn judge(ctx: &SockAddrContext, family: u16, addr: [u8; 16]) -> i32 {
-    let proto = ctx_read!(ctx, protocol);
-    if proto != u32::from(IPPROTO_TCP) && proto != u32::from(IPPROTO_UDP) {
-        return ALLOW;
+pub fn allowed(ctx: &SockContext, family: u16, addr: [u8; 16], proto: u32, port: u16) -> bool {
+    // Most hosts own no port: one array read, no hash lookup.
+    if OWNER_COUNT.get(0).is_none_or(|n| *n == 0) {
+        return true;
     }
-    // Network byte order in the low 16 bits. Port 0 asks the kernel to
-    // pick one: nothing owned is named.
-    let port = u16::from_be(ctx_read!(ctx, user_port) as u16);
-    if port == 0 {
-        return ALLOW;
+    if proto != u32::from(IPPROTO_TCP) && proto != u32::from(IPPROTO_UDP) {
+        return true;
     }
     let key = OwnerKey {
         port,
@@ -77,14 +40,14 @@ fn judge(ctx: &SockAddrContext, family: u16, addr: [u8; 16]) -> i32 {
     // SAFETY: the value is copied out at once; user space may replace it,
     // never free it under us (hash values live until an RCU grace period).
     let Some(rule) = (unsafe { OWNERS.get(&key) }).copied() else {
-        return ALLOW;
+        return true;
     };
-    // SAFETY: the context is a sock_addr, which bpf_get_netns_cookie takes.
+    // SAFETY: the context is a socket, which bpf_get_netns_cookie takes.
     if unsafe { bpf_get_netns_cookie(ctx.as_ptr()) } != rule.netns_cookie {
-        return ALLOW;
+        return true;
     }
     if is_owner(&rule) || is_manager(&rule) {
-        return ALLOW;
+        return true;
     }
     let enforce = rule.flags & OWNER_ENFORCE != 0;
     guard_count(if enforce {
@@ -93,7 +56,7 @@ fn judge(ctx: &SockAddrContext, family: u16, addr: [u8; 16]) -> i32 {
         GuardStat::BindsAudited
     });
     report(port, proto as u8, family, addr, enforce);
-    if enforce { REFUSE } else { ALLOW }
+    !enforce
 }
 
 /// The service manager (or its socket-making helper) binding a

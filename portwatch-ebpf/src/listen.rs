@@ -17,7 +17,10 @@ use portwatch_common::{
     TCP_LISTEN,
 };
 
-use crate::maps::{EVENTS, UDP_SOCKS, UdpBind, count};
+use crate::{
+    bind,
+    maps::{EVENTS, UDP_SOCKS, UdpBind, count},
+};
 
 // Field offsets of sock/inet_sock_set_state, from its tracefs `format` file
 // (stable across kernels since 4.16).
@@ -124,15 +127,16 @@ macro_rules! ctx_read {
     };
 }
 
-/// `post_bind4`: an explicit bind of an IPv4 socket.
-pub fn try_post_bind4(ctx: &SockContext) {
+/// `post_bind4`: an explicit bind of an IPv4 socket. Returns the hook's
+/// answer: 1 lets the bind stand, 0 undoes it (an owned port, see `bind`).
+pub fn try_post_bind4(ctx: &SockContext) -> i32 {
     let mut addr = [0u8; 16];
     addr[..4].copy_from_slice(&ctx_read!(ctx, src_ip4).to_ne_bytes());
-    record_bind(ctx, AF_INET, addr);
+    post_bind(ctx, AF_INET, addr)
 }
 
 /// `post_bind6`: an explicit bind of an IPv6 socket (`[::]` is dual-stack).
-pub fn try_post_bind6(ctx: &SockContext) {
+pub fn try_post_bind6(ctx: &SockContext) -> i32 {
     let words = [
         ctx_read!(ctx, src_ip6[0]),
         ctx_read!(ctx, src_ip6[1]),
@@ -144,17 +148,26 @@ pub fn try_post_bind6(ctx: &SockContext) {
     addr[4..8].copy_from_slice(&words[1].to_ne_bytes());
     addr[8..12].copy_from_slice(&words[2].to_ne_bytes());
     addr[12..16].copy_from_slice(&words[3].to_ne_bytes());
-    record_bind(ctx, AF_INET6, addr);
+    post_bind(ctx, AF_INET6, addr)
+}
+
+#[inline(always)]
+fn post_bind(ctx: &SockContext, family: u16, addr: [u8; 16]) -> i32 {
+    // Host byte order here, also when the kernel picked the port.
+    let port = ctx_read!(ctx, src_port) as u16;
+    if !bind::allowed(ctx, family, addr, ctx_read!(ctx, protocol), port) {
+        return 0;
+    }
+    record_bind(ctx, family, addr, port);
+    1
 }
 
 /// Remembers a bound UDP socket by cookie and reports it.
 #[inline(always)]
-fn record_bind(ctx: &SockContext, family: u16, addr: [u8; 16]) {
+fn record_bind(ctx: &SockContext, family: u16, addr: [u8; 16], port: u16) {
     if ctx_read!(ctx, protocol) != u32::from(IPPROTO_UDP) || ctx_read!(ctx, type_) != SOCK_DGRAM {
         return;
     }
-    // Host byte order here, also when the kernel picked the port.
-    let port = ctx_read!(ctx, src_port) as u16;
     // SAFETY: the context is a socket, which bpf_get_socket_cookie accepts.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     let bind = UdpBind {

@@ -6,10 +6,10 @@
 
 use aya_ebpf::{
     bindings::TC_ACT_OK,
-    macros::{cgroup_sock, cgroup_sock_addr, classifier, tracepoint, xdp},
-    programs::{SockAddrContext, SockContext, TcContext, TracePointContext, XdpContext},
+    macros::{cgroup_sock, classifier, tracepoint, xdp},
+    programs::{SockContext, TcContext, TracePointContext, XdpContext},
 };
-use portwatch_ebpf::{bind, flows, listen, xdp};
+use portwatch_ebpf::{flows, listen, xdp};
 
 /// The kernel reads the licence from this section; GPL-compatible, so that
 /// the programs may use every helper they call.
@@ -24,19 +24,17 @@ pub fn inet_sock_set_state(ctx: TracePointContext) -> u32 {
     0
 }
 
-/// `cgroup/post_bind4` at the cgroup v2 root: explicit IPv4 binds.
+/// `cgroup/post_bind4` at the cgroup v2 root: explicit IPv4 binds, and
+/// the owned ports' verdict on them (0 undoes the bind: EPERM).
 #[cgroup_sock(post_bind4)]
 pub fn post_bind4(ctx: SockContext) -> i32 {
-    listen::try_post_bind4(&ctx);
-    // 1 lets the bind stand: the monitor only observes.
-    1
+    listen::try_post_bind4(&ctx)
 }
 
 /// `cgroup/post_bind6` at the cgroup v2 root: explicit IPv6 binds.
 #[cgroup_sock(post_bind6)]
 pub fn post_bind6(ctx: SockContext) -> i32 {
-    listen::try_post_bind6(&ctx);
-    1
+    listen::try_post_bind6(&ctx)
 }
 
 /// `cgroup/sock_release`: closes of bound UDP sockets, matched by cookie.
@@ -58,18 +56,6 @@ pub fn tc_egress(ctx: TcContext) -> i32 {
     let _ = flows::try_tc_egress(&ctx);
     // Egress is never filtered.
     TC_ACT_OK
-}
-
-/// `cgroup/bind4` at the cgroup v2 root: owned ports, IPv4 binds.
-#[cgroup_sock_addr(bind4)]
-pub fn bind4(ctx: SockAddrContext) -> i32 {
-    bind::try_bind4(&ctx)
-}
-
-/// `cgroup/bind6` at the cgroup v2 root: owned ports, IPv6 binds.
-#[cgroup_sock_addr(bind6)]
-pub fn bind6(ctx: SockAddrContext) -> i32 {
-    bind::try_bind6(&ctx)
 }
 
 #[cfg(not(test))]

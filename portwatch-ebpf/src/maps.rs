@@ -122,7 +122,12 @@ pub static REPORT_BUCKET: PerCpuArray<ReportBucket> = PerCpuArray::with_max_entr
 #[map]
 pub static DROPS: RingBuf = RingBuf::with_byte_size(DROPS_RING_BYTES, 0);
 
-/// Owned ports and who may bind them (the bind hooks' policy).
+/// How many ports are owned (entries in `OWNERS`): 0 spares every bind
+/// the lookup.
+#[map]
+pub static OWNER_COUNT: Array<u32> = Array::with_max_entries(1, 0);
+
+/// Owned ports and who may bind them (post_bind's policy).
 #[map]
 pub static OWNERS: HashMap<OwnerKey, OwnerRule> = HashMap::with_max_entries(MAX_OWNED_PORTS, 0);
 

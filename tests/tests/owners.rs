@@ -1,5 +1,5 @@
 //! Owned ports (#16): a rule's owner is enforced at bind() by the kernel
-//! (cgroup bind4/bind6 hooks) in the guarded namespace, and its port opens
+//! (the monitor's post_bind hooks) in the guarded namespace, and its port opens
 //! at XDP only while the owner listens. Real cgroups made by the tests,
 //! real processes moved into them (socat as the owner, python3 as the
 //! stranger), real packets from the lab's client namespace.

@@ -1046,9 +1046,9 @@ fn systemd_runs_the_unit_in_a_booted_container() -> Result {
     assert_eq!(unit_property(init, "Type")?, "notify");
 
     // Socket activation under an owner rule: systemd re-binds the socket
-    // unit's port (accepted: it binds for the owner), a stranger's bind is
-    // refused (EPERM, not EADDRINUSE: the hook answers first), and the port
-    // is open at XDP while systemd listens for the service.
+    // unit's port (accepted: it binds for the owner); with the socket unit
+    // stopped a stranger's bind of the port is refused (EPERM); the port is
+    // open at XDP while systemd listens for the service again.
     inside(init, &["systemctl", "restart", "pw-echo.socket"]).with_context(|| {
         let socket_log = inside(
             init,
@@ -1078,6 +1078,7 @@ fn systemd_runs_the_unit_in_a_booted_container() -> Result {
         ],
     )?;
     assert_eq!(socket_state.trim(), "active", "{}", journal(init)?);
+    inside(init, &["systemctl", "stop", "pw-echo.socket"])?;
     // The stranger is a unit of the container's (systemd-run), so in its
     // cgroup tree, where the guard's hooks are.
     let stranger = inside(
@@ -1102,6 +1103,7 @@ fn systemd_runs_the_unit_in_a_booted_container() -> Result {
         "EPERM",
         "a stranger's bind of the owned port"
     );
+    inside(init, &["systemctl", "start", "pw-echo.socket"])?;
     let mut owned = serde_json::Value::Null;
     wait_until(Duration::from_secs(10), "tcp/7070 open for systemd", || {
         let status: serde_json::Value =

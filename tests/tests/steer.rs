@@ -646,7 +646,7 @@ fn twenty_restarts_under_traffic_never_open_a_gap() -> Result {
         "datagrams to the permitted port were dropped"
     );
     // Nothing pinned twice: one XDP and one tc link for the one interface,
-    // and one link per monitor hook (no bind hooks: nothing is owned).
+    // and one link per monitor hook.
     let mut links: Vec<String> = std::fs::read_dir(paths.pins.join("links"))?
         .filter_map(|e| e.ok()?.file_name().into_string().ok())
         .collect();

@@ -1,4 +1,5 @@
-//! The links of the guard's monitor and bind hooks, pinned like its XDP and
+//! The links of the guard's monitor hooks (which also judge binds of owned
+//! ports), pinned like its XDP and
 //! tc links, so that they keep running while no guard does: binds of owned
 //! ports are still judged, and listener events wait in the pinned ring for
 //! the next guard. A new guard adopts a pinned link when it runs the same

@@ -573,15 +573,18 @@ impl GuardMaps {
 
 use portwatch_common::{OwnerKey, OwnerRule};
 
-/// `OWNERS`: who may bind each owned port. Written by the guard alone.
+/// `OWNERS`: who may bind each owned port, and `OWNER_COUNT`, how many
+/// there are. Written by the guard alone.
 pub struct OwnerMap {
     map: BpfHashMap<MapData, OwnerKey, OwnerRule>,
+    count: Array<MapData, u32>,
 }
 
 impl OwnerMap {
     pub(crate) fn open(ebpf: &mut Ebpf) -> Result<Self> {
         Ok(Self {
             map: take(ebpf, map::OWNERS)?,
+            count: take(ebpf, map::OWNER_COUNT)?,
         })
     }
 
@@ -608,6 +611,8 @@ impl OwnerMap {
         for key in old.keys().filter(|k| !new.contains_key(k)) {
             self.map.remove(key).map_err(map_err(map::OWNERS))?;
         }
-        Ok(())
+        // Last: a bind looks the map up only while the count says so.
+        let n = u32::try_from(new.len()).unwrap_or(u32::MAX);
+        self.count.set(0, n, 0).map_err(map_err(map::OWNER_COUNT))
     }
 }

@@ -19,7 +19,7 @@ use std::fs::File;
 
 use aya::{
     Ebpf, EbpfLoader,
-    programs::{CgroupAttachMode, CgroupSock, CgroupSockAddr, TracePoint, links::FdLink},
+    programs::{CgroupAttachMode, CgroupSock, TracePoint, links::FdLink},
 };
 use portwatch_common::{map, prog};
 use tokio::io::{Interest, unix::AsyncFd};
@@ -35,9 +35,6 @@ use crate::{
     error::{Error, Result, program_error},
     sys,
 };
-
-const BIND_HINT: &str = "owned ports are enforced at bind() through cgroup sock_addr hooks \
-                         (Linux 4.17+, CONFIG_CGROUP_BPF)";
 
 /// A program of the object by name, as its concrete type.
 pub(crate) fn program<'a, T>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut T>
@@ -260,10 +257,8 @@ impl Datapath {
         Ok((maps, drops))
     }
 
-    /// Loads the bind hooks of owned ports (the verifier checks them now)
-    /// and opens their policy map and report reader. They attach only
-    /// while the policy owns ports ([`Datapath::attach_bind_hooks`]): a
-    /// host without owner rules pays nothing at bind().
+    /// The owned ports' policy map and the reader of the reports of binds
+    /// refused (or audited) by the monitor's post_bind hooks.
     pub fn bind_guard(&mut self) -> Result<(OwnerMap, RingReader)> {
         let owners = OwnerMap::open(&mut self.ebpf)?;
         let reports =
@@ -273,69 +268,7 @@ impl Datapath {
                     source,
                 }
             })?;
-        for name in [prog::BIND4, prog::BIND6] {
-            let prog: &mut CgroupSockAddr = program(&mut self.ebpf, name)?;
-            prog.load()
-                .map_err(program_error(format!("loading cgroup/{name}"), BIND_HINT))?;
-        }
         Ok((owners, reports))
-    }
-
-    /// Attaches the loaded bind hooks at the cgroup v2 root, pinned in
-    /// `pins` (adopted when a guard of this build left them there); they
-    /// stay attached while the links live or are pinned.
-    pub fn attach_bind_hooks(&mut self, pins: &PinDir) -> Result<Vec<HookLink>> {
-        let root = sys::cgroup2_root()?;
-        let mut links = Vec::new();
-        for name in [prog::BIND4, prog::BIND6] {
-            let prog: &mut CgroupSockAddr = program(&mut self.ebpf, name)?;
-            let tag = prog.info().map(|i| i.tag()).unwrap_or_default();
-            let (adopted, stale) = hooks::adopt(&pins.hook_link(name), tag);
-            if let Some(link) = adopted {
-                links.push(link);
-                continue;
-            }
-            let cgroup = File::open(&root).map_err(|source| Error::CgroupOpen {
-                path: root.clone(),
-                source,
-            })?;
-            let what = format!("attaching cgroup/{name} at {}", root.display());
-            let id = prog
-                .attach(cgroup, CgroupAttachMode::Single)
-                .map_err(program_error(what.clone(), BIND_HINT))?;
-            let link = prog
-                .take_link(id)
-                .map_err(program_error(what.clone(), BIND_HINT))?;
-            let fd = FdLink::try_from(link).map_err(|e| Error::Io {
-                what: format!("{what}: not a bpf_link"),
-                source: std::io::Error::other(e.to_string()),
-            })?;
-            links.push(hooks::pin(fd, &pins.hook_link(name), stale)?);
-        }
-        Ok(links)
-    }
-
-    /// The bind hooks a previous guard of this build pinned in `pins`: the
-    /// guard takes them over (binds stay judged across the restart) and
-    /// lets them go once its policy owns no port. Those of another build
-    /// are let go now; this guard attaches its own when its policy owns a
-    /// port (call after `bind_guard`, which loads the programs).
-    pub fn pinned_bind_hooks(&mut self, pins: &PinDir) -> Vec<HookLink> {
-        let mut links = Vec::new();
-        for name in [prog::BIND4, prog::BIND6] {
-            let tag = program::<CgroupSockAddr>(&mut self.ebpf, name)
-                .ok()
-                .and_then(|p| p.info().ok())
-                .map(|i| i.tag())
-                .unwrap_or_default();
-            let (same, other) = hooks::adopt(&pins.hook_link(name), tag);
-            links.extend(same);
-            if let Some(old) = other {
-                log::info!("bind hook {name} of another build let go");
-                old.release();
-            }
-        }
-        links
     }
 
     /// Attaches the guard (tc egress, then XDP) to one interface, or

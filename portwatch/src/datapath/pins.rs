@@ -24,7 +24,7 @@ pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/portwatch";
 
 /// The guard's maps that are pinned: policy, mode, flow and fragment state,
 /// counters; the monitor's event ring, counters and UDP socket table, and
-/// the bind hooks' owners and reports (their hooks are pinned too: what
+/// the owned ports' table and bind reports (the hooks are pinned too: what
 /// happens while no guard runs waits in the rings for the next one). The
 /// drop-report ring buffer and the report rate limit are not: they belong
 /// to the running daemon.
@@ -33,6 +33,7 @@ pub const PINNED_MAPS: &[&str] = &[
     map::MONITOR_STATS,
     map::UDP_SOCKS,
     map::OWNERS,
+    map::OWNER_COUNT,
     map::BINDS,
     map::GUARD_CONFIG,
     map::POLICY_PORTS,
@@ -88,7 +89,7 @@ impl PinDir {
             .find(|(path, _)| path.exists())
     }
 
-    /// The pinned link of a monitor or bind hook, by program name.
+    /// The pinned link of a monitor hook, by program name.
     pub(crate) fn hook_link(&self, program: &str) -> PathBuf {
         self.links().join(format!("hook-{program}"))
     }

@@ -105,7 +105,7 @@ impl<'a> Change<'a> {
 pub enum Input {
     Control(Box<ControlRequest>),
     Drops(Vec<Result<RawDrop, DecodeError>>),
-    /// Binds of owned ports by others, as the bind hooks reported them.
+    /// Binds of owned ports by others, as the post_bind hooks reported them.
     Binds(Vec<Result<RawBind, DecodeError>>),
     /// An owner's cgroup may have been made or removed (a unit started or
     /// stopped): the bind rules follow at once.
@@ -317,12 +317,9 @@ impl Guard {
     /// restarted has a cgroup of its own (a new id) whose binds must be let
     /// through, one that stopped leaves its port to nobody.
     pub fn owner_cgroups_changed(&mut self) {
-        let (datapath, pins) = (&mut self.datapath, &self.pins);
         if self.policy.has_owners()
             && let Some(binds) = &mut self.binds
-            && let Err(e) = binds.sync(&self.policy, self.mode, &self.activation, || {
-                datapath.attach_bind_hooks(pins)
-            })
+            && let Err(e) = binds.sync(&self.policy, self.mode, &self.activation)
         {
             log::warn!("updating the owned ports' bind rules failed: {e}");
         }
@@ -396,11 +393,8 @@ impl Guard {
         // Bind rules first: if they cannot be written, nothing changed.
         let activation = self.resolver.resolve(&policy);
         if let Some(binds) = &mut self.binds {
-            let (datapath, pins) = (&mut self.datapath, &self.pins);
             binds
-                .sync(&policy, mode, &activation, || {
-                    datapath.attach_bind_hooks(pins)
-                })
+                .sync(&policy, mode, &activation)
                 .map_err(|e| format!("updating the owned ports' bind rules failed: {e}"))?;
         }
         // New owners start from zero, before any port points at them.
@@ -423,10 +417,7 @@ impl Guard {
             // Best effort: the error above is what the caller hears.
             let _ = self.maps.install(&image, &self.image, &back);
             if let Some(binds) = &mut self.binds {
-                let (datapath, pins) = (&mut self.datapath, &self.pins);
-                let _ = binds.sync(&self.policy, self.mode, &self.activation, || {
-                    datapath.attach_bind_hooks(pins)
-                });
+                let _ = binds.sync(&self.policy, self.mode, &self.activation);
             }
             return Err(format!("updating the kernel maps failed: {e}"));
         }

@@ -24,7 +24,6 @@ use portwatch_common::{
 use crate::{
     datapath::{
         decode::{DecodeError, RawBind, decode_bind},
-        hooks::HookLink,
         maps::OwnerMap,
         ring::RingReader,
     },
@@ -32,7 +31,7 @@ use crate::{
     policy::{Activation, Owner, Policy, cgroup_under},
 };
 
-/// What woke the bind hooks' side of the loop.
+/// What woke the owned ports' side of the loop.
 pub enum BindNews {
     /// Bind reports, in the batch.
     Reports,
@@ -40,7 +39,7 @@ pub enum BindNews {
     CgroupsChanged,
 }
 
-/// The bind hooks as the guard holds them: their map, what it holds, and
+/// Owned ports at bind() as the guard holds them: their map, what it holds, and
 /// their reports.
 pub struct BindHooks {
     map: OwnerMap,
@@ -54,21 +53,12 @@ pub struct BindHooks {
     /// Where the owners' cgroups come and go; `None` without inotify (then
     /// only the housekeeping tick re-resolves them).
     watch: Option<CgroupWatch>,
-    /// The hooks' links at the cgroup root (pinned), held while the
-    /// policy owns ports; released when it owns none.
-    links: Vec<HookLink>,
 }
 
 impl BindHooks {
-    /// `adopted`: the hooks a previous guard left pinned, with what its
-    /// map holds; the first sync moves both to this guard's policy.
-    pub fn new(
-        map: OwnerMap,
-        reports: RingReader,
-        cgroups: Cgroups,
-        netns_cookie: u64,
-        adopted: Vec<HookLink>,
-    ) -> Self {
+    /// The map may hold what a previous guard left pinned: the first sync
+    /// moves it to this guard's policy.
+    pub fn new(map: OwnerMap, reports: RingReader, cgroups: Cgroups, netns_cookie: u64) -> Self {
         let held = map.entries();
         Self {
             map,
@@ -77,7 +67,6 @@ impl BindHooks {
             cgroups,
             netns_cookie,
             missing: Vec::new(),
-            links: adopted,
             watch: CgroupWatch::new()
                 .inspect_err(|e| {
                     log::warn!(
@@ -121,33 +110,19 @@ impl BindHooks {
         &self.cgroups
     }
 
-    /// Whether the hooks are attached.
-    pub fn attached(&self) -> bool {
-        !self.links.is_empty()
-    }
-
     /// Puts `policy`'s owners in force at bind time (units resolved again:
     /// a restarted unit has a new cgroup). A map write is made only for
-    /// what changed. The hooks are attached (`attach`) while there is an
-    /// owner for the kernel to check, and detached when none is left.
+    /// what changed.
     pub fn sync(
         &mut self,
         policy: &Policy,
         mode: Mode,
         activation: &Activation,
-        attach: impl FnOnce() -> crate::error::Result<Vec<HookLink>>,
     ) -> crate::error::Result<()> {
         let rules = owner_rules(policy, mode, activation, &self.cgroups, self.netns_cookie);
         if rules != self.held {
             self.map.apply(&self.held, &rules)?;
             self.held = rules;
-        }
-        if self.held.is_empty() {
-            for link in self.links.drain(..) {
-                link.release();
-            }
-        } else if self.links.is_empty() {
-            self.links = attach()?;
         }
         if let Some(watch) = &mut self.watch {
             watch.follow(self.cgroups.parents(policy));

@@ -195,7 +195,7 @@ async fn serve(
         .take_monitor_feed()
         .context("the monitor's ring buffer is already taken")?;
     let (maps, drops) = datapath.guard_maps()?;
-    let binds = bind_hooks(&mut datapath, &pins);
+    let binds = bind_hooks(&mut datapath);
     let opts = setup.opts;
     let server = ControlServer::bind(
         &setup.socket,
@@ -284,9 +284,10 @@ async fn serve(
     pipeline.finish()
 }
 
-/// The bind hooks of owned ports, attached; without them (an old kernel)
-/// owned ports are still gated at XDP, and the guard says what is missing.
-fn bind_hooks(datapath: &mut Datapath, pins: &PinDir) -> Option<binds::BindHooks> {
+/// Owned ports at bind(): their table and reports; without them (no
+/// namespace cookie: Linux before 5.14) owned ports are still gated at XDP,
+/// and the guard says what is missing.
+fn bind_hooks(datapath: &mut Datapath) -> Option<binds::BindHooks> {
     let cookie = match crate::sys::netns_cookie() {
         Ok(cookie) => cookie,
         Err(e) => {
@@ -300,13 +301,11 @@ fn bind_hooks(datapath: &mut Datapath, pins: &PinDir) -> Option<binds::BindHooks
     };
     let attached = crate::sys::cgroup2_root().and_then(|root| {
         let (map, reports) = datapath.bind_guard()?;
-        let adopted = datapath.pinned_bind_hooks(pins);
         Ok(binds::BindHooks::new(
             map,
             reports,
             binds::Cgroups::new(root),
             cookie,
-            adopted,
         ))
     });
     match attached {

@@ -1,4 +1,4 @@
-//! The bind hooks of owned ports: what they add to bind(), against what
+//! The owner check of owned ports (in the monitor's post_bind hooks): what it adds to bind(), against what
 //! the monitor's own hooks add. Per-call latency from the `kernel_worker`
 //! (`calls --port P`) in a namespace of the bench's own, alternating
 //! within each round: no portwatch; `portwatch watch` (the monitor's hooks:
