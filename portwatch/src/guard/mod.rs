@@ -271,7 +271,7 @@ async fn serve(
     let detach = opts.detach_on_exit || guard.shutdown == Some(Shutdown::Detach);
     let ifaces = setup.ifaces.join(", ");
     let pins = guard.pins().clone();
-    drop(guard); // detaches the monitor hooks; pinned links stay
+    drop(guard); // closes its descriptors; pinned links stay attached
     if detach {
         pins.remove_all();
         log::info!("stopped: the guard is detached from {ifaces} and unpinned");
