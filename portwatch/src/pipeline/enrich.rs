@@ -163,6 +163,39 @@ struct ProcCache {
     own_netns: Option<u64>,
     /// When each other namespace's interfaces were last read.
     netns_read: HashMap<u64, Instant>,
+    /// Dumps made to place listeners of processes already gone.
+    placing: Budget,
+}
+
+/// At most this many sock_diag dumps a second to place a listener whose
+/// process is already gone: a burst of short-lived listeners must not turn
+/// into a burst of dumps (beyond it their namespace stays unknown).
+const PLACE_PER_SECOND: u32 = 20;
+
+/// A count of uses per one-second window.
+#[derive(Default)]
+struct Budget {
+    window: Option<Instant>,
+    used: u32,
+}
+
+impl Budget {
+    /// Takes one use at `now`, if the window has one left.
+    fn take(&mut self, now: Instant, per_second: u32) -> bool {
+        if self
+            .window
+            .is_none_or(|w| now.saturating_duration_since(w) >= Duration::from_secs(1))
+        {
+            self.window = Some(now);
+            self.used = 0;
+        }
+        if self.used < per_second {
+            self.used += 1;
+            true
+        } else {
+            false
+        }
+    }
 }
 
 /// How long another namespace's interfaces are trusted without a new read.
@@ -283,6 +316,7 @@ impl ProcCache {
         // handed it on): the socket may still listen, here.
         if netns.is_none()
             && raw.kind == EventKind::Listen
+            && self.placing.take(Instant::now(), PLACE_PER_SECOND)
             && crate::snapshot::listens_here(raw.proto, raw.addr, raw.port)
         {
             netns = own_netns;
@@ -335,6 +369,16 @@ fn needs_listening_ports(raw: &RawListen) -> bool {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn placing_dumps_are_bounded_per_second() {
+        let mut budget = Budget::default();
+        let t0 = Instant::now();
+        let taken = (0..50).filter(|_| budget.take(t0, 20)).count();
+        assert_eq!(taken, 20, "at most 20 in a second");
+        assert!(!budget.take(t0 + Duration::from_millis(999), 20));
+        assert!(budget.take(t0 + Duration::from_secs(1), 20), "a new second");
+    }
+
     use super::*;
     use crate::model::SockId;
 
