@@ -261,3 +261,19 @@ pub fn assert_silently_dropped(probe: &TcpProbe, what: &str) {
         probe.elapsed
     );
 }
+
+/// A python3 script that binds one socket (`tcp|udp ADDR PORT [reuseport]`)
+/// and says how it went: `bound`, or the errno's name.
+pub const TRY_BIND: &str = r#"
+import errno, socket, sys
+proto, host, port = sys.argv[1], sys.argv[2], int(sys.argv[3])
+family = socket.AF_INET6 if ':' in host else socket.AF_INET
+s = socket.socket(family, socket.SOCK_STREAM if proto == 'tcp' else socket.SOCK_DGRAM)
+if 'reuseport' in sys.argv[4:]:
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+try:
+    s.bind((host, port))
+    print('bound')
+except OSError as e:
+    print(errno.errorcode.get(e.errno, str(e.errno)))
+"#;

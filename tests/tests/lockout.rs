@@ -13,8 +13,8 @@ use std::{
 use anyhow::{Context as _, ensure};
 use portwatch_lab::TempDir;
 use portwatch_tests::{
-    ChildGuard, Portwatch, Result,
-    net::{Connect, Lab, TempFile, run_bounded, tcp_probe, wait_listening},
+    ChildGuard, Result,
+    net::{Connect, Lab, TempFile, run_bounded, start_guard, tcp_probe, wait_listening},
     portwatch_bin, run,
 };
 
@@ -154,18 +154,7 @@ fn a_change_that_would_cut_off_the_operators_ssh_session_is_refused() -> Result 
         "allow = [{ port = \"tcp/22\", from = [\"198.18.0.0/15\"] }, \"tcp/8080\"]\n",
     )?;
     let socket = lab.socket()?;
-    let mut pw = Portwatch::start_in(
-        &lab.server,
-        &[
-            "guard",
-            "--iface",
-            &lab.server_if,
-            "--policy",
-            policy.as_str()?,
-            "--socket",
-            &socket,
-        ],
-    )?;
+    let mut pw = start_guard(&lab, &policy, &[])?;
     let ssh = SshServer::start(&lab)?;
     let portwatch = portwatch_bin();
     let portwatch = path(&portwatch)?;

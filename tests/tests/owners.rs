@@ -11,29 +11,15 @@ use portwatch_lab::{TempDir, TestCgroup, spawn_server};
 use portwatch_tests::{
     Netns, Result,
     net::{
-        GuardPaths, Lab, TempFile, assert_silently_dropped, http_server, pinned_guard, run_bounded,
-        start_guard, status_json, status_listener, tcp_probe, tcp_reachable, tcp_server,
+        GuardPaths, Lab, TRY_BIND, TempFile, assert_silently_dropped, http_server, pinned_guard,
+        run_bounded, start_guard, status_json, status_listener, tcp_probe, tcp_reachable,
+        tcp_server,
     },
     portwatch_bin,
 };
 use serde_json::Value;
 
 const WAIT: Duration = Duration::from_secs(10);
-
-/// Binds one socket and says how it went: `bound`, or the errno's name.
-const TRY_BIND: &str = r#"
-import errno, socket, sys
-proto, host, port = sys.argv[1], sys.argv[2], int(sys.argv[3])
-family = socket.AF_INET6 if ':' in host else socket.AF_INET
-s = socket.socket(family, socket.SOCK_STREAM if proto == 'tcp' else socket.SOCK_DGRAM)
-if 'reuseport' in sys.argv[4:]:
-    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-try:
-    s.bind((host, port))
-    print('bound')
-except OSError as e:
-    print(errno.errorcode.get(e.errno, str(e.errno)))
-"#;
 
 /// Runs [`TRY_BIND`] with `cmd` (python3, wherever it runs) and returns
 /// what it printed.

@@ -30,7 +30,11 @@ use std::{
 };
 
 use anyhow::{Context as _, bail, ensure};
-use portwatch_tests::{ChildGuard, Netns, Result, net::run_bounded, run, signal, unique_name};
+use portwatch_tests::{
+    ChildGuard, Netns, Result,
+    net::{TRY_BIND, run_bounded},
+    run, signal, unique_name,
+};
 
 const UNIT: &str = "/lib/systemd/system/portwatch.service";
 const BIN: &str = "/usr/bin/portwatch";
@@ -891,18 +895,6 @@ fn wait_until(within: Duration, what: &str, mut check: impl FnMut() -> Result<bo
     }
     Ok(())
 }
-
-/// Binds one TCP or UDP socket and prints `bound` or the errno's name.
-const TRY_BIND: &str = r#"
-import errno, socket, sys
-proto, host, port = sys.argv[1], sys.argv[2], int(sys.argv[3])
-s = socket.socket(socket.AF_INET, socket.SOCK_STREAM if proto == 'tcp' else socket.SOCK_DGRAM)
-try:
-    s.bind((host, port))
-    print('bound')
-except OSError as e:
-    print(errno.errorcode.get(e.errno, str(e.errno)))
-"#;
 
 /// The capability mask of a `CapabilityBoundingSet=` line.
 fn capability_mask(set: &str) -> Result<u64> {

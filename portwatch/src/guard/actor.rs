@@ -319,7 +319,10 @@ impl Guard {
     pub fn owner_cgroups_changed(&mut self) {
         if self.policy.has_owners()
             && let Some(binds) = &mut self.binds
-            && let Err(e) = binds.sync(&self.policy, self.mode, &self.activation)
+            && let Err(e) = {
+                binds.cgroups().forget_units();
+                binds.sync(&self.policy, self.mode, &self.activation)
+            }
         {
             log::warn!("updating the owned ports' bind rules failed: {e}");
         }

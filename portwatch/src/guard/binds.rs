@@ -152,6 +152,9 @@ pub struct CgroupRef {
 #[derive(Clone, Debug)]
 pub struct Cgroups {
     root: PathBuf,
+    /// Units' paths as last found: a walk of the tree each, not repeated
+    /// at every policy install; forgotten when cgroups come or go.
+    unit_paths: std::cell::RefCell<BTreeMap<String, Option<String>>>,
 }
 
 /// How deep a unit may be nested below the root (slices within slices,
@@ -160,7 +163,15 @@ const MAX_DEPTH: usize = 10;
 
 impl Cgroups {
     pub fn new(root: PathBuf) -> Self {
-        Self { root }
+        Self {
+            root,
+            unit_paths: std::cell::RefCell::default(),
+        }
+    }
+
+    /// Forgets where units were found (a cgroup was made or removed).
+    pub fn forget_units(&self) {
+        self.unit_paths.borrow_mut().clear();
     }
 
     /// The cgroup at `path` ("/system.slice/redis.service"), if it exists.
@@ -176,6 +187,17 @@ impl Cgroups {
     /// The cgroup path of systemd unit `unit`: the shallowest directory of
     /// that name (the host's unit before a container's of the same name).
     pub fn unit_path(&self, unit: &str) -> Option<String> {
+        if let Some(known) = self.unit_paths.borrow().get(unit) {
+            return known.clone();
+        }
+        let found = self.find_unit(unit);
+        self.unit_paths
+            .borrow_mut()
+            .insert(unit.to_owned(), found.clone());
+        found
+    }
+
+    fn find_unit(&self, unit: &str) -> Option<String> {
         let mut level: Vec<PathBuf> = vec![self.root.clone()];
         for _ in 0..MAX_DEPTH {
             let mut next = Vec::new();

@@ -7,8 +7,17 @@ use std::{collections::BTreeMap, sync::Arc, time::SystemTime};
 
 use crate::{
     model::{GateEvent, Listener},
-    policy::{Activation, Policy, PortRange},
+    policy::{Activation, Owner, Policy, PortRange},
 };
+
+/// The policy's owned ports and their owners.
+fn owned(policy: &Policy) -> Vec<(PortRange, &Owner)> {
+    policy
+        .rules
+        .iter()
+        .filter_map(|r| r.owner.as_ref().map(|o| (r.ports, o)))
+        .collect()
+}
 
 /// The process that holds an owned port open.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -25,11 +34,7 @@ pub fn holders<'a>(
     netns: Option<u64>,
     activation: &Activation,
 ) -> BTreeMap<PortRange, Holder> {
-    let owned: Vec<_> = policy
-        .rules
-        .iter()
-        .filter_map(|r| r.owner.as_ref().map(|o| (r.ports, o)))
-        .collect();
+    let owned = owned(policy);
     let mut open: BTreeMap<PortRange, Holder> = BTreeMap::new();
     if owned.is_empty() {
         return open;
@@ -71,11 +76,7 @@ pub fn squatters<'a>(
     netns: Option<u64>,
     activation: &Activation,
 ) -> BTreeMap<(PortRange, Option<u32>), Squatter> {
-    let owned: Vec<_> = policy
-        .rules
-        .iter()
-        .filter_map(|r| r.owner.as_ref().map(|o| (r.ports, o)))
-        .collect();
+    let owned = owned(policy);
     let mut out = BTreeMap::new();
     if owned.is_empty() {
         return out;

@@ -7,15 +7,10 @@
 //! every kernel check runs), binding P (the owner's bind, checked and let
 //! through) and P+1 (a port nobody owns: one map lookup).
 
-use std::{
-    fmt::Write as _,
-    path::Path,
-    process::{Command, Stdio},
-    time::{Duration, Instant},
-};
+use std::{fmt::Write as _, path::Path, time::Duration};
 
-use anyhow::{Context as _, Result, bail};
-use portwatch_lab::{ChildGuard, Guard, Lines, Netns, line_reader, run_within};
+use anyhow::{Context as _, Result};
+use portwatch_lab::{Guard, Netns, run_within};
 use serde_json::{Value, json};
 
 use super::{
@@ -49,37 +44,6 @@ fn calls(worker: &Path, ns: &Netns, port: u16, cycles: u32) -> Result<Value> {
     worker_json(&run_within(&mut cmd, Duration::from_secs(300))?)
 }
 
-/// `portwatch watch` with its output drained, until dropped.
-struct Watch {
-    _proc: ChildGuard,
-    _lines: Lines,
-}
-
-impl Watch {
-    fn start(portwatch: &Path) -> Result<Self> {
-        let mut cmd = Command::new(portwatch);
-        cmd.args(["watch", "--json", "--no-snapshot", "--local"])
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null());
-        let mut proc = ChildGuard::spawn(&mut cmd)?;
-        let lines = line_reader(proc.0.stdout.take().context("no stdout pipe")?);
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match lines.recv_timeout(left) {
-                Ok((_, line)) if line.contains(r#""event":"ready""#) => break,
-                Ok(_) => {}
-                Err(_) => bail!("`portwatch watch` printed no ready line within 30 s"),
-            }
-        }
-        Ok(Self {
-            _proc: proc,
-            _lines: lines,
-        })
-    }
-}
-
 /// This process's cgroup v2 path (the worker it starts inherits it).
 fn own_cgroup() -> Result<String> {
     let text = std::fs::read_to_string("/proc/self/cgroup").context("reading /proc/self/cgroup")?;
@@ -102,7 +66,7 @@ fn round(ctx: &Ctx, worker: &Path, ns: &Netns, cycles: u32, first: usize) -> Res
         match (first + k) % 3 {
             0 => out[0] = calls(worker, ns, PORT, cycles)?,
             1 => {
-                let _watch = Watch::start(&ctx.portwatch)?;
+                let _watch = super::host::Monitor::start(&ctx.portwatch)?;
                 out[1] = calls(worker, ns, PORT, cycles)?;
             }
             _ => {

@@ -46,13 +46,13 @@ const HOOKS: [&str; 4] = [
 ];
 
 /// `portwatch watch --json --no-snapshot --local`, its lines drained.
-struct Monitor {
+pub(super) struct Monitor {
     proc: ChildGuard,
     lines: Lines,
 }
 
 impl Monitor {
-    fn start(portwatch: &Path) -> Result<Self> {
+    pub(super) fn start(portwatch: &Path) -> Result<Self> {
         let mut cmd = Command::new(portwatch);
         cmd.args(["watch", "--json", "--no-snapshot", "--local"])
             .stdin(Stdio::null())
