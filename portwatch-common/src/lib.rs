@@ -482,6 +482,68 @@ impl DropReason {
     }
 }
 
+/// Why a packet passed; a probe's answer (`XdpProbe.pass`).
+#[repr(u8)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PassReason {
+    /// A rule permits the port from this source (within its limit).
+    Rule = 1,
+    /// TCP with ACK or RST: part of a connection, whatever the port.
+    Connection = 2,
+    /// A reply to a flow the host opened (tc egress recorded it).
+    OwnFlow = 3,
+    /// Not IP (ARP, ...): the host needs it.
+    NotIp = 4,
+    /// ICMP, ICMPv6, IGMP: the network's control traffic.
+    Control = 5,
+    /// A DHCP reply to the host's own client.
+    Dhcp = 6,
+    /// A later fragment of a datagram whose first fragment passed.
+    Fragment = 7,
+    /// Not addressed to the host: routed or bridged on, judged there.
+    Forwarded = 8,
+}
+
+impl PassReason {
+    pub const fn from_u8(v: u8) -> Option<Self> {
+        match v {
+            1 => Some(Self::Rule),
+            2 => Some(Self::Connection),
+            3 => Some(Self::OwnFlow),
+            4 => Some(Self::NotIp),
+            5 => Some(Self::Control),
+            6 => Some(Self::Dhcp),
+            7 => Some(Self::Fragment),
+            8 => Some(Self::Forwarded),
+            _ => None,
+        }
+    }
+}
+
+/// `XdpProbe.magic`: the frame is a probe from user space.
+pub const PROBE_MAGIC: u32 = 0x7077_7072; // "pwpr"
+
+/// The XDP metadata of a probe: a frame that `explain` and `verify` test-run
+/// through the live program (BPF_PROG_TEST_RUN). The program decides it as
+/// any frame but changes nothing (no counter, report, rate-limit token,
+/// fragment record) and writes its verdict back here. A frame from the wire
+/// carries no metadata, so it cannot ask for this.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct XdpProbe {
+    pub magic: u32,
+    /// The `PassReason`, or 0 when dropped.
+    pub pass: u8,
+    /// The `DropReason`, or 0 when passed (set with `pass` 0 in audit mode:
+    /// the frame would drop in enforce mode).
+    pub drop: u8,
+    pub _pad: u16,
+}
+
+/// `GuardConfig.flags`, set only in the program's own copy for a probe:
+/// decide without side effects. User space never sets it in the map.
+pub const GUARD_PROBE: u32 = 1 << 31;
+
 /// Packets and bytes per counter slot, per CPU. In audit mode the drop
 /// counters hold what enforce mode would have dropped.
 #[repr(C)]
@@ -746,6 +808,7 @@ mod tests {
         assert_eq!(flow_port_byte(port_slot(IPPROTO_UDP, 53)), (1024, 53));
         const { assert!(FLOW_PORT_ENTRIES * FLOW_PORTS_PER_ENTRY >= POLICY_PORT_SLOTS) };
         assert_eq!(core::mem::size_of::<GuardConfig>(), 24);
+        assert_eq!(core::mem::size_of::<XdpProbe>(), 8);
         assert_eq!(core::mem::size_of::<OwnerKey>(), 4);
         assert_eq!(core::mem::size_of::<OwnerRule>(), 56);
         assert_eq!(&SYSTEMD_LISTEN_HELPER[..11], b"(sd-listen)");

@@ -11,10 +11,10 @@ use aya_ebpf::{
 };
 use portwatch_common::{
     AF_INET, AF_INET6, DropReason, DropReport, FlowKey, FragKey, FragVerdict, GUARD_AUDIT,
-    GUARD_FORWARD_JUDGE, GuardConfig, GuardStat, IPPROTO_SCTP, IPPROTO_TCP, IPPROTO_UDP,
-    LOCAL_INLINE_V4, LOCAL_INLINE_V6, LocalKey, RULE_ANY, RULE_CIDR, RULE_LIMIT, RateKey,
-    RateState, entry_slot, flow_port_byte, other_slot, port_slot, src_prefix_len, src4_key,
-    src6_key,
+    GUARD_FORWARD_JUDGE, GUARD_PROBE, GuardConfig, GuardStat, IPPROTO_SCTP, IPPROTO_TCP,
+    IPPROTO_UDP, LOCAL_INLINE_V4, LOCAL_INLINE_V6, LocalKey, PROBE_MAGIC, PassReason, RULE_ANY,
+    RULE_CIDR, RULE_LIMIT, RateKey, RateLimit, RateState, XdpProbe, entry_slot, flow_port_byte,
+    other_slot, port_slot, src_prefix_len, src4_key, src6_key,
 };
 
 use crate::{
@@ -35,7 +35,7 @@ const TCP_RST: u8 = 0x04;
 const TCP_ACK: u8 = 0x10;
 const NS_PER_TOKEN: u64 = 1_000_000_000;
 
-type Verdict = Result<(), DropReason>;
+type Verdict = Result<PassReason, DropReason>;
 
 /// No `POLICY_PORTS` entry has every bit set (slots fit the high half
 /// with room to spare): the frame's entry was not looked up yet.
@@ -59,10 +59,14 @@ impl Entry {
 }
 
 pub fn try_xdp_guard(ctx: &XdpContext) -> u32 {
-    let cfg = match GUARD_CONFIG.get(0) {
+    let mut cfg = match GUARD_CONFIG.get(0) {
         Some(cfg) => *cfg,
         None => GuardConfig::default(),
     };
+    let probe = probe_of(ctx);
+    if probe.is_some() {
+        cfg.flags |= GUARD_PROBE;
+    }
     let mut slot = core::mem::MaybeUninit::uninit();
     let m = Headers::zeroed(&mut slot);
     let pkt = Pkt::new(ctx);
@@ -77,14 +81,20 @@ pub fn try_xdp_guard(ctx: &XdpContext) -> u32 {
                 && m.family != 0
                 && !addressed_to_host(m) =>
         {
+            if let Some(probe) = probe {
+                return answer(probe, &Ok(PassReason::Forwarded), &cfg);
+            }
             if m.first_frag {
-                record_first_fragment(m, &Ok(()));
+                record_first_fragment(m, &Ok(PassReason::Forwarded));
             }
             guard_count(GuardStat::Forwarded);
             return XDP_PASS;
         }
         verdict => verdict,
     };
+    if let Some(probe) = probe {
+        return answer(probe, &verdict, &cfg);
+    }
     // A first fragment's verdict, whatever it is, is what its later
     // fragments get.
     if m.first_frag {
@@ -113,11 +123,47 @@ pub fn try_xdp_guard(ctx: &XdpContext) -> u32 {
     if audit { XDP_PASS } else { XDP_DROP }
 }
 
+/// The probe metadata of a test run from user space (`XdpProbe`), if the
+/// frame carries it. The wire's frames have no metadata: a driver sets
+/// `data_meta` to `data` (or past it, without metadata support).
+#[inline(always)]
+fn probe_of(ctx: &XdpContext) -> Option<*mut XdpProbe> {
+    let meta = ctx.metadata();
+    if meta + core::mem::size_of::<XdpProbe>() > ctx.data() {
+        return None;
+    }
+    let probe = meta as *mut XdpProbe;
+    // SAFETY: bounds-checked against `data` just above.
+    if unsafe { (*probe).magic } != PROBE_MAGIC {
+        return None;
+    }
+    Some(probe)
+}
+
+/// Writes a probe's verdict into its metadata; the action it would get.
+#[inline(always)]
+fn answer(probe: *mut XdpProbe, verdict: &Verdict, cfg: &GuardConfig) -> u32 {
+    let (pass, drop) = match verdict {
+        Ok(why) => (*why as u8, 0),
+        Err(reason) => (0, *reason as u8),
+    };
+    // SAFETY: `probe_of` checked the metadata's bounds.
+    unsafe {
+        (*probe).pass = pass;
+        (*probe).drop = drop;
+    }
+    if verdict.is_ok() || cfg.flags & GUARD_AUDIT != 0 {
+        XDP_PASS
+    } else {
+        XDP_DROP
+    }
+}
+
 fn classify(pkt: &Pkt, m: &mut Headers, entry: &mut Entry, cfg: &GuardConfig) -> Verdict {
     match walk(pkt, m) {
         Err(_) => Err(DropReason::Malformed),
         // ARP and every other non-IP protocol: the host needs them.
-        Ok(Walk::NotIp) => Ok(()),
+        Ok(Walk::NotIp) => Ok(PassReason::NotIp),
         Ok(Walk::LaterFragment(id)) => later_fragment(m, id),
         Ok(Walk::Transport(off)) => transport(pkt, off, m, entry, cfg),
     }
@@ -201,7 +247,7 @@ fn frag_key(m: &Headers, id: u32) -> FragKey {
 fn record_first_fragment(m: &Headers, verdict: &Verdict) {
     let decided = FragVerdict {
         reason: match verdict {
-            Ok(()) => 0,
+            Ok(_) => 0,
             Err(reason) => *reason as u8,
         },
         proto: m.proto,
@@ -225,7 +271,7 @@ fn later_fragment(m: &mut Headers, id: u32) -> Verdict {
         m.has_ports = true;
     }
     match DropReason::from_u8(first.reason) {
-        None => Ok(()),
+        None => Ok(PassReason::Fragment),
         Some(reason) => Err(reason),
     }
 }
@@ -247,7 +293,7 @@ fn transport(
             udp(m, entry, cfg)
         }
         // Neighbour discovery, path MTU discovery, multicast membership.
-        IPPROTO_ICMP | IPPROTO_ICMPV6 | IPPROTO_IGMP => Ok(()),
+        IPPROTO_ICMP | IPPROTO_ICMPV6 | IPPROTO_IGMP => Ok(PassReason::Control),
         IPPROTO_SCTP => {
             ports(pkt, off, m).map_err(|_| DropReason::Malformed)?;
             or_own_flow(m, entry, cfg)
@@ -262,10 +308,12 @@ fn transport(
 /// UDP flows).
 fn or_own_flow(m: &Headers, entry: &mut Entry, cfg: &GuardConfig) -> Verdict {
     match permitted(m, entry.of(m), cfg) {
-        Ok(()) => Ok(()),
+        Ok(why) => Ok(why),
         Err(_) if reply_to_own_flow(m, cfg) => {
-            guard_count(GuardStat::FlowReplies);
-            Ok(())
+            if cfg.flags & GUARD_PROBE == 0 {
+                guard_count(GuardStat::FlowReplies);
+            }
+            Ok(PassReason::OwnFlow)
         }
         Err(reason) => Err(reason),
     }
@@ -281,7 +329,7 @@ fn tcp(m: &Headers, entry: &mut Entry, cfg: &GuardConfig) -> Verdict {
     // silence, telling a scanner which blocked ports have a listener.
     let opening = flags & TCP_SYN != 0 && flags & TCP_ACK == 0;
     if !opening && flags & (TCP_ACK | TCP_RST) != 0 {
-        Ok(())
+        Ok(PassReason::Connection)
     } else {
         permitted(m, entry.of(m), cfg)
     }
@@ -295,7 +343,7 @@ fn udp(m: &Headers, entry: &mut Entry, cfg: &GuardConfig) -> Verdict {
         m.sport == 547 && m.dport == 546
     };
     if dhcp {
-        return Ok(());
+        return Ok(PassReason::Dhcp);
     }
     or_own_flow(m, entry, cfg)
 }
@@ -308,11 +356,11 @@ fn permitted(m: &Headers, rule: u32, cfg: &GuardConfig) -> Verdict {
     if rule & RULE_LIMIT != 0 {
         within_limit(m, entry_slot(rule), cfg)?;
     }
-    Ok(())
+    Ok(PassReason::Rule)
 }
 
 /// The rule bits' answer for this source.
-fn source_permitted(m: &Headers, rule: u32) -> Verdict {
+fn source_permitted(m: &Headers, rule: u32) -> Result<(), DropReason> {
     if rule & RULE_ANY != 0 {
         return Ok(());
     }
@@ -341,8 +389,8 @@ fn source_permitted(m: &Headers, rule: u32) -> Verdict {
 /// Takes one packet's cost from the source's bucket of rule `slot`, or
 /// says it is over the limit. A new source starts with a full bucket; when
 /// the table of sources is full, new sources share the rule's overflow
-/// bucket.
-fn within_limit(m: &Headers, slot: u32, cfg: &GuardConfig) -> Verdict {
+/// bucket. A probe reads the bucket and takes nothing.
+fn within_limit(m: &Headers, slot: u32, cfg: &GuardConfig) -> Result<(), DropReason> {
     let Some(limit) = LIMITS.get(slot) else {
         return Ok(());
     };
@@ -361,6 +409,9 @@ fn within_limit(m: &Headers, slot: u32, cfg: &GuardConfig) -> Verdict {
     }
     // SAFETY: bpf_ktime_get_coarse_ns has no preconditions.
     let now = unsafe { bpf_ktime_get_coarse_ns() };
+    if cfg.flags & GUARD_PROBE != 0 {
+        return probe_limit(&key, slot, &limit, now);
+    }
     // A new source: a full bucket less this packet.
     let fresh = RateState {
         tokens_ns: limit.cap_ns.saturating_sub(limit.cost_ns),
@@ -397,6 +448,41 @@ fn within_limit(m: &Headers, slot: u32, cfg: &GuardConfig) -> Verdict {
     }
     state.tokens_ns = tokens - limit.cost_ns;
     Ok(())
+}
+
+/// A probe's answer to a limit: what the source's bucket holds now,
+/// refilled, without taking a token. For a source without a bucket, the
+/// table is asked whether it has room (a fresh bucket, removed at once),
+/// else the rule's overflow bucket answers, as for a real packet.
+fn probe_limit(key: &RateKey, slot: u32, limit: &RateLimit, now: u64) -> Result<(), DropReason> {
+    // SAFETY: the value is copied out at once.
+    let state = match unsafe { RATE_STATE.get(key) } {
+        Some(state) => *state,
+        None => {
+            let fresh = RateState {
+                tokens_ns: limit.cap_ns,
+                last_ns: now,
+            };
+            if RATE_STATE.insert(key, &fresh, 1).is_ok() {
+                let _ = RATE_STATE.remove(key);
+                fresh
+            } else {
+                match RATE_OVERFLOW.get(slot) {
+                    Some(state) => *state,
+                    None => return Ok(()),
+                }
+            }
+        }
+    };
+    let tokens = state
+        .tokens_ns
+        .saturating_add(now.saturating_sub(state.last_ns))
+        .min(limit.cap_ns);
+    if tokens < limit.cost_ns {
+        Err(DropReason::RateLimited)
+    } else {
+        Ok(())
+    }
 }
 
 /// Clears the address bits past `prefix` (IPv6 sources share a bucket per

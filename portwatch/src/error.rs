@@ -58,6 +58,10 @@ pub enum Error {
         source: aya::maps::MapError,
     },
 
+    /// A probe the datapath cannot build or whose answer makes no sense.
+    #[error("{0}")]
+    Invalid(String),
+
     // The cause is printed by the error chain (`{:#}`), not repeated here.
     #[error("{what}")]
     Io {

@@ -381,6 +381,44 @@ impl DropReason {
     }
 }
 
+/// Why the guard passed a packet, as its program says when asked
+/// (`explain`, `verify`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PassReason {
+    /// A rule permits the port from this source (within its limit).
+    Rule,
+    /// TCP with ACK or RST: part of a connection, whatever the port.
+    Connection,
+    /// A reply to a flow the host opened.
+    OwnFlow,
+    /// Not IP (ARP, ...).
+    NotIp,
+    /// ICMP, ICMPv6 or IGMP.
+    Control,
+    /// A DHCP reply to the host's client.
+    Dhcp,
+    /// A later fragment of a datagram whose first fragment passed.
+    Fragment,
+    /// Not addressed to the host: routed or bridged on.
+    Forwarded,
+}
+
+impl PassReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PassReason::Rule => "rule",
+            PassReason::Connection => "connection",
+            PassReason::OwnFlow => "own_flow",
+            PassReason::NotIp => "not_ip",
+            PassReason::Control => "control",
+            PassReason::Dhcp => "dhcp",
+            PassReason::Fragment => "fragment",
+            PassReason::Forwarded => "forwarded",
+        }
+    }
+}
+
 /// An inbound packet the guard dropped (or in audit mode would have).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct DropEvent {

@@ -12,9 +12,10 @@ use anyhow::{Context as _, bail, ensure};
 use portwatch::{
     datapath::{
         maps::GuardTotals,
+        probe::Answer,
         testing::{XDP_DROP, XDP_PASS, XdpTester},
     },
-    model::{Mode, Proto},
+    model::{DropReason, Mode, PassReason, Proto},
     policy::Policy,
 };
 use portwatch_common::{AF_INET, AF_INET6, FlowKey, GuardStat, PortCounters};
@@ -73,6 +74,17 @@ enum Outcome {
 
 use Outcome::{Audited, Dropped, Forwarded, Pass};
 
+/// The guard counter a drop reason moves.
+fn stat_of(reason: DropReason) -> GuardStat {
+    match reason {
+        DropReason::NoRule => GuardStat::DropNoRule,
+        DropReason::SourceNotAllowed => GuardStat::DropSource,
+        DropReason::Malformed => GuardStat::DropMalformed,
+        DropReason::Fragment => GuardStat::DropFragment,
+        DropReason::RateLimited => GuardStat::DropRateLimited,
+    }
+}
+
 fn verdict_name(v: u32) -> String {
     match v {
         XDP_PASS => "PASS".into(),
@@ -118,9 +130,12 @@ impl Guard {
         Ok((verdict, delta))
     }
 
-    /// Checks one case; a mismatch is recorded, not raised.
+    /// Checks one case; a mismatch is recorded, not raised. The frame is
+    /// first asked about as `explain` asks (a probe): the answer must be the
+    /// verdict the run then gets, and asking must move no counter.
     fn expect(&mut self, case: &str, frame: &[u8], want: Outcome) -> Result {
         self.checks += 1;
+        self.expect_probe(case, frame, want)?;
         let (verdict, delta) = self
             .run(frame)
             .with_context(|| format!("{case}: running the program on {} bytes", frame.len()))?;
@@ -147,6 +162,31 @@ impl Guard {
                 verdict_name(want_verdict),
                 verdict_name(verdict),
                 moved.join(", ")
+            ));
+        }
+        Ok(())
+    }
+
+    fn expect_probe(&mut self, case: &str, frame: &[u8], want: Outcome) -> Result {
+        let before = self.xdp.maps.totals();
+        let answer = self
+            .xdp
+            .probe(frame)
+            .with_context(|| format!("{case}: probing {} bytes", frame.len()))?;
+        let after = self.xdp.maps.totals();
+        if before != after {
+            self.failures
+                .push(format!("{case}: the probe moved guard counters"));
+        }
+        let agrees = match (want, answer) {
+            (Pass, Answer::Pass(why)) => why != PassReason::Forwarded,
+            (Forwarded, Answer::Pass(why)) => why == PassReason::Forwarded,
+            (Dropped(stat) | Audited(stat), Answer::Drop(why)) => stat_of(why) == stat,
+            _ => false,
+        };
+        if !agrees {
+            self.failures.push(format!(
+                "{case}: expected {want:?}, the probe answered {answer}"
             ));
         }
         Ok(())

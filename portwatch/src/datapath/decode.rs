@@ -10,7 +10,7 @@ use portwatch_common::{
 };
 use portwatch_common::{BIND_AUDITED, BIND_DENIED, BindReport, bind_report_offsets as boff};
 
-use crate::model::{DropReason, EventKind, Proto, SockId};
+use crate::model::{DropReason, EventKind, PassReason, Proto, SockId};
 
 /// A listener event as the kernel reported it, before user space enrichment.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -115,6 +115,33 @@ pub struct RawDrop {
 }
 
 /// Decodes one `DropReport` record.
+/// The kernel's drop reason code.
+pub fn drop_reason(code: u8) -> Option<DropReason> {
+    use portwatch_common::DropReason as K;
+    Some(match K::from_u8(code)? {
+        K::NoRule => DropReason::NoRule,
+        K::Source => DropReason::SourceNotAllowed,
+        K::Malformed => DropReason::Malformed,
+        K::Fragment => DropReason::Fragment,
+        K::RateLimited => DropReason::RateLimited,
+    })
+}
+
+/// The kernel's pass reason code (a probe's answer).
+pub fn pass_reason(code: u8) -> Option<PassReason> {
+    use portwatch_common::PassReason as K;
+    Some(match K::from_u8(code)? {
+        K::Rule => PassReason::Rule,
+        K::Connection => PassReason::Connection,
+        K::OwnFlow => PassReason::OwnFlow,
+        K::NotIp => PassReason::NotIp,
+        K::Control => PassReason::Control,
+        K::Dhcp => PassReason::Dhcp,
+        K::Fragment => PassReason::Fragment,
+        K::Forwarded => PassReason::Forwarded,
+    })
+}
+
 pub fn decode_drop(record: &[u8]) -> Result<RawDrop, DecodeError> {
     if record.len() < DropReport::SIZE {
         return Err(DecodeError::Short {
@@ -122,14 +149,8 @@ pub fn decode_drop(record: &[u8]) -> Result<RawDrop, DecodeError> {
             need: DropReport::SIZE,
         });
     }
-    let reason = match portwatch_common::DropReason::from_u8(record[doff::REASON]) {
-        Some(portwatch_common::DropReason::NoRule) => DropReason::NoRule,
-        Some(portwatch_common::DropReason::Source) => DropReason::SourceNotAllowed,
-        Some(portwatch_common::DropReason::Malformed) => DropReason::Malformed,
-        Some(portwatch_common::DropReason::Fragment) => DropReason::Fragment,
-        Some(portwatch_common::DropReason::RateLimited) => DropReason::RateLimited,
-        None => return Err(DecodeError::Reason(record[doff::REASON])),
-    };
+    let reason =
+        drop_reason(record[doff::REASON]).ok_or(DecodeError::Reason(record[doff::REASON]))?;
     let addr = |at: usize| -> Option<IpAddr> {
         let raw = &record[at..at + 16];
         match u16::from(record[doff::FAMILY]) {

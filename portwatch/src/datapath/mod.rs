@@ -11,6 +11,7 @@ pub mod decode;
 pub mod hooks;
 pub mod maps;
 pub mod pins;
+pub mod probe;
 pub mod ring;
 #[cfg(feature = "test-helpers")]
 pub mod testing;
@@ -269,6 +270,22 @@ impl Datapath {
                 }
             })?;
         Ok((owners, reports))
+    }
+
+    /// What the loaded XDP guard does with `probe` (see [`probe`]).
+    pub fn probe_guard(&mut self, probe: &probe::Probe) -> Result<probe::Answer> {
+        let frame = probe.frame()?;
+        let xdp: &mut aya::programs::Xdp = program(&mut self.ebpf, prog::XDP_GUARD)?;
+        probe::run(xdp, &frame)
+    }
+
+    /// The kernel's id of the loaded XDP guard, to tell it from what an
+    /// interface actually runs.
+    pub fn guard_program_id(&mut self) -> Result<u32> {
+        let xdp: &mut aya::programs::Xdp = program(&mut self.ebpf, prog::XDP_GUARD)?;
+        xdp.info()
+            .map(|info| info.id())
+            .map_err(program_error("reading the XDP guard's id".into(), ""))
     }
 
     /// Attaches the guard (tc egress, then XDP) to one interface, or

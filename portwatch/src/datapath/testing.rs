@@ -106,6 +106,12 @@ impl XdpTester {
         Ok(program(&mut self.ebpf, prog::XDP_GUARD)?)
     }
 
+    /// What the program says of `frame` when asked as `explain` asks:
+    /// decided, not acted on.
+    pub fn probe(&mut self, frame: &[u8]) -> anyhow::Result<super::probe::Answer> {
+        Ok(super::probe::run(self.program()?, frame)?)
+    }
+
     /// The verdict (`XDP_PASS`, `XDP_DROP`) for one frame.
     pub fn verdict(&mut self, frame: &[u8]) -> anyhow::Result<u32> {
         Ok(self.bench(frame, 1)?.0)

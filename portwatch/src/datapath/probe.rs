@@ -1,0 +1,299 @@
+//! Asking the loaded XDP guard what it would do with a packet: a crafted
+//! frame, test-run (BPF_PROG_TEST_RUN) through the very program attached to
+//! the interfaces, against the maps it reads. The frame carries an
+//! [`XdpProbe`] in its XDP metadata, which no frame from the wire can: the
+//! program then decides it as any other but changes nothing (no counter,
+//! drop report, rate-limit token or fragment record) and writes its verdict
+//! and reason back into the metadata. What `explain` and `verify` stand on:
+//! the answer is the datapath's own, not a re-implementation of it.
+
+use std::{fmt, net::IpAddr, str::FromStr};
+
+use aya::programs::{TestRun, TestRunOptions, Xdp};
+use etherparse::{IpNumber, PacketBuilder};
+use portwatch_common::{PROBE_MAGIC, XdpProbe};
+use serde::{Deserialize, Serialize};
+
+use super::decode::{drop_reason, pass_reason};
+use crate::{
+    error::{Error, Result},
+    model::{DropReason, IpProto, PassReason},
+};
+
+/// XDP return codes.
+const XDP_DROP: u32 = 1;
+const XDP_PASS: u32 = 2;
+
+/// TCP flags of a probe, as `explain --flags syn,ack` names them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TcpFlags(pub u8);
+
+impl TcpFlags {
+    pub const FIN: u8 = 0x01;
+    pub const SYN: u8 = 0x02;
+    pub const RST: u8 = 0x04;
+    pub const PSH: u8 = 0x08;
+    pub const ACK: u8 = 0x10;
+    pub const URG: u8 = 0x20;
+    const NAMES: [(&'static str, u8); 6] = [
+        ("fin", Self::FIN),
+        ("syn", Self::SYN),
+        ("rst", Self::RST),
+        ("psh", Self::PSH),
+        ("ack", Self::ACK),
+        ("urg", Self::URG),
+    ];
+
+    /// A connection attempt: what a client's first segment carries.
+    pub const OPENING: TcpFlags = TcpFlags(Self::SYN);
+}
+
+impl FromStr for TcpFlags {
+    type Err = String;
+
+    /// `syn`, `syn,ack`, `fin|psh|urg`, and the scans' names `null` (none)
+    /// and `xmas` (fin, psh, urg).
+    fn from_str(text: &str) -> std::result::Result<Self, String> {
+        let mut bits = 0u8;
+        for word in text.split([',', '|', '+']).map(str::trim) {
+            let lower = word.to_ascii_lowercase();
+            bits |= match lower.as_str() {
+                "null" | "none" => 0,
+                "xmas" => Self::FIN | Self::PSH | Self::URG,
+                _ => Self::NAMES
+                    .iter()
+                    .find(|(name, _)| *name == lower)
+                    .map(|(_, bit)| *bit)
+                    .ok_or_else(|| {
+                        format!(
+                            "unknown TCP flag `{word}` (one of fin, syn, rst, psh, ack, urg, or null, xmas)"
+                        )
+                    })?,
+            };
+        }
+        Ok(TcpFlags(bits))
+    }
+}
+
+impl fmt::Display for TcpFlags {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let names: Vec<&str> = Self::NAMES
+            .iter()
+            .filter(|(_, bit)| self.0 & bit != 0)
+            .map(|(name, _)| *name)
+            .collect();
+        if names.is_empty() {
+            f.write_str("null")
+        } else {
+            f.write_str(&names.join(","))
+        }
+    }
+}
+
+/// One inbound packet to ask the guard about.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Probe {
+    pub proto: IpProto,
+    pub src: IpAddr,
+    /// One of the host's addresses (else the packet is forwarded traffic).
+    pub dst: IpAddr,
+    pub src_port: u16,
+    pub dst_port: u16,
+    /// TCP only.
+    pub flags: TcpFlags,
+}
+
+impl Probe {
+    /// The Ethernet frame. Checksums are left as they fall: the guard does
+    /// not read them.
+    pub fn frame(&self) -> Result<Vec<u8>> {
+        const SRC_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 1];
+        const DST_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 2];
+        let eth = PacketBuilder::ethernet2(SRC_MAC, DST_MAC);
+        let ip = match (self.src, self.dst) {
+            (IpAddr::V4(s), IpAddr::V4(d)) => eth.ipv4(s.octets(), d.octets(), 64),
+            (IpAddr::V6(s), IpAddr::V6(d)) => eth.ipv6(s.octets(), d.octets(), 64),
+            _ => {
+                return Err(Error::Invalid(format!(
+                    "a probe from {} to {} mixes IPv4 and IPv6",
+                    self.src, self.dst
+                )));
+            }
+        };
+        let mut out = Vec::with_capacity(96);
+        let written = match self.proto {
+            IpProto::TCP => {
+                let f = self.flags.0;
+                let mut tcp = ip.tcp(self.src_port, self.dst_port, 1, 64240);
+                if f & TcpFlags::FIN != 0 {
+                    tcp = tcp.fin();
+                }
+                if f & TcpFlags::SYN != 0 {
+                    tcp = tcp.syn();
+                }
+                if f & TcpFlags::RST != 0 {
+                    tcp = tcp.rst();
+                }
+                if f & TcpFlags::PSH != 0 {
+                    tcp = tcp.psh();
+                }
+                if f & TcpFlags::ACK != 0 {
+                    tcp = tcp.ack(1);
+                }
+                if f & TcpFlags::URG != 0 {
+                    tcp = tcp.urg(0);
+                }
+                tcp.write(&mut out, &[])
+            }
+            IpProto::UDP => ip
+                .udp(self.src_port, self.dst_port)
+                .write(&mut out, &[0; 8]),
+            other => {
+                // SCTP's common header starts with the ports; any other
+                // protocol is judged as a whole and gets a few bytes.
+                let mut payload = [0u8; 12];
+                payload[0..2].copy_from_slice(&self.src_port.to_be_bytes());
+                payload[2..4].copy_from_slice(&self.dst_port.to_be_bytes());
+                ip.write(&mut out, IpNumber(other.0), &payload)
+            }
+        };
+        written.map_err(|e| Error::Invalid(format!("building the probe frame: {e}")))?;
+        Ok(out)
+    }
+}
+
+/// What the guard's program said about a probe.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", tag = "verdict", content = "reason")]
+pub enum Answer {
+    Pass(PassReason),
+    /// Dropped; in audit mode, passed but would drop in enforce mode.
+    Drop(DropReason),
+}
+
+impl Answer {
+    pub fn passes(self) -> bool {
+        matches!(self, Answer::Pass(_))
+    }
+}
+
+impl fmt::Display for Answer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Answer::Pass(why) => write!(f, "pass ({})", why.as_str()),
+            Answer::Drop(why) => write!(f, "drop ({})", why.as_str()),
+        }
+    }
+}
+
+/// Runs `frame` through the loaded XDP program as a probe.
+pub fn run(xdp: &Xdp, frame: &[u8]) -> Result<Answer> {
+    const META: usize = std::mem::size_of::<XdpProbe>();
+    let mut data = Vec::with_capacity(META + frame.len());
+    data.extend_from_slice(&PROBE_MAGIC.to_ne_bytes());
+    data.extend_from_slice(&[0; META - 4]);
+    data.extend_from_slice(frame);
+    // struct xdp_md: data, data_end, data_meta, ingress_ifindex,
+    // rx_queue_index, egress_ifindex; `data` is the metadata's length.
+    let mut ctx = [0u8; 24];
+    ctx[0..4].copy_from_slice(&(META as u32).to_ne_bytes());
+    ctx[4..8].copy_from_slice(&(data.len() as u32).to_ne_bytes());
+    let mut out = vec![0u8; data.len() + 64];
+    let result = xdp
+        .test_run(TestRunOptions {
+            data_in: Some(&data),
+            data_out: Some(&mut out),
+            ctx_in: Some(&ctx),
+            ..Default::default()
+        })
+        .map_err(|e| Error::Program {
+            what: "test-running the XDP guard".into(),
+            hint: "BPF_PROG_TEST_RUN with XDP metadata needs Linux 5.15+",
+            detail: e.to_string(),
+        })?;
+    let magic = u32::from_ne_bytes([out[0], out[1], out[2], out[3]]);
+    let (pass, drop) = (out[4], out[5]);
+    let unanswered = || {
+        Error::Invalid(
+        "the loaded XDP program did not answer the probe (a program of an older portwatch? restart the guard)".into(),
+    )
+    };
+    if magic != PROBE_MAGIC {
+        return Err(unanswered());
+    }
+    let answer = match (pass_reason(pass), drop_reason(drop)) {
+        (Some(why), None) => Answer::Pass(why),
+        (None, Some(why)) => Answer::Drop(why),
+        _ => return Err(unanswered()),
+    };
+    // In enforce mode a drop answer comes with XDP_DROP; in audit mode
+    // with XDP_PASS. Any other pairing is a program that lies.
+    match (answer, result.return_value) {
+        (Answer::Pass(_), XDP_PASS) | (Answer::Drop(_), XDP_PASS | XDP_DROP) => Ok(answer),
+        _ => Err(Error::Invalid(format!(
+            "the XDP guard answered {answer} but returned action {}",
+            result.return_value
+        ))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flags_parse_by_name_and_by_scan() {
+        assert_eq!("syn".parse::<TcpFlags>(), Ok(TcpFlags(0x02)));
+        assert_eq!("SYN,ack".parse::<TcpFlags>(), Ok(TcpFlags(0x12)));
+        assert_eq!("xmas".parse::<TcpFlags>(), Ok(TcpFlags(0x29)));
+        assert_eq!("null".parse::<TcpFlags>(), Ok(TcpFlags(0)));
+        assert!("synn".parse::<TcpFlags>().is_err());
+        assert_eq!(TcpFlags(0x12).to_string(), "syn,ack");
+        assert_eq!(TcpFlags(0).to_string(), "null");
+    }
+
+    #[test]
+    fn frames_carry_ports_and_flags_where_the_guard_reads_them() -> Result<()> {
+        let p = Probe {
+            proto: IpProto::TCP,
+            src: "10.1.2.3"
+                .parse()
+                .map_err(|_| Error::Invalid("addr".into()))?,
+            dst: "10.1.2.4"
+                .parse()
+                .map_err(|_| Error::Invalid("addr".into()))?,
+            src_port: 40000,
+            dst_port: 5432,
+            flags: "fin,psh,urg".parse().map_err(Error::Invalid)?,
+        };
+        let f = p.frame()?;
+        assert_eq!(&f[12..14], &[0x08, 0x00]);
+        assert_eq!(f[14 + 9], 6);
+        assert_eq!(&f[26..30], &[10, 1, 2, 3]);
+        assert_eq!(&f[34..36], &40000u16.to_be_bytes());
+        assert_eq!(&f[36..38], &5432u16.to_be_bytes());
+        assert_eq!(f[34 + 13], 0x29);
+        let sctp = Probe {
+            proto: IpProto::SCTP,
+            src: "2001:db8::1"
+                .parse()
+                .map_err(|_| Error::Invalid("addr".into()))?,
+            dst: "2001:db8::2"
+                .parse()
+                .map_err(|_| Error::Invalid("addr".into()))?,
+            ..p
+        }
+        .frame()?;
+        assert_eq!(&sctp[12..14], &[0x86, 0xdd]);
+        assert_eq!(sctp[14 + 6], 132);
+        assert_eq!(&sctp[56..58], &5432u16.to_be_bytes());
+        let mixed = Probe {
+            dst: "2001:db8::2"
+                .parse()
+                .map_err(|_| Error::Invalid("addr".into()))?,
+            ..p
+        };
+        assert!(mixed.frame().is_err());
+        Ok(())
+    }
+}
