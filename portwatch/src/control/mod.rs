@@ -2,7 +2,8 @@
 //!
 //! `portwatch guard` listens on a Unix stream socket,
 //! `/run/portwatch/control.sock` by default. `portwatch allow`, `deny`,
-//! `apply`, `confirm`, `diff`, `policy`, `reload` and `status` (and
+//! `apply`, `confirm`, `diff`, `policy`, `reload`, `status`, `explain` and
+//! `verify` (and
 //! `watch`, while a guard runs) are its
 //! clients, and so is anything that can write a line to a socket:
 //!
@@ -20,7 +21,7 @@
 //! | peer | may use |
 //! |---|---|
 //! | uid 0, or a process with `CAP_NET_ADMIN` in the guard's user namespace | every command |
-//! | a member of the read group (primary or supplementary group) | `policy`, `status`, `subscribe` |
+//! | a member of the read group (primary or supplementary group) | `policy`, `status`, `subscribe`, `explain`, `verify` |
 //! | anyone else | nothing: one error line, then the guard closes the connection |
 //!
 //! A read-only peer that sends `allow`, `deny`, `apply`, `confirm`, `diff`
@@ -39,7 +40,7 @@
 //! `"error"` string that says what went wrong:
 //!
 //! ```json
-//! {"ok":false,"error":"unknown command \"frobnicate\" (expected allow, deny, apply, confirm, diff, policy, reload, status, subscribe, shutdown)"}
+//! {"ok":false,"error":"unknown command \"frobnicate\" (expected allow, deny, apply, confirm, diff, policy, reload, status, subscribe, shutdown, explain, verify)"}
 //! ```
 //!
 //! # Requests
@@ -57,6 +58,8 @@
 //! | `{"cmd":"reload"}` | write | `change`: the policy file was read again and applied |
 //! | `{"cmd":"status"}` | read | the guard's state, below |
 //! | `{"cmd":"subscribe"}`, optionally `"format":"json"` (default) or `"human"`, `"colour":true` | read | an acknowledgement, then one line per event as `portwatch guard` prints them (`--json` for `json`) |
+//! | `{"cmd":"explain","spec":"tcp/5432"}`, optionally `"from"`, `"to"` (addresses), `"source_port"`, `"flags":"syn,ack"` (TCP; also `null`, `xmas`) | read | `packet`, `mode`, `verdict` (`{"verdict":"drop","reason":"source_not_allowed"}`: the loaded XDP program's own answer to a test run of that packet, side effects off), `outcome`, `rule` (`{"rule","file","line"}`), `reasons`, `predicted`, `agrees`, `pass_packets`, `drop_packets`, `last_drops`, `notes` |
+//! | `{"cmd":"verify"}` | read | `rows` (one per listener: `listener`, `predicted`, `observed`, `ok`, `samples`), `interfaces` (guarded interfaces not running the guard's program), `probes`, `disagreements`; the last result also appears in `status` as `verify` |
 //! | `{"cmd":"shutdown"}`, optionally `"detach":true` | write | the guard stops; its pinned datapath keeps enforcing, unless `detach` (what `portwatch down` sends): then it detaches and unpins everything |
 //!
 //! `allow`, `deny` and `apply` take `"force":true` (apply even if it cuts
@@ -100,6 +103,7 @@
 //! server and client are tested together in `portwatch/tests/control.rs`.
 
 pub mod client;
+pub mod inspect;
 pub mod protocol;
 pub mod server;
 

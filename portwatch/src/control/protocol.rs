@@ -9,10 +9,13 @@ use std::net::IpAddr;
 
 use serde::{Deserialize, Serialize};
 
+pub use super::inspect::{
+    ExplainQuery, Explanation, RuleRef, VerifyReport, VerifyRow, VerifySample, VerifySummary,
+};
 pub use crate::sinks::Format;
 use crate::{
-    datapath::attach::Attached,
-    model::{Exposure, Family, Mode, Proto},
+    datapath::{attach::Attached, probe::TcpFlags},
+    model::{Exposure, Family, IpProto, Mode, Proto},
     policy::{OwnerSpec, Policy, PolicyError, PortRange, Rule},
 };
 
@@ -31,6 +34,8 @@ pub const COMMANDS: &[&str] = &[
     "status",
     "subscribe",
     "shutdown",
+    "explain",
+    "verify",
 ];
 
 /// One request. On the wire it is a JSON object whose `cmd` names the
@@ -79,6 +84,10 @@ pub enum Request {
     Subscribe { format: Format, colour: bool },
     /// Stop the guard; `detach` also removes its kernel programs.
     Shutdown { detach: bool },
+    /// The verdict for one packet, from the loaded program, and why.
+    Explain(Box<ExplainQuery>),
+    /// Probe every listener through the loaded program against the policy.
+    Verify,
 }
 
 fn is_false(b: &bool) -> bool {
@@ -142,6 +151,20 @@ enum Wire {
         #[serde(default)]
         detach: bool,
     },
+    Explain {
+        /// `tcp/5432`, `udp/53`, `gre`.
+        spec: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        from: Option<IpAddr>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        to: Option<IpAddr>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        source_port: Option<u16>,
+        /// `syn`, `ack`, `fin,psh,urg`, `null`, `xmas`.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        flags: Option<String>,
+    },
+    Verify,
 }
 
 impl Wire {
@@ -191,6 +214,18 @@ impl Wire {
                 colour: *colour,
             },
             Request::Shutdown { detach } => Wire::Shutdown { detach: *detach },
+            Request::Explain(q) => Wire::Explain {
+                spec: if q.proto.has_ports() {
+                    format!("{}/{}", q.proto, q.port)
+                } else {
+                    q.proto.to_string()
+                },
+                from: q.from,
+                to: q.to,
+                source_port: q.source_port,
+                flags: q.flags.map(|f| f.to_string()),
+            },
+            Request::Verify => Wire::Verify,
         }
     }
 
@@ -239,6 +274,48 @@ impl Wire {
             Wire::Status { lines: true } => Request::StatusLines,
             Wire::Subscribe { format, colour } => Request::Subscribe { format, colour },
             Wire::Shutdown { detach } => Request::Shutdown { detach },
+            Wire::Explain {
+                spec,
+                from,
+                to,
+                source_port,
+                flags,
+            } => {
+                let shape = |message: String| PolicyError::Shape {
+                    line: None,
+                    message,
+                };
+                let ports = PortRange::parse(&spec)
+                    .map_err(|error| PolicyError::Spec { line: None, error })?;
+                if ports.lo != ports.hi && ports.proto.has_ports() {
+                    return Err(shape(format!(
+                        "explain asks about one port, not the range {ports}"
+                    )));
+                }
+                let flags = flags
+                    .map(|f| f.parse::<TcpFlags>())
+                    .transpose()
+                    .map_err(shape)?;
+                if flags.is_some() && ports.proto != IpProto::TCP {
+                    return Err(shape(format!("flags are TCP's; {spec} is not TCP")));
+                }
+                if let (Some(from), Some(to)) = (from, to)
+                    && from.is_ipv4() != to.is_ipv4()
+                {
+                    return Err(shape(format!(
+                        "from {from} and to {to} are not of one address family"
+                    )));
+                }
+                Request::Explain(Box::new(ExplainQuery {
+                    proto: ports.proto,
+                    port: ports.lo,
+                    from,
+                    to,
+                    source_port,
+                    flags,
+                }))
+            }
+            Wire::Verify => Request::Verify,
         })
     }
 }
@@ -257,6 +334,8 @@ impl Request {
             Request::Status | Request::StatusLines => "status",
             Request::Subscribe { .. } => "subscribe",
             Request::Shutdown { .. } => "shutdown",
+            Request::Explain(_) => "explain",
+            Request::Verify => "verify",
         }
     }
 
@@ -273,10 +352,14 @@ impl Request {
             // A diff shows whose SSH sessions a policy would cut: the
             // writers' business.
             Request::Diff { .. } => true,
+            // Both ask the program, with no side effect on the traffic;
+            // what they show, `policy` and `status` show too.
             Request::Policy
             | Request::Status
             | Request::StatusLines
-            | Request::Subscribe { .. } => false,
+            | Request::Subscribe { .. }
+            | Request::Explain(_)
+            | Request::Verify => false,
         }
     }
 
@@ -384,6 +467,9 @@ pub struct StatusResponse {
     /// Ports whose rule names an owner: open or not, and who holds them.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub owned: Vec<OwnedPort>,
+    /// The last `verify` (the guard runs one after every policy change).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub verify: Option<VerifySummary>,
     #[serde(default)]
     pub listeners: Vec<ListenerStatus>,
     /// How many listener lines follow this answer (`{"cmd":"status",
@@ -484,6 +570,8 @@ pub enum Response {
     /// [`Response::following_lines`].
     StatusLines(Box<StatusResponse>),
     Subscribed,
+    Explain(Box<Explanation>),
+    Verify(Box<VerifyReport>),
     Error(String),
 }
 
@@ -524,12 +612,15 @@ impl Response {
                     interfaces: s.interfaces.clone(),
                     totals: s.totals.clone(),
                     owned: s.owned.clone(),
+                    verify: s.verify.clone(),
                     listeners: Vec::new(),
                     listeners_follow: Some(s.listeners.len()),
                 };
                 ok(&head)
             }
             Response::Subscribed => ok(&Subscribed { subscribed: true }),
+            Response::Explain(e) => ok(e.as_ref()),
+            Response::Verify(v) => ok(v.as_ref()),
             Response::Error(error) => serde_json::to_string(&Err { ok: false, error }),
         };
         // Plain data: serializing cannot fail; should it, the client gets
@@ -686,7 +777,7 @@ pub fn decode_request(line: &[u8]) -> Result<Request, ProtocolError> {
     };
     // serde ignores extra fields of unit variants in an internally tagged
     // enum, whatever `deny_unknown_fields` says: checked here.
-    if cmd == "policy"
+    if (cmd == "policy" || cmd == "verify")
         && let Some(extra) = fields.keys().find(|k| *k != "cmd")
     {
         return Err(bad(format!("unknown field `{extra}`, there are no fields")));
@@ -828,19 +919,19 @@ mod tests {
         let cases = [
             (
                 r#"{"cmd":"frobnicate"}"#,
-                r#"unknown command "frobnicate" (expected allow, deny, apply, confirm, diff, policy, reload, status, subscribe, shutdown)"#,
+                r#"unknown command "frobnicate" (expected allow, deny, apply, confirm, diff, policy, reload, status, subscribe, shutdown, explain, verify)"#,
             ),
             (
                 r#"{"cmd":"Status"}"#,
-                r#"unknown command "Status" (expected allow, deny, apply, confirm, diff, policy, reload, status, subscribe, shutdown)"#,
+                r#"unknown command "Status" (expected allow, deny, apply, confirm, diff, policy, reload, status, subscribe, shutdown, explain, verify)"#,
             ),
             (
                 r#"{"spec":"tcp/1"}"#,
-                r#"request has no "cmd" field (expected one of allow, deny, apply, confirm, diff, policy, reload, status, subscribe, shutdown)"#,
+                r#"request has no "cmd" field (expected one of allow, deny, apply, confirm, diff, policy, reload, status, subscribe, shutdown, explain, verify)"#,
             ),
             (
                 r#"{"cmd":7}"#,
-                r#""cmd" must be a string (expected one of allow, deny, apply, confirm, diff, policy, reload, status, subscribe, shutdown)"#,
+                r#""cmd" must be a string (expected one of allow, deny, apply, confirm, diff, policy, reload, status, subscribe, shutdown, explain, verify)"#,
             ),
             (
                 r#"{"cmd":"allow"}"#,
@@ -869,6 +960,30 @@ mod tests {
             (
                 r#"{"cmd":"allow","spec":22}"#,
                 r#"bad "allow" request: invalid type: integer `22`, expected a string"#,
+            ),
+            (
+                r#"{"cmd":"explain","spec":"tcp/1-2"}"#,
+                "explain asks about one port, not the range tcp/1-2",
+            ),
+            (
+                r#"{"cmd":"explain","spec":"udp/53","flags":"syn"}"#,
+                "flags are TCP's; udp/53 is not TCP",
+            ),
+            (
+                r#"{"cmd":"explain","spec":"tcp/22","flags":"sin"}"#,
+                "unknown TCP flag `sin` (one of fin, syn, rst, psh, ack, urg, or null, xmas)",
+            ),
+            (
+                r#"{"cmd":"explain","spec":"tcp/22","from":"10.0.0.1","to":"::1"}"#,
+                "from 10.0.0.1 and to ::1 are not of one address family",
+            ),
+            (
+                r#"{"cmd":"explain","spec":"tcp/22","from":"10.0.0"}"#,
+                r#"bad "explain" request: invalid IP address syntax"#,
+            ),
+            (
+                r#"{"cmd":"verify","all":true}"#,
+                r#"bad "verify" request: unknown field `all`, there are no fields"#,
             ),
             (
                 r#"{"cmd":"subscribe","format":"xml"}"#,

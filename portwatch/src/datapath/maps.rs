@@ -482,6 +482,12 @@ impl GuardMaps {
         Ok(())
     }
 
+    /// When the host last sent on this flow (CLOCK_MONOTONIC ns), if the
+    /// tc program recorded it.
+    pub fn flow_last_sent(&self, key: &FlowKey) -> Option<u64> {
+        self.flows.get(key, 0).ok()
+    }
+
     /// Records an outbound flow as the tc program would (tests, benches).
     #[cfg(feature = "test-helpers")]
     pub fn record_flow(&mut self, key: FlowKey, monotonic_ns: u64) -> Result<()> {

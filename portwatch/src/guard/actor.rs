@@ -148,43 +148,43 @@ pub struct Guard {
     /// Held for attaching interfaces that come back; dropping it detaches
     /// the monitor's hooks (the guard's links are pinned).
     pub(super) datapath: Datapath,
-    maps: GuardMaps,
+    pub(super) maps: GuardMaps,
     pub(super) drops: RingReader,
     /// Owned ports at bind(); none where the hooks could not attach.
     pub(super) binds: Option<BindHooks>,
     /// Which owners' units are socket-activated, and by whom.
-    activation: Activation,
+    pub(super) activation: Activation,
     /// Listeners on owned ports that are not their owner, already said.
     squatting: BTreeSet<(PortRange, Option<u32>)>,
     /// The gate was seeded from the snapshot and not yet announced.
     gate_unannounced: bool,
     resolver: activation::Resolver,
-    policy: Arc<Policy>,
+    pub(super) policy: Arc<Policy>,
     /// The policy as the kernel has it: rules with an owner only while
     /// the owner listens.
-    gated: Arc<Policy>,
+    pub(super) gated: Arc<Policy>,
     /// Owned ports open now, and the owner process that opened each.
-    gate_open: BTreeMap<PortRange, Holder>,
-    mode: Mode,
+    pub(super) gate_open: BTreeMap<PortRange, Holder>,
+    pub(super) mode: Mode,
     /// What the maps hold.
     image: MapImage,
     /// Which counter slot counts which ports.
-    slots: CounterSlots,
+    pub(super) slots: CounterSlots,
     /// Ports listened on in the guard's namespace: each gets a counter slot.
-    listened: BTreeSet<(Proto, u16)>,
+    pub(super) listened: BTreeSet<(Proto, u16)>,
     report_rate: u32,
-    flow_timeout: Duration,
-    start: StartArgs,
+    pub(super) flow_timeout: Duration,
+    pub(super) start: StartArgs,
     pins: PinDir,
     /// The interfaces to guard and the XDP mode asked for, to re-attach an
     /// interface that comes back.
     ifaces: Vec<String>,
     xdp_mode: XdpMode,
-    attached: Vec<Attached>,
+    pub(super) attached: Vec<Attached>,
     ifnames: HashMap<u32, String>,
     /// Every interface of the guard's namespace, for exposure.
-    ifaces_now: Arc<Vec<Iface>>,
-    netns: Option<u64>,
+    pub(super) ifaces_now: Arc<Vec<Iface>>,
+    pub(super) netns: Option<u64>,
     pub(super) control: Option<tokio::sync::mpsc::Receiver<ControlRequest>>,
     pub(super) links: Option<LinkWatch>,
     pub(super) shutdown: Option<Shutdown>,
@@ -197,6 +197,10 @@ pub struct Guard {
     /// Policy files read off the loop (reloads) come back here.
     loaded_tx: tokio::sync::mpsc::UnboundedSender<super::loading::Loaded>,
     pub(super) loaded_rx: tokio::sync::mpsc::UnboundedReceiver<super::loading::Loaded>,
+    /// The last drop reports, for `explain` (at most `RECENT_DROPS`).
+    pub(super) recent_drops: std::collections::VecDeque<DropEvent>,
+    /// The last verify's result, for `status`, `top` and the metrics.
+    pub(super) last_verify: Option<crate::control::protocol::VerifySummary>,
 }
 
 /// Everything `Guard::new` needs.
@@ -256,6 +260,8 @@ impl Guard {
             awaiting: None,
             loaded_tx,
             loaded_rx,
+            recent_drops: std::collections::VecDeque::with_capacity(super::inspect::RECENT_DROPS),
+            last_verify: None,
         }
     }
 
@@ -654,6 +660,7 @@ impl Guard {
         let policy = super::effective_policy(Some(&self.start.policy_path), &self.start.allow)
             .map_err(|e| format!("{e:#}; the policy in force is unchanged"))?;
         let mode = self.start.mode.or(policy.mode).unwrap_or(self.mode);
+        self.reread_if_altered();
         self.commit(policy, mode, "reload".into(), how, Persist::No)
     }
 
@@ -688,7 +695,21 @@ impl Guard {
             return self.reload(how);
         }
         let mode = self.start.mode.or(policy.mode).unwrap_or(self.mode);
+        self.reread_if_altered();
         self.commit(policy, mode, "reload".into(), how, Persist::No)
+    }
+
+    /// When the last verify found the maps not as written (altered behind
+    /// the guard's back), a reload diffs against what they hold, not
+    /// against what was written, so that it rewrites every entry that
+    /// differs.
+    fn reread_if_altered(&mut self) {
+        if self.last_verify.as_ref().is_some_and(|v| !v.ok) {
+            match self.maps.read_image() {
+                Ok(image) => self.image = image,
+                Err(e) => log::warn!("reload: reading the policy maps back failed: {e}"),
+            }
+        }
     }
 
     /// Makes `text` (which parsed as `policy`) the policy file and applies
@@ -1044,6 +1065,7 @@ impl Guard {
         listeners.sort_by_key(|l| (l.proto, l.port, l.addr));
         let owned = self.owned_ports(pipeline);
         StatusResponse {
+            verify: self.last_verify.clone(),
             mode: Some(self.mode),
             policy_file: Some(self.start.policy_path.display().to_string()),
             pinned: Some(self.pins.root.display().to_string()),
@@ -1175,14 +1197,14 @@ impl Guard {
 
     /// Drop reports, as events for the stream.
     pub fn drop_events(
-        &self,
+        &mut self,
         pipeline: &mut Pipeline,
         batch: Vec<Result<RawDrop, DecodeError>>,
     ) -> std::io::Result<()> {
         for record in batch {
             match record {
                 Ok(raw) => {
-                    let event = Event::Drop(DropEvent {
+                    let drop = DropEvent {
                         ts: pipeline.wall(raw.ts_ns),
                         iface: self.ifnames.get(&raw.ifindex).cloned(),
                         reason: raw.reason,
@@ -1192,8 +1214,9 @@ impl Guard {
                         src_port: raw.src_port,
                         dst_port: raw.dst_port,
                         audit: raw.audit,
-                    });
-                    pipeline.emit(event)?;
+                    };
+                    self.remember_drop(&drop);
+                    pipeline.emit(Event::Drop(drop))?;
                 }
                 Err(e) => pipeline.malformed(&e),
             }

@@ -11,6 +11,7 @@ pub mod actor;
 mod binds;
 pub mod confirm;
 mod gate;
+mod inspect;
 mod loading;
 pub mod lock;
 pub mod lockout;
@@ -455,6 +456,7 @@ async fn start(
     // ports whose owner listens open.
     guard.listeners_changed(pipeline);
     guard.regate(pipeline)?;
+    guard.verify_after(pipeline, "start");
     sd_notify("READY=1");
     pipeline.announce_ready()?;
     Ok(())

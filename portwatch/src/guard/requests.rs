@@ -77,6 +77,15 @@ impl Guard {
             Request::StatusLines => {
                 Reply::Once(Response::StatusLines(Box::new(self.status(pipeline))))
             }
+            Request::Explain(query) => Reply::Once(match self.explain(&query) {
+                Ok(answer) => Response::Explain(Box::new(answer)),
+                Err(e) => Response::Error(e),
+            }),
+            Request::Verify => {
+                let report = self.verify(pipeline, "request", None);
+                self.record_verify(&report);
+                Reply::Once(Response::Verify(Box::new(report)))
+            }
             Request::Subscribe { format, colour } => Reply::Stream {
                 lines: pipeline.subscribe(format, colour),
             },
@@ -140,6 +149,8 @@ impl Guard {
             Ok((answer, event)) => {
                 pipeline.set_exposure(self.exposure_view());
                 pipeline.emit(event)?;
+                // "Test after enabling", by the kernel's own program.
+                self.verify_after(pipeline, &answer.change);
                 Response::Change(answer)
             }
             Err(e) => Response::Error(e),

@@ -16,7 +16,7 @@ use netlink_packet_core::{
 use netlink_packet_route::{
     RouteNetlinkMessage,
     address::{AddressAttribute, AddressMessage},
-    link::{InfoKind, LinkAttribute, LinkFlags, LinkInfo, LinkMessage},
+    link::{InfoKind, LinkAttribute, LinkFlags, LinkInfo, LinkMessage, LinkXdp},
 };
 use netlink_sys::{Socket, SocketAddr, protocols::NETLINK_ROUTE};
 
@@ -38,6 +38,8 @@ pub struct Iface {
     pub addrs: Vec<IpAddr>,
     /// IPv4 subnet broadcast addresses of its networks.
     pub broadcast: Vec<IpAddr>,
+    /// The XDP programs attached (by id), whatever their mode.
+    pub xdp_programs: Vec<u32>,
 }
 
 impl Iface {
@@ -139,6 +141,7 @@ fn iface_of(link: &LinkMessage) -> Iface {
         kind: None,
         addrs: Vec::new(),
         broadcast: Vec::new(),
+        xdp_programs: Vec::new(),
     };
     for attr in &link.attributes {
         match attr {
@@ -152,6 +155,19 @@ fn iface_of(link: &LinkMessage) -> Iface {
                     LinkInfo::Kind(kind) => Some(kind.to_string()),
                     _ => None,
                 });
+            }
+            LinkAttribute::Xdp(xdp) => {
+                for attr in xdp {
+                    if let LinkXdp::ProgId(id)
+                    | LinkXdp::DrvProgId(id)
+                    | LinkXdp::SkbProgId(id)
+                    | LinkXdp::HwProgId(id) = attr
+                        && *id != 0
+                        && !iface.xdp_programs.contains(id)
+                    {
+                        iface.xdp_programs.push(*id);
+                    }
+                }
             }
             _ => {}
         }

@@ -146,6 +146,7 @@ mod tests {
             kind: None,
             addrs: addrs.iter().filter_map(|a| a.parse().ok()).collect(),
             broadcast: Vec::new(),
+            xdp_programs: Vec::new(),
         }
     }
 

@@ -48,6 +48,10 @@ pub enum Command {
     Diff(commands::apply::DiffArgs),
     /// Interfaces, mode, and every listener with its exposure and counters.
     Status(commands::status::StatusArgs),
+    /// The verdict the running guard's XDP program gives one packet, and why: rule and line, source, limit, owner, flow, counters, last drops.
+    Explain(commands::inspect::ExplainArgs),
+    /// Ask the running guard's XDP program, for every listener, whether sample sources get through, and compare with the policy; exit 1 on any disagreement.
+    Verify(commands::inspect::VerifyArgs),
     /// Stop a running guard and remove everything portwatch attached or pinned.
     Down(DownArgs),
     /// Full-screen view of listeners, exposure and drops.

@@ -1,12 +1,14 @@
 //! The client commands: steering a running guard through its control
 //! socket (`allow`, `deny`, `policy`, `reload`: [`change`]; `apply`,
 //! `confirm`, `diff`: [`apply`]), showing its
-//! state (`status`: [`status`]), following its stream (`watch` while a
-//! guard runs: [`follow`]), and the local ones (`check-policy`, `down`).
+//! state (`status`: [`status`]), asking its XDP program (`explain`,
+//! `verify`: [`inspect`]), following its stream (`watch` while a guard
+//! runs: [`follow`]), and the local ones (`check-policy`, `down`).
 
 pub mod apply;
 pub mod change;
 pub mod follow;
+pub mod inspect;
 pub mod status;
 
 use std::{

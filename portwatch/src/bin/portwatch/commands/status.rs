@@ -14,7 +14,7 @@ use clap::Args;
 use portwatch::{
     control::{
         client,
-        protocol::{ListenerStatus, Response, StatusResponse, Totals},
+        protocol::{ListenerStatus, Response, StatusResponse, Totals, VerifySummary},
     },
     format::{self, UserNames, bytes, endpoint},
     model::Mode,
@@ -119,6 +119,33 @@ fn totals_line(t: &Totals, paint: impl Fn(&'static str) -> (&'static str, &'stat
 
 /// The status answer as people read it: a few `key value` lines, then a
 /// table of listeners sorted by protocol and port.
+/// The last verify: `ok at 12:00:01 (reload): 3 listeners, 20 probes`, or
+/// FAILED and what disagreed.
+pub fn verify_line(
+    v: &VerifySummary,
+    paint: impl Fn(&'static str) -> (&'static str, &'static str),
+) -> String {
+    let at = format::time_of_day(std::time::UNIX_EPOCH + std::time::Duration::from_secs(v.at));
+    let unchecked = if v.unchecked > 0 {
+        format!(", {} not probed", v.unchecked)
+    } else {
+        String::new()
+    };
+    if v.ok {
+        format!(
+            "ok at {at} ({}): {} listeners, {} probes agree with the policy{unchecked}",
+            v.trigger, v.listeners, v.probes
+        )
+    } else {
+        let (on, off) = paint(RED);
+        format!(
+            "{on}FAILED{off} at {at} ({}): {}{unchecked}",
+            v.trigger,
+            v.disagreements.join("; ")
+        )
+    }
+}
+
 fn render_status(
     status: &StatusResponse,
     colour: bool,
@@ -178,6 +205,9 @@ fn render_status(
             })
             .collect();
         head.push(("owned", owned.join("; ")));
+    }
+    if let Some(v) = &status.verify {
+        head.push(("verify", verify_line(v, paint)));
     }
     let mut out = String::new();
     let key_width = head.iter().map(|(k, _)| k.len()).max().unwrap_or(0);
@@ -371,6 +401,15 @@ mod tests {
                 comm: None,
                 squatters: 1,
             }],
+            verify: Some(VerifySummary {
+                at: 0,
+                trigger: "reload".into(),
+                ok: false,
+                listeners: 3,
+                probes: 20,
+                disagreements: vec!["tcp [::]:9000 sshd[9]: predicted closed (no rule), observed 4 of 4 probes pass".into()],
+                unchecked: 0,
+            }),
             listeners_follow: None,
         }
     }
@@ -393,6 +432,7 @@ pinned      /sys/fs/bpf/portwatch
 interfaces  eth0 (native), eth1 (generic)
 totals      passed 1, dropped 2 (no rule 2, source not allowed 0, malformed 0, fragment 0, rate limited 0), drop reports held back 0, events lost 0, flow replies 5, forwarded 0, reports lost 0, new counter 9
 owned       tcp/6379 closed: no owner listens; owner unit redis-server.service, 1 other listener on it
+verify      FAILED at 00:00:00 (reload): tcp [::]:9000 sshd[9]: predicted closed (no rule), observed 4 of 4 probes pass
 
 PROTO ADDRESS       PID COMM    USER   EXPOSURE     PASSED     DROPPED COMMAND
 tcp   0.0.0.0:22    812 sshd    root   exposed  10 (900 B)     0 (0 B) sshd -D

@@ -233,6 +233,8 @@ pub struct Header {
     pub owned: Vec<String>,
     /// Binds of owned ports by others: refused, audited.
     pub binds: (u64, u64),
+    /// The guard's last verify: `ok`, or `FAILED (2)` and what disagreed.
+    pub verify: Option<String>,
 }
 
 pub struct App {
@@ -806,6 +808,13 @@ impl App {
         header.suppressed = Some(t.reports_suppressed);
         header.events_lost = Some(t.events_lost);
         header.binds = (t.binds_refused, t.binds_audited);
+        header.verify = status.verify.as_ref().map(|v| {
+            if v.ok {
+                "ok".to_owned()
+            } else {
+                format!("FAILED: {}", v.disagreements.join("; "))
+            }
+        });
         header.owned = status
             .owned
             .iter()
@@ -1413,6 +1422,7 @@ mod tests {
                 events_lost: Some(0),
                 owned: vec!["tcp/6379 closed, 1 squatting".into()],
                 binds: (2, 0),
+                verify: None,
             }
         );
         assert_eq!(rate_text(None), "-");

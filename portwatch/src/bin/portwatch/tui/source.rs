@@ -40,7 +40,7 @@ pub enum Msg {
     Subscribed,
     /// The stream ended or could not be had; why.
     StreamDown(String),
-    Status(StatusResponse),
+    Status(Box<StatusResponse>),
     StatusError(String),
     /// The answer to an allow/deny: the guard's `change`, or its error.
     Change {
@@ -281,7 +281,7 @@ fn follow_stream(path: &Path, tx: &Sender<Msg>, stop: &AtomicBool) {
 fn poll_status(path: &Path, tx: &Sender<Msg>, stop: &AtomicBool) {
     while !stop.load(Ordering::Relaxed) {
         let msg = match client::status(path) {
-            Ok(status) => Msg::Status(status),
+            Ok(status) => Msg::Status(Box::new(status)),
             Err(e) => Msg::StatusError(e.to_string()),
         };
         if tx.send(msg).is_err() {

@@ -277,7 +277,11 @@ fn draw_header(frame: &mut Frame, app: &App, area: Rect) {
             } else {
                 h.interfaces.join(", ")
             };
-            first.push_str(&format!("  xdp {ifaces}  socket {}", app.socket));
+            first.push_str(&format!("  xdp {ifaces}"));
+            if let Some(verify) = &h.verify {
+                first.push_str(&format!("  verify {verify}"));
+            }
+            first.push_str(&format!("  socket {}", app.socket));
             let count = |n: Option<u64>| n.map_or_else(|| "-".to_owned(), compact);
             second.push_str(&format!("passed {}", count(h.passed)));
             let total: u64 = h.drops.iter().map(|(_, n)| n).sum();
@@ -578,6 +582,8 @@ mod tests {
                     "totals": {"passed": 1234, "drop_no_rule": 17, "drop_source": 0,
                                "drop_malformed": 0, "drop_fragment": 0,
                                "reports_suppressed": 0, "events_lost": 0},
+                    "verify": {"at": 0, "trigger": "start", "ok": true, "listeners": 1,
+                               "probes": 3, "disagreements": []},
                     "listeners": [{"proto": "tcp", "family": "ipv4", "addr": "198.18.200.1",
                                    "port": 8080, "netns": 1, "exposure": "blocked",
                                    "pass_packets": 0, "drop_packets": 17}]}))
@@ -592,7 +598,7 @@ mod tests {
         let lines = screen(&app, 80, 24);
         let text = lines.join("\n");
         assert!(
-            lines[0].starts_with("portwatch top  mode enforce  xdp eth0 (native)"),
+            lines[0].starts_with("portwatch top  mode enforce  xdp eth0 (native)  verify ok"),
             "{text}"
         );
         assert!(

@@ -1,0 +1,379 @@
+//! `explain` and `verify` (#17): the guard asks its own loaded XDP program
+//! about a packet. Real traffic from the lab's client namespace (socat,
+//! from several source addresses) against real servers, and the program's
+//! answer held against what that traffic experienced; a policy map altered
+//! behind the guard's back with bpftool, and `verify` naming the listener.
+
+use std::{net::IpAddr, path::Path, process::Command, time::Duration};
+
+use anyhow::{Context as _, ensure};
+use portwatch_tests::{
+    Result,
+    net::{
+        Connect, GuardPaths, Lab, TempFile, path_str, pinned_guard, start_guard, tcp_probe,
+        tcp_reachable, tcp_server,
+    },
+    portwatch_bin, run,
+};
+use serde_json::Value;
+
+const WAIT: Duration = Duration::from_secs(10);
+
+/// `portwatch explain ARGS --json` against `socket`: the answer and whether
+/// the command said the program agrees with the policy (exit 0).
+fn explain(socket: &str, args: &[&str]) -> Result<(Value, bool)> {
+    let out = Command::new(portwatch_bin())
+        .arg("explain")
+        .args(args)
+        .args(["--json", "--socket", socket])
+        .output()?;
+    let answer: Value = serde_json::from_slice(&out.stdout).with_context(|| {
+        format!(
+            "explain {args:?}: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
+    })?;
+    ensure!(answer["ok"] == true, "explain {args:?}: {answer}");
+    Ok((answer, out.status.success()))
+}
+
+/// The program's verdict and reason, e.g. ("drop", "no_rule").
+fn verdict(answer: &Value) -> (String, String) {
+    (
+        answer["verdict"]["verdict"]
+            .as_str()
+            .unwrap_or("?")
+            .to_string(),
+        answer["verdict"]["reason"]
+            .as_str()
+            .unwrap_or("?")
+            .to_string(),
+    )
+}
+
+fn reasons(answer: &Value) -> String {
+    answer["reasons"]
+        .as_array()
+        .map(|r| {
+            r.iter()
+                .filter_map(Value::as_str)
+                .collect::<Vec<_>>()
+                .join(" | ")
+        })
+        .unwrap_or_default()
+}
+
+/// A connection from `bind` and the explanation of the same packet must
+/// agree: answered ⇔ the program passes it.
+fn same_fate(
+    lab: &Lab,
+    socket: &str,
+    port: u16,
+    bind: IpAddr,
+    want: (&str, &str),
+) -> Result<Value> {
+    let server = lab.server_v4();
+    let (answer, agrees) = explain(
+        socket,
+        &[
+            &format!("tcp/{port}"),
+            "--from",
+            &bind.to_string(),
+            "--to",
+            &server.to_string(),
+        ],
+    )?;
+    let probe = tcp_probe(&lab.client, server, port, Some(bind))?;
+    let got = verdict(&answer);
+    assert_eq!(
+        (got.0.as_str(), got.1.as_str()),
+        want,
+        "tcp/{port} from {bind}: {answer}"
+    );
+    let passed = probe.result == Connect::Answered;
+    assert_eq!(
+        passed,
+        got.0 == "pass",
+        "tcp/{port} from {bind}: the traffic {:?}, explain said {got:?}",
+        probe.result
+    );
+    if !passed {
+        assert_eq!(probe.result, Connect::TimedOut, "dropped, not refused");
+    }
+    assert!(
+        agrees,
+        "explain says the program disagrees with the policy: {answer}"
+    );
+    assert_eq!(answer["agrees"], true, "{answer}");
+    Ok(answer)
+}
+
+/// Passed, no rule, source not allowed, rate limited and owner-gated:
+/// what explain says the program does is what the traffic gets, and the
+/// reasons name the rule, its line, the network, the limit, the owner.
+#[test]
+fn explain_tells_what_the_traffic_experiences() -> Result {
+    let lab = Lab::new()?;
+    let outsider = lab.add_client_v4(200)?;
+    let inside = lab.client_v4();
+    let net = lab.net;
+    let policy = TempFile::new(
+        "explain",
+        &format!(
+            "allow = [\n  \"tcp/8080\",\n  {{ port = \"tcp/5432\", from = [\"198.18.{net}.0/25\"] }},\n  {{ port = \"tcp/7000\", limit = \"2/minute\" }},\n  {{ port = \"tcp/6379\", owner = {{ comm = \"socat\", user = \"root\" }} }},\n]\n"
+        ),
+    )?;
+    let _servers = [8080, 5432, 7000, 9000]
+        .iter()
+        .map(|p| tcp_server(&lab.server, *p))
+        .collect::<Result<Vec<_>>>()?;
+    let mut pw = start_guard(&lab, &policy, &[])?;
+    let socket = lab.socket()?;
+
+    let open = same_fate(&lab, &socket, 8080, inside, ("pass", "rule"))?;
+    assert_eq!(open["rule"]["rule"], "tcp/8080", "{open}");
+    assert_eq!(open["rule"]["line"], 2, "{open}");
+    assert!(reasons(&open).contains("every source"), "{open}");
+
+    let closed = same_fate(&lab, &socket, 9000, inside, ("drop", "no_rule"))?;
+    assert!(closed["rule"].is_null(), "{closed}");
+    assert!(
+        reasons(&closed).contains("no rule covers tcp/9000"),
+        "{closed}"
+    );
+    // The drop the traffic above caused is among the port's last drops.
+    pw.wait_for(WAIT, |v| v["event"] == "drop" && v["dst_port"] == 9000)?;
+    let (again, _) = explain(&socket, &["tcp/9000", "--from", &inside.to_string()])?;
+    let drops = again["last_drops"].to_string();
+    assert!(drops.contains(&inside.to_string()), "{again}");
+    assert!(again["drop_packets"].as_u64() >= Some(1), "{again}");
+
+    let member = same_fate(&lab, &socket, 5432, inside, ("pass", "rule"))?;
+    assert!(
+        reasons(&member).contains(&format!("is in 198.18.{net}.0/25")),
+        "{member}"
+    );
+    let stranger = same_fate(
+        &lab,
+        &socket,
+        5432,
+        outsider,
+        ("drop", "source_not_allowed"),
+    )?;
+    assert!(
+        reasons(&stranger).contains("none of the rule's 1 network"),
+        "{stranger}"
+    );
+    assert_eq!(stranger["rule"]["line"], 3, "{stranger}");
+
+    // Two connections use up the limit; asking about the third does not
+    // take a token (the answer stays the same) and a fresh source passes.
+    same_fate(&lab, &socket, 7000, inside, ("pass", "rule"))?;
+    same_fate(&lab, &socket, 7000, inside, ("pass", "rule"))?;
+    let limited = same_fate(&lab, &socket, 7000, inside, ("drop", "rate_limited"))?;
+    assert!(reasons(&limited).contains("limit 2/minute"), "{limited}");
+    let (fresh, _) = explain(&socket, &["tcp/7000", "--from", &outsider.to_string()])?;
+    assert_eq!(verdict(&fresh), ("pass".into(), "rule".into()), "{fresh}");
+    let (fresh_again, _) = explain(&socket, &["tcp/7000", "--from", &outsider.to_string()])?;
+    assert_eq!(
+        verdict(&fresh_again),
+        verdict(&fresh),
+        "probing took a token"
+    );
+    same_fate(&lab, &socket, 7000, outsider, ("pass", "rule"))?;
+
+    // Owned: closed while its owner does not listen, open once it does.
+    let gated = same_fate(&lab, &socket, 6379, inside, ("drop", "no_rule"))?;
+    assert!(
+        reasons(&gated).contains("owned by user root, comm socat: closed"),
+        "{gated}"
+    );
+    let _owner = tcp_server(&lab.server, 6379)?;
+    pw.wait_for(WAIT, |v| v["event"] == "gate" && v["open"] == true)?;
+    let owned = same_fate(&lab, &socket, 6379, inside, ("pass", "rule"))?;
+    assert!(
+        reasons(&owned).contains("owned by user root, comm socat: open"),
+        "{owned}"
+    );
+
+    // A scan's segment without ACK needs the rule a SYN needs; an ACK passes.
+    let (xmas, _) = explain(&socket, &["tcp/9000", "--flags", "xmas"])?;
+    assert_eq!(verdict(&xmas), ("drop".into(), "no_rule".into()), "{xmas}");
+    let (ack, _) = explain(&socket, &["tcp/9000", "--flags", "ack"])?;
+    assert_eq!(verdict(&ack), ("pass".into(), "connection".into()), "{ack}");
+
+    // Bad questions get answers naming the problem.
+    let out = Command::new(portwatch_bin())
+        .args(["explain", "tcp/1-2", "--socket", &socket])
+        .output()?;
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("one port"),
+        "{out:?}"
+    );
+    let out = Command::new(portwatch_bin())
+        .args(["explain", "udp/53", "--flags", "syn", "--socket", &socket])
+        .output()?;
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("flags are TCP's"),
+        "{out:?}"
+    );
+    pw.stop()?;
+    Ok(())
+}
+
+/// `portwatch verify --json` against `paths`' socket: the report and the
+/// exit status.
+fn verify(paths: &GuardPaths) -> Result<(Value, bool, String)> {
+    let socket = paths.socket();
+    let socket = path_str(&socket)?;
+    let json = Command::new(portwatch_bin())
+        .args(["verify", "--json", "--socket", socket])
+        .output()?;
+    let report: Value = serde_json::from_slice(&json.stdout)
+        .with_context(|| format!("verify: {}", String::from_utf8_lossy(&json.stderr)))?;
+    let text = Command::new(portwatch_bin())
+        .args(["verify", "--socket", socket])
+        .output()?;
+    assert_eq!(
+        json.status.success(),
+        text.status.success(),
+        "one answer, two renderings"
+    );
+    Ok((
+        report,
+        json.status.success(),
+        String::from_utf8_lossy(&text.stdout).into_owned(),
+    ))
+}
+
+/// `POLICY_PORTS`' key and value for tcp/`port`, as bpftool takes them.
+fn policy_port_entry(port: u16, value: u32) -> Vec<String> {
+    let mut args: Vec<String> = vec!["key".into()];
+    args.extend(u32::from(port).to_ne_bytes().iter().map(|b| b.to_string()));
+    args.push("value".into());
+    args.extend(value.to_ne_bytes().iter().map(|b| b.to_string()));
+    args
+}
+
+/// Verify passes on a consistent datapath (and the guard ran it at
+/// start), and fails naming the listener when a policy map is altered
+/// behind the guard's back with bpftool — a change real traffic feels.
+#[test]
+fn verify_names_the_listener_whose_policy_map_was_altered_behind_the_guards_back() -> Result {
+    let lab = Lab::new()?;
+    let paths = GuardPaths::new("vf")?;
+    let net = lab.net;
+    let policy = TempFile::new(
+        "verify",
+        &format!(
+            "allow = [\"tcp/8080\", {{ port = \"tcp/5432\", from = [\"198.18.{net}.0/25\", \"fd7e:{net:x}::/64\"] }}]\n"
+        ),
+    )?;
+    let _servers = [8080, 5432, 9000]
+        .iter()
+        .map(|p| tcp_server(&lab.server, *p))
+        .collect::<Result<Vec<_>>>()?;
+    let mut pw = pinned_guard(&lab, &paths, Path::new(policy.as_str()?), &[])?;
+    let server = lab.server_v4();
+
+    let (report, ok, text) = verify(&paths)?;
+    assert!(ok, "{text}\n{report}");
+    assert_eq!(report["disagreements"], 0, "{report}");
+    let rows = report["rows"].as_array().context("rows")?;
+    for port in [8080, 5432, 9000] {
+        let row = rows
+            .iter()
+            .find(|r| r["port"] == port)
+            .with_context(|| format!("no row for {port}: {report}"))?;
+        assert_eq!(row["ok"], true, "{row}");
+        // IPv4 and IPv6 (the servers are dual-stack), and the edges of
+        // the rule's networks for 5432.
+        let samples = row["samples"].as_array().context("samples")?;
+        assert!(
+            samples
+                .iter()
+                .any(|s| s["to"].as_str().is_some_and(|t| t.contains(':'))),
+            "{row}"
+        );
+        if port == 5432 {
+            assert!(
+                samples.iter().any(
+                    |s| s["from"] == format!("198.18.{net}.127") && s["predicted_pass"] == true
+                ),
+                "{row}"
+            );
+            assert!(
+                samples
+                    .iter()
+                    .any(|s| s["from"] == format!("198.18.{net}.128")
+                        && s["predicted_pass"] == false),
+                "{row}"
+            );
+        }
+    }
+    assert!(text.contains("verified"), "{text}");
+    assert!(
+        pw.stderr().contains("verify (start)"),
+        "the guard verifies at start: {}",
+        pw.stderr()
+    );
+
+    // Open tcp/9000 to anywhere in the kernel, not in the policy.
+    let pins = path_str(&paths.pins)?.to_string();
+    let map = format!("{pins}/POLICY_PORTS");
+    let mut args: Vec<String> = ["map", "update", "pinned", &map]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    args.extend(policy_port_entry(9000, portwatch_common::RULE_ANY));
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    run("bpftool", &args)?;
+    assert!(
+        tcp_reachable(&lab.client, server, 9000)?,
+        "the altered map lets traffic in"
+    );
+    let (report, ok, text) = verify(&paths)?;
+    assert!(!ok, "verify must fail: {text}");
+    assert!(text.contains("FAILED"), "{text}");
+    let bad: Vec<&Value> = report["rows"]
+        .as_array()
+        .context("rows")?
+        .iter()
+        .filter(|r| r["ok"] == false)
+        .collect();
+    assert_eq!(bad.len(), 1, "only tcp/9000 disagrees: {report}");
+    assert_eq!(bad[0]["port"], 9000, "{report}");
+    assert!(text.contains(":9000") && text.contains("NO"), "{text}");
+    let status = status_json_at(&paths)?;
+    assert_eq!(status["verify"]["ok"], false, "{status}");
+    assert!(
+        status["verify"]["disagreements"]
+            .to_string()
+            .contains(":9000"),
+        "{status}"
+    );
+
+    // Put the policy back: after a failed verify a reload diffs against
+    // what the maps hold, rewriting the altered entry, and the automatic
+    // verify after it passes.
+    let reload = Command::new(portwatch_bin())
+        .args(["reload", "--socket", path_str(&paths.socket())?])
+        .output()?;
+    ensure!(reload.status.success(), "{reload:?}");
+    let status = status_json_at(&paths)?;
+    assert_eq!(status["verify"]["trigger"], "reload", "{status}");
+    assert_eq!(status["verify"]["ok"], true, "{status}");
+    assert!(!tcp_reachable(&lab.client, server, 9000)?, "closed again");
+    pw.stop()?;
+    Ok(())
+}
+
+fn status_json_at(paths: &GuardPaths) -> Result<Value> {
+    let out = Command::new(portwatch_bin())
+        .args(["status", "--json", "--socket", path_str(&paths.socket())?])
+        .output()?;
+    ensure!(out.status.success(), "status: {out:?}");
+    Ok(serde_json::from_slice(&out.stdout)?)
+}
