@@ -261,6 +261,12 @@ fn exported_metrics() -> BTreeMap<String, BTreeSet<String>> {
                 open: true,
                 squatters: 0,
             }],
+            limited_sources: 1,
+            verify: Some(metrics::VerifySeries {
+                ok: true,
+                disagreements: 0,
+                at: 1,
+            }),
         }),
     };
     let text = metrics::encode(snapshot).expect("portwatch encodes its metrics");
@@ -315,6 +321,162 @@ fn alert_rules_use_the_metrics_portwatch_exports() {
         );
     }
     assert!(used.contains("portwatch_blocked_listeners_opened_total"));
+}
+
+// ---- Grafana dashboard ----
+
+const DASHBOARD: &str = "grafana/portwatch.json";
+
+/// Every query of the dashboard with Grafana's variables given values
+/// PromQL takes, and the title of its panel.
+fn dashboard_queries(dashboard: &Value) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    for panel in dashboard["panels"].as_array().expect("panels") {
+        for target in panel["targets"].as_array().into_iter().flatten() {
+            let expr = target["expr"].as_str().expect("every target has an expr");
+            let expr = expr
+                .replace("$__rate_interval", "5m")
+                .replace("$__range", "1h")
+                .replace("$instance", ".*");
+            assert!(!expr.contains('$'), "an unknown variable in {expr}");
+            out.push((panel["title"].as_str().unwrap_or("?").to_owned(), expr));
+        }
+    }
+    out
+}
+
+/// Writes the queries as recording rules, the form promtool checks.
+fn as_recording_rules(queries: &[(String, String)]) -> String {
+    let mut rules = String::from("groups:\n  - name: portwatch-dashboard\n    rules:\n");
+    for (i, (_, expr)) in queries.iter().enumerate() {
+        let quoted = serde_json::to_string(expr).expect("a string encodes");
+        rules.push_str(&format!(
+            "      - record: portwatch_dashboard:query{i}\n        expr: {quoted}\n"
+        ));
+    }
+    rules
+}
+
+/// The dashboard is Grafana JSON with unique panel ids and places, a
+/// Prometheus data source chosen by variable, and every panel's PromQL
+/// passes promtool.
+#[test]
+fn grafana_dashboard_loads_and_its_queries_pass_promtool() {
+    let dashboard: Value =
+        serde_json::from_str(&read(&deploy(DASHBOARD))).expect("the dashboard is JSON");
+    assert_eq!(dashboard["uid"], "portwatch");
+    let panels = dashboard["panels"].as_array().expect("panels");
+    let ids: BTreeSet<u64> = panels.iter().filter_map(|p| p["id"].as_u64()).collect();
+    assert_eq!(ids.len(), panels.len(), "every panel has its own id");
+    for panel in panels.iter().filter(|p| p["type"] != "row") {
+        let title = &panel["title"];
+        assert_eq!(panel["datasource"]["uid"], "${datasource}", "{title}");
+        assert!(
+            panel["gridPos"]["w"].as_u64().is_some_and(|w| w > 0),
+            "{title}"
+        );
+        assert!(
+            panel["targets"].as_array().is_some_and(|t| !t.is_empty()),
+            "{title} has no query"
+        );
+    }
+    let variables: Vec<&str> = dashboard["templating"]["list"]
+        .as_array()
+        .expect("variables")
+        .iter()
+        .filter_map(|v| v["name"].as_str())
+        .collect();
+    assert_eq!(variables, ["datasource", "instance"]);
+    let queries = dashboard_queries(&dashboard);
+    assert!(queries.len() >= 15, "{queries:?}");
+    let dir = TempDir::new("dash");
+    let rules = dir.path().join("dashboard.yml");
+    write(&rules, &as_recording_rules(&queries));
+    let out = succeeds(
+        Command::new(promtool())
+            .args(["check", "rules"])
+            .arg(&rules),
+    );
+    assert!(
+        out.contains(&format!("SUCCESS: {} rules found", queries.len())),
+        "{out}"
+    );
+    // The check has teeth: a query with broken PromQL fails it.
+    let mut broken = queries.clone();
+    broken[0].1.push(')');
+    write(&rules, &as_recording_rules(&broken));
+    let out = fails(
+        Command::new(promtool())
+            .args(["check", "rules"])
+            .arg(&rules),
+    );
+    assert!(out.contains("could not parse expression"), "{out}");
+}
+
+/// Every metric the dashboard names is one portwatch exports, with the
+/// labels it groups by and matches on; and it shows what an operator
+/// watches: exposure, drops per reason and port, rate-limited sources,
+/// owner violations, verify, events lost.
+#[test]
+fn grafana_dashboard_uses_the_metrics_portwatch_exports() {
+    let exported = exported_metrics();
+    let dashboard: Value =
+        serde_json::from_str(&read(&deploy(DASHBOARD))).expect("the dashboard is JSON");
+    let queries = dashboard_queries(&dashboard);
+    let mut used = BTreeSet::new();
+    for (title, expr) in &queries {
+        let names: Vec<&str> = expr
+            .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+            .filter(|w| w.starts_with("portwatch_"))
+            .collect();
+        for name in &names {
+            let labels = exported
+                .get(*name)
+                .unwrap_or_else(|| panic!("{title}: {name} is not a metric portwatch exports"));
+            used.insert(name.to_string());
+            // Labels matched in `name{label="..."}` and grouped `by (...)`.
+            let mut wanted: Vec<&str> = Vec::new();
+            if let Some(rest) = expr.split(&format!("{name}{{")).nth(1)
+                && let Some(matchers) = rest.split('}').next()
+            {
+                wanted.extend(
+                    matchers
+                        .split(',')
+                        .filter_map(|m| m.split(['=', '!', '~']).next())
+                        .map(str::trim),
+                );
+            }
+            if names.len() == 1 {
+                for by in expr.split("by (").skip(1) {
+                    wanted.extend(by.split(')').next().unwrap_or("").split(',').map(str::trim));
+                }
+            }
+            for label in wanted
+                .into_iter()
+                .filter(|l| !l.is_empty() && *l != "instance")
+            {
+                assert!(
+                    labels.contains(label),
+                    "{title}: {name} has no label {label} (it has {labels:?})"
+                );
+            }
+        }
+    }
+    for needed in [
+        "portwatch_listeners",
+        "portwatch_unguarded_listeners",
+        "portwatch_dropped_packets_total",
+        "portwatch_packets_total",
+        "portwatch_rate_limited_sources",
+        "portwatch_owned_port_binds_total",
+        "portwatch_owned_port_squatters",
+        "portwatch_verify_ok",
+        "portwatch_verify_disagreements",
+        "portwatch_events_lost_total",
+        "portwatch_follower_events_missed_total",
+    ] {
+        assert!(used.contains(needed), "no panel shows {needed}");
+    }
 }
 
 // ---- Kubernetes ----

@@ -42,7 +42,7 @@ use crate::{
         table::Iface,
         watch::{LinkChange, LinkWatch},
     },
-    metrics::{GuardSnapshot, OwnedSeries, PortLabel},
+    metrics::{GuardSnapshot, OwnedSeries, PortLabel, VerifySeries},
     model::{
         DropEvent, Event, Listener, Mode, NotOwnerEvent, PolicyEvent, Proto, Requester, SockId,
     },
@@ -1172,6 +1172,18 @@ impl Guard {
                     squatters: o.squatters as u64,
                 })
                 .collect(),
+            // A walk of the table (a syscall per source): only when a rule
+            // has a limit.
+            limited_sources: if self.image.limits.is_empty() {
+                0
+            } else {
+                self.maps.source_buckets() as u64
+            },
+            verify: self.last_verify.as_ref().map(|v| VerifySeries {
+                ok: v.ok,
+                disagreements: v.disagreements.len() as u64,
+                at: v.at,
+            }),
         }
     }
 

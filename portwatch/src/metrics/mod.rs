@@ -86,6 +86,20 @@ pub struct GuardSnapshot {
     pub totals: GuardTotals,
     /// Ports whose rule names an owner.
     pub owned: Vec<OwnedSeries>,
+    /// Sources of limited rules with a token bucket now.
+    pub limited_sources: u64,
+    /// The last verify, once one ran.
+    pub verify: Option<VerifySeries>,
+}
+
+/// The last verify's result.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct VerifySeries {
+    pub ok: bool,
+    /// Listeners and interfaces where the program disagrees with the policy.
+    pub disagreements: u64,
+    /// Unix time of the run.
+    pub at: u64,
 }
 
 /// An owned port: open while its owner listens, and the other listeners
@@ -333,6 +347,32 @@ impl Collector for SnapshotCollector {
             "1 for the policy mode in force, 0 for the other",
             &modes,
         )?;
+        gauge(
+            e,
+            "rate_limited_sources",
+            "Sources of rate-limited rules that have a token bucket now (the table holds 65,536)",
+            &[(Vec::new(), g.limited_sources)],
+        )?;
+        if let Some(v) = &g.verify {
+            gauge(
+                e,
+                "verify_ok",
+                "1 when the last verify found the loaded XDP program doing what the policy says for every listener, else 0",
+                &[(Vec::new(), u64::from(v.ok))],
+            )?;
+            gauge(
+                e,
+                "verify_disagreements",
+                "Listeners and interfaces where the last verify found the XDP program and the policy disagree",
+                &[(Vec::new(), v.disagreements)],
+            )?;
+            gauge(
+                e,
+                "verify_timestamp_seconds",
+                "Unix time of the last verify (the guard runs one at start and after every policy change)",
+                &[(Vec::new(), v.at)],
+            )?;
+        }
         Ok(())
     }
 }
@@ -407,6 +447,12 @@ mod tests {
                     open: false,
                     squatters: 2,
                 }],
+                limited_sources: 11,
+                verify: Some(VerifySeries {
+                    ok: false,
+                    disagreements: 1,
+                    at: 1_796_000_000,
+                }),
             }),
         }
     }
@@ -443,6 +489,10 @@ mod tests {
             "portwatch_guard_mode{mode=\"enforce\"} 0",
             "portwatch_owned_port_open{proto=\"tcp\",port=\"6379\"} 0",
             "portwatch_owned_port_squatters{proto=\"tcp\",port=\"6379\"} 2",
+            "portwatch_rate_limited_sources 11",
+            "portwatch_verify_ok 0",
+            "portwatch_verify_disagreements 1",
+            "portwatch_verify_timestamp_seconds 1796000000",
         ] {
             assert!(text.lines().any(|l| l == line), "no {line:?} in\n{text}");
         }
