@@ -31,6 +31,7 @@ pub mod map {
     pub const OWNERS: &str = "OWNERS";
     pub const OWNER_COUNT: &str = "OWNER_COUNT";
     pub const BINDS: &str = "BINDS";
+    pub const LEARN: &str = "LEARN";
 
     /// Every map of the shipped object.
     pub const ALL: &[&str] = &[
@@ -56,6 +57,7 @@ pub mod map {
         OWNERS,
         OWNER_COUNT,
         BINDS,
+        LEARN,
     ];
 }
 
@@ -303,6 +305,36 @@ pub const GUARD_AUDIT: u32 = 1;
 /// too (without it, a frame that would be dropped passes when it is not
 /// addressed to the host: not a local address, broadcast or multicast).
 pub const GUARD_FORWARD_JUDGE: u32 = 2;
+/// `GuardConfig.flags`: record who sends what to which port in `LEARN`
+/// (audit mode, and while `portwatch learn --for` runs).
+pub const GUARD_LEARN: u32 = 4;
+
+/// A `LEARN` key: inbound traffic to (protocol, port) from one source.
+/// Port in host order (0 for a protocol without ports); IPv4 sources in
+/// the first 4 address bytes.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct LearnKey {
+    pub family: u8,
+    pub proto: u8,
+    pub port: u16,
+    pub src: [u8; 16],
+}
+
+/// What `LEARN` knows of a (protocol, port, source): connection attempts
+/// (TCP SYNs; every packet of other protocols) passed and dropped (audit
+/// mode: would-be drops), first and last seen (CLOCK_MONOTONIC ns, coarse).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct LearnStats {
+    pub first_ns: u64,
+    pub last_ns: u64,
+    pub passed: u64,
+    pub dropped: u64,
+}
+
+/// `LEARN`'s size: an LRU table, the least recently seen pair goes first.
+pub const MAX_LEARNED: u32 = 16384;
 
 /// A key of `LOCAL_ADDRS`: an address of the guard's namespace (unicast
 /// or an IPv4 subnet broadcast). IPv4 uses the first 4 address bytes.
@@ -785,6 +817,10 @@ mod user {
     unsafe impl aya::Pod for super::OwnerKey {}
     // SAFETY: see above.
     unsafe impl aya::Pod for super::OwnerRule {}
+    // SAFETY: see above.
+    unsafe impl aya::Pod for super::LearnKey {}
+    // SAFETY: see above.
+    unsafe impl aya::Pod for super::LearnStats {}
 }
 
 #[cfg(test)]
@@ -809,6 +845,8 @@ mod tests {
         const { assert!(FLOW_PORT_ENTRIES * FLOW_PORTS_PER_ENTRY >= POLICY_PORT_SLOTS) };
         assert_eq!(core::mem::size_of::<GuardConfig>(), 24);
         assert_eq!(core::mem::size_of::<XdpProbe>(), 8);
+        assert_eq!(core::mem::size_of::<LearnKey>(), 20);
+        assert_eq!(core::mem::size_of::<LearnStats>(), 32);
         assert_eq!(core::mem::size_of::<OwnerKey>(), 4);
         assert_eq!(core::mem::size_of::<OwnerRule>(), 56);
         assert_eq!(&SYSTEMD_LISTEN_HELPER[..11], b"(sd-listen)");

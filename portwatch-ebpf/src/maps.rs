@@ -50,6 +50,12 @@ use portwatch_common::{
     RateKey, RateLimit, RateState, ReportBucket, SRC4_KEY_LEN, SRC6_KEY_LEN,
 };
 
+/// Who sent what to which port, while the guard learns (`GUARD_LEARN`):
+/// bounded, the least recently seen (port, source) forgotten first.
+#[map]
+pub static LEARN: LruHashMap<portwatch_common::LearnKey, portwatch_common::LearnStats> =
+    LruHashMap::with_max_entries(portwatch_common::MAX_LEARNED, 0);
+
 /// BPF_F_NO_PREALLOC: LPM tries must be created with it.
 const NO_PREALLOC: u32 = 1;
 

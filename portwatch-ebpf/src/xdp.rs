@@ -11,18 +11,19 @@ use aya_ebpf::{
 };
 use portwatch_common::{
     AF_INET, AF_INET6, DropReason, DropReport, FlowKey, FragKey, FragVerdict, GUARD_AUDIT,
-    GUARD_FORWARD_JUDGE, GUARD_PROBE, GuardConfig, GuardStat, IPPROTO_SCTP, IPPROTO_TCP,
-    IPPROTO_UDP, LOCAL_INLINE_V4, LOCAL_INLINE_V6, LocalKey, PROBE_MAGIC, PassReason, RULE_ANY,
-    RULE_CIDR, RULE_LIMIT, RateKey, RateLimit, RateState, XdpProbe, entry_slot, flow_port_byte,
-    other_slot, port_slot, src_prefix_len, src4_key, src6_key,
+    GUARD_FORWARD_JUDGE, GUARD_LEARN, GUARD_PROBE, GuardConfig, GuardStat, IPPROTO_SCTP,
+    IPPROTO_TCP, IPPROTO_UDP, LOCAL_INLINE_V4, LOCAL_INLINE_V6, LearnKey, LearnStats, LocalKey,
+    PROBE_MAGIC, PassReason, RULE_ANY, RULE_CIDR, RULE_LIMIT, RateKey, RateLimit, RateState,
+    XdpProbe, entry_slot, flow_port_byte, other_slot, port_slot, src_prefix_len, src4_key,
+    src6_key,
 };
 
 use crate::{
     headers::{Headers, Walk, ports, walk},
     maps::{
-        COUNTERS, DROPS, FLOW_PORTS, FLOWS, FRAGS, GUARD_CONFIG, LIMITS, LOCAL_ADDRS, LOCAL_LIST,
-        POLICY_PORTS, POLICY_SRC4, POLICY_SRC6, RATE_OVERFLOW, RATE_STATE, REPORT_BUCKET,
-        guard_count,
+        COUNTERS, DROPS, FLOW_PORTS, FLOWS, FRAGS, GUARD_CONFIG, LEARN, LIMITS, LOCAL_ADDRS,
+        LOCAL_LIST, POLICY_PORTS, POLICY_SRC4, POLICY_SRC6, RATE_OVERFLOW, RATE_STATE,
+        REPORT_BUCKET, guard_count,
     },
     packet::Pkt,
 };
@@ -95,6 +96,9 @@ pub fn try_xdp_guard(ctx: &XdpContext) -> u32 {
     if let Some(probe) = probe {
         return answer(probe, &verdict, &cfg);
     }
+    if cfg.flags & GUARD_LEARN != 0 {
+        learn(m, &verdict);
+    }
     // A first fragment's verdict, whatever it is, is what its later
     // fragments get.
     if m.first_frag {
@@ -138,6 +142,51 @@ fn probe_of(ctx: &XdpContext) -> Option<*mut XdpProbe> {
         return None;
     }
     Some(probe)
+}
+
+/// Records a connection attempt (a TCP SYN; a packet of another protocol)
+/// that the policy decided: what `portwatch learn` proposes rules from.
+/// Replies to the host's own flows, connection segments and control
+/// traffic are not the host's services' clients and are left out. Counts
+/// are plain adds: two CPUs on one pair at once may lose one.
+fn learn(m: &Headers, verdict: &Verdict) {
+    let dropped = match verdict {
+        Ok(PassReason::Rule) => false,
+        Err(DropReason::NoRule | DropReason::Source | DropReason::RateLimited) => true,
+        _ => return,
+    };
+    if m.proto == IPPROTO_TCP && m.tcp_flags & (TCP_SYN | TCP_ACK) != TCP_SYN {
+        return;
+    }
+    let key = LearnKey {
+        family: m.family,
+        proto: m.proto,
+        port: m.dport,
+        src: m.src,
+    };
+    // SAFETY: bpf_ktime_get_coarse_ns has no preconditions.
+    let now = unsafe { bpf_ktime_get_coarse_ns() };
+    match LEARN.get_ptr_mut(&key) {
+        Some(stats) => {
+            // SAFETY: a pointer from a map lookup is valid for writes.
+            let stats = unsafe { &mut *stats };
+            stats.last_ns = now;
+            if dropped {
+                stats.dropped += 1;
+            } else {
+                stats.passed += 1;
+            }
+        }
+        None => {
+            let fresh = LearnStats {
+                first_ns: now,
+                last_ns: now,
+                passed: u64::from(!dropped),
+                dropped: u64::from(dropped),
+            };
+            let _ = LEARN.insert(&key, &fresh, 0);
+        }
+    }
 }
 
 /// Writes a probe's verdict into its metadata; the action it would get.

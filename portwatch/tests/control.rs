@@ -196,7 +196,7 @@ async fn bad_lines_get_errors_and_the_connection_goes_on() -> TestResult {
         assert_eq!(
             error_of(&answers[1]),
             "unknown command \"frobnicate\" (expected allow, deny, apply, confirm, diff, policy, \
-             reload, status, subscribe, shutdown, explain, verify)"
+             reload, status, subscribe, shutdown, explain, verify, learn, record)"
         );
         assert_eq!(
             error_of(&answers[2]),

@@ -2374,3 +2374,115 @@ fn a_source_flood_evicts_no_limited_source() -> Result {
     )?;
     g.finish()
 }
+
+/// While learning, the program records connection attempts the policy
+/// decided — TCP SYNs and UDP datagrams, passed or dropped, per port and
+/// source — and nothing else: segments of connections, replies to the
+/// host's own flows, ICMP, forwarded frames and probes stay out. Off, it
+/// records nothing.
+#[test]
+fn learning_records_connection_attempts_per_port_and_source() -> Result {
+    let mut g = Guard::enforcing()?;
+    g.xdp
+        .maps
+        .record_flow(udp_flow4(HOST4, 45000, PEER4, 5353), monotonic_ns()?)?;
+    let syn = |src: Ipv4Addr, port: u16| {
+        Frame::eth()
+            .ipv4(src, HOST4)
+            .tcp(EPHEMERAL, port, TCP_SYN)
+            .build()
+    };
+    g.expect("off: a SYN to tcp/22", &syn(PEER4, 22), Pass)?;
+    ensure!(g.xdp.maps.learned().is_empty(), "recorded while off");
+    g.xdp.learning(true)?;
+    let frames: Vec<(&str, Vec<u8>, Outcome)> = vec![
+        ("SYN to tcp/22", syn(PEER4, 22), Pass),
+        ("another SYN to tcp/22", syn(PEER4, 22), Pass),
+        (
+            "SYN to tcp/9999",
+            syn(PEER4, 9999),
+            Dropped(GuardStat::DropNoRule),
+        ),
+        ("SYN to tcp/5432 from inside", syn(INSIDE4, 5432), Pass),
+        (
+            "SYN to tcp/5432 from outside",
+            syn(OUTSIDE4, 5432),
+            Dropped(GuardStat::DropSource),
+        ),
+        (
+            "IPv6 SYN to tcp/22",
+            Frame::eth()
+                .ipv6(PEER6, HOST6)
+                .tcp(EPHEMERAL, 22, TCP_SYN)
+                .build(),
+            Pass,
+        ),
+        (
+            "UDP to udp/53",
+            Frame::eth().ipv4(PEER4, HOST4).udp(EPHEMERAL, 53).build(),
+            Pass,
+        ),
+        (
+            "ACK to tcp/9999",
+            Frame::eth()
+                .ipv4(PEER4, HOST4)
+                .tcp(EPHEMERAL, 9999, TCP_ACK)
+                .build(),
+            Pass,
+        ),
+        (
+            "reply to the host's flow",
+            Frame::eth().ipv4(PEER4, HOST4).udp(5353, 45000).build(),
+            Pass,
+        ),
+        (
+            "SYN to a routed address",
+            Frame::eth()
+                .ipv4(PEER4, ROUTED4)
+                .tcp(EPHEMERAL, 9999, TCP_SYN)
+                .build(),
+            Forwarded,
+        ),
+    ];
+    for (name, frame, want) in &frames {
+        g.expect(name, frame, *want)?;
+    }
+    let mut got: Vec<(u8, u16, String, u64, u64)> = g
+        .xdp
+        .maps
+        .learned()
+        .into_iter()
+        .map(|(k, s)| {
+            let src = if u16::from(k.family) == AF_INET {
+                Ipv4Addr::new(k.src[0], k.src[1], k.src[2], k.src[3]).to_string()
+            } else {
+                Ipv6Addr::from(k.src).to_string()
+            };
+            ensure!(s.first_ns <= s.last_ns && s.first_ns > 0, "{s:?}");
+            Ok((k.proto, k.port, src, s.passed, s.dropped))
+        })
+        .collect::<Result<_>>()?;
+    got.sort();
+    let mut want = vec![
+        (IPPROTO_TCP, 22, PEER4.to_string(), 2, 0),
+        (IPPROTO_TCP, 22, PEER6.to_string(), 1, 0),
+        (IPPROTO_TCP, 5432, INSIDE4.to_string(), 1, 0),
+        (IPPROTO_TCP, 5432, OUTSIDE4.to_string(), 0, 1),
+        (IPPROTO_TCP, 9999, PEER4.to_string(), 0, 1),
+        (IPPROTO_UDP, 53, PEER4.to_string(), 1, 0),
+    ];
+    want.sort();
+    ensure!(got == want, "recorded {got:?}, expected {want:?}");
+    g.xdp.learning(false)?;
+    g.expect("off again: a SYN to tcp/22", &syn(PEER4, 22), Pass)?;
+    let again: u64 = g
+        .xdp
+        .maps
+        .learned()
+        .iter()
+        .filter(|(k, _)| k.port == 22 && u16::from(k.family) == AF_INET)
+        .map(|(_, s)| s.passed)
+        .sum();
+    ensure!(again == 2, "recorded while off: {again}");
+    g.finish()
+}

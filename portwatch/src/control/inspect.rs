@@ -166,3 +166,104 @@ pub struct VerifySummary {
     pub disagreements: Vec<String>,
     pub unchecked: usize,
 }
+
+/// `learn`: what to propose from. Networks are sources aggregated to
+/// `prefix4`/`prefix6`; more than `spread` networks on one port make the
+/// rule "from anywhere".
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LearnQuery {
+    /// Only what was seen in the last so many seconds; None: everything
+    /// recorded.
+    pub since: Option<u64>,
+    pub prefix4: u8,
+    pub prefix6: u8,
+    pub spread: usize,
+    /// Listeners to propose a rule for even without traffic.
+    pub keep: Vec<crate::policy::PortRange>,
+}
+
+impl Default for LearnQuery {
+    fn default() -> Self {
+        Self {
+            since: None,
+            prefix4: 24,
+            prefix6: 64,
+            spread: 8,
+            keep: Vec::new(),
+        }
+    }
+}
+
+/// One rule of a proposal, with what it is for.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProposedRule {
+    /// The `allow` item, e.g. `{ port = "tcp/22", from = [...], owner = {...} }`.
+    pub toml: String,
+    /// Comment lines (without `#`): the process, first and last seen,
+    /// attempts per network.
+    pub comment: Vec<String>,
+    /// `tcp/22`, for views that list rules.
+    pub port: String,
+    /// Kept because the operator's SSH session comes in through it.
+    #[serde(default)]
+    pub ssh: bool,
+}
+
+/// `learn`'s answer: a policy file, rule by rule.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Proposal {
+    /// Comment lines at the top: where it comes from, what was left out.
+    pub header: Vec<String>,
+    /// Settings lines (`mode = "enforce"`, `interfaces = [...]`).
+    pub settings: Vec<String>,
+    pub rules: Vec<ProposedRule>,
+    /// Listeners and ports not proposed, and why.
+    pub left_out: Vec<String>,
+    /// Connection attempts the proposal stands on, and (port, source)
+    /// pairs recorded of the table's capacity.
+    pub attempts: u64,
+    pub pairs: usize,
+    pub capacity: u32,
+    /// Whether the guard records now, and until when.
+    pub recording: String,
+}
+
+impl Proposal {
+    /// The policy file with the rules `keep` says yes to.
+    pub fn render(&self, keep: impl Fn(usize) -> bool) -> String {
+        let mut out = String::new();
+        for line in &self.header {
+            out.push_str(&format!("# {line}\n"));
+        }
+        for line in &self.settings {
+            out.push_str(line);
+            out.push('\n');
+        }
+        let rules: Vec<&ProposedRule> = self
+            .rules
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| keep(*i))
+            .map(|(_, r)| r)
+            .collect();
+        if rules.is_empty() {
+            out.push_str("allow = []\n");
+            return out;
+        }
+        out.push_str("allow = [\n");
+        for rule in rules {
+            for line in &rule.comment {
+                out.push_str(&format!("  # {line}\n"));
+            }
+            out.push_str(&format!("  {},\n", rule.toml));
+        }
+        out.push_str("]\n");
+        out
+    }
+
+    /// The whole proposal as a policy file.
+    pub fn text(&self) -> String {
+        self.render(|_| true)
+    }
+}

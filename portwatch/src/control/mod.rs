@@ -40,7 +40,7 @@
 //! `"error"` string that says what went wrong:
 //!
 //! ```json
-//! {"ok":false,"error":"unknown command \"frobnicate\" (expected allow, deny, apply, confirm, diff, policy, reload, status, subscribe, shutdown, explain, verify)"}
+//! {"ok":false,"error":"unknown command \"frobnicate\" (expected allow, deny, apply, confirm, diff, policy, reload, status, subscribe, shutdown, explain, verify, learn, record)"}
 //! ```
 //!
 //! # Requests

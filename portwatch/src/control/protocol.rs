@@ -10,8 +10,12 @@ use std::net::IpAddr;
 use serde::{Deserialize, Serialize};
 
 pub use super::inspect::{
-    ExplainQuery, Explanation, RuleRef, VerifyReport, VerifyRow, VerifySample, VerifySummary,
+    ExplainQuery, Explanation, LearnQuery, Proposal, ProposedRule, RuleRef, VerifyReport,
+    VerifyRow, VerifySample, VerifySummary,
 };
+
+/// The longest `learn --for`: a week.
+pub const MAX_RECORD_SECS: u64 = 7 * 86_400;
 pub use crate::sinks::Format;
 use crate::{
     datapath::{attach::Attached, probe::TcpFlags},
@@ -36,6 +40,8 @@ pub const COMMANDS: &[&str] = &[
     "shutdown",
     "explain",
     "verify",
+    "learn",
+    "record",
 ];
 
 /// One request. On the wire it is a JSON object whose `cmd` names the
@@ -88,6 +94,12 @@ pub enum Request {
     Explain(Box<ExplainQuery>),
     /// Probe every listener through the loaded program against the policy.
     Verify,
+    /// A policy proposed from the listeners and the connection attempts
+    /// recorded.
+    Learn(Box<LearnQuery>),
+    /// Record connection attempts for `secs` whatever the mode; `forget`
+    /// empties the table first.
+    Record { secs: u64, forget: bool },
 }
 
 fn is_false(b: &bool) -> bool {
@@ -165,6 +177,26 @@ enum Wire {
         flags: Option<String>,
     },
     Verify,
+    Learn {
+        /// Seconds.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        since: Option<u64>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        prefix4: Option<u8>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        prefix6: Option<u8>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        spread: Option<usize>,
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        keep: Vec<String>,
+    },
+    Record {
+        /// Seconds.
+        #[serde(rename = "for")]
+        secs: u64,
+        #[serde(default, skip_serializing_if = "is_false")]
+        forget: bool,
+    },
 }
 
 impl Wire {
@@ -226,6 +258,17 @@ impl Wire {
                 flags: q.flags.map(|f| f.to_string()),
             },
             Request::Verify => Wire::Verify,
+            Request::Learn(q) => Wire::Learn {
+                since: q.since,
+                prefix4: Some(q.prefix4),
+                prefix6: Some(q.prefix6),
+                spread: Some(q.spread),
+                keep: q.keep.iter().map(ToString::to_string).collect(),
+            },
+            Request::Record { secs, forget } => Wire::Record {
+                secs: *secs,
+                forget: *forget,
+            },
         }
     }
 
@@ -316,6 +359,51 @@ impl Wire {
                 }))
             }
             Wire::Verify => Request::Verify,
+            Wire::Learn {
+                since,
+                prefix4,
+                prefix6,
+                spread,
+                keep,
+            } => {
+                let shape = |message: String| PolicyError::Shape {
+                    line: None,
+                    message,
+                };
+                let d = LearnQuery::default();
+                let prefix4 = prefix4.unwrap_or(d.prefix4);
+                let prefix6 = prefix6.unwrap_or(d.prefix6);
+                if !(1..=32).contains(&prefix4) {
+                    return Err(shape(format!("prefix4 {prefix4}: expected 1 to 32")));
+                }
+                if !(1..=128).contains(&prefix6) {
+                    return Err(shape(format!("prefix6 {prefix6}: expected 1 to 128")));
+                }
+                let keep = keep
+                    .iter()
+                    .map(|k| PortRange::parse(k))
+                    .collect::<Result<Vec<_>, _>>()
+                    .map_err(|error| PolicyError::Spec { line: None, error })?;
+                Request::Learn(Box::new(LearnQuery {
+                    since,
+                    prefix4,
+                    prefix6,
+                    spread: spread.unwrap_or(d.spread),
+                    keep,
+                }))
+            }
+            Wire::Record { secs, forget } => {
+                if secs == 0 || secs > MAX_RECORD_SECS {
+                    return Err(PolicyError::Shape {
+                        line: None,
+                        message: format!(
+                            "record for {secs} s: expected 1 s to {} days",
+                            MAX_RECORD_SECS / 86_400
+                        ),
+                    });
+                }
+                Request::Record { secs, forget }
+            }
         })
     }
 }
@@ -336,6 +424,8 @@ impl Request {
             Request::Shutdown { .. } => "shutdown",
             Request::Explain(_) => "explain",
             Request::Verify => "verify",
+            Request::Learn(_) => "learn",
+            Request::Record { .. } => "record",
         }
     }
 
@@ -348,7 +438,11 @@ impl Request {
             | Request::Apply { .. }
             | Request::Confirm
             | Request::Reload { .. }
-            | Request::Shutdown { .. } => true,
+            | Request::Shutdown { .. }
+            // Turns recording on in the datapath.
+            | Request::Record { .. } => true,
+            // Who connects from where: the writers' business, as `diff`.
+            Request::Learn(_) => true,
             // A diff shows whose SSH sessions a policy would cut: the
             // writers' business.
             Request::Diff { .. } => true,
@@ -572,6 +666,7 @@ pub enum Response {
     Subscribed,
     Explain(Box<Explanation>),
     Verify(Box<VerifyReport>),
+    Learn(Box<Proposal>),
     Error(String),
 }
 
@@ -621,6 +716,7 @@ impl Response {
             Response::Subscribed => ok(&Subscribed { subscribed: true }),
             Response::Explain(e) => ok(e.as_ref()),
             Response::Verify(v) => ok(v.as_ref()),
+            Response::Learn(p) => ok(p.as_ref()),
             Response::Error(error) => serde_json::to_string(&Err { ok: false, error }),
         };
         // Plain data: serializing cannot fail; should it, the client gets
@@ -919,19 +1015,19 @@ mod tests {
         let cases = [
             (
                 r#"{"cmd":"frobnicate"}"#,
-                r#"unknown command "frobnicate" (expected allow, deny, apply, confirm, diff, policy, reload, status, subscribe, shutdown, explain, verify)"#,
+                r#"unknown command "frobnicate" (expected allow, deny, apply, confirm, diff, policy, reload, status, subscribe, shutdown, explain, verify, learn, record)"#,
             ),
             (
                 r#"{"cmd":"Status"}"#,
-                r#"unknown command "Status" (expected allow, deny, apply, confirm, diff, policy, reload, status, subscribe, shutdown, explain, verify)"#,
+                r#"unknown command "Status" (expected allow, deny, apply, confirm, diff, policy, reload, status, subscribe, shutdown, explain, verify, learn, record)"#,
             ),
             (
                 r#"{"spec":"tcp/1"}"#,
-                r#"request has no "cmd" field (expected one of allow, deny, apply, confirm, diff, policy, reload, status, subscribe, shutdown, explain, verify)"#,
+                r#"request has no "cmd" field (expected one of allow, deny, apply, confirm, diff, policy, reload, status, subscribe, shutdown, explain, verify, learn, record)"#,
             ),
             (
                 r#"{"cmd":7}"#,
-                r#""cmd" must be a string (expected one of allow, deny, apply, confirm, diff, policy, reload, status, subscribe, shutdown, explain, verify)"#,
+                r#""cmd" must be a string (expected one of allow, deny, apply, confirm, diff, policy, reload, status, subscribe, shutdown, explain, verify, learn, record)"#,
             ),
             (
                 r#"{"cmd":"allow"}"#,
@@ -980,6 +1076,22 @@ mod tests {
             (
                 r#"{"cmd":"explain","spec":"tcp/22","from":"10.0.0"}"#,
                 r#"bad "explain" request: invalid IP address syntax"#,
+            ),
+            (
+                r#"{"cmd":"learn","prefix4":33}"#,
+                "prefix4 33: expected 1 to 32",
+            ),
+            (
+                r#"{"cmd":"learn","keep":["tcp/0"]}"#,
+                r#""tcp/0": port 0 is not a valid port (1-65535)"#,
+            ),
+            (
+                r#"{"cmd":"record","for":0}"#,
+                "record for 0 s: expected 1 s to 7 days",
+            ),
+            (
+                r#"{"cmd":"record"}"#,
+                r#"bad "record" request: missing field `for`"#,
             ),
             (
                 r#"{"cmd":"verify","all":true}"#,

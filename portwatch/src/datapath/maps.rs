@@ -60,9 +60,9 @@ use aya::maps::{
 };
 use portwatch_common::{
     AF_INET, AF_INET6, FLOW_PORTS_PER_ENTRY, FlowKey, GUARD_AUDIT, GUARD_FORWARD_JUDGE,
-    GUARD_STATS_LEN, GuardConfig, GuardStat, IPPROTO_UDP, LOCAL_INLINE_V4, LOCAL_INLINE_V6,
-    LocalKey, LocalList, MAX_COUNTER_SLOTS, PortCounters, RateKey, RateLimit, RateState,
-    SRC4_KEY_LEN, SRC6_KEY_LEN, flow_port_byte, port_slot,
+    GUARD_LEARN, GUARD_STATS_LEN, GuardConfig, GuardStat, IPPROTO_UDP, LOCAL_INLINE_V4,
+    LOCAL_INLINE_V6, LearnKey, LearnStats, LocalKey, LocalList, MAX_COUNTER_SLOTS, PortCounters,
+    RateKey, RateLimit, RateState, SRC4_KEY_LEN, SRC6_KEY_LEN, flow_port_byte, port_slot,
 };
 #[cfg(feature = "test-helpers")]
 use portwatch_common::{FLOW_PORT_ENTRIES, FragKey, FragVerdict};
@@ -150,6 +150,8 @@ pub struct GuardSettings {
     pub forwarded: Forwarded,
     /// IPv6 sources of limited rules share a bucket per this prefix.
     pub limit_v6_prefix: u8,
+    /// Record connection attempts per port and source in `LEARN`.
+    pub learn: bool,
 }
 
 impl GuardSettings {
@@ -164,7 +166,7 @@ impl GuardSettings {
                 GUARD_FORWARD_JUDGE
             } else {
                 0
-            }),
+            }) | (if self.learn { GUARD_LEARN } else { 0 }),
             report_rate: self.report_rate,
             report_burst: self.report_rate.max(1).saturating_mul(2),
             limit_v6_prefix: u32::from(self.limit_v6_prefix),
@@ -193,6 +195,7 @@ pub struct GuardMaps {
     limits: Array<MapData, RateLimit>,
     rate: BpfHashMap<MapData, RateKey, RateState>,
     overflow: Array<MapData, RateState>,
+    learn: BpfHashMap<MapData, LearnKey, LearnStats>,
 }
 
 fn map_err(name: &'static str) -> impl Fn(aya::maps::MapError) -> Error {
@@ -217,7 +220,34 @@ impl GuardMaps {
             limits: take(ebpf, map::LIMITS)?,
             rate: take(ebpf, map::RATE_STATE)?,
             overflow: take(ebpf, map::RATE_OVERFLOW)?,
+            learn: take(ebpf, map::LEARN)?,
         })
+    }
+
+    /// Turns the recording of connection attempts on or off, leaving the
+    /// rest of the configuration as it is.
+    pub(crate) fn set_learning(&mut self, on: bool) -> Result<()> {
+        let mut config = self.config.get(&0, 0).map_err(map_err(map::GUARD_CONFIG))?;
+        if on {
+            config.flags |= GUARD_LEARN;
+        } else {
+            config.flags &= !GUARD_LEARN;
+        }
+        self.set_config(config)
+    }
+
+    /// What `LEARN` holds: (protocol, port, source) and what was seen.
+    pub fn learned(&self) -> Vec<(LearnKey, LearnStats)> {
+        self.learn.iter().filter_map(|entry| entry.ok()).collect()
+    }
+
+    /// Forgets everything learned (`portwatch learn --forget`, tests).
+    pub(crate) fn forget_learned(&mut self) -> Result<usize> {
+        let keys: Vec<LearnKey> = self.learn.keys().filter_map(|k| k.ok()).collect();
+        for key in &keys {
+            let _ = self.learn.remove(key);
+        }
+        Ok(keys.len())
     }
 
     fn set_config(&mut self, config: GuardConfig) -> Result<()> {

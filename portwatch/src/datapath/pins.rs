@@ -35,6 +35,7 @@ pub const PINNED_MAPS: &[&str] = &[
     map::OWNERS,
     map::OWNER_COUNT,
     map::BINDS,
+    map::LEARN,
     map::GUARD_CONFIG,
     map::POLICY_PORTS,
     map::POLICY_SRC4,

@@ -33,6 +33,8 @@ pub struct XdpTester {
     pub maps: GuardMaps,
     image: MapImage,
     slots: CounterSlots,
+    /// Record connection attempts in `LEARN` (see [`Self::learning`]).
+    learn: bool,
 }
 
 impl XdpTester {
@@ -48,6 +50,7 @@ impl XdpTester {
             maps,
             image: MapImage::default(),
             slots: CounterSlots::default(),
+            learn: false,
         };
         tester.apply(&Policy::default(), Mode::Enforce)?;
         Ok(tester)
@@ -70,10 +73,18 @@ impl XdpTester {
             limit_v6_prefix: policy
                 .limit_ipv6_prefix
                 .unwrap_or(crate::policy::limit::DEFAULT_IPV6_PREFIX),
+            learn: self.learn,
         };
         self.maps.install(&self.image, &image, &settings)?;
         self.image = image;
         Ok(())
+    }
+
+    /// Turns recording in `LEARN` on or off, as audit mode and `learn
+    /// --for` do.
+    pub fn learning(&mut self, on: bool) -> anyhow::Result<()> {
+        self.learn = on;
+        Ok(self.maps.set_learning(on)?)
     }
 
     /// Forgets the buckets of rate-limited sources (each case of a test

@@ -201,6 +201,8 @@ pub struct Guard {
     pub(super) recent_drops: std::collections::VecDeque<DropEvent>,
     /// The last verify's result, for `status`, `top` and the metrics.
     pub(super) last_verify: Option<crate::control::protocol::VerifySummary>,
+    /// A `learn --for` records connection attempts until then.
+    pub(super) recording_until: Option<tokio::time::Instant>,
 }
 
 /// Everything `Guard::new` needs.
@@ -262,6 +264,7 @@ impl Guard {
             loaded_rx,
             recent_drops: std::collections::VecDeque::with_capacity(super::inspect::RECENT_DROPS),
             last_verify: None,
+            recording_until: None,
         }
     }
 
@@ -336,6 +339,7 @@ impl Guard {
 
     pub fn housekeeping(&mut self) {
         self.ticks += 1;
+        self.recording_expired();
         // A unit may gain or lose a socket unit: ask systemd again now and
         // then.
         if self.ticks.is_multiple_of(FULL_SWEEP_EVERY) && self.policy.has_owners() {
@@ -417,6 +421,7 @@ impl Guard {
             limit_v6_prefix: policy
                 .limit_ipv6_prefix
                 .unwrap_or(crate::policy::limit::DEFAULT_IPV6_PREFIX),
+            learn: self.learning(mode),
         };
         if let Err(e) = self.maps.install(&self.image, &image, &settings) {
             let back = GuardSettings {

@@ -12,6 +12,7 @@ mod binds;
 pub mod confirm;
 mod gate;
 mod inspect;
+mod learn;
 mod loading;
 pub mod lock;
 pub mod lockout;

@@ -86,6 +86,14 @@ impl Guard {
                 self.record_verify(&report);
                 Reply::Once(Response::Verify(Box::new(report)))
             }
+            Request::Learn(query) => Reply::Once(match self.propose(pipeline, &query, by) {
+                Ok(proposal) => Response::Learn(Box::new(proposal)),
+                Err(e) => Response::Error(e),
+            }),
+            Request::Record { secs, forget } => Reply::Once(match self.record(secs, forget) {
+                Ok(answer) => Response::Change(answer),
+                Err(e) => Response::Error(e),
+            }),
             Request::Subscribe { format, colour } => Reply::Stream {
                 lines: pipeline.subscribe(format, colour),
             },

@@ -550,7 +550,7 @@ fn same_sources(a: &[IpNet], b: &[IpNet]) -> bool {
 }
 
 /// A TOML basic string, escaped by toml itself.
-fn toml_str(s: &str) -> String {
+pub fn toml_str(s: &str) -> String {
     toml::Value::String(s.to_owned()).to_string()
 }
 
@@ -845,28 +845,34 @@ impl Policy {
         }
         out.push_str("allow = [\n");
         for rule in &self.rules {
-            let port = toml_str(&rule.ports.to_string());
-            if rule.from.is_empty() && rule.limit.is_none() && rule.owner.is_none() {
-                out.push_str(&format!("  {port},\n"));
-                continue;
-            }
-            let mut table = format!("  {{ port = {port}");
-            if !rule.from.is_empty() {
-                let from: Vec<String> =
-                    rule.from.iter().map(|n| toml_str(&n.to_string())).collect();
-                table.push_str(&format!(", from = [{}]", from.join(", ")));
-            }
-            if let Some(limit) = rule.limit {
-                table.push_str(&format!(", limit = {}", toml_str(&limit.to_string())));
-            }
-            if let Some(owner) = &rule.owner {
-                table.push_str(&format!(", owner = {}", owner.to_toml()));
-            }
-            out.push_str(&table);
-            out.push_str(" },\n");
+            out.push_str(&format!("  {},\n", rule.to_toml()));
         }
         out.push_str("]\n");
         out
+    }
+}
+
+impl Rule {
+    /// The rule as an item of the policy file's `allow` list:
+    /// `"tcp/22"`, or `{ port = "tcp/5432", from = [...], ... }`.
+    pub fn to_toml(&self) -> String {
+        let port = toml_str(&self.ports.to_string());
+        if self.from.is_empty() && self.limit.is_none() && self.owner.is_none() {
+            return port;
+        }
+        let mut table = format!("{{ port = {port}");
+        if !self.from.is_empty() {
+            let from: Vec<String> = self.from.iter().map(|n| toml_str(&n.to_string())).collect();
+            table.push_str(&format!(", from = [{}]", from.join(", ")));
+        }
+        if let Some(limit) = self.limit {
+            table.push_str(&format!(", limit = {}", toml_str(&limit.to_string())));
+        }
+        if let Some(owner) = &self.owner {
+            table.push_str(&format!(", owner = {}", owner.to_toml()));
+        }
+        table.push_str(" }");
+        table
     }
 }
 

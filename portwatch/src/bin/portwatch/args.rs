@@ -52,6 +52,8 @@ pub enum Command {
     Explain(commands::inspect::ExplainArgs),
     /// Ask the running guard's XDP program, for every listener, whether sample sources get through, and compare with the policy; exit 1 on any disagreement.
     Verify(commands::inspect::VerifyArgs),
+    /// Propose a policy from the listeners and the connection attempts the guard recorded (audit mode, or --for DURATION): one rule per listener that got traffic, its owner, its sources as networks.
+    Learn(commands::learn::LearnArgs),
     /// Stop a running guard and remove everything portwatch attached or pinned.
     Down(DownArgs),
     /// Full-screen view of listeners, exposure and drops.

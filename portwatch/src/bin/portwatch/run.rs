@@ -57,6 +57,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Command::Status(args) => commands::status::status(args),
             Command::Explain(args) => commands::inspect::explain(args),
             Command::Verify(args) => commands::inspect::verify(args),
+            Command::Learn(args) => commands::learn::learn(args),
             Command::Down(args) => commands::down(args.pin_dir.as_deref(), args.socket.as_deref()),
             Command::Top(args) => crate::tui::run(args),
             Command::CheckPolicy { file } => commands::check_policy(&file),

@@ -65,31 +65,7 @@ const MAX_WITHIN: u64 = 24 * 3600;
 
 /// `60`, `60s`, `5m`, `1h` as seconds, between 1 s and a day.
 pub fn parse_within(text: &str) -> Result<u64, String> {
-    let (digits, unit) = match text.find(|c: char| !c.is_ascii_digit()) {
-        Some(i) => text.split_at(i),
-        None => (text, ""),
-    };
-    let scale = match unit {
-        "" | "s" => 1,
-        "m" => 60,
-        "h" => 3600,
-        _ => {
-            return Err(format!(
-                "{text:?}: expected seconds, or a number with s, m or h (e.g. 90s, 5m)"
-            ));
-        }
-    };
-    let secs = digits
-        .parse::<u64>()
-        .ok()
-        .and_then(|n| n.checked_mul(scale))
-        .ok_or_else(|| format!("{text:?} is not a time (e.g. 60, 90s, 5m)"))?;
-    if secs == 0 || secs > MAX_WITHIN {
-        return Err(format!(
-            "{text:?}: the time to confirm must be between 1 s and 24 h"
-        ));
-    }
-    Ok(secs)
+    super::parse_duration(text, MAX_WITHIN, "the time to confirm")
 }
 
 /// The file's text and policy, checked as the guard will check them.
@@ -153,7 +129,7 @@ pub fn diff(args: DiffArgs) -> anyhow::Result<ExitCode> {
 
 /// The diff for people: rules (+/-), settings (~), listeners whose
 /// exposure changes, SSH sessions it would cut off.
-fn render(diff: &DiffResponse) -> String {
+pub(super) fn render(diff: &DiffResponse) -> String {
     if diff == &DiffResponse::default() {
         return "no change: the file is the policy in force\n".into();
     }

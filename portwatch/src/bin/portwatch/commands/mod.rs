@@ -9,6 +9,7 @@ pub mod apply;
 pub mod change;
 pub mod follow;
 pub mod inspect;
+pub mod learn;
 pub mod status;
 
 use std::{
@@ -52,6 +53,40 @@ fn client_error(e: ClientError, hint: &str) -> anyhow::Error {
         ClientError::NoGuard { .. } if !hint.is_empty() => anyhow!("{e}; {hint}"),
         e => e.into(),
     }
+}
+
+/// `60`, `90s`, `5m`, `2h`, `1d` as seconds, from 1 s to `max` seconds;
+/// `what` names the value in errors.
+pub fn parse_duration(text: &str, max: u64, what: &str) -> Result<u64, String> {
+    let (digits, unit) = match text.find(|c: char| !c.is_ascii_digit()) {
+        Some(i) => text.split_at(i),
+        None => (text, ""),
+    };
+    let scale = match unit {
+        "" | "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86_400,
+        _ => {
+            return Err(format!(
+                "{text:?}: expected seconds, or a number with s, m, h or d (e.g. 90s, 5m)"
+            ));
+        }
+    };
+    let secs = digits
+        .parse::<u64>()
+        .ok()
+        .and_then(|n| n.checked_mul(scale))
+        .ok_or_else(|| format!("{text:?} is not a time (e.g. 60, 90s, 5m)"))?;
+    if secs == 0 || secs > max {
+        let limit = if max.is_multiple_of(86_400) && max > 86_400 {
+            format!("{} d", max / 86_400)
+        } else {
+            format!("{} h", max / 3600)
+        };
+        return Err(format!("{text:?}: {what} must be between 1 s and {limit}"));
+    }
+    Ok(secs)
 }
 
 /// `portwatch check-policy FILE`.
