@@ -396,3 +396,64 @@ fn top_ends_when_its_terminal_goes_away() -> Result {
     }
     Ok(())
 }
+
+/// `L`: the policy learned from traffic, rule by rule; a skipped rule stays
+/// out; `A` applies the rest with a confirmation window, `C` keeps it, and
+/// the guard enforces exactly the accepted rules.
+#[test]
+fn top_shows_the_learned_policy_and_applies_the_accepted_rules() -> Result {
+    let lab = Lab::new()?;
+    let paths = GuardPaths::new("tl")?;
+    let policy = TempFile::new("toplearn", "mode = \"audit\"\nallow = []\n")?;
+    let _web = tcp_server(&lab.server, 8080)?;
+    let _db = tcp_server(&lab.server, 5432)?;
+    let _pw = pinned_guard(&lab, &paths, Path::new(policy.as_str()?), &[])?;
+    let server = lab.server_v4();
+    ensure!(tcp_reachable(&lab.client, server, 8080)?, "audit mode");
+    ensure!(tcp_reachable(&lab.client, server, 5432)?, "audit mode");
+    let tmux = Tmux::start(&top_command(&paths.socket())?)?;
+    tmux.wait_for(Duration::from_secs(10), "the table", |s| {
+        s.contains("PROTO") && s.contains("mode audit")
+    })?;
+    tmux.keys(&["L"])?;
+    let screen = tmux.wait_for(Duration::from_secs(10), "the proposal", |s| {
+        s.contains("Learned policy") && s.contains("2 rules from") && s.contains("tcp/8080")
+    })?;
+    ensure!(screen.contains("[x]"), "{screen}");
+    // The rules come in port order: 5432 first. Skip it.
+    ensure!(
+        screen.find("tcp/5432") < screen.find("tcp/8080"),
+        "5432 is listed first:\n{screen}"
+    );
+    tmux.keys(&["Space"])?;
+    tmux.wait_for(Duration::from_secs(3), "5432 skipped", |s| {
+        s.lines()
+            .any(|l| l.contains("[ ]") && l.contains("tcp/5432"))
+            && s.contains("1 accepted")
+    })?;
+    tmux.keys(&["A"])?;
+    tmux.wait_for(Duration::from_secs(10), "the apply", |s| {
+        s.contains("reverts in 120 s") && s.contains("C: confirm")
+    })?;
+    tmux.keys(&["C"])?;
+    tmux.wait_for(Duration::from_secs(10), "the confirmation", |s| {
+        s.contains("confirm apply")
+    })?;
+    let status = Command::new(portwatch_bin())
+        .args(["policy", "--socket", path_str(&paths.socket())?])
+        .output()?;
+    let text = String::from_utf8_lossy(&status.stdout);
+    ensure!(text.contains("mode = \"enforce\""), "{text}");
+    ensure!(
+        text.contains("tcp/8080") && !text.contains("tcp/5432"),
+        "{text}"
+    );
+    ensure!(tcp_reachable(&lab.client, server, 8080)?, "accepted: open");
+    ensure!(
+        !tcp_reachable(&lab.client, server, 5432)?,
+        "skipped: closed"
+    );
+    tmux.keys(&["Escape"])?;
+    tmux.keys(&["q"])?;
+    tmux.wait_exit_restored()
+}

@@ -17,6 +17,8 @@ use portwatch::{
 };
 use ratatui::crossterm::event::{KeyCode, KeyEvent, KeyEventKind, KeyModifiers};
 
+use super::learn::{CONFIRM_WITHIN, LearnAction, LearnView};
+
 /// How many lines the event log keeps.
 pub const LOG_LINES: usize = 500;
 
@@ -30,6 +32,8 @@ pub enum Action {
     Deny(String),
     /// No guard: follow `portwatch watch --local` instead.
     WatchOnly,
+    /// What the learned-policy view asks for.
+    Learn(LearnAction),
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -64,6 +68,8 @@ pub enum Mode {
     Filter,
     Confirm(Pending),
     Help,
+    /// The learned-policy view (`L`).
+    Learn,
     /// No guard answered at the socket: the message screen.
     NoGuard,
 }
@@ -262,6 +268,8 @@ pub struct App {
     pub status: Option<(String, bool)>,
     /// Events the stream said it lost (`lost` lines), for watch-only mode.
     pub stream_lost: u64,
+    /// The learned-policy view's state.
+    pub learn: LearnView,
 }
 
 /// Now, `HH:MM:SS` UTC.
@@ -338,6 +346,7 @@ impl App {
             header: Header::default(),
             status: None,
             stream_lost: 0,
+            learn: LearnView::default(),
         }
     }
 
@@ -550,8 +559,36 @@ impl App {
                 }
                 _ => None,
             },
+            Mode::Learn => match self.learn.on_key(key)? {
+                LearnAction::Close => {
+                    self.mode = Mode::Normal;
+                    None
+                }
+                LearnAction::Apply(text) => {
+                    self.set_status(
+                        format!(
+                            "applying {} learned rules (reverts in {CONFIRM_WITHIN} s unless confirmed: C)…",
+                            self.learn.accepted_count()
+                        ),
+                        false,
+                    );
+                    Some(Action::Learn(LearnAction::Apply(text)))
+                }
+                other => Some(Action::Learn(other)),
+            },
             Mode::Normal => self.normal_key(key),
         }
+    }
+
+    /// The guard's proposal (or why there is none).
+    pub fn on_proposal(
+        &mut self,
+        proposal: Result<portwatch::control::protocol::Proposal, String>,
+    ) {
+        if let Err(e) = &proposal {
+            self.notice(format!("learn: {e}"), true);
+        }
+        self.learn.on_proposal(proposal);
     }
 
     fn normal_key(&mut self, key: KeyEvent) -> Option<Action> {
@@ -580,6 +617,15 @@ impl App {
             KeyCode::Char('?') => self.mode = Mode::Help,
             KeyCode::Char('a') => self.ask(Verb::Allow),
             KeyCode::Char('d') => self.ask(Verb::Deny),
+            KeyCode::Char('L') if self.feed == Feed::Guard => {
+                self.mode = Mode::Learn;
+                self.learn.proposal = None;
+                return Some(Action::Learn(LearnAction::Fetch));
+            }
+            KeyCode::Char('L') => self.set_status(
+                "learn is disabled in watch-only mode: it needs a running guard".to_owned(),
+                true,
+            ),
             _ => {}
         }
         None

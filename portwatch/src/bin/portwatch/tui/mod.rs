@@ -3,6 +3,7 @@
 //!
 //! - [`app`]: the state (rows, sort, filter, selection, modes, event log)
 //!   and what keys and data do to it; no terminal involved, unit-tested.
+//! - [`learn`]: the learned-policy view's state (`L`).
 //! - [`ui`]: draws the state with ratatui.
 //! - [`source`]: threads that read the guard's stream, poll its status,
 //!   send allow/deny, run `portwatch watch` in watch-only mode and catch
@@ -12,6 +13,7 @@
 //!   to [`TICK`] for a key.
 
 mod app;
+mod learn;
 mod source;
 mod ui;
 
@@ -187,6 +189,7 @@ fn event_loop(
                     }
                 }
                 Msg::Change { verb, spec, result } => app.on_change(verb, &spec, result),
+                Msg::Proposal(result) => app.on_proposal(result),
                 // Its errors (e.g. missing privileges) on the status line
                 // too; its notes only in the log.
                 Msg::ChildStderr(line) if line.contains("error") => {
@@ -231,6 +234,14 @@ fn event_loop(
                     Action::Quit => return Ok(()),
                     Action::Allow(spec) => sources.change(socket, "allow", spec),
                     Action::Deny(spec) => sources.change(socket, "deny", spec),
+                    Action::Learn(learn::LearnAction::Fetch) => sources.learn(socket),
+                    Action::Learn(learn::LearnAction::Apply(text)) => {
+                        sources.apply(socket, Some(text), learn::CONFIRM_WITHIN);
+                    }
+                    Action::Learn(learn::LearnAction::Confirm) => {
+                        sources.apply(socket, None, learn::CONFIRM_WITHIN);
+                    }
+                    Action::Learn(learn::LearnAction::Close) => {}
                     Action::WatchOnly => match sources.start_watch() {
                         Ok(()) => app.watch_only(),
                         Err(e) => app.notice(format!("{e:#}"), true),

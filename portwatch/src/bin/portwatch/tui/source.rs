@@ -20,11 +20,11 @@ use portwatch::{
     control::{
         Format,
         client::{self, ClientError},
-        protocol::{ChangeResponse, Request, StatusResponse},
+        protocol::{ChangeResponse, Proposal, Request, StatusResponse},
     },
     format::UserNames,
     model::Event,
-    policy::{PortRange, Rule},
+    policy::{Policy, PortRange, Rule},
     sinks::json::{Line, parse_line},
 };
 
@@ -48,6 +48,8 @@ pub enum Msg {
         spec: String,
         result: Result<String, String>,
     },
+    /// The guard's learned proposal, or why there is none.
+    Proposal(Result<Proposal, String>),
     /// A line `portwatch watch` wrote to stderr.
     ChildStderr(String),
     /// SIGINT, SIGTERM or SIGHUP: quit.
@@ -155,6 +157,50 @@ impl Sources {
                         .map_err(|e| e.to_string())
                 });
             let _ = tx.send(Msg::Change { verb, spec, result });
+        });
+    }
+
+    /// Asks for the learned proposal from a thread: it arrives as
+    /// [`Msg::Proposal`].
+    pub fn learn(&self, socket: &Path) {
+        let (tx, path) = (self.tx.clone(), socket.to_owned());
+        std::thread::spawn(move || {
+            let request = Request::Learn(Box::default());
+            let result = client::request::<Proposal>(&path, &request).map_err(|e| e.to_string());
+            let _ = tx.send(Msg::Proposal(result));
+        });
+    }
+
+    /// Applies a policy file's text, reverting unless confirmed within
+    /// `within` seconds (`confirm_within`); or, with `text` None, confirms
+    /// the change that waits. The answer arrives as [`Msg::Change`].
+    pub fn apply(&self, socket: &Path, text: Option<String>, within: u64) {
+        let (tx, path) = (self.tx.clone(), socket.to_owned());
+        std::thread::spawn(move || {
+            let (verb, request) = match text {
+                Some(text) => (
+                    "apply",
+                    Policy::parse(&text)
+                        .map(|policy| Request::Apply {
+                            text,
+                            policy: Box::new(policy),
+                            force: false,
+                            confirm_within: Some(within),
+                        })
+                        .map_err(|e| e.to_string()),
+                ),
+                None => ("confirm", Ok(Request::Confirm)),
+            };
+            let result = request.and_then(|request| {
+                client::request::<ChangeResponse>(&path, &request)
+                    .map(|answer| answer.change)
+                    .map_err(|e| e.to_string())
+            });
+            let _ = tx.send(Msg::Change {
+                verb,
+                spec: "the learned policy".into(),
+                result,
+            });
         });
     }
 

@@ -207,6 +207,8 @@ pub fn draw(frame: &mut Frame, app: &App) {
                 "                  Esc clears it)",
                 "a / d             allow / deny the selected",
                 "                  listener's port (asks first)",
+                "L                 the policy learned from traffic:",
+                "                  accept/skip rules, apply",
                 "?                 this help",
                 "q, Ctrl-C         quit",
             ]
@@ -214,8 +216,75 @@ pub fn draw(frame: &mut Frame, app: &App) {
             .to_vec();
             popup(frame, area, " Keys ", lines, 52);
         }
+        Mode::Learn => draw_learn(frame, app, area),
         _ => {}
     }
+}
+
+/// The learned-policy view: the proposal's rules with accept/skip marks,
+/// the selected rule's comment, what was left out, the keys.
+fn draw_learn(frame: &mut Frame, app: &App, area: Rect) {
+    let v = &app.learn;
+    let bold = Style::new().add_modifier(Modifier::BOLD);
+    // The keys first and the status line left visible: a long proposal
+    // is cut at the bottom, never its keys or the answer to them.
+    let mut lines: Vec<Line> = vec![Line::raw(if v.awaiting_confirm {
+        "C: confirm the applied policy (else it reverts)   Esc: close"
+    } else {
+        "space: accept/skip  a/n: all/none  A: apply (confirm within 120 s)  r: refresh  Esc: close"
+    })];
+    match (&v.proposal, &v.error) {
+        (None, Some(e)) => lines.push(Line::raw(format!("no proposal: {e}"))),
+        (None, None) => lines.push(Line::raw("asking the guard…")),
+        (Some(p), _) => {
+            lines.push(Line::styled(
+                format!(
+                    "{} rules from {} connection attempts; {} accepted; recording {}",
+                    p.rules.len(),
+                    p.attempts,
+                    v.accepted_count(),
+                    p.recording
+                ),
+                bold,
+            ));
+            for (i, rule) in p.rules.iter().enumerate() {
+                let mark = if v.accepted.get(i).copied().unwrap_or(false) {
+                    "[x]"
+                } else {
+                    "[ ]"
+                };
+                let text = format!("{mark} {}", rule.toml);
+                lines.push(if i == v.selected {
+                    Line::styled(text, Style::new().add_modifier(Modifier::REVERSED))
+                } else {
+                    Line::raw(text)
+                });
+            }
+            if p.rules.is_empty() {
+                lines.push(Line::raw("(no rule: nothing that listens got traffic yet)"));
+            }
+            if let Some(rule) = p.rules.get(v.selected) {
+                for c in &rule.comment {
+                    lines.push(Line::raw(format!("  # {c}")));
+                }
+            }
+            for l in p.left_out.iter().take(4) {
+                lines.push(Line::raw(format!("left out: {l}")));
+            }
+            if p.left_out.len() > 4 {
+                lines.push(Line::raw(format!(
+                    "left out: {} more",
+                    p.left_out.len() - 4
+                )));
+            }
+        }
+    }
+    let above_status = Rect {
+        height: area.height.saturating_sub(1),
+        ..area
+    };
+    let width = area.width.saturating_sub(4).max(20);
+    popup(frame, above_status, " Learned policy ", lines, width);
 }
 
 /// A bordered box in the middle of `area`, over what is there.
