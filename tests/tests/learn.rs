@@ -288,7 +288,12 @@ fn learn_for_records_in_enforce_mode_for_a_while() -> Result {
         BTreeSet::from(["tcp/8080".to_owned(), "tcp/8443".to_owned()]),
         "{p}"
     );
-    assert!(p["rules"].to_string().contains("dropped"), "{p}");
+    assert!(
+        p["rules"]
+            .to_string()
+            .contains("0 permitted by the policy then, 1 not"),
+        "{p}"
+    );
     pw.stop()?;
     Ok(())
 }

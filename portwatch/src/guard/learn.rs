@@ -421,7 +421,7 @@ impl Guard {
             let last = seen.sources.values().map(|s| s.last_ns).max().unwrap_or(0);
             let passed: u64 = seen.sources.values().map(|s| s.passed).sum();
             comment.push(format!(
-                "{} attempts ({passed} passed, {} dropped) from {} sources, first {}, last {}",
+                "{} attempts ({passed} permitted by the policy then, {} not) from {} sources, first {}, last {}",
                 seen.attempts(),
                 seen.attempts() - passed,
                 seen.sources.len(),

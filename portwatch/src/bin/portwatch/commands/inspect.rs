@@ -10,7 +10,7 @@ use portwatch::{
         client,
         protocol::{ExplainQuery, Explanation, Request, Response, VerifyReport},
     },
-    datapath::probe::TcpFlags,
+    datapath::probe::{Answer, TcpFlags},
     policy::PortRange,
 };
 
@@ -87,10 +87,13 @@ pub fn explain(args: ExplainArgs) -> anyhow::Result<ExitCode> {
 
 fn render_explanation(e: &Explanation) -> String {
     let mut out = format!("{}\n", e.packet);
+    let reason = match e.verdict {
+        Answer::Pass(why) => why.as_str(),
+        Answer::Drop(why) => why.as_str(),
+    };
     out.push_str(&format!(
-        "  verdict: {} by the loaded XDP program ({}), {} mode\n",
+        "  verdict: {}, {reason} (the loaded XDP program's answer, {} mode)\n",
         e.outcome,
-        e.verdict,
         e.mode.as_str()
     ));
     match &e.rule {
