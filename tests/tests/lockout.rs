@@ -241,3 +241,38 @@ fn a_change_that_would_cut_off_the_operators_ssh_session_is_refused() -> Result 
     ensure!(status.success(), "{status}");
     Ok(())
 }
+
+/// `learn` run over SSH keeps the session's port in its proposal, with the
+/// session's network, even when nothing was recorded (enforce mode).
+#[test]
+fn learn_over_ssh_keeps_the_sessions_port() -> Result {
+    let lab = Lab::new()?;
+    let policy = TempFile::new("learnssh", "allow = [\"tcp/22\"]\n")?;
+    let socket = lab.socket()?;
+    let mut pw = start_guard(&lab, &policy, &[])?;
+    let ssh = SshServer::start(&lab)?;
+    let portwatch = portwatch_bin();
+    let portwatch = path(&portwatch)?;
+    let out = ssh.run(&lab, &format!("{portwatch} learn --json --socket {socket}"))?;
+    ensure!(out.success(), "learn over ssh: {out:?}");
+    let p: serde_json::Value = serde_json::from_str(&out.stdout)?;
+    let rules = p["rules"].as_array().context("rules")?;
+    ensure!(rules.len() == 1, "only the SSH port: {p}");
+    let rule = &rules[0];
+    ensure!(rule["port"] == "tcp/22" && rule["ssh"] == true, "{rule}");
+    let net = format!("198.18.{}.0/24", lab.net);
+    ensure!(
+        rule["toml"]
+            .as_str()
+            .is_some_and(|t| t.contains(&net) && t.contains("owner = {")),
+        "the session's network and dropbear as owner: {rule}"
+    );
+    ensure!(
+        rule["comment"]
+            .to_string()
+            .contains(&format!("from {}", lab.client_v4())),
+        "{rule}"
+    );
+    pw.stop()?;
+    Ok(())
+}
