@@ -68,6 +68,8 @@ pub mod prog {
     pub const POST_BIND6: &str = "post_bind6";
     pub const SOCK_RELEASE: &str = "sock_release";
     pub const XDP_GUARD: &str = "xdp_guard";
+    /// The guard's read-only twin, test-run by `explain` and `verify`.
+    pub const XDP_PROBE: &str = "xdp_probe";
     pub const TC_EGRESS: &str = "tc_egress";
 
     /// Every program of the shipped object.
@@ -77,6 +79,7 @@ pub mod prog {
         POST_BIND6,
         SOCK_RELEASE,
         XDP_GUARD,
+        XDP_PROBE,
         TC_EGRESS,
     ];
 
@@ -556,10 +559,9 @@ impl PassReason {
 pub const PROBE_MAGIC: u32 = 0x7077_7072; // "pwpr"
 
 /// The XDP metadata of a probe: a frame that `explain` and `verify` test-run
-/// through the live program (BPF_PROG_TEST_RUN). The program decides it as
-/// any frame but changes nothing (no counter, report, rate-limit token,
-/// fragment record) and writes its verdict back here. A frame from the wire
-/// carries no metadata, so it cannot ask for this.
+/// (BPF_PROG_TEST_RUN) through `xdp_probe`, the guard's code compiled
+/// without its side effects (no counter, report, rate-limit token, fragment
+/// record), against the guard's maps. It writes its verdict back here.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct XdpProbe {

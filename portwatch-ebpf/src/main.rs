@@ -50,6 +50,13 @@ pub fn xdp_guard(ctx: XdpContext) -> u32 {
     xdp::try_xdp_guard(&ctx)
 }
 
+/// The guard's read-only twin for `explain` and `verify`: never attached,
+/// only test-run on probe frames.
+#[xdp(frags)]
+pub fn xdp_probe(ctx: XdpContext) -> u32 {
+    xdp::try_xdp_probe(&ctx)
+}
+
 /// The guard's egress side: records the host's outbound UDP flows.
 #[classifier]
 pub fn tc_egress(ctx: TcContext) -> i32 {

@@ -4,7 +4,7 @@
 //! as malformed.
 
 use aya_ebpf::{
-    bindings::xdp_action::{XDP_DROP, XDP_PASS},
+    bindings::xdp_action::{XDP_ABORTED, XDP_DROP, XDP_PASS},
     helpers::generated::{bpf_jiffies64, bpf_ktime_get_coarse_ns, bpf_xdp_get_buff_len},
     maps::lpm_trie::Key,
     programs::XdpContext,
@@ -59,13 +59,34 @@ impl Entry {
     }
 }
 
+/// The guard attached to the interfaces.
 pub fn try_xdp_guard(ctx: &XdpContext) -> u32 {
+    judge::<false>(ctx, None)
+}
+
+/// The guard's read-only twin, never attached: `explain` and `verify`
+/// test-run it (BPF_PROG_TEST_RUN) on frames whose XDP metadata holds an
+/// `XdpProbe`. The same code as the guard's, against the same maps, with
+/// every side effect left out at compile time (no counter, report,
+/// rate-limit token, fragment or learning record), so that asking costs
+/// the wire's packets nothing. Its verdict and reason go back in the
+/// metadata.
+pub fn try_xdp_probe(ctx: &XdpContext) -> u32 {
+    match probe_of(ctx) {
+        Some(probe) => judge::<true>(ctx, Some(probe)),
+        None => XDP_ABORTED,
+    }
+}
+
+/// The verdict on one frame; `PROBE` (with its metadata in `probe`) asks
+/// without acting.
+#[inline(always)]
+fn judge<const PROBE: bool>(ctx: &XdpContext, probe: Option<*mut XdpProbe>) -> u32 {
     let mut cfg = match GUARD_CONFIG.get(0) {
         Some(cfg) => *cfg,
         None => GuardConfig::default(),
     };
-    let probe = probe_of(ctx);
-    if probe.is_some() {
+    if PROBE {
         cfg.flags |= GUARD_PROBE;
     }
     let mut slot = core::mem::MaybeUninit::uninit();
@@ -82,7 +103,7 @@ pub fn try_xdp_guard(ctx: &XdpContext) -> u32 {
                 && m.family != 0
                 && !addressed_to_host(m) =>
         {
-            if let Some(probe) = probe {
+            if PROBE {
                 return answer(probe, &Ok(PassReason::Forwarded), &cfg);
             }
             if m.first_frag {
@@ -93,7 +114,7 @@ pub fn try_xdp_guard(ctx: &XdpContext) -> u32 {
         }
         verdict => verdict,
     };
-    if let Some(probe) = probe {
+    if PROBE {
         return answer(probe, &verdict, &cfg);
     }
     if cfg.flags & GUARD_LEARN != 0 {
@@ -128,8 +149,7 @@ pub fn try_xdp_guard(ctx: &XdpContext) -> u32 {
 }
 
 /// The probe metadata of a test run from user space (`XdpProbe`), if the
-/// frame carries it. The wire's frames have no metadata: a driver sets
-/// `data_meta` to `data` (or past it, without metadata support).
+/// frame carries it.
 #[inline(always)]
 fn probe_of(ctx: &XdpContext) -> Option<*mut XdpProbe> {
     let meta = ctx.metadata();
@@ -148,7 +168,9 @@ fn probe_of(ctx: &XdpContext) -> Option<*mut XdpProbe> {
 /// that the policy decided: what `portwatch learn` proposes rules from.
 /// Replies to the host's own flows, connection segments and control
 /// traffic are not the host's services' clients and are left out. Counts
-/// are plain adds: two CPUs on one pair at once may lose one.
+/// are plain adds: two CPUs on one pair at once may lose one. Out of line:
+/// inlined, its map calls would cost the fast path registers.
+#[inline(never)]
 fn learn(m: &Headers, verdict: &Verdict) {
     let dropped = match verdict {
         Ok(PassReason::Rule) => false,
@@ -191,7 +213,10 @@ fn learn(m: &Headers, verdict: &Verdict) {
 
 /// Writes a probe's verdict into its metadata; the action it would get.
 #[inline(always)]
-fn answer(probe: *mut XdpProbe, verdict: &Verdict, cfg: &GuardConfig) -> u32 {
+fn answer(probe: Option<*mut XdpProbe>, verdict: &Verdict, cfg: &GuardConfig) -> u32 {
+    let Some(probe) = probe else {
+        return XDP_ABORTED;
+    };
     let (pass, drop) = match verdict {
         Ok(why) => (*why as u8, 0),
         Err(reason) => (0, *reason as u8),
@@ -208,6 +233,9 @@ fn answer(probe: *mut XdpProbe, verdict: &Verdict, cfg: &GuardConfig) -> u32 {
     }
 }
 
+// Inlined into the guard and its twin alike: out of line (shared by the
+// two), the call costs the guard's fast path a few ns per frame.
+#[inline(always)]
 fn classify(pkt: &Pkt, m: &mut Headers, entry: &mut Entry, cfg: &GuardConfig) -> Verdict {
     match walk(pkt, m) {
         Err(_) => Err(DropReason::Malformed),
@@ -220,6 +248,7 @@ fn classify(pkt: &Pkt, m: &mut Headers, entry: &mut Entry, cfg: &GuardConfig) ->
 
 /// Whether the destination is one of the host's addresses, a broadcast or
 /// a multicast group (the host may have joined it; it is judged).
+#[inline(always)]
 fn addressed_to_host(m: &Headers) -> bool {
     let multicast = if m.family == AF_INET as u8 {
         // 224/4 multicast, 240/4 reserved and the limited broadcast.
@@ -325,6 +354,7 @@ fn later_fragment(m: &mut Headers, id: u32) -> Verdict {
     }
 }
 
+#[inline(always)]
 fn transport(
     pkt: &Pkt,
     off: usize,

@@ -272,11 +272,11 @@ impl Datapath {
         Ok((owners, reports))
     }
 
-    /// What the loaded XDP guard does with `probe` (see [`probe`]).
+    /// What the guard's code does with `probe` against its maps, asked of
+    /// its read-only twin (see [`probe`]), loaded on first use.
     pub fn probe_guard(&mut self, probe: &probe::Probe) -> Result<probe::Answer> {
         let frame = probe.frame()?;
-        let xdp: &mut aya::programs::Xdp = program(&mut self.ebpf, prog::XDP_GUARD)?;
-        probe::run(xdp, &frame)
+        probe::run(probe::twin(&mut self.ebpf)?, &frame)
     }
 
     /// The kernel's id of the loaded XDP guard, to tell it from what an

@@ -1,11 +1,13 @@
-//! Asking the loaded XDP guard what it would do with a packet: a crafted
-//! frame, test-run (BPF_PROG_TEST_RUN) through the very program attached to
-//! the interfaces, against the maps it reads. The frame carries an
-//! [`XdpProbe`] in its XDP metadata, which no frame from the wire can: the
-//! program then decides it as any other but changes nothing (no counter,
-//! drop report, rate-limit token or fragment record) and writes its verdict
+//! Asking the XDP guard what it would do with a packet: a crafted frame,
+//! test-run (BPF_PROG_TEST_RUN) through `xdp_probe`, the guard's read-only
+//! twin in the same object: the same code (one function, instantiated with
+//! and without side effects), against the very maps the attached guard
+//! reads. The frame carries an [`XdpProbe`] in its XDP metadata; the twin
+//! decides it as the guard would, changes nothing (no counter, drop report,
+//! rate-limit token, fragment or learning record) and writes its verdict
 //! and reason back into the metadata. What `explain` and `verify` stand on:
-//! the answer is the datapath's own, not a re-implementation of it.
+//! the answer is the datapath's own, not a re-implementation of it, and the
+//! attached guard pays nothing for it.
 
 use std::{fmt, net::IpAddr, str::FromStr};
 
@@ -186,7 +188,19 @@ impl fmt::Display for Answer {
     }
 }
 
-/// Runs `frame` through the loaded XDP program as a probe.
+/// The twin from `ebpf`, loaded if it is not yet.
+pub(crate) fn twin(ebpf: &mut aya::Ebpf) -> Result<&mut Xdp> {
+    let xdp: &mut Xdp = super::program(ebpf, portwatch_common::prog::XDP_PROBE)?;
+    if xdp.fd().is_err() {
+        xdp.load().map_err(crate::error::program_error(
+            "loading the guard's probe program".into(),
+            "explain and verify test-run it (Linux 5.15+ for XDP metadata in BPF_PROG_TEST_RUN)",
+        ))?;
+    }
+    Ok(xdp)
+}
+
+/// Runs `frame` through the twin (`xdp_probe`) as a probe.
 pub fn run(xdp: &Xdp, frame: &[u8]) -> Result<Answer> {
     const META: usize = std::mem::size_of::<XdpProbe>();
     let mut data = Vec::with_capacity(META + frame.len());
@@ -215,8 +229,8 @@ pub fn run(xdp: &Xdp, frame: &[u8]) -> Result<Answer> {
     let (pass, drop) = (out[4], out[5]);
     let unanswered = || {
         Error::Invalid(
-        "the loaded XDP program did not answer the probe (a program of an older portwatch? restart the guard)".into(),
-    )
+            "the guard's probe program did not answer the probe (a build mismatch?)".into(),
+        )
     };
     if magic != PROBE_MAGIC {
         return Err(unanswered());

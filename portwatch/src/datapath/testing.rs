@@ -120,7 +120,10 @@ impl XdpTester {
     /// What the program says of `frame` when asked as `explain` asks:
     /// decided, not acted on.
     pub fn probe(&mut self, frame: &[u8]) -> anyhow::Result<super::probe::Answer> {
-        Ok(super::probe::run(self.program()?, frame)?)
+        Ok(super::probe::run(
+            super::probe::twin(&mut self.ebpf)?,
+            frame,
+        )?)
     }
 
     /// The verdict (`XDP_PASS`, `XDP_DROP`) for one frame.

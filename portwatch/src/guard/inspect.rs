@@ -1,6 +1,6 @@
-//! `explain` and `verify`: the guard asks its own loaded XDP program (a
-//! probe: decided, not acted on) and holds the answer against what the
-//! policy says. `explain` tells one packet's verdict and why; `verify`
+//! `explain` and `verify`: the guard asks its XDP program's read-only twin
+//! (a probe: the same code and maps, decided, not acted on) and holds the
+//! answer against what the policy says. `explain` tells one packet's verdict and why; `verify`
 //! probes every listener from sample sources and reports any listener
 //! where program and policy disagree — a map written behind the guard's
 //! back, a program that is not the guard's on an interface. The guard

@@ -92,7 +92,7 @@ fn render_explanation(e: &Explanation) -> String {
         Answer::Drop(why) => why.as_str(),
     };
     out.push_str(&format!(
-        "  verdict: {}, {reason} (the loaded XDP program's answer, {} mode)\n",
+        "  verdict: {}, {reason} (the XDP datapath's answer, {} mode)\n",
         e.outcome,
         e.mode.as_str()
     ));
