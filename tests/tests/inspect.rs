@@ -10,8 +10,8 @@ use anyhow::{Context as _, ensure};
 use portwatch_tests::{
     Result,
     net::{
-        Connect, GuardPaths, Lab, TempFile, path_str, pinned_guard, start_guard, tcp_probe,
-        tcp_reachable, tcp_server,
+        Connect, GuardPaths, Lab, TempFile, path_str, pinned_guard, start_guard, status_json,
+        tcp_probe, tcp_reachable, tcp_server,
     },
     portwatch_bin, run,
 };
@@ -191,6 +191,21 @@ fn explain_tells_what_the_traffic_experiences() -> Result {
     );
     let _owner = tcp_server(&lab.server, 6379)?;
     pw.wait_for(WAIT, |v| v["event"] == "gate" && v["open"] == true)?;
+    // The kernel's policy changed without a policy change: the guard
+    // verifies within a housekeeping tick.
+    let deadline = std::time::Instant::now() + WAIT;
+    loop {
+        let status = status_json(&lab)?;
+        if status["verify"]["trigger"] == "owned ports opened or closed" {
+            assert_eq!(status["verify"]["ok"], true, "{status}");
+            break;
+        }
+        ensure!(
+            std::time::Instant::now() < deadline,
+            "no verify after the gate opened: {status}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
     let owned = same_fate(&lab, &socket, 6379, inside, ("pass", "rule"))?;
     assert!(
         reasons(&owned).contains("owned by user root, comm socat: open"),

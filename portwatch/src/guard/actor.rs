@@ -203,6 +203,10 @@ pub struct Guard {
     pub(super) last_verify: Option<crate::control::protocol::VerifySummary>,
     /// A `learn --for` records connection attempts until then.
     pub(super) recording_until: Option<tokio::time::Instant>,
+    /// The kernel's policy changed without a policy change (an owned port
+    /// opened or closed, an interface re-attached): verify at the next
+    /// housekeeping, so that a burst of them costs one run. What caused it.
+    pub(super) verify_due: Option<String>,
 }
 
 /// Everything `Guard::new` needs.
@@ -265,6 +269,7 @@ impl Guard {
             recent_drops: std::collections::VecDeque::with_capacity(super::inspect::RECENT_DROPS),
             last_verify: None,
             recording_until: None,
+            verify_due: None,
         }
     }
 
@@ -478,6 +483,7 @@ impl Guard {
                 return Ok(());
             }
             pipeline.set_exposure(self.exposure_view());
+            self.verify_due = Some("owned ports opened or closed".into());
         }
         for event in events {
             pipeline.emit(Event::Gate(event))?;
@@ -1288,6 +1294,7 @@ impl Guard {
                     .insert(attached.ifindex, attached.iface.clone());
                 let xdp_mode = attached.xdp_mode;
                 self.attached.push(attached);
+                self.verify_due = Some(format!("{name} re-attached"));
                 Event::Interface {
                     ts: SystemTime::now(),
                     iface: name,

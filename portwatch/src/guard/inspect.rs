@@ -1,10 +1,13 @@
 //! `explain` and `verify`: the guard asks its XDP program's read-only twin
 //! (a probe: the same code and maps, decided, not acted on) and holds the
-//! answer against what the policy says. `explain` tells one packet's verdict and why; `verify`
-//! probes every listener from sample sources and reports any listener
-//! where program and policy disagree — a map written behind the guard's
-//! back, a program that is not the guard's on an interface. The guard
-//! verifies after every policy change and logs the result.
+//! answer against what the policy says. `explain` tells one packet's
+//! verdict and why; `verify` probes every listener from sample sources and
+//! reports any listener where program and policy disagree — a map written
+//! behind the guard's back, a program that is not the guard's on an
+//! interface. The guard
+//! verifies at start and after every policy change, and within a
+//! housekeeping tick (5 s) of an owned port opening or closing or an
+//! interface being re-attached; it logs the result.
 
 use std::{
     collections::BTreeSet,
@@ -683,8 +686,10 @@ impl Guard {
     }
 
     /// The automatic verify after a change or at start: bounded, logged,
-    /// kept for `status`, `top` and the metrics.
+    /// kept for `status`, `top` and the metrics. It covers whatever was
+    /// due.
     pub fn verify_after(&mut self, pipeline: &Pipeline, trigger: &str) {
+        self.verify_due = None;
         let report = self.verify(pipeline, trigger, Some(AUTO_VERIFY_LISTENERS));
         self.record_verify(&report);
     }

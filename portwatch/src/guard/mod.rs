@@ -548,6 +548,9 @@ impl Guard {
                 self.housekeeping();
                 self.follow_handed_over(pipeline);
                 self.regate(pipeline)?;
+                if let Some(trigger) = self.verify_due.take() {
+                    self.verify_after(pipeline, &trigger);
+                }
             }
             Input::Loaded(loaded) => self.reload_loaded(pipeline, *loaded)?,
             Input::ConfirmExpired => {
