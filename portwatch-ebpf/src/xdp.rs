@@ -518,8 +518,7 @@ fn within_limit(m: &Headers, slot: u32, cfg: &GuardConfig) -> Result<(), DropRea
     // other CPUs may update the same bucket at once, which can only let a
     // packet more or less through.
     let state = unsafe { &mut *state };
-    let elapsed = now.saturating_sub(state.last_ns);
-    let tokens = state.tokens_ns.saturating_add(elapsed).min(limit.cap_ns);
+    let tokens = refilled(state, &limit, now);
     state.last_ns = now;
     if tokens < limit.cost_ns {
         state.tokens_ns = tokens;
@@ -553,15 +552,21 @@ fn probe_limit(key: &RateKey, slot: u32, limit: &RateLimit, now: u64) -> Result<
             }
         }
     };
-    let tokens = state
-        .tokens_ns
-        .saturating_add(now.saturating_sub(state.last_ns))
-        .min(limit.cap_ns);
-    if tokens < limit.cost_ns {
+    if refilled(&state, limit, now) < limit.cost_ns {
         Err(DropReason::RateLimited)
     } else {
         Ok(())
     }
+}
+
+/// The tokens a bucket holds at `now`: what it had, plus the time since,
+/// up to the rule's burst.
+#[inline(always)]
+fn refilled(state: &RateState, limit: &RateLimit, now: u64) -> u64 {
+    state
+        .tokens_ns
+        .saturating_add(now.saturating_sub(state.last_ns))
+        .min(limit.cap_ns)
 }
 
 /// Clears the address bits past `prefix` (IPv6 sources share a bucket per

@@ -182,6 +182,34 @@ impl GuardPaths {
     pub fn new(tag: &str) -> Result<Self> {
         Ok(Self(portwatch_lab::GuardPaths::new(tag, &portwatch_bin())?))
     }
+
+    /// `portwatch ARGS --socket SOCKET`: a client command (`allow`,
+    /// `status`, `learn`, ...) against this guard.
+    pub fn client(&self, args: &[&str]) -> Result<std::process::Output> {
+        Ok(std::process::Command::new(portwatch_bin())
+            .args(args)
+            .args(["--socket", path_str(&self.socket())?])
+            .output()?)
+    }
+
+    /// The guard's `status --json`.
+    pub fn status_json(&self) -> Result<serde_json::Value> {
+        let out = succeeded(&self.client(&["status", "--json"])?)?;
+        Ok(serde_json::from_str(&out)?)
+    }
+}
+
+/// What a command printed, if it succeeded; else an error with its exit
+/// status and output.
+pub fn succeeded(out: &std::process::Output) -> Result<String> {
+    anyhow::ensure!(
+        out.status.success(),
+        "{}: {}{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
 impl Deref for GuardPaths {

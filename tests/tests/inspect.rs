@@ -11,7 +11,7 @@ use portwatch_tests::{
     Result,
     net::{
         Connect, GuardPaths, Lab, TempFile, path_str, pinned_guard, start_guard, status_json,
-        tcp_probe, tcp_reachable, tcp_server,
+        succeeded, tcp_probe, tcp_reachable, tcp_server,
     },
     portwatch_bin, run,
 };
@@ -241,16 +241,10 @@ fn explain_tells_what_the_traffic_experiences() -> Result {
 /// `portwatch verify --json` against `paths`' socket: the report and the
 /// exit status.
 fn verify(paths: &GuardPaths) -> Result<(Value, bool, String)> {
-    let socket = paths.socket();
-    let socket = path_str(&socket)?;
-    let json = Command::new(portwatch_bin())
-        .args(["verify", "--json", "--socket", socket])
-        .output()?;
+    let json = paths.client(&["verify", "--json"])?;
     let report: Value = serde_json::from_slice(&json.stdout)
         .with_context(|| format!("verify: {}", String::from_utf8_lossy(&json.stderr)))?;
-    let text = Command::new(portwatch_bin())
-        .args(["verify", "--socket", socket])
-        .output()?;
+    let text = paths.client(&["verify"])?;
     assert_eq!(
         json.status.success(),
         text.status.success(),
@@ -361,7 +355,7 @@ fn verify_names_the_listener_whose_policy_map_was_altered_behind_the_guards_back
     assert_eq!(bad.len(), 1, "only tcp/9000 disagrees: {report}");
     assert_eq!(bad[0]["port"], 9000, "{report}");
     assert!(text.contains(":9000") && text.contains("NO"), "{text}");
-    let status = status_json_at(&paths)?;
+    let status = paths.status_json()?;
     assert_eq!(status["verify"]["ok"], false, "{status}");
     assert!(
         status["verify"]["disagreements"]
@@ -373,22 +367,11 @@ fn verify_names_the_listener_whose_policy_map_was_altered_behind_the_guards_back
     // Put the policy back: after a failed verify a reload diffs against
     // what the maps hold, rewriting the altered entry, and the automatic
     // verify after it passes.
-    let reload = Command::new(portwatch_bin())
-        .args(["reload", "--socket", path_str(&paths.socket())?])
-        .output()?;
-    ensure!(reload.status.success(), "{reload:?}");
-    let status = status_json_at(&paths)?;
+    succeeded(&paths.client(&["reload"])?)?;
+    let status = paths.status_json()?;
     assert_eq!(status["verify"]["trigger"], "reload", "{status}");
     assert_eq!(status["verify"]["ok"], true, "{status}");
     assert!(!tcp_reachable(&lab.client, server, 9000)?, "closed again");
     pw.stop()?;
     Ok(())
-}
-
-fn status_json_at(paths: &GuardPaths) -> Result<Value> {
-    let out = Command::new(portwatch_bin())
-        .args(["status", "--json", "--socket", path_str(&paths.socket())?])
-        .output()?;
-    ensure!(out.status.success(), "status: {out:?}");
-    Ok(serde_json::from_slice(&out.stdout)?)
 }

@@ -12,36 +12,18 @@ use portwatch_lab::spawn_server;
 use portwatch_tests::{
     Result,
     net::{
-        GuardPaths, Lab, TempFile, path_str, pinned_guard, tcp_probe, tcp_reachable, tcp_server,
-        udp_echo, udp_server,
+        GuardPaths, Lab, TempFile, path_str, pinned_guard, succeeded, tcp_probe, tcp_reachable,
+        tcp_server, udp_echo, udp_server,
     },
     nmap::nmap,
     portwatch_bin,
 };
 use serde_json::Value;
 
-fn client(paths: &GuardPaths, args: &[&str]) -> Result<std::process::Output> {
-    Ok(Command::new(portwatch_bin())
-        .args(args)
-        .args(["--socket", path_str(&paths.socket())?])
-        .output()?)
-}
-
-fn ok(out: std::process::Output) -> Result<String> {
-    ensure!(
-        out.status.success(),
-        "{}: {}{}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-}
-
 fn proposal(paths: &GuardPaths, extra: &[&str]) -> Result<Value> {
     let mut args = vec!["learn", "--json"];
     args.extend_from_slice(extra);
-    let text = ok(client(paths, &args)?)?;
+    let text = succeeded(&paths.client(&args)?)?;
     let v: Value = serde_json::from_str(&text).context("learn --json")?;
     ensure!(v["ok"] == true, "{v}");
     Ok(v)
@@ -196,25 +178,24 @@ fn learn_proposes_the_listeners_that_got_traffic_and_the_proposal_keeps_it_worki
     );
 
     // --diff shows what it would change; --write, apply, confirm.
-    let diff = ok(client(&paths, &["learn", "--diff"])?)?;
+    let diff = succeeded(&paths.client(&["learn", "--diff"])?)?;
     assert!(diff.contains("~ mode audit -> enforce"), "{diff}");
     assert!(diff.contains("- tcp/22"), "{diff}");
     let dir = tempdir()?;
     let file = dir.join("proposed.toml");
-    ok(client(&paths, &["learn", "--write", path_str(&file)?])?)?;
+    succeeded(&paths.client(&["learn", "--write", path_str(&file)?])?)?;
     let text = std::fs::read_to_string(&file)?;
     assert!(
         text.starts_with("# proposed by `portwatch learn`"),
         "{text}"
     );
-    ok(Command::new(portwatch_bin())
-        .args(["check-policy", path_str(&file)?])
-        .output()?)?;
-    ok(client(
-        &paths,
-        &["apply", path_str(&file)?, "--confirm-within", "60"],
-    )?)?;
-    ok(client(&paths, &["confirm"])?)?;
+    succeeded(
+        &Command::new(portwatch_bin())
+            .args(["check-policy", path_str(&file)?])
+            .output()?,
+    )?;
+    succeeded(&paths.client(&["apply", path_str(&file)?, "--confirm-within", "60"])?)?;
+    succeeded(&paths.client(&["confirm"])?)?;
 
     // Enforced: the learned traffic still works...
     assert!(tcp_reachable(&lab.client, server4, 8080)?);
@@ -235,7 +216,7 @@ fn learn_proposes_the_listeners_that_got_traffic_and_the_proposal_keeps_it_worki
         assert_eq!(state(closed), "filtered", "tcp/{closed}: {scan:?}");
     }
     // ... and the kernel agrees with the policy for every listener.
-    let verify = ok(client(&paths, &["verify"])?)?;
+    let verify = succeeded(&paths.client(&["verify"])?)?;
     assert!(verify.contains("verified"), "{verify}");
     pw.stop()?;
     let _ = std::fs::remove_dir_all(&dir);

@@ -16,30 +16,12 @@ use anyhow::{Context as _, bail, ensure};
 use portwatch_tests::{
     ChildGuard, Result,
     net::{
-        GuardPaths, Lab, TempFile, path_str, pinned_guard, run_bounded, tcp_reachable, tcp_server,
+        GuardPaths, Lab, TempFile, path_str, pinned_guard, run_bounded, succeeded, tcp_reachable,
+        tcp_server,
     },
     portwatch_bin, run,
 };
 use serde_json::Value;
-
-/// A client command (`allow`, `deny`, `status`, ...) against the test's socket.
-fn client(paths: &GuardPaths, args: &[&str]) -> Result<std::process::Output> {
-    Ok(Command::new(portwatch_bin())
-        .args(args)
-        .args(["--socket", path_str(&paths.socket())?])
-        .output()?)
-}
-
-fn ok(out: &std::process::Output) -> Result {
-    ensure!(
-        out.status.success(),
-        "{}: {}{}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    Ok(())
-}
 
 /// Polls `probe` until it returns `want`, for at most `within`.
 fn eventually(
@@ -75,7 +57,7 @@ fn runtime_allow_and_deny_apply_at_once_persist_and_survive_a_restart() -> Resul
     assert!(tcp_reachable(&lab.client, server, 8080)?);
     assert!(!tcp_reachable(&lab.client, server, 9090)?);
 
-    ok(&client(&paths, &["allow", "tcp/9090"])?)?;
+    succeeded(&paths.client(&["allow", "tcp/9090"])?)?;
     let took = eventually(Duration::from_secs(1), true, || {
         tcp_reachable(&lab.client, server, 9090)
     })?;
@@ -94,7 +76,7 @@ fn runtime_allow_and_deny_apply_at_once_persist_and_survive_a_restart() -> Resul
         "{file}"
     );
 
-    ok(&client(&paths, &["deny", "tcp/8080"])?)?;
+    succeeded(&paths.client(&["deny", "tcp/8080"])?)?;
     eventually(Duration::from_secs(1), false, || {
         tcp_reachable(&lab.client, server, 8080)
     })?;
@@ -122,10 +104,7 @@ fn runtime_allow_and_deny_apply_at_once_persist_and_survive_a_restart() -> Resul
     pw.stop()?;
 
     // `down` removes everything.
-    ok(&client(
-        &paths,
-        &["down", "--pin-dir", path_str(&paths.pins)?],
-    )?)?;
+    succeeded(&paths.client(&["down", "--pin-dir", path_str(&paths.pins)?])?)?;
     assert!(!xdp_attached(&lab)?);
     assert!(!paths.pins.exists(), "{:?} still exists", paths.pins);
     assert!(tcp_reachable(&lab.client, server, 8080)?);
@@ -381,7 +360,7 @@ fn a_read_only_policy_file_makes_allow_fail_and_changes_nothing() -> Result {
     }
     let _unmount = Unmount(dir.clone());
     run("mount", &["-o", "remount,ro,bind", path_str(&dir)?])?;
-    let out = client(&paths, &["allow", "tcp/9090"])?;
+    let out = paths.client(&["allow", "tcp/9090"])?;
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
@@ -411,8 +390,8 @@ fn status_policy_reload_and_watch_talk_to_the_running_guard() -> Result {
         &["--mode", "audit"],
     )?;
 
-    let out = client(&paths, &["status", "--json"])?;
-    ok(&out)?;
+    let out = paths.client(&["status", "--json"])?;
+    succeeded(&out)?;
     let status: Value = serde_json::from_slice(&out.stdout)?;
     assert_eq!(status["mode"], "audit");
     assert_eq!(status["interfaces"][0]["iface"], lab.server_if.as_str());
@@ -422,15 +401,15 @@ fn status_policy_reload_and_watch_talk_to_the_running_guard() -> Result {
         .with_context(|| format!("no tcp/8080 listener in {status}"))?;
     assert_eq!(web["exposure"], "exposed");
     assert!(tcp_reachable(&lab.client, lab.server_v4(), 8080)?);
-    let out = client(&paths, &["status", "--json"])?;
+    let out = paths.client(&["status", "--json"])?;
     let status: Value = serde_json::from_slice(&out.stdout)?;
     let web = status["listeners"]
         .as_array()
         .and_then(|l| l.iter().find(|v| v["port"] == 8080))
         .context("tcp/8080")?;
     assert!(web["pass_packets"].as_u64().is_some_and(|n| n > 0), "{web}");
-    let human = client(&paths, &["status"])?;
-    ok(&human)?;
+    let human = paths.client(&["status"])?;
+    succeeded(&human)?;
     assert!(String::from_utf8_lossy(&human.stdout).contains("8080"));
 
     // `watch` follows the guard's stream instead of loading its own programs.
@@ -450,8 +429,8 @@ fn status_policy_reload_and_watch_talk_to_the_running_guard() -> Result {
         seen.contains("\"policy\""),
         "the follower did not see the change: {seen}"
     );
-    let out = client(&paths, &["policy"])?;
-    ok(&out)?;
+    let out = paths.client(&["policy"])?;
+    succeeded(&out)?;
     assert!(String::from_utf8_lossy(&out.stdout).contains("udp/53"));
     pw.stop()?;
     Ok(())
@@ -580,7 +559,7 @@ fn a_broken_policy_file_on_reload_is_refused_and_the_policy_in_force_stays() -> 
         policy.as_str()?,
         "allow = [\n  \"tcp/8080\",\n  \"tcp/99999\",\n]\n",
     )?;
-    let out = client(&paths, &["reload"])?;
+    let out = paths.client(&["reload"])?;
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
@@ -591,7 +570,7 @@ fn a_broken_policy_file_on_reload_is_refused_and_the_policy_in_force_stays() -> 
     // Unreadable: a directory where the file was.
     std::fs::remove_file(policy.as_str()?)?;
     std::fs::create_dir(policy.as_str()?)?;
-    let out = client(&paths, &["reload"])?;
+    let out = paths.client(&["reload"])?;
     assert!(!out.status.success());
     std::fs::remove_dir(policy.as_str()?)?;
     assert!(
@@ -757,8 +736,8 @@ fn diff_shows_a_change_and_apply_reverts_it_unless_confirmed() -> Result {
     })?;
 
     // diff: rules, and the listeners whose exposure the file changes.
-    let out = client(&paths, &["diff", next.as_str()?])?;
-    ok(&out)?;
+    let out = paths.client(&["diff", next.as_str()?])?;
+    succeeded(&out)?;
     let shown = String::from_utf8_lossy(&out.stdout);
     assert!(
         shown.contains("+ tcp/9090") && shown.contains("- tcp/8080"),
@@ -769,22 +748,19 @@ fn diff_shows_a_change_and_apply_reverts_it_unless_confirmed() -> Result {
         "{shown}"
     );
     assert!(shown.contains("exposed -> blocked"), "{shown}");
-    let out = client(&paths, &["diff", next.as_str()?, "--json", "--exit-code"])?;
+    let out = paths.client(&["diff", next.as_str()?, "--json", "--exit-code"])?;
     assert_eq!(out.status.code(), Some(1), "a diff with changes exits 1");
     let json: Value = serde_json::from_slice(&out.stdout)?;
     assert_eq!(json["added"], serde_json::json!(["tcp/9090"]), "{json}");
-    let out = client(&paths, &["diff", policy.as_str()?, "--exit-code"])?;
-    ok(&out)?;
+    let out = paths.client(&["diff", policy.as_str()?, "--exit-code"])?;
+    succeeded(&out)?;
     assert!(String::from_utf8_lossy(&out.stdout).starts_with("no change"));
     // Nothing was applied.
     assert!(tcp_reachable(&lab.client, server, 8080)?);
     assert!(!tcp_reachable(&lab.client, server, 9090)?);
 
     // apply, unconfirmed: in force at once, back as it was when time is up.
-    ok(&client(
-        &paths,
-        &["apply", next.as_str()?, "--confirm-within", "3"],
-    )?)?;
+    succeeded(&paths.client(&["apply", next.as_str()?, "--confirm-within", "3"])?)?;
     assert!(tcp_reachable(&lab.client, server, 9090)?);
     assert!(!tcp_reachable(&lab.client, server, 8080)?);
     assert_eq!(text_of(policy.as_str()?)?, text_of(next.as_str()?)?);
@@ -792,7 +768,7 @@ fn diff_shows_a_change_and_apply_reverts_it_unless_confirmed() -> Result {
         Path::new(&pending).exists(),
         "no record of the pending change"
     );
-    let out = client(&paths, &["allow", "tcp/7070"])?;
+    let out = paths.client(&["allow", "tcp/7070"])?;
     assert!(
         !out.status.success(),
         "a change went through while one awaited confirmation"
@@ -824,12 +800,9 @@ fn diff_shows_a_change_and_apply_reverts_it_unless_confirmed() -> Result {
     assert!(!Path::new(&pending).exists());
 
     // Confirmed in time: it stays.
-    ok(&client(
-        &paths,
-        &["allow", "tcp/9090", "--confirm-within", "2"],
-    )?)?;
-    let out = client(&paths, &["confirm"])?;
-    ok(&out)?;
+    succeeded(&paths.client(&["allow", "tcp/9090", "--confirm-within", "2"])?)?;
+    let out = paths.client(&["confirm"])?;
+    succeeded(&out)?;
     assert!(String::from_utf8_lossy(&out.stdout).contains("confirm allow tcp/9090"));
     std::thread::sleep(Duration::from_secs(3));
     assert!(
@@ -839,14 +812,11 @@ fn diff_shows_a_change_and_apply_reverts_it_unless_confirmed() -> Result {
     assert!(tcp_reachable(&lab.client, server, 8080)?);
     assert!(text_of(policy.as_str()?)?.is_some_and(|t| t.contains("tcp/9090")));
     assert!(!Path::new(&pending).exists());
-    let out = client(&paths, &["confirm"])?;
+    let out = paths.client(&["confirm"])?;
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("nothing awaits confirmation"));
     pw.stop()?;
-    ok(&client(
-        &paths,
-        &["down", "--pin-dir", path_str(&paths.pins)?],
-    )?)?;
+    succeeded(&paths.client(&["down", "--pin-dir", path_str(&paths.pins)?])?)?;
     Ok(())
 }
 
@@ -864,10 +834,7 @@ fn an_unconfirmed_change_does_not_outlive_the_guard() -> Result {
     // The guard stops while the change waits: the pinned maps keep
     // enforcing the policy before it, not the unconfirmed one.
     let mut pw = pinned_guard(&lab, &paths, Path::new(policy.as_str()?), &[])?;
-    ok(&client(
-        &paths,
-        &["apply", next.as_str()?, "--confirm-within", "300"],
-    )?)?;
+    succeeded(&paths.client(&["apply", next.as_str()?, "--confirm-within", "300"])?)?;
     assert!(tcp_reachable(&lab.client, server, 9090)?);
     pw.stop()?;
     assert!(pw.stderr().contains("was not confirmed"), "{}", pw.stderr());
@@ -878,10 +845,7 @@ fn an_unconfirmed_change_does_not_outlive_the_guard() -> Result {
 
     // Killed while it waits: the next guard finds the record and reverts.
     let mut pw = pinned_guard(&lab, &paths, Path::new(policy.as_str()?), &[])?;
-    ok(&client(
-        &paths,
-        &["apply", next.as_str()?, "--confirm-within", "300"],
-    )?)?;
+    succeeded(&paths.client(&["apply", next.as_str()?, "--confirm-within", "300"])?)?;
     portwatch_tests::signal(pw.pid(), libc::SIGKILL)?;
     let _ = pw.stop();
     assert!(
@@ -900,10 +864,7 @@ fn an_unconfirmed_change_does_not_outlive_the_guard() -> Result {
     assert_eq!(text_of(policy.as_str()?)?.as_deref(), Some(before));
     assert!(!Path::new(&format!("{}.pending", policy.as_str()?)).exists());
     pw.stop()?;
-    ok(&client(
-        &paths,
-        &["down", "--pin-dir", path_str(&paths.pins)?],
-    )?)?;
+    succeeded(&paths.client(&["down", "--pin-dir", path_str(&paths.pins)?])?)?;
     Ok(())
 }
 
@@ -1044,7 +1005,7 @@ fn a_follower_that_cannot_keep_up_is_told_what_it_missed_and_starts_over() -> Re
         "a fresh start holds live events: {fresh:?}"
     );
     // The guard counts it.
-    let status: Value = serde_json::from_slice(&client(&paths, &["status", "--json"])?.stdout)?;
+    let status: Value = serde_json::from_slice(&paths.client(&["status", "--json"])?.stdout)?;
     assert_eq!(
         status["totals"]["follower_events_missed"].as_u64(),
         Some(missed_sum),
@@ -1064,9 +1025,6 @@ fn a_follower_that_cannot_keep_up_is_told_what_it_missed_and_starts_over() -> Re
         "a follower whose guard went away exited 0"
     );
     assert!(stderr.contains("ended its stream"), "{stderr}");
-    ok(&client(
-        &paths,
-        &["down", "--pin-dir", path_str(&paths.pins)?],
-    )?)?;
+    succeeded(&paths.client(&["down", "--pin-dir", path_str(&paths.pins)?])?)?;
     Ok(())
 }

@@ -14,8 +14,8 @@ use anyhow::{Context as _, bail, ensure};
 use portwatch_tests::{
     Result,
     net::{
-        GuardPaths, Lab, TempFile, path_str, pinned_guard, tcp_reachable, tcp_server, udp_echo,
-        udp_server,
+        GuardPaths, Lab, TempFile, path_str, pinned_guard, succeeded, tcp_reachable, tcp_server,
+        udp_echo, udp_server,
     },
     portwatch_bin, run, unique_name,
 };
@@ -439,10 +439,7 @@ fn top_shows_the_learned_policy_and_applies_the_accepted_rules() -> Result {
     tmux.wait_for(Duration::from_secs(10), "the confirmation", |s| {
         s.contains("confirm apply")
     })?;
-    let status = Command::new(portwatch_bin())
-        .args(["policy", "--socket", path_str(&paths.socket())?])
-        .output()?;
-    let text = String::from_utf8_lossy(&status.stdout);
+    let text = succeeded(&paths.client(&["policy"])?)?;
     ensure!(text.contains("mode = \"enforce\""), "{text}");
     ensure!(
         text.contains("tcp/8080") && !text.contains("tcp/5432"),

@@ -65,21 +65,9 @@ pub fn decode_listen(record: &[u8]) -> Result<RawListen, DecodeError> {
         IPPROTO_UDP => Proto::Udp,
         other => return Err(DecodeError::Proto(other)),
     };
-    let raw_addr = &record[off::ADDR..off::ADDR + 16];
-    let addr = match u16_at(off::FAMILY) {
-        AF_INET => IpAddr::V4(Ipv4Addr::new(
-            raw_addr[0],
-            raw_addr[1],
-            raw_addr[2],
-            raw_addr[3],
-        )),
-        AF_INET6 => {
-            let mut octets = [0u8; 16];
-            octets.copy_from_slice(raw_addr);
-            IpAddr::V6(Ipv6Addr::from(octets))
-        }
-        other => return Err(DecodeError::Family(other)),
-    };
+    let family = u16_at(off::FAMILY);
+    let addr =
+        ip_of(family, &record[off::ADDR..off::ADDR + 16]).ok_or(DecodeError::Family(family))?;
     let raw_id = u64_at(off::SOCK_ID);
     let sock_id = match proto {
         Proto::Tcp => SockId::KernelAddr(raw_id),
@@ -115,6 +103,37 @@ pub struct RawDrop {
 }
 
 /// Decodes one `DropReport` record.
+/// An address as the kernel records it (family, then 16 bytes with an
+/// IPv4 address in the first 4); None for another family.
+pub fn ip_of(family: u16, raw: &[u8]) -> Option<IpAddr> {
+    match family {
+        AF_INET => Some(IpAddr::V4(Ipv4Addr::new(
+            *raw.first()?,
+            *raw.get(1)?,
+            *raw.get(2)?,
+            *raw.get(3)?,
+        ))),
+        AF_INET6 => {
+            let octets: [u8; 16] = raw.get(..16)?.try_into().ok()?;
+            Some(IpAddr::V6(Ipv6Addr::from(octets)))
+        }
+        _ => None,
+    }
+}
+
+/// An address as the kernel's keys hold it: the family, and 16 bytes with
+/// IPv4 in the first 4.
+pub fn kernel_addr(addr: &IpAddr) -> (u8, [u8; 16]) {
+    match addr {
+        IpAddr::V4(a) => {
+            let mut out = [0u8; 16];
+            out[..4].copy_from_slice(&a.octets());
+            (AF_INET as u8, out)
+        }
+        IpAddr::V6(a) => (AF_INET6 as u8, a.octets()),
+    }
+}
+
 /// The kernel's drop reason code.
 pub fn drop_reason(code: u8) -> Option<DropReason> {
     use portwatch_common::DropReason as K;
@@ -151,18 +170,7 @@ pub fn decode_drop(record: &[u8]) -> Result<RawDrop, DecodeError> {
     }
     let reason =
         drop_reason(record[doff::REASON]).ok_or(DecodeError::Reason(record[doff::REASON]))?;
-    let addr = |at: usize| -> Option<IpAddr> {
-        let raw = &record[at..at + 16];
-        match u16::from(record[doff::FAMILY]) {
-            AF_INET => Some(IpAddr::V4(Ipv4Addr::new(raw[0], raw[1], raw[2], raw[3]))),
-            AF_INET6 => {
-                let mut octets = [0u8; 16];
-                octets.copy_from_slice(raw);
-                Some(IpAddr::V6(Ipv6Addr::from(octets)))
-            }
-            _ => None,
-        }
-    };
+    let addr = |at: usize| ip_of(u16::from(record[doff::FAMILY]), &record[at..at + 16]);
     Ok(RawDrop {
         ts_ns: (&record[doff::TS_NS..doff::TS_NS + 8]).get_u64_ne(),
         ifindex: (&record[doff::IFINDEX..doff::IFINDEX + 4]).get_u32_ne(),
@@ -212,16 +220,9 @@ pub fn decode_bind(record: &[u8]) -> Result<RawBind, DecodeError> {
         IPPROTO_UDP => Proto::Udp,
         other => return Err(DecodeError::Proto(other)),
     };
-    let raw = &record[boff::ADDR..boff::ADDR + 16];
-    let addr = match u16_at(boff::FAMILY) {
-        AF_INET => IpAddr::V4(Ipv4Addr::new(raw[0], raw[1], raw[2], raw[3])),
-        AF_INET6 => {
-            let mut octets = [0u8; 16];
-            octets.copy_from_slice(raw);
-            IpAddr::V6(Ipv6Addr::from(octets))
-        }
-        other => return Err(DecodeError::Family(other)),
-    };
+    let family = u16_at(boff::FAMILY);
+    let addr =
+        ip_of(family, &record[boff::ADDR..boff::ADDR + 16]).ok_or(DecodeError::Family(family))?;
     Ok(RawBind {
         ts_ns: u64_at(boff::TS_NS),
         cgroup_id: u64_at(boff::CGROUP_ID),

@@ -50,6 +50,7 @@ impl MonitorStats {
 
 use std::{
     collections::{BTreeMap, BTreeSet},
+    net::SocketAddr,
     time::Duration,
 };
 
@@ -58,14 +59,14 @@ use aya::maps::{
     Array, PerCpuValues,
     lpm_trie::{Key, LpmTrie},
 };
-use portwatch_common::{
-    AF_INET, AF_INET6, FLOW_PORTS_PER_ENTRY, FlowKey, GUARD_AUDIT, GUARD_FORWARD_JUDGE,
-    GUARD_LEARN, GUARD_STATS_LEN, GuardConfig, GuardStat, IPPROTO_UDP, LOCAL_INLINE_V4,
-    LOCAL_INLINE_V6, LearnKey, LearnStats, LocalKey, LocalList, MAX_COUNTER_SLOTS, PortCounters,
-    RateKey, RateLimit, RateState, SRC4_KEY_LEN, SRC6_KEY_LEN, flow_port_byte, port_slot,
-};
 #[cfg(feature = "test-helpers")]
 use portwatch_common::{FLOW_PORT_ENTRIES, FragKey, FragVerdict};
+use portwatch_common::{
+    FLOW_PORTS_PER_ENTRY, FlowKey, GUARD_AUDIT, GUARD_FORWARD_JUDGE, GUARD_LEARN, GUARD_STATS_LEN,
+    GuardConfig, GuardStat, IPPROTO_UDP, LOCAL_INLINE_V4, LOCAL_INLINE_V6, LearnKey, LearnStats,
+    LocalKey, LocalList, MAX_COUNTER_SLOTS, PortCounters, RateKey, RateLimit, RateState,
+    SRC4_KEY_LEN, SRC6_KEY_LEN, flow_port_byte, port_slot,
+};
 
 use crate::model::{Forwarded, Mode};
 
@@ -102,18 +103,28 @@ fn local_list(addrs: &BTreeSet<std::net::IpAddr>) -> LocalList {
 
 /// The `LOCAL_ADDRS` key of an address.
 fn local_key(addr: &std::net::IpAddr) -> LocalKey {
-    let mut key = LocalKey::default();
-    match addr {
-        std::net::IpAddr::V4(a) => {
-            key.family = AF_INET as u8;
-            key.addr[..4].copy_from_slice(&a.octets());
-        }
-        std::net::IpAddr::V6(a) => {
-            key.family = AF_INET6 as u8;
-            key.addr = a.octets();
-        }
+    let (family, addr) = super::decode::kernel_addr(addr);
+    LocalKey {
+        family,
+        _pad: [0; 3],
+        addr,
     }
-    key
+}
+
+/// The `FLOWS` key of the host's flow from `local` to `remote` (ports 0
+/// for a protocol without ports).
+fn flow_key(proto: u8, local: SocketAddr, remote: SocketAddr) -> FlowKey {
+    let (family, local_addr) = super::decode::kernel_addr(&local.ip());
+    let (_, remote_addr) = super::decode::kernel_addr(&remote.ip());
+    FlowKey {
+        family,
+        proto,
+        _pad: 0,
+        local_port: local.port(),
+        remote_port: remote.port(),
+        local: local_addr,
+        remote: remote_addr,
+    }
 }
 
 /// Everything the policy puts into the kernel, as plain values: what
@@ -439,28 +450,8 @@ impl GuardMaps {
         flows: &[crate::snapshot::ConnectedUdp],
         monotonic_ns: u64,
     ) -> Result<usize> {
-        let bytes = |ip: std::net::IpAddr| match ip {
-            std::net::IpAddr::V4(a) => {
-                let mut out = [0u8; 16];
-                out[..4].copy_from_slice(&a.octets());
-                out
-            }
-            std::net::IpAddr::V6(a) => a.octets(),
-        };
         for flow in flows {
-            let key = FlowKey {
-                family: if flow.local.is_ipv4() {
-                    AF_INET as u8
-                } else {
-                    AF_INET6 as u8
-                },
-                proto: IPPROTO_UDP,
-                _pad: 0,
-                local_port: flow.local.port(),
-                remote_port: flow.remote.port(),
-                local: bytes(flow.local.ip()),
-                remote: bytes(flow.remote.ip()),
-            };
+            let key = flow_key(IPPROTO_UDP, flow.local, flow.remote);
             self.flows
                 .insert(key, monotonic_ns, 0)
                 .map_err(map_err(map::FLOWS))?;
@@ -512,10 +503,10 @@ impl GuardMaps {
         Ok(())
     }
 
-    /// When the host last sent on this flow (CLOCK_MONOTONIC ns), if the
-    /// tc program recorded it.
-    pub fn flow_last_sent(&self, key: &FlowKey) -> Option<u64> {
-        self.flows.get(key, 0).ok()
+    /// When the host last sent from `local` to `remote` (CLOCK_MONOTONIC
+    /// ns), if the tc program recorded the flow.
+    pub fn flow_last_sent(&self, proto: u8, local: SocketAddr, remote: SocketAddr) -> Option<u64> {
+        self.flows.get(&flow_key(proto, local, remote), 0).ok()
     }
 
     /// Records an outbound flow as the tc program would (tests, benches).

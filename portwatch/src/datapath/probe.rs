@@ -23,8 +23,8 @@ use crate::{
 };
 
 /// XDP return codes.
-const XDP_DROP: u32 = 1;
-const XDP_PASS: u32 = 2;
+pub const XDP_DROP: u32 = 1;
+pub const XDP_PASS: u32 = 2;
 
 /// TCP flags of a probe, as `explain --flags syn,ack` names them.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]

@@ -24,9 +24,7 @@ use crate::{
     sys,
 };
 
-/// XDP return codes.
-pub const XDP_DROP: u32 = 1;
-pub const XDP_PASS: u32 = 2;
+pub use super::probe::{XDP_DROP, XDP_PASS};
 
 pub struct XdpTester {
     ebpf: Ebpf,

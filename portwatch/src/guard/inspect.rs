@@ -11,12 +11,11 @@
 
 use std::{
     collections::BTreeSet,
-    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     time::{SystemTime, UNIX_EPOCH},
 };
 
 use ipnet::IpNet;
-use portwatch_common::FlowKey;
 
 use super::actor::Guard;
 use crate::{
@@ -26,7 +25,7 @@ use crate::{
     datapath::probe::{Answer, Probe, TcpFlags},
     format::endpoint,
     model::{DropEvent, DropReason, IpProto, Listener, Mode, PassReason},
-    pipeline::Pipeline,
+    pipeline::{Pipeline, exposure::is_link_local},
     policy::{Policy, Rule},
     sys,
 };
@@ -147,11 +146,9 @@ impl Guard {
             .flat_map(|i| i.addrs.iter().copied())
             .filter(|a| same_family(a, like))
             .collect();
-        let link_local =
-            |a: &IpAddr| matches!(a, IpAddr::V6(v6) if v6.segments()[0] & 0xffc0 == 0xfe80);
         addrs
             .iter()
-            .find(|a| !link_local(a))
+            .find(|a| !is_link_local(a))
             .or(addrs.first())
             .copied()
     }
@@ -367,28 +364,11 @@ impl Guard {
     /// Whether the packet answers a flow the host opened (UDP, SCTP and
     /// port-less protocols pass as replies to those).
     fn flow_reason(&self, probe: &Probe) -> String {
-        let octets = |a: IpAddr| match a {
-            IpAddr::V4(v4) => {
-                let mut o = [0u8; 16];
-                o[..4].copy_from_slice(&v4.octets());
-                o
-            }
-            IpAddr::V6(v6) => v6.octets(),
-        };
+        // Port-less protocols' flows are recorded with ports 0.
         let ports = probe.proto.has_ports();
-        let key = FlowKey {
-            family: if probe.src.is_ipv4() {
-                portwatch_common::AF_INET as u8
-            } else {
-                portwatch_common::AF_INET6 as u8
-            },
-            proto: probe.proto.0,
-            _pad: 0,
-            local_port: if ports { probe.dst_port } else { 0 },
-            remote_port: if ports { probe.src_port } else { 0 },
-            local: octets(probe.dst),
-            remote: octets(probe.src),
-        };
+        let port = |p: u16| if ports { p } else { 0 };
+        let local = SocketAddr::new(probe.dst, port(probe.dst_port));
+        let remote = SocketAddr::new(probe.src, port(probe.src_port));
         let flow = if ports {
             format!(
                 "{} -> {}",
@@ -398,7 +378,7 @@ impl Guard {
         } else {
             format!("{} -> {}", probe.dst, probe.src)
         };
-        match self.maps.flow_last_sent(&key) {
+        match self.maps.flow_last_sent(probe.proto.0, local, remote) {
             Some(last) => {
                 let age = sys::monotonic_ns().saturating_sub(last);
                 let live = age <= self.flow_timeout.as_nanos() as u64;
@@ -490,13 +470,20 @@ impl Guard {
                 return;
             }
         };
-        // The kernel's view now, not the last link event's.
-        if let Ok(ifaces) = crate::iface::table::dump() {
-            self.ifaces_now = std::sync::Arc::new(ifaces);
-        }
+        // What each interface runs now, not at the last link event:
+        // replacing a program raises no event.
+        let ifaces = match crate::iface::table::dump() {
+            Ok(ifaces) => ifaces,
+            Err(e) => {
+                report
+                    .interfaces
+                    .push(format!("reading the interfaces' XDP programs: {e}"));
+                report.disagreements += 1;
+                return;
+            }
+        };
         for a in &self.attached {
-            let runs = self
-                .ifaces_now
+            let runs = ifaces
                 .iter()
                 .find(|i| i.index == a.ifindex)
                 .map(|i| i.xdp_programs.clone());

@@ -9,16 +9,17 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet},
-    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    net::IpAddr,
     time::{Duration, SystemTime},
 };
 
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
-use portwatch_common::{AF_INET, LearnKey, LearnStats, MAX_LEARNED};
+use portwatch_common::{LearnStats, MAX_LEARNED};
 
 use super::{actor::Guard, lockout};
 use crate::{
     control::protocol::{ChangeResponse, LearnQuery, Proposal, ProposedRule},
+    datapath::decode::ip_of,
     format::{self, UserNames, endpoint},
     model::{IpProto, Listener, Mode, ProcessInfo, Proto, Requester},
     pipeline::Pipeline,
@@ -43,16 +44,6 @@ fn ephemeral_range() -> (u16, u16) {
             }
         })
         .unwrap_or(EPHEMERAL_DEFAULT)
-}
-
-fn source_of(key: &LearnKey) -> IpAddr {
-    if u16::from(key.family) == AF_INET {
-        IpAddr::V4(Ipv4Addr::new(
-            key.src[0], key.src[1], key.src[2], key.src[3],
-        ))
-    } else {
-        IpAddr::V6(Ipv6Addr::from(key.src))
-    }
 }
 
 /// The network of `addr` at the proposal's prefix lengths.
@@ -199,10 +190,13 @@ impl Guard {
             if start.is_some_and(|start| stats.last_ns < start) {
                 continue;
             }
+            let Some(src) = ip_of(u16::from(key.family), &key.src) else {
+                continue;
+            };
             seen.entry((key.proto, key.port))
                 .or_default()
                 .sources
-                .insert(source_of(&key), stats);
+                .insert(src, stats);
         }
         let attempts: u64 = seen.values().map(Seen::attempts).sum();
         let mut by_port: BTreeMap<(Proto, u16), Vec<&Listener>> = BTreeMap::new();
@@ -455,18 +449,12 @@ impl Guard {
     /// asker's own session, and every established one to an SSH daemon.
     fn ssh_sessions(&self, by: Requester, pipeline: &Pipeline) -> BTreeMap<u16, Vec<IpAddr>> {
         let mut out: BTreeMap<u16, BTreeSet<IpAddr>> = BTreeMap::new();
-        let established = lockout::established_tcp();
-        let everything_closed = crate::policy::Policy::default();
         let ssh = by.pid.and_then(procinfo::ssh_connection_of);
         let listeners = pipeline.listeners().filter(|l| l.netns == self.netns);
-        for problem in
-            lockout::problems(&everything_closed, listeners, ssh.as_deref(), &established)
-        {
-            let (client, port) = match problem {
-                lockout::Lockout::Own { client, port, .. } => (client, port),
-                lockout::Lockout::Established { remote, port, .. } => (remote, port),
-            };
-            out.entry(port).or_default().insert(client);
+        for session in lockout::sessions(listeners, ssh.as_deref(), &lockout::established_tcp()) {
+            out.entry(session.port())
+                .or_default()
+                .insert(session.client());
         }
         out.into_iter()
             .map(|(port, clients)| (port, clients.into_iter().collect()))
@@ -476,6 +464,8 @@ impl Guard {
 
 #[cfg(test)]
 mod tests {
+    use std::net::{Ipv4Addr, Ipv6Addr};
+
     use super::*;
 
     #[test]

@@ -66,6 +66,21 @@ pub fn problems<'a>(
     ssh_connection: Option<&str>,
     established: &[(IpAddr, u16, IpAddr)],
 ) -> Vec<Lockout> {
+    sessions(listeners, ssh_connection, established)
+        .into_iter()
+        .filter(|s| !policy.permits(Proto::Tcp, s.port(), s.client()))
+        .collect()
+}
+
+/// Every SSH session into this namespace, whatever the policy: the one
+/// `ssh_connection` names (if it ends here, as `established` says) and
+/// every established connection to an SSH daemon's port among `listeners`
+/// (from elsewhere than loopback).
+pub fn sessions<'a>(
+    listeners: impl Iterator<Item = &'a Listener>,
+    ssh_connection: Option<&str>,
+    established: &[(IpAddr, u16, IpAddr)],
+) -> Vec<Lockout> {
     let mut out = Vec::new();
     // The session counts only if it ends in this network namespace: a guard
     // started with `ip netns exec` does not stand between the operator and sshd.
@@ -73,7 +88,6 @@ pub fn problems<'a>(
         && established
             .iter()
             .any(|(local, lport, remote)| *local == server && *lport == port && *remote == client)
-        && !policy.permits(Proto::Tcp, port, client)
     {
         out.push(Lockout::Own {
             client,
@@ -92,10 +106,7 @@ pub fn problems<'a>(
         .map(|l| l.port)
         .collect();
     for (local, port, remote) in established {
-        if sshd_ports.contains(port)
-            && !remote.is_loopback()
-            && !policy.permits(Proto::Tcp, *port, *remote)
-        {
+        if sshd_ports.contains(port) && !remote.is_loopback() {
             out.push(Lockout::Established {
                 remote: *remote,
                 local: *local,
@@ -104,6 +115,23 @@ pub fn problems<'a>(
         }
     }
     out
+}
+
+impl Lockout {
+    /// Where the session comes from.
+    pub fn client(&self) -> IpAddr {
+        match self {
+            Lockout::Own { client, .. } => *client,
+            Lockout::Established { remote, .. } => *remote,
+        }
+    }
+
+    /// The SSH port it comes in through.
+    pub fn port(&self) -> u16 {
+        match self {
+            Lockout::Own { port, .. } | Lockout::Established { port, .. } => *port,
+        }
+    }
 }
 
 /// What a change from `current` to `next` would cut off that `current` did

@@ -74,7 +74,8 @@ impl ExposureView {
     }
 }
 
-fn is_link_local(addr: &IpAddr) -> bool {
+/// An IPv6 link-local address (fe80::/10): it belongs to one interface.
+pub(crate) fn is_link_local(addr: &IpAddr) -> bool {
     matches!(addr, IpAddr::V6(v6) if v6.segments()[0] & 0xffc0 == 0xfe80)
 }
 

@@ -3,7 +3,6 @@
 //! against the policy in force, or written to a file for `apply`.
 
 use std::{
-    io::Write as _,
     path::PathBuf,
     process::ExitCode,
     time::{Duration, Instant},
@@ -18,7 +17,7 @@ use portwatch::{
             ChangeResponse, DiffResponse, LearnQuery, MAX_RECORD_SECS, Proposal, Request, Response,
         },
     },
-    policy::{Policy, PortRange},
+    policy::{Policy, PortRange, store::write_atomically},
 };
 
 use super::{apply, client_error, parse_duration, print, socket_path};
@@ -119,7 +118,9 @@ pub fn learn(args: LearnArgs) -> anyhow::Result<ExitCode> {
         .map_err(|e| client_error(e, ""))?;
         print(&apply::render(&diff))?;
     } else if let Some(file) = &args.write {
-        write_file(file, &text)?;
+        // Through a temporary file and a rename: a reader never sees half
+        // a policy.
+        write_atomically(file, &text).with_context(|| format!("writing {}", file.display()))?;
         let rules = proposal.rules.len();
         let file = file.display();
         eprintln!(
@@ -131,17 +132,4 @@ pub fn learn(args: LearnArgs) -> anyhow::Result<ExitCode> {
         print(&text)?;
     }
     Ok(ExitCode::SUCCESS)
-}
-
-/// Writes `text` to `file` through a temporary file and a rename: a reader
-/// never sees half a policy.
-fn write_file(file: &std::path::Path, text: &str) -> anyhow::Result<()> {
-    let tmp = file.with_extension("learn.tmp");
-    let mut out =
-        std::fs::File::create(&tmp).with_context(|| format!("cannot create {}", tmp.display()))?;
-    out.write_all(text.as_bytes())
-        .and_then(|()| out.sync_all())
-        .with_context(|| format!("writing {}", tmp.display()))?;
-    std::fs::rename(&tmp, file)
-        .with_context(|| format!("renaming {} to {}", tmp.display(), file.display()))
 }
