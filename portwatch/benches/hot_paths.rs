@@ -20,7 +20,11 @@ use portwatch::{
         Proto, SockId,
     },
     policy::{Policy, compile::compile},
-    sinks::{Sink as _, human::HumanSink, json::to_json},
+    sinks::{
+        Sink as _,
+        human::HumanSink,
+        json::{JsonSink, to_json},
+    },
 };
 use portwatch_common::{
     AF_INET, DropReport, IPPROTO_TCP, ListenEvent, drop_report_offsets as doff,
@@ -116,6 +120,12 @@ fn formatting(c: &mut Criterion) {
     });
     c.bench_function("format/json_drop", |b| {
         b.iter(|| to_json(black_box(&dropped)))
+    });
+    // A line from a fresh sink (above) renders the process's part anew;
+    // in a stream (`watch --json`) it is rendered once per process.
+    let mut json = JsonSink::new(io::sink());
+    c.bench_function("format/json_listener_stream", |b| {
+        b.iter(|| json.event(black_box(&listener)))
     });
     // One sink for every iteration, as in `watch`: the header and the user
     // name lookup happen once.

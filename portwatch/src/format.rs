@@ -154,6 +154,44 @@ pub fn rfc3339_micros(ts: SystemTime) -> String {
     )
 }
 
+/// [`rfc3339_micros`] for a stream of times: the calendar part, to the
+/// second, is rendered once per second and the microseconds appended, so a
+/// burst of lines does not pay for a calendar conversion and a `format!`
+/// each.
+#[derive(Debug, Default)]
+pub struct Rfc3339Micros {
+    /// Seconds since the epoch, and `YYYY-MM-DDTHH:MM:SS` of them.
+    second: Option<(u64, String)>,
+}
+
+impl Rfc3339Micros {
+    pub fn write(&mut self, ts: SystemTime, out: &mut impl std::io::Write) -> std::io::Result<()> {
+        // Times before the epoch (a clock set back far) take the long way.
+        let Ok(since) = ts.duration_since(std::time::UNIX_EPOCH) else {
+            return out.write_all(rfc3339_micros(ts).as_bytes());
+        };
+        let secs = since.as_secs();
+        let prefix = match &self.second {
+            Some((s, prefix)) if *s == secs => prefix,
+            _ => {
+                let whole = std::time::UNIX_EPOCH + std::time::Duration::from_secs(secs);
+                let mut text = rfc3339_micros(whole);
+                text.truncate(text.rfind('.').unwrap_or(text.len()));
+                &self.second.insert((secs, text)).1
+            }
+        };
+        let mut tail = *b".000000Z";
+        let mut micros = since.subsec_micros();
+        for digit in tail[1..7].iter_mut().rev() {
+            // micros % 10 < 10: the cast cannot truncate.
+            *digit = b'0' + (micros % 10) as u8;
+            micros /= 10;
+        }
+        out.write_all(prefix.as_bytes())?;
+        out.write_all(&tail)
+    }
+}
+
 /// Parses what [`rfc3339_micros`] writes (any RFC 3339 time, in fact).
 pub fn parse_rfc3339(text: &str) -> Option<SystemTime> {
     time::OffsetDateTime::parse(text, &time::format_description::well_known::Rfc3339)

@@ -158,7 +158,7 @@ impl Drop for Enricher {
 /// event would make user space the bottleneck (about 50 us an event).
 #[derive(Default)]
 struct ProcCache {
-    entries: HashMap<u32, CachedProc>,
+    entries: HashMap<u32, CachedProc, foldhash::fast::RandomState>,
     /// Our own network namespace; others get their interfaces read.
     own_netns: Option<u64>,
     /// When each other namespace's interfaces were last read.

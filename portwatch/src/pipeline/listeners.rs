@@ -8,6 +8,10 @@ use std::{collections::HashMap, time::SystemTime};
 use super::enrich::Enriched;
 use crate::model::{EventKind, Listener, ListenerEvent, Origin, Proto, SockId};
 
+/// The tables' hasher: their keys are the kernel's socket ids and ports,
+/// not something a peer picks, and SipHash was a tenth of a burst's cost.
+type Fast = foldhash::fast::RandomState;
+
 /// A port in a network namespace.
 pub type PortKey = (Proto, u16, Option<u64>);
 
@@ -15,9 +19,9 @@ pub type PortKey = (Proto, u16, Option<u64>);
 pub struct Listeners {
     /// Boxed: the table keeps spare slots (up to half of it after it
     /// grows), which then cost a pointer each rather than a listener.
-    open: HashMap<(Proto, SockId), Box<Listener>>,
+    open: HashMap<(Proto, SockId), Box<Listener>, Fast>,
     /// Listeners per port, to say at once whether a port is listened on.
-    per_port: HashMap<PortKey, usize>,
+    per_port: HashMap<PortKey, usize, Fast>,
     /// Ports that gained their first listener or lost their last since the
     /// last `take_changed`.
     changed: Vec<PortKey>,
