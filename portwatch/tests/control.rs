@@ -23,6 +23,7 @@ use portwatch::{
         },
     },
     model::Mode,
+    pipeline::subscribers::follower_queue,
 };
 
 type TestResult = Result<(), Box<dyn std::error::Error + Send + Sync>>;
@@ -63,9 +64,9 @@ fn spawn_owner(mut rx: mpsc::Receiver<ControlRequest>) -> JoinHandle<()> {
             let reply = match req.request {
                 Request::Policy => Reply::Once(Response::Policy(policy_view())),
                 Request::Subscribe { format, colour } => {
-                    let (tx, lines) = mpsc::channel(4);
-                    let _ = tx.try_send(format!("line one {format:?}\n"));
-                    let _ = tx.try_send(format!("line two {colour}\n"));
+                    let (tx, lines) = follower_queue();
+                    tx.send(format!("line one {format:?}\n"));
+                    tx.send(format!("line two {colour}\n"));
                     Reply::Stream { lines }
                 }
                 Request::Status => Reply::Once(Response::Change(ChangeResponse {

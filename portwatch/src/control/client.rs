@@ -247,7 +247,8 @@ impl Iterator for Subscription {
 pub fn subscribe(path: &Path, format: Format, colour: bool) -> Result<Subscription, ClientError> {
     let stream = connect(path, TIMEOUT)?;
     timeouts(&stream, Some(TIMEOUT))?;
-    let mut reader = BufReader::new(stream);
+    // A burst arrives in chunks of up to 64 KiB: read them whole.
+    let mut reader = BufReader::with_capacity(256 << 10, stream);
     exchange::<Subscribed>(&mut reader, &Request::Subscribe { format, colour })?;
     timeouts(reader.get_ref(), None)?;
     Ok(Subscription {

@@ -68,7 +68,9 @@ pub enum Reply {
     /// a newline) until the sender is dropped (then the connection closes)
     /// or the client goes away. The owner should `try_send`, so that a
     /// subscriber that does not read cannot stall the guard.
-    Stream { lines: mpsc::Receiver<String> },
+    Stream {
+        lines: crate::pipeline::subscribers::FollowerQueue,
+    },
 }
 
 /// One request for the owner, with the peer it came from and where the
@@ -672,7 +674,7 @@ where
 async fn stream_lines<R, W>(
     reader: &mut LineReader<R>,
     out: &mut W,
-    mut lines: mpsc::Receiver<String>,
+    mut lines: crate::pipeline::subscribers::FollowerQueue,
     mut stop: watch::Receiver<bool>,
 ) -> io::Result<()>
 where

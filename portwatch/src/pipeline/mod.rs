@@ -187,6 +187,7 @@ impl Pipeline {
     }
 
     pub fn flush(&mut self) -> io::Result<()> {
+        self.subscribers.flush();
         self.catch_up_followers();
         self.sink.flush()
     }
@@ -210,7 +211,10 @@ impl Pipeline {
     /// Followers that fell behind and have room again get their `missed`
     /// line and the listeners now.
     pub fn catch_up_followers(&mut self) {
-        if self.subscribers.any_behind() {
+        // Not on every turn of the loop while one is behind: the fresh
+        // start holds every listener, and building it each time made a
+        // burst quadratic.
+        if self.subscribers.any_can_catch_up() {
             let now = SystemTime::now();
             let fresh = self.fresh_start(now);
             self.subscribers.catch_up(now, &fresh);
@@ -357,11 +361,7 @@ impl Pipeline {
 
     /// A new follower: it starts, like `watch`, with what listens now, then
     /// the `ready` line, then every event from here on.
-    pub fn subscribe(
-        &mut self,
-        format: Format,
-        colour: bool,
-    ) -> tokio::sync::mpsc::Receiver<String> {
+    pub fn subscribe(&mut self, format: Format, colour: bool) -> subscribers::FollowerQueue {
         let host_netns = self.exposure.as_ref().and_then(ExposureView::netns);
         let (mut subscriber, rx) = Subscriber::new(format, colour, host_netns);
         if subscriber.start(&self.fresh_start(SystemTime::now())) != Taken::Gone {

@@ -2,21 +2,104 @@
 //! every event rendered in its format into a bounded queue that the control
 //! server copies to its socket.
 //!
+//! Events are rendered into the follower's pending chunk and queued a chunk
+//! at a time (when the loop flushes, or when the chunk is full): a burst of
+//! tens of thousands of events then costs the guard a few hundred queue
+//! operations and socket writes, not one of each per event.
+//!
 //! A follower whose queue is full is never waited for, and never dropped in
 //! silence: the events it cannot take are counted, and once its queue has
 //! room again it gets one `missed` line with the count, the listeners as
 //! they are now (a fresh snapshot, so it can start over) and a `ready` line,
 //! then the live events again.
 
-use tokio::sync::mpsc::{self, error::TrySendError};
+use std::sync::{
+    Arc,
+    atomic::{AtomicUsize, Ordering},
+};
+
+use tokio::sync::mpsc;
 
 use crate::{
     model::Event,
     sinks::{Format, SharedBuf, Sink, human::HumanSink, json::JsonSink},
 };
 
-/// Chunks of lines a follower may have queued before it counts as behind.
-pub const QUEUE_LINES: usize = 4096;
+/// Bytes a follower may have queued before it counts as behind: 32 MiB of
+/// the guard's memory at most (its start chunk aside), about 70,000
+/// listener lines: a follower that competes for the CPU with the burst
+/// itself (45,000 listens in 0.07 s on two cores) gets all of it, later.
+/// Counted in bytes, not chunks: a chunk holds what one turn of the loop
+/// rendered, from one line to [`CHUNK_BYTES`].
+pub const QUEUE_BYTES: usize = 32 << 20;
+
+/// A pending chunk is queued once it holds this much.
+pub const CHUNK_BYTES: usize = 64 << 10;
+
+/// A follower's queue: chunks of lines, and what they hold in bytes. The
+/// pipeline queues with [`FollowerTx`]; the control server copies them out.
+pub fn follower_queue() -> (FollowerTx, FollowerQueue) {
+    let (tx, rx) = mpsc::unbounded_channel();
+    let queued = Arc::new(AtomicUsize::new(0));
+    (
+        FollowerTx {
+            tx,
+            queued: Arc::clone(&queued),
+        },
+        FollowerQueue { rx, queued },
+    )
+}
+
+/// The queuing end of [`follower_queue`].
+pub struct FollowerTx {
+    tx: mpsc::UnboundedSender<String>,
+    queued: Arc<AtomicUsize>,
+}
+
+impl FollowerTx {
+    /// Queues `chunk` whatever the room (the caller decides); false if the
+    /// follower is gone.
+    pub fn send(&self, chunk: String) -> bool {
+        let len = chunk.len();
+        self.queued.fetch_add(len, Ordering::Relaxed);
+        if self.tx.send(chunk).is_err() {
+            self.queued.fetch_sub(len, Ordering::Relaxed);
+            return false;
+        }
+        true
+    }
+
+    /// Bytes queued and not yet taken.
+    pub fn queued(&self) -> usize {
+        self.queued.load(Ordering::Relaxed)
+    }
+
+    pub fn is_closed(&self) -> bool {
+        self.tx.is_closed()
+    }
+}
+
+#[derive(Debug)]
+pub struct FollowerQueue {
+    rx: mpsc::UnboundedReceiver<String>,
+    queued: Arc<AtomicUsize>,
+}
+
+impl FollowerQueue {
+    /// The next chunk; None once the guard let the follower go.
+    pub async fn recv(&mut self) -> Option<String> {
+        let chunk = self.rx.recv().await?;
+        self.queued.fetch_sub(chunk.len(), Ordering::Relaxed);
+        Some(chunk)
+    }
+
+    /// The next chunk if one is queued.
+    pub fn try_recv(&mut self) -> Option<String> {
+        let chunk = self.rx.try_recv().ok()?;
+        self.queued.fetch_sub(chunk.len(), Ordering::Relaxed);
+        Some(chunk)
+    }
+}
 
 /// How a follower took an event.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -31,34 +114,40 @@ pub enum Taken {
 /// A follower of the stream.
 pub struct Subscriber {
     sink: Box<dyn Sink>,
+    /// The pending chunk, `pending` events rendered.
     buf: SharedBuf,
-    tx: mpsc::Sender<String>,
+    pending: u64,
+    tx: FollowerTx,
     /// Events it missed since it was last caught up, and since it came.
     missed: u64,
     missed_total: u64,
+    /// The kernel losses (`lost` lines) in the pending chunk, and those in
+    /// lines it missed: a `missed` count says how many lines, and these
+    /// would otherwise go unsaid. (count, latest total)
+    lost_pending: Option<(u64, u64)>,
+    lost_unsaid: Option<(u64, u64)>,
 }
 
 impl Subscriber {
-    /// A follower in `format`, and the queue of its lines.
-    pub fn new(
-        format: Format,
-        colour: bool,
-        host_netns: Option<u64>,
-    ) -> (Self, mpsc::Receiver<String>) {
+    /// A follower in `format`, and the queue of its chunks of lines.
+    pub fn new(format: Format, colour: bool, host_netns: Option<u64>) -> (Self, FollowerQueue) {
         let buf = SharedBuf::default();
         let sink: Box<dyn Sink> = match format {
             Format::Json => Box::new(JsonSink::new(buf.clone())),
             Format::Human => Box::new(HumanSink::new(buf.clone(), colour, host_netns)),
         };
-        let (tx, rx) = mpsc::channel(QUEUE_LINES);
+        let (tx, queue) = follower_queue();
         let subscriber = Self {
             sink,
             buf,
+            pending: 0,
             tx,
             missed: 0,
             missed_total: 0,
+            lost_pending: None,
+            lost_unsaid: None,
         };
-        (subscriber, rx)
+        (subscriber, queue)
     }
 
     /// Whether it missed events and waits for a fresh start.
@@ -66,50 +155,111 @@ impl Subscriber {
         self.missed > 0
     }
 
-    /// Renders `events` as one chunk of its queue.
-    fn render(&mut self, events: &[Event]) -> Option<String> {
+    /// Whether it is behind and has taken at least half of its queue: room
+    /// for the fresh start.
+    fn can_catch_up(&self) -> bool {
+        self.is_behind() && self.queued() <= QUEUE_BYTES / 2
+    }
+
+    fn queued(&self) -> usize {
+        self.tx.queued()
+    }
+
+    fn queue(&mut self, text: String) -> bool {
+        self.tx.send(text)
+    }
+
+    /// Adds the kernel's losses in `event` to `into`.
+    fn note_lost(into: &mut Option<(u64, u64)>, event: &Event) {
+        if let Event::Lost { count, total, .. } = event {
+            let (sum, _) = into.unwrap_or_default();
+            *into = Some((sum + count, *total));
+        }
+    }
+
+    /// Renders `events` into the pending chunk; false if the sink failed.
+    fn render(&mut self, events: &[Event]) -> bool {
         for event in events {
             if self.sink.event(event).is_err() {
-                return None;
+                return false;
             }
         }
-        Some(String::from_utf8_lossy(&self.buf.take()).into_owned())
+        self.pending += events.len() as u64;
+        true
+    }
+
+    /// The pending chunk as text (the sinks write UTF-8).
+    fn take_chunk(&mut self) -> String {
+        String::from_utf8(self.buf.take())
+            .unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned())
     }
 
     /// A new follower's start (the listeners now and `ready`), as one
     /// chunk: its queue is empty, so it always fits.
     pub fn start(&mut self, events: &[Event]) -> Taken {
-        match self.render(events).map(|text| self.tx.try_send(text)) {
-            Some(Ok(())) => Taken::Queued,
-            _ => Taken::Gone,
+        if !self.render(events) {
+            return Taken::Gone;
+        }
+        self.pending = 0;
+        let text = self.take_chunk();
+        if self.queue(text) {
+            Taken::Queued
+        } else {
+            Taken::Gone
         }
     }
 
-    /// Queues `event` for this follower, or counts it missed.
+    /// Renders `event` for this follower (queued with the chunk it ends up
+    /// in), or counts it missed.
     pub fn send(&mut self, event: &Event) -> Taken {
         if self.tx.is_closed() {
             return Taken::Gone;
         }
-        if self.is_behind() || self.tx.capacity() == 0 {
-            return self.miss();
+        if self.is_behind() {
+            self.miss(1);
+            Self::note_lost(&mut self.lost_unsaid, event);
+            return Taken::Missed;
         }
-        let Some(text) = self.render(std::slice::from_ref(event)) else {
+        if !self.render(std::slice::from_ref(event)) {
             return Taken::Gone;
-        };
+        }
+        Self::note_lost(&mut self.lost_pending, event);
+        if self.buf.len() >= CHUNK_BYTES {
+            return self.push();
+        }
+        Taken::Queued
+    }
+
+    /// Queues the pending chunk; if the queue is full, its events are
+    /// missed.
+    pub fn push(&mut self) -> Taken {
+        if self.pending == 0 {
+            return Taken::Queued;
+        }
+        let events = std::mem::take(&mut self.pending);
+        let lost = self.lost_pending.take();
+        let text = self.take_chunk();
         if text.is_empty() {
             return Taken::Queued;
         }
-        match self.tx.try_send(text) {
-            Ok(()) => Taken::Queued,
-            Err(TrySendError::Full(_)) => self.miss(),
-            Err(TrySendError::Closed(_)) => Taken::Gone,
+        if self.queued() + text.len() > QUEUE_BYTES {
+            self.miss(events);
+            if let Some((count, total)) = lost {
+                let (sum, _) = self.lost_unsaid.unwrap_or_default();
+                self.lost_unsaid = Some((sum + count, total));
+            }
+            return Taken::Missed;
+        }
+        if self.queue(text) {
+            Taken::Queued
+        } else {
+            Taken::Gone
         }
     }
 
-    fn miss(&mut self) -> Taken {
-        self.missed += 1;
-        self.missed_total += 1;
-        Taken::Missed
+    fn miss(&mut self, events: u64) {
+        self.missed += events;
+        self.missed_total += events;
     }
 
     /// Once its queue has room: the `missed` line, then `fresh` (the
@@ -118,27 +268,29 @@ impl Subscriber {
         if self.tx.is_closed() {
             return false;
         }
-        if !self.is_behind() || self.tx.capacity() == 0 {
+        if !self.can_catch_up() {
             return true;
         }
-        let mut events = Vec::with_capacity(fresh.len() + 1);
+        let mut events = Vec::with_capacity(fresh.len() + 2);
+        // What the guard itself lost meanwhile, as the lines it missed
+        // would have said.
+        if let Some((count, total)) = self.lost_unsaid.take() {
+            events.push(Event::Lost { ts, count, total });
+        }
         events.push(Event::Missed {
             ts,
             count: self.missed,
             total: self.missed_total,
         });
         events.extend_from_slice(fresh);
-        let Some(text) = self.render(&events) else {
+        // Nothing is pending while behind: the chunk is this alone.
+        if !self.render(&events) {
             return false;
-        };
-        match self.tx.try_send(text) {
-            Ok(()) => {
-                self.missed = 0;
-                true
-            }
-            Err(TrySendError::Full(_)) => true,
-            Err(TrySendError::Closed(_)) => false,
         }
+        self.pending = 0;
+        let text = self.take_chunk();
+        self.missed = 0;
+        self.queue(text)
     }
 }
 
@@ -146,8 +298,8 @@ impl Subscriber {
 #[derive(Default)]
 pub struct Subscribers {
     all: Vec<Subscriber>,
-    /// Events followers missed, all of them since start.
-    missed: u64,
+    /// Events missed by followers that have gone since.
+    missed_by_gone: u64,
 }
 
 impl Subscribers {
@@ -155,19 +307,28 @@ impl Subscribers {
         self.all.push(subscriber);
     }
 
+    /// Keeps the followers `f` says are still there.
+    fn keep(&mut self, mut f: impl FnMut(&mut Subscriber) -> bool) {
+        let mut gone = 0;
+        self.all.retain_mut(|s| {
+            let kept = f(s);
+            if !kept {
+                gone += s.missed_total;
+            }
+            kept
+        });
+        self.missed_by_gone += gone;
+    }
+
     /// Sends `event` to each follower (counting what they cannot take),
     /// forgetting those that went away.
     pub fn send(&mut self, event: &Event) {
-        let mut missed = 0;
-        self.all.retain_mut(|s| match s.send(event) {
-            Taken::Queued => true,
-            Taken::Missed => {
-                missed += 1;
-                true
-            }
-            Taken::Gone => false,
-        });
-        self.missed += missed;
+        self.keep(|s| s.send(event) != Taken::Gone);
+    }
+
+    /// Queues each follower's pending chunk.
+    pub fn flush(&mut self) {
+        self.keep(|s| s.push() != Taken::Gone);
     }
 
     /// Whether a follower waits to catch up.
@@ -175,15 +336,21 @@ impl Subscribers {
         self.all.iter().any(Subscriber::is_behind)
     }
 
+    /// Whether a follower is behind and has room again: only then is a
+    /// fresh start worth building (it holds every listener).
+    pub fn any_can_catch_up(&self) -> bool {
+        self.all.iter().any(Subscriber::can_catch_up)
+    }
+
     /// Gives each follower that is behind and has room again its `missed`
     /// line and `fresh`.
     pub fn catch_up(&mut self, ts: std::time::SystemTime, fresh: &[Event]) {
-        self.all.retain_mut(|s| s.catch_up(ts, fresh));
+        self.keep(|s| s.catch_up(ts, fresh));
     }
 
     /// Events followers missed since start.
     pub fn missed(&self) -> u64 {
-        self.missed
+        self.missed_by_gone + self.all.iter().map(|s| s.missed_total).sum::<u64>()
     }
 
     pub fn len(&self) -> usize {
@@ -213,32 +380,97 @@ mod tests {
         let (s, mut rx) = Subscriber::new(Format::Json, false, None);
         let mut all = Subscribers::default();
         all.add(s);
-        for i in 0..QUEUE_LINES + 10 {
-            all.send(&ready(i));
+        // A chunk of two events per flush, until the queue's bytes are
+        // used up: the chunk that does not fit is missed whole.
+        let mut chunks = 0;
+        while all.missed() == 0 {
+            all.send(&ready(chunks));
+            all.send(&ready(chunks));
+            all.flush();
+            chunks += 1;
+            assert!(chunks < QUEUE_BYTES, "never full");
         }
-        assert_eq!(all.missed(), 10);
+        assert_eq!(all.missed(), 2);
         assert!(all.any_behind());
-        // No room yet: still behind, and later events count too.
+        // Still full: no fresh start, and later events count too.
         all.catch_up(SystemTime::UNIX_EPOCH, &[ready(0)]);
         all.send(&ready(1));
-        assert_eq!(all.missed(), 11);
-        let mut got = 0;
-        while rx.try_recv().is_ok() {
-            got += 1;
+        all.flush();
+        assert_eq!(all.missed(), 3);
+        let (mut lines, mut bytes) = (0, 0);
+        while let Some(chunk) = rx.try_recv() {
+            assert_eq!(chunk.lines().count(), 2, "{chunk}");
+            lines += 2;
+            bytes += chunk.len();
         }
-        assert_eq!(got, QUEUE_LINES);
+        assert_eq!(lines, 2 * (chunks - 1));
+        assert!(bytes <= QUEUE_BYTES && bytes > QUEUE_BYTES - 200, "{bytes}");
         all.catch_up(SystemTime::UNIX_EPOCH, &[ready(42)]);
         assert!(!all.any_behind());
         let chunk = rx.try_recv().expect("the catch-up chunk");
         let lines: Vec<&str> = chunk.lines().collect();
         assert_eq!(lines.len(), 2, "{chunk}");
         assert!(lines[0].contains("\"event\":\"missed\""), "{chunk}");
-        assert!(lines[0].contains("\"count\":11"), "{chunk}");
+        assert!(lines[0].contains("\"count\":3"), "{chunk}");
         assert!(lines[1].contains("\"snapshot\":42"), "{chunk}");
         // Live again.
         all.send(&ready(7));
-        assert!(rx.try_recv().is_ok_and(|l| l.contains("\"snapshot\":7")));
-        assert_eq!(all.missed(), 11);
+        assert!(rx.try_recv().is_none(), "queued before the flush");
+        all.flush();
+        assert!(rx.try_recv().is_some_and(|l| l.contains("\"snapshot\":7")));
+        assert_eq!(all.missed(), 3);
+    }
+
+    #[test]
+    fn a_full_chunk_is_queued_without_waiting_for_the_flush() {
+        let (s, mut rx) = Subscriber::new(Format::Json, false, None);
+        let mut all = Subscribers::default();
+        all.add(s);
+        let mut sent = 0;
+        let first = loop {
+            if let Some(chunk) = rx.try_recv() {
+                break chunk;
+            }
+            all.send(&ready(sent));
+            sent += 1;
+            assert!(sent < CHUNK_BYTES, "no chunk after {sent} events");
+        };
+        assert!(first.len() >= CHUNK_BYTES, "{} bytes", first.len());
+        assert_eq!(first.lines().count(), sent);
+        all.send(&ready(sent));
+        assert!(rx.try_recv().is_none(), "queued before the flush");
+        all.flush();
+        let rest = rx.try_recv().expect("the flush queued what followed");
+        assert_eq!(rest.lines().count(), 1, "{rest}");
+        assert_eq!(all.missed(), 0);
+    }
+
+    #[test]
+    fn the_guards_losses_in_missed_lines_are_said_at_catch_up() {
+        let (s, mut rx) = Subscriber::new(Format::Json, false, None);
+        let mut all = Subscribers::default();
+        all.add(s);
+        let lost = |count, total| Event::Lost {
+            ts: SystemTime::UNIX_EPOCH,
+            count,
+            total,
+        };
+        // Fill the queue; the chunk that does not fit carries a loss.
+        while all.missed() == 0 {
+            all.send(&lost(5, 5));
+            all.flush();
+        }
+        // Another loss while behind.
+        all.send(&lost(7, 12));
+        while rx.try_recv().is_some() {}
+        all.catch_up(SystemTime::UNIX_EPOCH, &[ready(0)]);
+        let chunk = rx.try_recv().expect("the catch-up chunk");
+        let lines: Vec<&str> = chunk.lines().collect();
+        assert_eq!(lines.len(), 3, "{chunk}");
+        assert!(lines[0].contains("\"event\":\"lost\""), "{chunk}");
+        assert!(lines[0].contains("\"count\":12"), "{chunk}");
+        assert!(lines[0].contains("\"total\":12"), "{chunk}");
+        assert!(lines[1].contains("\"count\":2"), "{chunk}");
     }
 
     #[test]

@@ -58,6 +58,15 @@ pub trait Sink {
 pub struct SharedBuf(pub std::rc::Rc<std::cell::RefCell<Vec<u8>>>);
 
 impl SharedBuf {
+    /// Bytes written and not yet taken.
+    pub fn len(&self) -> usize {
+        self.0.borrow().len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
     pub fn take(&self) -> Vec<u8> {
         std::mem::take(&mut *self.0.borrow_mut())
     }
