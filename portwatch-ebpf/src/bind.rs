@@ -9,8 +9,8 @@
 use aya_ebpf::{
     EbpfContext,
     helpers::{
-        bpf_get_current_ancestor_cgroup_id, bpf_get_current_cgroup_id, bpf_get_current_comm,
-        bpf_get_current_pid_tgid, bpf_get_current_uid_gid, bpf_get_netns_cookie, bpf_ktime_get_ns,
+        bpf_get_current_ancestor_cgroup_id, bpf_get_current_cgroup_id, bpf_get_current_pid_tgid,
+        bpf_get_current_uid_gid, bpf_get_netns_cookie, bpf_ktime_get_ns,
     },
     programs::SockContext,
 };
@@ -20,7 +20,10 @@ use portwatch_common::{
     SYSTEMD_LISTEN_HELPER,
 };
 
-use crate::maps::{BINDS, OWNER_COUNT, OWNERS, guard_count};
+use crate::{
+    aligned::current_comm,
+    maps::{BINDS, OWNER_COUNT, OWNERS, guard_count},
+};
 
 /// Whether the bind of `proto` `port` on `addr` may stand.
 #[inline(always)]
@@ -71,7 +74,7 @@ fn is_manager(rule: &OwnerRule) -> bool {
     }
     rule.helper_slice_id != 0
         && bpf_get_current_uid_gid() as u32 == 0
-        && bpf_get_current_comm().unwrap_or([0; 16]) == SYSTEMD_LISTEN_HELPER
+        && current_comm().0 == SYSTEMD_LISTEN_HELPER
         && within(rule.helper_slice_id)
 }
 
@@ -85,7 +88,7 @@ fn is_owner(rule: &OwnerRule) -> bool {
     if rule.flags & OWNER_UID != 0 && bpf_get_current_uid_gid() as u32 != rule.uid {
         return false;
     }
-    if rule.flags & OWNER_COMM != 0 && bpf_get_current_comm().unwrap_or([0; 16]) != rule.comm {
+    if rule.flags & OWNER_COMM != 0 && current_comm().0 != rule.comm {
         return false;
     }
     true
@@ -134,7 +137,7 @@ fn report(port: u16, proto: u8, family: u16, addr: [u8; 16], enforce: bool) {
         verdict: if enforce { BIND_DENIED } else { BIND_AUDITED },
         _pad: [0; 2],
         addr,
-        comm: bpf_get_current_comm().unwrap_or([0; 16]),
+        comm: current_comm().0,
     });
     entry.submit(0);
 }

@@ -9,6 +9,8 @@
 
 use portwatch_common::{AF_INET, AF_INET6, IPPROTO_SCTP, IPPROTO_TCP, IPPROTO_UDP};
 
+pub use crate::aligned::Chunk;
+
 pub const ETH_HLEN: usize = 14;
 pub const ETH_P_IP: u16 = 0x0800;
 pub const ETH_P_IPV6: u16 = 0x86dd;
@@ -37,7 +39,7 @@ fn is_vlan(ethertype: u16) -> bool {
 /// Bounds-checked access to a frame's bytes.
 pub trait Bytes {
     /// `N` bytes at `off`, or None when the frame is shorter.
-    fn bytes<const N: usize>(&self, off: usize) -> Option<[u8; N]>;
+    fn bytes<const N: usize>(&self, off: usize) -> Option<Chunk<N>>;
     /// Whether the first `len` bytes are all present.
     fn has(&self, len: usize) -> bool;
 }
@@ -47,9 +49,19 @@ pub struct Malformed;
 
 /// What the walk learned. Plain fields, not Options: an Option's unset
 /// payload lets the compiler store any register there, which the verifier
-/// rejects.
+/// rejects. Widest first, so that every field (and any store LLVM merges
+/// from neighbouring ones) sits at an offset the verifier's aligned-stack
+/// rule accepts.
 #[repr(C, align(8))]
 pub struct Headers {
+    /// Addresses in network order; IPv4 in the first 4 bytes.
+    pub src: [u8; 16],
+    pub dst: [u8; 16],
+    /// The datagram id of a first fragment (valid when `first_frag`).
+    pub frag_id: u32,
+    /// Ports in host order, valid when `has_ports`.
+    pub sport: u16,
+    pub dport: u16,
     /// AF_INET or AF_INET6 (as u8); 0 for a frame that is not IP.
     pub family: u8,
     /// The IP protocol of the transport header (for a later fragment, the
@@ -58,15 +70,8 @@ pub struct Headers {
     /// IPv4: the header's own protocol field, which names a fragmented
     /// datagram (AH's, when AH is looked through).
     pub ip_proto: u8,
-    /// Addresses in network order; IPv4 in the first 4 bytes.
-    pub src: [u8; 16],
-    pub dst: [u8; 16],
-    /// First fragment of several, and its datagram id.
+    /// First fragment of several.
     pub first_frag: bool,
-    pub frag_id: u32,
-    /// Ports in host order, valid when `has_ports`.
-    pub sport: u16,
-    pub dport: u16,
     pub has_ports: bool,
     /// TCP flags (byte 13), for TCP.
     pub tcp_flags: u8,

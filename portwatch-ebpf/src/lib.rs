@@ -7,6 +7,7 @@
 //! ports at bind time).
 #![no_std]
 
+pub mod aligned;
 pub mod bench;
 pub mod bind;
 pub mod flows;

@@ -6,8 +6,7 @@ use core::ptr::read_volatile;
 use aya_ebpf::{
     EbpfContext,
     helpers::{
-        bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_current_uid_gid,
-        bpf_get_socket_cookie, bpf_ktime_get_ns,
+        bpf_get_current_pid_tgid, bpf_get_current_uid_gid, bpf_get_socket_cookie, bpf_ktime_get_ns,
     },
     programs::{SockContext, TracePointContext},
 };
@@ -18,6 +17,7 @@ use portwatch_common::{
 };
 
 use crate::{
+    aligned::{Chunk, current_comm},
     bind,
     maps::{EVENTS, UDP_SOCKS, UdpBind, count},
 };
@@ -57,7 +57,7 @@ fn emit(kind: ListenKind, proto: u8, family: u16, port: u16, addr: [u8; 16], soc
         kind: kind as u8,
         _pad: [0; 6],
         addr,
-        comm: bpf_get_current_comm().unwrap_or([0; 16]),
+        comm: current_comm().0,
     });
     entry.submit(0);
 }
@@ -99,21 +99,21 @@ pub fn try_inet_sock_set_state(ctx: &TracePointContext) {
     let (Ok(skaddr), Ok(sport), Ok(family)) = fields else {
         return;
     };
-    let mut addr = [0u8; 16];
+    let mut addr = Chunk([0u8; 16]);
     if family == AF_INET {
         // SAFETY: see above.
-        if let Ok(v4) = unsafe { ctx.read_at::<[u8; 4]>(TP_SADDR) } {
-            addr[..4].copy_from_slice(&v4);
+        if let Ok(v4) = unsafe { ctx.read_at::<Chunk<4>>(TP_SADDR) } {
+            addr.0[..4].copy_from_slice(&v4.0);
         }
     } else if family == AF_INET6 {
         // SAFETY: see above.
-        if let Ok(v6) = unsafe { ctx.read_at::<[u8; 16]>(TP_SADDR_V6) } {
+        if let Ok(v6) = unsafe { ctx.read_at::<Chunk<16>>(TP_SADDR_V6) } {
             addr = v6;
         }
     } else {
         return;
     }
-    emit(kind, IPPROTO_TCP, family, sport, addr, skaddr);
+    emit(kind, IPPROTO_TCP, family, sport, addr.0, skaddr);
 }
 
 /// Context fields are readable only at a constant offset from the context

@@ -8,7 +8,7 @@ use aya_ebpf::{
     programs::{TcContext, XdpContext},
 };
 
-use crate::headers::Bytes;
+use crate::headers::{Bytes, Chunk};
 
 /// The packet of an XDP program, read through bounds-checked copies.
 ///
@@ -48,7 +48,7 @@ impl Bytes for Pkt {
     /// Copies `N` bytes at `off`, or None when the frame is shorter. The
     /// explicit comparison against data_end is what the verifier checks.
     #[inline(always)]
-    fn bytes<const N: usize>(&self, off: usize) -> Option<[u8; N]> {
+    fn bytes<const N: usize>(&self, off: usize) -> Option<Chunk<N>> {
         // Offsets past 64 KiB cannot be valid and keep the verifier's range small.
         if off > 0xffff {
             return None;
@@ -60,7 +60,9 @@ impl Bytes for Pkt {
         }
         // SAFETY: [at, at + N) lies inside the packet, as just checked; the
         // read is unaligned-safe.
-        Some(unsafe { core::ptr::read_unaligned(at as *const [u8; N]) })
+        Some(Chunk(unsafe {
+            core::ptr::read_unaligned(at as *const [u8; N])
+        }))
     }
 }
 
@@ -70,8 +72,10 @@ pub struct Skb<'a>(pub &'a TcContext);
 
 impl Bytes for Skb<'_> {
     #[inline(always)]
-    fn bytes<const N: usize>(&self, off: usize) -> Option<[u8; N]> {
-        self.0.load::<[u8; N]>(off).ok()
+    fn bytes<const N: usize>(&self, off: usize) -> Option<Chunk<N>> {
+        // Loaded straight into the aligned chunk: a `[u8; N]` slot could be
+        // misaligned on the stack.
+        self.0.load::<Chunk<N>>(off).ok()
     }
 
     #[inline(always)]
