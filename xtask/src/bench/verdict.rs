@@ -368,7 +368,8 @@ pub fn run(ctx: &Ctx) -> Result<Section> {
             "† In {below_floor} of {n} classes half of xdp-filter's time is less than the \
              parse→drop floor itself (the same header walk, then XDP_DROP, no map): no program \
              that reads the headers it judges can meet ½ of xdp-filter there through this \
-             syscall. The lever left is the walk (byte-wise bounds-checked copies)."
+             syscall. The walk already reads each field with one load; what is left of it is \
+             the bounds checks and the stores of the parse state."
         );
     }
 
