@@ -8,7 +8,7 @@ use portwatch_common::{FlowKey, GuardStat, IPPROTO_TCP, flow_port_byte, port_slo
 
 use crate::{
     headers::{Headers, Walk, ports, walk},
-    maps::{FLOW_PORTS, FLOWS, guard_count},
+    maps::{FLOW_PORTS, FLOWS, FLOWS4, guard_count},
     packet::Skb,
 };
 
@@ -39,7 +39,10 @@ pub fn try_tc_egress(ctx: &TcContext) -> Option<()> {
     };
     // SAFETY: bpf_ktime_get_ns has no preconditions.
     let now = unsafe { bpf_ktime_get_ns() };
-    FLOWS.insert(key, now, 0).ok()?;
+    match key.compact() {
+        Some(v4) => FLOWS4.insert(v4, now, 0).ok()?,
+        None => FLOWS.insert(key, now, 0).ok()?,
+    }
     // After the flow: a reply that sees the bit finds the flow.
     mark_flow_port(port_slot(h.proto, h.sport));
     guard_count(GuardStat::FlowsRecorded);

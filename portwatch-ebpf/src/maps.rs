@@ -44,10 +44,11 @@ pub fn count(stat: MonitorStat) {
 use aya_ebpf::maps::{Array, LpmTrie, LruHashMap};
 use portwatch_common::{BINDS_RING_BYTES, MAX_OWNED_PORTS, OwnerKey, OwnerRule};
 use portwatch_common::{
-    DROPS_RING_BYTES, FLOW_PORT_ENTRIES, FLOW_PORTS_PER_ENTRY, FlowKey, FragKey, FragVerdict,
-    GUARD_STATS_LEN, GuardConfig, GuardStat, LocalKey, LocalList, MAX_COUNTER_SLOTS, MAX_FLOWS,
-    MAX_FRAGS, MAX_LOCAL_ADDRS, MAX_RATE_SOURCES, MAX_SRC_RULES, POLICY_PORT_SLOTS, PortCounters,
-    RateKey, RateLimit, RateState, ReportBucket, SRC4_KEY_LEN, SRC6_KEY_LEN,
+    DROPS_RING_BYTES, FLOW_PORT_ENTRIES, FLOW_PORTS_PER_ENTRY, Flow4Key, FlowKey, Frag4Key,
+    FragKey, FragVerdict, GUARD_STATS_LEN, GuardConfig, GuardStat, LocalKey, LocalList,
+    MAX_COUNTER_SLOTS, MAX_FLOWS, MAX_FRAGS, MAX_LOCAL_ADDRS, MAX_RATE_SOURCES, MAX_SRC_RULES,
+    POLICY_PORT_SLOTS, PortCounters, RateKey, RateLimit, RateState, ReportBucket, SRC4_KEY_LEN,
+    SRC6_KEY_LEN,
 };
 
 /// Who sent what to which port, while the guard learns (`GUARD_LEARN`):
@@ -97,9 +98,13 @@ pub static RATE_STATE: HashMap<RateKey, RateState> = HashMap::with_max_entries(M
 #[map]
 pub static RATE_OVERFLOW: Array<RateState> = Array::with_max_entries(MAX_COUNTER_SLOTS, 0);
 
-/// The host's outbound UDP flows -> last outbound packet (monotonic ns).
+/// The host's outbound IPv6 flows -> last outbound packet (monotonic ns).
 #[map]
 pub static FLOWS: LruHashMap<FlowKey, u64> = LruHashMap::with_max_entries(MAX_FLOWS, 0);
+
+/// The same for IPv4, with a 16-byte key.
+#[map]
+pub static FLOWS4: LruHashMap<Flow4Key, u64> = LruHashMap::with_max_entries(MAX_FLOWS, 0);
 
 /// Local ports with recorded flows, a byte per `port_slot` (see
 /// `FLOW_PORTS_PER_ENTRY`).
@@ -107,9 +112,14 @@ pub static FLOWS: LruHashMap<FlowKey, u64> = LruHashMap::with_max_entries(MAX_FL
 pub static FLOW_PORTS: Array<[u8; FLOW_PORTS_PER_ENTRY as usize]> =
     Array::with_max_entries(FLOW_PORT_ENTRIES, 0);
 
-/// First-fragment verdicts for the later fragments of the same datagram.
+/// First-fragment verdicts for the later fragments of the same IPv6
+/// datagram.
 #[map]
 pub static FRAGS: LruHashMap<FragKey, FragVerdict> = LruHashMap::with_max_entries(MAX_FRAGS, 0);
+
+/// The same for IPv4, with a 16-byte key.
+#[map]
+pub static FRAGS4: LruHashMap<Frag4Key, FragVerdict> = LruHashMap::with_max_entries(MAX_FRAGS, 0);
 
 /// Packets and bytes per counter slot (a rule, a listened port, or a
 /// protocol's `other`); `POLICY_PORTS` says a port's slot.

@@ -10,19 +10,19 @@ use aya_ebpf::{
     programs::XdpContext,
 };
 use portwatch_common::{
-    AF_INET, AF_INET6, DropReason, DropReport, FlowKey, FragKey, FragVerdict, GUARD_AUDIT,
-    GUARD_FORWARD_JUDGE, GUARD_LEARN, GUARD_PROBE, GuardConfig, GuardStat, IPPROTO_SCTP,
-    IPPROTO_TCP, IPPROTO_UDP, LOCAL_INLINE_V4, LOCAL_INLINE_V6, LearnKey, LearnStats, LocalKey,
-    PROBE_MAGIC, PassReason, RULE_ANY, RULE_CIDR, RULE_LIMIT, RateKey, RateLimit, RateState,
-    XdpProbe, entry_slot, flow_port_byte, other_slot, port_slot, src_prefix_len, src4_key,
-    src6_key,
+    AF_INET, AF_INET6, DropReason, DropReport, Flow4Key, FlowKey, Frag4Key, FragKey, FragVerdict,
+    GUARD_AUDIT, GUARD_FORWARD_JUDGE, GUARD_LEARN, GUARD_PROBE, GuardConfig, GuardStat,
+    IPPROTO_SCTP, IPPROTO_TCP, IPPROTO_UDP, LOCAL_INLINE_V4, LOCAL_INLINE_V6, LearnKey, LearnStats,
+    LocalKey, PROBE_MAGIC, PassReason, RULE_ANY, RULE_CIDR, RULE_LIMIT, RateKey, RateLimit,
+    RateState, XdpProbe, entry_slot, flow_port_byte, other_slot, port_slot, src_prefix_len,
+    src4_key, src6_key,
 };
 
 use crate::{
     headers::{Headers, Walk, ports, walk},
     maps::{
-        COUNTERS, DROPS, FLOW_PORTS, FLOWS, FRAGS, GUARD_CONFIG, LEARN, LIMITS, LOCAL_ADDRS,
-        LOCAL_LIST, POLICY_PORTS, POLICY_SRC4, POLICY_SRC6, RATE_OVERFLOW, RATE_STATE,
+        COUNTERS, DROPS, FLOW_PORTS, FLOWS, FLOWS4, FRAGS, FRAGS4, GUARD_CONFIG, LEARN, LIMITS,
+        LOCAL_ADDRS, LOCAL_LIST, POLICY_PORTS, POLICY_SRC4, POLICY_SRC6, RATE_OVERFLOW, RATE_STATE,
         REPORT_BUCKET, guard_count,
     },
     packet::Pkt,
@@ -305,16 +305,25 @@ fn addressed_to_host(m: &Headers) -> bool {
     unsafe { LOCAL_ADDRS.get(&key) }.is_some()
 }
 
-/// IPv4 names a datagram by (src, dst, id, protocol) (RFC 791); IPv6 by
-/// (src, dst, id) (RFC 8200), whatever extension headers follow.
-fn frag_key(m: &Headers, id: u32) -> FragKey {
+/// IPv4 names a datagram by (src, dst, id, protocol) (RFC 791), in
+/// `FRAGS4`; IPv6 by (src, dst, id) (RFC 8200), whatever extension headers
+/// follow, in `FRAGS`.
+#[inline(always)]
+fn frag4_key(m: &Headers, id: u32) -> Frag4Key {
+    Frag4Key {
+        proto: m.ip_proto,
+        _pad: [0; 3],
+        id,
+        src: [m.src[0], m.src[1], m.src[2], m.src[3]],
+        dst: [m.dst[0], m.dst[1], m.dst[2], m.dst[3]],
+    }
+}
+
+#[inline(always)]
+fn frag6_key(m: &Headers, id: u32) -> FragKey {
     FragKey {
         family: m.family,
-        proto: if m.family == AF_INET6 as u8 {
-            0
-        } else {
-            m.ip_proto
-        },
+        proto: 0,
         _pad: 0,
         id,
         src: m.src,
@@ -332,12 +341,21 @@ fn record_first_fragment(m: &Headers, verdict: &Verdict) {
         port: m.dport,
         _pad: 0,
     };
-    let _ = FRAGS.insert(frag_key(m, m.frag_id), decided, 0);
+    let _ = if m.family == AF_INET as u8 {
+        FRAGS4.insert(frag4_key(m, m.frag_id), decided, 0)
+    } else {
+        FRAGS.insert(frag6_key(m, m.frag_id), decided, 0)
+    };
 }
 
 /// A later fragment carries no ports: it follows its first fragment.
 fn later_fragment(m: &mut Headers, id: u32) -> Verdict {
-    let Some(first) = FRAGS.get_ptr(frag_key(m, id)) else {
+    let first = if m.family == AF_INET as u8 {
+        FRAGS4.get_ptr(frag4_key(m, id))
+    } else {
+        FRAGS.get_ptr(frag6_key(m, id))
+    };
+    let Some(first) = first else {
         return Err(DropReason::Fragment);
     };
     // SAFETY: a pointer from a map lookup is valid for reads.
@@ -595,16 +613,28 @@ fn reply_to_own_flow(m: &Headers, cfg: &GuardConfig) -> bool {
         Some(marks) if marks[byte] != 0 => {}
         _ => return false,
     }
-    let key = FlowKey {
-        family: m.family,
-        proto: m.proto,
-        _pad: 0,
-        local_port: m.dport,
-        remote_port: m.sport,
-        local: m.dst,
-        remote: m.src,
+    let last = if m.family == AF_INET as u8 {
+        FLOWS4.get_ptr(Flow4Key {
+            proto: m.proto,
+            _pad: 0,
+            local_port: m.dport,
+            remote_port: m.sport,
+            _pad2: 0,
+            local: [m.dst[0], m.dst[1], m.dst[2], m.dst[3]],
+            remote: [m.src[0], m.src[1], m.src[2], m.src[3]],
+        })
+    } else {
+        FLOWS.get_ptr(FlowKey {
+            family: m.family,
+            proto: m.proto,
+            _pad: 0,
+            local_port: m.dport,
+            remote_port: m.sport,
+            local: m.dst,
+            remote: m.src,
+        })
     };
-    let Some(last) = FLOWS.get_ptr(key) else {
+    let Some(last) = last else {
         return false;
     };
     // SAFETY: a pointer from a map lookup is valid for reads.

@@ -60,12 +60,12 @@ use aya::maps::{
     lpm_trie::{Key, LpmTrie},
 };
 #[cfg(feature = "test-helpers")]
-use portwatch_common::{FLOW_PORT_ENTRIES, FragKey, FragVerdict};
+use portwatch_common::{FLOW_PORT_ENTRIES, Frag4Key, FragKey, FragVerdict};
 use portwatch_common::{
-    FLOW_PORTS_PER_ENTRY, FlowKey, GUARD_AUDIT, GUARD_FORWARD_JUDGE, GUARD_LEARN, GUARD_STATS_LEN,
-    GuardConfig, GuardStat, IPPROTO_UDP, LOCAL_INLINE_V4, LOCAL_INLINE_V6, LearnKey, LearnStats,
-    LocalKey, LocalList, MAX_COUNTER_SLOTS, PortCounters, RateKey, RateLimit, RateState,
-    SRC4_KEY_LEN, SRC6_KEY_LEN, flow_port_byte, port_slot,
+    FLOW_PORTS_PER_ENTRY, Flow4Key, FlowKey, GUARD_AUDIT, GUARD_FORWARD_JUDGE, GUARD_LEARN,
+    GUARD_STATS_LEN, GuardConfig, GuardStat, IPPROTO_UDP, LOCAL_INLINE_V4, LOCAL_INLINE_V6,
+    LearnKey, LearnStats, LocalKey, LocalList, MAX_COUNTER_SLOTS, PortCounters, RateKey, RateLimit,
+    RateState, SRC4_KEY_LEN, SRC6_KEY_LEN, flow_port_byte, port_slot,
 };
 
 use crate::model::{Forwarded, Mode};
@@ -111,7 +111,7 @@ fn local_key(addr: &std::net::IpAddr) -> LocalKey {
     }
 }
 
-/// The `FLOWS` key of the host's flow from `local` to `remote` (ports 0
+/// The flow-table key of the host's flow from `local` to `remote` (ports 0
 /// for a protocol without ports).
 fn flow_key(proto: u8, local: SocketAddr, remote: SocketAddr) -> FlowKey {
     let (family, local_addr) = super::decode::kernel_addr(&local.ip());
@@ -124,6 +124,47 @@ fn flow_key(proto: u8, local: SocketAddr, remote: SocketAddr) -> FlowKey {
         remote_port: remote.port(),
         local: local_addr,
         remote: remote_addr,
+    }
+}
+
+/// The host's flows: `FLOWS4` holds the IPv4 ones under a 16-byte key,
+/// `FLOWS` the IPv6 ones (see `Flow4Key`).
+struct FlowTable {
+    v4: BpfHashMap<MapData, Flow4Key, u64>,
+    v6: BpfHashMap<MapData, FlowKey, u64>,
+}
+
+impl FlowTable {
+    fn insert(&mut self, key: FlowKey, monotonic_ns: u64) -> Result<()> {
+        match key.compact() {
+            Some(v4) => self
+                .v4
+                .insert(v4, monotonic_ns, 0)
+                .map_err(map_err(map::FLOWS4)),
+            None => self
+                .v6
+                .insert(key, monotonic_ns, 0)
+                .map_err(map_err(map::FLOWS)),
+        }
+    }
+
+    fn get(&self, key: &FlowKey) -> Option<u64> {
+        match key.compact() {
+            Some(v4) => self.v4.get(&v4, 0).ok(),
+            None => self.v6.get(key, 0).ok(),
+        }
+    }
+
+    #[cfg(feature = "test-helpers")]
+    fn clear(&mut self) {
+        let v4: Vec<Flow4Key> = self.v4.keys().filter_map(|k| k.ok()).collect();
+        for key in v4 {
+            let _ = self.v4.remove(&key);
+        }
+        let v6: Vec<FlowKey> = self.v6.keys().filter_map(|k| k.ok()).collect();
+        for key in v6 {
+            let _ = self.v6.remove(&key);
+        }
     }
 }
 
@@ -193,12 +234,14 @@ pub struct GuardMaps {
     src6: LpmTrie<MapData, [u8; SRC6_KEY_LEN], u8>,
     /// Seeded at start with the host's connected UDP sockets; written
     /// otherwise by tc egress (and by tests).
-    flows: BpfHashMap<MapData, FlowKey, u64>,
+    flows: FlowTable,
     /// Which local ports have flows (see `FLOW_PORTS_PER_ENTRY`).
     flow_ports: Array<MapData, [u8; FLOW_PORTS_PER_ENTRY as usize]>,
     /// Written only by tests (crafted fragment state).
     #[cfg(feature = "test-helpers")]
     frags: BpfHashMap<MapData, FragKey, FragVerdict>,
+    #[cfg(feature = "test-helpers")]
+    frags4: BpfHashMap<MapData, Frag4Key, FragVerdict>,
     counters: PerCpuArray<MapData, PortCounters>,
     stats: PerCpuArray<MapData, u64>,
     local: BpfHashMap<MapData, LocalKey, u8>,
@@ -220,10 +263,15 @@ impl GuardMaps {
             ports: take(ebpf, map::POLICY_PORTS)?,
             src4: take(ebpf, map::POLICY_SRC4)?,
             src6: take(ebpf, map::POLICY_SRC6)?,
-            flows: take(ebpf, map::FLOWS)?,
+            flows: FlowTable {
+                v4: take(ebpf, map::FLOWS4)?,
+                v6: take(ebpf, map::FLOWS)?,
+            },
             flow_ports: take(ebpf, map::FLOW_PORTS)?,
             #[cfg(feature = "test-helpers")]
             frags: take(ebpf, map::FRAGS)?,
+            #[cfg(feature = "test-helpers")]
+            frags4: take(ebpf, map::FRAGS4)?,
             counters: take(ebpf, map::COUNTERS)?,
             stats: take(ebpf, map::GUARD_STATS)?,
             local: take(ebpf, map::LOCAL_ADDRS)?,
@@ -451,10 +499,8 @@ impl GuardMaps {
         monotonic_ns: u64,
     ) -> Result<usize> {
         for flow in flows {
-            let key = flow_key(IPPROTO_UDP, flow.local, flow.remote);
             self.flows
-                .insert(key, monotonic_ns, 0)
-                .map_err(map_err(map::FLOWS))?;
+                .insert(flow_key(IPPROTO_UDP, flow.local, flow.remote), monotonic_ns)?;
         }
         self.mark_flow_ports(flows.iter().map(|f| port_slot(IPPROTO_UDP, f.local.port())))?;
         Ok(flows.len())
@@ -506,15 +552,13 @@ impl GuardMaps {
     /// When the host last sent from `local` to `remote` (CLOCK_MONOTONIC
     /// ns), if the tc program recorded the flow.
     pub fn flow_last_sent(&self, proto: u8, local: SocketAddr, remote: SocketAddr) -> Option<u64> {
-        self.flows.get(&flow_key(proto, local, remote), 0).ok()
+        self.flows.get(&flow_key(proto, local, remote))
     }
 
     /// Records an outbound flow as the tc program would (tests, benches).
     #[cfg(feature = "test-helpers")]
     pub fn record_flow(&mut self, key: FlowKey, monotonic_ns: u64) -> Result<()> {
-        self.flows
-            .insert(key, monotonic_ns, 0)
-            .map_err(map_err(map::FLOWS))?;
+        self.flows.insert(key, monotonic_ns)?;
         self.mark_flow_ports(std::iter::once(port_slot(key.proto, key.local_port)))
     }
 
@@ -522,13 +566,14 @@ impl GuardMaps {
     /// case to start from empty state).
     #[cfg(feature = "test-helpers")]
     pub fn clear_flows_and_fragments(&mut self) -> Result<()> {
-        let flows: Vec<FlowKey> = self.flows.keys().filter_map(|k| k.ok()).collect();
-        for key in flows {
-            let _ = self.flows.remove(&key);
-        }
+        self.flows.clear();
         let frags: Vec<FragKey> = self.frags.keys().filter_map(|k| k.ok()).collect();
         for key in frags {
             let _ = self.frags.remove(&key);
+        }
+        let frags4: Vec<Frag4Key> = self.frags4.keys().filter_map(|k| k.ok()).collect();
+        for key in frags4 {
+            let _ = self.frags4.remove(&key);
         }
         for entry in 0..FLOW_PORT_ENTRIES {
             self.flow_ports
