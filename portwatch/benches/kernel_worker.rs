@@ -7,6 +7,10 @@
 //!   of the guard, of two baselines from the benchmark object
 //!   (`bench_xdp_drop`, `bench_parse_drop`) and of xdp-filter's pinned program, on one frame
 //!   per traffic class; every program through the same syscall.
+//! - `pin-floor --path P`: loads `bench_parse_drop` (the guard's header
+//!   walk, then XDP_DROP) and pins it at P on bpffs, for the `veth`
+//!   section to attach natively as the floor of any filter that reads the
+//!   headers it judges.
 //! - `calls --cycles N [--port P]`: per-call latency of
 //!   socket/bind/listen/close (on 127.0.0.1:P, 0 by default), for the
 //!   monitor's and the bind hooks' cost to the host.
@@ -50,6 +54,7 @@ fn main() -> ExitCode {
     let result = match args.first().map(String::as_str) {
         Some("verdict") => verdict(&args[1..]),
         Some("calls") => calls(&args[1..]),
+        Some("pin-floor") => pin_floor(&args[1..]),
         _ => {
             eprintln!(
                 "kernel_worker: run by `cargo xtask bench --only verdict|host` (as root); \
@@ -83,6 +88,22 @@ fn opt_u32(args: &[String], name: &str, default: u32) -> Result<u32> {
         v.parse()
             .with_context(|| format!("{name} wants a number, not {v:?}"))
     })
+}
+
+// ---- pin-floor ----
+
+/// Pins `bench_parse_drop` at `--path` (on bpffs) and returns; the pin
+/// keeps the program loaded until it is removed.
+fn pin_floor(args: &[String]) -> Result<Value> {
+    let path = opt(args, "--path").context("pin-floor wants --path P")?;
+    let mut obj = EbpfLoader::new()
+        .load(OBJECT)
+        .context("loading portwatch's benchmark object")?;
+    let prog = baseline(&mut obj, "bench_parse_drop")?;
+    prog.load().context("loading bench_parse_drop")?;
+    prog.pin(path)
+        .with_context(|| format!("pinning bench_parse_drop at {path} (is bpffs mounted?)"))?;
+    Ok(json!({ "pinned": path }))
 }
 
 // ---- verdict ----

@@ -86,6 +86,43 @@ pub fn attach_bare(lab: &Lab, obj: &Path) -> Result<Attached> {
     Ok(attached)
 }
 
+/// The guard's header walk then XDP_DROP (`bench_parse_drop`), pinned on
+/// the host's bpffs by portwatch's `kernel_worker` and attached natively
+/// to the server's veth: the floor of any filter that reads the headers it
+/// judges (a bare XDP_DROP never touches the packet).
+pub fn attach_floor(lab: &Lab, worker: &Path) -> Result<Attached> {
+    let pin = Path::new("/sys/fs/bpf").join(portwatch_lab::unique_name("floor"));
+    let mut unpin = Command::new("rm");
+    unpin.arg("-f").arg(&pin);
+    // Undone on drop from here on, also when a step below fails.
+    let attached = Attached {
+        undo: vec![xdp_off(lab), unpin],
+        guard: None,
+    };
+    run_within(
+        Command::new("sh").args([
+            "-c",
+            "mountpoint -q /sys/fs/bpf || mount -t bpf bpf /sys/fs/bpf",
+        ]),
+        RUN_LIMIT,
+    )?;
+    run_within(
+        Command::new(worker).args(["pin-floor", "--path"]).arg(&pin),
+        RUN_LIMIT,
+    )
+    .context("pinning bench_parse_drop")?;
+    // nsenter keeps the host's mounts, where the pin is (`ip -n` would
+    // remount /sys).
+    run_within(
+        lab.server
+            .nsenter("ip")
+            .args(["link", "set", "dev", &lab.server_if, "xdpdrv", "pinned"])
+            .arg(&pin),
+        RUN_LIMIT,
+    )?;
+    Ok(attached)
+}
+
 /// `portwatch guard` on the lab's server veth in XDP `mode` (native or
 /// generic), enforcing a policy that permits `allow`, with pins and a
 /// control socket of its own; checked to be attached in that mode, not a

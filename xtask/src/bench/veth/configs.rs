@@ -6,7 +6,7 @@ use std::{path::Path, time::Duration};
 use anyhow::Result;
 use portwatch_lab::{Lab, run_within};
 
-use crate::bench::attach::{Attached, attach_bare, start_guard, xdp_off};
+use crate::bench::attach::{Attached, attach_bare, attach_floor, start_guard, xdp_off};
 
 /// The destination port of the flood; no configuration permits it.
 pub const FLOOD_PORT: u16 = 9;
@@ -20,16 +20,18 @@ pub enum Config {
     IptRaw,
     XdpFilter,
     BareDrop,
+    ParseDrop,
     PwNative,
     PwGeneric,
 }
 
-pub const CONFIGS: [Config; 7] = [
+pub const CONFIGS: [Config; 8] = [
     Config::None,
     Config::Nft,
     Config::IptRaw,
     Config::XdpFilter,
     Config::BareDrop,
+    Config::ParseDrop,
     Config::PwNative,
     Config::PwGeneric,
 ];
@@ -42,6 +44,7 @@ impl Config {
             Config::IptRaw => "iptables_raw",
             Config::XdpFilter => "xdp_filter_native",
             Config::BareDrop => "bare_xdp_drop",
+            Config::ParseDrop => "parse_drop_native",
             Config::PwNative => "portwatch_native",
             Config::PwGeneric => "portwatch_generic",
         }
@@ -54,6 +57,7 @@ impl Config {
             Config::IptRaw => "iptables raw PREROUTING drop",
             Config::XdpFilter => "xdp-filter (native)",
             Config::BareDrop => "bare XDP_DROP (native)",
+            Config::ParseDrop => "header walk, then XDP_DROP (native)",
             Config::PwNative => "portwatch guard (native XDP)",
             Config::PwGeneric => "portwatch guard (generic XDP)",
         }
@@ -76,8 +80,15 @@ const NFT_RULESET: &str = "table inet pwbench {
 ";
 
 /// Sets `config` up on the lab's server veth; `bare` is the bare
-/// XDP_DROP object, `portwatch` the guard's binary.
-pub fn attach(portwatch: &Path, lab: &Lab, config: Config, bare: &Path) -> Result<Attached> {
+/// XDP_DROP object, `portwatch` the guard's binary, `worker` portwatch's
+/// `kernel_worker` (which pins the header-walk floor).
+pub fn attach(
+    portwatch: &Path,
+    worker: &Path,
+    lab: &Lab,
+    config: Config,
+    bare: &Path,
+) -> Result<Attached> {
     let mut undo = Vec::new();
     let mut guard = None;
     match config {
@@ -131,6 +142,7 @@ pub fn attach(portwatch: &Path, lab: &Lab, config: Config, bare: &Path) -> Resul
             )?;
         }
         Config::BareDrop => return attach_bare(lab, bare),
+        Config::ParseDrop => return attach_floor(lab, worker),
         Config::PwNative => guard = Some(start_guard(portwatch, lab, "native", &[PERMITTED])?),
         Config::PwGeneric => guard = Some(start_guard(portwatch, lab, "generic", &[PERMITTED])?),
     }

@@ -21,6 +21,7 @@ use super::{
     Ctx, Section,
     attach::bare_program,
     stats::{column, config_table, median, rotated, spread, stats_json, verdict},
+    verdict::kernel_worker,
 };
 
 pub fn run(ctx: &Ctx) -> Result<Section> {
@@ -35,11 +36,12 @@ pub fn run(ctx: &Ctx) -> Result<Section> {
     lab.pin_neighbours()?;
     let bare = bare_program(&lab.dir, "bench_xdp_drop", 1)?;
     let cfg = flood_config(&lab)?;
+    let worker = kernel_worker(&ctx.root)?;
 
     let ksoftirqd = ksoftirqd_pids();
     let samples = rotated(rounds, CONFIGS.len(), |round, i| {
         let config = CONFIGS[i];
-        let attached = attach(&ctx.portwatch, &lab, config, &bare)
+        let attached = attach(&ctx.portwatch, &worker, &lab, config, &bare)
             .with_context(|| format!("setting up {}", config.label()))?;
         // trafgen now and then fails its last TX ring flush (EAGAIN):
         // try again, twice at most.
@@ -76,6 +78,7 @@ fn report(rounds: usize, n: u64, samples: &[Vec<Sample>]) -> Section {
     let pps = per_config(|s| s.pps);
     let cpu = per_config(|s| s.cpu_ns);
     let total = per_config(|s| s.total_ns);
+    let daemon = per_config(|s| s.daemon_ns);
     let med_pps = |c: Config| median(&pps[c.index()]);
     let med_cpu = |c: Config| median(&cpu[c.index()]);
     let cpu_vs_bare = med_cpu(Config::PwNative) / med_cpu(Config::BareDrop);
@@ -120,6 +123,7 @@ fn report(rounds: usize, n: u64, samples: &[Vec<Sample>]) -> Section {
                 "packets_per_s": stats_json(&pps[i]),
                 "cpu_ns_per_packet": stats_json(&cpu[i]),
                 "machine_busy_ns_per_packet": stats_json(&total[i]),
+                "daemon_cpu_ns_per_packet": stats_json(&daemon[i]),
             });
             (config.key(), row, json)
         }),
@@ -143,6 +147,22 @@ fn report(rounds: usize, n: u64, samples: &[Vec<Sample>]) -> Section {
         md,
         "- for reference, machine-wide busy time, portwatch native / bare: {total_vs_bare:.3}"
     );
+    let floor_vs_bare = med_cpu(Config::ParseDrop) / med_cpu(Config::BareDrop);
+    let _ = writeln!(
+        md,
+        "- the floor of a filter that reads the headers it judges (the guard's header walk, \
+         then XDP_DROP) / bare XDP_DROP, CPU per packet: {floor_vs_bare:.3}; portwatch native \
+         / that floor: {:.3}; throughput, that floor / xdp-filter: {:.3}",
+        med_cpu(Config::PwNative) / med_cpu(Config::ParseDrop),
+        med_pps(Config::ParseDrop) / med_pps(Config::XdpFilter)
+    );
+    let daemon_native = median(&daemon[Config::PwNative.index()]);
+    let _ = writeln!(
+        md,
+        "- of portwatch native's CPU per packet, its daemon's (drop reports, housekeeping): \
+         {daemon_native:.1} ns; the rest over bare XDP_DROP is the kernel's: {:.0} ns",
+        med_cpu(Config::PwNative) - med_cpu(Config::BareDrop) - daemon_native
+    );
     let mut targets_json = Vec::new();
     for (what, ratio, met) in targets {
         let _ = writeln!(md, "- {what}: {ratio:.3} — {}", verdict(met));
@@ -161,6 +181,8 @@ fn report(rounds: usize, n: u64, samples: &[Vec<Sample>]) -> Section {
                 "portwatch_native_pps_vs_nftables": vs_nft,
                 "portwatch_native_pps_vs_xdp_filter": vs_filter,
                 "portwatch_generic_pps_vs_native": med_pps(Config::PwGeneric) / med_pps(Config::PwNative),
+                "parse_drop_cpu_vs_bare": floor_vs_bare,
+                "portwatch_native_cpu_vs_parse_drop": med_cpu(Config::PwNative) / med_cpu(Config::ParseDrop),
             },
             "targets": targets_json,
         }),

@@ -17,6 +17,9 @@ pub struct Sample {
     /// its softirq context here) plus ksoftirqd's and the guard daemon's,
     /// per packet.
     pub cpu_ns: f64,
+    /// The guard daemon's share of `cpu_ns` (0 for the other
+    /// configurations): what the flood costs user space.
+    pub daemon_ns: f64,
     /// The whole machine's busy time, per packet.
     pub total_ns: f64,
     pub processed: u64,
@@ -52,7 +55,8 @@ pub fn measure(
     let daemon_cpu = || daemon.map_or(Ok(0.0), proc_cpu_seconds);
     let rx0 = server_rx_packets(lab)?;
     let cpu0 = cpu_busy_seconds()?;
-    let helpers0 = ksoftirqd_seconds(ksoftirqd) + daemon_cpu()?;
+    let daemon0 = daemon_cpu()?;
+    let helpers0 = ksoftirqd_seconds(ksoftirqd) + daemon0;
     // The shell reports its children's CPU time (trafgen and its worker,
     // both waited for) from its own /proc/PID/stat once trafgen is done.
     let mut cmd = lab.client.command("sh");
@@ -75,7 +79,8 @@ pub fn measure(
     let limit = Duration::from_secs(30 + n / 20_000);
     let out = run_within(&mut cmd, limit)?;
     let cpu1 = cpu_busy_seconds()?;
-    let helpers1 = ksoftirqd_seconds(ksoftirqd) + daemon_cpu()?;
+    let daemon1 = daemon_cpu()?;
+    let helpers1 = ksoftirqd_seconds(ksoftirqd) + daemon1;
     let rx1 = server_rx_packets(lab)?;
     let seconds = trafgen_seconds(&out)
         .with_context(|| format!("no timing line in trafgen's output:\n{out}"))?;
@@ -90,6 +95,7 @@ pub fn measure(
     Ok(Sample {
         pps: processed as f64 / seconds,
         cpu_ns: per_packet(generator + helpers1 - helpers0),
+        daemon_ns: per_packet(daemon1 - daemon0),
         total_ns: per_packet(cpu1 - cpu0),
         processed,
     })
