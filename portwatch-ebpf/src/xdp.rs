@@ -10,7 +10,7 @@ use aya_ebpf::{
     programs::XdpContext,
 };
 use portwatch_common::{
-    AF_INET, AF_INET6, DropReason, DropReport, Flow4Key, FlowKey, Frag4Key, FragKey, FragVerdict,
+    AF_INET, AF_INET6, DropReason, DropReport, FlowKey, Frag4Key, FragKey, FragVerdict,
     GUARD_AUDIT, GUARD_FORWARD_JUDGE, GUARD_LEARN, GUARD_PROBE, GuardConfig, GuardStat,
     IPPROTO_SCTP, IPPROTO_TCP, IPPROTO_UDP, LOCAL_INLINE_V4, LOCAL_INLINE_V6, LearnKey, LearnStats,
     LocalKey, PROBE_MAGIC, PassReason, RULE_ANY, RULE_CIDR, RULE_LIMIT, RateKey, RateLimit,
@@ -613,26 +613,19 @@ fn reply_to_own_flow(m: &Headers, cfg: &GuardConfig) -> bool {
         Some(marks) if marks[byte] != 0 => {}
         _ => return false,
     }
-    let last = if m.family == AF_INET as u8 {
-        FLOWS4.get_ptr(Flow4Key {
-            proto: m.proto,
-            _pad: 0,
-            local_port: m.dport,
-            remote_port: m.sport,
-            _pad2: 0,
-            local: [m.dst[0], m.dst[1], m.dst[2], m.dst[3]],
-            remote: [m.src[0], m.src[1], m.src[2], m.src[3]],
-        })
-    } else {
-        FLOWS.get_ptr(FlowKey {
-            family: m.family,
-            proto: m.proto,
-            _pad: 0,
-            local_port: m.dport,
-            remote_port: m.sport,
-            local: m.dst,
-            remote: m.src,
-        })
+    let key = FlowKey {
+        family: m.family,
+        proto: m.proto,
+        _pad: 0,
+        local_port: m.dport,
+        remote_port: m.sport,
+        local: m.dst,
+        remote: m.src,
+    };
+    // As tc egress recorded it: IPv4 under the compact key.
+    let last = match key.compact() {
+        Some(v4) => FLOWS4.get_ptr(v4),
+        None => FLOWS.get_ptr(key),
     };
     let Some(last) = last else {
         return false;

@@ -157,14 +157,17 @@ impl FlowTable {
 
     #[cfg(feature = "test-helpers")]
     fn clear(&mut self) {
-        let v4: Vec<Flow4Key> = self.v4.keys().filter_map(|k| k.ok()).collect();
-        for key in v4 {
-            let _ = self.v4.remove(&key);
-        }
-        let v6: Vec<FlowKey> = self.v6.keys().filter_map(|k| k.ok()).collect();
-        for key in v6 {
-            let _ = self.v6.remove(&key);
-        }
+        empty(&mut self.v4);
+        empty(&mut self.v6);
+    }
+}
+
+/// Removes every entry of `table` (tests that start from empty state).
+#[cfg(feature = "test-helpers")]
+fn empty<K: aya::Pod, V: aya::Pod>(table: &mut BpfHashMap<MapData, K, V>) {
+    let keys: Vec<K> = table.keys().filter_map(|k| k.ok()).collect();
+    for key in keys {
+        let _ = table.remove(&key);
     }
 }
 
@@ -567,14 +570,8 @@ impl GuardMaps {
     #[cfg(feature = "test-helpers")]
     pub fn clear_flows_and_fragments(&mut self) -> Result<()> {
         self.flows.clear();
-        let frags: Vec<FragKey> = self.frags.keys().filter_map(|k| k.ok()).collect();
-        for key in frags {
-            let _ = self.frags.remove(&key);
-        }
-        let frags4: Vec<Frag4Key> = self.frags4.keys().filter_map(|k| k.ok()).collect();
-        for key in frags4 {
-            let _ = self.frags4.remove(&key);
-        }
+        empty(&mut self.frags);
+        empty(&mut self.frags4);
         for entry in 0..FLOW_PORT_ENTRIES {
             self.flow_ports
                 .set(entry, [0; FLOW_PORTS_PER_ENTRY as usize], 0)
