@@ -21,6 +21,7 @@ pub mod listening;
 pub mod name;
 pub mod netns;
 pub mod process;
+pub mod tcx;
 pub mod temp;
 pub mod tools;
 pub mod veth;

@@ -75,6 +75,8 @@ pub mod prog {
     /// The guard's read-only twin, test-run by `explain` and `verify`.
     pub const XDP_PROBE: &str = "xdp_probe";
     pub const TC_EGRESS: &str = "tc_egress";
+    /// The guard's verdict at tc ingress (software devices such as veth).
+    pub const TC_GUARD: &str = "tc_guard";
 
     /// Every program of the shipped object.
     pub const ALL: &[&str] = &[
@@ -85,6 +87,7 @@ pub mod prog {
         XDP_GUARD,
         XDP_PROBE,
         TC_EGRESS,
+        TC_GUARD,
     ];
 
     /// Benchmark baselines, in the separate benchmark object only.

@@ -9,7 +9,7 @@ use aya_ebpf::{
     macros::{cgroup_sock, classifier, tracepoint, xdp},
     programs::{SockContext, TcContext, TracePointContext, XdpContext},
 };
-use portwatch_ebpf::{flows, listen, xdp};
+use portwatch_ebpf::{flows, guard, listen};
 
 /// The kernel reads the licence from this section; GPL-compatible, so that
 /// the programs may use every helper they call.
@@ -47,14 +47,21 @@ pub fn sock_release(ctx: SockContext) -> i32 {
 /// The guard: inbound verdicts. `frags` lets it attach on jumbo MTUs.
 #[xdp(frags)]
 pub fn xdp_guard(ctx: XdpContext) -> u32 {
-    xdp::try_xdp_guard(&ctx)
+    guard::try_xdp_guard(&ctx)
+}
+
+/// The guard at tc ingress, for software devices (veth), where XDP would
+/// copy each skb the kernel already built: the same verdict.
+#[classifier]
+pub fn tc_guard(ctx: TcContext) -> i32 {
+    guard::try_tc_guard(&ctx)
 }
 
 /// The guard's read-only twin for `explain` and `verify`: never attached,
 /// only test-run on probe frames.
 #[xdp(frags)]
 pub fn xdp_probe(ctx: XdpContext) -> u32 {
-    xdp::try_xdp_probe(&ctx)
+    guard::try_xdp_probe(&ctx)
 }
 
 /// The guard's egress side: records the host's outbound UDP flows.

@@ -130,6 +130,13 @@ pub static COUNTERS: PerCpuArray<PortCounters> =
 #[map]
 pub static GUARD_STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(GUARD_STATS_LEN, 0);
 
+/// Where tc's header walk loads bytes that lie past an skb's linear part
+/// (`bpf_skb_load_bytes` needs memory to write to): here rather than on
+/// the stack, which the verifier caps at 512 bytes for the whole call
+/// chain, and where each inlined read would take a slot of its own.
+#[map]
+pub static SKB_SCRATCH: PerCpuArray<[u64; 8]> = PerCpuArray::with_max_entries(1, 0);
+
 /// Rate limit state of drop reports.
 #[map]
 pub static REPORT_BUCKET: PerCpuArray<ReportBucket> = PerCpuArray::with_max_entries(1, 0);

@@ -503,12 +503,14 @@ pub struct NotOwnerEvent {
     pub owner: String,
 }
 
-/// The XDP attach mode an interface got.
+/// How the guard's verdict runs on an interface: XDP in the driver
+/// (native) or on the skb (generic), or at tc ingress on the skb.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum AttachedMode {
     Native,
     Generic,
+    Tc,
 }
 
 impl AttachedMode {
@@ -516,6 +518,16 @@ impl AttachedMode {
         match self {
             AttachedMode::Native => "native",
             AttachedMode::Generic => "generic",
+            AttachedMode::Tc => "tc",
+        }
+    }
+
+    /// The hook in words: "native XDP", "generic XDP", "tc ingress".
+    pub fn hook(self) -> &'static str {
+        match self {
+            AttachedMode::Native => "native XDP",
+            AttachedMode::Generic => "generic XDP",
+            AttachedMode::Tc => "tc ingress",
         }
     }
 }

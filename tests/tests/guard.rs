@@ -520,9 +520,10 @@ fn server_ifindex(lab: &Lab) -> Result<u64> {
         .with_context(|| format!("no ifindex in {link:?}"))
 }
 
-/// The ids of the tcx egress links that process `pid` holds on `ifindex`
-/// (from /proc/PID/fdinfo: bpftool 7.1 cannot show tcx links).
-fn tcx_egress_links(pid: u32, ifindex: u64) -> Result<Vec<u64>> {
+/// The ids of the tcx links in direction `dir` (ingress, egress) that
+/// process `pid` holds on `ifindex` (from /proc/PID/fdinfo: bpftool 7.1
+/// cannot show tcx links).
+fn tcx_links(pid: u32, ifindex: u64, dir: &str) -> Result<Vec<u64>> {
     let mut ids = Vec::new();
     for entry in std::fs::read_dir(format!("/proc/{pid}/fdinfo"))? {
         let Ok(info) = std::fs::read_to_string(entry?.path()) else {
@@ -535,7 +536,7 @@ fn tcx_egress_links(pid: u32, ifindex: u64) -> Result<Vec<u64>> {
         };
         if field("link_type:").as_deref() == Some("tcx")
             && field("ifindex:").and_then(|i| i.parse::<u64>().ok()) == Some(ifindex)
-            && field("attach_type:").is_some_and(|t| t.contains("egress"))
+            && field("attach_type:").is_some_and(|t| t.contains(dir))
             && let Some(id) = field("link_id:").and_then(|i| i.parse().ok())
         {
             ids.push(id);
@@ -580,6 +581,7 @@ fn guard_with_an_invalid_policy_exits_and_attaches_nothing() -> Result {
     assert!(!out.stdout.contains("\"ready\""), "{out:?}");
     let link = lab.server_link()?;
     assert!(!link.contains("xdp"), "{link}");
+    assert_eq!(lab.server_guard_mode()?, None);
     let filters = tc_filters(&lab)?;
     assert!(filters.trim().is_empty(), "{filters}");
     Ok(())
@@ -592,14 +594,19 @@ fn stopping_the_guard_detaches_it_and_prints_the_summary_last() -> Result {
     let policy = TempFile::new("pol", "allow = [\"udp/53\"]\n")?;
     let mut pw = start_guard(&lab, &policy, &["--detach-on-exit"])?;
 
-    let link = lab.server_link()?;
-    assert!(
-        link.contains("prog/xdp") && link.contains("xdp_guard"),
-        "{link}"
+    // On a veth the verdict runs at tc ingress (tcx on this kernel).
+    assert_eq!(lab.server_guard_mode()?, Some("tc"));
+    let ifindex = server_ifindex(&lab)?;
+    let ingress = tcx_links(pw.pid(), ifindex, "ingress")?;
+    assert_eq!(
+        ingress.len(),
+        1,
+        "tcx ingress links of the guard: {ingress:?}"
     );
-    // tc egress (tcx on this kernel) records the host's own flows.
-    let tcx = tcx_egress_links(pw.pid(), server_ifindex(&lab)?)?;
+    // tc egress records the host's own flows.
+    let mut tcx = tcx_links(pw.pid(), ifindex, "egress")?;
     assert_eq!(tcx.len(), 1, "tcx egress links of the guard: {tcx:?}");
+    tcx.extend(ingress);
     assert!(!tcp_reachable(&lab.client, lab.server_v4(), 8081)?);
     wait_drop(&mut pw, "tcp", lab.client_v4(), 8081)?;
 
@@ -621,6 +628,7 @@ fn stopping_the_guard_detaches_it_and_prints_the_summary_last() -> Result {
         !link.contains("prog/xdp") && !link.contains("xdp"),
         "{link}"
     );
+    assert_eq!(lab.server_guard_mode()?, None);
     let filters = tc_filters(&lab)?;
     assert!(filters.trim().is_empty(), "{filters}");
     // The kernel releases links shortly after their last fd closes.
@@ -634,7 +642,7 @@ fn stopping_the_guard_detaches_it_and_prints_the_summary_last() -> Result {
     }
     assert!(
         !tcx.iter().any(|id| left.contains(id)),
-        "the tcx egress link {tcx:?} outlived the guard"
+        "the guard's tcx links {tcx:?} outlived it"
     );
     // With the guard gone, the port it blocked is reachable.
     assert!(tcp_reachable(&lab.client, lab.server_v4(), 8081)?);
@@ -716,6 +724,7 @@ fn guard_refuses_to_cut_off_the_ssh_session_it_runs_in_unless_forced() -> Result
     );
     let link = lab.server_link()?;
     assert!(!link.contains("xdp"), "{link}");
+    assert_eq!(lab.server_guard_mode()?, None);
 
     let forced = guard(&["--force"], Some("\"ready\""))?;
     assert!(forced.stdout.contains("\"ready\""), "{forced:?}");
@@ -1155,7 +1164,7 @@ fn a_rate_limit_holds_back_one_source_and_not_another() -> Result {
 }
 
 #[test]
-fn auto_attaches_generic_xdp_on_a_veth_and_says_why() -> Result {
+fn auto_judges_a_veth_at_tc_ingress_and_says_why() -> Result {
     let lab = Lab::new()?;
     let policy = TempFile::new("auto-mode", "allow = [\"tcp/8080\"]\n")?;
     let status_of = || -> Result<Value> {
@@ -1165,36 +1174,42 @@ fn auto_attaches_generic_xdp_on_a_veth_and_says_why() -> Result {
         ensure!(out.status.success(), "{out:?}");
         Ok(serde_json::from_slice(&out.stdout)?)
     };
+    let _server = tcp_server(&lab.server, 8080)?;
     let mut pw = start_guard(&lab, &policy, &[])?;
     assert!(
-        pw.stderr().contains("generic XDP") && pw.stderr().contains("veth: native XDP would copy"),
+        pw.stderr().contains("(tc ingress,") && pw.stderr().contains("veth: XDP would copy"),
         "{}",
         pw.stderr()
     );
     let status = status_of()?;
     let iface = &status["interfaces"][0];
-    assert_eq!(iface["xdp_mode"], "generic", "{status}");
+    assert_eq!(iface["xdp_mode"], "tc", "{status}");
     assert!(
         iface["why"]
             .as_str()
             .is_some_and(|w| w.starts_with("veth:")),
         "{iface}"
     );
+    assert_eq!(lab.server_guard_mode()?, Some("tc"));
     assert!(
-        lab.server_link()?.contains("xdpgeneric"),
+        !lab.server_link()?.contains("xdp"),
         "{}",
         lab.server_link()?
     );
-    let _server = tcp_server(&lab.server, 8080)?;
     assert!(tcp_reachable(&lab.client, lab.server_v4(), 8080)?);
     assert!(!tcp_reachable(&lab.client, lab.server_v4(), 9090)?);
     pw.stop()?;
 
-    // Asked for, native it is.
-    let mut pw = start_guard(&lab, &policy, &["--xdp-mode", "native"])?;
-    let status = status_of()?;
-    assert_eq!(status["interfaces"][0]["xdp_mode"], "native", "{status}");
-    assert!(status["interfaces"][0].get("why").is_none(), "{status}");
-    pw.stop()?;
+    // Asked for, XDP it is, with the same verdicts.
+    for mode in ["generic", "native"] {
+        let mut pw = start_guard(&lab, &policy, &["--xdp-mode", mode])?;
+        let status = status_of()?;
+        assert_eq!(status["interfaces"][0]["xdp_mode"], mode, "{status}");
+        assert!(status["interfaces"][0].get("why").is_none(), "{status}");
+        assert_eq!(lab.server_guard_mode()?, Some(mode));
+        assert!(tcp_reachable(&lab.client, lab.server_v4(), 8080)?);
+        assert!(!tcp_reachable(&lab.client, lab.server_v4(), 9090)?);
+        pw.stop()?;
+    }
     Ok(())
 }

@@ -552,6 +552,7 @@ fn a_bad_metrics_address_or_a_port_in_use_stops_the_guard_at_start() -> Result {
     );
     // It stopped before attaching or pinning anything.
     assert!(!lab.server_link()?.contains("prog/xdp"));
+    assert_eq!(lab.server_guard_mode()?, None);
     assert!(!paths.pins.exists(), "{:?} was created", paths.pins);
     Ok(())
 }

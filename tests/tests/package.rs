@@ -437,8 +437,15 @@ fn network_up(ns: &Netns, tag: &str, net: u8) -> Result<String> {
     Ok(a)
 }
 
-fn xdp_attached(ns: &Netns, iface: &str) -> Result<bool> {
-    Ok(run("ip", &["-n", &ns.name, "link", "show", "dev", iface])?.contains("prog/xdp"))
+/// Whether the guard's verdict is on `iface` in `ns`: in XDP (`ip link`)
+/// or at tc ingress (a tcx link, auto's choice on a veth).
+fn guard_attached(ns: &Netns, iface: &str) -> Result<bool> {
+    if run("ip", &["-n", &ns.name, "link", "show", "dev", iface])?.contains("prog/xdp") {
+        return Ok(true);
+    }
+    let net: serde_json::Value =
+        serde_json::from_str(&bpftool_net(ns, iface)?).context("bpftool's JSON")?;
+    Ok(net.to_string().contains("tc_guard"))
 }
 
 /// What bpftool sees on `iface` in `ns` (XDP and tc programs), as JSON text.
@@ -451,16 +458,20 @@ fn bpftool_net(ns: &Netns, iface: &str) -> Result<String> {
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
-/// The id of the pinned XDP link of `iface` under `pin_dir`: the same id
-/// after a restart means the guard adopted the link (no moment without
-/// it), not re-created it.
-fn xdp_link_id(pin_dir: &Path, iface: &str) -> Result<u64> {
+/// The id of the pinned guard link of `iface` under `pin_dir` (XDP, or tc
+/// ingress): the same id after a restart means the guard adopted the link
+/// (no moment without it), not re-created it.
+fn guard_link_id(pin_dir: &Path, iface: &str) -> Result<u64> {
     let links = pin_dir.join("links");
-    let pin = ["native", "generic"]
-        .iter()
-        .map(|mode| links.join(format!("xdp-{mode}-{iface}")))
-        .find(|p| p.exists())
-        .with_context(|| format!("no pinned XDP link of {iface} in {}", links.display()))?;
+    let pin = [
+        format!("xdp-native-{iface}"),
+        format!("xdp-generic-{iface}"),
+        format!("ingress-{iface}"),
+    ]
+    .iter()
+    .map(|name| links.join(name))
+    .find(|p| p.exists())
+    .with_context(|| format!("no pinned guard link of {iface} in {}", links.display()))?;
     let out = run(
         "bpftool",
         &[
@@ -610,7 +621,7 @@ fn install_serve_upgrade_and_purge() -> Result {
     let waited = Instant::now();
     svc.wait_note("READY=1", Duration::from_secs(30))?;
     ensure!(
-        xdp_attached(&ns, &iface)?,
+        guard_attached(&ns, &iface)?,
         "READY=1 before XDP is on {iface}"
     );
     eprintln!(
@@ -652,17 +663,23 @@ fn install_serve_upgrade_and_purge() -> Result {
     ensure!(policy.contains("tcp/8080"), "not reloaded: {policy}");
 
     // kill -9: enforcement stays; the restarted service adopts it.
-    let link = xdp_link_id(&private(PIN_DIR), &iface)?;
+    let link = guard_link_id(&private(PIN_DIR), &iface)?;
     signal(svc.pid(), libc::SIGKILL)?;
     svc.wait_exit(Duration::from_secs(10))?;
-    ensure!(xdp_attached(&ns, &iface)?, "XDP went with the killed guard");
+    ensure!(
+        guard_attached(&ns, &iface)?,
+        "the guard's program went with the killed guard"
+    );
     ensure!(pinned.is_dir(), "the pins went with the killed guard");
     let mut svc = Service::start(&unit, &ns, Some(mounts.pid()))?;
     svc.wait_note("READY=1", Duration::from_secs(30))?;
     svc.wait_log("adopted the pinned datapath", Duration::from_secs(5))?;
-    ensure!(xdp_attached(&ns, &iface)?, "not attached after the restart");
+    ensure!(
+        guard_attached(&ns, &iface)?,
+        "not attached after the restart"
+    );
     assert_eq!(
-        xdp_link_id(&private(PIN_DIR), &iface)?,
+        guard_link_id(&private(PIN_DIR), &iface)?,
         link,
         "the restart replaced the XDP link instead of adopting it"
     );
@@ -670,14 +687,14 @@ fn install_serve_upgrade_and_purge() -> Result {
     signal(svc.pid(), libc::SIGTERM)?;
     let stopped = svc.wait_exit(Duration::from_secs(20))?;
     ensure!(stopped.success(), "stop: {stopped}\n{}", svc.log());
-    ensure!(xdp_attached(&ns, &iface)?, "a stop detached the guard");
+    ensure!(guard_attached(&ns, &iface)?, "a stop detached the guard");
     let down = Command::new("nsenter")
         .arg(format!("--mount=/proc/{}/ns/mnt", mounts.pid()))
         .arg(format!("--net=/run/netns/{}", ns.name))
         .args([BIN, "down"])
         .output()?;
     ensure!(down.status.success(), "portwatch down: {down:?}");
-    ensure!(!xdp_attached(&ns, &iface)?, "still attached after down");
+    ensure!(!guard_attached(&ns, &iface)?, "still attached after down");
     drop(mounts);
 
     // ---- upgrade while a guard of the first version runs (host paths) ----
@@ -685,12 +702,12 @@ fn install_serve_upgrade_and_purge() -> Result {
     let iface2 = network_up(&ns2, "u", net.wrapping_add(1))?;
     let mut old = Service::start(&unit, &ns2, None)?;
     old.wait_note("READY=1", Duration::from_secs(30))?;
-    let link = xdp_link_id(Path::new(PIN_DIR), &iface2)?;
+    let link = guard_link_id(Path::new(PIN_DIR), &iface2)?;
     let upgrade = dpkg(&["-i", next_s])?;
     assert_eq!(installed_version()?, next_version);
     ensure!(old.running()?, "the upgrade stopped the guard:\n{upgrade}");
     ensure!(
-        xdp_attached(&ns2, &iface2)?,
+        guard_attached(&ns2, &iface2)?,
         "the upgrade detached the guard"
     );
     assert_eq!(
@@ -706,12 +723,15 @@ fn install_serve_upgrade_and_purge() -> Result {
     signal(old.pid(), libc::SIGTERM)?;
     ensure!(old.wait_exit(Duration::from_secs(20))?.success());
     old.wait_log("enforcement stays", Duration::from_secs(5))?;
-    ensure!(xdp_attached(&ns2, &iface2)?, "detached between the guards");
+    ensure!(
+        guard_attached(&ns2, &iface2)?,
+        "detached between the guards"
+    );
     let mut new = Service::start(&Unit::read(UNIT)?, &ns2, None)?;
     new.wait_note("READY=1", Duration::from_secs(30))?;
     new.wait_log("adopted the pinned datapath", Duration::from_secs(5))?;
     assert_eq!(
-        xdp_link_id(Path::new(PIN_DIR), &iface2)?,
+        guard_link_id(Path::new(PIN_DIR), &iface2)?,
         link,
         "the upgraded guard replaced the XDP link instead of adopting it"
     );
@@ -728,7 +748,10 @@ fn install_serve_upgrade_and_purge() -> Result {
     );
     let left = bpftool_net(&ns2, &iface2)?;
     ensure!(
-        !xdp_attached(&ns2, &iface2)? && !left.contains("xdp_guard") && !left.contains("tc_egress"),
+        !guard_attached(&ns2, &iface2)?
+            && !left.contains("xdp_guard")
+            && !left.contains("tc_guard")
+            && !left.contains("tc_egress"),
         "still attached after purge: {left}"
     );
     for path in [PIN_DIR, SOCKET, BIN, UNIT, WANTS, "/etc/portwatch"] {
@@ -1034,7 +1057,10 @@ fn systemd_runs_the_unit_in_a_booted_container() -> Result {
         Ok(unit_property(init, "ActiveState").is_ok_and(|s| s == "active"))
     })
     .with_context(|| journal(init).unwrap_or_default())?;
-    ensure!(xdp_attached(&ns, &iface)?, "active, but no XDP on {iface}");
+    ensure!(
+        guard_attached(&ns, &iface)?,
+        "active, but no guard program on {iface}"
+    );
     assert_eq!(unit_property(init, "Type")?, "notify");
 
     // Socket activation under an owner rule: systemd re-binds the socket
@@ -1168,15 +1194,18 @@ fn systemd_runs_the_unit_in_a_booted_container() -> Result {
     })?;
 
     // kill -9: Restart=on-failure, and the new guard adopts the pinned link.
-    let link = xdp_link_id(&bpffs.0.join("portwatch"), &iface)?;
+    let link = guard_link_id(&bpffs.0.join("portwatch"), &iface)?;
     inside(init, &["systemctl", "kill", "-s", "KILL", "portwatch"])?;
     std::thread::sleep(Duration::from_millis(300));
-    ensure!(xdp_attached(&ns, &iface)?, "XDP went with the killed guard");
+    ensure!(
+        guard_attached(&ns, &iface)?,
+        "the guard's program went with the killed guard"
+    );
     wait_until(Duration::from_secs(30), "restarted after kill -9", || {
         Ok(unit_property(init, "NRestarts")? == "1"
             && unit_property(init, "ActiveState")? == "active")
     })?;
-    assert_eq!(xdp_link_id(&bpffs.0.join("portwatch"), &iface)?, link);
+    assert_eq!(guard_link_id(&bpffs.0.join("portwatch"), &iface)?, link);
     ensure!(
         journal(init)?.contains("adopted the pinned datapath"),
         "the restarted guard did not adopt"
@@ -1184,9 +1213,9 @@ fn systemd_runs_the_unit_in_a_booted_container() -> Result {
 
     // systemctl stop keeps enforcement; portwatch down removes it.
     inside(init, &["systemctl", "stop", "portwatch"])?;
-    ensure!(xdp_attached(&ns, &iface)?, "a stop detached the guard");
+    ensure!(guard_attached(&ns, &iface)?, "a stop detached the guard");
     inside(init, &["portwatch", "down"])?;
-    ensure!(!xdp_attached(&ns, &iface)?, "still attached after down");
+    ensure!(!guard_attached(&ns, &iface)?, "still attached after down");
     drop(container);
     Ok(())
 }

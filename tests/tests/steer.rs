@@ -41,8 +41,9 @@ fn eventually(
     }
 }
 
-fn xdp_attached(lab: &Lab) -> Result<bool> {
-    Ok(lab.server_link()?.contains("prog/xdp"))
+/// Whether the guard's verdict is attached (tc ingress on a veth).
+fn guard_attached(lab: &Lab) -> Result<bool> {
+    Ok(lab.server_guard_mode()?.is_some())
 }
 
 #[test]
@@ -86,8 +87,8 @@ fn runtime_allow_and_deny_apply_at_once_persist_and_survive_a_restart() -> Resul
     pw.stop()?;
     assert!(pw.stderr().contains("enforcement stays"), "{}", pw.stderr());
     assert!(
-        xdp_attached(&lab)?,
-        "the pinned XDP link went with the daemon"
+        guard_attached(&lab)?,
+        "the pinned guard link went with the daemon"
     );
     assert!(tcp_reachable(&lab.client, server, 9090)?);
     assert!(!tcp_reachable(&lab.client, server, 8080)?);
@@ -105,7 +106,7 @@ fn runtime_allow_and_deny_apply_at_once_persist_and_survive_a_restart() -> Resul
 
     // `down` removes everything.
     succeeded(&paths.client(&["down", "--pin-dir", path_str(&paths.pins)?])?)?;
-    assert!(!xdp_attached(&lab)?);
+    assert!(!guard_attached(&lab)?);
     assert!(!paths.pins.exists(), "{:?} still exists", paths.pins);
     assert!(tcp_reachable(&lab.client, server, 8080)?);
     Ok(())
@@ -186,7 +187,10 @@ fn kill_9_under_traffic_leaves_enforcement_in_place_and_a_restart_adopts_it() ->
     portwatch_tests::signal(pw.pid(), libc::SIGKILL)?;
     let _ = pw.stop();
     std::thread::sleep(Duration::from_millis(300));
-    assert!(xdp_attached(&lab)?, "kill -9 took the XDP program with it");
+    assert!(
+        guard_attached(&lab)?,
+        "kill -9 took the guard's program with it"
+    );
     assert!(
         tcp_reachable(&lab.client, server, 8080)?,
         "the permitted port stopped working"
@@ -534,8 +538,8 @@ fn a_guarded_interface_that_is_deleted_and_re_created_is_guarded_again() -> Resu
     })?;
     assert_eq!(back["iface"], lab.server_if.as_str());
     assert!(
-        xdp_attached(&lab)?,
-        "no XDP program on the re-created interface"
+        guard_attached(&lab)?,
+        "no guard program on the re-created interface"
     );
     let _web = tcp_server(&lab.server, 8080)?;
     let _db = tcp_server(&lab.server, 5432)?;
@@ -624,7 +628,8 @@ fn twenty_restarts_under_traffic_never_open_a_gap() -> Result {
         4000,
         "datagrams to the permitted port were dropped"
     );
-    // Nothing pinned twice: one XDP and one tc link for the one interface,
+    // Nothing pinned twice: one tc ingress (the verdict) and one tc egress
+    // link for the one interface,
     // and one link per monitor hook.
     let mut links: Vec<String> = std::fs::read_dir(paths.pins.join("links"))?
         .filter_map(|e| e.ok()?.file_name().into_string().ok())
@@ -633,7 +638,7 @@ fn twenty_restarts_under_traffic_never_open_a_gap() -> Result {
     let iface = &lab.server_if;
     let mut want = vec![
         format!("tc-{iface}"),
-        format!("xdp-generic-{iface}"),
+        format!("ingress-{iface}"),
         "hook-inet_sock_set_state".to_owned(),
         "hook-post_bind4".to_owned(),
         "hook-post_bind6".to_owned(),
@@ -838,7 +843,7 @@ fn an_unconfirmed_change_does_not_outlive_the_guard() -> Result {
     assert!(tcp_reachable(&lab.client, server, 9090)?);
     pw.stop()?;
     assert!(pw.stderr().contains("was not confirmed"), "{}", pw.stderr());
-    assert!(xdp_attached(&lab)?);
+    assert!(guard_attached(&lab)?);
     assert!(tcp_reachable(&lab.client, server, 8080)?);
     assert!(!tcp_reachable(&lab.client, server, 9090)?);
     assert_eq!(text_of(policy.as_str()?)?.as_deref(), Some(before));

@@ -1,12 +1,14 @@
 //! Attaching the guard to an interface: tc egress (the host's own UDP
-//! flows) first, then XDP (the verdicts). New links are pinned so that
-//! enforcement outlives the daemon; links a previous guard pinned are
-//! adopted with an atomic program swap.
+//! flows) first, then the verdicts, in XDP or at tc ingress. New links are
+//! pinned so that enforcement outlives the daemon; links a previous guard
+//! pinned are adopted with an atomic program swap.
+
+use std::path::Path;
 
 use aya::programs::{
-    SchedClassifier, TcAttachType, Xdp, XdpMode as AyaXdpMode,
+    LinkOrder, SchedClassifier, TcAttachType, Xdp, XdpMode as AyaXdpMode,
     links::{FdLink, PinnedLink},
-    tc::{self, SchedClassifierLink},
+    tc::{self, SchedClassifierLink, TcAttachOptions},
     xdp::XdpLink,
 };
 use portwatch_common::prog;
@@ -19,15 +21,31 @@ use crate::{
     iface::ifindex,
 };
 
-/// The XDP attach mode asked for.
+/// How the guard's verdict is asked to run.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum XdpMode {
-    /// Per interface (see [`auto_mode`]): generic on veth and tun
-    /// devices, else native, falling back to generic with a notice.
+    /// Per interface (see [`auto_mode`]): tc ingress on veth, generic XDP
+    /// on tun devices, else native XDP, falling back to generic with a
+    /// notice.
     #[default]
     Auto,
     Native,
     Generic,
+    /// At tc ingress, on the skb: no XDP at all.
+    Tc,
+}
+
+impl XdpMode {
+    /// The mode an attachment in this mode ends up in; None for `Auto`,
+    /// which may fall back.
+    pub fn attaches_as(self) -> Option<AttachedMode> {
+        match self {
+            XdpMode::Auto => None,
+            XdpMode::Native => Some(AttachedMode::Native),
+            XdpMode::Generic => Some(AttachedMode::Generic),
+            XdpMode::Tc => Some(AttachedMode::Tc),
+        }
+    }
 }
 
 /// How the guard sits on one interface.
@@ -42,12 +60,24 @@ pub struct Attached {
 }
 
 /// What `auto` attaches with on an interface of `kind` (None: hardware),
-/// and why when it is not native: native XDP on a veth or a tun device
-/// must copy each packet, already in an skb, into an XDP buffer (large TCP
-/// segments linearised), which costs more than generic XDP on the skb.
+/// and why when it is not native. A veth or a tun device receives packets
+/// already in an skb: native XDP must copy each into an XDP buffer (large
+/// TCP segments linearised), and generic XDP copies every skb that is
+/// non-linear or short of 256 bytes of headroom, which is every large TCP
+/// segment. On a veth the verdict runs at tc ingress instead, on the skb
+/// as it is. A tun device may carry bare IP packets (no Ethernet header),
+/// which only XDP's parse is tested on: it keeps generic XDP.
 pub fn auto_mode(kind: Option<&str>) -> (XdpMode, Option<String>) {
     match kind {
-        Some(k @ ("veth" | "tun")) => (
+        Some(k @ "veth") => (
+            XdpMode::Tc,
+            Some(format!(
+                "{k}: XDP would copy every large packet (native: into an XDP buffer; generic: \
+                 out of the skb); tc ingress judges the skb as it is, with the same verdicts \
+                 (--xdp-mode native or generic to force XDP)"
+            )),
+        ),
+        Some(k @ "tun") => (
             XdpMode::Generic,
             Some(format!(
                 "{k}: native XDP would copy every packet into an XDP buffer; generic costs less \
@@ -70,7 +100,13 @@ pub(crate) fn attach(
 ) -> Result<Attached> {
     let ifindex = ifindex(iface)?;
     attach_tc(pins, ebpf, iface, held)?;
-    let xdp_mode = attach_xdp(pins, ebpf, iface, mode, held)?;
+    // A link a previous guard pinned is adopted in the mode it has.
+    let xdp_mode = match pins.pinned_guard(iface) {
+        Some((pin, AttachedMode::Tc)) => adopt_tc_guard(ebpf, iface, &pin)?,
+        Some(_) => attach_xdp(pins, ebpf, iface, mode, held)?,
+        None if mode == XdpMode::Tc => attach_tc_guard(pins, ebpf, iface, held)?,
+        None => attach_xdp(pins, ebpf, iface, mode, held)?,
+    };
     Ok(Attached {
         why: None,
         iface: iface.to_string(),
@@ -139,6 +175,84 @@ fn attach_tc(
     Ok(())
 }
 
+const TC_GUARD_HINT: &str = "the guard judges inbound packets on software devices with a tc ingress program (CONFIG_NET_CLS_BPF; Linux 6.6+ for tcx links, which outlive the daemon): --xdp-mode generic judges them in XDP instead";
+
+/// Loads the tc ingress guard if it is not loaded yet.
+fn tc_guard(ebpf: &mut aya::Ebpf) -> Result<&mut SchedClassifier> {
+    let prog: &mut SchedClassifier = program(ebpf, prog::TC_GUARD)?;
+    if prog.fd().is_err() {
+        prog.load()
+            .map_err(program_error("loading tc_guard".into(), TC_GUARD_HINT))?;
+    }
+    Ok(prog)
+}
+
+/// Swaps this guard's tc program into the ingress link a previous guard
+/// pinned (atomic: the interface is never without a verdict).
+fn adopt_tc_guard(ebpf: &mut aya::Ebpf, iface: &str, pin: &Path) -> Result<AttachedMode> {
+    let prog = tc_guard(ebpf)?;
+    let old = PinnedLink::from_pin(pin).map_err(|e| Error::Io {
+        what: format!("opening the pinned link {}", pin.display()),
+        source: std::io::Error::other(e.to_string()),
+    })?;
+    let link = SchedClassifierLink::try_from(FdLink::from(old)).map_err(|e| Error::Io {
+        what: format!("{} is not a tc link", pin.display()),
+        source: std::io::Error::other(e.to_string()),
+    })?;
+    prog.attach_to_link(link).map_err(program_error(
+        format!("replacing the tc ingress guard on {iface}"),
+        TC_GUARD_HINT,
+    ))?;
+    Ok(AttachedMode::Tc)
+}
+
+/// Attaches the guard at tc ingress as a tcx link, pinned. A kernel
+/// without tcx (before 6.6) could only hang it off a clsact qdisc, which
+/// cannot be pinned and would leave the interface unguarded when the
+/// daemon stops: that is refused, with the XDP modes as the way out.
+fn attach_tc_guard(
+    pins: &PinDir,
+    ebpf: &mut aya::Ebpf,
+    iface: &str,
+    held: &mut Vec<PinnedLink>,
+) -> Result<AttachedMode> {
+    let prog = tc_guard(ebpf)?;
+    let id = prog
+        .attach_with_options(
+            iface,
+            TcAttachType::Ingress,
+            TcAttachOptions::TcxOrder(LinkOrder::default()),
+        )
+        .map_err(program_error(
+            format!("attaching the guard at tc ingress of {iface}"),
+            TC_GUARD_HINT,
+        ))?;
+    let link = prog.take_link(id).map_err(program_error(
+        format!("taking the tc ingress link of {iface}"),
+        TC_GUARD_HINT,
+    ))?;
+    let fd_link = FdLink::try_from(link).map_err(|e| Error::Io {
+        what: format!("the tc ingress attachment of {iface} is not a bpf_link"),
+        source: std::io::Error::other(e.to_string()),
+    })?;
+    let pin = pins.guard_link(iface, AttachedMode::Tc);
+    held.push(fd_link.pin(&pin).map_err(|e| Error::Io {
+        what: format!("pinning the tc ingress link at {}", pin.display()),
+        source: std::io::Error::other(e.to_string()),
+    })?);
+    Ok(AttachedMode::Tc)
+}
+
+/// The ids of the programs at `iface`'s tc ingress (tcx).
+pub fn tc_ingress_programs(iface: &str) -> Result<Vec<u32>> {
+    SchedClassifier::query_tcx(iface, TcAttachType::Ingress)
+        .map(|(_, progs)| progs.iter().map(|p| p.id()).collect())
+        .map_err(program_error(
+            format!("reading the tc ingress programs of {iface}"),
+            "",
+        ))
+}
+
 fn attach_xdp(
     pins: &PinDir,
     ebpf: &mut aya::Ebpf,
@@ -152,7 +266,8 @@ fn attach_xdp(
         xdp.load()
             .map_err(program_error("loading the XDP guard".into(), hint))?;
     }
-    if let Some((pin, pinned_mode)) = pins.pinned_xdp(iface)
+    if let Some((pin, pinned_mode)) = pins.pinned_guard(iface)
+        && pinned_mode != AttachedMode::Tc
         && let Ok(old) = PinnedLink::from_pin(&pin)
     {
         let link = XdpLink::try_from(FdLink::from(old)).map_err(|e| Error::Io {
@@ -175,7 +290,9 @@ fn attach_xdp(
                 ))?,
             AttachedMode::Native,
         ),
-        XdpMode::Generic => (
+        // Tc here: an XDP link an earlier guard pinned could not be
+        // opened; the interface stays in XDP, the nearest mode.
+        XdpMode::Generic | XdpMode::Tc => (
             xdp.attach(iface, AyaXdpMode::Skb).map_err(program_error(
                 format!("attaching XDP in generic mode to {iface}"),
                 hint,
@@ -206,7 +323,7 @@ fn attach_xdp(
         ),
         source: std::io::Error::other(e.to_string()),
     })?;
-    let pin = pins.xdp_link(iface, mode.as_str());
+    let pin = pins.guard_link(iface, mode);
     held.push(fd_link.pin(&pin).map_err(|e| Error::Io {
         what: format!("pinning the XDP link at {}", pin.display()),
         source: std::io::Error::other(e.to_string()),

@@ -279,16 +279,23 @@ impl Datapath {
         probe::run(probe::twin(&mut self.ebpf)?, &frame)
     }
 
-    /// The kernel's id of the loaded XDP guard, to tell it from what an
-    /// interface actually runs.
-    pub fn guard_program_id(&mut self) -> Result<u32> {
-        let xdp: &mut aya::programs::Xdp = program(&mut self.ebpf, prog::XDP_GUARD)?;
-        xdp.info()
-            .map(|info| info.id())
-            .map_err(program_error("reading the XDP guard's id".into(), ""))
+    /// The kernel's id of the loaded guard for `mode` (the XDP program,
+    /// or the tc one), to tell it from what an interface actually runs.
+    pub fn guard_program_id(&mut self, mode: attach::AttachedMode) -> Result<u32> {
+        let info = if mode == attach::AttachedMode::Tc {
+            let tc: &mut aya::programs::SchedClassifier = program(&mut self.ebpf, prog::TC_GUARD)?;
+            tc.info()
+        } else {
+            let xdp: &mut aya::programs::Xdp = program(&mut self.ebpf, prog::XDP_GUARD)?;
+            xdp.info()
+        };
+        info.map(|info| info.id()).map_err(program_error(
+            format!("reading the {} guard's id", mode.hook()),
+            "",
+        ))
     }
 
-    /// Attaches the guard (tc egress, then XDP) to one interface, or
+    /// Attaches the guard (tc egress, then XDP or tc ingress) to one interface, or
     /// adopts the links a previous guard pinned there.
     pub fn attach_guard(&mut self, pins: &PinDir, iface: &str, mode: XdpMode) -> Result<Attached> {
         attach::attach(pins, &mut self.ebpf, iface, mode, &mut self.held_links)

@@ -78,18 +78,28 @@ impl PinDir {
         self.root.join("links")
     }
 
-    /// The XDP mode is part of the pin's name: bpffs holds only BPF
-    /// objects, and a link does not say which mode it was attached in.
-    pub(crate) fn xdp_link(&self, iface: &str, mode: &str) -> PathBuf {
-        self.links().join(format!("xdp-{mode}-{iface}"))
+    /// The guard's link on `iface` in `mode`. The mode is part of the
+    /// pin's name: bpffs holds only BPF objects, and an XDP link does not
+    /// say which mode it was attached in.
+    pub(crate) fn guard_link(&self, iface: &str, mode: AttachedMode) -> PathBuf {
+        match mode {
+            AttachedMode::Native | AttachedMode::Generic => {
+                self.links().join(format!("xdp-{}-{iface}", mode.as_str()))
+            }
+            AttachedMode::Tc => self.links().join(format!("ingress-{iface}")),
+        }
     }
 
-    /// The pinned XDP link of `iface` and its mode, if there is one.
-    pub(crate) fn pinned_xdp(&self, iface: &str) -> Option<(PathBuf, AttachedMode)> {
-        [AttachedMode::Native, AttachedMode::Generic]
-            .into_iter()
-            .map(|mode| (self.xdp_link(iface, mode.as_str()), mode))
-            .find(|(path, _)| path.exists())
+    /// The pinned guard link of `iface` and its mode, if there is one.
+    pub(crate) fn pinned_guard(&self, iface: &str) -> Option<(PathBuf, AttachedMode)> {
+        [
+            AttachedMode::Native,
+            AttachedMode::Generic,
+            AttachedMode::Tc,
+        ]
+        .into_iter()
+        .map(|mode| (self.guard_link(iface, mode), mode))
+        .find(|(path, _)| path.exists())
     }
 
     /// The pinned link of a monitor hook, by program name.
@@ -97,6 +107,7 @@ impl PinDir {
         self.links().join(format!("hook-{program}"))
     }
 
+    /// The tc egress link of `iface` (the host's own flows).
     pub(crate) fn tc_link(&self, iface: &str) -> PathBuf {
         self.links().join(format!("tc-{iface}"))
     }
@@ -141,7 +152,7 @@ impl PinDir {
         fs::create_dir_all(self.links()).map_err(io(format!("creating {}", self.links().display())))
     }
 
-    /// Interfaces with a pinned XDP link.
+    /// Interfaces with a pinned guard link (XDP or tc ingress).
     pub fn pinned_interfaces(&self) -> Vec<String> {
         let Ok(entries) = fs::read_dir(self.links()) else {
             return Vec::new();
@@ -149,8 +160,12 @@ impl PinDir {
         let mut out: Vec<String> = entries
             .flatten()
             .filter_map(|e| {
+                let name = e.file_name().to_str()?.to_string();
+                if let Some(iface) = name.strip_prefix("ingress-") {
+                    return Some(iface.to_string());
+                }
                 // `xdp-MODE-IFACE`: interface names may hold `-`, modes do not.
-                let rest = e.file_name().to_str()?.strip_prefix("xdp-")?.to_string();
+                let rest = name.strip_prefix("xdp-")?;
                 ["native-", "generic-"]
                     .into_iter()
                     .find_map(|mode| rest.strip_prefix(mode).map(str::to_string))
@@ -163,8 +178,8 @@ impl PinDir {
     /// Detaches and unpins the guard from `iface`.
     pub fn detach(&self, iface: &str) -> Vec<String> {
         let mut done = Vec::new();
-        let xdp = self.pinned_xdp(iface).map(|(path, _)| path);
-        for pin in xdp.into_iter().chain([self.tc_link(iface)]) {
+        let guard = self.pinned_guard(iface).map(|(path, _)| path);
+        for pin in guard.into_iter().chain([self.tc_link(iface)]) {
             if let Ok(link) = PinnedLink::from_pin(&pin)
                 && let Ok(fd_link) = link.unpin()
             {
@@ -182,7 +197,8 @@ impl PinDir {
         for iface in self.pinned_interfaces() {
             done.extend(self.detach(&iface));
         }
-        // tc links of interfaces without an XDP link (a half-finished attach).
+        // tc egress links of interfaces without a guard link (a
+        // half-finished attach).
         if let Ok(entries) = fs::read_dir(self.links()) {
             for entry in entries.flatten() {
                 if fs::remove_file(entry.path()).is_ok() {
@@ -220,12 +236,19 @@ mod tests {
         let root = std::env::temp_dir().join(format!("portwatch-pins-{}", std::process::id()));
         let pins = PinDir::new(&root);
         fs::create_dir_all(pins.links())?;
-        for name in ["xdp-native-eth0", "xdp-generic-veth-a", "tc-eth0", "stray"] {
+        for name in [
+            "xdp-native-eth0",
+            "xdp-generic-veth-a",
+            "ingress-veth-b",
+            "tc-eth0",
+            "tc-veth-b",
+            "stray",
+        ] {
             fs::write(pins.links().join(name), b"")?;
         }
         let found = pins.pinned_interfaces();
         fs::remove_dir_all(&root)?;
-        assert_eq!(found, vec!["eth0".to_string(), "veth-a".to_string()]);
+        assert_eq!(found, ["eth0", "veth-a", "veth-b"]);
         Ok(())
     }
 }

@@ -1,12 +1,13 @@
-//! Runs the XDP guard on crafted frames with BPF_PROG_TEST_RUN: the real
-//! program and maps, no interface. For verdict tests and the benchmarks;
-//! only built with the `test-helpers` feature, never shipped.
+//! Runs the guard on crafted frames with BPF_PROG_TEST_RUN: the real
+//! program (XDP, or the tc ingress one) and maps, no interface. For verdict
+//! tests and the benchmarks; only built with the `test-helpers` feature,
+//! never shipped.
 
 use std::time::Duration;
 
 use aya::{
     Ebpf, EbpfLoader,
-    programs::{TestRun, TestRunOptions, Xdp},
+    programs::{SchedClassifier, TestRun, TestRunOptions, Xdp},
 };
 use portwatch_common::prog;
 
@@ -26,8 +27,20 @@ use crate::{
 
 pub use super::probe::{XDP_DROP, XDP_PASS};
 
+/// Which of the guard's two programs a tester runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Hook {
+    Xdp,
+    /// At tc ingress; its actions are reported as the XDP ones.
+    Tc,
+}
+
+const TC_ACT_OK: u32 = 0;
+const TC_ACT_SHOT: u32 = 2;
+
 pub struct XdpTester {
     ebpf: Ebpf,
+    hook: Hook,
     pub maps: GuardMaps,
     image: MapImage,
     slots: CounterSlots,
@@ -38,13 +51,21 @@ pub struct XdpTester {
 impl XdpTester {
     /// Loads the object and the XDP program (not attached anywhere).
     pub fn load() -> anyhow::Result<Self> {
+        Self::load_at(Hook::Xdp)
+    }
+
+    /// Loads the object and the guard's program for `hook`.
+    pub fn load_at(hook: Hook) -> anyhow::Result<Self> {
         sys::check_privileges()?;
         let mut ebpf = EbpfLoader::new().load(PROGRAMS).map_err(Error::from)?;
         let maps = GuardMaps::open(&mut ebpf)?;
-        let xdp: &mut Xdp = program(&mut ebpf, prog::XDP_GUARD)?;
-        xdp.load()?;
+        match hook {
+            Hook::Xdp => program::<Xdp>(&mut ebpf, prog::XDP_GUARD)?.load()?,
+            Hook::Tc => program::<SchedClassifier>(&mut ebpf, prog::TC_GUARD)?.load()?,
+        }
         let mut tester = Self {
             ebpf,
+            hook,
             maps,
             image: MapImage::default(),
             slots: CounterSlots::default(),
@@ -111,10 +132,6 @@ impl XdpTester {
             .unwrap_or_default()
     }
 
-    fn program(&mut self) -> anyhow::Result<&mut Xdp> {
-        Ok(program(&mut self.ebpf, prog::XDP_GUARD)?)
-    }
-
     /// What the program says of `frame` when asked as `explain` asks:
     /// decided, not acted on.
     pub fn probe(&mut self, frame: &[u8]) -> anyhow::Result<super::probe::Answer> {
@@ -129,14 +146,29 @@ impl XdpTester {
         Ok(self.bench(frame, 1)?.0)
     }
 
-    /// Runs the frame `repeat` times in the kernel; returns the verdict and
-    /// the kernel's average time per run.
+    /// Runs the frame `repeat` times in the kernel; returns the verdict
+    /// (tc's actions as the XDP ones: TC_ACT_OK as XDP_PASS, TC_ACT_SHOT
+    /// as XDP_DROP, any other as 1000 + it) and the kernel's average time
+    /// per run.
     pub fn bench(&mut self, frame: &[u8], repeat: u32) -> anyhow::Result<(u32, Duration)> {
-        let out = self.program()?.test_run(TestRunOptions {
+        let opts = TestRunOptions {
             data_in: Some(frame),
             repeat,
             ..Default::default()
-        })?;
+        };
+        let out = match self.hook {
+            Hook::Xdp => program::<Xdp>(&mut self.ebpf, prog::XDP_GUARD)?.test_run(opts)?,
+            Hook::Tc => {
+                let out =
+                    program::<SchedClassifier>(&mut self.ebpf, prog::TC_GUARD)?.test_run(opts)?;
+                let action = match out.return_value {
+                    TC_ACT_OK => XDP_PASS,
+                    TC_ACT_SHOT => XDP_DROP,
+                    other => 1000 + other,
+                };
+                return Ok((action, out.duration));
+            }
+        };
         Ok((out.return_value, out.duration))
     }
 }

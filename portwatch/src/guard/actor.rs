@@ -629,8 +629,9 @@ impl Guard {
             asked => (asked, None),
         };
         let mut attached = self.datapath.attach_guard(&self.pins, iface, mode)?;
-        // An adopted link keeps the mode it was made with.
-        if attached.xdp_mode == crate::model::AttachedMode::Generic && mode == XdpMode::Generic {
+        // An adopted link keeps the mode it was made with: the reason is
+        // said only of the mode it was given for.
+        if mode.attaches_as() == Some(attached.xdp_mode) {
             attached.why = why;
         }
         Ok(attached)
@@ -1287,8 +1288,8 @@ impl Guard {
         Some(match self.attach_one(&name) {
             Ok(attached) => {
                 log::info!(
-                    "{name} is back: guard re-attached ({} XDP)",
-                    attached.xdp_mode
+                    "{name} is back: guard re-attached ({})",
+                    attached.xdp_mode.hook()
                 );
                 self.ifnames
                     .insert(attached.ifindex, attached.iface.clone());

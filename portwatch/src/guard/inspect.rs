@@ -24,7 +24,7 @@ use crate::{
     },
     datapath::probe::{Answer, Probe, TcpFlags},
     format::endpoint,
-    model::{DropEvent, DropReason, IpProto, Listener, Mode, PassReason},
+    model::{AttachedMode, DropEvent, DropReason, IpProto, Listener, Mode, PassReason},
     pipeline::{Pipeline, exposure::is_link_local},
     policy::{Policy, Rule},
     sys,
@@ -460,16 +460,6 @@ impl Guard {
     }
 
     fn verify_interfaces(&mut self, report: &mut VerifyReport) {
-        let ours = match self.datapath.guard_program_id() {
-            Ok(id) => id,
-            Err(e) => {
-                report
-                    .interfaces
-                    .push(format!("the guard's XDP program: {e}"));
-                report.disagreements += 1;
-                return;
-            }
-        };
         // What each interface runs now, not at the last link event:
         // replacing a program raises no event.
         let ifaces = match crate::iface::table::dump() {
@@ -482,25 +472,10 @@ impl Guard {
                 return;
             }
         };
-        for a in &self.attached {
-            let runs = ifaces
-                .iter()
-                .find(|i| i.index == a.ifindex)
-                .map(|i| i.xdp_programs.clone());
-            let problem = match runs {
-                None => Some(format!("{}: the interface is gone", a.iface)),
-                Some(ids) if ids.is_empty() => {
-                    Some(format!("{}: no XDP program attached", a.iface))
-                }
-                Some(ids) if !ids.contains(&ours) => Some(format!(
-                    "{}: runs XDP program {}, not the guard's ({ours})",
-                    a.iface,
-                    ids.iter()
-                        .map(u32::to_string)
-                        .collect::<Vec<_>>()
-                        .join(", ")
-                )),
-                Some(_) => None,
+        for a in self.attached.clone() {
+            let problem = match self.datapath.guard_program_id(a.xdp_mode) {
+                Err(e) => Some(format!("{}: the guard's program: {e}", a.iface)),
+                Ok(ours) => runs_guard(&a, &ifaces, ours).err(),
             };
             if let Some(problem) = problem {
                 report.interfaces.push(problem);
@@ -708,6 +683,37 @@ impl Guard {
         }
         self.last_verify = Some(summary);
     }
+}
+
+/// Whether `a`'s interface runs the guard's program `ours` in the hook it
+/// was attached to; else what is wrong.
+fn runs_guard(
+    a: &crate::datapath::attach::Attached,
+    ifaces: &[crate::iface::table::Iface],
+    ours: u32,
+) -> Result<(), String> {
+    let Some(iface) = ifaces.iter().find(|i| i.index == a.ifindex) else {
+        return Err(format!("{}: the interface is gone", a.iface));
+    };
+    let (hook, ids) = if a.xdp_mode == AttachedMode::Tc {
+        let ids = crate::datapath::attach::tc_ingress_programs(&a.iface)
+            .map_err(|e| format!("{}: {e}", a.iface))?;
+        ("tc ingress", ids)
+    } else {
+        ("XDP", iface.xdp_programs.clone())
+    };
+    if ids.is_empty() {
+        return Err(format!("{}: no {hook} program attached", a.iface));
+    }
+    if !ids.contains(&ours) {
+        let ids: Vec<String> = ids.iter().map(u32::to_string).collect();
+        return Err(format!(
+            "{}: runs {hook} program {}, not the guard's ({ours})",
+            a.iface,
+            ids.join(", ")
+        ));
+    }
+    Ok(())
 }
 
 #[cfg(test)]

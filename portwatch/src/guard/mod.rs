@@ -429,9 +429,9 @@ async fn start(
     let rules = guard.policy().rules.len();
     for attached in guard.attach_all()? {
         log::info!(
-            "guarding {} ({} XDP, {mode} mode, {rules} rules){}",
+            "guarding {} ({}, {mode} mode, {rules} rules){}",
             attached.iface,
-            attached.xdp_mode,
+            attached.xdp_mode.hook(),
             attached
                 .why
                 .as_ref()

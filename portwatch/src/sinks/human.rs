@@ -422,7 +422,7 @@ impl<W: Write> Sink for HumanSink<W> {
                 let (on, off) = self.paint(RED);
                 let fixed = format!("{} {on}iface{off}  ", clock(*ts));
                 let text = match xdp_mode {
-                    Some(mode) => format!("{iface}: {change} ({mode} XDP)"),
+                    Some(mode) => format!("{iface}: {change} ({})", mode.hook()),
                     None => format!("{iface}: {change}"),
                 };
                 self.line(&fixed, 15 + 1 + 6 + 1, &text)

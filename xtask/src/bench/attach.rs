@@ -123,8 +123,8 @@ pub fn attach_floor(lab: &Lab, worker: &Path) -> Result<Attached> {
     Ok(attached)
 }
 
-/// `portwatch guard` on the lab's server veth in XDP `mode` (native or
-/// generic), enforcing a policy that permits `allow`, with pins and a
+/// `portwatch guard` on the lab's server veth in `mode` (native, generic
+/// or tc), enforcing a policy that permits `allow`, with pins and a
 /// control socket of its own; checked to be attached in that mode, not a
 /// fallback.
 pub fn start_guard(portwatch: &Path, lab: &Lab, mode: &str, allow: &[&str]) -> Result<Guard> {
@@ -135,36 +135,27 @@ pub fn start_guard(portwatch: &Path, lab: &Lab, mode: &str, allow: &[&str]) -> R
         allow,
         &["--xdp-mode", mode],
     )?;
-    let link = lab.server_link()?;
-    let want = if mode == "generic" {
-        "xdpgeneric"
-    } else {
-        "xdp "
-    };
     ensure!(
-        link.contains(want) && link.contains("xdp_guard"),
-        "portwatch guard --xdp-mode {mode}: not attached as asked:\n{link}"
+        lab.server_guard_mode()? == Some(mode),
+        "portwatch guard --xdp-mode {mode}: not attached as asked:\n{}",
+        lab.server_link()?
     );
     Ok(guard)
 }
 
 /// The guard as an operator starts it, without `--xdp-mode` (auto); the
-/// XDP mode auto chose, as `ip link` shows it.
+/// mode auto chose, as `ip link` and `bpftool net` show it.
 pub fn start_guard_default(
     portwatch: &Path,
     lab: &Lab,
     allow: &[&str],
 ) -> Result<(Guard, &'static str)> {
     let guard = Guard::start(portwatch, &lab.server, &lab.server_if, allow, &[])?;
-    let link = lab.server_link()?;
-    ensure!(
-        link.contains("xdp_guard"),
-        "portwatch guard (default XDP mode): not attached:\n{link}"
-    );
-    let mode = if link.contains("xdpgeneric") {
-        "generic"
-    } else {
-        "native"
-    };
+    let mode = lab.server_guard_mode()?.with_context(|| {
+        format!(
+            "portwatch guard (default mode): not attached:\n{}",
+            lab.server_link().unwrap_or_default()
+        )
+    })?;
     Ok((guard, mode))
 }

@@ -1,7 +1,8 @@
 //! The permitted path: TCP throughput (iperf3) and request/response latency
 //! (a one-byte TCP ping-pong, like netperf's TCP_RR) through ports the
 //! policy permits, with nothing, then portwatch's guard (native and generic
-//! XDP) on the receiving veth. Configurations alternate within each round.
+//! XDP, and as an operator starts it: tc ingress, auto's choice on a veth)
+//! on the receiving veth. Configurations alternate within each round.
 
 use std::{fmt::Write as _, time::Duration};
 
@@ -218,6 +219,10 @@ pub fn run(ctx: &Ctx) -> Result<Section> {
     // Leave the lab with nothing attached.
     let link = lab.server_link()?;
     ensure!(!link.contains("prog/xdp"), "XDP still attached: {link}");
+    ensure!(
+        lab.server_guard_mode()?.is_none(),
+        "the guard is still attached after the last round"
+    );
 
     let col = |i: usize, f: fn(&Sample) -> f64| -> Vec<f64> { column(&samples[i], f) };
     let gbit = |i| col(i, |s| s.gbit);
@@ -277,8 +282,8 @@ pub fn run(ctx: &Ctx) -> Result<Section> {
     );
     let _ = writeln!(
         md,
-        "- permitted TCP throughput with the default XDP mode ≥ 0.95× no filter (auto chose \
-         {} XDP on this veth): {default_ratio:.3} — {}",
+        "- permitted TCP throughput with the default mode ≥ 0.95× no filter (auto chose \
+         {} on this veth): {default_ratio:.3} — {}",
         default_mode.unwrap_or("?"),
         verdict(default_met)
     );

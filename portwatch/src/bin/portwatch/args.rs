@@ -86,10 +86,14 @@ pub enum ModeArg {
 /// How the guard attaches to an interface.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum XdpModeArg {
-    /// Per interface: generic on veth and tun devices (native XDP there copies every packet), else native, falling back to generic with a notice.
+    /// Per interface: tc ingress on veth (XDP there copies every large packet), generic XDP on tun devices, else native XDP, falling back to generic with a notice.
     Auto,
+    /// XDP in the driver, before the kernel builds an skb.
     Native,
+    /// XDP on the skb, on any device.
     Generic,
+    /// A tc ingress program on the skb (Linux 6.6+): the same verdicts, no copy.
+    Tc,
 }
 
 impl From<XdpModeArg> for XdpMode {
@@ -98,6 +102,7 @@ impl From<XdpModeArg> for XdpMode {
             XdpModeArg::Auto => XdpMode::Auto,
             XdpModeArg::Native => XdpMode::Native,
             XdpModeArg::Generic => XdpMode::Generic,
+            XdpModeArg::Tc => XdpMode::Tc,
         }
     }
 }
@@ -125,7 +130,7 @@ pub struct GuardArgs {
     /// enforce drops what the policy does not permit; audit only reports it [default: the policy's, else enforce]
     #[arg(long, value_enum)]
     pub mode: Option<ModeArg>,
-    /// XDP attach mode: auto tries native and falls back to generic.
+    /// Where the verdict runs: auto picks per interface (tc ingress on veth, else native XDP, falling back to generic).
     #[arg(long, value_enum, default_value = "auto")]
     pub xdp_mode: XdpModeArg,
     /// Print JSON Lines instead of aligned text.

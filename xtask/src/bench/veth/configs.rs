@@ -23,9 +23,11 @@ pub enum Config {
     ParseDrop,
     PwNative,
     PwGeneric,
+    /// At tc ingress: what `--xdp-mode auto` picks on a veth.
+    PwTc,
 }
 
-pub const CONFIGS: [Config; 8] = [
+pub const CONFIGS: [Config; 9] = [
     Config::None,
     Config::Nft,
     Config::IptRaw,
@@ -34,6 +36,7 @@ pub const CONFIGS: [Config; 8] = [
     Config::ParseDrop,
     Config::PwNative,
     Config::PwGeneric,
+    Config::PwTc,
 ];
 
 impl Config {
@@ -47,6 +50,7 @@ impl Config {
             Config::ParseDrop => "parse_drop_native",
             Config::PwNative => "portwatch_native",
             Config::PwGeneric => "portwatch_generic",
+            Config::PwTc => "portwatch_tc",
         }
     }
 
@@ -60,6 +64,7 @@ impl Config {
             Config::ParseDrop => "header walk, then XDP_DROP (native)",
             Config::PwNative => "portwatch guard (native XDP)",
             Config::PwGeneric => "portwatch guard (generic XDP)",
+            Config::PwTc => "portwatch guard (tc ingress: auto's choice on a veth)",
         }
     }
 
@@ -145,6 +150,7 @@ pub fn attach(
         Config::ParseDrop => return attach_floor(lab, worker),
         Config::PwNative => guard = Some(start_guard(portwatch, lab, "native", &[PERMITTED])?),
         Config::PwGeneric => guard = Some(start_guard(portwatch, lab, "generic", &[PERMITTED])?),
+        Config::PwTc => guard = Some(start_guard(portwatch, lab, "tc", &[PERMITTED])?),
     }
     Ok(Attached { undo, guard })
 }

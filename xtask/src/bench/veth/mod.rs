@@ -156,6 +156,16 @@ fn report(rounds: usize, n: u64, samples: &[Vec<Sample>]) -> Section {
         med_cpu(Config::PwNative) / med_cpu(Config::ParseDrop),
         med_pps(Config::ParseDrop) / med_pps(Config::XdpFilter)
     );
+    let _ = writeln!(
+        md,
+        "- the default on a veth (tc ingress) against the other ways to drop there, packets/s: \
+         / generic XDP {:.3}, / iptables raw {:.3}, / nftables {:.3}; CPU per packet / bare \
+         XDP_DROP {:.3}",
+        med_pps(Config::PwTc) / med_pps(Config::PwGeneric),
+        med_pps(Config::PwTc) / med_pps(Config::IptRaw),
+        med_pps(Config::PwTc) / med_pps(Config::Nft),
+        med_cpu(Config::PwTc) / med_cpu(Config::BareDrop)
+    );
     let daemon_native = median(&daemon[Config::PwNative.index()]);
     let _ = writeln!(
         md,
@@ -181,6 +191,9 @@ fn report(rounds: usize, n: u64, samples: &[Vec<Sample>]) -> Section {
                 "portwatch_native_pps_vs_nftables": vs_nft,
                 "portwatch_native_pps_vs_xdp_filter": vs_filter,
                 "portwatch_generic_pps_vs_native": med_pps(Config::PwGeneric) / med_pps(Config::PwNative),
+                "portwatch_tc_pps_vs_generic": med_pps(Config::PwTc) / med_pps(Config::PwGeneric),
+                "portwatch_tc_pps_vs_iptables_raw": med_pps(Config::PwTc) / med_pps(Config::IptRaw),
+                "portwatch_tc_cpu_vs_bare": med_cpu(Config::PwTc) / med_cpu(Config::BareDrop),
                 "parse_drop_cpu_vs_bare": floor_vs_bare,
                 "portwatch_native_cpu_vs_parse_drop": med_cpu(Config::PwNative) / med_cpu(Config::ParseDrop),
             },

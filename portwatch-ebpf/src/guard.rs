@@ -1,13 +1,18 @@
-//! The guard's XDP program: parse the inbound frame with the shared header
+//! The guard's verdict on an inbound frame: parse it with the shared header
 //! walk (bounds-checked), then decide it against the policy maps. Every
 //! frame gets a defined verdict; truncated or over-long headers are dropped
-//! as malformed.
+//! as malformed. One verdict, two hooks: XDP (hardware drivers: before the
+//! kernel builds an skb) and tc ingress (software devices such as veth,
+//! where the skb already exists and XDP would copy it).
 
 use aya_ebpf::{
-    bindings::xdp_action::{XDP_ABORTED, XDP_DROP, XDP_PASS},
-    helpers::generated::{bpf_jiffies64, bpf_ktime_get_coarse_ns, bpf_xdp_get_buff_len},
+    bindings::{
+        TC_ACT_OK, TC_ACT_SHOT,
+        xdp_action::{XDP_ABORTED, XDP_DROP, XDP_PASS},
+    },
+    helpers::generated::{bpf_jiffies64, bpf_ktime_get_coarse_ns},
     maps::lpm_trie::Key,
-    programs::XdpContext,
+    programs::{TcContext, XdpContext},
 };
 use portwatch_common::{
     AF_INET, AF_INET6, DropReason, DropReport, FlowKey, Frag4Key, FragKey, FragVerdict,
@@ -25,7 +30,7 @@ use crate::{
         LOCAL_ADDRS, LOCAL_LIST, POLICY_PORTS, POLICY_SRC4, POLICY_SRC6, RATE_OVERFLOW, RATE_STATE,
         REPORT_BUCKET, guard_count,
     },
-    packet::Pkt,
+    packet::{Frame, Pkt, Skb},
 };
 
 const IPPROTO_ICMP: u8 = 1;
@@ -59,9 +64,37 @@ impl Entry {
     }
 }
 
-/// The guard attached to the interfaces.
+/// What the verdict does with the frame, whichever hook it runs in.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Action {
+    Pass,
+    Drop,
+    Aborted,
+}
+
+impl Action {
+    #[inline(always)]
+    fn xdp(self) -> u32 {
+        match self {
+            Action::Pass => XDP_PASS,
+            Action::Drop => XDP_DROP,
+            Action::Aborted => XDP_ABORTED,
+        }
+    }
+}
+
+/// The guard attached in XDP (hardware drivers).
 pub fn try_xdp_guard(ctx: &XdpContext) -> u32 {
-    judge::<false>(ctx, None)
+    judge::<false, _>(&Pkt::new(ctx), None).xdp()
+}
+
+/// The guard attached at tc ingress (software devices: veth): the same
+/// verdict on the skb the kernel already built.
+pub fn try_tc_guard(ctx: &TcContext) -> i32 {
+    match judge::<false, _>(&Skb(ctx), None) {
+        Action::Pass => TC_ACT_OK,
+        Action::Drop | Action::Aborted => TC_ACT_SHOT,
+    }
 }
 
 /// The guard's read-only twin, never attached: `explain` and `verify`
@@ -73,7 +106,7 @@ pub fn try_xdp_guard(ctx: &XdpContext) -> u32 {
 /// metadata.
 pub fn try_xdp_probe(ctx: &XdpContext) -> u32 {
     match probe_of(ctx) {
-        Some(probe) => judge::<true>(ctx, Some(probe)),
+        Some(probe) => judge::<true, _>(&Pkt::new(ctx), Some(probe)).xdp(),
         None => XDP_ABORTED,
     }
 }
@@ -81,7 +114,7 @@ pub fn try_xdp_probe(ctx: &XdpContext) -> u32 {
 /// The verdict on one frame; `PROBE` (with its metadata in `probe`) asks
 /// without acting.
 #[inline(always)]
-fn judge<const PROBE: bool>(ctx: &XdpContext, probe: Option<*mut XdpProbe>) -> u32 {
+fn judge<const PROBE: bool, F: Frame>(pkt: &F, probe: Option<*mut XdpProbe>) -> Action {
     let mut cfg = match GUARD_CONFIG.get(0) {
         Some(cfg) => *cfg,
         None => GuardConfig::default(),
@@ -91,9 +124,8 @@ fn judge<const PROBE: bool>(ctx: &XdpContext, probe: Option<*mut XdpProbe>) -> u
     }
     let mut slot = core::mem::MaybeUninit::uninit();
     let m = Headers::zeroed(&mut slot);
-    let pkt = Pkt::new(ctx);
     let mut entry = Entry(NOT_LOOKED_UP);
-    let verdict = match classify(&pkt, m, &mut entry, &cfg) {
+    let verdict = match classify(pkt, m, &mut entry, &cfg) {
         // Not the host's own traffic: the host routes or bridges it, and
         // what it reaches judges it. Only a frame that would drop pays for
         // the lookup; a malformed one still drops.
@@ -110,7 +142,7 @@ fn judge<const PROBE: bool>(ctx: &XdpContext, probe: Option<*mut XdpProbe>) -> u
                 record_first_fragment(m, &Ok(PassReason::Forwarded));
             }
             guard_count(GuardStat::Forwarded);
-            return XDP_PASS;
+            return Action::Pass;
         }
         verdict => verdict,
     };
@@ -126,15 +158,11 @@ fn judge<const PROBE: bool>(ctx: &XdpContext, probe: Option<*mut XdpProbe>) -> u
         record_first_fragment(m, &verdict);
     }
     if m.family != 0 {
-        // The whole frame, fragments of a multi-buffer frame included: the
-        // linear part alone undercounts jumbo frames.
-        // SAFETY: `ctx.ctx` is the xdp_md the kernel passed to this program.
-        let len = unsafe { bpf_xdp_get_buff_len(ctx.ctx) };
-        count_port(m, &mut entry, verdict.is_err(), len);
+        count_port(m, &mut entry, verdict.is_err(), pkt.wire_len());
     }
     let Err(reason) = verdict else {
         guard_count(GuardStat::Passed);
-        return XDP_PASS;
+        return Action::Pass;
     };
     guard_count(match reason {
         DropReason::NoRule => GuardStat::DropNoRule,
@@ -144,8 +172,8 @@ fn judge<const PROBE: bool>(ctx: &XdpContext, probe: Option<*mut XdpProbe>) -> u
         DropReason::RateLimited => GuardStat::DropRateLimited,
     });
     let audit = cfg.flags & GUARD_AUDIT != 0;
-    report(ctx, m, reason, audit, &cfg);
-    if audit { XDP_PASS } else { XDP_DROP }
+    report(pkt.ifindex(), m, reason, audit, &cfg);
+    if audit { Action::Pass } else { Action::Drop }
 }
 
 /// The probe metadata of a test run from user space (`XdpProbe`), if the
@@ -213,9 +241,9 @@ fn learn(m: &Headers, verdict: &Verdict) {
 
 /// Writes a probe's verdict into its metadata; the action it would get.
 #[inline(always)]
-fn answer(probe: Option<*mut XdpProbe>, verdict: &Verdict, cfg: &GuardConfig) -> u32 {
+fn answer(probe: Option<*mut XdpProbe>, verdict: &Verdict, cfg: &GuardConfig) -> Action {
     let Some(probe) = probe else {
-        return XDP_ABORTED;
+        return Action::Aborted;
     };
     let (pass, drop) = match verdict {
         Ok(why) => (*why as u8, 0),
@@ -227,16 +255,16 @@ fn answer(probe: Option<*mut XdpProbe>, verdict: &Verdict, cfg: &GuardConfig) ->
         (*probe).drop = drop;
     }
     if verdict.is_ok() || cfg.flags & GUARD_AUDIT != 0 {
-        XDP_PASS
+        Action::Pass
     } else {
-        XDP_DROP
+        Action::Drop
     }
 }
 
 // Inlined into the guard and its twin alike: out of line (shared by the
 // two), the call costs the guard's fast path a few ns per frame.
 #[inline(always)]
-fn classify(pkt: &Pkt, m: &mut Headers, entry: &mut Entry, cfg: &GuardConfig) -> Verdict {
+fn classify<F: Frame>(pkt: &F, m: &mut Headers, entry: &mut Entry, cfg: &GuardConfig) -> Verdict {
     match walk(pkt, m) {
         Err(_) => Err(DropReason::Malformed),
         // ARP and every other non-IP protocol: the host needs them.
@@ -373,8 +401,8 @@ fn later_fragment(m: &mut Headers, id: u32) -> Verdict {
 }
 
 #[inline(always)]
-fn transport(
-    pkt: &Pkt,
+fn transport<F: Frame>(
+    pkt: &F,
     off: usize,
     m: &mut Headers,
     entry: &mut Entry,
@@ -662,8 +690,10 @@ fn count_port(m: &Headers, entry: &mut Entry, dropped: bool, len: u64) {
     }
 }
 
-/// Sends a drop report unless the per-CPU token bucket is empty.
-fn report(ctx: &XdpContext, m: &Headers, reason: DropReason, audit: bool, cfg: &GuardConfig) {
+/// Sends a drop report unless the per-CPU token bucket is empty. Inlined:
+/// shared by the two hooks it would become a call on every drop.
+#[inline(always)]
+fn report(ifindex: u32, m: &Headers, reason: DropReason, audit: bool, cfg: &GuardConfig) {
     let Some(bucket) = REPORT_BUCKET.get_ptr_mut(0) else {
         return;
     };
@@ -700,7 +730,7 @@ fn report(ctx: &XdpContext, m: &Headers, reason: DropReason, audit: bool, cfg: &
     };
     entry.write(DropReport {
         ts_ns: now,
-        ifindex: ctx.ingress_ifindex() as u32,
+        ifindex,
         reason: reason as u8,
         proto: m.proto,
         family: m.family,
