@@ -34,6 +34,8 @@ pub mod map {
     pub const OWNER_COUNT: &str = "OWNER_COUNT";
     pub const BINDS: &str = "BINDS";
     pub const LEARN: &str = "LEARN";
+    /// tc's scratch buffer for header bytes past an skb's linear part.
+    pub const SKB_SCRATCH: &str = "SKB_SCRATCH";
 
     /// Every map of the shipped object.
     pub const ALL: &[&str] = &[
@@ -62,6 +64,7 @@ pub mod map {
         OWNER_COUNT,
         BINDS,
         LEARN,
+        SKB_SCRATCH,
     ];
 }
 
