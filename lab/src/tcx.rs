@@ -6,7 +6,10 @@ use std::{ffi::CString, path::Path};
 
 use anyhow::{Context as _, Result, bail};
 
-use crate::netns::enter;
+use crate::{
+    netns::{Netns, enter},
+    run,
+};
 
 const BPF_PROG_QUERY: libc::c_long = 16;
 const BPF_TCX_INGRESS: u32 = 46;
@@ -58,4 +61,24 @@ fn query(iface: &str) -> Result<Vec<u32>> {
     }
     let count = (attr[3] & 0xffff_ffff) as usize;
     Ok(ids[..count.min(ids.len())].to_vec())
+}
+
+/// How portwatch's guard sits on `iface` in `netns`, as the kernel says:
+/// `native` or `generic` XDP (`ip link`), `tc` (its tc program at tcx
+/// ingress), or None.
+pub fn guard_mode(netns: &Netns, iface: &str) -> Result<Option<&'static str>> {
+    let link = run("ip", &["-n", &netns.name, "link", "show", "dev", iface])?;
+    if link.contains("xdp_guard") {
+        return Ok(Some(if link.contains("xdpgeneric") {
+            "generic"
+        } else {
+            "native"
+        }));
+    }
+    for id in tcx_ingress_programs(&netns.path(), iface)? {
+        if run("bpftool", &["prog", "show", "id", &id.to_string()])?.contains("name tc_guard") {
+            return Ok(Some("tc"));
+        }
+    }
+    Ok(None)
 }

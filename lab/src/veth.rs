@@ -351,23 +351,9 @@ impl Lab {
         )
     }
 
-    /// How portwatch's guard sits on the server's veth, as the kernel says:
-    /// `native` or `generic` XDP (`ip link`), `tc` (its tc program at tcx
-    /// ingress), or None.
+    /// How portwatch's guard sits on the server's veth (see
+    /// [`crate::tcx::guard_mode`]).
     pub fn server_guard_mode(&self) -> Result<Option<&'static str>> {
-        let link = self.server_link()?;
-        if link.contains("xdp_guard") {
-            return Ok(Some(if link.contains("xdpgeneric") {
-                "generic"
-            } else {
-                "native"
-            }));
-        }
-        for id in crate::tcx::tcx_ingress_programs(&self.server.path(), &self.server_if)? {
-            if run("bpftool", &["prog", "show", "id", &id.to_string()])?.contains("name tc_guard") {
-                return Ok(Some("tc"));
-            }
-        }
-        Ok(None)
+        crate::tcx::guard_mode(&self.server, &self.server_if)
     }
 }

@@ -440,12 +440,7 @@ fn network_up(ns: &Netns, tag: &str, net: u8) -> Result<String> {
 /// Whether the guard's verdict is on `iface` in `ns`: in XDP (`ip link`)
 /// or at tc ingress (a tcx link, auto's choice on a veth).
 fn guard_attached(ns: &Netns, iface: &str) -> Result<bool> {
-    if run("ip", &["-n", &ns.name, "link", "show", "dev", iface])?.contains("prog/xdp") {
-        return Ok(true);
-    }
-    let net: serde_json::Value =
-        serde_json::from_str(&bpftool_net(ns, iface)?).context("bpftool's JSON")?;
-    Ok(net.to_string().contains("tc_guard"))
+    Ok(portwatch_lab::tcx::guard_mode(ns, iface)?.is_some())
 }
 
 /// What bpftool sees on `iface` in `ns` (XDP and tc programs), as JSON text.
