@@ -42,6 +42,13 @@ pub trait Bytes {
     fn bytes<const N: usize>(&self, off: usize) -> Option<Chunk<N>>;
     /// Whether the first `len` bytes are all present.
     fn has(&self, len: usize) -> bool;
+    /// Whether the kernel already moved the frame's outer VLAN tag out of
+    /// its bytes (tc runs after the receive path untags an skb; XDP sees
+    /// the frame as it came). That tag counts toward the walk's two.
+    #[inline(always)]
+    fn tag_stripped(&self) -> bool {
+        false
+    }
 }
 
 /// A header that is truncated, or more than the walk accepts.
@@ -115,12 +122,16 @@ pub fn walk<B: Bytes>(b: &B, h: &mut Headers) -> Result<Walk, Malformed> {
     let eth = b.bytes::<ETH_HLEN>(0).ok_or(Malformed)?;
     let mut ethertype = be16(eth[12], eth[13]);
     let mut off = ETH_HLEN;
-    // Up to two tags (802.1Q, or 802.1ad outer + 802.1Q inner).
+    // Up to two tags (802.1Q, or 802.1ad outer + 802.1Q inner), one of
+    // them perhaps already stripped by the kernel.
     if is_vlan(ethertype) {
         let tag = b.bytes::<4>(off).ok_or(Malformed)?;
         ethertype = be16(tag[2], tag[3]);
         off += 4;
         if is_vlan(ethertype) {
+            if b.tag_stripped() {
+                return Err(Malformed);
+            }
             let tag = b.bytes::<4>(off).ok_or(Malformed)?;
             ethertype = be16(tag[2], tag[3]);
             off += 4;

@@ -166,6 +166,12 @@ impl Bytes for Skb<'_> {
     fn has(&self, len: usize) -> bool {
         len <= self.0.len() as usize
     }
+
+    #[inline(always)]
+    fn tag_stripped(&self) -> bool {
+        // SAFETY: skb is the program's context.
+        unsafe { (*self.skb()).vlan_present != 0 }
+    }
 }
 
 impl Frame for Skb<'_> {

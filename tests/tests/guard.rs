@@ -1213,3 +1213,76 @@ fn auto_judges_a_veth_at_tc_ingress_and_says_why() -> Result {
     }
     Ok(())
 }
+
+/// Sends one frame raw from the client's veth (AF_PACKET): VLAN tags with
+/// `tpids` (outermost first) around an IPv4 TCP SYN from the client to
+/// the server's `port`.
+fn send_tagged_syn(lab: &Lab, tpids: &[u16], port: u16) -> Result {
+    let tpids: Vec<String> = tpids.iter().map(u16::to_string).collect();
+    let script = format!(
+        r#"
+import socket, struct
+def mac(m): return bytes(int(x, 16) for x in m.split(":"))
+def csum(b):
+    s = sum(struct.unpack("!%dH" % (len(b) // 2), b))
+    while s >> 16: s = (s & 0xffff) + (s >> 16)
+    return ~s & 0xffff
+src, dst = socket.inet_aton("{src}"), socket.inet_aton("{dst}")
+tcp = struct.pack("!HHIIBBHHH", 40000, {port}, 1, 0, 5 << 4, 0x02, 65535, 0, 0)
+ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(tcp), 1, 0, 64, 6, 0, src, dst)
+ip = ip[:10] + struct.pack("!H", csum(ip)) + ip[12:]
+frame = mac("{dst_mac}") + mac("{src_mac}")
+for i, tpid in enumerate([{tpids}]):
+    frame += struct.pack("!HH", tpid, 10 + i)
+frame += struct.pack("!H", 0x0800) + ip + tcp
+s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW)
+s.bind(("{iface}", 0))
+s.send(frame)
+"#,
+        src = lab.client_v4(),
+        dst = lab.server_v4(),
+        dst_mac = lab.server_mac,
+        src_mac = lab.client_mac,
+        iface = lab.client_if,
+        tpids = tpids.join(", "),
+    );
+    let out = run_bounded(
+        lab.client.command("python3").args(["-c", &script]),
+        None,
+        Duration::from_secs(10),
+        None,
+    )?;
+    ensure!(out.status.is_some_and(|s| s.success()), "{out:?}");
+    Ok(())
+}
+
+/// The walk accepts two VLAN tags. At tc ingress the kernel has already
+/// moved the outer one into the skb's metadata; it still counts, so both
+/// hooks judge tagged frames alike: three tags are malformed, two are
+/// judged by the policy.
+#[test]
+fn vlan_tags_count_the_same_at_tc_ingress_as_in_xdp() -> Result {
+    let lab = Lab::new()?;
+    let policy = TempFile::new("vlan", "allow = [\"tcp/8080\"]\n")?;
+    for mode in ["tc", "generic"] {
+        let mut pw = start_guard(&lab, &policy, &["--xdp-mode", mode])?;
+        assert_eq!(lab.server_guard_mode()?, Some(mode));
+        send_tagged_syn(&lab, &[0x88a8, 0x8100, 0x8100], 8080)?;
+        pw.wait_for(WAIT, |v| v["event"] == "drop" && v["reason"] == "malformed")
+            .with_context(|| format!("{mode}: three tags were not dropped as malformed"))?;
+        send_tagged_syn(&lab, &[0x88a8, 0x8100], 9090)?;
+        let drop = pw
+            .wait_for(WAIT, |v| v["event"] == "drop" && v["dst_port"] == 9090)
+            .with_context(|| format!("{mode}: two tags to a closed port were not dropped"))?;
+        assert_eq!(drop["reason"], "no_rule", "{mode}: {drop}");
+        assert_eq!(drop["src"], lab.client_v4().to_string(), "{mode}: {drop}");
+        pw.stop()?;
+        let malformed = pw
+            .seen
+            .iter()
+            .filter(|v| v["event"] == "drop" && v["reason"] == "malformed")
+            .count();
+        assert_eq!(malformed, 1, "{mode}");
+    }
+    Ok(())
+}
