@@ -93,13 +93,27 @@ fn runtime_allow_and_deny_apply_at_once_persist_and_survive_a_restart() -> Resul
     assert!(tcp_reachable(&lab.client, server, 9090)?);
     assert!(!tcp_reachable(&lab.client, server, 8080)?);
 
-    // A new guard adopts it and keeps the persisted policy.
-    let mut pw = pinned_guard(&lab, &paths, Path::new(policy.as_str()?), &[])?;
+    // A new guard adopts it and keeps the persisted policy. Asked for
+    // another mode, it keeps the pinned link (never a moment without a
+    // verdict) and says so.
+    let mut pw = pinned_guard(
+        &lab,
+        &paths,
+        Path::new(policy.as_str()?),
+        &["--xdp-mode", "generic"],
+    )?;
     assert!(
         pw.stderr().contains("adopted the pinned datapath"),
         "{}",
         pw.stderr()
     );
+    assert!(
+        pw.stderr()
+            .contains("kept the guard's tc ingress link a previous guard pinned, not generic XDP"),
+        "{}",
+        pw.stderr()
+    );
+    assert_eq!(lab.server_guard_mode()?, Some("tc"));
     assert!(tcp_reachable(&lab.client, server, 9090)?);
     assert!(!tcp_reachable(&lab.client, server, 8080)?);
     pw.stop()?;

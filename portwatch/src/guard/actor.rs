@@ -644,6 +644,13 @@ impl Guard {
         // said only of the mode it was given for.
         if mode.attaches_as() == Some(attached.xdp_mode) {
             attached.why = why;
+        } else if let Some(asked) = self.xdp_mode.attaches_as() {
+            log::warn!(
+                "{iface}: kept the guard's {} link a previous guard pinned, not {} as asked \
+                 (`portwatch down`, then start the guard again, to change it)",
+                attached.xdp_mode.hook(),
+                asked.hook()
+            );
         }
         Ok(attached)
     }
