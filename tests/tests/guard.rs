@@ -1286,3 +1286,96 @@ fn vlan_tags_count_the_same_at_tc_ingress_as_in_xdp() -> Result {
     }
     Ok(())
 }
+
+/// Sends one IPv4 UDP datagram of `len` payload bytes from the client's
+/// veth to the server's `port` through a packet socket with a virtio-net
+/// header whose `hdr_len` is 14: a frame longer than a page then leaves as
+/// an skb with only its Ethernet header linear, the IP and UDP headers in
+/// a page fragment (how a NIC driver or a tap device may hand one over).
+fn send_split_udp(lab: &Lab, port: u16, len: usize) -> Result {
+    let script = format!(
+        r#"
+import socket, struct
+def mac(m): return bytes(int(x, 16) for x in m.split(":"))
+def csum(b):
+    s = sum(struct.unpack("!%dH" % (len(b) // 2), b))
+    while s >> 16: s = (s & 0xffff) + (s >> 16)
+    return ~s & 0xffff
+src, dst = socket.inet_aton("{src}"), socket.inet_aton("{dst}")
+payload = b"x" * {len}
+udp = struct.pack("!HHHH", 40000, {port}, 8 + len(payload), 0) + payload
+ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(udp), 1, 0, 64, 17, 0, src, dst)
+ip = ip[:10] + struct.pack("!H", csum(ip)) + ip[12:]
+frame = mac("{dst_mac}") + mac("{src_mac}") + struct.pack("!H", 0x0800) + ip + udp
+s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW)
+s.setsockopt(263, 15, 1)  # SOL_PACKET, PACKET_VNET_HDR
+s.bind(("{iface}", 0))
+# flags, gso_type (none), hdr_len: only Ethernet goes in the linear part.
+s.send(struct.pack("<BBHHHH", 0, 0, 14, 0, 0, 0) + frame)
+"#,
+        src = lab.client_v4(),
+        dst = lab.server_v4(),
+        dst_mac = lab.server_mac,
+        src_mac = lab.client_mac,
+        iface = lab.client_if,
+    );
+    let out = run_bounded(
+        lab.client.command("python3").args(["-c", &script]),
+        None,
+        Duration::from_secs(10),
+        None,
+    )?;
+    ensure!(out.status.is_some_and(|s| s.success()), "{out:?}");
+    Ok(())
+}
+
+/// At tc ingress the guard reads headers that lie past the skb's linear
+/// part with bpf_skb_load_bytes: a datagram whose IP and UDP headers are
+/// in a page fragment is judged by its ports, not dropped as malformed:
+/// delivered to a permitted port, dropped with `no_rule` at a closed one.
+#[test]
+fn tc_ingress_judges_headers_outside_the_linear_part() -> Result {
+    let lab = Lab::new()?;
+    for (ns, iface) in [
+        (&lab.server.name, &lab.server_if),
+        (&lab.client.name, &lab.client_if),
+    ] {
+        run("ip", &["-n", ns, "link", "set", iface, "mtu", "9000"])?;
+    }
+    let policy = TempFile::new("split", "allow = [\"udp/5300\"]\n")?;
+    let mut pw = start_guard(&lab, &policy, &[])?;
+    assert_eq!(lab.server_guard_mode()?, Some("tc"));
+    let mut receiver = lab.server.command("python3");
+    receiver.args([
+        "-c",
+        "import socket; s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); \
+         s.bind(('0.0.0.0', 5300)); s.settimeout(8); print('ready', flush=True); \
+         print(len(s.recv(65535)), flush=True)",
+    ]);
+    let received =
+        std::thread::spawn(move || run_bounded(&mut receiver, None, Duration::from_secs(15), None));
+    std::thread::sleep(Duration::from_millis(500));
+    send_split_udp(&lab, 5300, 6000)?;
+    send_split_udp(&lab, 9090, 6000)?;
+    let drop = pw
+        .wait_for(WAIT, |v| v["event"] == "drop")
+        .context("the datagram to the closed port was not dropped")?;
+    assert_eq!(drop["reason"], "no_rule", "{drop}");
+    assert_eq!(drop["dst_port"], 9090, "{drop}");
+    assert_eq!(drop["proto"], "udp", "{drop}");
+    let out = received
+        .join()
+        .map_err(|_| anyhow::anyhow!("the receiver thread panicked"))??;
+    assert!(
+        out.stdout.lines().any(|l| l == "6000"),
+        "the permitted datagram did not arrive: {out:?}"
+    );
+    pw.stop()?;
+    let malformed = pw
+        .seen
+        .iter()
+        .filter(|v| v["event"] == "drop" && v["reason"] == "malformed")
+        .count();
+    assert_eq!(malformed, 0);
+    Ok(())
+}
