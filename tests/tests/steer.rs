@@ -41,7 +41,7 @@ fn eventually(
     }
 }
 
-/// Whether the guard's verdict is attached (tc ingress on a veth).
+/// Whether the guard's verdict is attached (XDP, or tc ingress).
 fn guard_attached(lab: &Lab) -> Result<bool> {
     Ok(lab.server_guard_mode()?.is_some())
 }
@@ -100,7 +100,7 @@ fn runtime_allow_and_deny_apply_at_once_persist_and_survive_a_restart() -> Resul
         &lab,
         &paths,
         Path::new(policy.as_str()?),
-        &["--xdp-mode", "generic"],
+        &["--xdp-mode", "tc"],
     )?;
     assert!(
         pw.stderr().contains("adopted the pinned datapath"),
@@ -109,11 +109,11 @@ fn runtime_allow_and_deny_apply_at_once_persist_and_survive_a_restart() -> Resul
     );
     assert!(
         pw.stderr()
-            .contains("kept the guard's tc ingress link a previous guard pinned, not generic XDP"),
+            .contains("kept the guard's generic XDP link a previous guard pinned, not tc ingress"),
         "{}",
         pw.stderr()
     );
-    assert_eq!(lab.server_guard_mode()?, Some("tc"));
+    assert_eq!(lab.server_guard_mode()?, Some("generic"));
     assert!(tcp_reachable(&lab.client, server, 9090)?);
     assert!(!tcp_reachable(&lab.client, server, 8080)?);
     pw.stop()?;
@@ -642,8 +642,7 @@ fn twenty_restarts_under_traffic_never_open_a_gap() -> Result {
         4000,
         "datagrams to the permitted port were dropped"
     );
-    // Nothing pinned twice: one tc ingress (the verdict) and one tc egress
-    // link for the one interface,
+    // Nothing pinned twice: one XDP and one tc link for the one interface,
     // and one link per monitor hook.
     let mut links: Vec<String> = std::fs::read_dir(paths.pins.join("links"))?
         .filter_map(|e| e.ok()?.file_name().into_string().ok())
@@ -652,7 +651,7 @@ fn twenty_restarts_under_traffic_never_open_a_gap() -> Result {
     let iface = &lab.server_if;
     let mut want = vec![
         format!("tc-{iface}"),
-        format!("ingress-{iface}"),
+        format!("xdp-generic-{iface}"),
         "hook-inet_sock_set_state".to_owned(),
         "hook-post_bind4".to_owned(),
         "hook-post_bind6".to_owned(),
@@ -943,8 +942,9 @@ fn a_follower_that_cannot_keep_up_is_told_what_it_missed_and_starts_over() -> Re
     };
     let events = 2 * rounds * batch;
     // The guard itself got through the whole burst (its last listener is
-    // the last event).
-    pw.wait_for(Duration::from_secs(60), |v| {
+    // the last event). A debug build on a loaded machine has taken more
+    // than a minute for the 120,000 events.
+    pw.wait_for(Duration::from_secs(180), |v| {
         v["event"] == "listen" && v["pid"] == pid && v["port"] == last_port
     })?;
 

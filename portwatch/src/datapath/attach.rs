@@ -24,9 +24,8 @@ use crate::{
 /// How the guard's verdict is asked to run.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum XdpMode {
-    /// Per interface (see [`auto_mode`]): tc ingress on veth, generic XDP
-    /// on tun devices, else native XDP, falling back to generic with a
-    /// notice.
+    /// Per interface (see [`auto_mode`]): generic on veth and tun
+    /// devices, else native, falling back to generic with a notice.
     #[default]
     Auto,
     Native,
@@ -60,28 +59,19 @@ pub struct Attached {
 }
 
 /// What `auto` attaches with on an interface of `kind` (None: hardware),
-/// and why when it is not native. A veth or a tun device receives packets
-/// already in an skb: native XDP must copy each into an XDP buffer (large
-/// TCP segments linearised), and generic XDP copies every skb that is
-/// non-linear or short of 256 bytes of headroom, which is every large TCP
-/// segment. On a veth the verdict runs at tc ingress instead, on the skb
-/// as it is. A tun device may carry bare IP packets (no Ethernet header),
-/// which only XDP's parse is tested on: it keeps generic XDP.
+/// and why when it is not native: native XDP on a veth or a tun device
+/// must copy each packet, already in an skb, into an XDP buffer (large TCP
+/// segments linearised), which costs more than generic XDP on the skb.
+/// tc ingress (`--xdp-mode tc`) copies nothing there, but it is not the
+/// default: it runs after the kernel has untagged VLAN frames, and drops a
+/// frame whose tag is truncated before the guard sees it, uncounted.
 pub fn auto_mode(kind: Option<&str>) -> (XdpMode, Option<String>) {
     match kind {
-        Some(k @ "veth") => (
-            XdpMode::Tc,
-            Some(format!(
-                "{k}: XDP would copy every large packet (native: into an XDP buffer; generic: \
-                 out of the skb); tc ingress judges the skb as it is, with the same verdicts \
-                 (--xdp-mode native or generic to force XDP)"
-            )),
-        ),
-        Some(k @ "tun") => (
+        Some(k @ ("veth" | "tun")) => (
             XdpMode::Generic,
             Some(format!(
                 "{k}: native XDP would copy every packet into an XDP buffer; generic costs less \
-                 here (--xdp-mode native to force it)"
+                 here (--xdp-mode tc copies nothing; --xdp-mode native forces native)"
             )),
         ),
         _ => (XdpMode::Auto, None),

@@ -628,18 +628,7 @@ impl Guard {
             }
             asked => (asked, None),
         };
-        let mut attached = match self.datapath.attach_guard(&self.pins, iface, mode) {
-            // tc ingress needs tcx links (Linux 6.6+); auto's choice falls
-            // back to generic XDP, which judges the same.
-            Err(e) if self.xdp_mode == XdpMode::Auto && mode == XdpMode::Tc => {
-                log::warn!("{iface}: tc ingress failed ({e}); falling back to generic XDP");
-                let attached = self
-                    .datapath
-                    .attach_guard(&self.pins, iface, XdpMode::Generic)?;
-                return Ok(attached);
-            }
-            other => other?,
-        };
+        let mut attached = self.datapath.attach_guard(&self.pins, iface, mode)?;
         // An adopted link keeps the mode it was made with: the reason is
         // said only of the mode it was given for.
         if mode.attaches_as() == Some(attached.xdp_mode) {

@@ -1,8 +1,8 @@
 //! The permitted path: TCP throughput (iperf3) and request/response latency
 //! (a one-byte TCP ping-pong, like netperf's TCP_RR) through ports the
 //! policy permits, with nothing, then portwatch's guard (native and generic
-//! XDP, and as an operator starts it: tc ingress, auto's choice on a veth)
-//! on the receiving veth. Configurations alternate within each round.
+//! XDP, as an operator starts it, and at tc ingress) on the receiving veth.
+//! Configurations alternate within each round.
 
 use std::{fmt::Write as _, time::Duration};
 
@@ -70,14 +70,17 @@ enum Config {
     Generic,
     /// No `--xdp-mode`: what an operator gets.
     Default,
+    /// `--xdp-mode tc`: the verdict at tc ingress, on the skb as it is.
+    Tc,
 }
 
-const CONFIGS: [Config; 5] = [
+const CONFIGS: [Config; 6] = [
     Config::None,
     Config::BarePass,
     Config::Native,
     Config::Generic,
     Config::Default,
+    Config::Tc,
 ];
 
 impl Config {
@@ -88,6 +91,7 @@ impl Config {
             Config::Native => "portwatch_native",
             Config::Generic => "portwatch_generic",
             Config::Default => "portwatch_default",
+            Config::Tc => "portwatch_tc",
         }
     }
 
@@ -98,6 +102,7 @@ impl Config {
             Config::Native => "portwatch guard (native XDP)",
             Config::Generic => "portwatch guard (generic XDP)",
             Config::Default => "portwatch guard (default: --xdp-mode auto)",
+            Config::Tc => "portwatch guard (tc ingress: --xdp-mode tc)",
         }
     }
 }
@@ -201,6 +206,7 @@ pub fn run(ctx: &Ctx) -> Result<Section> {
                 default_mode = Some(mode);
                 (Some(guard), None)
             }
+            Config::Tc => (Some(start_guard(&ctx.portwatch, &lab, "tc", &ALLOW)?), None),
         };
         let s = measure(&lab, seconds, transactions)
             .with_context(|| format!("measuring {}", config.label()))?;
@@ -294,6 +300,13 @@ pub fn run(ctx: &Ctx) -> Result<Section> {
         median(&gbit(2)) / median(&gbit(1)),
         median(&rate(2)) / median(&rate(1))
     );
+    let _ = writeln!(
+        md,
+        "- for reference, tc ingress (`--xdp-mode tc`): {:.3}× no filter's throughput, {:.3}× \
+         generic XDP's",
+        median(&gbit(5)) / base_gbit,
+        median(&gbit(5)) / median(&gbit(3))
+    );
     Ok(Section {
         key: "permitted",
         title: "The permitted path",
@@ -312,6 +325,9 @@ pub fn run(ctx: &Ctx) -> Result<Section> {
                 "generic_rr_p50_vs_none": median(&p50(3)) / median(&p50(0)),
                 "generic_rr_vs_none": median(&rate(3)) / base_rate,
                 "default_gbit_vs_none": default_ratio,
+                "tc_gbit_vs_none": median(&gbit(5)) / base_gbit,
+                "tc_gbit_vs_generic": median(&gbit(5)) / median(&gbit(3)),
+                "tc_rr_p50_vs_none": median(&p50(5)) / median(&p50(0)),
             },
             "default_xdp_mode": default_mode,
             "targets": [

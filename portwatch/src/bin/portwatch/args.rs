@@ -86,13 +86,13 @@ pub enum ModeArg {
 /// How the guard attaches to an interface.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum XdpModeArg {
-    /// Per interface: tc ingress on veth (XDP there copies every large packet), generic XDP on tun devices, else native XDP, falling back to generic with a notice.
+    /// Per interface: generic on veth and tun devices (native XDP there copies every packet), else native, falling back to generic with a notice.
     Auto,
     /// XDP in the driver, before the kernel builds an skb.
     Native,
     /// XDP on the skb, on any device.
     Generic,
-    /// A tc ingress program on the skb (Linux 6.6+): the same verdicts, no copy.
+    /// A tc ingress program on the skb (Linux 6.6+): the same verdicts without XDP's copy on veth; after the kernel untags VLAN frames (a truncated tag is dropped unreported).
     Tc,
 }
 
@@ -130,7 +130,7 @@ pub struct GuardArgs {
     /// enforce drops what the policy does not permit; audit only reports it [default: the policy's, else enforce]
     #[arg(long, value_enum)]
     pub mode: Option<ModeArg>,
-    /// Where the verdict runs: auto picks per interface (tc ingress on veth, else native XDP, falling back to generic).
+    /// Where the verdict runs: auto picks an XDP mode per interface (generic on veth and tun, else native, falling back to generic); tc runs it at tc ingress.
     #[arg(long, value_enum, default_value = "auto")]
     pub xdp_mode: XdpModeArg,
     /// Print JSON Lines instead of aligned text.

@@ -23,7 +23,7 @@ pub enum Config {
     ParseDrop,
     PwNative,
     PwGeneric,
-    /// At tc ingress: what `--xdp-mode auto` picks on a veth.
+    /// At tc ingress (`--xdp-mode tc`).
     PwTc,
 }
 
@@ -64,7 +64,7 @@ impl Config {
             Config::ParseDrop => "header walk, then XDP_DROP (native)",
             Config::PwNative => "portwatch guard (native XDP)",
             Config::PwGeneric => "portwatch guard (generic XDP)",
-            Config::PwTc => "portwatch guard (tc ingress: auto's choice on a veth)",
+            Config::PwTc => "portwatch guard (tc ingress: --xdp-mode tc)",
         }
     }
 

@@ -158,7 +158,7 @@ fn report(rounds: usize, n: u64, samples: &[Vec<Sample>]) -> Section {
     );
     let _ = writeln!(
         md,
-        "- the default on a veth (tc ingress) against the other ways to drop there, packets/s: \
+        "- tc ingress (`--xdp-mode tc`) against the other ways to drop there, packets/s: \
          / generic XDP {:.3}, / iptables raw {:.3}, / nftables {:.3}; CPU per packet / bare \
          XDP_DROP {:.3}",
         med_pps(Config::PwTc) / med_pps(Config::PwGeneric),
