@@ -81,6 +81,14 @@ impl Action {
             Action::Aborted => XDP_ABORTED,
         }
     }
+
+    #[inline(always)]
+    fn tc(self) -> i32 {
+        match self {
+            Action::Pass => TC_ACT_OK,
+            Action::Drop | Action::Aborted => TC_ACT_SHOT,
+        }
+    }
 }
 
 /// The guard attached in XDP (hardware drivers).
@@ -91,10 +99,7 @@ pub fn try_xdp_guard(ctx: &XdpContext) -> u32 {
 /// The guard attached at tc ingress (software devices: veth): the same
 /// verdict on the skb the kernel already built.
 pub fn try_tc_guard(ctx: &TcContext) -> i32 {
-    match judge::<false, _>(&Skb(ctx), None) {
-        Action::Pass => TC_ACT_OK,
-        Action::Drop | Action::Aborted => TC_ACT_SHOT,
-    }
+    judge::<false, _>(&Skb(ctx), None).tc()
 }
 
 /// The guard's read-only twin, never attached: `explain` and `verify`

@@ -1220,27 +1220,31 @@ fn auto_attaches_generic_xdp_on_a_veth_and_says_why() -> Result {
     Ok(())
 }
 
+/// Python helpers for the frames the tests below send raw: a MAC from
+/// text, and an IPv4 header (with its checksum) for a transport segment.
+const FRAME_PY: &str = r#"
+import socket, struct
+def mac(m): return bytes(int(x, 16) for x in m.split(":"))
+def ipv4(src, dst, proto, l4):
+    ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(l4), 1, 0, 64, proto, 0,
+                     socket.inet_aton(src), socket.inet_aton(dst))
+    s = sum(struct.unpack("!10H", ip))
+    while s >> 16: s = (s & 0xffff) + (s >> 16)
+    return ip[:10] + struct.pack("!H", ~s & 0xffff) + ip[12:]
+"#;
+
 /// Sends one frame raw from the client's veth (AF_PACKET): VLAN tags with
 /// `tpids` (outermost first) around an IPv4 TCP SYN from the client to
 /// the server's `port`.
 fn send_tagged_syn(lab: &Lab, tpids: &[u16], port: u16) -> Result {
     let tpids: Vec<String> = tpids.iter().map(u16::to_string).collect();
     let script = format!(
-        r#"
-import socket, struct
-def mac(m): return bytes(int(x, 16) for x in m.split(":"))
-def csum(b):
-    s = sum(struct.unpack("!%dH" % (len(b) // 2), b))
-    while s >> 16: s = (s & 0xffff) + (s >> 16)
-    return ~s & 0xffff
-src, dst = socket.inet_aton("{src}"), socket.inet_aton("{dst}")
+        r#"{FRAME_PY}
 tcp = struct.pack("!HHIIBBHHH", 40000, {port}, 1, 0, 5 << 4, 0x02, 65535, 0, 0)
-ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(tcp), 1, 0, 64, 6, 0, src, dst)
-ip = ip[:10] + struct.pack("!H", csum(ip)) + ip[12:]
 frame = mac("{dst_mac}") + mac("{src_mac}")
 for i, tpid in enumerate([{tpids}]):
     frame += struct.pack("!HH", tpid, 10 + i)
-frame += struct.pack("!H", 0x0800) + ip + tcp
+frame += struct.pack("!H", 0x0800) + ipv4("{src}", "{dst}", 6, tcp) + tcp
 s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW)
 s.bind(("{iface}", 0))
 s.send(frame)
@@ -1300,19 +1304,11 @@ fn vlan_tags_count_the_same_at_tc_ingress_as_in_xdp() -> Result {
 /// a page fragment (how a NIC driver or a tap device may hand one over).
 fn send_split_udp(lab: &Lab, port: u16, len: usize) -> Result {
     let script = format!(
-        r#"
-import socket, struct
-def mac(m): return bytes(int(x, 16) for x in m.split(":"))
-def csum(b):
-    s = sum(struct.unpack("!%dH" % (len(b) // 2), b))
-    while s >> 16: s = (s & 0xffff) + (s >> 16)
-    return ~s & 0xffff
-src, dst = socket.inet_aton("{src}"), socket.inet_aton("{dst}")
+        r#"{FRAME_PY}
 payload = b"x" * {len}
 udp = struct.pack("!HHHH", 40000, {port}, 8 + len(payload), 0) + payload
-ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(udp), 1, 0, 64, 17, 0, src, dst)
-ip = ip[:10] + struct.pack("!H", csum(ip)) + ip[12:]
-frame = mac("{dst_mac}") + mac("{src_mac}") + struct.pack("!H", 0x0800) + ip + udp
+frame = mac("{dst_mac}") + mac("{src_mac}") + struct.pack("!H", 0x0800)
+frame += ipv4("{src}", "{dst}", 17, udp) + udp
 s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW)
 s.setsockopt(263, 15, 1)  # SOL_PACKET, PACKET_VNET_HDR
 s.bind(("{iface}", 0))

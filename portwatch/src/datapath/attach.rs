@@ -3,7 +3,7 @@
 //! pinned so that enforcement outlives the daemon; links a previous guard
 //! pinned are adopted with an atomic program swap.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use aya::programs::{
     LinkOrder, SchedClassifier, TcAttachType, Xdp, XdpMode as AyaXdpMode,
@@ -78,9 +78,9 @@ pub fn auto_mode(kind: Option<&str>) -> (XdpMode, Option<String>) {
     }
 }
 
-/// Attaches (or adopts) the guard on `iface`: tc egress first, then XDP.
-/// New links are pinned and also kept in `held` (the daemon's own
-/// reference while it runs).
+/// Attaches (or adopts) the guard on `iface`: tc egress first, then the
+/// verdict (XDP or tc ingress). New links are pinned and also kept in
+/// `held` (the daemon's own reference while it runs).
 pub(crate) fn attach(
     pins: &PinDir,
     ebpf: &mut aya::Ebpf,
@@ -92,10 +92,13 @@ pub(crate) fn attach(
     attach_tc(pins, ebpf, iface, held)?;
     // A link a previous guard pinned is adopted in the mode it has.
     let xdp_mode = match pins.pinned_guard(iface) {
-        Some((pin, AttachedMode::Tc)) => adopt_tc_guard(ebpf, iface, &pin)?,
-        Some(_) => attach_xdp(pins, ebpf, iface, mode, held)?,
+        Some((pin, AttachedMode::Tc)) => {
+            let prog = loaded_tc(ebpf, prog::TC_GUARD, TC_GUARD_HINT)?;
+            swap_into_tc_link(prog, open_pinned(&pin)?, &pin, iface, TC_GUARD_HINT)?;
+            AttachedMode::Tc
+        }
         None if mode == XdpMode::Tc => attach_tc_guard(pins, ebpf, iface, held)?,
-        None => attach_xdp(pins, ebpf, iface, mode, held)?,
+        pinned => attach_xdp(pins, ebpf, iface, mode, pinned, held)?,
     };
     Ok(Attached {
         why: None,
@@ -105,6 +108,57 @@ pub(crate) fn attach(
     })
 }
 
+/// The tc program `name`, loaded if it is not yet.
+fn loaded_tc<'a>(
+    ebpf: &'a mut aya::Ebpf,
+    name: &'static str,
+    hint: &'static str,
+) -> Result<&'a mut SchedClassifier> {
+    let prog: &mut SchedClassifier = program(ebpf, name)?;
+    if prog.fd().is_err() {
+        prog.load()
+            .map_err(program_error(format!("loading {name}"), hint))?;
+    }
+    Ok(prog)
+}
+
+/// Opens the link pinned at `pin`.
+fn open_pinned(pin: &Path) -> Result<PinnedLink> {
+    PinnedLink::from_pin(pin).map_err(|e| Error::Io {
+        what: format!("opening the pinned link {}", pin.display()),
+        source: std::io::Error::other(e.to_string()),
+    })
+}
+
+/// Swaps `prog` into `old`, the tc link a previous guard pinned at `pin`
+/// (atomic: the interface is never without it).
+fn swap_into_tc_link(
+    prog: &mut SchedClassifier,
+    old: PinnedLink,
+    pin: &Path,
+    iface: &str,
+    hint: &'static str,
+) -> Result<()> {
+    let link = SchedClassifierLink::try_from(FdLink::from(old)).map_err(|e| Error::Io {
+        what: format!("{} is not a tc link", pin.display()),
+        source: std::io::Error::other(e.to_string()),
+    })?;
+    prog.attach_to_link(link).map_err(program_error(
+        format!("replacing the tc program on {iface}"),
+        hint,
+    ))?;
+    Ok(())
+}
+
+/// Pins a new link at `pin` and keeps the daemon's reference in `held`.
+fn pin_link(fd_link: FdLink, pin: &Path, held: &mut Vec<PinnedLink>) -> Result<()> {
+    held.push(fd_link.pin(pin).map_err(|e| Error::Io {
+        what: format!("pinning the link at {}", pin.display()),
+        source: std::io::Error::other(e.to_string()),
+    })?);
+    Ok(())
+}
+
 fn attach_tc(
     pins: &PinDir,
     ebpf: &mut aya::Ebpf,
@@ -112,22 +166,10 @@ fn attach_tc(
     held: &mut Vec<PinnedLink>,
 ) -> Result<()> {
     let hint = "the guard records the host's own UDP flows with a tc egress program (CONFIG_NET_CLS_BPF, Linux 6.6+ for tcx or a clsact qdisc)";
-    let prog: &mut SchedClassifier = program(ebpf, prog::TC_EGRESS)?;
-    if prog.fd().is_err() {
-        prog.load()
-            .map_err(program_error("loading tc_egress".into(), hint))?;
-    }
+    let prog = loaded_tc(ebpf, prog::TC_EGRESS, hint)?;
     let pin = pins.tc_link(iface);
     if let Ok(old) = PinnedLink::from_pin(&pin) {
-        let link = SchedClassifierLink::try_from(FdLink::from(old)).map_err(|e| Error::Io {
-            what: format!("{} is not a tc link", pin.display()),
-            source: std::io::Error::other(e.to_string()),
-        })?;
-        prog.attach_to_link(link).map_err(program_error(
-            format!("replacing the tc program on {iface}"),
-            hint,
-        ))?;
-        return Ok(());
+        return swap_into_tc_link(prog, old, &pin, iface, hint);
     }
     let id = match prog.attach(iface, TcAttachType::Egress) {
         Ok(id) => id,
@@ -151,12 +193,7 @@ fn attach_tc(
         hint,
     ))?;
     match FdLink::try_from(link) {
-        Ok(fd_link) => {
-            held.push(fd_link.pin(&pin).map_err(|e| Error::Io {
-                what: format!("pinning the tc link at {}", pin.display()),
-                source: std::io::Error::other(e.to_string()),
-            })?);
-        }
+        Ok(fd_link) => pin_link(fd_link, &pin, held)?,
         Err(_) => log::warn!(
             "{iface}: tc egress is attached through a qdisc (kernel before 6.6), which cannot be pinned: \
                  replies to the host's UDP flows pass only while the daemon runs"
@@ -166,35 +203,6 @@ fn attach_tc(
 }
 
 const TC_GUARD_HINT: &str = "the guard judges inbound packets on software devices with a tc ingress program (CONFIG_NET_CLS_BPF; Linux 6.6+ for tcx links, which outlive the daemon): --xdp-mode generic judges them in XDP instead";
-
-/// Loads the tc ingress guard if it is not loaded yet.
-fn tc_guard(ebpf: &mut aya::Ebpf) -> Result<&mut SchedClassifier> {
-    let prog: &mut SchedClassifier = program(ebpf, prog::TC_GUARD)?;
-    if prog.fd().is_err() {
-        prog.load()
-            .map_err(program_error("loading tc_guard".into(), TC_GUARD_HINT))?;
-    }
-    Ok(prog)
-}
-
-/// Swaps this guard's tc program into the ingress link a previous guard
-/// pinned (atomic: the interface is never without a verdict).
-fn adopt_tc_guard(ebpf: &mut aya::Ebpf, iface: &str, pin: &Path) -> Result<AttachedMode> {
-    let prog = tc_guard(ebpf)?;
-    let old = PinnedLink::from_pin(pin).map_err(|e| Error::Io {
-        what: format!("opening the pinned link {}", pin.display()),
-        source: std::io::Error::other(e.to_string()),
-    })?;
-    let link = SchedClassifierLink::try_from(FdLink::from(old)).map_err(|e| Error::Io {
-        what: format!("{} is not a tc link", pin.display()),
-        source: std::io::Error::other(e.to_string()),
-    })?;
-    prog.attach_to_link(link).map_err(program_error(
-        format!("replacing the tc ingress guard on {iface}"),
-        TC_GUARD_HINT,
-    ))?;
-    Ok(AttachedMode::Tc)
-}
 
 /// Attaches the guard at tc ingress as a tcx link, pinned. A kernel
 /// without tcx (before 6.6) could only hang it off a clsact qdisc, which
@@ -206,7 +214,7 @@ fn attach_tc_guard(
     iface: &str,
     held: &mut Vec<PinnedLink>,
 ) -> Result<AttachedMode> {
-    let prog = tc_guard(ebpf)?;
+    let prog = loaded_tc(ebpf, prog::TC_GUARD, TC_GUARD_HINT)?;
     let id = prog
         .attach_with_options(
             iface,
@@ -225,11 +233,7 @@ fn attach_tc_guard(
         what: format!("the tc ingress attachment of {iface} is not a bpf_link"),
         source: std::io::Error::other(e.to_string()),
     })?;
-    let pin = pins.guard_link(iface, AttachedMode::Tc);
-    held.push(fd_link.pin(&pin).map_err(|e| Error::Io {
-        what: format!("pinning the tc ingress link at {}", pin.display()),
-        source: std::io::Error::other(e.to_string()),
-    })?);
+    pin_link(fd_link, &pins.guard_link(iface, AttachedMode::Tc), held)?;
     Ok(AttachedMode::Tc)
 }
 
@@ -243,11 +247,14 @@ pub fn tc_ingress_programs(iface: &str) -> Result<Vec<u32>> {
         ))
 }
 
+/// Attaches the guard in XDP, or adopts the XDP link `pinned` (never a
+/// tc one: the caller adopts those).
 fn attach_xdp(
     pins: &PinDir,
     ebpf: &mut aya::Ebpf,
     iface: &str,
     mode: XdpMode,
+    pinned: Option<(PathBuf, AttachedMode)>,
     held: &mut Vec<PinnedLink>,
 ) -> Result<AttachedMode> {
     let hint = "the guard filters inbound packets with XDP (Linux 5.9+ for XDP links)";
@@ -256,8 +263,7 @@ fn attach_xdp(
         xdp.load()
             .map_err(program_error("loading the XDP guard".into(), hint))?;
     }
-    if let Some((pin, pinned_mode)) = pins.pinned_guard(iface)
-        && pinned_mode != AttachedMode::Tc
+    if let Some((pin, pinned_mode)) = pinned
         && let Ok(old) = PinnedLink::from_pin(&pin)
     {
         let link = XdpLink::try_from(FdLink::from(old)).map_err(|e| Error::Io {
@@ -313,10 +319,6 @@ fn attach_xdp(
         ),
         source: std::io::Error::other(e.to_string()),
     })?;
-    let pin = pins.guard_link(iface, mode);
-    held.push(fd_link.pin(&pin).map_err(|e| Error::Io {
-        what: format!("pinning the XDP link at {}", pin.display()),
-        source: std::io::Error::other(e.to_string()),
-    })?);
+    pin_link(fd_link, &pins.guard_link(iface, mode), held)?;
     Ok(mode)
 }
