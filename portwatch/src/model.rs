@@ -295,6 +295,9 @@ pub enum EventKind {
 pub enum Origin {
     Snapshot,
     Live,
+    /// A close whose kernel record was lost in a ring overflow (and counted
+    /// in a `lost` line), known now because a new listener took its socket.
+    Inferred,
 }
 
 /// How a socket is identified, for matching a close to its listen.

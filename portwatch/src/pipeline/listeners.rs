@@ -12,6 +12,23 @@ use crate::model::{EventKind, Listener, ListenerEvent, Origin, Proto, SockId};
 /// not something a peer picks, and SipHash was a tenth of a burst's cost.
 type Fast = foldhash::fast::RandomState;
 
+/// What one kernel record comes to: its event (none for a duplicate), after
+/// the close of a listener it shows was missed.
+#[derive(Debug, Default)]
+pub struct Applied {
+    pub closed: Option<ListenerEvent>,
+    pub event: Option<ListenerEvent>,
+}
+
+impl IntoIterator for Applied {
+    type Item = ListenerEvent;
+    type IntoIter = std::iter::Flatten<std::array::IntoIter<Option<ListenerEvent>, 2>>;
+
+    fn into_iter(self) -> Self::IntoIter {
+        [self.closed, self.event].into_iter().flatten()
+    }
+}
+
 /// A port in a network namespace.
 pub type PortKey = (Proto, u16, Option<u64>);
 
@@ -119,16 +136,19 @@ impl Listeners {
         })
     }
 
-    /// Turns an enriched kernel record into an event and updates the set.
-    /// Returns None for a duplicate of a snapshot entry (a listener opened
-    /// while the snapshot was being taken is seen by both).
-    pub fn apply(
-        &mut self,
-        rec: Enriched,
-        ts: SystemTime,
-        before_snapshot: bool,
-    ) -> Option<ListenerEvent> {
+    /// Turns an enriched kernel record into events and updates the set:
+    /// none for a duplicate of a snapshot entry (a listener opened while the
+    /// snapshot was being taken is seen by both), and two when a listen
+    /// shows that an earlier close was lost (see below).
+    pub fn apply(&mut self, rec: Enriched, ts: SystemTime, before_snapshot: bool) -> Applied {
         let key = (rec.listener.proto, rec.listener.sock_id);
+        let event = |kind, origin, listener| ListenerEvent {
+            ts,
+            kind,
+            origin,
+            listener,
+            reach: None,
+        };
         match rec.kind {
             EventKind::Listen => {
                 let mut listener = rec.listener;
@@ -137,19 +157,30 @@ impl Listeners {
                         .autobound_port(&listener, &rec.listening_ports)
                         .unwrap_or(0);
                 }
-                let duplicate = self.open.contains_key(&key)
-                    || (before_snapshot && self.seen_in_snapshot(&listener));
-                if duplicate {
-                    return None;
+                if before_snapshot && self.seen_in_snapshot(&listener) {
+                    return Applied::default();
+                }
+                let mut closed = None;
+                if self.open.contains_key(&key) {
+                    // A cookie names one socket for good: a second report
+                    // of it is the snapshot's. A kernel address enters
+                    // LISTEN again only as a new socket in a freed one's
+                    // memory (a listener leaves LISTEN only by closing, and
+                    // its events arrive in order): that close was lost in
+                    // a ring overflow. Said now, or the new listener would
+                    // pass for the old one, unreported, on the old port.
+                    if !matches!(key.1, SockId::KernelAddr(_)) {
+                        return Applied::default();
+                    }
+                    closed = self
+                        .remove(&key)
+                        .map(|old| event(EventKind::Close, Origin::Inferred, old));
                 }
                 self.add(key, listener.clone());
-                Some(ListenerEvent {
-                    ts,
-                    kind: EventKind::Listen,
-                    origin: Origin::Live,
-                    listener,
-                    reach: None,
-                })
+                Applied {
+                    closed,
+                    event: Some(event(EventKind::Listen, Origin::Live, listener)),
+                }
             }
             EventKind::Close => {
                 let listener = match self.remove(&key) {
@@ -158,13 +189,10 @@ impl Listeners {
                         .take_snapshot_match(&rec.listener)
                         .unwrap_or(rec.listener),
                 };
-                Some(ListenerEvent {
-                    ts,
-                    kind: EventKind::Close,
-                    origin: Origin::Live,
-                    listener,
-                    reach: None,
-                })
+                Applied {
+                    closed: None,
+                    event: Some(event(EventKind::Close, Origin::Live, listener)),
+                }
             }
         }
     }
@@ -200,5 +228,76 @@ impl Listeners {
             })
             .map(|(k, _)| *k)?;
         self.remove(&key)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::IpAddr;
+
+    use super::*;
+    use crate::model::ProcessInfo;
+
+    fn record(kind: EventKind, proto: Proto, port: u16, sock_id: SockId) -> Enriched {
+        Enriched {
+            ts_ns: 1,
+            kind,
+            listener: Listener {
+                proto,
+                addr: IpAddr::from([127, 0, 0, 1]),
+                port,
+                sock_id,
+                netns: Some(1),
+                process: ProcessInfo::default().into(),
+            },
+            listening_ports: Vec::new(),
+            netns_ifaces: None,
+        }
+    }
+
+    fn said(applied: Applied) -> Vec<(EventKind, Origin, u16)> {
+        applied
+            .into_iter()
+            .map(|e| (e.kind, e.origin, e.listener.port))
+            .collect()
+    }
+
+    #[test]
+    fn a_listen_in_a_lost_listeners_memory_says_that_one_closed() {
+        let mut set = Listeners::default();
+        let at = SockId::KernelAddr(0xffff_8880_0000_1000);
+        let now = SystemTime::UNIX_EPOCH;
+        let listen = |port| record(EventKind::Listen, Proto::Tcp, port, at);
+        assert_eq!(
+            said(set.apply(listen(8080), now, false)),
+            [(EventKind::Listen, Origin::Live, 8080)]
+        );
+        // Its close was lost; a new listener takes the freed socket.
+        assert_eq!(
+            said(set.apply(listen(9090), now, false)),
+            [
+                (EventKind::Close, Origin::Inferred, 8080),
+                (EventKind::Listen, Origin::Live, 9090)
+            ]
+        );
+        assert!(!set.is_listened(&(Proto::Tcp, 8080, Some(1))));
+        assert!(set.is_listened(&(Proto::Tcp, 9090, Some(1))));
+        assert_eq!(set.len(), 1);
+        let close = record(EventKind::Close, Proto::Tcp, 9090, at);
+        assert_eq!(
+            said(set.apply(close, now, false)),
+            [(EventKind::Close, Origin::Live, 9090)]
+        );
+        assert!(set.is_empty());
+    }
+
+    #[test]
+    fn a_socket_reported_twice_by_cookie_is_one_listener() {
+        let mut set = Listeners::default();
+        let bind = || record(EventKind::Listen, Proto::Udp, 53, SockId::Cookie(7));
+        set.insert_snapshot(bind().listener);
+        assert!(said(set.apply(bind(), SystemTime::UNIX_EPOCH, true)).is_empty());
+        assert!(said(set.apply(bind(), SystemTime::UNIX_EPOCH, false)).is_empty());
+        assert_eq!(set.len(), 1);
     }
 }

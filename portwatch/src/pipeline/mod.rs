@@ -316,7 +316,7 @@ impl Pipeline {
             }
             let ts = self.clock.wall(rec.ts_ns);
             let before_snapshot = rec.ts_ns <= self.snapshot_ns;
-            if let Some(ev) = self.listeners.apply(rec, ts, before_snapshot) {
+            for ev in self.listeners.apply(rec, ts, before_snapshot) {
                 self.emit(Event::Listener(ev))?;
             }
         }

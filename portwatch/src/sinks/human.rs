@@ -203,6 +203,7 @@ impl<W: Write> HumanSink<W> {
         let origin = match origin {
             Origin::Snapshot => "snap",
             Origin::Live => "live",
+            Origin::Inferred => "late",
         };
         let p = &l.process;
         let c = self.columns();
