@@ -3,7 +3,7 @@
 //! scrapes, signals, and whatever the daemon adds) and hands each thing to
 //! the part that owns it. It decides nothing itself.
 
-use std::{future::Future, io, time::SystemTime};
+use std::{future::Future, io, pin::Pin, time::SystemTime};
 
 use anyhow::Context as _;
 use portwatch_common::MonitorStat;
@@ -16,9 +16,10 @@ use crate::{
     datapath::{
         MonitorFeed,
         decode::{DecodeError, RawListen, decode_listen},
+        ring::MAX_BATCH,
     },
     metrics::{GuardSnapshot, ScrapeRequest, Snapshot},
-    pipeline::{Pipeline, enrich::Enricher},
+    pipeline::{Pipeline, Snapshot as Listening, enrich::Enricher},
 };
 
 /// Whether the loop goes on after an input.
@@ -152,10 +153,22 @@ async fn event_loop<D: Daemon>(
     mut scrapes: Option<mpsc::Receiver<ScrapeRequest>>,
     enricher: &mut Enricher,
 ) -> io::Result<()> {
+    // A re-read of the listeners after the kernel lost records: taken on a
+    // blocking thread, then held until every record stamped before it began
+    // is in (see `Pipeline::finish_rescan`).
+    let mut rescan: Option<Pin<Box<dyn Future<Output = anyhow::Result<Listening>> + Send>>> = None;
+    let mut rescanned: Option<anyhow::Result<Listening>> = None;
     loop {
+        if rescan.is_none() && rescanned.is_none() && pipeline.start_rescan() {
+            rescan = Some(Box::pin(Pipeline::collect_snapshot()));
+        }
         let tick = pipeline.next_tick();
         let mut batch = Vec::new();
         tokio::select! {
+            found = optional(rescan.as_mut()) => {
+                rescan = None;
+                rescanned = Some(found);
+            }
             () = sleep_until_wall(tick) => pipeline.tick(SystemTime::now())?,
             read = feed.events.read_batch(|rec| batch.push(decode_listen(rec))), if enricher.has_room() => {
                 read?;
@@ -193,7 +206,31 @@ async fn event_loop<D: Daemon>(
                 Sig::Hup => daemon.hangup(pipeline)?,
             },
         }
+        if rescanned.is_some() && enricher.is_idle() {
+            // The ring may still hold older records; the re-read waits for
+            // them.
+            let mut batch = Vec::new();
+            feed.events
+                .read_now(MAX_BATCH, |rec| batch.push(decode_listen(rec)));
+            if batch.is_empty() {
+                if let Some(found) = rescanned.take() {
+                    pipeline.finish_rescan(found)?;
+                    daemon.listeners_changed(pipeline)?;
+                }
+            } else {
+                let records = decoded(pipeline, batch);
+                enricher.submit(records);
+            }
+        }
         pipeline.flush()?;
+    }
+}
+
+/// `f`'s output; never, when there is no `f`.
+async fn optional<F: Future + Unpin>(f: Option<&mut F>) -> F::Output {
+    match f {
+        Some(f) => f.await,
+        None => std::future::pending().await,
     }
 }
 

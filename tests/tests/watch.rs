@@ -464,3 +464,84 @@ fn a_listener_in_the_socket_of_one_whose_close_was_lost_is_reported() -> Result 
     assert!(inferred as u64 <= lost, "{inferred} inferred, {lost} lost");
     Ok(())
 }
+
+#[test]
+fn after_a_loss_the_listeners_are_re_read_and_what_was_lost_is_said() -> Result {
+    const N: u64 = 300;
+    let mut pw = Portwatch::start(&["watch", "--proto", "tcp"])?;
+    let tally = |pw: &Portwatch, pid: u64, event: &str, origin: Option<&str>| {
+        pw.events_of(pid as u32, event)
+            .iter()
+            .filter(|v| origin.is_none_or(|o| v["origin"] == o))
+            .count() as u64
+    };
+    let mut old = Fixture::python(&["--burst", &N.to_string()])?;
+    let old_pid = old.pid();
+    let seen = std::cell::Cell::new(0u64);
+    pw.wait_for(WAIT, |v| {
+        if v["event"] == "listen" && v["pid"] == old_pid {
+            seen.set(seen.get() + 1);
+        }
+        seen.get() >= N
+    })?;
+    // Held back, the watcher's ring fills with a churn; then the old
+    // listeners close and new ones open, all of it lost.
+    portwatch_tests::signal(pw.pid(), libc::SIGSTOP)?;
+    struct Resume(u32);
+    impl Drop for Resume {
+        fn drop(&mut self) {
+            let _ = portwatch_tests::signal(self.0, libc::SIGCONT);
+        }
+    }
+    let resume = Resume(pw.pid());
+    let mut churn = Fixture::python(&["--churn", "40000"])?;
+    let churn_pid = churn.pid();
+    churn.close_all()?;
+    old.close_all()?;
+    drop(old);
+    let mut new = Fixture::python(&["--burst", &N.to_string()])?;
+    let new_pid = new.pid();
+    drop(resume);
+    pw.wait_for(Duration::from_secs(30), |v| v["event"] == "lost")?;
+    // The re-read says it all, once.
+    let (closed, opened) = (std::cell::Cell::new(0u64), std::cell::Cell::new(0u64));
+    pw.wait_for(Duration::from_secs(30), |v| {
+        if v["origin"] == "inferred" && v["pid"] == old_pid && v["event"] == "close" {
+            closed.set(closed.get() + 1);
+        }
+        if v["origin"] == "inferred" && v["pid"] == new_pid && v["event"] == "listen" {
+            opened.set(opened.get() + 1);
+        }
+        closed.get() >= N && opened.get() >= N
+    })
+    .with_context(|| format!("{} closes, {} listens inferred", closed.get(), opened.get()))?;
+    // They close live, matched to what the re-read found.
+    new.close_all()?;
+    let closes = std::cell::Cell::new(0u64);
+    pw.wait_for(WAIT, |v| {
+        if v["event"] == "close" && v["pid"] == new_pid {
+            closes.set(closes.get() + 1);
+        }
+        closes.get() >= N
+    })?;
+    let status = pw.stop()?;
+    assert!(status.success());
+    assert_eq!(
+        tally(&pw, old_pid, "close", None),
+        N,
+        "old listeners closed once"
+    );
+    assert_eq!(
+        tally(&pw, new_pid, "listen", None),
+        N,
+        "new listeners opened once"
+    );
+    assert_eq!(tally(&pw, new_pid, "close", Some("live")), N);
+    // No listener of the churn is left open in the stream's account.
+    let churn_open =
+        tally(&pw, churn_pid, "listen", None) as i64 - tally(&pw, churn_pid, "close", None) as i64;
+    assert_eq!(churn_open, 0, "churn listeners left open or closed twice");
+    let summary = pw.seen.last().context("no lines")?;
+    assert_eq!(summary["event"], "summary");
+    Ok(())
+}

@@ -37,8 +37,13 @@ impl RingReader {
     }
 
     /// Reads whatever is queued now, without waiting.
-    pub fn drain_now(&mut self, mut f: impl FnMut(&[u8])) -> usize {
-        drain(self.fd.get_mut(), &mut f, usize::MAX).0
+    pub fn drain_now(&mut self, f: impl FnMut(&[u8])) -> usize {
+        self.read_now(usize::MAX, f)
+    }
+
+    /// Reads up to `max` of the records queued now, without waiting.
+    pub fn read_now(&mut self, max: usize, mut f: impl FnMut(&[u8])) -> usize {
+        drain(self.fd.get_mut(), &mut f, max).0
     }
 }
 

@@ -3,7 +3,11 @@
 //! a close carries who opened the socket), a listen the snapshot already
 //! reported left out.
 
-use std::{collections::HashMap, time::SystemTime};
+use std::{
+    collections::{HashMap, HashSet},
+    net::IpAddr,
+    time::SystemTime,
+};
 
 use super::enrich::Enriched;
 use crate::model::{EventKind, Listener, ListenerEvent, Origin, Proto, SockId};
@@ -32,6 +36,17 @@ impl IntoIterator for Applied {
 /// A port in a network namespace.
 pub type PortKey = (Proto, u16, Option<u64>);
 
+/// What a listener listens on, the same whether the kernel hook or
+/// sock_diag found it (they name sockets differently).
+type Endpoint = (Proto, IpAddr, u16, Option<u64>);
+
+/// A listener known here: its key and its process.
+type Known = ((Proto, SockId), Option<u32>);
+
+fn endpoint(l: &Listener) -> Endpoint {
+    (l.proto, l.addr, l.port, l.netns)
+}
+
 #[derive(Default)]
 pub struct Listeners {
     /// Boxed: the table keeps spare slots (up to half of it after it
@@ -42,6 +57,9 @@ pub struct Listeners {
     /// Ports that gained their first listener or lost their last since the
     /// last `take_changed`.
     changed: Vec<PortKey>,
+    /// While a rescan runs: when it began (monotonic ns), and what kernel
+    /// records since then opened or closed, which it may or may not show.
+    touched: Option<(u64, HashSet<Endpoint, Fast>)>,
 }
 
 fn port_key(l: &Listener) -> PortKey {
@@ -142,6 +160,7 @@ impl Listeners {
     /// shows that an earlier close was lost (see below).
     pub fn apply(&mut self, rec: Enriched, ts: SystemTime, before_snapshot: bool) -> Applied {
         let key = (rec.listener.proto, rec.listener.sock_id);
+        self.touch(rec.ts_ns, &rec.listener);
         let event = |kind, origin, listener| ListenerEvent {
             ts,
             kind,
@@ -157,6 +176,7 @@ impl Listeners {
                         .autobound_port(&listener, &rec.listening_ports)
                         .unwrap_or(0);
                 }
+                self.touch(rec.ts_ns, &listener);
                 if before_snapshot && self.seen_in_snapshot(&listener) {
                     return Applied::default();
                 }
@@ -189,11 +209,125 @@ impl Listeners {
                         .take_snapshot_match(&rec.listener)
                         .unwrap_or(rec.listener),
                 };
+                self.touch(rec.ts_ns, &listener);
                 Applied {
                     closed: None,
                     event: Some(event(EventKind::Close, Origin::Live, listener)),
                 }
             }
+        }
+    }
+
+    /// Notes that a record stamped `ts_ns` opened or closed something on
+    /// `l`'s endpoint, if a rescan began before it.
+    fn touch(&mut self, ts_ns: u64, l: &Listener) {
+        if let Some((since, touched)) = &mut self.touched
+            && ts_ns >= *since
+        {
+            touched.insert(endpoint(l));
+        }
+    }
+
+    /// A rescan (a fresh sock_diag snapshot) begins: records stamped from
+    /// `now_ns` on are noted, since it may or may not show them.
+    pub fn begin_rescan(&mut self, now_ns: u64) {
+        self.touched = Some((now_ns, HashSet::default()));
+    }
+
+    /// A rescan that came to nothing.
+    pub fn end_rescan(&mut self) {
+        self.touched = None;
+    }
+
+    /// Brings the set in line with `found`, a snapshot begun at
+    /// [`Self::begin_rescan`], once every kernel record stamped before
+    /// that has been applied: what the kernel's lost records would have
+    /// said. Endpoints that records since then touched are left as those
+    /// records made them. `gone` says whether a process has exited.
+    /// Returns the closes and listens this infers.
+    pub fn reconcile(
+        &mut self,
+        found: Vec<Listener>,
+        ts: SystemTime,
+        gone: impl Fn(u32) -> bool,
+    ) -> Vec<ListenerEvent> {
+        let Some((_, touched)) = self.touched.take() else {
+            return Vec::new();
+        };
+        let mut want: HashMap<Endpoint, Vec<Listener>, Fast> = HashMap::default();
+        for l in found {
+            let e = endpoint(&l);
+            if !touched.contains(&e) {
+                want.entry(e).or_default().push(l);
+            }
+        }
+        // Open here, by endpoint: their keys and processes.
+        let mut have: HashMap<Endpoint, Vec<Known>, Fast> = HashMap::default();
+        for (key, l) in &self.open {
+            let e = endpoint(l);
+            if !touched.contains(&e) {
+                have.entry(e).or_default().push((*key, l.process.pid));
+            }
+        }
+        let inferred = |kind, listener| ListenerEvent {
+            ts,
+            kind,
+            origin: Origin::Inferred,
+            listener,
+            reach: None,
+        };
+        let mut events = Vec::new();
+        let mut say = |kind, l| events.push(inferred(kind, l));
+        for (e, open) in have {
+            let wanted = want.remove(&e).unwrap_or_default();
+            self.settle(open, wanted, &gone, &mut say);
+        }
+        // Endpoints with nothing open here at all.
+        for (_, wanted) in want {
+            self.settle(Vec::new(), wanted, &gone, &mut say);
+        }
+        events
+    }
+
+    /// One endpoint of a rescan: `open` (known here: keys and processes)
+    /// against `found` (the snapshot's). The same process on both sides is
+    /// the same listener. Of the rest, a known listener whose process has
+    /// gone (`gone`) closed; one whose process lives is taken for a found
+    /// one still unpaired (the snapshot names one holder of a socket that
+    /// several processes share, not always the one that listened), else it
+    /// closed. Found ones left over opened.
+    fn settle(
+        &mut self,
+        open: Vec<Known>,
+        mut found: Vec<Listener>,
+        gone: &impl Fn(u32) -> bool,
+        say: &mut impl FnMut(EventKind, Listener),
+    ) {
+        let mut unpaired = Vec::new();
+        for (key, pid) in open {
+            match found.iter().position(|f| f.process.pid == pid) {
+                Some(i) => {
+                    found.swap_remove(i);
+                }
+                None => unpaired.push((key, pid)),
+            }
+        }
+        // The gone first, so that the living pair with what is left.
+        unpaired.sort_by_key(|(_, pid)| !pid.is_some_and(gone));
+        for (key, pid) in unpaired {
+            if !pid.is_some_and(gone) && found.pop().is_some() {
+                continue;
+            }
+            if let Some(l) = self.remove(&key) {
+                say(EventKind::Close, l);
+            }
+        }
+        for l in found {
+            if self.open.contains_key(&(l.proto, l.sock_id)) {
+                continue;
+            }
+            self.add((l.proto, l.sock_id), l.clone());
+            say(EventKind::Listen, l);
         }
     }
 
@@ -299,5 +433,93 @@ mod tests {
         assert!(said(set.apply(bind(), SystemTime::UNIX_EPOCH, true)).is_empty());
         assert!(said(set.apply(bind(), SystemTime::UNIX_EPOCH, false)).is_empty());
         assert_eq!(set.len(), 1);
+    }
+
+    #[test]
+    fn a_rescan_says_what_lost_records_would_have_and_leaves_newer_ones_be() {
+        let mut set = Listeners::default();
+        let now = SystemTime::UNIX_EPOCH;
+        let rec = |kind, port, sock_id, ts_ns, pid| {
+            let mut r = record(kind, Proto::Tcp, port, sock_id);
+            r.ts_ns = ts_ns;
+            r.listener.process = ProcessInfo {
+                pid: Some(pid),
+                ..ProcessInfo::default()
+            }
+            .into();
+            r
+        };
+        for (port, addr) in [(8080, 1), (9090, 2), (7070, 3)] {
+            let r = rec(EventKind::Listen, port, SockId::KernelAddr(addr), 10, 10);
+            assert_eq!(said(set.apply(r, now, false)).len(), 1);
+        }
+        set.begin_rescan(100);
+        // Closed after the rescan began: the snapshot may still show it.
+        let r = rec(EventKind::Close, 7070, SockId::KernelAddr(3), 150, 10);
+        assert_eq!(said(set.apply(r, now, false)).len(), 1);
+        let found = |port, cookie| rec(EventKind::Listen, port, SockId::Cookie(cookie), 0, 10);
+        let found = vec![
+            found(9090, 22).listener,
+            found(7070, 33).listener,
+            found(6060, 44).listener,
+        ];
+        let events: Vec<_> = set
+            .reconcile(found, now, |_| false)
+            .into_iter()
+            .map(|e| (e.kind, e.origin, e.listener.port))
+            .collect();
+        // 8080 closed unseen, 6060 opened unseen; 9090 stays as it was.
+        assert_eq!(events.len(), 2, "{events:?}");
+        assert!(events.contains(&(EventKind::Close, Origin::Inferred, 8080)));
+        assert!(events.contains(&(EventKind::Listen, Origin::Inferred, 6060)));
+        let mut open: Vec<u16> = set.iter().map(|l| l.port).collect();
+        open.sort_unstable();
+        assert_eq!(open, [6060, 9090]);
+        // Once only.
+        assert!(set.reconcile(Vec::new(), now, |_| false).is_empty());
+        // A live close of a listener the rescan found is matched to it.
+        let r = rec(EventKind::Close, 6060, SockId::KernelAddr(9), 200, 10);
+        assert_eq!(
+            said(set.apply(r, now, false)),
+            [(EventKind::Close, Origin::Live, 6060)]
+        );
+        assert_eq!(set.len(), 1);
+    }
+
+    #[test]
+    fn a_rescan_tells_a_new_listener_on_an_old_port_from_a_shared_socket() {
+        let now = SystemTime::UNIX_EPOCH;
+        let listener = |pid, sock_id| {
+            let mut l = record(EventKind::Listen, Proto::Tcp, 5050, sock_id).listener;
+            l.process = ProcessInfo {
+                pid: Some(pid),
+                ..ProcessInfo::default()
+            }
+            .into();
+            l
+        };
+        let rescan = |gone: fn(u32) -> bool| {
+            let mut set = Listeners::default();
+            let mut r = record(EventKind::Listen, Proto::Tcp, 5050, SockId::KernelAddr(1));
+            r.listener = listener(10, SockId::KernelAddr(1));
+            set.apply(r, now, false);
+            set.begin_rescan(100);
+            let events: Vec<_> = set
+                .reconcile(vec![listener(20, SockId::Cookie(2))], now, gone)
+                .into_iter()
+                .map(|e| (e.kind, e.listener.process.pid))
+                .collect();
+            (events, set.len())
+        };
+        // Its listener exited: the port's listener now is another.
+        assert_eq!(
+            rescan(|pid| pid == 10),
+            (
+                vec![(EventKind::Close, Some(10)), (EventKind::Listen, Some(20))],
+                1
+            )
+        );
+        // It lives: the snapshot named another holder of the same socket.
+        assert_eq!(rescan(|_| false), (vec![], 1));
     }
 }

@@ -12,6 +12,7 @@
 pub mod enrich;
 pub mod exposure;
 pub mod listeners;
+pub mod rescan;
 pub mod subscribers;
 
 use std::{
@@ -31,6 +32,7 @@ use self::{
     enrich::Enriched,
     exposure::ExposureView,
     listeners::Listeners,
+    rescan::Rescan,
     subscribers::{Subscriber, Subscribers, Taken},
 };
 use crate::{
@@ -79,6 +81,8 @@ pub struct Pipeline {
     subscribers: Subscribers,
     /// Counts for the metrics.
     tally: Tally,
+    /// Re-reading the listeners after the kernel lost records.
+    rescan: Rescan,
 }
 
 impl Pipeline {
@@ -94,6 +98,7 @@ impl Pipeline {
             netns_ifaces: HashMap::new(),
             subscribers: Subscribers::default(),
             tally: Tally::default(),
+            rescan: Rescan::default(),
         }
     }
 
@@ -194,13 +199,18 @@ impl Pipeline {
 
     /// When the sink wants `tick` called; None: never.
     pub fn next_tick(&self) -> Option<SystemTime> {
-        let sink = self.sink.next_tick();
-        if !self.subscribers.any_behind() {
-            return sink;
+        let now = SystemTime::now();
+        let earliest = |a: Option<SystemTime>, b: SystemTime| Some(a.map_or(b, |a| a.min(b)));
+        let mut tick = self.sink.next_tick();
+        if self.subscribers.any_behind() {
+            // A follower behind is looked at again soon, even in a lull.
+            tick = earliest(tick, now + CATCH_UP_EVERY);
         }
-        // A follower behind is looked at again soon, even in a lull.
-        let soon = SystemTime::now() + CATCH_UP_EVERY;
-        Some(sink.map_or(soon, |t| t.min(soon)))
+        if let Some(due) = self.rescan.due() {
+            let wait = due.saturating_sub(monotonic_ns());
+            tick = earliest(tick, now + std::time::Duration::from_nanos(wait));
+        }
+        tick
     }
 
     pub fn tick(&mut self, now: SystemTime) -> io::Result<()> {
@@ -276,11 +286,12 @@ impl Pipeline {
         })
         .await
         .context("the snapshot task failed")?
-        .context("taking the start-up snapshot of listeners")
+        .context("taking a snapshot of listeners (sock_diag)")
     }
 
     /// Reports listeners found by `collect_snapshot`.
     pub fn emit_snapshot(&mut self, found: Snapshot) -> io::Result<()> {
+        self.rescan.enable();
         self.netns_ifaces.extend(found.netns_ifaces);
         let found = found.listeners;
         self.snapshot_ns = monotonic_ns();
@@ -294,6 +305,48 @@ impl Pipeline {
                 listener,
                 reach: None,
             }))?;
+        }
+        Ok(())
+    }
+
+    /// Whether it is time to re-read the listeners (the kernel lost
+    /// records); if so, the re-read is taken to begin now.
+    pub fn start_rescan(&mut self) -> bool {
+        let now = monotonic_ns();
+        if !self.rescan.start(now) {
+            return false;
+        }
+        self.listeners.begin_rescan(now);
+        true
+    }
+
+    /// The listeners re-read after a loss (begun at [`Self::start_rescan`]),
+    /// once every record stamped before it began has been applied: the
+    /// closes and listens the lost records would have reported, said now.
+    pub fn finish_rescan(&mut self, found: anyhow::Result<Snapshot>) -> io::Result<()> {
+        self.rescan.finished();
+        let found = match found {
+            Ok(found) => found,
+            Err(e) => {
+                self.listeners.end_rescan();
+                log::warn!("cannot re-read the listeners after a loss: {e:#}");
+                return Ok(());
+            }
+        };
+        self.netns_ifaces.extend(found.netns_ifaces);
+        // A process with no /proc entry has exited.
+        let gone = |pid: u32| !std::path::Path::new(&format!("/proc/{pid}")).exists();
+        let events = self
+            .listeners
+            .reconcile(found.listeners, SystemTime::now(), gone);
+        let closed = events.iter().filter(|e| e.kind == EventKind::Close).count();
+        log::info!(
+            "re-read the listeners after the kernel lost records: {closed} closed and {} \
+             opened unseen",
+            events.len() - closed
+        );
+        for ev in events {
+            self.emit(Event::Listener(ev))?;
         }
         Ok(())
     }
@@ -333,6 +386,7 @@ impl Pipeline {
     /// `total` is its count since start.
     pub fn report_lost(&mut self, total: u64) -> io::Result<()> {
         if total > self.summary.lost {
+            self.rescan.lost(monotonic_ns());
             let count = total - self.summary.lost;
             self.summary.lost = total;
             self.emit(Event::Lost {

@@ -727,7 +727,7 @@ impl App {
                             sample: old.and_then(|o| o.sample),
                         },
                     );
-                    if ev.origin == Origin::Live {
+                    if ev.origin != Origin::Snapshot {
                         self.log(LogKind::Listen, time, text);
                     }
                 } else {
