@@ -433,6 +433,14 @@ pub struct GuardConfig {
     /// A recorded outbound UDP flow admits replies for this long after its
     /// last outbound packet.
     pub flow_timeout_ns: u64,
+    /// The kernel's clock as jiffies read it: now (CLOCK_MONOTONIC ns, at
+    /// the start of the current tick) is `jiffies * tick_ns +
+    /// clock_offset_ns` (wrapping). jiffies64 is a load once the verifier
+    /// inlines it; the coarse clock is a helper call, about 14 ns a packet
+    /// (bench/results). 0: not calibrated, the program asks the coarse
+    /// clock.
+    pub tick_ns: u64,
+    pub clock_offset_ns: u64,
 }
 
 /// An outbound flow of the host, as the tc egress program saw it: UDP or
@@ -636,6 +644,11 @@ pub struct XdpProbe {
     /// the frame would drop in enforce mode).
     pub drop: u8,
     pub _pad: u16,
+    pub _pad2: u32,
+    /// The kernel's jiffies and CLOCK_MONOTONIC (ns) as the probe ran: how
+    /// user space calibrates `GuardConfig`'s clock.
+    pub jiffies: u64,
+    pub now_ns: u64,
 }
 
 /// `GuardConfig.flags`, set only in the program's own copy for a probe:
@@ -938,8 +951,10 @@ mod tests {
         assert_eq!(core::mem::size_of::<ReportBucket>(), 24);
         assert_eq!(flow_port_byte(port_slot(IPPROTO_UDP, 53)), (1024, 53));
         const { assert!(FLOW_PORT_ENTRIES * FLOW_PORTS_PER_ENTRY >= POLICY_PORT_SLOTS) };
-        assert_eq!(core::mem::size_of::<GuardConfig>(), 24);
-        assert_eq!(core::mem::size_of::<XdpProbe>(), 8);
+        assert_eq!(core::mem::size_of::<GuardConfig>(), 40);
+        assert_eq!(core::mem::size_of::<XdpProbe>(), 24);
+        assert_eq!(core::mem::offset_of!(XdpProbe, jiffies), 8);
+        assert_eq!(core::mem::offset_of!(XdpProbe, now_ns), 16);
         assert_eq!(core::mem::size_of::<LearnKey>(), 20);
         assert_eq!(core::mem::size_of::<LearnStats>(), 32);
         assert_eq!(core::mem::size_of::<OwnerKey>(), 4);

@@ -10,7 +10,7 @@ use aya_ebpf::{
         TC_ACT_OK, TC_ACT_SHOT,
         xdp_action::{XDP_ABORTED, XDP_DROP, XDP_PASS},
     },
-    helpers::generated::{bpf_jiffies64, bpf_ktime_get_coarse_ns},
+    helpers::generated::{bpf_jiffies64, bpf_ktime_get_coarse_ns, bpf_ktime_get_ns},
     maps::lpm_trie::Key,
     programs::{TcContext, XdpContext},
 };
@@ -111,9 +111,39 @@ pub fn try_tc_guard(ctx: &TcContext) -> i32 {
 /// metadata.
 pub fn try_xdp_probe(ctx: &XdpContext) -> u32 {
     match probe_of(ctx) {
-        Some(probe) => judge::<true, _>(&Pkt::new(ctx), Some(probe)).xdp(),
+        Some(probe) => {
+            // SAFETY: `probe_of` checked the metadata's bounds; the helpers
+            // have no preconditions.
+            unsafe {
+                (*probe).jiffies = bpf_jiffies64();
+                (*probe).now_ns = bpf_ktime_get_ns();
+            }
+            judge::<true, _>(&Pkt::new(ctx), Some(probe)).xdp()
+        }
         None => XDP_ABORTED,
     }
+}
+
+/// CLOCK_MONOTONIC at the start of the current tick, the coarse clock's
+/// resolution.
+#[inline(always)]
+fn now_ns(cfg: &GuardConfig) -> u64 {
+    // SAFETY: bpf_jiffies64 has no preconditions.
+    clock_at(unsafe { bpf_jiffies64() }, cfg)
+}
+
+/// The time at `jiffies` (inlined by the verifier, bpf_jiffies64 is a
+/// load) once user space has calibrated `cfg`; until then the coarse clock
+/// (a helper call).
+#[inline(always)]
+fn clock_at(jiffies: u64, cfg: &GuardConfig) -> u64 {
+    if cfg.tick_ns == 0 {
+        // SAFETY: bpf_ktime_get_coarse_ns has no preconditions.
+        return unsafe { bpf_ktime_get_coarse_ns() };
+    }
+    jiffies
+        .wrapping_mul(cfg.tick_ns)
+        .wrapping_add(cfg.clock_offset_ns)
 }
 
 /// The verdict on one frame; `PROBE` (with its metadata in `probe`) asks
@@ -155,7 +185,7 @@ fn judge<const PROBE: bool, F: Frame>(pkt: &F, probe: Option<*mut XdpProbe>) -> 
         return answer(probe, &verdict, &cfg);
     }
     if cfg.flags & GUARD_LEARN != 0 {
-        learn(m, &verdict);
+        learn(m, &verdict, &cfg);
     }
     // A first fragment's verdict, whatever it is, is what its later
     // fragments get.
@@ -204,7 +234,7 @@ fn probe_of(ctx: &XdpContext) -> Option<*mut XdpProbe> {
 /// are plain adds: two CPUs on one pair at once may lose one. Out of line:
 /// inlined, its map calls would cost the fast path registers.
 #[inline(never)]
-fn learn(m: &Headers, verdict: &Verdict) {
+fn learn(m: &Headers, verdict: &Verdict, cfg: &GuardConfig) {
     let dropped = match verdict {
         Ok(PassReason::Rule) => false,
         Err(DropReason::NoRule | DropReason::Source | DropReason::RateLimited) => true,
@@ -219,8 +249,7 @@ fn learn(m: &Headers, verdict: &Verdict) {
         port: m.dport,
         src: m.src,
     };
-    // SAFETY: bpf_ktime_get_coarse_ns has no preconditions.
-    let now = unsafe { bpf_ktime_get_coarse_ns() };
+    let now = now_ns(cfg);
     match LEARN.get_ptr_mut(&key) {
         Some(stats) => {
             // SAFETY: a pointer from a map lookup is valid for writes.
@@ -537,8 +566,7 @@ fn within_limit(m: &Headers, slot: u32, cfg: &GuardConfig) -> Result<(), DropRea
     if m.family == AF_INET6 as u8 {
         mask_prefix(&mut key.addr, cfg.limit_v6_prefix);
     }
-    // SAFETY: bpf_ktime_get_coarse_ns has no preconditions.
-    let now = unsafe { bpf_ktime_get_coarse_ns() };
+    let now = now_ns(cfg);
     if cfg.flags & GUARD_PROBE != 0 {
         return probe_limit(&key, slot, &limit, now);
     }
@@ -665,11 +693,9 @@ fn reply_to_own_flow(m: &Headers, cfg: &GuardConfig) -> bool {
     };
     // SAFETY: a pointer from a map lookup is valid for reads.
     let last = unsafe { *last };
-    // The coarse clock (tick resolution) is enough for a 30 s timeout and a
-    // per-second rate limit, and much cheaper on the per-packet path.
-    // SAFETY: bpf_ktime_get_coarse_ns has no preconditions.
-    let now = unsafe { bpf_ktime_get_coarse_ns() };
-    now.saturating_sub(last) <= cfg.flow_timeout_ns
+    // Tick resolution is enough for a 30 s timeout. A flow tc egress
+    // stamped within this tick reads as a little younger, never older.
+    now_ns(cfg).saturating_sub(last) <= cfg.flow_timeout_ns
 }
 
 /// Adds the frame to its port's counter slot: the one user space gave the
@@ -714,10 +740,8 @@ fn report(ifindex: u32, m: &Headers, reason: DropReason, audit: bool, cfg: &Guar
         return;
     }
     bucket.last_jiffies = jiffies;
-    // The coarse clock (tick resolution) is enough for a per-second rate
-    // limit, and much cheaper than the precise one.
-    // SAFETY: bpf_ktime_get_coarse_ns has no preconditions.
-    let now = unsafe { bpf_ktime_get_coarse_ns() };
+    // Tick resolution is enough for a per-second rate limit.
+    let now = clock_at(jiffies, cfg);
     // Cap the refill interval so the product cannot overflow.
     let elapsed = now.saturating_sub(bucket.last_ns).min(10 * NS_PER_TOKEN);
     let cap = u64::from(cfg.report_burst) * NS_PER_TOKEN;

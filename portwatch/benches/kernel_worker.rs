@@ -5,8 +5,9 @@
 //! - `verdict --reps N --rounds R [--xdp-filter PIN] [--frames DIR]`: the
 //!   per-packet cost (BPF_PROG_TEST_RUN: the kernel's average over N runs)
 //!   of the guard, of two baselines from the benchmark object
-//!   (`bench_xdp_drop`, `bench_parse_drop`) and of xdp-filter's pinned program, on one frame
-//!   per traffic class; every program through the same syscall.
+//!   (`bench_xdp_drop`, `bench_parse_drop`, `bench_parse_lookup_drop`) and
+//!   of xdp-filter's pinned program, on one frame per traffic class; every
+//!   program through the same syscall.
 //! - `pin-floor --path P`: loads `bench_parse_drop` (the guard's header
 //!   walk, then XDP_DROP) and pins it at P on bpffs, for the `veth`
 //!   section to attach natively as the floor of any filter that reads the
@@ -38,7 +39,7 @@ use portwatch::{
     model::Mode,
     policy::Policy,
 };
-use portwatch_common::{AF_INET, FlowKey, IPPROTO_SCTP, IPPROTO_TCP, IPPROTO_UDP};
+use portwatch_common::{AF_INET, Flow4Key, FlowKey, IPPROTO_SCTP, IPPROTO_TCP, IPPROTO_UDP};
 use serde_json::{Value, json};
 
 /// The benchmark object build.rs made from portwatch-ebpf: the baselines
@@ -248,6 +249,7 @@ enum Prog {
     Guard,
     ParseDrop,
     XdpDrop,
+    ParseLookupDrop,
     XdpFilter,
 }
 
@@ -257,6 +259,7 @@ impl Prog {
             Prog::Guard => "guard",
             Prog::ParseDrop => "parse_drop",
             Prog::XdpDrop => "xdp_drop",
+            Prog::ParseLookupDrop => "parse_lookup_drop",
             Prog::XdpFilter => "xdp_filter",
         }
     }
@@ -264,7 +267,8 @@ impl Prog {
 
 struct Programs {
     guard: XdpTester,
-    /// Holds `bench_xdp_drop` and `bench_parse_drop`, loaded.
+    /// Holds `bench_xdp_drop`, `bench_parse_drop` and
+    /// `bench_parse_lookup_drop`, loaded.
     baselines: Ebpf,
     xdp_filter: Option<Xdp>,
 }
@@ -303,6 +307,11 @@ impl Programs {
                 frame,
                 reps,
             ),
+            Prog::ParseLookupDrop => test_run(
+                baseline(&mut self.baselines, "bench_parse_lookup_drop")?,
+                frame,
+                reps,
+            ),
             Prog::XdpFilter => match &self.xdp_filter {
                 Some(xdp) => test_run(xdp, frame, reps),
                 None => bail!("xdp-filter was not given"),
@@ -325,11 +334,47 @@ impl Programs {
             local,
             remote,
         };
-        let now = clock_gettime(ClockId::CLOCK_MONOTONIC)?;
-        let ns = u64::try_from(now.tv_sec())? * 1_000_000_000 + u64::try_from(now.tv_nsec())?;
+        let ns = monotonic_ns()?;
         self.guard.maps.record_flow(key, ns)?;
         Ok(())
     }
+
+    /// Gives `bench_parse_lookup_drop` a hit for each class that needs a
+    /// lookup, as the guard finds its flow, bucket, fragment or prefix.
+    fn fill_lookup_floor(&mut self) -> Result<()> {
+        let mut flows: aya::maps::HashMap<_, Flow4Key, u64> = self
+            .baselines
+            .map_mut("BENCH_FLOWS4")
+            .context("the benchmark object has no BENCH_FLOWS4 (rebuild portwatch)")?
+            .try_into()?;
+        let now = monotonic_ns()?;
+        // (protocol, local port, remote port) of the lookup classes' frames;
+        // a later fragment has no ports.
+        for (proto, local_port, remote_port) in [
+            (IPPROTO_UDP, FLOW_PORT, 53),
+            (IPPROTO_TCP, 2222, 40000),
+            (IPPROTO_TCP, 8443, 40000),
+            (IPPROTO_UDP, 0, 0),
+        ] {
+            let key = Flow4Key {
+                proto,
+                _pad: 0,
+                local_port,
+                remote_port,
+                _pad2: 0,
+                local: HOST4.octets(),
+                remote: PEER4.octets(),
+            };
+            flows.insert(key, now, 0)?;
+        }
+        Ok(())
+    }
+}
+
+/// CLOCK_MONOTONIC in ns: what the kernel's clocks read.
+fn monotonic_ns() -> Result<u64> {
+    let now = clock_gettime(ClockId::CLOCK_MONOTONIC)?;
+    Ok(u64::try_from(now.tv_sec())? * 1_000_000_000 + u64::try_from(now.tv_nsec())?)
 }
 
 fn verdict(args: &[String]) -> Result<Value> {
@@ -345,7 +390,11 @@ fn verdict(args: &[String]) -> Result<Value> {
     let mut baselines = EbpfLoader::new()
         .load(OBJECT)
         .context("loading portwatch's object for the baselines")?;
-    for name in ["bench_xdp_drop", "bench_parse_drop"] {
+    for name in [
+        "bench_xdp_drop",
+        "bench_parse_drop",
+        "bench_parse_lookup_drop",
+    ] {
         baseline(&mut baselines, name)?
             .load()
             .with_context(|| format!("loading {name}"))?;
@@ -357,7 +406,12 @@ fn verdict(args: &[String]) -> Result<Value> {
         ),
         None => None,
     };
-    let mut progs = vec![Prog::Guard, Prog::ParseDrop, Prog::XdpDrop];
+    let mut progs = vec![
+        Prog::Guard,
+        Prog::ParseDrop,
+        Prog::XdpDrop,
+        Prog::ParseLookupDrop,
+    ];
     if xdp_filter.is_some() {
         progs.push(Prog::XdpFilter);
     }
@@ -366,6 +420,7 @@ fn verdict(args: &[String]) -> Result<Value> {
         baselines,
         xdp_filter,
     };
+    p.fill_lookup_floor()?;
 
     if let Some(dir) = opt(args, "--frames") {
         for class in &classes {
@@ -394,8 +449,8 @@ fn verdict(args: &[String]) -> Result<Value> {
         for (i, prog) in progs.iter().enumerate() {
             verdicts[c][i] = p.run(*prog, &class.frame, warm)?.0;
         }
-        let [guard, parse, drop, ..] = verdicts[c][..] else {
-            bail!("three programs at least");
+        let [guard, parse, drop, lookup, ..] = verdicts[c][..] else {
+            bail!("four programs at least");
         };
         ensure!(
             guard == class.guard,
@@ -404,7 +459,7 @@ fn verdict(args: &[String]) -> Result<Value> {
             class.guard
         );
         ensure!(
-            parse == XDP_DROP && drop == XDP_DROP,
+            parse == XDP_DROP && drop == XDP_DROP && lookup == XDP_DROP,
             "{}: a baseline did not drop",
             class.key
         );

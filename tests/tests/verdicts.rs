@@ -2486,3 +2486,41 @@ fn learning_records_connection_attempts_per_port_and_source() -> Result {
     ensure!(again == 2, "recorded while off: {again}");
     g.finish()
 }
+
+#[test]
+fn the_guards_clock_is_the_kernels_monotonic_clock_at_tick_resolution() -> Result {
+    let mut g = XdpTester::load()?;
+    // Timed at load: the per-packet clock is jiffies, not a helper call.
+    let clock = g
+        .maps
+        .clock()
+        .context("the kernel's ticks were not timed")?;
+    ensure!(
+        [1_000_000, 3_333_333, 4_000_000, 10_000_000].contains(&clock.tick_ns),
+        "a tick of {} ns is no HZ's",
+        clock.tick_ns
+    );
+    let mut worst = 0u64;
+    for _ in 0..40 {
+        let (jiffies, now) = g.kernel_time()?;
+        let at = clock.at(jiffies);
+        // The current tick began at or before now (the calibration is a
+        // test-run late, some µs), and less than a tick ago (one more
+        // while jiffies catch up).
+        ensure!(
+            at <= now + 100_000,
+            "the tick at {at} begins after now ({now})"
+        );
+        let behind = now.saturating_sub(at);
+        ensure!(
+            behind < 2 * clock.tick_ns,
+            "{behind} ns behind with a tick of {} ns",
+            clock.tick_ns
+        );
+        worst = worst.max(behind);
+        std::thread::sleep(std::time::Duration::from_micros(2_300));
+    }
+    // It does follow the clock: over 40 samples some were well into a tick.
+    ensure!(worst > 0, "never behind: is this reading jiffies?");
+    Ok(())
+}

@@ -200,9 +200,11 @@ pub(crate) fn twin(ebpf: &mut aya::Ebpf) -> Result<&mut Xdp> {
     Ok(xdp)
 }
 
-/// Runs `frame` through the twin (`xdp_probe`) as a probe.
-pub fn run(xdp: &Xdp, frame: &[u8]) -> Result<Answer> {
-    const META: usize = std::mem::size_of::<XdpProbe>();
+const META: usize = std::mem::size_of::<XdpProbe>();
+
+/// Test-runs `frame` through the twin with probe metadata; the action and
+/// the metadata and frame as the program left them.
+fn test_run(xdp: &Xdp, frame: &[u8]) -> Result<(u32, Vec<u8>)> {
     let mut data = Vec::with_capacity(META + frame.len());
     data.extend_from_slice(&PROBE_MAGIC.to_ne_bytes());
     data.extend_from_slice(&[0; META - 4]);
@@ -225,6 +227,87 @@ pub fn run(xdp: &Xdp, frame: &[u8]) -> Result<Answer> {
             hint: "BPF_PROG_TEST_RUN with XDP metadata needs Linux 5.15+",
             detail: e.to_string(),
         })?;
+    Ok((result.return_value, out))
+}
+
+/// The kernel's clock as the guard reads it from jiffies (see
+/// `GuardConfig::tick_ns`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct KernelClock {
+    pub tick_ns: u64,
+    pub offset_ns: u64,
+}
+
+impl KernelClock {
+    /// CLOCK_MONOTONIC (ns) at the start of tick `jiffies`.
+    pub fn at(&self, jiffies: u64) -> u64 {
+        jiffies
+            .wrapping_mul(self.tick_ns)
+            .wrapping_add(self.offset_ns)
+    }
+}
+
+/// The tick lengths of the kernel's HZ choices (1000, 300, 250, 100):
+/// TICK_NSEC, rounded as the kernel rounds it.
+const TICKS_NS: [u64; 4] = [1_000_000, 3_333_333, 4_000_000, 10_000_000];
+
+/// The kernel's jiffies and CLOCK_MONOTONIC (ns) at one run of the twin.
+pub fn sample(xdp: &Xdp) -> Result<(u64, u64)> {
+    // A frame the guard passes without a lookup: an ARP broadcast.
+    let mut arp = vec![0xff; 6];
+    arp.extend_from_slice(&[0x02, 0, 0, 0, 0, 1, 0x08, 0x06]);
+    arp.resize(42, 0);
+    let (_, out) = test_run(xdp, &arp)?;
+    let word = |at: usize| {
+        let mut w = [0u8; 8];
+        w.copy_from_slice(&out[at..at + 8]);
+        u64::from_ne_bytes(w)
+    };
+    Ok((
+        word(std::mem::offset_of!(XdpProbe, jiffies)),
+        word(std::mem::offset_of!(XdpProbe, now_ns)),
+    ))
+}
+
+/// Reads jiffies against CLOCK_MONOTONIC through the twin until two ticks
+/// have begun (at most 100 ms): their starting times give the tick's length
+/// (the kernel's HZ, not shown to user space) and where jiffies stand on the
+/// monotonic clock. None if no tick began, or the length is no HZ's.
+pub fn clock(xdp: &Xdp) -> Result<Option<KernelClock>> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_millis(100);
+    let (mut last, _) = sample(xdp)?;
+    let mut starts = Vec::with_capacity(2);
+    while starts.len() < 2 {
+        if std::time::Instant::now() > deadline {
+            return Ok(None);
+        }
+        let (jiffies, now) = sample(xdp)?;
+        if jiffies != last {
+            starts.push((jiffies, now));
+            last = jiffies;
+        }
+    }
+    let [(j0, t0), (j1, t1)] = starts[..] else {
+        return Ok(None);
+    };
+    let ticks = j1.wrapping_sub(j0).max(1);
+    let measured = t1.saturating_sub(t0) / ticks;
+    let Some(tick_ns) = TICKS_NS
+        .iter()
+        .copied()
+        .find(|t| measured.abs_diff(*t) <= t / 10)
+    else {
+        return Ok(None);
+    };
+    Ok(Some(KernelClock {
+        tick_ns,
+        offset_ns: t1.wrapping_sub(j1.wrapping_mul(tick_ns)),
+    }))
+}
+
+/// Runs `frame` through the twin (`xdp_probe`) as a probe.
+pub fn run(xdp: &Xdp, frame: &[u8]) -> Result<Answer> {
+    let (action, out) = test_run(xdp, frame)?;
     let magic = u32::from_ne_bytes([out[0], out[1], out[2], out[3]]);
     let (pass, drop) = (out[4], out[5]);
     let unanswered = || {
@@ -242,11 +325,10 @@ pub fn run(xdp: &Xdp, frame: &[u8]) -> Result<Answer> {
     };
     // In enforce mode a drop answer comes with XDP_DROP; in audit mode
     // with XDP_PASS. Any other pairing is a program that lies.
-    match (answer, result.return_value) {
+    match (answer, action) {
         (Answer::Pass(_), XDP_PASS) | (Answer::Drop(_), XDP_PASS | XDP_DROP) => Ok(answer),
         _ => Err(Error::Invalid(format!(
-            "the XDP guard answered {answer} but returned action {}",
-            result.return_value
+            "the XDP guard answered {answer} but returned action {action}"
         ))),
     }
 }

@@ -141,6 +141,12 @@ impl XdpTester {
         )?)
     }
 
+    /// The kernel's jiffies and CLOCK_MONOTONIC (ns), as the twin reads
+    /// them.
+    pub fn kernel_time(&mut self) -> anyhow::Result<(u64, u64)> {
+        Ok(super::probe::sample(super::probe::twin(&mut self.ebpf)?)?)
+    }
+
     /// The verdict (`XDP_PASS`, `XDP_DROP`) for one frame.
     pub fn verdict(&mut self, frame: &[u8]) -> anyhow::Result<u32> {
         Ok(self.bench(frame, 1)?.0)
