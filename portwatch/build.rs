@@ -14,6 +14,13 @@ const BPF_TOOLCHAIN: &str = "portwatch-bpf";
 
 fn main() -> anyhow::Result<()> {
     println!("cargo:rerun-if-env-changed=PORTWATCH_BPF_TOOLCHAIN");
+    // aya-build watches portwatch-ebpf only; the layouts it shares with user
+    // space live in portwatch-common, and a change there left a stale object
+    // whose structs no longer matched.
+    println!(
+        "cargo:rerun-if-changed={}",
+        concat!(env!("CARGO_MANIFEST_DIR"), "/../portwatch-common/src")
+    );
     let toolchain =
         std::env::var("PORTWATCH_BPF_TOOLCHAIN").unwrap_or_else(|_| BPF_TOOLCHAIN.to_string());
     check_prerequisites(&toolchain)?;

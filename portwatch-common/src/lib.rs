@@ -644,7 +644,6 @@ pub struct XdpProbe {
     /// the frame would drop in enforce mode).
     pub drop: u8,
     pub _pad: u16,
-    pub _pad2: u32,
     /// The kernel's jiffies and CLOCK_MONOTONIC (ns) as the probe ran: how
     /// user space calibrates `GuardConfig`'s clock.
     pub jiffies: u64,
