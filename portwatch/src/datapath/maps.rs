@@ -271,7 +271,14 @@ impl GuardMaps {
         // The per-packet clock: worth a helper call a packet, so measured
         // here once; without it the programs still work, a little slower.
         let clock = match super::probe::twin(ebpf).and_then(|xdp| super::probe::clock(xdp)) {
-            Ok(Some(clock)) => Some(clock),
+            Ok(Some(clock)) => {
+                log::debug!(
+                    "kernel tick: {} ns (HZ {}); the guard's clock is jiffies",
+                    clock.tick_ns,
+                    1_000_000_000 / clock.tick_ns.max(1)
+                );
+                Some(clock)
+            }
             Ok(None) => {
                 log::warn!(
                     "could not time the kernel's ticks: the guard reads the coarse clock per \
