@@ -661,7 +661,7 @@ impl Guard {
         let summary = report.summary();
         if summary.ok {
             log::info!(
-                "verify ({}): {} listeners, {} probes: the XDP program agrees with the policy{}",
+                "verify ({}): {} listeners, {} probes: the guard's program agrees with the policy{}",
                 summary.trigger,
                 summary.listeners,
                 summary.probes,
@@ -676,7 +676,7 @@ impl Guard {
             );
         } else {
             log::warn!(
-                "verify ({}): the XDP program disagrees with the policy: {}",
+                "verify ({}): the guard's program disagrees with the policy: {}",
                 summary.trigger,
                 summary.disagreements.join("; ")
             );
