@@ -543,5 +543,9 @@ fn after_a_loss_the_listeners_are_re_read_and_what_was_lost_is_said() -> Result 
     assert_eq!(churn_open, 0, "churn listeners left open or closed twice");
     let summary = pw.seen.last().context("no lines")?;
     assert_eq!(summary["event"], "summary");
+    // The summary says how many events stood in for lost ones.
+    let inferred = pw.seen.iter().filter(|v| v["origin"] == "inferred").count() as u64;
+    assert!(inferred >= 2 * N, "{inferred} inferred lines");
+    assert_eq!(summary["inferred"].as_u64(), Some(inferred), "{summary}");
     Ok(())
 }

@@ -181,6 +181,7 @@ impl Pipeline {
                     ev.reach = self.reach_of(&ev.listener);
                 }
                 self.summary.events += 1;
+                self.summary.inferred += u64::from(ev.origin == Origin::Inferred);
                 self.tally.count_listener(ev);
             }
             Event::Drop(_) => self.summary.drops += 1,

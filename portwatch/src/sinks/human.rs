@@ -515,8 +515,8 @@ impl<W: Write> Sink for HumanSink<W> {
         let (on, off) = self.paint(if s.lost > 0 { RED } else { DIM });
         writeln!(
             self.out,
-            "{on}summary: {} events, {} lost, {} malformed, {} listening at exit, {} drop reports ({} held back){off}",
-            s.events, s.lost, s.malformed, s.listening, s.drops, s.suppressed
+            "{on}summary: {} events ({} inferred), {} lost, {} malformed, {} listening at exit, {} drop reports ({} held back){off}",
+            s.events, s.inferred, s.lost, s.malformed, s.listening, s.drops, s.suppressed
         )?;
         self.out.flush()
     }

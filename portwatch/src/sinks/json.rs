@@ -183,6 +183,8 @@ struct SummaryLine {
     event: Tag,
     events: u64,
     lost: u64,
+    #[serde(default)]
+    inferred: u64,
     malformed: u64,
     listening: usize,
     drops: u64,
@@ -398,6 +400,7 @@ pub fn parse_line(text: &str) -> Result<Line, serde_json::Error> {
         AnyLine::Summary(s) => Line::Summary(Summary {
             events: s.events,
             lost: s.lost,
+            inferred: s.inferred,
             malformed: s.malformed,
             listening: s.listening,
             drops: s.drops,
@@ -636,6 +639,7 @@ impl<W: Write> Sink for JsonSink<W> {
             event: Tag::Summary,
             events: s.events,
             lost: s.lost,
+            inferred: s.inferred,
             malformed: s.malformed,
             listening: s.listening,
             drops: s.drops,
@@ -918,6 +922,7 @@ mod tests {
         let summary = Summary {
             events: 5,
             lost: 1,
+            inferred: 0,
             malformed: 0,
             listening: 2,
             drops: 3,

@@ -27,6 +27,9 @@ pub struct Summary {
     pub events: u64,
     /// Events the kernel could not queue.
     pub lost: u64,
+    /// Of `events`, closes and listens said in place of lost ones (a re-read
+    /// of the listeners, a socket taken by a new listener).
+    pub inferred: u64,
     /// Ring-buffer records that could not be decoded.
     pub malformed: u64,
     /// Listeners open when the stream ended.
