@@ -251,6 +251,9 @@ impl KernelClock {
 /// TICK_NSEC, rounded as the kernel rounds it.
 const TICKS_NS: [u64; 4] = [1_000_000, 3_333_333, 4_000_000, 10_000_000];
 
+/// How closely a tick's start must be seen (a test run takes a few µs).
+const EDGE_NS: u64 = 50_000;
+
 /// The kernel's jiffies and CLOCK_MONOTONIC (ns) at one run of the twin.
 pub fn sample(xdp: &Xdp) -> Result<(u64, u64)> {
     // A frame the guard passes without a lookup: an ARP broadcast.
@@ -275,17 +278,24 @@ pub fn sample(xdp: &Xdp) -> Result<(u64, u64)> {
 /// monotonic clock. None if no tick began, or the length is no HZ's.
 pub fn clock(xdp: &Xdp) -> Result<Option<KernelClock>> {
     let deadline = std::time::Instant::now() + std::time::Duration::from_millis(100);
-    let (mut last, _) = sample(xdp)?;
+    let (mut last, mut last_ns) = sample(xdp)?;
     let mut starts = Vec::with_capacity(2);
     while starts.len() < 2 {
         if std::time::Instant::now() > deadline {
             return Ok(None);
         }
         let (jiffies, now) = sample(xdp)?;
+        // A tick's start counts only when the sample before was close
+        // before it: after a preemption the start is known only to within
+        // the gap, and the clock would run ahead by as much.
         if jiffies != last {
-            starts.push((jiffies, now));
-            last = jiffies;
+            if now.saturating_sub(last_ns) <= EDGE_NS {
+                starts.push((jiffies, now));
+            } else {
+                starts.clear();
+            }
         }
+        (last, last_ns) = (jiffies, now);
     }
     let [(j0, t0), (j1, t1)] = starts[..] else {
         return Ok(None);
