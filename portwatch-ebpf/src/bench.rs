@@ -39,15 +39,7 @@ pub fn try_parse_drop(ctx: &XdpContext) -> u32 {
     let pkt = Pkt::new(ctx);
     let mut slot = core::mem::MaybeUninit::uninit();
     let h = Headers::zeroed(&mut slot);
-    let end = match walk(&pkt, h) {
-        Ok(Walk::Transport(off)) => {
-            let _ = ports(&pkt, off, h);
-            0
-        }
-        Ok(Walk::LaterFragment(id)) => id,
-        Ok(Walk::NotIp) => 1,
-        Err(_) => 2,
-    };
+    let end = parse(&pkt, h);
     if fold(h) ^ end == NEVER {
         XDP_PASS
     } else {
@@ -61,15 +53,7 @@ pub fn try_parse_lookup_drop(ctx: &XdpContext, flows: &LruHashMap<Flow4Key, u64>
     let pkt = Pkt::new(ctx);
     let mut slot = core::mem::MaybeUninit::uninit();
     let h = Headers::zeroed(&mut slot);
-    let end = match walk(&pkt, h) {
-        Ok(Walk::Transport(off)) => {
-            let _ = ports(&pkt, off, h);
-            0
-        }
-        Ok(Walk::LaterFragment(id)) => id,
-        Ok(Walk::NotIp) => 1,
-        Err(_) => 2,
-    };
+    let end = parse(&pkt, h);
     // Inbound: the destination is local, the source the remote peer.
     let key = FlowKey {
         family: h.family,
@@ -97,6 +81,20 @@ pub fn try_parse_lookup_drop(ctx: &XdpContext, flows: &LruHashMap<Flow4Key, u64>
         XDP_PASS
     } else {
         XDP_DROP
+    }
+}
+
+/// The guard's walk and ports; a word for how it ended, to fold in.
+#[inline(always)]
+fn parse(pkt: &Pkt, h: &mut Headers) -> u32 {
+    match walk(pkt, h) {
+        Ok(Walk::Transport(off)) => {
+            let _ = ports(pkt, off, h);
+            0
+        }
+        Ok(Walk::LaterFragment(id)) => id,
+        Ok(Walk::NotIp) => 1,
+        Err(_) => 2,
     }
 }
 

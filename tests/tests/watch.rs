@@ -61,6 +61,36 @@ impl Fixture {
     }
 }
 
+/// A process stopped (SIGSTOP) until this is dropped (SIGCONT), also when
+/// the test fails in between.
+struct Paused(u32);
+
+impl Paused {
+    fn stop(pid: u32) -> Result<Self> {
+        portwatch_tests::signal(pid, libc::SIGSTOP)?;
+        Ok(Self(pid))
+    }
+}
+
+impl Drop for Paused {
+    fn drop(&mut self) {
+        let _ = portwatch_tests::signal(self.0, libc::SIGCONT);
+    }
+}
+
+/// Waits until `pw` has reported `n` listens of `pid`.
+fn wait_for_listens(pw: &mut Portwatch, pid: u64, n: u64, timeout: Duration) -> Result {
+    let seen = std::cell::Cell::new(0u64);
+    pw.wait_for(timeout, |v| {
+        if v["event"] == "listen" && v["pid"] == pid {
+            seen.set(seen.get() + 1);
+        }
+        seen.get() >= n
+    })
+    .with_context(|| format!("{} of {n} listens of pid {pid}", seen.get()))?;
+    Ok(())
+}
+
 fn matches_listener(v: &Value, pid: u64, want: &Value, event: &str) -> bool {
     v["event"] == event
         && v["pid"] == pid
@@ -333,14 +363,7 @@ fn a_held_back_consumer_loses_events_that_are_counted_exactly_and_it_recovers() 
     // portwatch is stopped.
     const N: u64 = 40_000;
     let mut pw = Portwatch::start(&["watch", "--no-snapshot", "--proto", "tcp"])?;
-    portwatch_tests::signal(pw.pid(), libc::SIGSTOP)?;
-    struct Resume(u32);
-    impl Drop for Resume {
-        fn drop(&mut self) {
-            let _ = portwatch_tests::signal(self.0, libc::SIGCONT);
-        }
-    }
-    let resume = Resume(pw.pid());
+    let resume = Paused::stop(pw.pid())?;
     let mut fx = Fixture::python(&["--churn", &N.to_string()])?;
     let pid = fx.pid();
     fx.close_all()?; // runs the churn and waits until it is done
@@ -397,28 +420,11 @@ fn a_held_back_consumer_loses_events_that_are_counted_exactly_and_it_recovers() 
 fn a_listener_in_the_socket_of_one_whose_close_was_lost_is_reported() -> Result {
     const N: u64 = 1_000;
     let mut pw = Portwatch::start(&["watch", "--no-snapshot", "--proto", "tcp"])?;
-    let count = |pw: &mut Portwatch, pid: u64, n: u64| {
-        let seen = std::cell::Cell::new(0u64);
-        pw.wait_for(Duration::from_secs(30), |v| {
-            if v["event"] == "listen" && v["pid"] == pid {
-                seen.set(seen.get() + 1);
-            }
-            seen.get() >= n
-        })
-        .with_context(|| format!("{} of {n} listens of pid {pid}", seen.get()))
-    };
     let mut old = Fixture::python(&["--burst", &N.to_string()])?;
-    count(&mut pw, old.pid(), N)?;
+    wait_for_listens(&mut pw, old.pid(), N, Duration::from_secs(30))?;
     // Held back, the watcher's ring fills with a churn; the old listeners'
     // closes then find it full.
-    portwatch_tests::signal(pw.pid(), libc::SIGSTOP)?;
-    struct Resume(u32);
-    impl Drop for Resume {
-        fn drop(&mut self) {
-            let _ = portwatch_tests::signal(self.0, libc::SIGCONT);
-        }
-    }
-    let resume = Resume(pw.pid());
+    let resume = Paused::stop(pw.pid())?;
     let mut churn = Fixture::python(&["--churn", "40000"])?;
     churn.close_all()?;
     old.close_all()?;
@@ -430,7 +436,7 @@ fn a_listener_in_the_socket_of_one_whose_close_was_lost_is_reported() -> Result 
     // reported, not taken for the old listener it replaces.
     let mut new = Fixture::python(&["--burst", &N.to_string()])?;
     let new_pid = new.pid();
-    count(&mut pw, new_pid, N)?;
+    wait_for_listens(&mut pw, new_pid, N, Duration::from_secs(30))?;
     new.close_all()?;
     let status = pw.stop()?;
     assert!(status.success());
@@ -477,23 +483,10 @@ fn after_a_loss_the_listeners_are_re_read_and_what_was_lost_is_said() -> Result 
     };
     let mut old = Fixture::python(&["--burst", &N.to_string()])?;
     let old_pid = old.pid();
-    let seen = std::cell::Cell::new(0u64);
-    pw.wait_for(WAIT, |v| {
-        if v["event"] == "listen" && v["pid"] == old_pid {
-            seen.set(seen.get() + 1);
-        }
-        seen.get() >= N
-    })?;
+    wait_for_listens(&mut pw, old_pid, N, WAIT)?;
     // Held back, the watcher's ring fills with a churn; then the old
     // listeners close and new ones open, all of it lost.
-    portwatch_tests::signal(pw.pid(), libc::SIGSTOP)?;
-    struct Resume(u32);
-    impl Drop for Resume {
-        fn drop(&mut self) {
-            let _ = portwatch_tests::signal(self.0, libc::SIGCONT);
-        }
-    }
-    let resume = Resume(pw.pid());
+    let resume = Paused::stop(pw.pid())?;
     let mut churn = Fixture::python(&["--churn", "40000"])?;
     let churn_pid = churn.pid();
     churn.close_all()?;
