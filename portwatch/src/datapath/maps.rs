@@ -670,13 +670,23 @@ impl GuardMaps {
     pub fn totals(&self) -> GuardTotals {
         let mut totals = GuardTotals::default();
         for (i, slot) in totals.0.iter_mut().enumerate() {
-            *slot = self
-                .stats
-                .get(&(i as u32), 0)
-                .map(|per_cpu| per_cpu.iter().sum())
-                .unwrap_or(0);
+            *slot = self.stat_at(i as u32);
         }
         totals
+    }
+
+    /// One guard-wide counter, summed over CPUs: one map read where
+    /// `totals` makes `GUARD_STATS_LEN` (a drop report asks for one on
+    /// every wake-up of a flood).
+    pub fn stat(&self, stat: GuardStat) -> u64 {
+        self.stat_at(stat as u32)
+    }
+
+    fn stat_at(&self, index: u32) -> u64 {
+        self.stats
+            .get(&index, 0)
+            .map(|per_cpu| per_cpu.iter().sum())
+            .unwrap_or(0)
     }
 }
 

@@ -36,6 +36,15 @@ impl RingReader {
         Ok(n)
     }
 
+    /// Waits until records are available, and reads none: the caller
+    /// reads them later, with [`RingReader::read_batch`]. The kernel wakes
+    /// a reader only for a record it finds the reader caught up to, so
+    /// records that come meanwhile cost no wake-up.
+    pub async fn readable(&mut self) -> io::Result<()> {
+        // Dropped without clearing: the readiness stays for the read.
+        self.fd.readable_mut().await.map(drop)
+    }
+
     /// Reads whatever is queued now, without waiting.
     pub fn drain_now(&mut self, f: impl FnMut(&[u8])) -> usize {
         self.read_now(usize::MAX, f)

@@ -144,6 +144,13 @@ enum Persist {
 pub(super) const HOUSEKEEPING: std::time::Duration = std::time::Duration::from_secs(5);
 const FULL_SWEEP_EVERY: u64 = 12;
 
+/// How long the first drop report after a quiet spell waits for others
+/// before the loop reads them. Under a flood the per-CPU report buckets
+/// let through tens a second; read one at a time, each was a wake-up of
+/// the daemon and a read of the counters, 20 ns of its CPU per packet
+/// dropped (bench/results/veth-*.md). A drop line is at most this late.
+pub(super) const DROPS_LINGER: std::time::Duration = std::time::Duration::from_millis(100);
+
 pub struct Guard {
     /// Held for attaching interfaces that come back; dropping it detaches
     /// the monitor's hooks (the guard's links are pinned).
@@ -189,6 +196,9 @@ pub struct Guard {
     pub(super) links: Option<LinkWatch>,
     pub(super) shutdown: Option<Shutdown>,
     pub(super) housekeeping: Option<tokio::time::Interval>,
+    /// When to read the drop reports that woke the loop (`DROPS_LINGER`
+    /// after the first).
+    pub(super) drops_due: Option<tokio::time::Instant>,
     /// Housekeeping runs so far, and the table-full count at the last sweep.
     ticks: u64,
     table_full_seen: u64,
@@ -261,6 +271,7 @@ impl Guard {
             links: parts.links,
             shutdown: None,
             housekeeping: None,
+            drops_due: None,
             ticks: 0,
             table_full_seen: 0,
             awaiting: None,
@@ -353,7 +364,7 @@ impl Guard {
         }
         // Also without inotify, a new cgroup is seen within a tick.
         self.owner_cgroups_changed();
-        let full = self.maps.totals().get(GuardStat::RateTableFull);
+        let full = self.maps.stat(GuardStat::RateTableFull);
         let overflowed = full > self.table_full_seen;
         self.table_full_seen = full;
         if !overflowed
@@ -1252,7 +1263,7 @@ impl Guard {
                 Err(e) => pipeline.malformed(&e),
             }
         }
-        pipeline.report_suppressed(self.maps.totals().get(GuardStat::ReportsSuppressed))
+        pipeline.report_suppressed(self.maps.stat(GuardStat::ReportsSuppressed))
     }
 
     /// Follows a guarded interface going away (its program went with it)
