@@ -251,9 +251,6 @@ impl KernelClock {
 /// TICK_NSEC, rounded as the kernel rounds it.
 const TICKS_NS: [u64; 4] = [1_000_000, 3_333_333, 4_000_000, 10_000_000];
 
-/// How closely a tick's start must be seen (a test run takes a few µs).
-const EDGE_NS: u64 = 50_000;
-
 /// The kernel's jiffies and CLOCK_MONOTONIC (ns) at one run of the twin.
 pub fn sample(xdp: &Xdp) -> Result<(u64, u64)> {
     // A frame the guard passes without a lookup: an ARP broadcast.
@@ -272,48 +269,83 @@ pub fn sample(xdp: &Xdp) -> Result<(u64, u64)> {
     ))
 }
 
-/// Reads jiffies against CLOCK_MONOTONIC through the twin until two ticks
-/// have begun (at most 100 ms): their starting times give the tick's length
-/// (the kernel's HZ, not shown to user space) and where jiffies stand on the
-/// monotonic clock. None if no tick began, or the length is no HZ's.
+/// Reads jiffies against CLOCK_MONOTONIC through the twin until it has
+/// seen ticks begin over `SPAN_NS` (half a second at most). A tick begins
+/// at `offset + jiffies × tick` and is seen in the first sample after it,
+/// late by the tick interrupt's latency and the gap between samples: the
+/// first and last starts give the tick's length (the kernel's HZ, not
+/// shown to user space), and the least late of all of them the offset.
+/// None if no tick's length fits, or too few ticks were seen.
 pub fn clock(xdp: &Xdp) -> Result<Option<KernelClock>> {
-    let deadline = std::time::Instant::now() + std::time::Duration::from_millis(100);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_millis(500);
     let (mut last, mut last_ns) = sample(xdp)?;
-    let mut starts = Vec::with_capacity(2);
-    while starts.len() < 2 {
-        if std::time::Instant::now() > deadline {
-            return Ok(None);
-        }
+    // (jiffies, the sample before, the sample that saw them)
+    let mut edges: Vec<(u64, u64, u64)> = Vec::new();
+    while std::time::Instant::now() <= deadline {
         let (jiffies, now) = sample(xdp)?;
-        // A tick's start counts only when the sample before was close
-        // before it: after a preemption the start is known only to within
-        // the gap, and the clock would run ahead by as much.
-        if jiffies != last {
-            if now.saturating_sub(last_ns) <= EDGE_NS {
-                starts.push((jiffies, now));
-            } else {
-                starts.clear();
+        // A tick seen only after a preemption is known to within the gap:
+        // left out.
+        if jiffies != last && now.saturating_sub(last_ns) <= TIGHT_NS {
+            edges.push((jiffies, last_ns, now));
+            if let Some(clock) = pin_down(&edges) {
+                return Ok(Some(clock));
             }
         }
         (last, last_ns) = (jiffies, now);
     }
-    let [(j0, t0), (j1, t1)] = starts[..] else {
-        return Ok(None);
-    };
+    Ok(None)
+}
+
+/// The clock the tick starts in `edges` agree on, once there are
+/// `MIN_EDGES` of them over `SPAN_NS`.
+fn pin_down(edges: &[(u64, u64, u64)]) -> Option<KernelClock> {
+    let (&(j0, before0, seen0), &(j1, before1, seen1)) = (edges.first()?, edges.last()?);
+    if edges.len() < MIN_EDGES || seen1.saturating_sub(seen0) < SPAN_NS {
+        return None;
+    }
     let ticks = j1.wrapping_sub(j0).max(1);
-    let measured = t1.saturating_sub(t0) / ticks;
-    let Some(tick_ns) = TICKS_NS
+    // The length lies between the shortest and the longest the two starts
+    // allow, give or take the interrupts' latency (5%: the HZ's lengths
+    // are 20% apart at least).
+    let (shortest, longest) = (
+        before1.saturating_sub(seen0) / ticks,
+        seen1.saturating_sub(before0) / ticks,
+    );
+    let mut fits = TICKS_NS
         .iter()
         .copied()
-        .find(|t| measured.abs_diff(*t) <= t / 10)
-    else {
-        return Ok(None);
+        .filter(|t| (shortest.saturating_sub(t / 20)..=longest + t / 20).contains(t));
+    let tick_ns = match (fits.next(), fits.next()) {
+        (Some(one), None) => one,
+        _ => return None,
     };
-    Ok(Some(KernelClock {
+    // Each sight of a start is at or after it: the earliest-looking one
+    // bounds the offset from above, the closest any sample came. Offsets
+    // wrap (jiffies start near 2^32 ticks), so they are compared as signed
+    // distances from the first one's.
+    let reference = seen0.wrapping_sub(j0.wrapping_mul(tick_ns));
+    let least_late = edges
+        .iter()
+        .map(|&(j, _, seen)| {
+            seen.wrapping_sub(j.wrapping_mul(tick_ns))
+                .wrapping_sub(reference) as i64
+        })
+        .min()?;
+    Some(KernelClock {
         tick_ns,
-        offset_ns: t1.wrapping_sub(j1.wrapping_mul(tick_ns)),
-    }))
+        offset_ns: reference.wrapping_add(least_late as u64),
+    })
 }
+
+/// How far apart the first and last tick starts are at least: each seen
+/// within tens of µs, the tick's length is then known to 1%, whatever HZ.
+const SPAN_NS: u64 = 10_000_000;
+
+/// The most a tick's start may lie between two samples to count.
+const TIGHT_NS: u64 = 200_000;
+
+/// Tick starts seen at least: the offset is the least late of them.
+const MIN_EDGES: usize = 4;
 
 /// Runs `frame` through the twin (`xdp_probe`) as a probe.
 pub fn run(xdp: &Xdp, frame: &[u8]) -> Result<Answer> {
@@ -346,6 +378,46 @@ pub fn run(xdp: &Xdp, frame: &[u8]) -> Result<Answer> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Tick starts of HZ=250 jiffies near 2^32 on a clock at 5,000 s,
+    /// each seen `late[i]` after it began, the sample before 30 µs earlier.
+    fn edges(late: &[u64]) -> (Vec<(u64, u64, u64)>, KernelClock) {
+        let truth = KernelClock {
+            tick_ns: 4_000_000,
+            offset_ns: 5_000_000_000_000u64.wrapping_sub((1u64 << 32).wrapping_mul(4_000_000)),
+        };
+        let edges = late
+            .iter()
+            .enumerate()
+            .map(|(i, late)| {
+                let j = (1u64 << 32) + 3 * i as u64;
+                let seen = truth.at(j) + late;
+                (j, seen - 30_000, seen)
+            })
+            .collect();
+        (edges, truth)
+    }
+
+    #[test]
+    fn the_clock_is_pinned_to_the_least_late_tick_start() {
+        let (e, truth) = edges(&[25_000, 9_000, 180_000, 14_000]);
+        let clock = pin_down(&e).expect("four starts over 36 ms");
+        assert_eq!(clock.tick_ns, truth.tick_ns);
+        // Never ahead of the truth, and behind it by the least lateness.
+        assert_eq!(clock.offset_ns, truth.offset_ns.wrapping_add(9_000));
+    }
+
+    #[test]
+    fn too_few_tick_starts_or_a_length_of_no_hz_pin_nothing() {
+        assert_eq!(pin_down(&edges(&[1_000, 1_000, 1_000]).0), None);
+        // Three jiffies 15 ms apart: a 5 ms tick, which no HZ has.
+        let (mut e, _) = edges(&[1_000; 4]);
+        for (i, edge) in e.iter_mut().enumerate() {
+            let later = 3_000_000 * i as u64;
+            *edge = (edge.0, edge.1 + later, edge.2 + later);
+        }
+        assert_eq!(pin_down(&e), None);
+    }
 
     #[test]
     fn flags_parse_by_name_and_by_scan() {
