@@ -3,12 +3,13 @@
 //! protocol such as GRE or ESP by addresses), so that the XDP program can
 //! admit their replies under default deny.
 
-use aya_ebpf::{helpers::bpf_ktime_get_ns, programs::TcContext};
-use portwatch_common::{FlowKey, GuardStat, IPPROTO_TCP, flow_port_byte, port_slot};
+use aya_ebpf::{maps::LruHashMap, programs::TcContext};
+use portwatch_common::{FlowKey, GuardConfig, GuardStat, IPPROTO_TCP, flow_port_byte, port_slot};
 
 use crate::{
+    clock::now_ns,
     headers::{Headers, Walk, ports, walk},
-    maps::{FLOW_PORTS, FLOWS, FLOWS4, guard_count},
+    maps::{FLOW_PORTS, FLOWS, FLOWS4, GUARD_CONFIG, guard_count},
     packet::Skb,
 };
 
@@ -37,16 +38,40 @@ pub fn try_tc_egress(ctx: &TcContext) -> Option<()> {
         local: h.src,
         remote: h.dst,
     };
-    // SAFETY: bpf_ktime_get_ns has no preconditions.
-    let now = unsafe { bpf_ktime_get_ns() };
+    let uncalibrated = GuardConfig::default();
+    let cfg = GUARD_CONFIG.get(0).unwrap_or(&uncalibrated);
+    // The clock the verdict ages flows by.
+    let now = now_ns(cfg);
     match key.compact() {
-        Some(v4) => FLOWS4.insert(v4, now, 0).ok()?,
-        None => FLOWS.insert(key, now, 0).ok()?,
+        Some(v4) => stamp(&FLOWS4, &v4, now)?,
+        None => stamp(&FLOWS, &key, now)?,
     }
     // After the flow: a reply that sees the bit finds the flow.
     mark_flow_port(port_slot(h.proto, h.sport));
     guard_count(GuardStat::FlowsRecorded);
     Some(())
+}
+
+/// Stamps a flow with `now`: in place for a known flow, and only when the
+/// clock has moved on (once a tick), else a new entry. An update of an LRU
+/// hash takes a fresh element from the free list on every call, and every
+/// outbound datagram of the host would pay for it.
+#[inline(always)]
+fn stamp<K>(flows: &LruHashMap<K, u64>, key: &K, now: u64) -> Option<()> {
+    match flows.get_ptr_mut(key) {
+        Some(last) => {
+            // SAFETY: a pointer from a map lookup is valid for reads and
+            // writes during the program's run; a u64 store cannot tear,
+            // and racing CPUs store the same tick or the next.
+            unsafe {
+                if *last != now {
+                    *last = now;
+                }
+            }
+            Some(())
+        }
+        None => flows.insert(key, &now, 0).ok(),
+    }
 }
 
 /// Marks the port in `FLOW_PORTS` (once: a store only when unmarked).

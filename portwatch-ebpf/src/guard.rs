@@ -10,7 +10,7 @@ use aya_ebpf::{
         TC_ACT_OK, TC_ACT_SHOT,
         xdp_action::{XDP_ABORTED, XDP_DROP, XDP_PASS},
     },
-    helpers::generated::{bpf_jiffies64, bpf_ktime_get_coarse_ns, bpf_ktime_get_ns},
+    helpers::generated::{bpf_jiffies64, bpf_ktime_get_ns},
     maps::lpm_trie::Key,
     programs::{TcContext, XdpContext},
 };
@@ -24,6 +24,7 @@ use portwatch_common::{
 };
 
 use crate::{
+    clock::{clock_at, now_ns},
     headers::{Headers, Walk, ports, walk},
     maps::{
         COUNTERS, DROPS, FLOW_PORTS, FLOWS, FLOWS4, FRAGS, FRAGS4, GUARD_CONFIG, LEARN, LIMITS,
@@ -122,28 +123,6 @@ pub fn try_xdp_probe(ctx: &XdpContext) -> u32 {
         }
         None => XDP_ABORTED,
     }
-}
-
-/// CLOCK_MONOTONIC at the start of the current tick, the coarse clock's
-/// resolution.
-#[inline(always)]
-fn now_ns(cfg: &GuardConfig) -> u64 {
-    // SAFETY: bpf_jiffies64 has no preconditions.
-    clock_at(unsafe { bpf_jiffies64() }, cfg)
-}
-
-/// The time at `jiffies` (inlined by the verifier, bpf_jiffies64 is a
-/// load) once user space has calibrated `cfg`; until then the coarse clock
-/// (a helper call).
-#[inline(always)]
-fn clock_at(jiffies: u64, cfg: &GuardConfig) -> u64 {
-    if cfg.tick_ns == 0 {
-        // SAFETY: bpf_ktime_get_coarse_ns has no preconditions.
-        return unsafe { bpf_ktime_get_coarse_ns() };
-    }
-    jiffies
-        .wrapping_mul(cfg.tick_ns)
-        .wrapping_add(cfg.clock_offset_ns)
 }
 
 /// The verdict on one frame; `PROBE` (with its metadata in `probe`) asks

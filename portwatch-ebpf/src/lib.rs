@@ -11,6 +11,7 @@
 pub mod aligned;
 pub mod bench;
 pub mod bind;
+pub mod clock;
 pub mod flows;
 pub mod guard;
 pub mod headers;

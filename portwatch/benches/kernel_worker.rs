@@ -487,6 +487,8 @@ fn verdict(args: &[String]) -> Result<Value> {
         }
     }
 
+    let egress = egress(&mut p, reps, rounds)?;
+
     let out: Vec<Value> = classes
         .iter()
         .enumerate()
@@ -509,7 +511,43 @@ fn verdict(args: &[String]) -> Result<Value> {
             })
         })
         .collect();
-    Ok(json!({"reps": reps, "rounds": rounds, "policy": POLICY, "classes": out}))
+    Ok(json!({
+        "reps": reps,
+        "rounds": rounds,
+        "policy": POLICY,
+        "classes": out,
+        "egress": egress,
+    }))
+}
+
+/// tc egress on the host's own outbound datagram of a flow it already
+/// recorded: what every outbound UDP packet of the host pays, next to the
+/// header walk alone on the same frame.
+fn egress(p: &mut Programs, reps: u32, rounds: u32) -> Result<Value> {
+    let frame = eth(
+        None,
+        ETH_P_IP,
+        &ipv4_from_to(
+            HOST4,
+            PEER4,
+            IPPROTO_UDP,
+            IP_DF,
+            0x1234,
+            &udp(FLOW_PORT, 53, 64),
+        ),
+    );
+    p.guard.egress(&frame, reps.min(100_000))?;
+    let (mut ns, mut parse) = (Vec::new(), Vec::new());
+    for _ in 0..rounds {
+        ns.push(p.guard.egress(&frame, reps)?.as_nanos() as f64);
+        parse.push(p.run(Prog::ParseDrop, &frame, reps)?.1);
+    }
+    Ok(json!({
+        "label": "tc egress: an outbound UDP datagram of a recorded flow",
+        "bytes": frame.len(),
+        "ns": ns,
+        "parse_drop_ns": parse,
+    }))
 }
 
 // ---- frames (every byte written here; L4 checksums left 0: nothing
@@ -547,13 +585,25 @@ fn ipv4(proto: u8, frag: u16, id: u16, payload: &[u8]) -> Vec<u8> {
 
 /// PEER4 -> `dst`.
 fn ipv4_to(dst: Ipv4Addr, proto: u8, frag: u16, id: u16, payload: &[u8]) -> Vec<u8> {
+    ipv4_from_to(PEER4, dst, proto, frag, id, payload)
+}
+
+/// `src` -> `dst`.
+fn ipv4_from_to(
+    src: Ipv4Addr,
+    dst: Ipv4Addr,
+    proto: u8,
+    frag: u16,
+    id: u16,
+    payload: &[u8],
+) -> Vec<u8> {
     let total = u16::try_from(20 + payload.len()).unwrap_or(u16::MAX);
     let mut h = vec![0x45, 0];
     h.extend_from_slice(&total.to_be_bytes());
     h.extend_from_slice(&id.to_be_bytes());
     h.extend_from_slice(&frag.to_be_bytes());
     h.extend_from_slice(&[64, proto, 0, 0]);
-    h.extend_from_slice(&PEER4.octets());
+    h.extend_from_slice(&src.octets());
     h.extend_from_slice(&dst.octets());
     let mut sum: u32 = h
         .chunks(2)

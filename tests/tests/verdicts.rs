@@ -2524,3 +2524,61 @@ fn the_guards_clock_is_the_kernels_monotonic_clock_at_tick_resolution() -> Resul
     ensure!(worst > 0, "never behind: is this reading jiffies?");
     Ok(())
 }
+
+#[test]
+fn tc_egress_stamps_the_hosts_flows_by_the_guards_clock_and_keeps_them_current() -> Result {
+    let mut g = Guard::enforcing()?;
+    let clock = g
+        .xdp
+        .maps
+        .clock()
+        .context("the kernel's ticks were not timed")?;
+    let (local, remote) = ((HOST4, 45000), (PEER4, 5353));
+    let out = Frame::eth()
+        .ipv4(local.0, remote.0)
+        .udp(local.1, remote.1)
+        .payload(b"query")
+        .build();
+    let reply = Frame::eth()
+        .ipv4(remote.0, local.0)
+        .udp(remote.1, local.1)
+        .payload(b"answer")
+        .build();
+    let last_sent = |g: &Guard| {
+        g.xdp.maps.flow_last_sent(
+            IPPROTO_UDP,
+            (local.0, local.1).into(),
+            (remote.0, remote.1).into(),
+        )
+    };
+    g.expect(
+        "a reply before the host sent anything",
+        &reply,
+        Dropped(GuardStat::DropNoRule),
+    )?;
+    // Each stamp lies between the ticks read just before and just after:
+    // the verdict's clock, not a finer one.
+    let mut stamps = Vec::new();
+    for repeat in [1, 1_000] {
+        let (before, _) = g.xdp.kernel_time()?;
+        g.xdp.egress(&out, repeat)?;
+        let (after, _) = g.xdp.kernel_time()?;
+        let stamp = last_sent(&g).context("tc egress recorded no flow")?;
+        ensure!(
+            (clock.at(before)..=clock.at(after)).contains(&stamp),
+            "stamped {stamp}, outside the ticks {}..={}",
+            clock.at(before),
+            clock.at(after)
+        );
+        stamps.push(stamp);
+        // Some ticks on: the known flow's stamp must move with it.
+        std::thread::sleep(std::time::Duration::from_nanos(3 * clock.tick_ns));
+    }
+    ensure!(
+        stamps[1] > stamps[0],
+        "a known flow kept its first stamp {} after more datagrams",
+        stamps[0]
+    );
+    g.expect("the reply to the recorded flow", &reply, Pass)?;
+    g.finish()
+}

@@ -147,6 +147,27 @@ impl XdpTester {
         Ok(super::probe::sample(super::probe::twin(&mut self.ebpf)?)?)
     }
 
+    /// Runs tc egress (which records the host's outbound flows in the same
+    /// maps) on an outbound frame `repeat` times; the kernel's average
+    /// time per run. Loaded on first use.
+    pub fn egress(&mut self, frame: &[u8], repeat: u32) -> anyhow::Result<Duration> {
+        let egress = program::<SchedClassifier>(&mut self.ebpf, prog::TC_EGRESS)?;
+        if egress.fd().is_err() {
+            egress.load()?;
+        }
+        let out = egress.test_run(TestRunOptions {
+            data_in: Some(frame),
+            repeat,
+            ..Default::default()
+        })?;
+        anyhow::ensure!(
+            out.return_value == TC_ACT_OK,
+            "tc egress returned {}, not TC_ACT_OK",
+            out.return_value
+        );
+        Ok(out.duration)
+    }
+
     /// The verdict (`XDP_PASS`, `XDP_DROP`) for one frame.
     pub fn verdict(&mut self, frame: &[u8]) -> anyhow::Result<u32> {
         Ok(self.bench(frame, 1)?.0)

@@ -397,6 +397,8 @@ pub fn run(ctx: &Ctx) -> Result<Section> {
             );
         }
     }
+    let egress = &out["egress"];
+    let egress_json = egress_line(&mut md, egress);
     if below_floor > 0 {
         let _ = writeln!(
             md,
@@ -416,6 +418,7 @@ pub fn run(ctx: &Ctx) -> Result<Section> {
             "rounds": rounds,
             "policy": out["policy"],
             "classes": classes_json,
+            "egress": egress_json,
             "xdp_filter": {
                 "measured": has_filter,
                 "error": filter_error,
@@ -435,5 +438,36 @@ pub fn run(ctx: &Ctx) -> Result<Section> {
             },
         }),
         markdown: md,
+    })
+}
+
+/// The cost tc egress adds to each of the host's outbound datagrams (it
+/// records the flows whose replies the guard admits), against the header
+/// walk alone on the same frame.
+fn egress_line(md: &mut String, egress: &Value) -> Value {
+    let to_vec = |v: &Value| -> Vec<f64> {
+        v.as_array()
+            .map(|a| a.iter().filter_map(Value::as_f64).collect())
+            .unwrap_or_default()
+    };
+    let (ns, parse) = (to_vec(&egress["ns"]), to_vec(&egress["parse_drop_ns"]));
+    if ns.is_empty() || parse.is_empty() {
+        let _ = writeln!(md, "\ntc egress: not measured.");
+        return Value::Null;
+    }
+    let (em, pm) = (median(&ns), median(&parse));
+    let _ = writeln!(
+        md,
+        "\ntc egress, the host's own outbound UDP datagram of a recorded flow (what each of \
+         them pays so that replies pass): {} ns (min–max), {:.2}× the header walk alone on \
+         the same frame ({pm:.0} ns).",
+        spread(&ns, 0),
+        em / pm
+    );
+    json!({
+        "label": egress["label"],
+        "ns": stats_json(&ns),
+        "parse_drop_ns": stats_json(&parse),
+        "vs_parse_drop": em / pm,
     })
 }
