@@ -355,7 +355,10 @@ pub const MAX_LEARNED: u32 = 16384;
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct LocalKey {
     pub family: u8,
-    pub _pad: [u8; 3],
+    // Padding as a byte and a half-word, not `[u8; 3]`: the BPF backend
+    // zeroes a 3-byte array with a call to a byte-loop memset.
+    pub _pad: u8,
+    pub _pad2: u16,
     pub addr: [u8; 16],
 }
 
@@ -478,6 +481,29 @@ pub struct Flow4Key {
     pub remote: [u8; 4],
 }
 
+impl Flow4Key {
+    /// The key of an IPv4 flow; the programs build it straight from the
+    /// parsed headers, without a 40-byte `FlowKey` first.
+    #[inline(always)]
+    pub fn new(
+        proto: u8,
+        local_port: u16,
+        remote_port: u16,
+        local: [u8; 4],
+        remote: [u8; 4],
+    ) -> Self {
+        Self {
+            proto,
+            _pad: 0,
+            local_port,
+            remote_port,
+            _pad2: 0,
+            local,
+            remote,
+        }
+    }
+}
+
 impl FlowKey {
     /// The `FLOWS4` key of an IPv4 flow; None for IPv6 (a `FLOWS` key).
     #[inline(always)]
@@ -485,20 +511,18 @@ impl FlowKey {
         if self.family != AF_INET as u8 {
             return None;
         }
-        Some(Flow4Key {
-            proto: self.proto,
-            _pad: 0,
-            local_port: self.local_port,
-            remote_port: self.remote_port,
-            _pad2: 0,
-            local: [self.local[0], self.local[1], self.local[2], self.local[3]],
-            remote: [
+        Some(Flow4Key::new(
+            self.proto,
+            self.local_port,
+            self.remote_port,
+            [self.local[0], self.local[1], self.local[2], self.local[3]],
+            [
                 self.remote[0],
                 self.remote[1],
                 self.remote[2],
                 self.remote[3],
             ],
-        })
+        ))
     }
 }
 
@@ -540,7 +564,9 @@ pub struct FragKey {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct Frag4Key {
     pub proto: u8,
-    pub _pad: [u8; 3],
+    // As in `LocalKey`: no 3-byte array to zero.
+    pub _pad: u8,
+    pub _pad2: u16,
     pub id: u32,
     pub src: [u8; 4],
     pub dst: [u8; 4],
@@ -943,6 +969,8 @@ mod tests {
         assert_eq!(core::mem::size_of::<Flow4Key>(), 16);
         assert_eq!(core::mem::size_of::<Frag4Key>(), 16);
         assert_eq!(core::mem::size_of::<LocalKey>(), 20);
+        assert_eq!(core::mem::offset_of!(Frag4Key, id), 4);
+        assert_eq!(core::mem::offset_of!(LocalKey, addr), 4);
         assert_eq!(core::mem::size_of::<LocalList>(), 64 + 128 + 16);
         assert_eq!(core::mem::size_of::<RateKey>(), 20);
         assert_eq!(core::mem::size_of::<RateLimit>(), 16);

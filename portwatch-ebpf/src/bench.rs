@@ -24,7 +24,7 @@ use aya_ebpf::{
     maps::LruHashMap,
     programs::XdpContext,
 };
-use portwatch_common::{Flow4Key, FlowKey};
+use portwatch_common::{AF_INET, Flow4Key};
 
 use crate::{
     headers::{Headers, Walk, ports, walk},
@@ -54,17 +54,11 @@ pub fn try_parse_lookup_drop(ctx: &XdpContext, flows: &LruHashMap<Flow4Key, u64>
     let mut slot = core::mem::MaybeUninit::uninit();
     let h = Headers::zeroed(&mut slot);
     let end = parse(&pkt, h);
-    // Inbound: the destination is local, the source the remote peer.
-    let key = FlowKey {
-        family: h.family,
-        proto: h.proto,
-        _pad: 0,
-        local_port: h.dport,
-        remote_port: h.sport,
-        local: h.dst,
-        remote: h.src,
-    };
-    let fresh = match key.compact() {
+    // Inbound: the destination is local, the source the remote peer; the
+    // key built as the guard builds it.
+    let v4 = (h.family == AF_INET as u8)
+        .then(|| Flow4Key::new(h.proto, h.dport, h.sport, h.dst4(), h.src4()));
+    let fresh = match v4 {
         Some(v4) => match flows.get_ptr(&v4) {
             Some(last) => {
                 // SAFETY: a pointer from a map lookup is valid for reads.

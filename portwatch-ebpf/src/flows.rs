@@ -4,7 +4,9 @@
 //! admit their replies under default deny.
 
 use aya_ebpf::{maps::LruHashMap, programs::TcContext};
-use portwatch_common::{FlowKey, GuardConfig, GuardStat, IPPROTO_TCP, flow_port_byte, port_slot};
+use portwatch_common::{
+    AF_INET, Flow4Key, FlowKey, GuardConfig, GuardStat, IPPROTO_TCP, flow_port_byte, port_slot,
+};
 
 use crate::{
     clock::now_ns,
@@ -28,23 +30,25 @@ pub fn try_tc_egress(ctx: &TcContext) -> Option<()> {
     }
     // Port-less protocols keep ports 0.
     ports(&skb, off, h).ok()?;
-    // Outbound: the source is local, the destination the remote peer.
-    let key = FlowKey {
-        family: h.family,
-        proto: h.proto,
-        _pad: 0,
-        local_port: h.sport,
-        remote_port: h.dport,
-        local: h.src,
-        remote: h.dst,
-    };
     let uncalibrated = GuardConfig::default();
     let cfg = GUARD_CONFIG.get(0).unwrap_or(&uncalibrated);
     // The clock the verdict ages flows by.
     let now = now_ns(cfg);
-    match key.compact() {
-        Some(v4) => stamp(&FLOWS4, &v4, now)?,
-        None => stamp(&FLOWS, &key, now)?,
+    // Outbound: the source is local, the destination the remote peer.
+    if h.family == AF_INET as u8 {
+        let key = Flow4Key::new(h.proto, h.sport, h.dport, h.src4(), h.dst4());
+        stamp(&FLOWS4, &key, now)?;
+    } else {
+        let key = FlowKey {
+            family: h.family,
+            proto: h.proto,
+            _pad: 0,
+            local_port: h.sport,
+            remote_port: h.dport,
+            local: h.src,
+            remote: h.dst,
+        };
+        stamp(&FLOWS, &key, now)?;
     }
     // After the flow: a reply that sees the bit finds the flow.
     mark_flow_port(port_slot(h.proto, h.sport));

@@ -15,7 +15,7 @@ use aya_ebpf::{
     programs::{TcContext, XdpContext},
 };
 use portwatch_common::{
-    AF_INET, AF_INET6, DropReason, DropReport, FlowKey, Frag4Key, FragKey, FragVerdict,
+    AF_INET, AF_INET6, DropReason, DropReport, Flow4Key, FlowKey, Frag4Key, FragKey, FragVerdict,
     GUARD_AUDIT, GUARD_FORWARD_JUDGE, GUARD_LEARN, GUARD_PROBE, GuardConfig, GuardStat,
     IPPROTO_SCTP, IPPROTO_TCP, IPPROTO_UDP, LOCAL_INLINE_V4, LOCAL_INLINE_V6, LearnKey, LearnStats,
     LocalKey, PROBE_MAGIC, PassReason, RULE_ANY, RULE_CIDR, RULE_LIMIT, RateKey, RateLimit,
@@ -303,7 +303,7 @@ fn addressed_to_host(m: &Headers) -> bool {
     // The first addresses inline: most hosts have no others.
     if let Some(list) = LOCAL_LIST.get(0) {
         let more = if m.family == AF_INET as u8 {
-            let a = u32::from_ne_bytes([m.dst[0], m.dst[1], m.dst[2], m.dst[3]]);
+            let a = u32::from_ne_bytes(m.dst4());
             let n = list.n4 as usize;
             for i in 0..LOCAL_INLINE_V4 {
                 if i >= n {
@@ -339,7 +339,8 @@ fn addressed_to_host(m: &Headers) -> bool {
     }
     let key = LocalKey {
         family: m.family,
-        _pad: [0; 3],
+        _pad: 0,
+        _pad2: 0,
         addr: m.dst,
     };
     // SAFETY: a lookup without holding the value past this statement.
@@ -353,10 +354,11 @@ fn addressed_to_host(m: &Headers) -> bool {
 fn frag4_key(m: &Headers, id: u32) -> Frag4Key {
     Frag4Key {
         proto: m.ip_proto,
-        _pad: [0; 3],
+        _pad: 0,
+        _pad2: 0,
         id,
-        src: [m.src[0], m.src[1], m.src[2], m.src[3]],
-        dst: [m.dst[0], m.dst[1], m.dst[2], m.dst[3]],
+        src: m.src4(),
+        dst: m.dst4(),
     }
 }
 
@@ -510,8 +512,7 @@ fn source_permitted(m: &Headers, rule: u32) -> Result<(), DropReason> {
         return Err(DropReason::NoRule);
     }
     let allowed = if m.family == AF_INET as u8 {
-        let addr = [m.src[0], m.src[1], m.src[2], m.src[3]];
-        let data = src4_key(m.proto, m.dport, addr);
+        let data = src4_key(m.proto, m.dport, m.src4());
         POLICY_SRC4
             .get(Key::new(src_prefix_len(32), data))
             .is_some()
@@ -661,19 +662,20 @@ fn flow_port_marked(m: &Headers) -> bool {
 /// addresses (ports 0).
 #[inline(never)]
 fn reply_to_own_flow(m: &Headers, cfg: &GuardConfig) -> bool {
-    let key = FlowKey {
-        family: m.family,
-        proto: m.proto,
-        _pad: 0,
-        local_port: m.dport,
-        remote_port: m.sport,
-        local: m.dst,
-        remote: m.src,
-    };
-    // As tc egress recorded it: IPv4 under the compact key.
-    let last = match key.compact() {
-        Some(v4) => FLOWS4.get_ptr(v4),
-        None => FLOWS.get_ptr(key),
+    // As tc egress recorded it (local and remote swapped): IPv4 under the
+    // compact key, built from the headers directly.
+    let last = if m.family == AF_INET as u8 {
+        FLOWS4.get_ptr(Flow4Key::new(m.proto, m.dport, m.sport, m.dst4(), m.src4()))
+    } else {
+        FLOWS.get_ptr(FlowKey {
+            family: m.family,
+            proto: m.proto,
+            _pad: 0,
+            local_port: m.dport,
+            remote_port: m.sport,
+            local: m.dst,
+            remote: m.src,
+        })
     };
     let Some(last) = last else {
         return false;

@@ -85,6 +85,18 @@ pub struct Headers {
 }
 
 impl Headers {
+    /// The IPv4 source: the first 4 bytes of `src`.
+    #[inline(always)]
+    pub fn src4(&self) -> [u8; 4] {
+        [self.src[0], self.src[1], self.src[2], self.src[3]]
+    }
+
+    /// The IPv4 destination: the first 4 bytes of `dst`.
+    #[inline(always)]
+    pub fn dst4(&self) -> [u8; 4] {
+        [self.dst[0], self.dst[1], self.dst[2], self.dst[3]]
+    }
+
     /// `slot`, all zero, written in place as 8-byte words the compiler may
     /// not merge. A `Headers` built by value is zeroed, then copied, and
     /// LLVM turns either into a call to an out-of-line memset that loops a

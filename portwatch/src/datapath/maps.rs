@@ -107,7 +107,8 @@ fn local_key(addr: &std::net::IpAddr) -> LocalKey {
     let (family, addr) = super::decode::kernel_addr(addr);
     LocalKey {
         family,
-        _pad: [0; 3],
+        _pad: 0,
+        _pad2: 0,
         addr,
     }
 }
