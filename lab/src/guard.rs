@@ -34,6 +34,7 @@ pub struct GuardPaths {
 impl GuardPaths {
     /// `portwatch`: the binary that takes the pins down on drop.
     pub fn new(tag: &str, portwatch: &Path) -> Result<Self> {
+        crate::orphans::sweep_once();
         Ok(Self {
             pins: Path::new("/sys/fs/bpf").join(unique_name(tag)),
             run: TempDir::new(tag)?,

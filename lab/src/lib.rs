@@ -20,6 +20,7 @@ pub mod lines;
 pub mod listening;
 pub mod name;
 pub mod netns;
+pub mod orphans;
 pub mod process;
 pub mod tcx;
 pub mod temp;

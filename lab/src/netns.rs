@@ -20,6 +20,7 @@ pub struct Netns {
 
 impl Netns {
     pub fn new(tag: &str) -> Result<Self> {
+        crate::orphans::sweep_once();
         let name = unique_name(tag);
         run("ip", &["netns", "add", &name])?;
         let ns = Self { name };
