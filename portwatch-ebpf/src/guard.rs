@@ -495,7 +495,22 @@ fn udp(m: &Headers, entry: &mut Entry, cfg: &GuardConfig) -> Verdict {
 /// Whether the policy permits (proto, destination port) from this source,
 /// within the rule's per-source limit; a protocol without ports is looked
 /// up as port 0 (`m.dport` stays 0). `rule` is its `POLICY_PORTS` entry.
+#[inline(always)]
 fn permitted(m: &Headers, rule: u32, cfg: &GuardConfig) -> Verdict {
+    // The common answers inline: no rule, or a rule for every source
+    // without a limit. A source list or a limit takes the call.
+    if rule & (RULE_ANY | RULE_CIDR) == 0 {
+        return Err(DropReason::NoRule);
+    }
+    if rule & (RULE_ANY | RULE_LIMIT) == RULE_ANY {
+        return Ok(PassReason::Rule);
+    }
+    by_source_and_limit(m, rule, cfg)
+}
+
+/// `permitted` for a rule with a source list or a limit.
+#[inline(never)]
+fn by_source_and_limit(m: &Headers, rule: u32, cfg: &GuardConfig) -> Verdict {
     source_permitted(m, rule)?;
     if rule & RULE_LIMIT != 0 {
         within_limit(m, entry_slot(rule), cfg)?;
