@@ -1,13 +1,15 @@
 //! Reads a ring buffer without polling: the task sleeps in epoll until the
 //! kernel has written a record.
 
-use std::io;
+use std::{io, time::Duration};
 
 use aya::maps::{MapData, RingBuf};
-use tokio::io::unix::AsyncFd;
+use tokio::{io::unix::AsyncFd, time::Instant};
 
 pub struct RingReader {
     fd: AsyncFd<RingBuf<MapData>>,
+    /// When `read_gathered` reads what woke it.
+    due: Option<Instant>,
 }
 
 impl RingReader {
@@ -18,7 +20,7 @@ impl RingReader {
         // same until the AsyncFd (which owns the ring buffer) is dropped.
         let fd = unsafe { AsyncFd::register_with_interest(ring, tokio::io::Interest::READABLE) }
             .map_err(|e| io::Error::other(e.to_string()))?;
-        Ok(Self { fd })
+        Ok(Self { fd, due: None })
     }
 
     /// Waits until records are available, then hands each to `f`, at most
@@ -36,13 +38,28 @@ impl RingReader {
         Ok(n)
     }
 
-    /// Waits until records are available, and reads none: the caller
-    /// reads them later, with [`RingReader::read_batch`]. The kernel wakes
-    /// a reader only for a record it finds the reader caught up to, so
-    /// records that come meanwhile cost no wake-up.
-    pub async fn readable(&mut self) -> io::Result<()> {
-        // Dropped without clearing: the readiness stays for the read.
-        self.fd.readable_mut().await.map(drop)
+    /// Like [`RingReader::read_batch`], but reads `linger` after the first
+    /// record arrived, so that a stream of records is taken in batches.
+    /// The kernel wakes a reader only for a record it finds the reader
+    /// caught up to: the records that come meanwhile cost no wake-up.
+    /// Cancel-safe: dropped while it lingers, the next call waits out the
+    /// same deadline.
+    pub async fn read_gathered(
+        &mut self,
+        linger: Duration,
+        f: impl FnMut(&[u8]),
+    ) -> io::Result<usize> {
+        let due = match self.due {
+            Some(due) => due,
+            None => {
+                // Dropped without clearing: the readiness stays for the read.
+                drop(self.fd.readable_mut().await?);
+                *self.due.insert(Instant::now() + linger)
+            }
+        };
+        tokio::time::sleep_until(due).await;
+        self.due = None;
+        self.read_batch(f).await
     }
 
     /// Reads whatever is queued now, without waiting.

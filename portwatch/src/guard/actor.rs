@@ -196,9 +196,6 @@ pub struct Guard {
     pub(super) links: Option<LinkWatch>,
     pub(super) shutdown: Option<Shutdown>,
     pub(super) housekeeping: Option<tokio::time::Interval>,
-    /// When to read the drop reports that woke the loop (`DROPS_LINGER`
-    /// after the first).
-    pub(super) drops_due: Option<tokio::time::Instant>,
     /// Housekeeping runs so far, and the table-full count at the last sweep.
     ticks: u64,
     table_full_seen: u64,
@@ -271,7 +268,6 @@ impl Guard {
             links: parts.links,
             shutdown: None,
             housekeeping: None,
-            drops_due: None,
             ticks: 0,
             table_full_seen: 0,
             awaiting: None,

@@ -467,10 +467,38 @@ impl Daemon for Guard {
     type Input = Input;
 
     async fn next(&mut self) -> io::Result<Input> {
-        loop {
-            if let Some(input) = self.next_or_linger().await? {
-                return Ok(input);
+        let mut drops = Vec::new();
+        let mut binds = Vec::new();
+        let control = self.control.as_mut();
+        let links = self.links.as_mut();
+        let housekeeping = self
+            .housekeeping
+            .get_or_insert_with(|| tokio::time::interval(actor::HOUSEKEEPING));
+        let unconfirmed = self.awaiting.as_ref().map(|a| a.at);
+        tokio::select! {
+            _ = housekeeping.tick() => Ok(Input::Housekeeping),
+            () = sleep_until(unconfirmed) => Ok(Input::ConfirmExpired),
+            req = recv_optional(control) => match req {
+                Some(req) => Ok(Input::Control(Box::new(req))),
+                // The server is gone: nothing more comes from there.
+                None => {
+                    self.control = None;
+                    Ok(Input::Links(Vec::new()))
+                }
+            },
+            // Drop reports wake the loop once, and are read together
+            // `DROPS_LINGER` later.
+            read = self.drops.read_gathered(actor::DROPS_LINGER, |rec| drops.push(decode_drop(rec))) => {
+                read?;
+                Ok(Input::Drops(drops))
             }
+            news = next_binds(self.binds.as_mut(), &mut binds) => Ok(match news? {
+                binds::BindNews::Reports => Input::Binds(binds),
+                binds::BindNews::CgroupsChanged => Input::CgroupsChanged,
+            }),
+            changes = next_links(links) => Ok(Input::Links(changes?)),
+            // The guard holds the sender: this never ends.
+            Some(loaded) = self.loaded_rx.recv() => Ok(Input::Loaded(Box::new(loaded))),
         }
     }
 
@@ -508,52 +536,6 @@ impl Daemon for Guard {
         let binds = self.binds.as_mut().map(|b| b.drain()).unwrap_or_default();
         self.bind_events(pipeline, binds)?;
         self.drop_events(pipeline, drops)
-    }
-}
-
-impl Guard {
-    /// The next input, or `None` when the loop only took note of drop
-    /// reports to read later.
-    async fn next_or_linger(&mut self) -> io::Result<Option<Input>> {
-        let mut drops = Vec::new();
-        let mut binds = Vec::new();
-        let control = self.control.as_mut();
-        let links = self.links.as_mut();
-        let housekeeping = self
-            .housekeeping
-            .get_or_insert_with(|| tokio::time::interval(actor::HOUSEKEEPING));
-        let unconfirmed = self.awaiting.as_ref().map(|a| a.at);
-        tokio::select! {
-            _ = housekeeping.tick() => Ok(Some(Input::Housekeeping)),
-            () = sleep_until(unconfirmed) => Ok(Some(Input::ConfirmExpired)),
-            req = recv_optional(control) => match req {
-                Some(req) => Ok(Some(Input::Control(Box::new(req)))),
-                // The server is gone: nothing more comes from there.
-                None => {
-                    self.control = None;
-                    Ok(Some(Input::Links(Vec::new())))
-                }
-            },
-            // Drop reports wake the loop once, and are read together
-            // `DROPS_LINGER` later.
-            ready = self.drops.readable(), if self.drops_due.is_none() => {
-                ready?;
-                self.drops_due = Some(tokio::time::Instant::now() + actor::DROPS_LINGER);
-                Ok(None)
-            }
-            () = sleep_until(self.drops_due) => {
-                self.drops_due = None;
-                self.drops.read_batch(|rec| drops.push(decode_drop(rec))).await?;
-                Ok(Some(Input::Drops(drops)))
-            }
-            news = next_binds(self.binds.as_mut(), &mut binds) => Ok(Some(match news? {
-                binds::BindNews::Reports => Input::Binds(binds),
-                binds::BindNews::CgroupsChanged => Input::CgroupsChanged,
-            })),
-            changes = next_links(links) => Ok(Some(Input::Links(changes?))),
-            // The guard holds the sender: this never ends.
-            Some(loaded) = self.loaded_rx.recv() => Ok(Some(Input::Loaded(Box::new(loaded)))),
-        }
     }
 }
 
