@@ -73,7 +73,7 @@ impl Enricher {
                 for batch in inbox {
                     // The cache holds no invariant a panic could break.
                     let mut procs = shared.lock().unwrap_or_else(PoisonError::into_inner);
-                    let done: Vec<Enriched> = batch.into_iter().map(|r| procs.enrich(r)).collect();
+                    let done = procs.enrich_all(batch);
                     drop(procs);
                     if outbox.blocking_send(done).is_err() {
                         break;
@@ -110,7 +110,7 @@ impl Enricher {
             && let Ok(mut procs) = self.cache.try_lock()
             && procs.all_warm(&batch)
         {
-            let done = batch.into_iter().map(|r| procs.enrich(r)).collect();
+            let done = procs.enrich_all(batch);
             drop(procs);
             self.ready.push_back(done);
             return;
@@ -261,10 +261,8 @@ impl ProcCache {
         })
     }
 
-    fn lookup(&mut self, tgid: u32, comm: &str, uid: u32) -> &CachedProc {
-        let fresh = self
-            .fresh_proc(tgid, comm, Instant::now(), Duration::ZERO)
-            .is_some();
+    fn lookup(&mut self, tgid: u32, comm: &str, uid: u32, now: Instant) -> &CachedProc {
+        let fresh = self.fresh_proc(tgid, comm, now, Duration::ZERO).is_some();
         if !fresh {
             if self.entries.len() >= PROC_CACHE_MAX {
                 self.entries.clear();
@@ -299,24 +297,31 @@ impl ProcCache {
         cached
     }
 
+    /// [`Self::enrich`] for each of a batch, with one clock read for all
+    /// (a read per record was a twentieth of the stream's CPU in a burst).
+    fn enrich_all(&mut self, batch: Vec<RawListen>) -> Vec<Enriched> {
+        let now = Instant::now();
+        batch.into_iter().map(|r| self.enrich(r, now)).collect()
+    }
+
     /// Adds what only /proc knows. The kernel's pid, comm and uid stay:
     /// they were taken in the right context, /proc may already show
-    /// another program.
-    fn enrich(&mut self, raw: RawListen) -> Enriched {
+    /// another program. `now` is when the batch began.
+    fn enrich(&mut self, raw: RawListen, now: Instant) -> Enriched {
         let listening_ports = if needs_listening_ports(&raw) {
             procinfo::listening_tcp_ports(raw.tgid, raw.addr.is_ipv6())
         } else {
             Vec::new()
         };
         let own_netns = self.own_netns;
-        let cached = self.lookup(raw.tgid, &raw.comm, raw.uid);
+        let cached = self.lookup(raw.tgid, &raw.comm, raw.uid, now);
         let mut netns = cached.netns;
         let process = Arc::clone(&cached.info);
         // The process is gone already (a helper that made the socket and
         // handed it on): the socket may still listen, here.
         if netns.is_none()
             && raw.kind == EventKind::Listen
-            && self.placing.take(Instant::now(), PLACE_PER_SECOND)
+            && self.placing.take(now, PLACE_PER_SECOND)
             && crate::snapshot::listens_here(raw.proto, raw.addr, raw.port)
         {
             netns = own_netns;

@@ -4,7 +4,7 @@
 //! reported left out.
 
 use std::{
-    collections::{HashMap, HashSet},
+    collections::{HashMap, HashSet, hash_map::Entry},
     net::IpAddr,
     time::SystemTime,
 };
@@ -117,6 +117,10 @@ impl Listeners {
         if let Some(old) = self.open.insert(key, Box::new(listener)) {
             self.count_out(port_key(&old));
         }
+        self.count_in(port);
+    }
+
+    fn count_in(&mut self, port: PortKey) {
         let n = self.per_port.entry(port).or_insert(0);
         *n += 1;
         if *n == 1 {
@@ -180,23 +184,30 @@ impl Listeners {
                 if before_snapshot && self.seen_in_snapshot(&listener) {
                     return Applied::default();
                 }
-                let mut closed = None;
-                if self.open.contains_key(&key) {
+                // One probe of the table for the common case, a new key.
+                let replaced = match self.open.entry(key) {
+                    Entry::Vacant(slot) => {
+                        slot.insert(Box::new(listener.clone()));
+                        None
+                    }
                     // A cookie names one socket for good: a second report
-                    // of it is the snapshot's. A kernel address enters
-                    // LISTEN again only as a new socket in a freed one's
-                    // memory (a listener leaves LISTEN only by closing, and
-                    // its events arrive in order): that close was lost in
-                    // a ring overflow. Said now, or the new listener would
-                    // pass for the old one, unreported, on the old port.
-                    if !matches!(key.1, SockId::KernelAddr(_)) {
+                    // of it is the snapshot's.
+                    Entry::Occupied(_) if !matches!(key.1, SockId::KernelAddr(_)) => {
                         return Applied::default();
                     }
-                    closed = self
-                        .remove(&key)
-                        .map(|old| event(EventKind::Close, Origin::Inferred, old));
-                }
-                self.add(key, listener.clone());
+                    // A kernel address enters LISTEN again only as a new
+                    // socket in a freed one's memory (a listener leaves
+                    // LISTEN only by closing, and its events arrive in
+                    // order): that close was lost in a ring overflow. Said
+                    // now, or the new listener would pass for the old one,
+                    // unreported, on the old port.
+                    Entry::Occupied(mut slot) => Some(slot.insert(Box::new(listener.clone()))),
+                };
+                let closed = replaced.map(|old| {
+                    self.count_out(port_key(&old));
+                    event(EventKind::Close, Origin::Inferred, *old)
+                });
+                self.count_in(port_key(&listener));
                 Applied {
                     closed,
                     event: Some(event(EventKind::Listen, Origin::Live, listener)),

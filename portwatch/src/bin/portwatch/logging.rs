@@ -109,7 +109,7 @@ pub fn event_sink(json: bool, format: LogFormat) -> Box<dyn Sink> {
     if format == LogFormat::Json {
         return Box::new(JsonSink::new(WholeLines::new(io::stderr())));
     }
-    let stdout = io::BufWriter::new(io::stdout());
+    let stdout = crate::terminal::stream_stdout();
     if json {
         Box::new(JsonSink::new(stdout))
     } else {

@@ -38,7 +38,7 @@ pub fn watch_via_guard(socket: &Path, json: bool, colour: bool) -> anyhow::Resul
             )));
         }
     };
-    let mut out = io::BufWriter::with_capacity(64 * 1024, io::stdout().lock());
+    let mut out = crate::terminal::stream_stdout();
     let mut lines = lines;
     while let Some(line) = lines.next() {
         let line = line.context("reading the guard's stream")?;
