@@ -247,6 +247,7 @@ async fn serve(
     };
     let mut guard = Guard::new(parts, image);
     let mut pipeline = Pipeline::new(sink, Filter::default());
+    pipeline.track_ports();
     let result = match start(setup, &mut guard, &mut pipeline).await {
         // Served from here on: a scrape never sees a guard half set up.
         Ok(()) => {

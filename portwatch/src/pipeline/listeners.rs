@@ -52,14 +52,22 @@ pub struct Listeners {
     /// Boxed: the table keeps spare slots (up to half of it after it
     /// grows), which then cost a pointer each rather than a listener.
     open: HashMap<(Proto, SockId), Box<Listener>, Fast>,
+    /// Listeners per port, kept only for a daemon that asks (the guard's
+    /// owned ports): `watch` has no use for it, and would pay a second
+    /// table's probe per event and a list of changes nobody takes.
+    ports: Option<PortCounts>,
+    /// While a rescan runs: when it began (monotonic ns), and what kernel
+    /// records since then opened or closed, which it may or may not show.
+    touched: Option<(u64, HashSet<Endpoint, Fast>)>,
+}
+
+#[derive(Default)]
+struct PortCounts {
     /// Listeners per port, to say at once whether a port is listened on.
     per_port: HashMap<PortKey, usize, Fast>,
     /// Ports that gained their first listener or lost their last since the
     /// last `take_changed`.
     changed: Vec<PortKey>,
-    /// While a rescan runs: when it began (monotonic ns), and what kernel
-    /// records since then opened or closed, which it may or may not show.
-    touched: Option<(u64, HashSet<Endpoint, Fast>)>,
 }
 
 fn port_key(l: &Listener) -> PortKey {
@@ -101,15 +109,36 @@ impl Listeners {
         }
     }
 
-    /// Whether anything listens on `proto/port` in `netns`.
+    /// From now on, counts listeners per port (for [`Self::is_listened`]
+    /// and [`Self::take_changed`]); the listeners already known count too.
+    pub fn track_ports(&mut self) {
+        if self.ports.is_some() {
+            return;
+        }
+        let mut counts = PortCounts::default();
+        for l in self.open.values() {
+            *counts.per_port.entry(port_key(l)).or_insert(0) += 1;
+        }
+        counts.changed = counts.per_port.keys().copied().collect();
+        self.ports = Some(counts);
+    }
+
+    /// Whether anything listens on `proto/port` in `netns`; always false
+    /// unless [`Self::track_ports`] was called.
     pub fn is_listened(&self, key: &PortKey) -> bool {
-        self.per_port.get(key).is_some_and(|n| *n > 0)
+        self.ports
+            .as_ref()
+            .and_then(|p| p.per_port.get(key))
+            .is_some_and(|n| *n > 0)
     }
 
     /// The ports that were first listened on or last closed since the last
-    /// call.
+    /// call (while ports are tracked).
     pub fn take_changed(&mut self) -> Vec<PortKey> {
-        std::mem::take(&mut self.changed)
+        self.ports
+            .as_mut()
+            .map(|p| std::mem::take(&mut p.changed))
+            .unwrap_or_default()
     }
 
     fn add(&mut self, key: (Proto, SockId), listener: Listener) {
@@ -121,10 +150,13 @@ impl Listeners {
     }
 
     fn count_in(&mut self, port: PortKey) {
-        let n = self.per_port.entry(port).or_insert(0);
+        let Some(ports) = &mut self.ports else {
+            return;
+        };
+        let n = ports.per_port.entry(port).or_insert(0);
         *n += 1;
         if *n == 1 {
-            self.changed.push(port);
+            ports.changed.push(port);
         }
     }
 
@@ -135,11 +167,14 @@ impl Listeners {
     }
 
     fn count_out(&mut self, port: PortKey) {
-        if let Some(n) = self.per_port.get_mut(&port) {
+        let Some(ports) = &mut self.ports else {
+            return;
+        };
+        if let Some(n) = ports.per_port.get_mut(&port) {
             *n = n.saturating_sub(1);
             if *n == 0 {
-                self.per_port.remove(&port);
-                self.changed.push(port);
+                ports.per_port.remove(&port);
+                ports.changed.push(port);
             }
         }
     }
@@ -410,6 +445,7 @@ mod tests {
     #[test]
     fn a_listen_in_a_lost_listeners_memory_says_that_one_closed() {
         let mut set = Listeners::default();
+        set.track_ports();
         let at = SockId::KernelAddr(0xffff_8880_0000_1000);
         let now = SystemTime::UNIX_EPOCH;
         let listen = |port| record(EventKind::Listen, Proto::Tcp, port, at);
@@ -434,6 +470,34 @@ mod tests {
             [(EventKind::Close, Origin::Live, 9090)]
         );
         assert!(set.is_empty());
+    }
+
+    #[test]
+    fn ports_are_counted_only_once_asked_and_then_from_what_is_open() {
+        let mut set = Listeners::default();
+        let now = SystemTime::UNIX_EPOCH;
+        let listen = |port, addr| {
+            record(
+                EventKind::Listen,
+                Proto::Tcp,
+                port,
+                SockId::KernelAddr(addr),
+            )
+        };
+        set.apply(listen(8080, 1), now, false);
+        set.apply(listen(8080, 2), now, false);
+        // Untracked: no count and no list of changes growing unread.
+        assert!(!set.is_listened(&(Proto::Tcp, 8080, Some(1))));
+        assert!(set.take_changed().is_empty());
+        set.track_ports();
+        assert!(set.is_listened(&(Proto::Tcp, 8080, Some(1))));
+        assert_eq!(set.take_changed(), [(Proto::Tcp, 8080, Some(1))]);
+        set.apply(listen(9090, 3), now, false);
+        let close = record(EventKind::Close, Proto::Tcp, 8080, SockId::KernelAddr(1));
+        set.apply(close, now, false);
+        // One of 8080's two listeners is left: only 9090 changed.
+        assert!(set.is_listened(&(Proto::Tcp, 8080, Some(1))));
+        assert_eq!(set.take_changed(), [(Proto::Tcp, 9090, Some(1))]);
     }
 
     #[test]

@@ -150,6 +150,15 @@ impl Pipeline {
         self.listeners.set_process(proto, sock_id, process)
     }
 
+    /// Counts listeners per port from now on, for [`Self::is_listened`] and
+    /// [`Self::take_changed_ports`] (the guard's owned ports; `watch` has
+    /// no use for them).
+    pub fn track_ports(&mut self) {
+        self.listeners.track_ports();
+    }
+
+    /// Whether anything listens on the port; false unless ports are
+    /// tracked.
     pub fn is_listened(&self, proto: Proto, port: u16, netns: Option<u64>) -> bool {
         self.listeners.is_listened(&(proto, port, netns))
     }
