@@ -53,7 +53,13 @@ pub struct HumanSink<W: Write> {
     /// Processes flagged for a blocked listener in this window, with the
     /// ones not written since; the first of each is written at once.
     violators: BTreeMap<Violator, u64>,
-    /// When the window of what is summed (drops, violations) began.
+    /// Drop reports the kernel held back in this window, and its count
+    /// since start: one line a window, not one per batch of reports read
+    /// (ten a second in a flood).
+    held_back: u64,
+    held_back_total: u64,
+    /// When the window of what is summed (drops, violations, reports held
+    /// back) began.
     window_start: Option<SystemTime>,
 }
 
@@ -138,6 +144,8 @@ impl<W: Write> HumanSink<W> {
             width: None,
             drops: BTreeMap::new(),
             violators: BTreeMap::new(),
+            held_back: 0,
+            held_back_total: 0,
             window_start: None,
         }
     }
@@ -364,6 +372,16 @@ impl<W: Write> HumanSink<W> {
             );
             self.line(&fixed, 15 + 1 + 6 + 1, &text)?;
         }
+        let held_back = std::mem::take(&mut self.held_back);
+        if held_back > 0 {
+            let fixed = format!("{} {:<6} ", clock(now), "drop");
+            let text = format!(
+                "{held_back} more drop reports held back by the kernel's rate limit in the last {} s ({} in all)",
+                window.as_secs(),
+                self.held_back_total
+            );
+            self.line(&fixed, 15 + 1 + 6 + 1, &text)?;
+        }
         Ok(())
     }
 }
@@ -461,11 +479,10 @@ impl<W: Write> Sink for HumanSink<W> {
                 self.line(&fixed, 15 + 1 + 6 + 1, &crate::format::bind(b))
             }
             Event::Suppressed { ts, count, total } => {
-                let fixed = format!("{} {:<6} ", clock(*ts), "drop");
-                let text = format!(
-                    "{count} more drop reports held back by the kernel's rate limit ({total} in all)"
-                );
-                self.line(&fixed, 15 + 1 + 6 + 1, &text)
+                self.window_start.get_or_insert(*ts);
+                self.held_back += count;
+                self.held_back_total = *total;
+                Ok(())
             }
             Event::Missed { ts, count, total } => {
                 let (on, off) = self.paint(RED);
@@ -763,6 +780,47 @@ mod tests {
         // A new window flags the process's next one at once again.
         sink.event(&blocked(11394, 20_000)).expect("writes");
         assert_eq!(flags(&sink).len(), 4);
+    }
+
+    #[test]
+    fn reports_held_back_are_summed_per_window_with_the_drops() {
+        let held = |secs: u64, count: u64, total: u64| Event::Suppressed {
+            ts: UNIX_EPOCH + Duration::from_secs(secs),
+            count,
+            total,
+        };
+        let mut sink = HumanSink::new(Vec::new(), false, Some(1));
+        // A flood: reports read ten times a second, each batch with some held back.
+        for (i, count) in [40, 35, 50].into_iter().enumerate() {
+            sink.event(&drop_event(1, [198, 51, 100, 7], 6379))
+                .expect("writes");
+            sink.event(&held(1, count, 1000 + i as u64))
+                .expect("writes");
+        }
+        assert!(!String::from_utf8_lossy(&sink.out).contains("held back"));
+        let due = sink.next_tick().expect("a window is open");
+        sink.tick(due).expect("ticks");
+        let text = String::from_utf8_lossy(&sink.out).to_string();
+        let held_lines: Vec<&str> = text.lines().filter(|l| l.contains("held back")).collect();
+        assert_eq!(held_lines.len(), 1, "{text}");
+        assert!(
+            held_lines[0].ends_with(
+                "drop   125 more drop reports held back by the kernel's rate limit in the last 5 s \
+                 (1002 in all)"
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains("3 SYNs from 198.51.100.7 to tcp/6379 dropped"),
+            "{text}"
+        );
+        // Nothing held back since: the next window says nothing of it.
+        sink.event(&drop_event(20, [198, 51, 100, 7], 6379))
+            .expect("writes");
+        let due = sink.next_tick().expect("a window is open");
+        sink.tick(due).expect("ticks");
+        let text = String::from_utf8_lossy(&sink.out).to_string();
+        assert_eq!(text.lines().filter(|l| l.contains("held back")).count(), 1);
     }
 
     #[test]
