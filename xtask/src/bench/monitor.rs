@@ -27,7 +27,7 @@ use super::{
     Ctx, Section,
     stats::{column, median, quantile, spread, stats_json, verdict},
 };
-use crate::procstat::proc_cpu_seconds;
+use crate::procstat::proc_run_seconds;
 
 /// Binds `n` TCP sockets (raising RLIMIT_NOFILE first), says "bound", and on
 /// "go" calls listen() on each, noting CLOCK_REALTIME just before; writes
@@ -215,7 +215,7 @@ fn watch(
     lines: &Lines,
     port_of: impl FnMut(&str) -> Option<u16>,
 ) -> Result<Watched> {
-    let cpu0 = proc_cpu_seconds(watcher)?;
+    let cpu0 = proc_run_seconds(watcher)?;
     listeners.go()?;
     listeners.wait_done()?;
     let stamps = listeners.stamps()?;
@@ -223,7 +223,7 @@ fn watch(
     let first = stamps.values().copied().min().unwrap_or(0);
     let mut other = Vec::new();
     let (lat_us, last_read) = collect(lines, &stamps, port_of, &mut other);
-    let cpu1 = proc_cpu_seconds(watcher)?;
+    let cpu1 = proc_run_seconds(watcher)?;
     Ok(Watched {
         lat_us,
         other,
@@ -341,12 +341,12 @@ fn follower_burst(ctx: &Ctx, ns: &Netns, dir: &TempDir, procs: u16, per: u16) ->
         l.contains("\"event\":\"ready\"")
     })
     .context("portwatch watch did not follow the guard")?;
-    let guard_cpu0 = proc_cpu_seconds(guard.pid())?;
+    let guard_cpu0 = proc_run_seconds(guard.pid())?;
     let mut listeners = listeners;
     let mut watched = watch(&mut listeners, pw.pid(), &lines, |line| {
         live_listen_port(line, inode)
     })?;
-    watched.cpu_s += proc_cpu_seconds(guard.pid())? - guard_cpu0;
+    watched.cpu_s += proc_run_seconds(guard.pid())? - guard_cpu0;
     ensure!(
         pw.interrupt(Duration::from_secs(10)).is_some(),
         "portwatch watch did not stop on SIGINT"
@@ -716,8 +716,8 @@ pub fn run(ctx: &Ctx) -> Result<Section> {
          tight loop, all processes at once. Latency: CLOCK_REALTIME just before each listen() \
          → the realtime clock when the bench read the event's line from the watcher's stdout \
          (p50/p99/max per round; the table shows median (min–max) over rounds). CPU: the \
-         watcher's utime+stime (/proc/PID/stat) from the burst's start until all its events \
-         were read; for the follower, the guard's and the follower's together. The follower: \
+         time the watcher's threads ran (/proc/PID/task/*/schedstat, to the nanosecond) from \
+         the burst's start until all its events were read; for the follower, the guard's and the follower's together. The follower: \
          `portwatch watch --json` following a guard (`tcp/22`, on the lab's veth, started \
          afresh each round), which tells it how many events it missed if it cannot keep up. \
          bpftrace: `{BPFTRACE}` (-B line). The hooks' cost per listen(): the \
