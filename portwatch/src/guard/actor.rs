@@ -589,6 +589,10 @@ impl Guard {
 
     /// Ports first listened on or last closed: a listened port gets a
     /// counter slot of its own, a port no longer listened on gives it back.
+    /// The counters are laid out again only when that changes a slot: a
+    /// layout is the whole policy's, and a burst of thousands of listeners
+    /// (past the last free slot) made one per batch of them, ~5 us per
+    /// listener.
     pub fn listeners_changed(&mut self, pipeline: &mut Pipeline) {
         let mut changed = false;
         for (proto, port, netns) in pipeline.take_changed_ports() {
@@ -596,9 +600,9 @@ impl Guard {
                 continue;
             }
             changed |= if pipeline.is_listened(proto, port, netns) {
-                self.listened.insert((proto, port))
+                self.listened.insert((proto, port)) && self.slots.would_take(proto, port)
             } else {
-                self.listened.remove(&(proto, port))
+                self.listened.remove(&(proto, port)) && self.slots.owns(proto, port)
             };
         }
         if changed {

@@ -163,6 +163,20 @@ impl CounterSlots {
         }
     }
 
+    /// Whether `proto/port`, just listened on, would get a slot of its own
+    /// at the next [`Self::stamp`]: nothing counts it but `other`, and a
+    /// slot is free. False means a stamp would lay out the same counters.
+    pub fn would_take(&self, proto: Proto, port: u16) -> bool {
+        let proto = IpProto::from(proto);
+        !self.free.is_empty() && self.slot_of(proto, port) == other_slot(proto.0)
+    }
+
+    /// Whether `proto/port` has a slot of its own (a listened port without
+    /// a rule): when its last listener goes, a stamp frees it.
+    pub fn owns(&self, proto: Proto, port: u16) -> bool {
+        self.owners.contains_key(&SlotOwner::Port(proto, port))
+    }
+
     /// Slots handed out since the last call: to be zeroed before they count.
     pub fn take_fresh(&mut self) -> Vec<u32> {
         std::mem::take(&mut self.fresh)
@@ -278,5 +292,27 @@ mod tests {
         let handed = (MAX_COUNTER_SLOTS - FIRST_COUNTER_SLOT) as usize;
         assert_eq!(image.ports.len(), handed);
         assert_eq!(slots.overflow(), listened.len() - handed);
+        // All taken: one more listened port would change nothing.
+        assert!(!slots.would_take(Proto::Tcp, 9));
+        assert!(slots.owns(Proto::Udp, 1));
+        assert!(!slots.owns(Proto::Udp, MAX_COUNTER_SLOTS as u16 + 10));
+    }
+
+    #[test]
+    fn a_port_would_take_a_slot_only_if_nothing_counts_it_yet_and_one_is_free() {
+        let p = policy("allow = [\"tcp/8000-8002\"]");
+        let mut image = compile(&p).unwrap_or_default();
+        let mut slots = CounterSlots::default();
+        let listened: BTreeSet<_> = [(Proto::Udp, 5353)].into_iter().collect();
+        slots.stamp(&mut image, &p, &listened);
+        assert!(
+            !slots.would_take(Proto::Tcp, 8001),
+            "its rule's slot counts it"
+        );
+        assert!(!slots.would_take(Proto::Udp, 5353), "it has its own");
+        assert!(slots.would_take(Proto::Udp, 5354));
+        assert!(slots.would_take(Proto::Tcp, 9));
+        assert!(slots.owns(Proto::Udp, 5353));
+        assert!(!slots.owns(Proto::Tcp, 8001), "a rule's slot is the rule's");
     }
 }
