@@ -315,12 +315,13 @@ fn portwatch_burst(ctx: &Ctx, ns: &Netns, dir: &TempDir, procs: u16, per: u16) -
 }
 
 /// The same burst under `portwatch watch --json` following a guard's
-/// stream (the guard runs on the lab's veth; its hooks see every
-/// namespace). CPU is the guard's and the follower's together: the
-/// follower's events cost both.
-fn follower_burst(ctx: &Ctx, ns: &Netns, dir: &TempDir, procs: u16, per: u16) -> Result<Burst> {
-    let inode = ns.inode()?;
+/// stream. The guard runs on the lab's veth and the listeners open in its
+/// namespace, as a server's do on the host it guards: each new port is
+/// one the guard may give a counter of its own. CPU is the guard's and
+/// the follower's together: the follower's events cost both.
+fn follower_burst(ctx: &Ctx, dir: &TempDir, procs: u16, per: u16) -> Result<Burst> {
     let lab = Lab::new()?;
+    let inode = lab.server.inode()?;
     let guard = Guard::start(
         &ctx.portwatch,
         &lab.server,
@@ -328,7 +329,7 @@ fn follower_burst(ctx: &Ctx, ns: &Netns, dir: &TempDir, procs: u16, per: u16) ->
         &["tcp/22"],
         &[],
     )?;
-    let listeners = Listeners::spawn(ns, dir, procs, per, "fw")?;
+    let listeners = Listeners::spawn(&lab.server, dir, procs, per, "fw")?;
     let mut cmd = Command::new(&ctx.portwatch);
     cmd.args(["watch", "--json", "--socket"])
         .arg(guard.socket())
@@ -585,7 +586,7 @@ pub fn run(ctx: &Ctx) -> Result<Section> {
         );
         pw_bursts.push(b);
 
-        let b = follower_burst(ctx, &ns, &dir, procs, per).context("follower burst")?;
+        let b = follower_burst(ctx, &dir, procs, per).context("follower burst")?;
         let (m, p99, _) = summarise(&b.lat_us);
         eprintln!(
             "monitor round {}/{rounds}: follower {}/{total} events, {} missed, listen→read median {m:.0} µs, p99 {p99:.0} µs, {:.2} s CPU",
@@ -719,7 +720,8 @@ pub fn run(ctx: &Ctx) -> Result<Section> {
          time the watcher's threads ran (/proc/PID/task/*/schedstat, to the nanosecond) from \
          the burst's start until all its events were read; for the follower, the guard's and the follower's together. The follower: \
          `portwatch watch --json` following a guard (`tcp/22`, on the lab's veth, started \
-         afresh each round), which tells it how many events it missed if it cannot keep up. \
+         afresh each round; the burst's listeners open in the guard's namespace), which tells \
+         it how many events it missed if it cannot keep up. \
          bpftrace: `{BPFTRACE}` (-B line). The hooks' cost per listen(): the \
          wall time per call in the first → last listen() span, less the same burst's with no \
          watcher: portwatch {:.2} µs, bpftrace {:.2} µs (baseline {bare_us:.2} µs per call).\n",
