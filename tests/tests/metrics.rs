@@ -753,3 +753,67 @@ fn a_full_port_scan_sets_neither_the_series_nor_the_memory() -> Result {
     ensure!(status.success(), "{status}");
     Ok(())
 }
+
+/// Listened ports get counters of their own and give them back when their
+/// listeners go, also when two processes close theirs a moment apart (the
+/// second group's layout waits for the spacing after the first's, and
+/// must still come).
+#[test]
+fn listened_ports_that_close_together_give_their_counters_back() -> Result {
+    let lab = Lab::new()?;
+    let paths = GuardPaths::new("mt")?;
+    let policy = TempFile::new("metrics", "allow = [\"tcp/8080\"]\n")?;
+    let ns = &lab.server;
+    let _pw = pinned_guard(
+        &lab,
+        &paths,
+        Path::new(policy.as_str()?),
+        &["--metrics", METRICS_ADDR],
+    )?;
+    // Two processes, 20 UDP sockets each; each exits when its stdin closes.
+    let bind = |base: u16| -> Result<ChildGuard> {
+        let script = format!(
+            "import socket,sys\n\
+             s=[socket.socket(socket.AF_INET,socket.SOCK_DGRAM) for i in range(20)]\n\
+             [x.bind(('0.0.0.0',{base}+i)) for i,x in enumerate(s)]\n\
+             print('bound',flush=True)\n\
+             sys.stdin.read()\n"
+        );
+        let mut child = ChildGuard::spawn(
+            ns.command("python3")
+                .args(["-c", &script])
+                .stdin(std::process::Stdio::piped())
+                .stdout(std::process::Stdio::piped()),
+        )?;
+        let mut line = String::new();
+        std::io::BufRead::read_line(
+            &mut std::io::BufReader::new(child.0.stdout.as_mut().context("stdout")?),
+            &mut line,
+        )?;
+        ensure!(line.trim() == "bound", "binder: {line:?}");
+        Ok(child)
+    };
+    let ports: Vec<u16> = (6000..6020).chain(6100..6120).collect();
+    let counted = |s: &Scrape| -> Vec<u16> {
+        s.family("portwatch_packets_total")
+            .into_iter()
+            .filter(|(l, _)| l.get("proto").is_some_and(|p| p == "udp"))
+            .filter_map(|(l, _)| l.get("port")?.parse().ok())
+            .filter(|p| ports.contains(p))
+            .collect::<std::collections::BTreeSet<u16>>()
+            .into_iter()
+            .collect()
+    };
+    let mut first = bind(6000)?;
+    let mut second = bind(6100)?;
+    let s = scrape_until(ns, |s| counted(s) == ports)?;
+    ensure!(counted(&s) == ports, "{}", s.body);
+    // Both exit, a moment apart.
+    drop(first.0.stdin.take());
+    first.wait_within(Duration::from_secs(10))?;
+    drop(second.0.stdin.take());
+    second.wait_within(Duration::from_secs(10))?;
+    let s = scrape_until(ns, |s| counted(s).is_empty())?;
+    assert!(counted(&s).is_empty(), "{}", s.body);
+    Ok(())
+}

@@ -115,6 +115,8 @@ pub enum Input {
     Housekeeping,
     /// A change was not confirmed in time.
     ConfirmExpired,
+    /// Ports gave their counter slots back a while ago: lay them out.
+    LayOutCounters,
     /// A policy file read and checked off the loop, to put in force.
     Loaded(Box<super::loading::Loaded>),
 }
@@ -151,6 +153,10 @@ const FULL_SWEEP_EVERY: u64 = 12;
 /// dropped (bench/results/veth-*.md). A drop line is at most this late.
 pub(super) const DROPS_LINGER: std::time::Duration = std::time::Duration::from_millis(100);
 
+/// The least time between two layouts of the counters made because ports
+/// gave their slots back (see [`Guard::listeners_changed`]).
+pub(super) const LAYOUT_SPACING: std::time::Duration = std::time::Duration::from_millis(100);
+
 pub struct Guard {
     /// Held for attaching interfaces that come back; dropping it detaches
     /// the monitor's hooks (the guard's links are pinned).
@@ -179,6 +185,10 @@ pub struct Guard {
     pub(super) slots: CounterSlots,
     /// Ports listened on in the guard's namespace: each gets a counter slot.
     pub(super) listened: BTreeSet<(Proto, u16)>,
+    /// When the counters were last laid out, and when they are to be again
+    /// because a port with a slot of its own lost its last listener.
+    laid_out: Option<tokio::time::Instant>,
+    pub(super) layout_due: Option<tokio::time::Instant>,
     report_rate: u32,
     pub(super) flow_timeout: Duration,
     pub(super) start: StartArgs,
@@ -254,6 +264,8 @@ impl Guard {
             image,
             slots: CounterSlots::default(),
             listened: BTreeSet::new(),
+            laid_out: None,
+            layout_due: None,
             report_rate: parts.report_rate,
             flow_timeout: parts.flow_timeout,
             start: parts.start,
@@ -448,6 +460,9 @@ impl Guard {
             return Err(format!("updating the kernel maps failed: {e}"));
         }
         self.image = image;
+        // Every listened port is laid out now.
+        self.laid_out = Some(tokio::time::Instant::now());
+        self.layout_due = None;
         self.activation = activation;
         self.policy = Arc::new(policy);
         self.gated = Arc::new(gated);
@@ -593,23 +608,37 @@ impl Guard {
     /// layout is the whole policy's, and a burst of thousands of listeners
     /// (past the last free slot) made one per batch of them, ~5 us per
     /// listener.
+    ///
+    /// A port that gives its slot back waits up to [`LAYOUT_SPACING`] after
+    /// the last layout: the next layout hands freed slots to listened ports
+    /// that had none, which in a burst of closes are the next to close, so
+    /// without the wait a burst made a layout per batch again.
     pub fn listeners_changed(&mut self, pipeline: &mut Pipeline) {
-        let mut changed = false;
+        let (mut taken, mut given_back) = (false, false);
         for (proto, port, netns) in pipeline.take_changed_ports() {
             if netns != self.netns {
                 continue;
             }
-            changed |= if pipeline.is_listened(proto, port, netns) {
-                self.listened.insert((proto, port)) && self.slots.would_take(proto, port)
+            if pipeline.is_listened(proto, port, netns) {
+                taken |= self.listened.insert((proto, port)) && self.slots.would_take(proto, port);
             } else {
-                self.listened.remove(&(proto, port)) && self.slots.owns(proto, port)
-            };
-        }
-        if changed {
-            let policy = Policy::clone(&self.policy);
-            if let Err(e) = self.install(policy, self.mode) {
-                log::warn!("updating the per-port counters failed: {e}");
+                given_back |= self.listened.remove(&(proto, port)) && self.slots.owns(proto, port);
             }
+        }
+        let now = tokio::time::Instant::now();
+        let spaced = self.laid_out.map(|at| at + LAYOUT_SPACING);
+        if taken || given_back && spaced.is_none_or(|due| due <= now) {
+            self.lay_out_counters();
+        } else if given_back {
+            self.layout_due = self.layout_due.or(spaced);
+        }
+    }
+
+    /// Lays the counters out again for the ports listened on now.
+    pub fn lay_out_counters(&mut self) {
+        let policy = Policy::clone(&self.policy);
+        if let Err(e) = self.install(policy, self.mode) {
+            log::warn!("updating the per-port counters failed: {e}");
         }
     }
 

@@ -476,9 +476,11 @@ impl Daemon for Guard {
             .housekeeping
             .get_or_insert_with(|| tokio::time::interval(actor::HOUSEKEEPING));
         let unconfirmed = self.awaiting.as_ref().map(|a| a.at);
+        let layout_due = self.layout_due;
         tokio::select! {
             _ = housekeeping.tick() => Ok(Input::Housekeeping),
             () = sleep_until(unconfirmed) => Ok(Input::ConfirmExpired),
+            () = sleep_until(layout_due) => Ok(Input::LayOutCounters),
             req = recv_optional(control) => match req {
                 Some(req) => Ok(Input::Control(Box::new(req))),
                 // The server is gone: nothing more comes from there.
@@ -547,6 +549,7 @@ impl Guard {
             Input::Drops(batch) => self.drop_events(pipeline, batch)?,
             Input::Binds(batch) => self.bind_events(pipeline, batch)?,
             Input::CgroupsChanged => self.owner_cgroups_changed(),
+            Input::LayOutCounters => self.lay_out_counters(),
             Input::Housekeeping => {
                 self.housekeeping();
                 self.follow_handed_over(pipeline);
