@@ -636,6 +636,9 @@ impl Guard {
 
     /// Lays the counters out again for the ports listened on now.
     pub fn lay_out_counters(&mut self) {
+        // Also when it fails: the next listener change tries again, rather
+        // than a due time in the past waking the loop at once, forever.
+        self.layout_due = None;
         let policy = Policy::clone(&self.policy);
         if let Err(e) = self.install(policy, self.mode) {
             log::warn!("updating the per-port counters failed: {e}");
