@@ -245,6 +245,24 @@ fn loopback_tcp(ns: &Netns, port: u16) -> Result<ChildGuard> {
     Ok(child)
 }
 
+/// A Python `script` in `ns`, once its first line says `ready` (its
+/// stdin is a pipe, closed when the child is dropped or taken).
+fn python_saying(ns: &Netns, script: &str, ready: &str) -> Result<ChildGuard> {
+    let mut child = ChildGuard::spawn(
+        ns.command("python3")
+            .args(["-c", script])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped()),
+    )?;
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(child.0.stdout.as_mut().context("stdout")?),
+        &mut line,
+    )?;
+    ensure!(line.trim() == ready, "{script}: said {line:?}");
+    Ok(child)
+}
+
 fn wait_listen(pw: &mut Portwatch, proto: &str, port: u16) -> Result {
     pw.wait_for(Duration::from_secs(10), |v| {
         v["event"] == "listen" && v["proto"] == proto && v["port"] == port
@@ -625,17 +643,7 @@ fn metrics_clients_cannot_stall_the_guard() -> Result {
                 s=[socket.create_connection(('::1',9469)) for i in range(32)]\n\
                 print('connected',flush=True)\n\
                 time.sleep(30)\n";
-    let mut idlers = ChildGuard::spawn(
-        ns.command("python3")
-            .args(["-c", idle])
-            .stdout(std::process::Stdio::piped()),
-    )?;
-    let mut ready = String::new();
-    std::io::BufRead::read_line(
-        &mut std::io::BufReader::new(idlers.0.stdout.as_mut().context("stdout")?),
-        &mut ready,
-    )?;
-    ensure!(ready.trim() == "connected", "idle clients: {ready:?}");
+    let idlers = python_saying(ns, idle, "connected")?;
     let flood = format!(
         "for i in $(seq 40); do curl -s -g -o /dev/null --max-time 5 http://{METRICS_ADDR}/metrics & done; wait"
     );
@@ -779,19 +787,7 @@ fn listened_ports_that_close_together_give_their_counters_back() -> Result {
              print('bound',flush=True)\n\
              sys.stdin.read()\n"
         );
-        let mut child = ChildGuard::spawn(
-            ns.command("python3")
-                .args(["-c", &script])
-                .stdin(std::process::Stdio::piped())
-                .stdout(std::process::Stdio::piped()),
-        )?;
-        let mut line = String::new();
-        std::io::BufRead::read_line(
-            &mut std::io::BufReader::new(child.0.stdout.as_mut().context("stdout")?),
-            &mut line,
-        )?;
-        ensure!(line.trim() == "bound", "binder: {line:?}");
-        Ok(child)
+        python_saying(ns, &script, "bound")
     };
     let ports: Vec<u16> = (6000..6020).chain(6100..6120).collect();
     let counted = |s: &Scrape| -> Vec<u16> {

@@ -185,10 +185,11 @@ pub struct Guard {
     pub(super) slots: CounterSlots,
     /// Ports listened on in the guard's namespace: each gets a counter slot.
     pub(super) listened: BTreeSet<(Proto, u16)>,
-    /// When the counters were last laid out, and when they are to be again
-    /// because a port with a slot of its own lost its last listener.
+    /// When the counters were last laid out, and whether a port with a
+    /// slot of its own lost its last listener since (they are laid out
+    /// again [`LAYOUT_SPACING`] after the last time).
     laid_out: Option<tokio::time::Instant>,
-    pub(super) layout_due: Option<tokio::time::Instant>,
+    slots_given_back: bool,
     report_rate: u32,
     pub(super) flow_timeout: Duration,
     pub(super) start: StartArgs,
@@ -265,7 +266,7 @@ impl Guard {
             slots: CounterSlots::default(),
             listened: BTreeSet::new(),
             laid_out: None,
-            layout_due: None,
+            slots_given_back: false,
             report_rate: parts.report_rate,
             flow_timeout: parts.flow_timeout,
             start: parts.start,
@@ -462,7 +463,7 @@ impl Guard {
         self.image = image;
         // Every listened port is laid out now.
         self.laid_out = Some(tokio::time::Instant::now());
-        self.layout_due = None;
+        self.slots_given_back = false;
         self.activation = activation;
         self.policy = Arc::new(policy);
         self.gated = Arc::new(gated);
@@ -625,20 +626,29 @@ impl Guard {
                 given_back |= self.listened.remove(&(proto, port)) && self.slots.owns(proto, port);
             }
         }
-        let now = tokio::time::Instant::now();
-        let spaced = self.laid_out.map(|at| at + LAYOUT_SPACING);
-        if taken || given_back && spaced.is_none_or(|due| due <= now) {
+        self.slots_given_back |= given_back;
+        if taken
+            || self.slots_given_back
+                && self
+                    .layout_due()
+                    .is_none_or(|due| due <= tokio::time::Instant::now())
+        {
             self.lay_out_counters();
-        } else if given_back {
-            self.layout_due = self.layout_due.or(spaced);
         }
+    }
+
+    /// When ports that gave their slots back get the counters laid out.
+    pub fn layout_due(&self) -> Option<tokio::time::Instant> {
+        self.slots_given_back
+            .then(|| self.laid_out.map(|at| at + LAYOUT_SPACING))
+            .flatten()
     }
 
     /// Lays the counters out again for the ports listened on now.
     pub fn lay_out_counters(&mut self) {
         // Also when it fails: the next listener change tries again, rather
         // than a due time in the past waking the loop at once, forever.
-        self.layout_due = None;
+        self.slots_given_back = false;
         let policy = Policy::clone(&self.policy);
         if let Err(e) = self.install(policy, self.mode) {
             log::warn!("updating the per-port counters failed: {e}");

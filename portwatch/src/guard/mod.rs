@@ -470,13 +470,13 @@ impl Daemon for Guard {
     async fn next(&mut self) -> io::Result<Input> {
         let mut drops = Vec::new();
         let mut binds = Vec::new();
+        let layout_due = self.layout_due();
         let control = self.control.as_mut();
         let links = self.links.as_mut();
         let housekeeping = self
             .housekeeping
             .get_or_insert_with(|| tokio::time::interval(actor::HOUSEKEEPING));
         let unconfirmed = self.awaiting.as_ref().map(|a| a.at);
-        let layout_due = self.layout_due;
         tokio::select! {
             _ = housekeeping.tick() => Ok(Input::Housekeeping),
             () = sleep_until(unconfirmed) => Ok(Input::ConfirmExpired),

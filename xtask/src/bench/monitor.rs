@@ -718,7 +718,8 @@ pub fn run(ctx: &Ctx) -> Result<Section> {
          → the realtime clock when the bench read the event's line from the watcher's stdout \
          (p50/p99/max per round; the table shows median (min–max) over rounds). CPU: the \
          time the watcher's threads ran (/proc/PID/task/*/schedstat, to the nanosecond) from \
-         the burst's start until all its events were read; for the follower, the guard's and the follower's together. The follower: \
+         the burst's start until all its events were read; for the follower, the guard's and \
+         the follower's together. The follower: \
          `portwatch watch --json` following a guard (`tcp/22`, on the lab's veth, started \
          afresh each round; the burst's listeners open in the guard's namespace), which tells \
          it how many events it missed if it cannot keep up. \
