@@ -106,6 +106,21 @@ pub const EVENTS_RING_BYTES: u32 = 4 << 20;
 /// Maximum number of bound UDP sockets tracked for close matching.
 pub const MAX_UDP_SOCKETS: u32 = 1 << 18;
 
+/// A bound UDP socket in `UDP_SOCKS` (by socket cookie): the address and
+/// port it holds, which `sock_release` cannot read. The bind hook writes
+/// these; user space writes those bound before the hooks were attached.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct UdpBind {
+    /// The first 4 bytes for IPv4, all 16 for IPv6, network order.
+    pub addr: [u8; 16],
+    /// Host byte order.
+    pub port: u16,
+    /// AF_INET or AF_INET6.
+    pub family: u16,
+    pub _pad: u32,
+}
+
 /// Linux socket states and address families used on both sides.
 pub const TCP_LISTEN: i32 = 10;
 pub const TCP_CLOSE: i32 = 7;
@@ -892,6 +907,8 @@ mod user {
     // SAFETY: ListenEvent is repr(C), made only of integers and byte arrays,
     // with explicit padding, so every bit pattern is valid.
     unsafe impl aya::Pod for super::ListenEvent {}
+    // SAFETY: repr(C), plain integers and arrays, explicit padding.
+    unsafe impl aya::Pod for super::UdpBind {}
     // SAFETY: repr(C), integers and byte arrays only, explicit padding:
     // every bit pattern is a valid value. The same holds for those below.
     unsafe impl aya::Pod for super::GuardConfig {}
@@ -964,6 +981,8 @@ mod tests {
         assert_eq!(listen_event_offsets::ADDR, 40);
         assert_eq!(listen_event_offsets::COMM, 56);
         assert_eq!(DropReport::SIZE, 56);
+        assert_eq!(core::mem::size_of::<UdpBind>(), 24);
+        assert_eq!(core::mem::offset_of!(UdpBind, family), 18);
         assert_eq!(core::mem::size_of::<FlowKey>(), 40);
         assert_eq!(core::mem::size_of::<FragKey>(), 40);
         assert_eq!(core::mem::size_of::<Flow4Key>(), 16);

@@ -13,13 +13,13 @@ use aya_ebpf::{
 use aya_log_ebpf::debug;
 use portwatch_common::{
     AF_INET, AF_INET6, IPPROTO_TCP, IPPROTO_UDP, ListenEvent, ListenKind, MonitorStat, TCP_CLOSE,
-    TCP_LISTEN,
+    TCP_LISTEN, UdpBind,
 };
 
 use crate::{
     aligned::{Chunk, current_comm},
     bind,
-    maps::{EVENTS, UDP_SOCKS, UdpBind, count},
+    maps::{EVENTS, UDP_SOCKS, count},
 };
 
 // Field offsets of sock/inet_sock_set_state, from its tracefs `format` file

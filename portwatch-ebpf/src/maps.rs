@@ -4,7 +4,9 @@ use aya_ebpf::{
     macros::map,
     maps::{HashMap, PerCpuArray, RingBuf},
 };
-use portwatch_common::{EVENTS_RING_BYTES, MAX_UDP_SOCKETS, MONITOR_STATS_LEN, MonitorStat};
+use portwatch_common::{
+    EVENTS_RING_BYTES, MAX_UDP_SOCKETS, MONITOR_STATS_LEN, MonitorStat, UdpBind,
+};
 
 /// Listener events for user space.
 #[map]
@@ -13,17 +15,6 @@ pub static EVENTS: RingBuf = RingBuf::with_byte_size(EVENTS_RING_BYTES, 0);
 /// Per-CPU counters indexed by `MonitorStat`.
 #[map]
 pub static MONITOR_STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(MONITOR_STATS_LEN, 0);
-
-/// What a bound UDP socket was bound to, so its release can be reported with
-/// the address and port it held (sock_release cannot read them).
-#[repr(C)]
-#[derive(Clone, Copy)]
-pub struct UdpBind {
-    pub addr: [u8; 16],
-    pub port: u16,
-    pub family: u16,
-    pub _pad: u32,
-}
 
 /// Bound UDP sockets by socket cookie.
 #[map]

@@ -96,7 +96,7 @@ pub fn snapshot() -> Result<Vec<Listener>, SnapshotError> {
         // The /proc fd scan is the slow part; overlap it with the dumps
         // (or run it afterwards if no thread can be had).
         let owners = thread::Builder::new().spawn_scoped(scope, socket_owners);
-        let sockets = dump_all(own, &others, &next, scope);
+        let sockets = dump_all(own, &others, &QUERIES, &next, scope);
         let owners = match owners {
             Ok(handle) => handle.join().map_err(|_| SnapshotError::WorkerPanicked),
             Err(_) => Ok(socket_owners()),
@@ -150,6 +150,21 @@ pub fn snapshot() -> Result<Vec<Listener>, SnapshotError> {
     Ok(listeners.into_iter().map(|(_, l)| l).collect())
 }
 
+/// The cookies of every UDP socket that exists now, bound or connected,
+/// in every network namespace: which of the sockets a snapshot found are
+/// still open.
+pub fn udp_cookies() -> Result<HashSet<u64>, SnapshotError> {
+    let own = fs::metadata("/proc/thread-self/ns/net").ok();
+    let others = own
+        .as_ref()
+        .map(|own| other_namespaces(own.dev(), own.ino()))
+        .unwrap_or_default();
+    let next = AtomicUsize::new(0);
+    let sockets =
+        thread::scope(|scope| dump_all(own.map(|m| m.ino()), &others, &UDP_ANY, &next, scope))?;
+    Ok(sockets.into_iter().map(|s| s.cookie).collect())
+}
+
 /// A network namespace other than ours, and a file that refers to it.
 #[derive(Debug)]
 struct NsFile {
@@ -201,6 +216,7 @@ fn other_namespaces(nsfs_dev: u64, own_ino: u64) -> Vec<NsFile> {
 fn dump_all<'scope>(
     own: Option<u64>,
     others: &'scope [NsFile],
+    queries: &'static [Query],
     next: &'scope AtomicUsize,
     scope: &'scope thread::Scope<'scope, '_>,
 ) -> Result<Vec<RawSocket>, SnapshotError> {
@@ -213,14 +229,15 @@ fn dump_all<'scope>(
         .min(others.len());
     let mut workers = Vec::with_capacity(n_workers);
     for _ in 0..n_workers {
-        match thread::Builder::new().spawn_scoped(scope, move || dump_others(others, next)) {
+        match thread::Builder::new().spawn_scoped(scope, move || dump_others(others, queries, next))
+        {
             Ok(worker) => workers.push(worker),
             // The workers already running share out all the namespaces.
             Err(err) if !workers.is_empty() => log::debug!("fewer netns workers: {err}"),
             Err(err) => return Err(SnapshotError::Thread(err)),
         }
     }
-    let mut sockets = dump_netns(own)?;
+    let mut sockets = dump_netns(own, queries)?;
     for worker in workers {
         sockets.extend(worker.join().map_err(|_| SnapshotError::WorkerPanicked)??);
     }
@@ -230,13 +247,17 @@ fn dump_all<'scope>(
 /// Worker loop: take the next namespace, enter it, dump it. The thread is
 /// moved into other namespaces and is discarded at the end; the caller's
 /// thread never changes namespace.
-fn dump_others(others: &[NsFile], next: &AtomicUsize) -> Result<Vec<RawSocket>, SnapshotError> {
+fn dump_others(
+    others: &[NsFile],
+    queries: &[Query],
+    next: &AtomicUsize,
+) -> Result<Vec<RawSocket>, SnapshotError> {
     let mut sockets = Vec::new();
     while let Some(ns) = others.get(next.fetch_add(1, Ordering::Relaxed)) {
         match enter(ns) {
             // A socket is bound to the namespace it is created in, so
             // dump_netns's socket lists this namespace.
-            Ok(()) => sockets.extend(dump_netns(Some(ns.inode))?),
+            Ok(()) => sockets.extend(dump_netns(Some(ns.inode), queries)?),
             Err(err) => log::debug!("skipping netns {} ({}): {err}", ns.inode, ns.path.display()),
         }
     }
@@ -260,6 +281,9 @@ struct Query {
     family: u8,
     /// Kernel-side filter on socket state.
     states: StateFlags,
+    /// Only listeners (TCP in LISTEN, UDP bound and unconnected), or
+    /// every socket the state filter passes.
+    listeners_only: bool,
 }
 
 const QUERIES: [Query; 4] = [
@@ -268,12 +292,14 @@ const QUERIES: [Query; 4] = [
         proto: Proto::Tcp,
         family: AF_INET,
         states: StateFlags::LISTEN,
+        listeners_only: true,
     },
     Query {
         name: "tcp/ipv6",
         proto: Proto::Tcp,
         family: AF_INET6,
         states: StateFlags::LISTEN,
+        listeners_only: true,
     },
     // An unconnected UDP socket is in TCP_CLOSE ("UNCONN" in ss); a
     // connected one is in TCP_ESTABLISHED.
@@ -282,12 +308,32 @@ const QUERIES: [Query; 4] = [
         proto: Proto::Udp,
         family: AF_INET,
         states: StateFlags::CLOSE,
+        listeners_only: true,
     },
     Query {
         name: "udp/ipv6",
         proto: Proto::Udp,
         family: AF_INET6,
         states: StateFlags::CLOSE,
+        listeners_only: true,
+    },
+];
+
+/// Every UDP socket, bound or connected.
+const UDP_ANY: [Query; 2] = [
+    Query {
+        name: "udp/ipv4 any",
+        proto: Proto::Udp,
+        family: AF_INET,
+        states: StateFlags::all(),
+        listeners_only: false,
+    },
+    Query {
+        name: "udp/ipv6 any",
+        proto: Proto::Udp,
+        family: AF_INET6,
+        states: StateFlags::all(),
+        listeners_only: false,
     },
 ];
 
@@ -307,8 +353,8 @@ struct RawSocket {
 /// was smaller); 64 KiB never truncates.
 const RECV_BUF_LEN: usize = 64 * 1024;
 
-/// All four dumps in the namespace the calling thread is in.
-fn dump_netns(netns: Option<u64>) -> Result<Vec<RawSocket>, SnapshotError> {
+/// `queries`' dumps in the namespace the calling thread is in.
+fn dump_netns(netns: Option<u64>, queries: &[Query]) -> Result<Vec<RawSocket>, SnapshotError> {
     let socket_err = |source| SnapshotError::Socket {
         netns: Netns(netns),
         source,
@@ -318,7 +364,7 @@ fn dump_netns(netns: Option<u64>) -> Result<Vec<RawSocket>, SnapshotError> {
     socket.connect(&SocketAddr::new(0, 0)).map_err(socket_err)?;
     let mut buf = vec![0u8; RECV_BUF_LEN];
     let mut sockets = Vec::new();
-    for (seq, query) in (1..).zip(&QUERIES) {
+    for (seq, query) in (1..).zip(queries) {
         dump(&socket, query, seq, netns, &mut buf, &mut |diag| {
             sockets.extend(listener(query, diag, netns));
         })?;
@@ -331,7 +377,7 @@ fn dump_netns(netns: Option<u64>) -> Result<Vec<RawSocket>, SnapshotError> {
 /// could be looked at (it handed the socket on, as systemd's socket-making
 /// helper does), where it lives.
 pub fn listens_here(proto: Proto, addr: IpAddr, port: u16) -> bool {
-    dump_netns(None).is_ok_and(|sockets| {
+    dump_netns(None, &QUERIES).is_ok_and(|sockets| {
         sockets
             .iter()
             .any(|s| s.proto == proto && s.addr == addr && s.port == port)
@@ -341,7 +387,7 @@ pub fn listens_here(proto: Proto, addr: IpAddr, port: u16) -> bool {
 /// The listening sockets of the calling thread's namespace with their
 /// inodes (to find who holds them in /proc).
 pub fn own_listening_sockets() -> Vec<(Proto, IpAddr, u16, u64)> {
-    dump_netns(None)
+    dump_netns(None, &QUERIES)
         .map(|sockets| {
             sockets
                 .into_iter()
@@ -381,6 +427,7 @@ pub fn connected_udp() -> Result<Vec<ConnectedUdp>, SnapshotError> {
             proto: Proto::Udp,
             family,
             states: StateFlags::ESTABLISHED,
+            listeners_only: false,
         };
         dump(&socket, &query, seq, None, &mut buf, &mut |diag| {
             let id = &diag.socket_id;
@@ -520,7 +567,7 @@ fn listener(query: &Query, diag: &InetResponseHeader, netns: Option<u64>) -> Opt
         // Bound but not connected: `ss -lu` shows exactly these.
         Proto::Udp => diag.state == TCP_CLOSE && id.destination_port == 0,
     };
-    if !listening {
+    if query.listeners_only && !listening {
         return None;
     }
     Some(RawSocket {

@@ -36,6 +36,10 @@ pub async fn run(
     if opts.snapshot {
         let found = Pipeline::collect_snapshot().await?;
         pipeline.emit_snapshot(found)?;
+        let mut binds = datapath.udp_binds()?;
+        if let Err(e) = pipeline.adopt_udp_binds(&mut binds).await {
+            log::warn!("{e:#}: UDP listeners open before the start may not be seen closing");
+        }
     }
     pipeline.announce_ready()?;
     let (metrics_task, scrapes) = match metrics.map(MetricsServer::spawn) {

@@ -198,6 +198,30 @@ fn snapshot_reports_existing_listeners_with_their_process() -> Result {
 }
 
 #[test]
+fn listeners_open_before_the_start_are_reported_closing() -> Result {
+    // UDP too: the release hook knows only the binds it saw, so the ones
+    // before the start are handed to it from the snapshot.
+    let mut fx = Fixture::python(&["tcp4", "tcp6", "udp4", "udp6"])?;
+    let pid = fx.pid();
+    let wanted = fx.report["listeners"]
+        .as_array()
+        .context("listeners")?
+        .clone();
+    let mut pw = Portwatch::start(&["watch"])?;
+    pw.wait_for(WAIT, |v| v["event"] == "ready")?;
+    fx.close_all()?;
+    for want in &wanted {
+        let ev = pw
+            .wait_for(WAIT, |v| matches_listener(v, pid, want, "close"))
+            .with_context(|| format!("no close of {want}"))?;
+        assert_eq!(ev["origin"], "live", "{ev}");
+        assert_eq!(ev["comm"], "python3", "{ev}");
+    }
+    pw.stop()?;
+    Ok(())
+}
+
+#[test]
 fn every_listener_ss_shows_is_in_the_snapshot() -> Result {
     let _fx = Fixture::python(&["tcp4", "tcp6", "udp4"])?;
     let mut pw = Portwatch::start(&["watch"])?;

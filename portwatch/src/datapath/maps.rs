@@ -739,3 +739,70 @@ impl OwnerMap {
         self.count.set(0, n, 0).map_err(map_err(map::OWNER_COUNT))
     }
 }
+
+// ---------------------------------------------------------------------------
+// The monitor's table of bound UDP sockets.
+
+use portwatch_common::UdpBind;
+
+/// `UDP_SOCKS`: bound UDP sockets by cookie, which the release hook reads
+/// to report a close. The bind hook fills it; user space adds the sockets
+/// bound before the hooks were attached.
+pub struct UdpBinds {
+    map: BpfHashMap<MapData, u64, UdpBind>,
+}
+
+/// bpf_map_update_elem's "only if absent".
+const BPF_NOEXIST: u64 = 1;
+
+impl UdpBinds {
+    pub(crate) fn open(ebpf: &mut Ebpf) -> Result<Self> {
+        Ok(Self {
+            map: take(ebpf, map::UDP_SOCKS)?,
+        })
+    }
+
+    /// Adds a socket bound to `addr`:`port`, unless the table has it (the
+    /// bind hook's entry stays). Whether it was added.
+    pub(crate) fn adopt(&mut self, cookie: u64, addr: std::net::IpAddr, port: u16) -> Result<bool> {
+        let mut bind = UdpBind {
+            addr: [0; 16],
+            port,
+            family: 0,
+            _pad: 0,
+        };
+        match addr {
+            std::net::IpAddr::V4(a) => {
+                bind.addr[..4].copy_from_slice(&a.octets());
+                bind.family = portwatch_common::AF_INET;
+            }
+            std::net::IpAddr::V6(a) => {
+                bind.addr = a.octets();
+                bind.family = portwatch_common::AF_INET6;
+            }
+        }
+        match self.map.insert(cookie, bind, BPF_NOEXIST) {
+            Ok(()) => Ok(true),
+            Err(e) if errno(&e) == Some(libc::EEXIST) => Ok(false),
+            Err(e) => Err(map_err(map::UDP_SOCKS)(e)),
+        }
+    }
+
+    /// Removes a socket's entry. Whether it was there: if not, the release
+    /// hook took it (and reported the close).
+    pub(crate) fn forget(&mut self, cookie: u64) -> Result<bool> {
+        match self.map.remove(&cookie) {
+            Ok(()) => Ok(true),
+            Err(e) if errno(&e) == Some(libc::ENOENT) => Ok(false),
+            Err(e) => Err(map_err(map::UDP_SOCKS)(e)),
+        }
+    }
+}
+
+/// The errno of a failed map syscall.
+fn errno(e: &aya::maps::MapError) -> Option<i32> {
+    match e {
+        aya::maps::MapError::SyscallError(s) => s.io_error.raw_os_error(),
+        _ => None,
+    }
+}

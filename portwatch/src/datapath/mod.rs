@@ -258,6 +258,12 @@ impl Datapath {
         Ok((maps, drops))
     }
 
+    /// The monitor's table of bound UDP sockets, for adding those bound
+    /// before the hooks were attached.
+    pub fn udp_binds(&mut self) -> Result<maps::UdpBinds> {
+        maps::UdpBinds::open(&mut self.ebpf)
+    }
+
     /// The owned ports' policy map and the reader of the reports of binds
     /// refused (or audited) by the monitor's post_bind hooks.
     pub fn bind_guard(&mut self) -> Result<(OwnerMap, RingReader)> {

@@ -37,6 +37,7 @@ use crate::{
         attach::XdpMode,
         decode::{DecodeError, RawBind, decode_drop},
         maps::MapImage,
+        maps::UdpBinds,
         pins::{DEFAULT_PIN_DIR, PinDir},
     },
     format::endpoint,
@@ -198,6 +199,7 @@ async fn serve(
         .context("the monitor's ring buffer is already taken")?;
     let (maps, drops) = datapath.guard_maps()?;
     let binds = bind_hooks(&mut datapath);
+    let mut udp_binds = datapath.udp_binds()?;
     let opts = setup.opts;
     let server = ControlServer::bind(
         &setup.socket,
@@ -248,7 +250,7 @@ async fn serve(
     let mut guard = Guard::new(parts, image);
     let mut pipeline = Pipeline::new(sink, Filter::default());
     pipeline.track_ports();
-    let result = match start(setup, &mut guard, &mut pipeline).await {
+    let result = match start(setup, &mut guard, &mut pipeline, &mut udp_binds).await {
         // Served from here on: a scrape never sees a guard half set up.
         Ok(()) => {
             let (metrics_task, scrapes) = match metrics.map(MetricsServer::spawn) {
@@ -348,6 +350,7 @@ async fn start(
     setup: &Setup<'_>,
     guard: &mut Guard,
     pipeline: &mut Pipeline,
+    udp_binds: &mut UdpBinds,
 ) -> anyhow::Result<()> {
     let policy = &setup.policy;
     let mode = setup.mode;
@@ -454,6 +457,9 @@ async fn start(
     }
     pipeline.set_exposure(guard.exposure_view());
     pipeline.emit_snapshot(found)?;
+    if let Err(e) = pipeline.adopt_udp_binds(udp_binds).await {
+        log::warn!("{e:#}: UDP listeners open before the start may not be seen closing");
+    }
     // The snapshot's listened ports get their counter slots, and owned
     // ports whose owner listens open.
     guard.listeners_changed(pipeline);

@@ -305,6 +305,11 @@ impl Listeners {
         }
     }
 
+    /// Takes out a listener known to have closed without a kernel record.
+    pub fn remove_closed(&mut self, proto: Proto, sock_id: SockId) -> Option<Listener> {
+        self.remove(&(proto, sock_id))
+    }
+
     /// Notes that a record stamped `ts_ns` opened or closed something on
     /// `l`'s endpoint, if a rescan began before it.
     fn touch(&mut self, ts_ns: u64, l: &Listener) {

@@ -36,9 +36,10 @@ use self::{
     subscribers::{Subscriber, Subscribers, Taken},
 };
 use crate::{
+    datapath::maps::UdpBinds,
     iface::table::Iface,
     metrics::Tally,
-    model::{Event, EventKind, Exposure, Listener, ListenerEvent, Origin, Proto, Reach},
+    model::{Event, EventKind, Exposure, Listener, ListenerEvent, Origin, Proto, Reach, SockId},
     sinks::{Format, Sink, Summary},
     snapshot,
     sys::{Clock, monotonic_ns},
@@ -317,6 +318,57 @@ impl Pipeline {
             }))?;
         }
         Ok(())
+    }
+
+    /// Hands the UDP sockets the snapshot found to the release hook's
+    /// table (`binds`), which knows only the binds it saw: without this a
+    /// UDP listener open before the hooks were attached was never reported
+    /// closed. One that closed before it was handed over would then stay
+    /// listed for good: a second look (sock_diag) finds those, and their
+    /// closes are said now. Returns how many were handed over.
+    pub async fn adopt_udp_binds(&mut self, binds: &mut UdpBinds) -> anyhow::Result<usize> {
+        let found: Vec<(u64, std::net::IpAddr, u16)> = self
+            .listeners
+            .iter()
+            .filter_map(|l| match (l.proto, l.sock_id) {
+                (Proto::Udp, SockId::Cookie(c)) => Some((c, l.addr, l.port)),
+                _ => None,
+            })
+            .collect();
+        let mut adopted = Vec::new();
+        for (cookie, addr, port) in found {
+            if binds
+                .adopt(cookie, addr, port)
+                .context("adding a UDP socket found at start to the kernel's table")?
+            {
+                adopted.push(cookie);
+            }
+        }
+        if adopted.is_empty() {
+            return Ok(0);
+        }
+        let open = tokio::task::spawn_blocking(snapshot::udp_cookies)
+            .await
+            .context("the UDP socket dump task failed")?
+            .context("listing the UDP sockets open now (sock_diag)")?;
+        let ts = SystemTime::now();
+        for &cookie in adopted.iter().filter(|c| !open.contains(c)) {
+            // Still in the table: the hook never saw it go, so say it here.
+            if binds.forget(cookie)?
+                && let Some(listener) = self
+                    .listeners
+                    .remove_closed(Proto::Udp, SockId::Cookie(cookie))
+            {
+                self.emit(Event::Listener(ListenerEvent {
+                    ts,
+                    kind: EventKind::Close,
+                    origin: Origin::Inferred,
+                    listener,
+                    reach: None,
+                }))?;
+            }
+        }
+        Ok(adopted.len())
     }
 
     /// Whether it is time to re-read the listeners (the kernel lost
