@@ -13,7 +13,7 @@ use portwatch::{
     control::protocol::{ListenerStatus, StatusResponse},
     format::{self, endpoint, proto_name, time_of_day},
     model::{Event, EventKind, Listener, Origin},
-    sinks::json::Line,
+    sinks::{human::DROP_WINDOW, json::Line},
 };
 use ratatui::crossterm::event::{KeyCode, KeyEvent, KeyEventKind, KeyModifiers};
 
@@ -263,6 +263,12 @@ pub struct App {
     /// The source and port of the latest drop, per (proto, port).
     last_blocked: HashMap<(String, u16), String>,
     pub log: VecDeque<LogLine>,
+    /// Log lines written since start (a line's number, to find it again).
+    logged: u64,
+    /// The drop reports held back in the current window: when it began,
+    /// how many, and the number of the log line that says so (updated in
+    /// place: a flood brings a count per batch of reports read).
+    held_back: Option<(std::time::SystemTime, u64, u64)>,
     pub header: Header,
     /// The status line: a message, and whether it reports a failure.
     pub status: Option<(String, bool)>,
@@ -343,6 +349,8 @@ impl App {
             filter: String::new(),
             last_blocked: HashMap::new(),
             log: VecDeque::new(),
+            logged: 0,
+            held_back: None,
             header: Header::default(),
             status: None,
             stream_lost: 0,
@@ -473,6 +481,32 @@ impl App {
             self.log.pop_front();
         }
         self.log.push_back(LogLine { time, kind, text });
+        self.logged += 1;
+    }
+
+    /// The log line numbered `n`, while it is still in the log.
+    fn logged_line(&mut self, n: u64) -> Option<&mut LogLine> {
+        let back = usize::try_from(self.logged.checked_sub(n + 1)?).ok()?;
+        let i = self.log.len().checked_sub(back + 1)?;
+        self.log.get_mut(i)
+    }
+
+    /// Drop reports the kernel held back: one line per window of
+    /// [`DROP_WINDOW`], its count summed, as the text stream does.
+    fn held_back(&mut self, ts: std::time::SystemTime, count: u64) {
+        let text = |n: u64| format!("{n} drop reports held back by the rate limit");
+        if let Some((start, sum, line)) = self.held_back
+            && ts.duration_since(start).is_ok_and(|d| d < DROP_WINDOW)
+        {
+            let sum = sum + count;
+            if let Some(l) = self.logged_line(line) {
+                l.text = text(sum);
+                self.held_back = Some((start, sum, line));
+                return;
+            }
+        }
+        self.log(LogKind::Info, time_of_day(ts), text(count));
+        self.held_back = Some((ts, count, self.logged - 1));
     }
 
     // ---- modes ------------------------------------------------------------
@@ -812,13 +846,7 @@ impl App {
                     ),
                 );
             }
-            Event::Suppressed { ts, count, .. } => {
-                self.log(
-                    LogKind::Info,
-                    time_of_day(*ts),
-                    format!("{count} drop reports held back by the rate limit"),
-                );
-            }
+            Event::Suppressed { ts, count, .. } => self.held_back(*ts, *count),
             Event::Ready { ts, snapshot } => {
                 self.log(
                     LogKind::Info,
@@ -1052,6 +1080,43 @@ mod tests {
 
     fn ports(app: &App) -> Vec<u16> {
         app.visible().map(|r| r.key.port).collect()
+    }
+
+    #[test]
+    fn reports_held_back_are_one_log_line_per_window() {
+        let mut app = App::new("x");
+        let t0 = at("2026-11-25T02:21:00.000000Z");
+        let held = |secs: u64, count| Event::Suppressed {
+            ts: t0 + Duration::from_secs(secs),
+            count,
+            total: 0,
+        };
+        let texts = |app: &App| -> Vec<String> { app.log.iter().map(|l| l.text.clone()).collect() };
+        app.on_event(&held(0, 10), None);
+        app.notice("between", false);
+        app.on_event(&held(2, 5), None);
+        app.on_event(&held(4, 1), None);
+        assert_eq!(
+            texts(&app),
+            ["16 drop reports held back by the rate limit", "between"]
+        );
+        // A new window, a new line.
+        app.on_event(&held(5, 3), None);
+        assert_eq!(
+            texts(&app).last().map(String::as_str),
+            Some("3 drop reports held back by the rate limit")
+        );
+        assert_eq!(app.log.len(), 3);
+        // A window whose line scrolled out of the log starts a new one.
+        for i in 0..LOG_LINES {
+            app.notice(format!("line {i}"), false);
+        }
+        app.on_event(&held(6, 2), None);
+        assert_eq!(
+            texts(&app).last().map(String::as_str),
+            Some("2 drop reports held back by the rate limit")
+        );
+        assert_eq!(app.log.len(), LOG_LINES);
     }
 
     #[test]
