@@ -40,7 +40,7 @@ use crate::{
     iface::table::Iface,
     metrics::Tally,
     model::{Event, EventKind, Exposure, Listener, ListenerEvent, Origin, Proto, Reach, SockId},
-    sinks::{Format, Sink, Summary},
+    sinks::{Format, Sink, Summary, json::JsonSink},
     snapshot,
     sys::{Clock, monotonic_ns},
 };
@@ -84,6 +84,9 @@ pub struct Pipeline {
     tally: Tally,
     /// Re-reading the listeners after the kernel lost records.
     rescan: Rescan,
+    /// Renders an event's JSON line once when more than one output takes
+    /// JSON (the guard's own `--json` stream and its JSON followers).
+    json: JsonSink<Vec<u8>>,
 }
 
 impl Pipeline {
@@ -98,6 +101,7 @@ impl Pipeline {
             exposure: None,
             netns_ifaces: HashMap::new(),
             subscribers: Subscribers::default(),
+            json: JsonSink::new(Vec::new()),
             tally: Tally::default(),
             rescan: Rescan::default(),
         }
@@ -198,8 +202,16 @@ impl Pipeline {
             Event::Policy(_) => self.tally.policy_changes += 1,
             _ => {}
         }
-        self.subscribers.send(&event);
-        self.sink.event(&event)
+        let json_outputs = usize::from(self.sink.writes_json()) + self.subscribers.json_followers();
+        if json_outputs < 2 {
+            self.subscribers.send(&event, None);
+            return self.sink.event(&event);
+        }
+        self.json.out_mut().clear();
+        self.json.event(&event)?;
+        let line = self.json.out_mut().as_slice();
+        self.subscribers.send(&event, Some(line));
+        self.sink.event_as_json(&event, line)
     }
 
     pub fn flush(&mut self) -> io::Result<()> {
@@ -531,5 +543,60 @@ impl Pipeline {
             Err(e) if e.kind() == io::ErrorKind::BrokenPipe => Ok(summary),
             other => other.map(|()| summary).context("writing the event stream"),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{
+        model::{ProcessInfo, SockId},
+        sinks::SharedBuf,
+    };
+
+    fn listen() -> Event {
+        Event::Listener(ListenerEvent {
+            ts: SystemTime::UNIX_EPOCH + std::time::Duration::from_micros(1_765_000_000_123_456),
+            kind: EventKind::Listen,
+            origin: Origin::Live,
+            listener: Listener {
+                proto: Proto::Tcp,
+                addr: std::net::IpAddr::from([127, 0, 0, 1]),
+                port: 8443,
+                sock_id: SockId::KernelAddr(1),
+                netns: Some(1),
+                process: ProcessInfo {
+                    pid: Some(42),
+                    comm: Some("nginx \"x\"".into()),
+                    ..ProcessInfo::default()
+                }
+                .into(),
+            },
+            reach: None,
+        })
+    }
+
+    fn queued(rx: &mut subscribers::FollowerQueue) -> String {
+        std::iter::from_fn(|| rx.try_recv()).collect()
+    }
+
+    #[test]
+    fn json_outputs_share_one_rendering_and_others_render_their_own() -> io::Result<()> {
+        let own = SharedBuf::default();
+        let mut pipeline = Pipeline::new(Box::new(JsonSink::new(own.clone())), Filter::default());
+        let mut json = pipeline.subscribe(Format::Json, false);
+        let mut human = pipeline.subscribe(Format::Human, false);
+        let (_, _) = (queued(&mut json), queued(&mut human));
+        pipeline.emit(listen())?;
+        pipeline.flush()?;
+        let mut alone = JsonSink::new(Vec::new());
+        alone.event(&listen())?;
+        let want = String::from_utf8_lossy(alone.out_mut()).into_owned();
+        assert!(want.contains("\"port\":8443"), "{want}");
+        assert_eq!(String::from_utf8_lossy(&own.take()), want);
+        assert_eq!(queued(&mut json), want);
+        let text = queued(&mut human);
+        assert!(text.contains("8443") && !text.starts_with('{'), "{text}");
+        Ok(())
     }
 }

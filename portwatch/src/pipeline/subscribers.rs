@@ -114,6 +114,7 @@ pub enum Taken {
 /// A follower of the stream.
 pub struct Subscriber {
     sink: Box<dyn Sink>,
+    format: Format,
     /// The pending chunk, `pending` events rendered.
     buf: SharedBuf,
     pending: u64,
@@ -139,6 +140,7 @@ impl Subscriber {
         let (tx, queue) = follower_queue();
         let subscriber = Self {
             sink,
+            format,
             buf,
             pending: 0,
             tx,
@@ -210,8 +212,8 @@ impl Subscriber {
     }
 
     /// Renders `event` for this follower (queued with the chunk it ends up
-    /// in), or counts it missed.
-    pub fn send(&mut self, event: &Event) -> Taken {
+    /// in), or counts it missed. `json`: its JSON line, if rendered already.
+    pub fn send(&mut self, event: &Event, json: Option<&[u8]>) -> Taken {
         if self.tx.is_closed() {
             return Taken::Gone;
         }
@@ -220,8 +222,13 @@ impl Subscriber {
             Self::note_lost(&mut self.lost_unsaid, event);
             return Taken::Missed;
         }
-        if !self.render(std::slice::from_ref(event)) {
-            return Taken::Gone;
+        match json {
+            Some(line) if self.format == Format::Json => {
+                self.buf.0.borrow_mut().extend_from_slice(line);
+                self.pending += 1;
+            }
+            _ if !self.render(std::slice::from_ref(event)) => return Taken::Gone,
+            _ => {}
         }
         Self::note_lost(&mut self.lost_pending, event);
         if self.buf.len() >= CHUNK_BYTES {
@@ -321,9 +328,15 @@ impl Subscribers {
     }
 
     /// Sends `event` to each follower (counting what they cannot take),
-    /// forgetting those that went away.
-    pub fn send(&mut self, event: &Event) {
-        self.keep(|s| s.send(event) != Taken::Gone);
+    /// forgetting those that went away. `json`: its JSON line, if rendered
+    /// already.
+    pub fn send(&mut self, event: &Event, json: Option<&[u8]>) {
+        self.keep(|s| s.send(event, json) != Taken::Gone);
+    }
+
+    /// Followers that take JSON lines.
+    pub fn json_followers(&self) -> usize {
+        self.all.iter().filter(|s| s.format == Format::Json).count()
     }
 
     /// Queues each follower's pending chunk.
@@ -384,8 +397,8 @@ mod tests {
         // used up: the chunk that does not fit is missed whole.
         let mut chunks = 0;
         while all.missed() == 0 {
-            all.send(&ready(chunks));
-            all.send(&ready(chunks));
+            all.send(&ready(chunks), None);
+            all.send(&ready(chunks), None);
             all.flush();
             chunks += 1;
             assert!(chunks < QUEUE_BYTES, "never full");
@@ -394,7 +407,7 @@ mod tests {
         assert!(all.any_behind());
         // Still full: no fresh start, and later events count too.
         all.catch_up(SystemTime::UNIX_EPOCH, &[ready(0)]);
-        all.send(&ready(1));
+        all.send(&ready(1), None);
         all.flush();
         assert_eq!(all.missed(), 3);
         let (mut lines, mut bytes) = (0, 0);
@@ -414,7 +427,7 @@ mod tests {
         assert!(lines[0].contains("\"count\":3"), "{chunk}");
         assert!(lines[1].contains("\"snapshot\":42"), "{chunk}");
         // Live again.
-        all.send(&ready(7));
+        all.send(&ready(7), None);
         assert!(rx.try_recv().is_none(), "queued before the flush");
         all.flush();
         assert!(rx.try_recv().is_some_and(|l| l.contains("\"snapshot\":7")));
@@ -431,13 +444,13 @@ mod tests {
             if let Some(chunk) = rx.try_recv() {
                 break chunk;
             }
-            all.send(&ready(sent));
+            all.send(&ready(sent), None);
             sent += 1;
             assert!(sent < CHUNK_BYTES, "no chunk after {sent} events");
         };
         assert!(first.len() >= CHUNK_BYTES, "{} bytes", first.len());
         assert_eq!(first.lines().count(), sent);
-        all.send(&ready(sent));
+        all.send(&ready(sent), None);
         assert!(rx.try_recv().is_none(), "queued before the flush");
         all.flush();
         let rest = rx.try_recv().expect("the flush queued what followed");
@@ -457,11 +470,11 @@ mod tests {
         };
         // Fill the queue; the chunk that does not fit carries a loss.
         while all.missed() == 0 {
-            all.send(&lost(5, 5));
+            all.send(&lost(5, 5), None);
             all.flush();
         }
         // Another loss while behind.
-        all.send(&lost(7, 12));
+        all.send(&lost(7, 12), None);
         while rx.try_recv().is_some() {}
         all.catch_up(SystemTime::UNIX_EPOCH, &[ready(0)]);
         let chunk = rx.try_recv().expect("the catch-up chunk");
@@ -479,7 +492,7 @@ mod tests {
         let mut all = Subscribers::default();
         all.add(s);
         drop(rx);
-        all.send(&ready(1));
+        all.send(&ready(1), None);
         assert!(all.is_empty());
         assert_eq!(all.missed(), 0);
     }

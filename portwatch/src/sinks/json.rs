@@ -481,6 +481,11 @@ impl<W: Write> JsonSink<W> {
         }
     }
 
+    /// What it writes to.
+    pub fn out_mut(&mut self) -> &mut W {
+        &mut self.out
+    }
+
     /// A listener line, the stream's hot path: written field by field
     /// (the same text serde makes of [`ListenerLine`], checked in the
     /// tests), the process's part from [`ProcessParts`], the time from
@@ -538,6 +543,14 @@ pub fn to_json(event: &Event) -> serde_json::Result<String> {
 }
 
 impl<W: Write> Sink for JsonSink<W> {
+    fn writes_json(&self) -> bool {
+        true
+    }
+
+    fn event_as_json(&mut self, _event: &Event, line: &[u8]) -> io::Result<()> {
+        self.out.write_all(line)
+    }
+
     fn event(&mut self, event: &Event) -> io::Result<()> {
         match event {
             Event::Listener(ev) => self.listener_line(ev),

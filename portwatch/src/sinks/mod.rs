@@ -42,6 +42,15 @@ pub struct Summary {
 
 pub trait Sink {
     fn event(&mut self, event: &Event) -> io::Result<()>;
+    /// Whether it writes JSON lines: then [`Self::event_as_json`] can be
+    /// given a line rendered once for it and the stream's followers.
+    fn writes_json(&self) -> bool {
+        false
+    }
+    /// `event`, whose JSON line (newline included) is `line`.
+    fn event_as_json(&mut self, event: &Event, _line: &[u8]) -> io::Result<()> {
+        self.event(event)
+    }
     /// Called after each batch, so a reader on a pipe sees events at once.
     fn flush(&mut self) -> io::Result<()>;
     fn summary(&mut self, summary: &Summary) -> io::Result<()>;
