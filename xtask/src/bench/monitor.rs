@@ -667,6 +667,8 @@ pub fn run(ctx: &Ctx) -> Result<Section> {
     let span_met = span_ratio <= 1.0;
     let cpu_ratio = median(&cpu_us(&pw_bursts)) / median(&cpu_us(&bt_bursts));
     let cpu_met = cpu_ratio <= 1.0;
+    let fw_cpu_ratio = median(&cpu_us(&fw_bursts)) / median(&cpu_us(&bt_bursts));
+    let fw_cpu_met = fw_cpu_ratio <= 1.0;
     let snap_ratio = median(&pw_snap) / median(&ss_snap);
     let snap_met = snap_ratio <= 0.5;
 
@@ -775,6 +777,12 @@ pub fn run(ctx: &Ctx) -> Result<Section> {
     );
     let _ = writeln!(
         md,
+        "- CPU per event following a guard ≤ bpftrace's (the guard's and the follower's \
+         together, the guard's own stream and counters included): {fw_cpu_ratio:.2}× — {}",
+        verdict(fw_cpu_met)
+    );
+    let _ = writeln!(
+        md,
         "- snapshot ≤ half the time of ss -ltnp (portwatch / ss): {snap_ratio:.3} — {}",
         verdict(snap_met)
     );
@@ -850,6 +858,7 @@ pub fn run(ctx: &Ctx) -> Result<Section> {
             "ratios": {
                 "snapshot_portwatch_vs_ss": snap_ratio,
                 "cpu_per_event_portwatch_vs_bpftrace": cpu_ratio,
+                "cpu_per_event_follower_vs_bpftrace": fw_cpu_ratio,
                 "listen_span_portwatch_vs_bpftrace": span_ratio,
                 "done_portwatch_vs_bpftrace": done_ratio,
                 "done_follower_vs_bpftrace": fw_done_ratio,
@@ -861,6 +870,7 @@ pub fn run(ctx: &Ctx) -> Result<Section> {
                 {"target": "follower p99 listen→event ≤ bpftrace's", "p99_us": fw_p99, "bpftrace_p99_us": bt_p99, "met": fw_p99_met},
                 {"target": "burst (first → last listen()) ≤ bpftrace's", "ratio": span_ratio, "met": span_met},
                 {"target": "CPU per event ≤ bpftrace's", "ratio": cpu_ratio, "met": cpu_met},
+                {"target": "follower CPU per event ≤ bpftrace's", "ratio": fw_cpu_ratio, "met": fw_cpu_met},
                 {"target": "snapshot ≤ 0.5× ss -ltnp", "ratio": snap_ratio, "met": snap_met},
                 {"target": "guard RSS ≤ 300 B per listener", "bytes": per_listener, "met": mem_met},
             ],
