@@ -38,8 +38,9 @@ pub struct Enriched {
     pub kind: EventKind,
     pub listener: Listener,
     /// For a TCP listen on port 0 (listen() without bind()): the ports the
-    /// process listens on, one of which the kernel picked.
-    pub listening_ports: Vec<u16>,
+    /// process listens on, one of which the kernel picked. Read once per
+    /// process and batch, shared by the batch's records.
+    pub listening_ports: Arc<[u16]>,
     /// The interfaces of the listener's namespace, when it is not ours and
     /// they were (re)read for this record.
     pub netns_ifaces: Option<(u64, Arc<Vec<Iface>>)>,
@@ -301,18 +302,29 @@ impl ProcCache {
     /// (a read per record was a twentieth of the stream's CPU in a burst).
     fn enrich_all(&mut self, batch: Vec<RawListen>) -> Vec<Enriched> {
         let now = Instant::now();
-        batch.into_iter().map(|r| self.enrich(r, now)).collect()
+        // A burst of listen()s without bind() reads each process's sockets
+        // once, not once per record (each read is O(its sockets)).
+        let mut ports: HashMap<(u32, bool), Arc<[u16]>> = HashMap::new();
+        batch
+            .into_iter()
+            .map(|r| {
+                let listening = if needs_listening_ports(&r) {
+                    let key = (r.tgid, r.addr.is_ipv6());
+                    Arc::clone(ports.entry(key).or_insert_with(|| {
+                        procinfo::listening_tcp_ports(r.tgid, r.addr.is_ipv6()).into()
+                    }))
+                } else {
+                    Arc::from([])
+                };
+                self.enrich(r, now, listening)
+            })
+            .collect()
     }
 
     /// Adds what only /proc knows. The kernel's pid, comm and uid stay:
     /// they were taken in the right context, /proc may already show
     /// another program. `now` is when the batch began.
-    fn enrich(&mut self, raw: RawListen, now: Instant) -> Enriched {
-        let listening_ports = if needs_listening_ports(&raw) {
-            procinfo::listening_tcp_ports(raw.tgid, raw.addr.is_ipv6())
-        } else {
-            Vec::new()
-        };
+    fn enrich(&mut self, raw: RawListen, now: Instant, listening_ports: Arc<[u16]>) -> Enriched {
         let own_netns = self.own_netns;
         let cached = self.lookup(raw.tgid, &raw.comm, raw.uid, now);
         let mut netns = cached.netns;

@@ -65,6 +65,12 @@ pub struct Listeners {
     /// listener per report made 45,000 of them closing at once quadratic
     /// (41 us per close, 5.8 s to report them all).
     found_tcp: HashMap<(IpAddr, u16), Vec<u64>, Fast>,
+    /// While a batch of records is applied: the TCP ports known here to be
+    /// held by each process that made a listen() without bind() in it (how
+    /// many listeners on each), built with one pass over the table per
+    /// process and batch and kept in step. A scan per record made a burst
+    /// of such listens quadratic.
+    held: HashMap<u32, HashMap<u16, u32, Fast>, Fast>,
 }
 
 #[derive(Default)]
@@ -150,9 +156,11 @@ impl Listeners {
     fn add(&mut self, key: (Proto, SockId), listener: Listener) {
         let port = port_key(&listener);
         let found = found_tcp_key(key, &listener);
+        self.held_in(&listener);
         if let Some(old) = self.open.insert(key, Box::new(listener)) {
             self.count_out(port_key(&old));
             self.unindex(key, &old);
+            self.held_out(&old);
         }
         if let Some((endpoint, cookie)) = found {
             self.found_tcp.entry(endpoint).or_default().push(cookie);
@@ -197,6 +205,7 @@ impl Listeners {
         let listener = self.open.remove(key)?;
         self.count_out(port_key(&listener));
         self.unindex(*key, &listener);
+        self.held_out(&listener);
         Some(*listener)
     }
 
@@ -279,8 +288,10 @@ impl Listeners {
                 {
                     self.found_tcp.entry(endpoint).or_default().push(cookie);
                 }
+                self.held_in(&listener);
                 let closed = replaced.map(|old| {
                     self.count_out(port_key(&old));
+                    self.held_out(&old);
                     event(EventKind::Close, Origin::Inferred, *old)
                 });
                 self.count_in(port_key(&listener));
@@ -426,14 +437,52 @@ impl Listeners {
     /// The port the kernel picked for a listen() without bind(): one of the
     /// process's listening ports (`listening`, read from /proc) that no
     /// known listener of it holds yet.
-    fn autobound_port(&self, l: &Listener, listening: &[u16]) -> Option<u16> {
+    fn autobound_port(&mut self, l: &Listener, listening: &[u16]) -> Option<u16> {
         let pid = l.process.pid?;
-        listening.iter().copied().find(|port| {
-            !self
-                .open
-                .values()
-                .any(|o| o.proto == Proto::Tcp && o.port == *port && o.process.pid == Some(pid))
-        })
+        let open = &self.open;
+        let held = self.held.entry(pid).or_insert_with(|| {
+            let mut ports = HashMap::default();
+            for o in open.values() {
+                if o.proto == Proto::Tcp && o.process.pid == Some(pid) {
+                    *ports.entry(o.port).or_insert(0) += 1;
+                }
+            }
+            ports
+        });
+        listening
+            .iter()
+            .copied()
+            .find(|port| !held.contains_key(port))
+    }
+
+    /// A TCP listener came in: counted for its process while a batch
+    /// looks at that process's ports.
+    fn held_in(&mut self, l: &Listener) {
+        if l.proto != Proto::Tcp {
+            return;
+        }
+        if let Some(ports) = l.process.pid.and_then(|pid| self.held.get_mut(&pid)) {
+            *ports.entry(l.port).or_insert(0) += 1;
+        }
+    }
+
+    fn held_out(&mut self, l: &Listener) {
+        if l.proto != Proto::Tcp {
+            return;
+        }
+        if let Some(ports) = l.process.pid.and_then(|pid| self.held.get_mut(&pid))
+            && let Entry::Occupied(mut n) = ports.entry(l.port)
+        {
+            *n.get_mut() -= 1;
+            if *n.get() == 0 {
+                n.remove();
+            }
+        }
+    }
+
+    /// A batch of records is applied: what it kept per process goes.
+    pub fn end_batch(&mut self) {
+        self.held.clear();
     }
 
     /// A TCP listener from the snapshot closing: match by address, port and
@@ -483,7 +532,7 @@ mod tests {
                 netns: Some(1),
                 process: ProcessInfo::default().into(),
             },
-            listening_ports: Vec::new(),
+            listening_ports: std::sync::Arc::from([]),
             netns_ifaces: None,
         }
     }
@@ -599,6 +648,45 @@ mod tests {
         gone.kind = EventKind::Close;
         set.apply(gone, now, false);
         assert_eq!(set.len(), 2);
+    }
+
+    #[test]
+    fn listens_without_bind_take_the_ports_no_known_listener_holds() {
+        let now = SystemTime::UNIX_EPOCH;
+        let of_pid = |mut r: Enriched, pid| {
+            r.listener.process = ProcessInfo {
+                pid: Some(pid),
+                ..ProcessInfo::default()
+            }
+            .into();
+            r
+        };
+        let mut set = Listeners::default();
+        let bound = record(EventKind::Listen, Proto::Tcp, 5001, SockId::KernelAddr(1));
+        set.apply(of_pid(bound, 7), now, false);
+        // Another process on 5000 does not hold it for pid 7.
+        let other = record(EventKind::Listen, Proto::Tcp, 5000, SockId::KernelAddr(2));
+        set.apply(of_pid(other, 8), now, false);
+        let listening: std::sync::Arc<[u16]> = std::sync::Arc::from([5000, 5001, 5002]);
+        let mut ports = Vec::new();
+        for addr in 10..13 {
+            let mut r = record(EventKind::Listen, Proto::Tcp, 0, SockId::KernelAddr(addr));
+            r.listening_ports = std::sync::Arc::clone(&listening);
+            let said = said(set.apply(of_pid(r, 7), now, false));
+            ports.extend(said.iter().map(|(_, _, port)| *port));
+        }
+        assert_eq!(ports, [5000, 5002, 0]);
+        // A close in the batch gives its port back.
+        let close = record(EventKind::Close, Proto::Tcp, 5002, SockId::KernelAddr(11));
+        set.apply(of_pid(close, 7), now, false);
+        let mut r = record(EventKind::Listen, Proto::Tcp, 0, SockId::KernelAddr(14));
+        r.listening_ports = listening;
+        assert_eq!(
+            said(set.apply(of_pid(r, 7), now, false)),
+            [(EventKind::Listen, Origin::Live, 5002)]
+        );
+        set.end_batch();
+        assert!(set.held.is_empty());
     }
 
     #[test]

@@ -447,6 +447,7 @@ impl Pipeline {
                 self.emit(Event::Listener(ev))?;
             }
         }
+        self.listeners.end_batch();
         Ok(())
     }
 
