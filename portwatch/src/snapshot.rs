@@ -96,7 +96,7 @@ pub fn snapshot() -> Result<Vec<Listener>, SnapshotError> {
         // The /proc fd scan is the slow part; overlap it with the dumps
         // (or run it afterwards if no thread can be had).
         let owners = thread::Builder::new().spawn_scoped(scope, socket_owners);
-        let sockets = dump_all(own, &others, &QUERIES, &next, scope);
+        let sockets = dump_all(own, &others, &QUERIES, &next, scope).map(|d| d.sockets);
         let owners = match owners {
             Ok(handle) => handle.join().map_err(|_| SnapshotError::WorkerPanicked),
             Err(_) => Ok(socket_owners()),
@@ -150,19 +150,30 @@ pub fn snapshot() -> Result<Vec<Listener>, SnapshotError> {
     Ok(listeners.into_iter().map(|(_, l)| l).collect())
 }
 
-/// The cookies of every UDP socket that exists now, bound or connected,
-/// in every network namespace: which of the sockets a snapshot found are
-/// still open.
-pub fn udp_cookies() -> Result<HashSet<u64>, SnapshotError> {
+/// Every UDP socket that exists now, bound or connected: which of the
+/// sockets a snapshot found are still open.
+#[derive(Debug, Default)]
+pub struct UdpSockets {
+    /// (netns, cookie): before Linux 5.12 cookies count per namespace.
+    pub cookies: HashSet<(Option<u64>, u64)>,
+    /// The namespaces read: of the others, nothing can be said.
+    pub namespaces: HashSet<Option<u64>>,
+}
+
+/// [`UdpSockets`] of every network namespace that can be read now.
+pub fn udp_cookies() -> Result<UdpSockets, SnapshotError> {
     let own = fs::metadata("/proc/thread-self/ns/net").ok();
     let others = own
         .as_ref()
         .map(|own| other_namespaces(own.dev(), own.ino()))
         .unwrap_or_default();
     let next = AtomicUsize::new(0);
-    let sockets =
+    let dumped =
         thread::scope(|scope| dump_all(own.map(|m| m.ino()), &others, &UDP_ANY, &next, scope))?;
-    Ok(sockets.into_iter().map(|s| s.cookie).collect())
+    Ok(UdpSockets {
+        cookies: dumped.sockets.iter().map(|s| (s.netns, s.cookie)).collect(),
+        namespaces: dumped.namespaces.into_iter().collect(),
+    })
 }
 
 /// A network namespace other than ours, and a file that refers to it.
@@ -212,6 +223,13 @@ fn other_namespaces(nsfs_dev: u64, own_ino: u64) -> Vec<NsFile> {
     found
 }
 
+/// What dumps found, and in which namespaces they could look.
+#[derive(Default)]
+struct Dumped {
+    sockets: Vec<RawSocket>,
+    namespaces: Vec<Option<u64>>,
+}
+
 /// Dumps our namespace on this thread and the others on worker threads.
 fn dump_all<'scope>(
     own: Option<u64>,
@@ -219,7 +237,7 @@ fn dump_all<'scope>(
     queries: &'static [Query],
     next: &'scope AtomicUsize,
     scope: &'scope thread::Scope<'scope, '_>,
-) -> Result<Vec<RawSocket>, SnapshotError> {
+) -> Result<Dumped, SnapshotError> {
     // A few workers, each entering namespaces one after another (taking the
     // next index from `next`); a host can have hundreds of containers and a
     // thread each would be wasteful.
@@ -237,11 +255,16 @@ fn dump_all<'scope>(
             Err(err) => return Err(SnapshotError::Thread(err)),
         }
     }
-    let mut sockets = dump_netns(own, queries)?;
+    let mut dumped = Dumped {
+        sockets: dump_netns(own, queries)?,
+        namespaces: vec![own],
+    };
     for worker in workers {
-        sockets.extend(worker.join().map_err(|_| SnapshotError::WorkerPanicked)??);
+        let theirs = worker.join().map_err(|_| SnapshotError::WorkerPanicked)??;
+        dumped.sockets.extend(theirs.sockets);
+        dumped.namespaces.extend(theirs.namespaces);
     }
-    Ok(sockets)
+    Ok(dumped)
 }
 
 /// Worker loop: take the next namespace, enter it, dump it. The thread is
@@ -251,17 +274,20 @@ fn dump_others(
     others: &[NsFile],
     queries: &[Query],
     next: &AtomicUsize,
-) -> Result<Vec<RawSocket>, SnapshotError> {
-    let mut sockets = Vec::new();
+) -> Result<Dumped, SnapshotError> {
+    let mut dumped = Dumped::default();
     while let Some(ns) = others.get(next.fetch_add(1, Ordering::Relaxed)) {
         match enter(ns) {
             // A socket is bound to the namespace it is created in, so
             // dump_netns's socket lists this namespace.
-            Ok(()) => sockets.extend(dump_netns(Some(ns.inode), queries)?),
+            Ok(()) => {
+                dumped.sockets.extend(dump_netns(Some(ns.inode), queries)?);
+                dumped.namespaces.push(Some(ns.inode));
+            }
             Err(err) => log::debug!("skipping netns {} ({}): {err}", ns.inode, ns.path.display()),
         }
     }
-    Ok(sockets)
+    Ok(dumped)
 }
 
 /// Moves the calling thread into `ns`'s network namespace.

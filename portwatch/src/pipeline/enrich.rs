@@ -40,7 +40,7 @@ pub struct Enriched {
     /// For a TCP listen on port 0 (listen() without bind()): the ports the
     /// process listens on, one of which the kernel picked. Read once per
     /// process and batch, shared by the batch's records.
-    pub listening_ports: Arc<[u16]>,
+    pub listening_ports: Option<Arc<[u16]>>,
     /// The interfaces of the listener's namespace, when it is not ours and
     /// they were (re)read for this record.
     pub netns_ifaces: Option<(u64, Arc<Vec<Iface>>)>,
@@ -308,14 +308,12 @@ impl ProcCache {
         batch
             .into_iter()
             .map(|r| {
-                let listening = if needs_listening_ports(&r) {
+                let listening = needs_listening_ports(&r).then(|| {
                     let key = (r.tgid, r.addr.is_ipv6());
                     Arc::clone(ports.entry(key).or_insert_with(|| {
                         procinfo::listening_tcp_ports(r.tgid, r.addr.is_ipv6()).into()
                     }))
-                } else {
-                    Arc::from([])
-                };
+                });
                 self.enrich(r, now, listening)
             })
             .collect()
@@ -324,7 +322,12 @@ impl ProcCache {
     /// Adds what only /proc knows. The kernel's pid, comm and uid stay:
     /// they were taken in the right context, /proc may already show
     /// another program. `now` is when the batch began.
-    fn enrich(&mut self, raw: RawListen, now: Instant, listening_ports: Arc<[u16]>) -> Enriched {
+    fn enrich(
+        &mut self,
+        raw: RawListen,
+        now: Instant,
+        listening_ports: Option<Arc<[u16]>>,
+    ) -> Enriched {
         let own_netns = self.own_netns;
         let cached = self.lookup(raw.tgid, &raw.comm, raw.uid, now);
         let mut netns = cached.netns;

@@ -71,6 +71,10 @@ pub struct Listeners {
     /// process and batch and kept in step. A scan per record made a burst
     /// of such listens quadratic.
     held: HashMap<u32, HashMap<u16, u32, Fast>, Fast>,
+    /// UDP sockets found at start that closed before the release hook was
+    /// told of them, said closed then (cookies are never reused): the
+    /// kernel's records of them are stale. A handful, from the start.
+    gone_unseen: HashSet<u64, Fast>,
 }
 
 #[derive(Default)]
@@ -242,6 +246,11 @@ impl Listeners {
     /// shows that an earlier close was lost (see below).
     pub fn apply(&mut self, rec: Enriched, ts: SystemTime, before_snapshot: bool) -> Applied {
         let key = (rec.listener.proto, rec.listener.sock_id);
+        if let (Proto::Udp, SockId::Cookie(cookie)) = key
+            && self.gone_unseen.contains(&cookie)
+        {
+            return Applied::default();
+        }
         self.touch(rec.ts_ns, &rec.listener);
         let event = |kind, origin, listener| ListenerEvent {
             ts,
@@ -255,7 +264,10 @@ impl Listeners {
                 let mut listener = rec.listener;
                 if listener.proto == Proto::Tcp && listener.port == 0 {
                     listener.port = self
-                        .autobound_port(&listener, &rec.listening_ports)
+                        .autobound_port(
+                            &listener,
+                            rec.listening_ports.as_deref().unwrap_or_default(),
+                        )
                         .unwrap_or(0);
                 }
                 self.touch(rec.ts_ns, &listener);
@@ -316,9 +328,12 @@ impl Listeners {
         }
     }
 
-    /// Takes out a listener known to have closed without a kernel record.
-    pub fn remove_closed(&mut self, proto: Proto, sock_id: SockId) -> Option<Listener> {
-        self.remove(&(proto, sock_id))
+    /// Takes out a UDP socket found at start that closed before it was
+    /// handed to the release hook: the kernel's records of it still in the
+    /// ring (its bind, its close) are stale from now on.
+    pub fn closed_unseen(&mut self, cookie: u64) -> Option<Listener> {
+        self.gone_unseen.insert(cookie);
+        self.remove(&(Proto::Udp, SockId::Cookie(cookie)))
     }
 
     /// Notes that a record stamped `ts_ns` opened or closed something on
@@ -532,7 +547,7 @@ mod tests {
                 netns: Some(1),
                 process: ProcessInfo::default().into(),
             },
-            listening_ports: std::sync::Arc::from([]),
+            listening_ports: None,
             netns_ifaces: None,
         }
     }
@@ -671,7 +686,7 @@ mod tests {
         let mut ports = Vec::new();
         for addr in 10..13 {
             let mut r = record(EventKind::Listen, Proto::Tcp, 0, SockId::KernelAddr(addr));
-            r.listening_ports = std::sync::Arc::clone(&listening);
+            r.listening_ports = Some(std::sync::Arc::clone(&listening));
             let said = said(set.apply(of_pid(r, 7), now, false));
             ports.extend(said.iter().map(|(_, _, port)| *port));
         }
@@ -680,13 +695,37 @@ mod tests {
         let close = record(EventKind::Close, Proto::Tcp, 5002, SockId::KernelAddr(11));
         set.apply(of_pid(close, 7), now, false);
         let mut r = record(EventKind::Listen, Proto::Tcp, 0, SockId::KernelAddr(14));
-        r.listening_ports = listening;
+        r.listening_ports = Some(listening);
         assert_eq!(
             said(set.apply(of_pid(r, 7), now, false)),
             [(EventKind::Listen, Origin::Live, 5002)]
         );
         set.end_batch();
         assert!(set.held.is_empty());
+    }
+
+    #[test]
+    fn records_of_a_udp_socket_said_closed_at_the_hand_over_are_stale() {
+        let now = SystemTime::UNIX_EPOCH;
+        let mut set = Listeners::default();
+        let bind = |cookie| record(EventKind::Listen, Proto::Udp, 53, SockId::Cookie(cookie));
+        set.insert_snapshot(bind(7).listener);
+        set.insert_snapshot(bind(8).listener);
+        assert!(set.closed_unseen(7).is_some());
+        assert!(set.closed_unseen(7).is_none(), "said once");
+        // Its bind and close, still in the ring, come after.
+        assert!(said(set.apply(bind(7), now, true)).is_empty());
+        let mut close = bind(7);
+        close.kind = EventKind::Close;
+        assert!(said(set.apply(close, now, false)).is_empty());
+        // Another socket's are not.
+        let mut close = bind(8);
+        close.kind = EventKind::Close;
+        assert_eq!(
+            said(set.apply(close, now, false)),
+            [(EventKind::Close, Origin::Live, 53)]
+        );
+        assert!(set.is_empty());
     }
 
     #[test]

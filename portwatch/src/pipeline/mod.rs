@@ -335,52 +335,67 @@ impl Pipeline {
     /// Hands the UDP sockets the snapshot found to the release hook's
     /// table (`binds`), which knows only the binds it saw: without this a
     /// UDP listener open before the hooks were attached was never reported
-    /// closed. One that closed before it was handed over would then stay
-    /// listed for good: a second look (sock_diag) finds those, and their
-    /// closes are said now. Returns how many were handed over.
+    /// closed. Only sockets a process holds: the kernel's own (a VXLAN or
+    /// WireGuard port) never pass through the hook. One that closed before
+    /// it was handed over would then stay listed for good: a second look
+    /// (sock_diag) finds those, in the namespaces it could read, and their
+    /// closes are said now; the kernel's records of them still in the ring
+    /// are then stale. Returns how many were handed over; an error after
+    /// some were still checks those.
     pub async fn adopt_udp_binds(&mut self, binds: &mut UdpBinds) -> anyhow::Result<usize> {
-        let found: Vec<(u64, std::net::IpAddr, u16)> = self
+        let found: Vec<(u64, std::net::IpAddr, u16, Option<u64>)> = self
             .listeners
             .iter()
+            .filter(|l| l.process.pid.is_some())
             .filter_map(|l| match (l.proto, l.sock_id) {
-                (Proto::Udp, SockId::Cookie(c)) => Some((c, l.addr, l.port)),
+                (Proto::Udp, SockId::Cookie(c)) => Some((c, l.addr, l.port, l.netns)),
                 _ => None,
             })
             .collect();
         let mut adopted = Vec::new();
-        for (cookie, addr, port) in found {
-            if binds
-                .adopt(cookie, addr, port)
-                .context("adding a UDP socket found at start to the kernel's table")?
-            {
-                adopted.push(cookie);
+        let mut failed = None;
+        for (cookie, addr, port, netns) in found {
+            match binds.adopt(cookie, addr, port) {
+                Ok(true) => adopted.push((cookie, netns)),
+                Ok(false) => {}
+                Err(e) => {
+                    failed = Some(e);
+                    break;
+                }
             }
         }
-        if adopted.is_empty() {
-            return Ok(0);
-        }
-        let open = tokio::task::spawn_blocking(snapshot::udp_cookies)
-            .await
-            .context("the UDP socket dump task failed")?
-            .context("listing the UDP sockets open now (sock_diag)")?;
-        let ts = SystemTime::now();
-        for &cookie in adopted.iter().filter(|c| !open.contains(c)) {
-            // Still in the table: the hook never saw it go, so say it here.
-            if binds.forget(cookie)?
-                && let Some(listener) = self
-                    .listeners
-                    .remove_closed(Proto::Udp, SockId::Cookie(cookie))
-            {
-                self.emit(Event::Listener(ListenerEvent {
-                    ts,
-                    kind: EventKind::Close,
-                    origin: Origin::Inferred,
-                    listener,
-                    reach: None,
-                }))?;
+        if !adopted.is_empty() {
+            let open = tokio::task::spawn_blocking(snapshot::udp_cookies)
+                .await
+                .context("the UDP socket dump task failed")?
+                .context("listing the UDP sockets open now (sock_diag)")?;
+            let ts = SystemTime::now();
+            let closed = adopted.iter().filter(|(cookie, netns)| {
+                open.namespaces.contains(netns) && !open.cookies.contains(&(*netns, *cookie))
+            });
+            for &(cookie, _) in closed {
+                // Still in the table: the hook saw it go before it was
+                // there, so say it here.
+                if binds.forget(cookie)?
+                    && let Some(listener) = self.listeners.closed_unseen(cookie)
+                {
+                    self.emit(Event::Listener(ListenerEvent {
+                        ts,
+                        kind: EventKind::Close,
+                        origin: Origin::Inferred,
+                        listener,
+                        reach: None,
+                    }))?;
+                }
             }
         }
-        Ok(adopted.len())
+        match failed {
+            Some(e) => Err(anyhow::Error::new(e).context(format!(
+                "adding the UDP sockets found at start to the kernel's table ({} added)",
+                adopted.len()
+            ))),
+            None => Ok(adopted.len()),
+        }
     }
 
     /// Whether it is time to re-read the listeners (the kernel lost
@@ -437,6 +452,8 @@ impl Pipeline {
 
     /// Enriched kernel records, in the order the kernel wrote them.
     pub fn on_listens(&mut self, batch: Vec<Enriched>) -> io::Result<()> {
+        // Also here: a batch cut short by an error leaves its ports behind.
+        self.listeners.end_batch();
         for mut rec in batch {
             if let Some((ns, ifaces)) = rec.netns_ifaces.take() {
                 self.set_netns_ifaces(ns, ifaces);
