@@ -48,7 +48,15 @@ type Runner = fn(&Ctx) -> Result<Section>;
 pub fn bench(quick: bool, only: Option<&str>) -> Result<()> {
     let root = util::workspace_root();
     setup::ensure()?;
-    let portwatch = build::build_portwatch(true)?;
+    // Another build to measure against in the same hour (an older commit
+    // built in a worktree), as the integration tests take it.
+    let portwatch = match std::env::var_os("PORTWATCH_BIN") {
+        Some(bin) => {
+            eprintln!("benchmarking {} (PORTWATCH_BIN)", bin.to_string_lossy());
+            std::path::PathBuf::from(bin)
+        }
+        None => build::build_portwatch(true)?,
+    };
     let ctx = Ctx {
         root: root.clone(),
         portwatch,

@@ -36,6 +36,7 @@ use crate::procstat::proc_run_seconds;
 const LISTENER: &str = r#"
 import resource, socket, sys, time
 n, addr, base, out = int(sys.argv[1]), sys.argv[2], int(sys.argv[3]), sys.argv[4]
+udp = sys.argv[5:] == ["udp"]
 soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
 want = n + 64
 if soft < want:
@@ -44,10 +45,13 @@ if soft < want:
     resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
 socks = []
 for i in range(n):
-    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM if udp else socket.SOCK_STREAM)
     s.bind((addr, base + i))
     socks.append(s)
 print("bound", flush=True)
+if udp:
+    sys.stdin.readline()
+    sys.exit(0)
 sys.stdin.readline()
 clock, rt = time.clock_gettime_ns, time.CLOCK_REALTIME
 stamps = [0] * n
@@ -74,6 +78,19 @@ const FIRST_PORT: u16 = 10_000;
 
 impl Listeners {
     fn spawn(ns: &Netns, dir: &TempDir, procs: u16, per: u16, tag: &str) -> Result<Self> {
+        Self::spawn_proto(ns, dir, procs, per, tag, "tcp")
+    }
+
+    /// TCP sockets that listen at `go`, or UDP ones (`proto` "udp"), bound
+    /// at once.
+    fn spawn_proto(
+        ns: &Netns,
+        dir: &TempDir,
+        procs: u16,
+        per: u16,
+        tag: &str,
+        proto: &str,
+    ) -> Result<Self> {
         let mut me = Self {
             procs: Vec::new(),
             files: Vec::new(),
@@ -87,6 +104,7 @@ impl Listeners {
             cmd.arg(dir.join("listener.py"))
                 .args([&per.to_string(), "127.0.0.1", &base.to_string()])
                 .arg(&file)
+                .arg(proto)
                 .stdin(Stdio::piped())
                 .stdout(Stdio::piped())
                 .stderr(Stdio::inherit());
@@ -424,6 +442,87 @@ fn bpftrace_burst(ns: &Netns, dir: &TempDir, procs: u16, per: u16) -> Result<Bur
     Ok(Burst::new(watched, lost))
 }
 
+/// Closes of listeners `portwatch watch` found at start: how many of
+/// them it reported, in how long from the moment they began to close, at
+/// what CPU.
+struct FoundCloses {
+    delivered: usize,
+    seconds: f64,
+    cpu_s: f64,
+}
+
+/// `procs` × `per` `proto` listeners open before `portwatch watch --json`
+/// starts (its snapshot has them), then all closed at once: the tracepoint
+/// names TCP sockets by kernel address, sock_diag by cookie, and the UDP
+/// release hook knows only binds it saw or was handed.
+fn found_closes(
+    ctx: &Ctx,
+    ns: &Netns,
+    dir: &TempDir,
+    (procs, per): (u16, u16),
+    proto: &str,
+) -> Result<FoundCloses> {
+    let inode = ns.inode()?;
+    let mut held = Listeners::spawn_proto(ns, dir, procs, per, "found", proto)?;
+    if proto == "tcp" {
+        held.go()?;
+        held.wait_done()?;
+    }
+    let mut cmd = Command::new(&ctx.portwatch);
+    cmd.args(["watch", "--json", "--local"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit());
+    let mut pw = ChildGuard::spawn(&mut cmd)?;
+    let lines = line_reader(pw.0.stdout.take().context("no stdout pipe")?);
+    wait_line(&lines, Duration::from_secs(120), |l| {
+        l.contains("\"event\":\"ready\"")
+    })
+    .context("portwatch watch did not get ready")?;
+    let total = usize::from(procs) * usize::from(per);
+    let cpu0 = proc_run_seconds(pw.pid())?;
+    let t0 = Instant::now();
+    held.release()?;
+    let mut seen = std::collections::HashSet::new();
+    let mut last = t0;
+    let deadline = t0 + Duration::from_secs(60);
+    while seen.len() < total && Instant::now() < deadline {
+        let Ok((_, line)) = lines.recv_timeout(Duration::from_secs(3)) else {
+            break;
+        };
+        if !line.contains("\"event\":\"close\"") {
+            continue;
+        }
+        let Ok(v) = serde_json::from_str::<Value>(&line) else {
+            continue;
+        };
+        let port = v["port"].as_u64().and_then(|p| u16::try_from(p).ok());
+        if v["netns"] == inode
+            && v["proto"] == proto
+            && let Some(port) = port
+            && seen.insert(port)
+        {
+            last = Instant::now();
+        }
+    }
+    let cpu_s = proc_run_seconds(pw.pid())? - cpu0;
+    pw.interrupt(Duration::from_secs(10));
+    Ok(FoundCloses {
+        delivered: seen.len(),
+        seconds: (last - t0).as_secs_f64(),
+        cpu_s,
+    })
+}
+
+fn found_json(fs: &[FoundCloses]) -> Value {
+    let col = |f: fn(&FoundCloses) -> f64| stats_json(&fs.iter().map(f).collect::<Vec<_>>());
+    json!({
+        "reported": col(|f| f.delivered as f64),
+        "seconds": col(|f| f.seconds),
+        "cpu_seconds": col(|f| f.cpu_s),
+    })
+}
+
 /// Seconds from starting `portwatch watch --json` to its ready line (the
 /// snapshot, with owners, is out by then), and the snapshot's size.
 fn portwatch_snapshot(ctx: &Ctx) -> Result<(f64, u64)> {
@@ -572,6 +671,8 @@ pub fn run(ctx: &Ctx) -> Result<Section> {
     let mut bare = Vec::new();
     let mut pw_snap = Vec::new();
     let mut ss_snap = Vec::new();
+    let mut found_tcp = Vec::new();
+    let mut found_udp = Vec::new();
     let mut sizes = (0, 0);
     for round in 0..rounds {
         bare.push(bare_burst(&ns, &dir, procs, per).context("burst without a watcher")?);
@@ -622,6 +723,20 @@ pub fn run(ctx: &Ctx) -> Result<Section> {
             ss_snap.last().copied().unwrap_or(0.0),
             sizes.1
         );
+
+        for (proto, into) in [("tcp", &mut found_tcp), ("udp", &mut found_udp)] {
+            let f = found_closes(ctx, &ns, &dir, (procs, per), proto)
+                .with_context(|| format!("closes of {proto} listeners found at start"))?;
+            eprintln!(
+                "monitor round {}/{rounds}: {proto} listeners found at start closing: {}/{total} \
+                 reported in {:.3} s, {:.2} s CPU",
+                round + 1,
+                f.delivered,
+                f.seconds,
+                f.cpu_s
+            );
+            into.push(f);
+        }
 
         let b = bpftrace_burst(&ns, &dir, procs, per).context("bpftrace burst")?;
         let (m, p99, _) = summarise(&b.lat_us);
@@ -712,6 +827,39 @@ pub fn run(ctx: &Ctx) -> Result<Section> {
         spread(&ss_snap, 3),
         sizes.1
     );
+    let found_cols = |fs: &[FoundCloses]| {
+        let delivered: Vec<f64> = fs.iter().map(|f| f.delivered as f64).collect();
+        let seconds: Vec<f64> = fs.iter().map(|f| f.seconds).collect();
+        let cpu_us: Vec<f64> = fs
+            .iter()
+            .map(|f| f.cpu_s * 1e6 / f.delivered.max(1) as f64)
+            .collect();
+        (delivered, seconds, cpu_us)
+    };
+    let _ = writeln!(
+        md,
+        "\n| listeners found at start, then all closed ({total}) | closes reported | seconds to the last | CPU µs/close |\n|---|---|---|---|"
+    );
+    for (name, fs) in [("TCP", &found_tcp), ("UDP", &found_udp)] {
+        let (delivered, seconds, cpu_us) = found_cols(fs);
+        let _ = writeln!(
+            md,
+            "| {name} | {} / {total} | {} | {} |",
+            spread(&delivered, 0),
+            spread(&seconds, 3),
+            spread(&cpu_us, 2)
+        );
+    }
+    let _ = writeln!(
+        md,
+        "\nListeners found at start: the same processes' sockets (TCP listening, or UDP \
+         bound) open before `portwatch watch --json` starts, then the processes exit at once; \
+         seconds from their exit to the last close read, CPU the watcher's meanwhile.\n"
+    );
+    let found_all = found_tcp
+        .iter()
+        .chain(&found_udp)
+        .all(|f| f.delivered == total);
     let _ = writeln!(
         md,
         "Method: {rounds} rounds; each burst is {procs} Python processes × {per} TCP sockets on \
@@ -786,6 +934,17 @@ pub fn run(ctx: &Ctx) -> Result<Section> {
         "- snapshot ≤ half the time of ss -ltnp (portwatch / ss): {snap_ratio:.3} — {}",
         verdict(snap_met)
     );
+    let _ = writeln!(
+        md,
+        "- every close of a listener found at start is reported, TCP and UDP (all of them \
+         closing at once, `portwatch watch --json` started after they opened): {} — {}",
+        if found_all {
+            "all reported"
+        } else {
+            "some not reported"
+        },
+        verdict(found_all)
+    );
 
     let mem = guard_memory(ctx, &dir, procs, per).context("the guard's memory per listener")?;
     let per_listener = (mem.after_mb - mem.before_mb) * 1024.0 * 1024.0 / total as f64;
@@ -838,6 +997,10 @@ pub fn run(ctx: &Ctx) -> Result<Section> {
             "follower": burst_json(&fw_bursts),
             "bpftrace": burst_json(&bt_bursts),
             "no_watcher_listen_span_seconds": stats_json(&bare),
+            "found_closes": {
+                "tcp": found_json(&found_tcp),
+                "udp": found_json(&found_udp),
+            },
             "snapshot": {
                 "portwatch_seconds": stats_json(&pw_snap),
                 "portwatch_listeners": sizes.0,
@@ -872,6 +1035,7 @@ pub fn run(ctx: &Ctx) -> Result<Section> {
                 {"target": "CPU per event ≤ bpftrace's", "ratio": cpu_ratio, "met": cpu_met},
                 {"target": "follower CPU per event ≤ bpftrace's", "ratio": fw_cpu_ratio, "met": fw_cpu_met},
                 {"target": "snapshot ≤ 0.5× ss -ltnp", "ratio": snap_ratio, "met": snap_met},
+                {"target": "every close of a listener found at start reported", "met": found_all},
                 {"target": "guard RSS ≤ 300 B per listener", "bytes": per_listener, "met": mem_met},
             ],
         }),
