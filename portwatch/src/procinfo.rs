@@ -207,18 +207,47 @@ fn open_fds() -> Vec<(u32, u32)> {
     fds
 }
 
-/// Socket inode -> smallest PID, for the socket fds among `fds`.
+/// Socket inode -> smallest PID, for the socket fds among `fds` (in PID
+/// order). Each link is read relative to its process's open fd directory:
+/// a whole "/proc/PID/fd/N" walked per fd was a fifth of a 45,000-listener
+/// snapshot.
 fn resolve_sockets(fds: &[(u32, u32)]) -> HashMap<u64, u32> {
+    use std::os::fd::AsRawFd as _;
     let mut owners = HashMap::new();
-    // One buffer reused for every "/proc/PID/fd/N".
-    let mut path = String::with_capacity(32);
+    let mut dir: Option<(u32, Option<fs::File>)> = None;
+    let mut name = String::with_capacity(16);
+    // "socket:[N]" is at most 19 bytes; a longer link is something else.
+    let mut link = [0u8; 64];
     for &(pid, fd) in fds {
-        path.clear();
+        if dir.as_ref().is_none_or(|(p, _)| *p != pid) {
+            dir = Some((pid, fs::File::open(format!("/proc/{pid}/fd")).ok()));
+        }
+        let Some((_, Some(fd_dir))) = &dir else {
+            continue;
+        };
+        name.clear();
         // Writing to a String cannot fail.
-        let _ = write!(path, "/proc/{pid}/fd/{fd}");
-        if let Ok(target) = fs::read_link(&path)
-            && let Some(inode) = socket_inode(target.as_os_str())
-        {
+        let _ = write!(name, "{fd}\0");
+        // SAFETY: `fd_dir` is an open directory for the call's length,
+        // `name` is NUL-terminated, and the kernel writes at most
+        // `link.len()` bytes into `link`.
+        let n = unsafe {
+            libc::readlinkat(
+                fd_dir.as_raw_fd(),
+                name.as_ptr().cast(),
+                link.as_mut_ptr().cast(),
+                link.len(),
+            )
+        };
+        // -1: the fd is gone; a full buffer: not a socket's link.
+        let Some(target) = usize::try_from(n)
+            .ok()
+            .filter(|n| *n < link.len())
+            .map(|n| &link[..n])
+        else {
+            continue;
+        };
+        if let Some(inode) = socket_inode(OsStr::from_bytes(target)) {
             owners
                 .entry(inode)
                 .and_modify(|owner: &mut u32| *owner = (*owner).min(pid))
