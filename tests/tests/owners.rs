@@ -6,7 +6,7 @@
 
 use std::{path::Path, process::Command, time::Duration};
 
-use anyhow::ensure;
+use anyhow::{Context as _, ensure};
 use portwatch_lab::{TempDir, TestCgroup, spawn_server};
 use portwatch_tests::{
     Netns, Result,
@@ -145,6 +145,7 @@ fn an_owned_port_opens_only_while_its_owner_listens() -> Result {
     let opened = pw.wait_for(WAIT, |v| v["event"] == "gate" && v["open"] == true)?;
     assert_eq!(opened["port"], "tcp/6379", "{opened}");
     assert_eq!(opened["comm"], "socat", "{opened}");
+    gated_with(&pw.seen, &opened, "listen")?;
     assert_eq!(opened["owner"], "user root, comm socat", "{opened}");
     assert!(opened["pid"].as_u64().is_some(), "{opened}");
     assert!(tcp_reachable(&lab.client, addr, 6379)?, "the owner listens");
@@ -164,6 +165,7 @@ fn an_owned_port_opens_only_while_its_owner_listens() -> Result {
     drop(owner);
     let closed = pw.wait_for(WAIT, |v| v["event"] == "gate" && v["open"] == false)?;
     assert_eq!(closed["port"], "tcp/6379", "{closed}");
+    gated_with(&pw.seen, &closed, "close")?;
     assert_silently_dropped(&tcp_probe(&lab.client, addr, 6379, None)?, "owner gone");
 
     // The policy shows the owner.
@@ -572,6 +574,24 @@ fn an_owner_pinned_by_sha256_opens_only_with_that_executable() -> Result {
     Ok(())
 }
 
+/// The gate moved with the batch that reported the owner's `kind` event
+/// on 6379 (milliseconds), not at the guard's next sweep (every 5 s).
+fn gated_with(seen: &[Value], gate: &Value, kind: &str) -> Result {
+    let event = seen
+        .iter()
+        .rev()
+        .find(|v| v["event"] == kind && v["port"] == 6379 && v["comm"] == "socat")
+        .with_context(|| format!("no {kind} of socat on 6379 before {gate}"))?;
+    let lag = ts_of(gate)?
+        .duration_since(ts_of(event)?)
+        .unwrap_or_default();
+    ensure!(
+        lag < std::time::Duration::from_secs(2),
+        "the gate moved {lag:?} after the owner's {kind}: {event} then {gate}"
+    );
+    Ok(())
+}
+
 /// The time a line of the guard's JSON stream says, read by portwatch's own
 /// parser.
 fn ts_of(v: &Value) -> Result<std::time::SystemTime> {
@@ -579,6 +599,7 @@ fn ts_of(v: &Value) -> Result<std::time::SystemTime> {
     match portwatch::sinks::json::parse_line(&v.to_string())? {
         Line::Event(Event::Listener(ev)) => Ok(ev.ts),
         Line::Event(Event::Bind(b)) => Ok(b.ts),
+        Line::Event(Event::Gate(g)) => Ok(g.ts),
         other => anyhow::bail!("no time in {other:?}"),
     }
 }

@@ -535,8 +535,14 @@ impl Daemon for Guard {
     }
 
     fn listeners_changed(&mut self, pipeline: &mut Pipeline) -> io::Result<()> {
+        let touched = pipeline.take_touched_ports();
         Guard::listeners_changed(self, pipeline);
-        self.regate(pipeline)
+        // Who holds an owned port changes only with a listener on one; the
+        // gate walks every listener, and did so per batch of a burst.
+        if self.gate_concerns(&touched) {
+            self.regate(pipeline)?;
+        }
+        Ok(())
     }
 
     fn drain(&mut self, pipeline: &mut Pipeline) -> io::Result<()> {

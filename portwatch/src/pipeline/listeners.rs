@@ -84,6 +84,10 @@ struct PortCounts {
     /// Ports that gained their first listener or lost their last since the
     /// last `take_changed`.
     changed: Vec<PortKey>,
+    /// Ports that gained or lost any listener since the last
+    /// `take_touched` (who holds a port can change without the first of
+    /// these).
+    touched: Vec<PortKey>,
 }
 
 fn port_key(l: &Listener) -> PortKey {
@@ -157,6 +161,15 @@ impl Listeners {
             .unwrap_or_default()
     }
 
+    /// The ports that gained or lost a listener since the last call
+    /// (while ports are tracked).
+    pub fn take_touched(&mut self) -> Vec<PortKey> {
+        self.ports
+            .as_mut()
+            .map(|p| std::mem::take(&mut p.touched))
+            .unwrap_or_default()
+    }
+
     fn add(&mut self, key: (Proto, SockId), listener: Listener) {
         let port = port_key(&listener);
         let found = found_tcp_key(key, &listener);
@@ -198,6 +211,7 @@ impl Listeners {
         let Some(ports) = &mut self.ports else {
             return;
         };
+        ports.touched.push(port);
         let n = ports.per_port.entry(port).or_insert(0);
         *n += 1;
         if *n == 1 {
@@ -217,6 +231,7 @@ impl Listeners {
         let Some(ports) = &mut self.ports else {
             return;
         };
+        ports.touched.push(port);
         if let Some(n) = ports.per_port.get_mut(&port) {
             *n = n.saturating_sub(1);
             if *n == 0 {
@@ -726,6 +741,34 @@ mod tests {
             [(EventKind::Close, Origin::Live, 53)]
         );
         assert!(set.is_empty());
+    }
+
+    #[test]
+    fn every_listener_gained_or_lost_touches_its_port_while_tracked() {
+        let now = SystemTime::UNIX_EPOCH;
+        let mut set = Listeners::default();
+        let listen = |port, addr| {
+            record(
+                EventKind::Listen,
+                Proto::Tcp,
+                port,
+                SockId::KernelAddr(addr),
+            )
+        };
+        set.apply(listen(80, 1), now, false);
+        assert!(set.take_touched().is_empty(), "not tracked: nothing kept");
+        set.track_ports();
+        // A second listener on 80 changes no port's listened state, but
+        // touches 80 (who holds it may change).
+        set.apply(listen(80, 2), now, false);
+        set.apply(listen(443, 3), now, false);
+        let mut close = listen(80, 1);
+        close.kind = EventKind::Close;
+        set.apply(close, now, false);
+        let key = |port| (Proto::Tcp, port, Some(1));
+        assert_eq!(set.take_touched(), [key(80), key(443), key(80)]);
+        assert_eq!(set.take_changed(), [key(80), key(443)]);
+        assert!(set.take_touched().is_empty());
     }
 
     #[test]

@@ -173,6 +173,11 @@ impl Pipeline {
         self.listeners.take_changed()
     }
 
+    /// Ports that gained or lost any listener since the last call.
+    pub fn take_touched_ports(&mut self) -> Vec<listeners::PortKey> {
+        self.listeners.take_touched()
+    }
+
     pub fn tally(&self) -> Tally {
         Tally {
             follower_events_missed: self.subscribers.missed(),
