@@ -567,6 +567,16 @@ mod tests {
         }
     }
 
+    /// A live TCP listen on `port` by the socket at kernel address `addr`.
+    fn tcp_listen(port: u16, addr: u64) -> Enriched {
+        record(
+            EventKind::Listen,
+            Proto::Tcp,
+            port,
+            SockId::KernelAddr(addr),
+        )
+    }
+
     fn said(applied: Applied) -> Vec<(EventKind, Origin, u16)> {
         applied
             .into_iter()
@@ -608,14 +618,7 @@ mod tests {
     fn ports_are_counted_only_once_asked_and_then_from_what_is_open() {
         let mut set = Listeners::default();
         let now = SystemTime::UNIX_EPOCH;
-        let listen = |port, addr| {
-            record(
-                EventKind::Listen,
-                Proto::Tcp,
-                port,
-                SockId::KernelAddr(addr),
-            )
-        };
+        let listen = tcp_listen;
         set.apply(listen(8080, 1), now, false);
         set.apply(listen(8080, 2), now, false);
         // Untracked: no count and no list of changes growing unread.
@@ -747,14 +750,7 @@ mod tests {
     fn every_listener_gained_or_lost_touches_its_port_while_tracked() {
         let now = SystemTime::UNIX_EPOCH;
         let mut set = Listeners::default();
-        let listen = |port, addr| {
-            record(
-                EventKind::Listen,
-                Proto::Tcp,
-                port,
-                SockId::KernelAddr(addr),
-            )
-        };
+        let listen = tcp_listen;
         set.apply(listen(80, 1), now, false);
         assert!(set.take_touched().is_empty(), "not tracked: nothing kept");
         set.track_ports();
