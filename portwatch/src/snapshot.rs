@@ -79,18 +79,7 @@ impl fmt::Display for Netns {
 /// owning process where one holds the socket. Sorted by (netns, proto, port,
 /// addr).
 pub fn snapshot() -> Result<Vec<Listener>, SnapshotError> {
-    // The calling thread's namespace, which is what a socket created here
-    // sees (it can differ from the process's if someone setns'd this thread).
-    let own = fs::metadata("/proc/thread-self/ns/net").ok();
-    let others = match &own {
-        Some(own) => other_namespaces(own.dev(), own.ino()),
-        None => {
-            log::debug!("cannot stat /proc/thread-self/ns/net; listing the current netns only");
-            Vec::new()
-        }
-    };
-    let own = own.map(|m| m.ino());
-
+    let (own, others) = namespaces();
     let next = AtomicUsize::new(0);
     let (sockets, owners) = thread::scope(|scope| {
         // The /proc fd scan is the slow part; overlap it with the dumps
@@ -162,18 +151,25 @@ pub struct UdpSockets {
 
 /// [`UdpSockets`] of every network namespace that can be read now.
 pub fn udp_cookies() -> Result<UdpSockets, SnapshotError> {
-    let own = fs::metadata("/proc/thread-self/ns/net").ok();
-    let others = own
-        .as_ref()
-        .map(|own| other_namespaces(own.dev(), own.ino()))
-        .unwrap_or_default();
+    let (own, others) = namespaces();
     let next = AtomicUsize::new(0);
-    let dumped =
-        thread::scope(|scope| dump_all(own.map(|m| m.ino()), &others, &UDP_ANY, &next, scope))?;
+    let dumped = thread::scope(|scope| dump_all(own, &others, &UDP_ANY, &next, scope))?;
     Ok(UdpSockets {
         cookies: dumped.sockets.iter().map(|s| (s.netns, s.cookie)).collect(),
         namespaces: dumped.namespaces.into_iter().collect(),
     })
+}
+
+/// The calling thread's namespace (what a socket created here sees; it can
+/// differ from the process's if someone setns'd this thread) and the others.
+fn namespaces() -> (Option<u64>, Vec<NsFile>) {
+    match fs::metadata("/proc/thread-self/ns/net") {
+        Ok(own) => (Some(own.ino()), other_namespaces(own.dev(), own.ino())),
+        Err(_) => {
+            log::debug!("cannot stat /proc/thread-self/ns/net; listing the current netns only");
+            (None, Vec::new())
+        }
+    }
 }
 
 /// A network namespace other than ours, and a file that refers to it.

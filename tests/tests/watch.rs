@@ -45,6 +45,14 @@ impl Fixture {
         Self::start(&mut cmd)
     }
 
+    /// The listeners the fixture opened, as it reported them.
+    fn listeners(&self) -> Result<Vec<Value>> {
+        Ok(self.report["listeners"]
+            .as_array()
+            .context("listeners")?
+            .clone())
+    }
+
     fn pid(&self) -> u64 {
         self.report["pid"].as_u64().unwrap_or(0)
     }
@@ -106,10 +114,7 @@ fn live_tcp_and_udp_listeners_on_ipv4_and_ipv6_open_and_close() -> Result {
     // Every socket binds port 0: the events must carry the port the kernel chose.
     let mut fx = Fixture::python(&["tcp4", "tcp6", "udp4", "udp6"])?;
     let pid = fx.pid();
-    let wanted = fx.report["listeners"]
-        .as_array()
-        .context("listeners")?
-        .clone();
+    let wanted = fx.listeners()?;
     assert_eq!(wanted.len(), 4);
     for want in &wanted {
         assert_ne!(want["port"], 0, "the fixture reports the chosen port");
@@ -203,10 +208,7 @@ fn listeners_open_before_the_start_are_reported_closing() -> Result {
     // before the start are handed to it from the snapshot.
     let mut fx = Fixture::python(&["tcp4", "tcp6", "udp4", "udp6"])?;
     let pid = fx.pid();
-    let wanted = fx.report["listeners"]
-        .as_array()
-        .context("listeners")?
-        .clone();
+    let wanted = fx.listeners()?;
     let mut pw = Portwatch::start(&["watch"])?;
     pw.wait_for(WAIT, |v| v["event"] == "ready")?;
     fx.close_all()?;

@@ -765,22 +765,13 @@ impl UdpBinds {
     /// Adds a socket bound to `addr`:`port`, unless the table has it (the
     /// bind hook's entry stays). Whether it was added.
     pub(crate) fn adopt(&mut self, cookie: u64, addr: std::net::IpAddr, port: u16) -> Result<bool> {
-        let mut bind = UdpBind {
-            addr: [0; 16],
+        let (family, addr) = super::decode::kernel_addr(&addr);
+        let bind = UdpBind {
+            addr,
             port,
-            family: 0,
+            family: u16::from(family),
             _pad: 0,
         };
-        match addr {
-            std::net::IpAddr::V4(a) => {
-                bind.addr[..4].copy_from_slice(&a.octets());
-                bind.family = portwatch_common::AF_INET;
-            }
-            std::net::IpAddr::V6(a) => {
-                bind.addr = a.octets();
-                bind.family = portwatch_common::AF_INET6;
-            }
-        }
         match self.map.insert(cookie, bind, BPF_NOEXIST) {
             Ok(()) => Ok(true),
             Err(e) if errno(&e) == Some(libc::EEXIST) => Ok(false),

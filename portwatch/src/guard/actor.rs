@@ -471,23 +471,17 @@ impl Guard {
         Ok(())
     }
 
-    /// Opens the owned ports whose owner now listens and closes those whose
-    /// owner went, after listeners or the policy changed; the stream says
-    /// which. On a failed update the gate stays as the kernel has it.
     /// Whether listeners gained or lost on `touched` ports can change the
     /// gate: one of them is an owned port in the guard's namespace.
     pub fn gate_concerns(&self, touched: &[crate::pipeline::listeners::PortKey]) -> bool {
-        (self.policy.has_owners() || !self.gate_open.is_empty())
-            && touched.iter().any(|&(proto, port, netns)| {
-                netns == self.netns
-                    && self
-                        .policy
-                        .rules
-                        .iter()
-                        .any(|r| r.owner.is_some() && r.ports.contains(proto, port))
-            })
+        touched.iter().any(|&(proto, port, netns)| {
+            netns == self.netns && gate::is_owned(&self.policy, proto, port)
+        })
     }
 
+    /// Opens the owned ports whose owner now listens and closes those whose
+    /// owner went, after listeners or the policy changed; the stream says
+    /// which. On a failed update the gate stays as the kernel has it.
     pub fn regate(&mut self, pipeline: &mut Pipeline) -> std::io::Result<()> {
         if !self.policy.has_owners() && self.gate_open.is_empty() {
             self.squatting.clear();

@@ -6,7 +6,7 @@
 use std::{collections::BTreeMap, sync::Arc, time::SystemTime};
 
 use crate::{
-    model::{GateEvent, Listener},
+    model::{GateEvent, Listener, Proto},
     policy::{Activation, Owner, Policy, PortRange},
 };
 
@@ -17,6 +17,14 @@ fn owned(policy: &Policy) -> Vec<(PortRange, &Owner)> {
         .iter()
         .filter_map(|r| r.owner.as_ref().map(|o| (r.ports, o)))
         .collect()
+}
+
+/// Whether `proto/port` is an owned port of `policy`.
+pub fn is_owned(policy: &Policy, proto: Proto, port: u16) -> bool {
+    policy
+        .rules
+        .iter()
+        .any(|r| r.owner.is_some() && r.ports.contains(proto, port))
 }
 
 /// The process that holds an owned port open.
@@ -148,7 +156,7 @@ mod tests {
     use std::net::{IpAddr, Ipv4Addr};
 
     use super::*;
-    use crate::model::{ProcessInfo, Proto, SockId};
+    use crate::model::{ProcessInfo, SockId};
 
     fn listener(port: u16, comm: &str, pid: u32, netns: u64) -> Listener {
         Listener {

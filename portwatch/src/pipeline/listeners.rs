@@ -171,31 +171,36 @@ impl Listeners {
     }
 
     fn add(&mut self, key: (Proto, SockId), listener: Listener) {
-        let port = port_key(&listener);
-        let found = found_tcp_key(key, &listener);
-        self.held_in(&listener);
-        if let Some(old) = self.open.insert(key, Box::new(listener)) {
-            self.count_out(port_key(&old));
-            self.unindex(key, &old);
-            self.held_out(&old);
+        if let Some(old) = self.open.remove(&key) {
+            self.noted_out(key, &old);
         }
-        if let Some((endpoint, cookie)) = found {
-            self.found_tcp.entry(endpoint).or_default().push(cookie);
-        }
-        self.count_in(port);
+        self.noted_in(key, &listener);
+        self.open.insert(key, Box::new(listener));
     }
 
-    /// Drops a listener leaving the table from the index of found TCP ones.
-    fn unindex(&mut self, key: (Proto, SockId), l: &Listener) {
-        let Some((endpoint, cookie)) = found_tcp_key(key, l) else {
-            return;
-        };
-        if let Entry::Occupied(mut e) = self.found_tcp.entry(endpoint) {
+    /// What is kept beside the table for a listener that came in under
+    /// `key`: its port's count, the index of found TCP listeners, the
+    /// ports a batch's processes hold.
+    fn noted_in(&mut self, key: (Proto, SockId), l: &Listener) {
+        self.count_in(port_key(l));
+        if let Some((endpoint, cookie)) = found_tcp_key(key, l) {
+            self.found_tcp.entry(endpoint).or_default().push(cookie);
+        }
+        self.held_in(l);
+    }
+
+    /// [`Self::noted_in`] undone, for a listener that left the table.
+    fn noted_out(&mut self, key: (Proto, SockId), l: &Listener) {
+        self.count_out(port_key(l));
+        if let Some((endpoint, cookie)) = found_tcp_key(key, l)
+            && let Entry::Occupied(mut e) = self.found_tcp.entry(endpoint)
+        {
             e.get_mut().retain(|c| *c != cookie);
             if e.get().is_empty() {
                 e.remove();
             }
         }
+        self.held_out(l);
     }
 
     /// The found TCP listeners on `addr`:`port`, by key.
@@ -221,9 +226,7 @@ impl Listeners {
 
     fn remove(&mut self, key: &(Proto, SockId)) -> Option<Listener> {
         let listener = self.open.remove(key)?;
-        self.count_out(port_key(&listener));
-        self.unindex(*key, &listener);
-        self.held_out(&listener);
+        self.noted_out(*key, &listener);
         Some(*listener)
     }
 
@@ -308,20 +311,11 @@ impl Listeners {
                     // unreported, on the old port.
                     Entry::Occupied(mut slot) => Some(slot.insert(Box::new(listener.clone()))),
                 };
-                // Only kernel addresses are replaced, and those are not
-                // indexed; a cookie-named TCP socket is (sock_diag's naming).
-                if replaced.is_none()
-                    && let Some((endpoint, cookie)) = found_tcp_key(key, &listener)
-                {
-                    self.found_tcp.entry(endpoint).or_default().push(cookie);
-                }
-                self.held_in(&listener);
                 let closed = replaced.map(|old| {
-                    self.count_out(port_key(&old));
-                    self.held_out(&old);
+                    self.noted_out(key, &old);
                     event(EventKind::Close, Origin::Inferred, *old)
                 });
-                self.count_in(port_key(&listener));
+                self.noted_in(key, &listener);
                 Applied {
                     closed,
                     event: Some(event(EventKind::Listen, Origin::Live, listener)),
@@ -510,7 +504,7 @@ impl Listeners {
         }
     }
 
-    /// A batch of records is applied: what it kept per process goes.
+    /// A new batch of records: what the last one kept per process goes.
     pub fn end_batch(&mut self) {
         self.held.clear();
     }

@@ -457,7 +457,7 @@ impl Pipeline {
 
     /// Enriched kernel records, in the order the kernel wrote them.
     pub fn on_listens(&mut self, batch: Vec<Enriched>) -> io::Result<()> {
-        // Also here: a batch cut short by an error leaves its ports behind.
+        // What the last batch kept per process (also one cut short).
         self.listeners.end_batch();
         for mut rec in batch {
             if let Some((ns, ifaces)) = rec.netns_ifaces.take() {
@@ -469,7 +469,6 @@ impl Pipeline {
                 self.emit(Event::Listener(ev))?;
             }
         }
-        self.listeners.end_batch();
         Ok(())
     }
 

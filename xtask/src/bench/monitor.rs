@@ -297,17 +297,7 @@ fn bare_burst(ns: &Netns, dir: &TempDir, procs: u16, per: u16) -> Result<f64> {
 fn portwatch_burst(ctx: &Ctx, ns: &Netns, dir: &TempDir, procs: u16, per: u16) -> Result<Burst> {
     let inode = ns.inode()?;
     let listeners = Listeners::spawn(ns, dir, procs, per, "pw")?;
-    let mut cmd = Command::new(&ctx.portwatch);
-    cmd.args(["watch", "--json", "--no-snapshot", "--local"])
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit());
-    let mut pw = ChildGuard::spawn(&mut cmd)?;
-    let lines = line_reader(pw.0.stdout.take().context("no stdout pipe")?);
-    wait_line(&lines, Duration::from_secs(30), |l| {
-        l.contains("\"event\":\"ready\"")
-    })
-    .context("portwatch watch did not get ready")?;
+    let (mut pw, lines, _) = start_watch(ctx, &["--no-snapshot", "--local"], 30)?;
     let mut listeners = listeners;
     let mut watched = watch(&mut listeners, pw.pid(), &lines, |line| {
         live_listen_port(line, inode)
@@ -348,18 +338,9 @@ fn follower_burst(ctx: &Ctx, dir: &TempDir, procs: u16, per: u16) -> Result<Burs
         &[],
     )?;
     let listeners = Listeners::spawn(&lab.server, dir, procs, per, "fw")?;
-    let mut cmd = Command::new(&ctx.portwatch);
-    cmd.args(["watch", "--json", "--socket"])
-        .arg(guard.socket())
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit());
-    let mut pw = ChildGuard::spawn(&mut cmd)?;
-    let lines = line_reader(pw.0.stdout.take().context("no stdout pipe")?);
-    wait_line(&lines, Duration::from_secs(30), |l| {
-        l.contains("\"event\":\"ready\"")
-    })
-    .context("portwatch watch did not follow the guard")?;
+    let socket = guard.socket();
+    let (mut pw, lines, _) = start_watch(ctx, &["--socket", &socket.to_string_lossy()], 30)
+        .context("portwatch watch did not follow the guard")?;
     let guard_cpu0 = proc_run_seconds(guard.pid())?;
     let mut listeners = listeners;
     let mut watched = watch(&mut listeners, pw.pid(), &lines, |line| {
@@ -468,17 +449,7 @@ fn found_closes(
         held.go()?;
         held.wait_done()?;
     }
-    let mut cmd = Command::new(&ctx.portwatch);
-    cmd.args(["watch", "--json", "--local"])
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit());
-    let mut pw = ChildGuard::spawn(&mut cmd)?;
-    let lines = line_reader(pw.0.stdout.take().context("no stdout pipe")?);
-    wait_line(&lines, Duration::from_secs(120), |l| {
-        l.contains("\"event\":\"ready\"")
-    })
-    .context("portwatch watch did not get ready")?;
+    let (mut pw, lines, _) = start_watch(ctx, &["--local"], 120)?;
     let total = usize::from(procs) * usize::from(per);
     let cpu0 = proc_run_seconds(pw.pid())?;
     let t0 = Instant::now();
@@ -523,21 +494,29 @@ fn found_json(fs: &[FoundCloses]) -> Value {
     })
 }
 
-/// Seconds from starting `portwatch watch --json` to its ready line (the
-/// snapshot, with owners, is out by then), and the snapshot's size.
-fn portwatch_snapshot(ctx: &Ctx) -> Result<(f64, u64)> {
-    let t0 = Instant::now();
+/// `portwatch watch --json ARGS`, once it said `ready` (within `wait_s`):
+/// the process, its lines, and the ready line.
+fn start_watch(ctx: &Ctx, args: &[&str], wait_s: u64) -> Result<(ChildGuard, Lines, String)> {
     let mut cmd = Command::new(&ctx.portwatch);
-    cmd.args(["watch", "--json", "--local"])
+    cmd.args(["watch", "--json"])
+        .args(args)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit());
     let mut pw = ChildGuard::spawn(&mut cmd)?;
     let lines = line_reader(pw.0.stdout.take().context("no stdout pipe")?);
-    let (_, ready) = wait_line(&lines, Duration::from_secs(120), |l| {
+    let (_, ready) = wait_line(&lines, Duration::from_secs(wait_s), |l| {
         l.contains("\"event\":\"ready\"")
     })
     .context("portwatch watch did not get ready")?;
+    Ok((pw, lines, ready))
+}
+
+/// Seconds from starting `portwatch watch --json` to its ready line (the
+/// snapshot, with owners, is out by then), and the snapshot's size.
+fn portwatch_snapshot(ctx: &Ctx) -> Result<(f64, u64)> {
+    let t0 = Instant::now();
+    let (mut pw, _lines, ready) = start_watch(ctx, &["--local"], 120)?;
     let took = t0.elapsed().as_secs_f64();
     pw.interrupt(Duration::from_secs(10));
     let v: Value = serde_json::from_str(&ready).context("parsing the ready line")?;
