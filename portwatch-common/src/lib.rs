@@ -715,13 +715,17 @@ pub enum GuardStat {
     DropSource = 2,
     DropMalformed = 3,
     DropFragment = 4,
-    /// Drop reports not sent because of the rate limit.
+    /// Drop reports not sent because of the rate limit. Counted in
+    /// `ReportBucket::suppressed` (a flood's every drop would otherwise pay
+    /// for a second per-CPU lookup); user space fills this index from it.
     ReportsSuppressed = 5,
     /// Drop reports not sent because the ring buffer was full.
     ReportsLost = 6,
     /// Outbound UDP packets recorded as flows by tc egress.
     FlowsRecorded = 7,
-    /// UDP packets passed as replies to a recorded flow.
+    /// UDP packets passed as replies to a recorded flow. Counted here
+    /// instead of `Passed` (one count a packet); user space adds them to
+    /// `Passed`.
     FlowReplies = 8,
     /// Frames not addressed to the host that would have been dropped and
     /// passed on instead (`forwarded = "pass"`).
@@ -794,6 +798,9 @@ pub struct ReportBucket {
     /// jiffies when `last_ns` was read: the coarse clock only moves with
     /// jiffies, so an empty bucket in the same tick needs no clock read.
     pub last_jiffies: u64,
+    /// Reports held back by the rate limit: here, where the dropping
+    /// program already holds the bucket, rather than in `GUARD_STATS`.
+    pub suppressed: u64,
 }
 
 // ---------------------------------------------------------------------------
@@ -994,7 +1001,7 @@ mod tests {
         assert_eq!(core::mem::size_of::<RateKey>(), 20);
         assert_eq!(core::mem::size_of::<RateLimit>(), 16);
         assert_eq!(core::mem::size_of::<RateState>(), 16);
-        assert_eq!(core::mem::size_of::<ReportBucket>(), 24);
+        assert_eq!(core::mem::size_of::<ReportBucket>(), 32);
         assert_eq!(flow_port_byte(port_slot(IPPROTO_UDP, 53)), (1024, 53));
         const { assert!(FLOW_PORT_ENTRIES * FLOW_PORTS_PER_ENTRY >= POLICY_PORT_SLOTS) };
         assert_eq!(core::mem::size_of::<GuardConfig>(), 40);

@@ -175,7 +175,13 @@ fn judge<const PROBE: bool, F: Frame>(pkt: &F, probe: Option<*mut XdpProbe>) -> 
         count_port(m, &mut entry, verdict.is_err(), pkt.wire_len());
     }
     let Err(reason) = verdict else {
-        guard_count(GuardStat::Passed);
+        // One count a packet: a reply to the host's own flow is counted as
+        // that, and user space adds those to the passed.
+        guard_count(if matches!(verdict, Ok(PassReason::OwnFlow)) {
+            GuardStat::FlowReplies
+        } else {
+            GuardStat::Passed
+        });
         return Action::Pass;
     };
     guard_count(match reason {
@@ -452,12 +458,7 @@ fn transport<F: Frame>(
 fn or_own_flow(m: &Headers, entry: &mut Entry, cfg: &GuardConfig) -> Verdict {
     match permitted(m, entry.of(m), cfg) {
         Ok(why) => Ok(why),
-        Err(_) if flow_port_marked(m) && reply_to_own_flow(m, cfg) => {
-            if cfg.flags & GUARD_PROBE == 0 {
-                guard_count(GuardStat::FlowReplies);
-            }
-            Ok(PassReason::OwnFlow)
-        }
+        Err(_) if flow_port_marked(m) && reply_to_own_flow(m, cfg) => Ok(PassReason::OwnFlow),
         Err(reason) => Err(reason),
     }
 }
@@ -750,7 +751,7 @@ fn report(ifindex: u32, m: &Headers, reason: DropReason, audit: bool, cfg: &Guar
     // SAFETY: bpf_jiffies64 has no preconditions.
     let jiffies = unsafe { bpf_jiffies64() };
     if bucket.tokens < NS_PER_TOKEN && jiffies == bucket.last_jiffies {
-        guard_count(GuardStat::ReportsSuppressed);
+        bucket.suppressed += 1;
         return;
     }
     bucket.last_jiffies = jiffies;
@@ -763,7 +764,7 @@ fn report(ifindex: u32, m: &Headers, reason: DropReason, audit: bool, cfg: &Guar
     bucket.last_ns = now;
     if tokens < NS_PER_TOKEN {
         bucket.tokens = tokens;
-        guard_count(GuardStat::ReportsSuppressed);
+        bucket.suppressed += 1;
         return;
     }
     bucket.tokens = tokens - NS_PER_TOKEN;

@@ -65,7 +65,7 @@ use portwatch_common::{
     FLOW_PORTS_PER_ENTRY, Flow4Key, FlowKey, GUARD_AUDIT, GUARD_FORWARD_JUDGE, GUARD_LEARN,
     GUARD_STATS_LEN, GuardConfig, GuardStat, IPPROTO_UDP, LOCAL_INLINE_V4, LOCAL_INLINE_V6,
     LearnKey, LearnStats, LocalKey, LocalList, MAX_COUNTER_SLOTS, PortCounters, RateKey, RateLimit,
-    RateState, SRC4_KEY_LEN, SRC6_KEY_LEN, flow_port_byte, port_slot,
+    RateState, ReportBucket, SRC4_KEY_LEN, SRC6_KEY_LEN, flow_port_byte, port_slot,
 };
 
 use super::probe::KernelClock;
@@ -252,6 +252,9 @@ pub struct GuardMaps {
     frags4: BpfHashMap<MapData, Frag4Key, FragVerdict>,
     counters: PerCpuArray<MapData, PortCounters>,
     stats: PerCpuArray<MapData, u64>,
+    /// The drop reports' rate limit, which also counts the reports it
+    /// held back (`ReportsSuppressed`).
+    reports: PerCpuArray<MapData, ReportBucket>,
     local: BpfHashMap<MapData, LocalKey, u8>,
     local_list: Array<MapData, LocalList>,
     limits: Array<MapData, RateLimit>,
@@ -311,6 +314,7 @@ impl GuardMaps {
             frags4: take(ebpf, map::FRAGS4)?,
             counters: take(ebpf, map::COUNTERS)?,
             stats: take(ebpf, map::GUARD_STATS)?,
+            reports: take(ebpf, map::REPORT_BUCKET)?,
             local: take(ebpf, map::LOCAL_ADDRS)?,
             local_list: take(ebpf, map::LOCAL_LIST)?,
             limits: take(ebpf, map::LIMITS)?,
@@ -673,14 +677,31 @@ impl GuardMaps {
         for (i, slot) in totals.0.iter_mut().enumerate() {
             *slot = self.stat_at(i as u32);
         }
+        totals.0[GuardStat::Passed as usize] += totals.get(GuardStat::FlowReplies);
+        totals.0[GuardStat::ReportsSuppressed as usize] = self.suppressed();
         totals
     }
 
-    /// One guard-wide counter, summed over CPUs: one map read where
-    /// `totals` makes `GUARD_STATS_LEN` (a drop report asks for one on
-    /// every wake-up of a flood).
+    /// One guard-wide counter, summed over CPUs: one or two map reads
+    /// where `totals` makes `GUARD_STATS_LEN` (a drop report asks for one
+    /// on every wake-up of a flood). The programs count a packet once: a
+    /// reply to an own flow only as that, a held-back report only in the
+    /// report bucket; the totals are put together here.
     pub fn stat(&self, stat: GuardStat) -> u64 {
-        self.stat_at(stat as u32)
+        match stat {
+            GuardStat::Passed => {
+                self.stat_at(stat as u32) + self.stat_at(GuardStat::FlowReplies as u32)
+            }
+            GuardStat::ReportsSuppressed => self.suppressed(),
+            stat => self.stat_at(stat as u32),
+        }
+    }
+
+    fn suppressed(&self) -> u64 {
+        self.reports
+            .get(&0, 0)
+            .map(|per_cpu| per_cpu.iter().map(|b| b.suppressed).sum())
+            .unwrap_or(0)
     }
 
     fn stat_at(&self, index: u32) -> u64 {

@@ -26,8 +26,8 @@ pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/portwatch";
 /// counters; the monitor's event ring, counters and UDP socket table, and
 /// the owned ports' table and bind reports (the hooks are pinned too: what
 /// happens while no guard runs waits in the rings for the next one). The
-/// drop-report ring buffer and the report rate limit are not: they belong
-/// to the running daemon.
+/// drop-report ring buffer and the report rate limit (with its count of
+/// reports held back) are not: they belong to the running daemon.
 pub const PINNED_MAPS: &[&str] = &[
     map::EVENTS,
     map::MONITOR_STATS,

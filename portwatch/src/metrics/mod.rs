@@ -282,7 +282,7 @@ impl Collector for SnapshotCollector {
         counter(
             e,
             "drop_reports_suppressed",
-            "Drop reports the kernel's rate limit held back",
+            "Drop reports the kernel's rate limit held back (since this guard started)",
             &[(Vec::new(), g.totals.get(GuardStat::ReportsSuppressed))],
         )?;
         counter(
