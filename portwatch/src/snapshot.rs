@@ -422,15 +422,21 @@ pub fn own_listening_sockets() -> Vec<(Proto, IpAddr, u16, u64)> {
 /// A connected UDP socket: the flow whose replies the host expects.
 /// IPv4-mapped addresses of dual-stack sockets are given as IPv4, as the
 /// packets carry them.
+/// A connected socket's two ends, addresses canonical (an IPv4 peer of a
+/// dual-stack IPv6 socket is an IPv4 address, as `SSH_CONNECTION` and
+/// the policy name it).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct ConnectedUdp {
+pub struct Connected {
     pub local: std::net::SocketAddr,
     pub remote: std::net::SocketAddr,
 }
 
-/// Every connected UDP socket (`ss -tun state established` for UDP) of
-/// the calling thread's network namespace, IPv4 and IPv6.
-pub fn connected_udp() -> Result<Vec<ConnectedUdp>, SnapshotError> {
+/// Every connected `proto` socket of the calling thread's network
+/// namespace, IPv4 and IPv6 (`ss -tun state established`): sock_diag's
+/// binary dump, one pass over the kernel's table per family, where
+/// /proc/net/tcp formats every socket as text and walks the table again
+/// for each read.
+pub fn connected(proto: Proto) -> Result<Vec<Connected>, SnapshotError> {
     let socket_err = |source| SnapshotError::Socket {
         netns: Netns(None),
         source,
@@ -439,14 +445,15 @@ pub fn connected_udp() -> Result<Vec<ConnectedUdp>, SnapshotError> {
     socket.bind_auto().map_err(socket_err)?;
     socket.connect(&SocketAddr::new(0, 0)).map_err(socket_err)?;
     let mut buf = vec![0u8; RECV_BUF_LEN];
-    let mut flows = Vec::new();
-    for (seq, (name, family)) in (1..).zip([
-        ("udp/ipv4 connected", AF_INET),
-        ("udp/ipv6 connected", AF_INET6),
-    ]) {
+    let mut found = Vec::new();
+    let names = match proto {
+        Proto::Tcp => ["tcp/ipv4 established", "tcp/ipv6 established"],
+        Proto::Udp => ["udp/ipv4 connected", "udp/ipv6 connected"],
+    };
+    for (seq, (name, family)) in (1..).zip(names.into_iter().zip([AF_INET, AF_INET6])) {
         let query = Query {
             name,
-            proto: Proto::Udp,
+            proto,
             family,
             states: StateFlags::ESTABLISHED,
             listeners_only: false,
@@ -458,14 +465,14 @@ pub fn connected_udp() -> Result<Vec<ConnectedUdp>, SnapshotError> {
                 id.destination_address.to_canonical(),
             );
             if id.destination_port != 0 && !local.is_unspecified() && !remote.is_unspecified() {
-                flows.push(ConnectedUdp {
+                found.push(Connected {
                     local: std::net::SocketAddr::new(local, id.source_port),
                     remote: std::net::SocketAddr::new(remote, id.destination_port),
                 });
             }
         })?;
     }
-    Ok(flows)
+    Ok(found)
 }
 
 /// Runs one dump to its NLMSG_DONE, handing each socket to `keep`.

@@ -30,7 +30,27 @@ struct SshServer {
 }
 
 impl SshServer {
+    /// dropbear on the lab's server address, port 22.
     fn start(lab: &Lab) -> Result<Self> {
+        let listen = format!("{}:22", lab.server_v4());
+        Self::start_with(lab, |key, pid| {
+            format!("exec dropbear -F -E -s -r {key} -p {listen} -P {pid}")
+        })
+    }
+
+    /// dropbear started per connection on a socket that another process
+    /// listens on, as systemd's ssh.socket does on Debian and Ubuntu
+    /// (`ListenStream=22`): one dual-stack socket on `[::]:22`, so an IPv4
+    /// client's session is an IPv4-mapped IPv6 connection to the kernel,
+    /// and the listener is not an SSH daemon.
+    fn start_socket_activated(lab: &Lab) -> Result<Self> {
+        Self::start_with(lab, |key, _| {
+            format!("exec systemd-socket-activate -l 22 --inetd -a dropbear -i -s -r {key}")
+        })
+    }
+
+    /// `serve(host key, pid file)`: the shell command that serves SSH.
+    fn start_with(lab: &Lab, serve: impl Fn(&str, &str) -> String) -> Result<Self> {
         let dir = TempDir::new("ssh")?;
         // dropbear reads root's ~/.ssh: a home of the test's own is mounted
         // over /root in a private mount namespace (/root/.ssh need not exist).
@@ -49,12 +69,10 @@ impl SshServer {
         std::fs::set_permissions(&authorized, std::fs::Permissions::from_mode(0o600))?;
         let host_key = dir.join("host_key");
         run("dropbearkey", &["-t", "ed25519", "-f", path(&host_key)?])?;
-        let listen = format!("{}:22", lab.server_v4());
         let script = format!(
-            "mount --bind {} /root && exec dropbear -F -E -s -r {} -p {listen} -P {}",
+            "mount --bind {} /root && {}",
             path(&home)?,
-            path(&host_key)?,
-            path(&dir.join("dropbear.pid"))?,
+            serve(path(&host_key)?, path(&dir.join("dropbear.pid"))?),
         );
         let mut cmd = lab.server.command("unshare");
         cmd.args(["--mount", "--propagation", "private", "sh", "-c", &script])
@@ -237,6 +255,64 @@ fn a_change_that_would_cut_off_the_operators_ssh_session_is_refused() -> Result 
     pw.wait_for(WAIT, |v| {
         v["event"] == "policy" && v["change"] == "deny tcp/22"
     })?;
+    let status = pw.stop()?;
+    ensure!(status.success(), "{status}");
+    Ok(())
+}
+
+/// The same protection when sshd is socket-activated on a dual-stack
+/// `[::]:22` (systemd's ssh.socket): the kernel lists the IPv4 session as
+/// an IPv4-mapped IPv6 connection, and the listener is systemd's, not an
+/// SSH daemon's, so only the session's own `SSH_CONNECTION` tells. It was
+/// missed: the guard compared the mapped address with the IPv4 one.
+#[test]
+fn an_ipv4_session_through_a_dual_stack_ssh_socket_is_protected() -> Result {
+    let lab = Lab::new()?;
+    let policy = TempFile::new(
+        "lockout6",
+        "allow = [{ port = \"tcp/22\", from = [\"198.18.0.0/15\"] }, \"tcp/8080\"]\n",
+    )?;
+    let socket = lab.socket()?;
+    let mut pw = start_guard(&lab, &policy, &[])?;
+    let ssh = SshServer::start_socket_activated(&lab)?;
+    let portwatch = portwatch_bin();
+    let portwatch = path(&portwatch)?;
+
+    let hello = ssh.run(&lab, "echo $SSH_CONNECTION")?;
+    ensure!(hello.success(), "ssh: {hello:?}");
+    ensure!(
+        hello.stdout.trim_end().ends_with(" 22"),
+        "SSH_CONNECTION {:?}",
+        hello.stdout
+    );
+    let sockets = run(
+        "ip",
+        &[
+            "netns",
+            "exec",
+            &lab.server.name,
+            "ss",
+            "-Htln",
+            "sport",
+            "= :22",
+        ],
+    )?;
+    ensure!(
+        sockets.contains("[::]:22") || sockets.contains("*:22"),
+        "{sockets}"
+    );
+
+    let deny = ssh.run(&lab, &format!("{portwatch} deny tcp/22 --socket {socket}"))?;
+    ensure!(!deny.success(), "deny tcp/22 was applied: {deny:?}");
+    ensure!(
+        deny.stderr.contains(&format!(
+            "runs over SSH from {} to port 22",
+            lab.client_v4()
+        )),
+        "{deny:?}"
+    );
+    // Nothing was cut off: a new login still works.
+    ensure!(ssh.run(&lab, "true")?.success(), "a new SSH login fails");
     let status = pw.stop()?;
     ensure!(status.success(), "{status}");
     Ok(())

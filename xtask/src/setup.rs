@@ -28,7 +28,9 @@ const PACKAGES: &[&str] = &[
     "procps",
     "iputils-ping",
     // tests/tests/lockout.rs: a real SSH session into the guard's namespace
-    // (the server alone, no service: dropbear-bin ships no init script).
+    // (the server alone, no service: dropbear-bin ships no init script;
+    // systemd-socket-activate, from systemd below, starts it per
+    // connection as ssh.socket does).
     "dropbear-bin",
     "openssh-client",
     // `cargo xtask bench`: a packet generator (trafgen), TCP throughput,

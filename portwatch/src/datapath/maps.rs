@@ -546,7 +546,7 @@ impl GuardMaps {
     /// many were recorded.
     pub(crate) fn seed_udp_flows(
         &mut self,
-        flows: &[crate::snapshot::ConnectedUdp],
+        flows: &[crate::snapshot::Connected],
         monotonic_ns: u64,
     ) -> Result<usize> {
         for flow in flows {

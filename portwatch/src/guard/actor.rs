@@ -395,7 +395,7 @@ impl Guard {
     /// Records the connected UDP sockets of the guard's namespace as flows,
     /// so that replies to flows opened before the guard keep passing.
     pub fn seed_flows(&mut self) {
-        let flows = match crate::snapshot::connected_udp() {
+        let flows = match crate::snapshot::connected(Proto::Udp) {
             Ok(flows) => flows,
             Err(e) => {
                 log::warn!(
@@ -979,7 +979,7 @@ impl Guard {
             next,
             listeners.iter().copied(),
             ssh.as_deref(),
-            &lockout::established_tcp(),
+            &lockout::established_tcp(listeners.iter().copied(), ssh.as_deref()),
         )
     }
 

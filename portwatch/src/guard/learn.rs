@@ -450,8 +450,9 @@ impl Guard {
     fn ssh_sessions(&self, by: Requester, pipeline: &Pipeline) -> BTreeMap<u16, Vec<IpAddr>> {
         let mut out: BTreeMap<u16, BTreeSet<IpAddr>> = BTreeMap::new();
         let ssh = by.pid.and_then(procinfo::ssh_connection_of);
-        let listeners = pipeline.listeners().filter(|l| l.netns == self.netns);
-        for session in lockout::sessions(listeners, ssh.as_deref(), &lockout::established_tcp()) {
+        let listeners = || pipeline.listeners().filter(|l| l.netns == self.netns);
+        let established = lockout::established_tcp(listeners(), ssh.as_deref());
+        for session in lockout::sessions(listeners(), ssh.as_deref(), &established) {
             out.entry(session.port())
                 .or_default()
                 .insert(session.client());

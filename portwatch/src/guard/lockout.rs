@@ -1,11 +1,7 @@
 //! Lockout protection: before enforcing, find the sessions the policy would
 //! cut off, above all the SSH session the operator is typing in.
 
-use std::{
-    collections::BTreeSet,
-    fmt,
-    net::{IpAddr, Ipv4Addr, Ipv6Addr},
-};
+use std::{collections::BTreeSet, fmt, net::IpAddr};
 
 use crate::{
     model::{Listener, Proto},
@@ -96,13 +92,7 @@ pub fn sessions<'a>(
         });
     }
     let sshd_ports: BTreeSet<u16> = listeners
-        .filter(|l| {
-            l.proto == Proto::Tcp
-                && l.process
-                    .comm
-                    .as_deref()
-                    .is_some_and(|c| SSH_DAEMONS.contains(&c))
-        })
+        .filter(|l| is_ssh_daemon(l))
         .map(|l| l.port)
         .collect();
     for (local, port, remote) in established {
@@ -161,76 +151,128 @@ pub fn parse_ssh_connection(value: &str) -> Option<(IpAddr, IpAddr, u16)> {
     if fields.len() != 4 {
         return None;
     }
-    Some((
-        fields[0].parse().ok()?,
-        fields[2].parse().ok()?,
-        fields[3].parse().ok()?,
-    ))
+    // A daemon behind a dual-stack socket may name an IPv4 client by its
+    // IPv4-mapped IPv6 address; the kernel's table and the policy name it
+    // as IPv4.
+    let addr = |text: &str| text.parse::<IpAddr>().ok().map(|a| a.to_canonical());
+    Some((addr(fields[0])?, addr(fields[2])?, fields[3].parse().ok()?))
 }
 
-/// Established TCP connections of this network namespace: (local address,
-/// local port, remote address), from /proc/net/tcp{,6}.
-pub fn established_tcp() -> Vec<(IpAddr, u16, IpAddr)> {
-    let mut out = Vec::new();
-    for (table, v6) in [("/proc/net/tcp", false), ("/proc/net/tcp6", true)] {
-        let Ok(text) = std::fs::read_to_string(table) else {
-            continue;
-        };
-        for line in text.lines().skip(1) {
-            let cols: Vec<&str> = line.split_whitespace().collect();
-            // sl local rem st ...; 01 is ESTABLISHED
-            if cols.len() < 4 || cols[3] != "01" {
-                continue;
-            }
-            if let (Some((local, port)), Some((remote, _))) =
-                (parse_proc_addr(cols[1], v6), parse_proc_addr(cols[2], v6))
-            {
-                out.push((local, port, remote));
-            }
+/// Established TCP connections of this network namespace, (local address,
+/// local port, remote address), when there is a session to look for among
+/// them: an `SSH_CONNECTION`, or an SSH daemon among `listeners` (else
+/// none, without reading any). Addresses are canonical: a session from an
+/// IPv4 client to a dual-stack listener (`[::]:22`, as systemd's ssh.socket
+/// opens it) is named as `SSH_CONNECTION` names it, by IPv4 addresses.
+pub fn established_tcp<'a>(
+    listeners: impl IntoIterator<Item = &'a Listener>,
+    ssh_connection: Option<&str>,
+) -> Vec<(IpAddr, u16, IpAddr)> {
+    if ssh_connection.is_none() && !listeners.into_iter().any(is_ssh_daemon) {
+        return Vec::new();
+    }
+    match crate::snapshot::connected(Proto::Tcp) {
+        Ok(found) => found
+            .into_iter()
+            .map(|c| (c.local.ip(), c.local.port(), c.remote.ip()))
+            .collect(),
+        Err(e) => {
+            log::warn!(
+                "cannot list the established TCP connections ({e}): SSH sessions are not checked"
+            );
+            Vec::new()
         }
     }
-    out
 }
 
-/// `0100007F:0016` -> 127.0.0.1, 22. The kernel prints each 32-bit word of
-/// the address as it sits in memory, read as a native integer.
-fn parse_proc_addr(text: &str, v6: bool) -> Option<(IpAddr, u16)> {
-    let (addr, port) = text.split_once(':')?;
-    let port = u16::from_str_radix(port, 16).ok()?;
-    let word = |i: usize| -> Option<[u8; 4]> {
-        Some(
-            u32::from_str_radix(addr.get(i * 8..i * 8 + 8)?, 16)
-                .ok()?
-                .to_ne_bytes(),
-        )
-    };
-    let ip = if v6 {
-        let mut octets = [0u8; 16];
-        for i in 0..4 {
-            octets[i * 4..i * 4 + 4].copy_from_slice(&word(i)?);
-        }
-        IpAddr::V6(Ipv6Addr::from(octets))
-    } else {
-        IpAddr::V4(Ipv4Addr::from(word(0)?))
-    };
-    Some((ip, port))
+fn is_ssh_daemon(l: &Listener) -> bool {
+    l.proto == Proto::Tcp
+        && l.process
+            .comm
+            .as_deref()
+            .is_some_and(|c| SSH_DAEMONS.contains(&c))
 }
 
 #[cfg(test)]
 mod tests {
+    use std::{
+        io::Write as _,
+        net::{Ipv4Addr, TcpListener, TcpStream},
+        os::fd::{FromRawFd as _, IntoRawFd as _},
+    };
+
+    use nix::sys::socket::{
+        AddressFamily, Backlog, SockFlag, SockType, SockaddrIn6, bind, listen, setsockopt, socket,
+        sockopt::Ipv6V6Only,
+    };
+
     use super::*;
 
+    /// A listener on `[::]` that takes IPv4 too, whatever the host's
+    /// `bindv6only`, as systemd's ssh.socket opens port 22.
+    fn dual_stack_listener() -> Result<TcpListener, Box<dyn std::error::Error>> {
+        let fd = socket(
+            AddressFamily::Inet6,
+            SockType::Stream,
+            SockFlag::SOCK_CLOEXEC,
+            None,
+        )?;
+        setsockopt(&fd, Ipv6V6Only, &false)?;
+        bind(
+            std::os::fd::AsRawFd::as_raw_fd(&fd),
+            &SockaddrIn6::from(std::net::SocketAddrV6::new(
+                std::net::Ipv6Addr::UNSPECIFIED,
+                0,
+                0,
+                0,
+            )),
+        )?;
+        listen(&fd, Backlog::new(8)?)?;
+        // SAFETY: the fd is a listening TCP socket this function owns and
+        // hands over whole.
+        Ok(unsafe { TcpListener::from_raw_fd(fd.into_raw_fd()) })
+    }
+
+    /// An SSH session from an IPv4 client to a dual-stack listener: the
+    /// kernel names its ends as IPv4-mapped IPv6 addresses, SSH_CONNECTION
+    /// as IPv4 ones. The session must still be found, and a policy that
+    /// does not permit its port must be refused.
     #[test]
-    fn parses_proc_net_addresses() {
-        assert_eq!(
-            parse_proc_addr("0100007F:0016", false),
-            Some((IpAddr::V4(Ipv4Addr::LOCALHOST), 22))
+    fn an_ipv4_session_to_a_dual_stack_listener_is_found() -> Result<(), Box<dyn std::error::Error>>
+    {
+        let listener = dual_stack_listener()?;
+        let port = listener.local_addr()?.port();
+        let mut client = TcpStream::connect((Ipv4Addr::LOCALHOST, port))?;
+        client.write_all(b"SSH-2.0-test\r\n")?;
+        let (_server, _) = listener.accept()?;
+        let client_port = client.local_addr()?.port();
+        let ssh = format!("127.0.0.1 {client_port} 127.0.0.1 {port}");
+
+        let established = established_tcp(std::iter::empty(), Some(&ssh));
+        let loopback = IpAddr::V4(Ipv4Addr::LOCALHOST);
+        assert!(
+            established.contains(&(loopback, port, loopback)),
+            "{established:?}"
         );
+        let policy = Policy::parse("allow = [\"tcp/80\"]")?;
+        let found = problems(&policy, std::iter::empty(), Some(&ssh), &established);
         assert_eq!(
-            parse_proc_addr("00000000000000000000000001000000:1F90", true),
-            Some((IpAddr::V6(Ipv6Addr::LOCALHOST), 8080))
+            found,
+            vec![Lockout::Own {
+                client: loopback,
+                server: loopback,
+                port
+            }]
         );
-        assert_eq!(parse_proc_addr("zz:1", false), None);
+        // The daemon may name the ends as IPv4-mapped addresses.
+        let mapped = format!("::ffff:127.0.0.1 {client_port} ::ffff:127.0.0.1 {port}");
+        assert_eq!(
+            problems(&policy, std::iter::empty(), Some(&mapped), &established),
+            found
+        );
+        // Nothing to look for: nothing is read.
+        assert!(established_tcp(std::iter::empty(), None).is_empty());
+        Ok(())
     }
 
     #[test]

@@ -387,7 +387,8 @@ async fn start(
         }
     }
     let ssh = std::env::var("SSH_CONNECTION").ok();
-    let problems = lockout::problems(policy, local(), ssh.as_deref(), &lockout::established_tcp());
+    let established = lockout::established_tcp(local(), ssh.as_deref());
+    let problems = lockout::problems(policy, local(), ssh.as_deref(), &established);
     if !problems.is_empty() {
         if mode == Mode::Enforce && !setup.opts.force {
             bail!(
