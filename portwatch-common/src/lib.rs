@@ -710,22 +710,25 @@ pub struct PortCounters {
 #[repr(u32)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum GuardStat {
+    /// Packets passed. The kernel's slot leaves out replies to the host's
+    /// own flows (`FlowReplies`): user space adds them.
     Passed = 0,
     DropNoRule = 1,
     DropSource = 2,
     DropMalformed = 3,
     DropFragment = 4,
-    /// Drop reports not sent because of the rate limit. Counted in
-    /// `ReportBucket::suppressed` (a flood's every drop would otherwise pay
-    /// for a second per-CPU lookup); user space fills this index from it.
+    /// Drop reports not sent because of the rate limit. The kernel no
+    /// longer writes this slot: it counts them in `ReportBucket::suppressed`
+    /// (a flood's every drop would otherwise pay for a second per-CPU
+    /// lookup), and user space fills this index from there.
     ReportsSuppressed = 5,
     /// Drop reports not sent because the ring buffer was full.
     ReportsLost = 6,
     /// Outbound UDP packets recorded as flows by tc egress.
     FlowsRecorded = 7,
-    /// UDP packets passed as replies to a recorded flow. Counted here
-    /// instead of `Passed` (one count a packet); user space adds them to
-    /// `Passed`.
+    /// Packets passed as replies to a flow the host opened (UDP, SCTP,
+    /// port-less protocols: what tc egress records). Their only count in
+    /// the kernel (one a packet); user space adds them to `Passed`.
     FlowReplies = 8,
     /// Frames not addressed to the host that would have been dropped and
     /// passed on instead (`forwarded = "pass"`).
@@ -743,6 +746,12 @@ pub enum GuardStat {
 }
 
 pub const GUARD_STATS_LEN: u32 = 15;
+
+/// `GUARD_STATS`'s size: one slot more than there are counters, so that a
+/// map pinned by a build from before the flow replies were counted alone
+/// (its `Passed` holds them too) is not adopted, which would count those
+/// replies twice; a map of another size is made afresh.
+pub const GUARD_STATS_ENTRIES: u32 = GUARD_STATS_LEN + 1;
 
 pub const DROPS_RING_BYTES: u32 = 256 << 10;
 

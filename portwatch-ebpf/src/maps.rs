@@ -36,7 +36,7 @@ use aya_ebpf::maps::{Array, LpmTrie, LruHashMap};
 use portwatch_common::{BINDS_RING_BYTES, MAX_OWNED_PORTS, OwnerKey, OwnerRule};
 use portwatch_common::{
     DROPS_RING_BYTES, FLOW_PORT_ENTRIES, FLOW_PORTS_PER_ENTRY, Flow4Key, FlowKey, Frag4Key,
-    FragKey, FragVerdict, GUARD_STATS_LEN, GuardConfig, GuardStat, LocalKey, LocalList,
+    FragKey, FragVerdict, GUARD_STATS_ENTRIES, GuardConfig, GuardStat, LocalKey, LocalList,
     MAX_COUNTER_SLOTS, MAX_FLOWS, MAX_FRAGS, MAX_LOCAL_ADDRS, MAX_RATE_SOURCES, MAX_SRC_RULES,
     POLICY_PORT_SLOTS, PortCounters, RateKey, RateLimit, RateState, ReportBucket, SRC4_KEY_LEN,
     SRC6_KEY_LEN,
@@ -119,7 +119,7 @@ pub static COUNTERS: PerCpuArray<PortCounters> =
     PerCpuArray::with_max_entries(MAX_COUNTER_SLOTS, 0);
 
 #[map]
-pub static GUARD_STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(GUARD_STATS_LEN, 0);
+pub static GUARD_STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(GUARD_STATS_ENTRIES, 0);
 
 /// Where tc's header walk loads bytes that lie past an skb's linear part
 /// (`bpf_skb_load_bytes` needs memory to write to): here rather than on

@@ -419,9 +419,6 @@ pub fn own_listening_sockets() -> Vec<(Proto, IpAddr, u16, u64)> {
         .unwrap_or_default()
 }
 
-/// A connected UDP socket: the flow whose replies the host expects.
-/// IPv4-mapped addresses of dual-stack sockets are given as IPv4, as the
-/// packets carry them.
 /// A connected socket's two ends, addresses canonical (an IPv4 peer of a
 /// dual-stack IPv6 socket is an IPv4 address, as `SSH_CONNECTION` and
 /// the policy name it).

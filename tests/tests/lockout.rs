@@ -263,8 +263,11 @@ fn a_change_that_would_cut_off_the_operators_ssh_session_is_refused() -> Result 
 /// The same protection when sshd is socket-activated on a dual-stack
 /// `[::]:22` (systemd's ssh.socket): the kernel lists the IPv4 session as
 /// an IPv4-mapped IPv6 connection, and the listener is systemd's, not an
-/// SSH daemon's, so only the session's own `SSH_CONNECTION` tells. It was
-/// missed: the guard compared the mapped address with the IPv4 one.
+/// SSH daemon's, so only the session's own `SSH_CONNECTION` tells.
+/// dropbear names the ends as mapped addresses too; OpenSSH names them
+/// by IPv4, and then the session was not found at all (the guard compared
+/// IPv4 with the kernel's mapped address) and the change went through.
+/// Both forms are refused, naming the client by its IPv4 address.
 #[test]
 fn an_ipv4_session_through_a_dual_stack_ssh_socket_is_protected() -> Result {
     let lab = Lab::new()?;
@@ -278,13 +281,6 @@ fn an_ipv4_session_through_a_dual_stack_ssh_socket_is_protected() -> Result {
     let portwatch = portwatch_bin();
     let portwatch = path(&portwatch)?;
 
-    let hello = ssh.run(&lab, "echo $SSH_CONNECTION")?;
-    ensure!(hello.success(), "ssh: {hello:?}");
-    ensure!(
-        hello.stdout.trim_end().ends_with(" 22"),
-        "SSH_CONNECTION {:?}",
-        hello.stdout
-    );
     let sockets = run(
         "ip",
         &[
@@ -301,16 +297,38 @@ fn an_ipv4_session_through_a_dual_stack_ssh_socket_is_protected() -> Result {
         sockets.contains("[::]:22") || sockets.contains("*:22"),
         "{sockets}"
     );
-
-    let deny = ssh.run(&lab, &format!("{portwatch} deny tcp/22 --socket {socket}"))?;
-    ensure!(!deny.success(), "deny tcp/22 was applied: {deny:?}");
+    let hello = ssh.run(&lab, "echo $SSH_CONNECTION")?;
+    ensure!(hello.success(), "ssh: {hello:?}");
     ensure!(
-        deny.stderr.contains(&format!(
-            "runs over SSH from {} to port 22",
-            lab.client_v4()
-        )),
-        "{deny:?}"
+        hello
+            .stdout
+            .starts_with(&format!("::ffff:{} ", lab.client_v4()))
+            && hello.stdout.trim_end().ends_with(" 22"),
+        "SSH_CONNECTION {:?}",
+        hello.stdout
     );
+
+    // As dropbear names the session (mapped), and as OpenSSH would (IPv4):
+    // the guard reads the asking process's own environment.
+    let deny = format!("{portwatch} deny tcp/22 --socket {socket}");
+    let as_openssh = format!(
+        "set -- $SSH_CONNECTION; \
+         SSH_CONNECTION=\"${{1#::ffff:}} $2 ${{3#::ffff:}} $4\" {deny}"
+    );
+    for (form, command) in [("mapped", deny.clone()), ("IPv4", as_openssh)] {
+        let refused = ssh.run(&lab, &command)?;
+        ensure!(
+            !refused.success(),
+            "deny tcp/22 was applied ({form} SSH_CONNECTION): {refused:?}"
+        );
+        ensure!(
+            refused.stderr.contains(&format!(
+                "runs over SSH from {} to port 22",
+                lab.client_v4()
+            )),
+            "{form} SSH_CONNECTION: {refused:?}"
+        );
+    }
     // Nothing was cut off: a new login still works.
     ensure!(ssh.run(&lab, "true")?.success(), "a new SSH login fails");
     let status = pw.stop()?;

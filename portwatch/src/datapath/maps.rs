@@ -185,7 +185,10 @@ pub struct MapImage {
     pub limits: BTreeMap<u32, RateLimit>,
 }
 
-/// Guard-wide counters summed over CPUs, indexed like `GuardStat`.
+/// Guard-wide counters summed over CPUs, indexed like `GuardStat`, as
+/// user space puts them together (`GuardMaps::totals`): `Passed` includes
+/// the flow replies and `ReportsSuppressed` comes from the report bucket,
+/// unlike the kernel's slots.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct GuardTotals(pub [u64; GUARD_STATS_LEN as usize]);
 
