@@ -1381,3 +1381,61 @@ fn tc_ingress_judges_headers_outside_the_linear_part() -> Result {
     assert_eq!(malformed, 0);
     Ok(())
 }
+
+/// Every dropped packet is reported, held back by the report rate limit,
+/// or lost for want of ring space, and the counts add up: a SYN scan of
+/// 200 closed ports under one report a second leaves a few reports in the
+/// stream and counts the rest as held back, the same number in `status`
+/// and in the summary.
+#[test]
+fn every_drop_is_reported_or_counted_as_held_back() -> Result {
+    let lab = Lab::new()?;
+    let policy = TempFile::new("heldback", "allow = [\"tcp/22\"]\n")?;
+    let mut pw = start_guard(&lab, &policy, &["--report-rate", "1"])?;
+    // One open port, so that nmap lists one among the filtered ones.
+    let _server = tcp_server(&lab.server, 22)?;
+    let found = nmap(&lab, &["-sS", "-p", "22,1000-1199"], lab.server_v4())?;
+    ensure!(
+        found.get(&("tcp".to_owned(), 22)).map(String::as_str) == Some("open"),
+        "{found:?}"
+    );
+    // The scan is over: the kernel's counts are final.
+    let totals = portwatch_tests::net::status_json(&lab)?["totals"].clone();
+    let count = |k: &str| {
+        totals[k]
+            .as_u64()
+            .with_context(|| format!("{k} in {totals}"))
+    };
+    let dropped = [
+        "drop_no_rule",
+        "drop_source",
+        "drop_malformed",
+        "drop_fragment",
+        "drop_rate_limited",
+    ]
+    .iter()
+    .map(|k| count(k))
+    .sum::<Result<u64>>()?;
+    let (held_back, lost) = (count("reports_suppressed")?, count("reports_lost")?);
+    let status = pw.stop()?;
+    ensure!(status.success(), "{status}");
+    let summary = summary(&pw)?;
+    let reported = summary["drops"].as_u64().context("drops")?;
+    ensure!(
+        dropped >= 200,
+        "{dropped} drops counted for 200 ports: {totals}"
+    );
+    ensure!(
+        held_back > 0 && reported > 0,
+        "{reported} reported, {held_back} held back: {totals}"
+    );
+    ensure!(
+        reported + held_back + lost == dropped,
+        "{reported} reported + {held_back} held back + {lost} lost != {dropped} dropped"
+    );
+    ensure!(
+        summary["suppressed"] == held_back,
+        "summary {summary} against status {totals}"
+    );
+    Ok(())
+}
