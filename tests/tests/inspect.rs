@@ -375,3 +375,79 @@ fn verify_names_the_listener_whose_policy_map_was_altered_behind_the_guards_back
     pw.stop()?;
     Ok(())
 }
+
+/// The automatic verify after a change probes a host's listeners a chunk
+/// per turn of the guard's loop (the stream and the control socket go on
+/// in between): with 600 listeners it still covers every one of them,
+/// and its result is the one `status` shows.
+#[test]
+fn the_automatic_verify_covers_hundreds_of_listeners_in_chunks() -> Result {
+    const LISTENERS: usize = 600;
+    let lab = Lab::new()?;
+    let policy = TempFile::new("verifymany", "allow = [\"tcp/22\"]\n")?;
+    let mut pw = start_guard(&lab, &policy, &[])?;
+    let script = format!(
+        "import socket, sys, time\n\
+         socks = []\n\
+         for i in range({LISTENERS}):\n\
+         \x20   s = socket.socket()\n\
+         \x20   s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n\
+         \x20   s.bind(('0.0.0.0', 31000 + i))\n\
+         \x20   s.listen(1)\n\
+         \x20   socks.append(s)\n\
+         print('ready', flush=True)\n\
+         time.sleep(120)\n"
+    );
+    let mut cmd = lab.server.command("python3");
+    cmd.args(["-c", &script])
+        .stdout(std::process::Stdio::null());
+    let _listeners = portwatch_tests::ChildGuard::spawn(&mut cmd)?;
+    // The guard has seen them all.
+    let deadline = std::time::Instant::now() + WAIT;
+    loop {
+        let status = status_json(&lab)?;
+        let seen = status["listeners"].as_array().map_or(0, |ls| {
+            ls.iter()
+                .filter(|l| l["port"].as_u64() >= Some(31000))
+                .count()
+        });
+        if seen == LISTENERS {
+            break;
+        }
+        ensure!(
+            std::time::Instant::now() < deadline,
+            "the guard lists {seen} of the {LISTENERS} listeners"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let socket = lab.socket()?;
+    succeeded(
+        &Command::new(portwatch_bin())
+            .args(["allow", "tcp/5555", "--socket", &socket])
+            .output()?,
+    )?;
+    let deadline = std::time::Instant::now() + WAIT;
+    let verify = loop {
+        let status = status_json(&lab)?;
+        if status["verify"]["trigger"] == "allow tcp/5555" {
+            break status["verify"].clone();
+        }
+        ensure!(
+            std::time::Instant::now() < deadline,
+            "no verify after the change: {}",
+            status["verify"]
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    ensure!(verify["ok"] == true, "{verify}");
+    ensure!(verify["unchecked"] == 0, "{verify}");
+    let listeners = verify["listeners"].as_u64().context("listeners")?;
+    ensure!(listeners >= LISTENERS as u64, "{verify}");
+    // No rule: each is probed from outside, and TCP with a scan's segment.
+    ensure!(
+        verify["probes"].as_u64() >= Some(2 * LISTENERS as u64),
+        "{verify}"
+    );
+    pw.stop()?;
+    Ok(())
+}

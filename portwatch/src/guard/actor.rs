@@ -119,6 +119,8 @@ pub enum Input {
     LayOutCounters,
     /// A policy file read and checked off the loop, to put in force.
     Loaded(Box<super::loading::Loaded>),
+    /// The automatic verify under way goes on by a chunk.
+    VerifyMore,
 }
 
 /// A change in force that reverts unless confirmed in time.
@@ -225,6 +227,8 @@ pub struct Guard {
     /// opened or closed, an interface re-attached): verify at the next
     /// housekeeping, so that a burst of them costs one run. What caused it.
     pub(super) verify_due: Option<String>,
+    /// The automatic verify under way, a chunk per turn of the loop.
+    pub(super) verify_run: Option<super::inspect::VerifyRun>,
 }
 
 /// Everything `Guard::new` needs.
@@ -290,6 +294,7 @@ impl Guard {
             last_verify: None,
             recording_until: None,
             verify_due: None,
+            verify_run: None,
         }
     }
 

@@ -45,6 +45,18 @@ const NETS_PER_RULE: usize = 8;
 /// Listeners the automatic verify after a change probes; a requested
 /// `verify` probes all (each probe is one BPF_PROG_TEST_RUN, ~1-2 µs).
 pub(super) const AUTO_VERIFY_LISTENERS: usize = 4096;
+/// Listeners the automatic verify probes per turn of the loop (a few
+/// milliseconds): on a host with thousands of listeners the stream and
+/// the control socket go on between turns instead of waiting for it all.
+const VERIFY_CHUNK: usize = 256;
+
+/// An automatic verify under way: its report so far, the listeners it
+/// probes (as they were when it began) and how many are done.
+pub(super) struct VerifyRun {
+    report: VerifyReport,
+    listeners: Vec<Listener>,
+    done: usize,
+}
 
 /// What the policy alone says of a packet.
 struct Prediction {
@@ -429,6 +441,19 @@ impl Guard {
         trigger: &str,
         bound: Option<usize>,
     ) -> VerifyReport {
+        let mut run = self.start_verify(pipeline, trigger, bound);
+        self.verify_some(&mut run, usize::MAX);
+        run.report
+    }
+
+    /// A verify's report head (the interfaces) and the listeners it will
+    /// probe.
+    fn start_verify(
+        &mut self,
+        pipeline: &Pipeline,
+        trigger: &str,
+        bound: Option<usize>,
+    ) -> VerifyRun {
         let mut report = VerifyReport {
             at: now_unix(),
             trigger: trigger.to_string(),
@@ -449,14 +474,25 @@ impl Guard {
             report.unchecked = listeners.len() - bound;
             listeners.truncate(bound);
         }
-        for l in &listeners {
-            let row = self.verify_listener(l, &mut report.probes);
-            if !row.ok {
-                report.disagreements += 1;
-            }
-            report.rows.push(row);
+        VerifyRun {
+            report,
+            listeners,
+            done: 0,
         }
-        report
+    }
+
+    /// Probes up to `n` more of `run`'s listeners; whether all are done.
+    fn verify_some(&mut self, run: &mut VerifyRun, n: usize) -> bool {
+        let end = run.done.saturating_add(n).min(run.listeners.len());
+        for l in &run.listeners[run.done..end] {
+            let row = self.verify_listener(l, &mut run.report.probes);
+            if !row.ok {
+                run.report.disagreements += 1;
+            }
+            run.report.rows.push(row);
+        }
+        run.done = end;
+        run.done == run.listeners.len()
     }
 
     fn verify_interfaces(&mut self, report: &mut VerifyReport) {
@@ -650,10 +686,25 @@ impl Guard {
     /// The automatic verify after a change or at start: bounded, logged,
     /// kept for `status`, `top` and the metrics. It covers whatever was
     /// due.
+    /// Probed a chunk at a time (`continue_verify`); one begun before is
+    /// dropped, as the policy or the datapath it was checking has changed.
     pub fn verify_after(&mut self, pipeline: &Pipeline, trigger: &str) {
         self.verify_due = None;
-        let report = self.verify(pipeline, trigger, Some(AUTO_VERIFY_LISTENERS));
-        self.record_verify(&report);
+        self.verify_run = Some(self.start_verify(pipeline, trigger, Some(AUTO_VERIFY_LISTENERS)));
+        self.continue_verify();
+    }
+
+    /// The automatic verify's next chunk, if one is under way; its result
+    /// is kept when the last chunk is done.
+    pub fn continue_verify(&mut self) {
+        let Some(mut run) = self.verify_run.take() else {
+            return;
+        };
+        if self.verify_some(&mut run, VERIFY_CHUNK) {
+            self.record_verify(&run.report);
+        } else {
+            self.verify_run = Some(run);
+        }
     }
 
     /// Keeps a verify's result and logs it.

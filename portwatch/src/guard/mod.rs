@@ -484,6 +484,7 @@ impl Daemon for Guard {
             .housekeeping
             .get_or_insert_with(|| tokio::time::interval(actor::HOUSEKEEPING));
         let unconfirmed = self.awaiting.as_ref().map(|a| a.at);
+        let verifying = self.verify_run.is_some();
         tokio::select! {
             _ = housekeeping.tick() => Ok(Input::Housekeeping),
             () = sleep_until(unconfirmed) => Ok(Input::ConfirmExpired),
@@ -509,6 +510,9 @@ impl Daemon for Guard {
             changes = next_links(links) => Ok(Input::Links(changes?)),
             // The guard holds the sender: this never ends.
             Some(loaded) = self.loaded_rx.recv() => Ok(Input::Loaded(Box::new(loaded))),
+            // Ready at once, and picked at random among whatever else is:
+            // the verify goes on between the loop's other work.
+            () = std::future::ready(()), if verifying => Ok(Input::VerifyMore),
         }
     }
 
@@ -572,6 +576,7 @@ impl Guard {
                 }
             }
             Input::Loaded(loaded) => self.reload_loaded(pipeline, *loaded)?,
+            Input::VerifyMore => self.continue_verify(),
             Input::ConfirmExpired => {
                 if let Some(event) = self.revert_unconfirmed("in time") {
                     pipeline.set_exposure(self.exposure_view());

@@ -83,6 +83,8 @@ impl Guard {
             }),
             Request::Verify => {
                 let report = self.verify(pipeline, "request", None);
+                // It covers all an automatic one under way would.
+                self.verify_run = None;
                 self.record_verify(&report);
                 Reply::Once(Response::Verify(Box::new(report)))
             }
