@@ -510,9 +510,11 @@ impl Daemon for Guard {
             changes = next_links(links) => Ok(Input::Links(changes?)),
             // The guard holds the sender: this never ends.
             Some(loaded) = self.loaded_rx.recv() => Ok(Input::Loaded(Box::new(loaded))),
-            // Ready at once, and picked at random among whatever else is:
-            // the verify goes on between the loop's other work.
-            () = std::future::ready(()), if verifying => Ok(Input::VerifyMore),
+            // The runtime has one thread: the verify goes on after the
+            // scheduler has run the control server's tasks and polled the
+            // ring buffers and timers once (a future that is ready at once
+            // would never let them in).
+            () = tokio::task::yield_now(), if verifying => Ok(Input::VerifyMore),
         }
     }
 
@@ -581,6 +583,9 @@ impl Guard {
                 if let Some(event) = self.revert_unconfirmed("in time") {
                     pipeline.set_exposure(self.exposure_view());
                     pipeline.emit(event)?;
+                    // Tested like any change (and not under the reverted
+                    // change's name, if its verify was under way).
+                    self.verify_after(pipeline, "revert (not confirmed)");
                 }
             }
             Input::Links(changes) => {
