@@ -678,25 +678,28 @@ impl GuardMaps {
     pub fn totals(&self) -> GuardTotals {
         let mut totals = GuardTotals::default();
         for (i, slot) in totals.0.iter_mut().enumerate() {
-            *slot = self.stat_at(i as u32);
+            *slot = self.total_at(i as u32);
         }
-        totals.0[GuardStat::Passed as usize] += totals.get(GuardStat::FlowReplies);
-        totals.0[GuardStat::ReportsSuppressed as usize] = self.suppressed();
         totals
     }
 
     /// One guard-wide counter, summed over CPUs: one or two map reads
     /// where `totals` makes `GUARD_STATS_LEN` (a drop report asks for one
-    /// on every wake-up of a flood). The programs count a packet once: a
-    /// reply to an own flow only as that, a held-back report only in the
-    /// report bucket; the totals are put together here.
+    /// on every wake-up of a flood).
     pub fn stat(&self, stat: GuardStat) -> u64 {
-        match stat {
-            GuardStat::Passed => {
-                self.stat_at(stat as u32) + self.stat_at(GuardStat::FlowReplies as u32)
-            }
-            GuardStat::ReportsSuppressed => self.suppressed(),
-            stat => self.stat_at(stat as u32),
+        self.total_at(stat as u32)
+    }
+
+    /// The counter at `index` as user space tells it. The programs count a
+    /// packet once: a reply to an own flow only as that, a held-back report
+    /// only in the report bucket; the totals are put together here.
+    fn total_at(&self, index: u32) -> u64 {
+        const PASSED: u32 = GuardStat::Passed as u32;
+        const SUPPRESSED: u32 = GuardStat::ReportsSuppressed as u32;
+        match index {
+            PASSED => self.stat_at(PASSED) + self.stat_at(GuardStat::FlowReplies as u32),
+            SUPPRESSED => self.suppressed(),
+            index => self.stat_at(index),
         }
     }
 

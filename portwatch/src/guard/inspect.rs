@@ -50,12 +50,11 @@ pub(super) const AUTO_VERIFY_LISTENERS: usize = 4096;
 /// the control socket go on between turns instead of waiting for it all.
 const VERIFY_CHUNK: usize = 256;
 
-/// An automatic verify under way: its report so far, the listeners it
-/// probes (as they were when it began) and how many are done.
+/// An automatic verify under way: its report so far (a row per listener
+/// probed) and the listeners it probes, as they were when it began.
 pub(super) struct VerifyRun {
     report: VerifyReport,
     listeners: Vec<Listener>,
-    done: usize,
 }
 
 /// What the policy alone says of a packet.
@@ -474,25 +473,21 @@ impl Guard {
             report.unchecked = listeners.len() - bound;
             listeners.truncate(bound);
         }
-        VerifyRun {
-            report,
-            listeners,
-            done: 0,
-        }
+        VerifyRun { report, listeners }
     }
 
     /// Probes up to `n` more of `run`'s listeners; whether all are done.
     fn verify_some(&mut self, run: &mut VerifyRun, n: usize) -> bool {
-        let end = run.done.saturating_add(n).min(run.listeners.len());
-        for l in &run.listeners[run.done..end] {
+        let done = run.report.rows.len();
+        let end = done.saturating_add(n).min(run.listeners.len());
+        for l in &run.listeners[done..end] {
             let row = self.verify_listener(l, &mut run.report.probes);
             if !row.ok {
                 run.report.disagreements += 1;
             }
             run.report.rows.push(row);
         }
-        run.done = end;
-        run.done == run.listeners.len()
+        end == run.listeners.len()
     }
 
     fn verify_interfaces(&mut self, report: &mut VerifyReport) {

@@ -198,7 +198,7 @@ mod tests {
     use std::{
         io::Write as _,
         net::{Ipv4Addr, TcpListener, TcpStream},
-        os::fd::{FromRawFd as _, IntoRawFd as _},
+        os::fd::AsRawFd as _,
     };
 
     use nix::sys::socket::{
@@ -219,7 +219,7 @@ mod tests {
         )?;
         setsockopt(&fd, Ipv6V6Only, &false)?;
         bind(
-            std::os::fd::AsRawFd::as_raw_fd(&fd),
+            fd.as_raw_fd(),
             &SockaddrIn6::from(std::net::SocketAddrV6::new(
                 std::net::Ipv6Addr::UNSPECIFIED,
                 0,
@@ -228,9 +228,7 @@ mod tests {
             )),
         )?;
         listen(&fd, Backlog::new(8)?)?;
-        // SAFETY: the fd is a listening TCP socket this function owns and
-        // hands over whole.
-        Ok(unsafe { TcpListener::from_raw_fd(fd.into_raw_fd()) })
+        Ok(TcpListener::from(fd))
     }
 
     /// An SSH session from an IPv4 client to a dual-stack listener: the
