@@ -223,6 +223,13 @@ async fn event_loop<D: Daemon>(
             }
         }
         pipeline.flush()?;
+        if pipeline.followers_waiting() {
+            // The followers' writers are tasks on this thread. In a burst
+            // every turn finds the ring readable, and the loop would give
+            // them the thread only when tokio's budget runs out: tens of
+            // thousands of events later.
+            tokio::task::yield_now().await;
+        }
     }
 }
 

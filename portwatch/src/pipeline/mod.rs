@@ -225,6 +225,12 @@ impl Pipeline {
         self.sink.flush()
     }
 
+    /// Whether a follower's writer has lines to take: the loop then lets
+    /// the writers run before its next turn.
+    pub fn followers_waiting(&self) -> bool {
+        self.subscribers.any_queued()
+    }
+
     /// When the sink wants `tick` called; None: never.
     pub fn next_tick(&self) -> Option<SystemTime> {
         let now = SystemTime::now();

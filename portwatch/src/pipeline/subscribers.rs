@@ -344,6 +344,11 @@ impl Subscribers {
         self.keep(|s| s.push() != Taken::Gone);
     }
 
+    /// Whether a follower has lines queued that its writer has not taken.
+    pub fn any_queued(&self) -> bool {
+        self.all.iter().any(|s| s.queued() > 0)
+    }
+
     /// Whether a follower waits to catch up.
     pub fn any_behind(&self) -> bool {
         self.all.iter().any(Subscriber::is_behind)
