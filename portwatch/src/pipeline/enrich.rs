@@ -8,8 +8,10 @@
 //! slow /proc makes the kernel count lost events rather than this queue
 //! grow without bound. A batch whose processes are all in the cache (the
 //! common case in a burst: many listeners from a few processes) is enriched
-//! on the loop itself when nothing is out: two thread hand-overs per batch
-//! cost more than the lookups (they were a quarter of the stream's CPU).
+//! on the loop itself, and held back until the batches before it are back
+//! from the worker: two thread hand-overs per batch cost more than the
+//! lookups (they were a quarter of the stream's CPU), and the worker woken
+//! for each batch took the loop's CPU in a burst.
 
 use std::{
     collections::{HashMap, VecDeque},
@@ -50,12 +52,16 @@ pub struct Enriched {
 pub struct Enricher {
     to_worker: Option<std_mpsc::SyncSender<Vec<RawListen>>>,
     from_worker: mpsc::Receiver<Vec<Enriched>>,
-    in_flight: usize,
+    /// The numbers of the batches out with the worker, oldest first (it
+    /// answers in order).
+    out: VecDeque<u64>,
     /// Shared with the worker, which holds it while it reads /proc; the
     /// loop only ever tries it.
     cache: Arc<Mutex<ProcCache>>,
-    /// Batches enriched on the loop, not yet taken.
-    ready: VecDeque<Vec<Enriched>>,
+    /// Batches enriched on the loop, not yet taken, with their numbers.
+    ready: VecDeque<(u64, Vec<Enriched>)>,
+    /// The next batch's number: batches are taken in the order submitted.
+    next_seq: u64,
 }
 
 impl Enricher {
@@ -84,62 +90,68 @@ impl Enricher {
         Ok(Self {
             to_worker: Some(to_worker),
             from_worker,
-            in_flight: 0,
+            out: VecDeque::new(),
             cache,
             ready: VecDeque::new(),
+            next_seq: 0,
         })
     }
 
-    /// Whether another batch may be submitted now.
+    /// Whether another batch may be submitted now: batches held back
+    /// behind the worker's count too, so a stuck /proc read stops the
+    /// ring's reading rather than letting them pile up.
     pub fn has_room(&self) -> bool {
-        self.in_flight < MAX_IN_FLIGHT
+        self.out.len() + self.ready.len() < MAX_IN_FLIGHT
     }
 
     /// Whether every submitted batch has come back.
     pub fn is_idle(&self) -> bool {
-        self.in_flight == 0 && self.ready.is_empty()
+        self.out.is_empty() && self.ready.is_empty()
     }
 
-    /// Enriches a batch, on the loop when /proc need not be read and the
-    /// worker is idle (so order holds), else on the worker. Never blocks
-    /// while `has_room`.
+    /// Enriches a batch, on the loop when /proc need not be read, else on
+    /// the worker. Never blocks while `has_room`.
     pub fn submit(&mut self, batch: Vec<RawListen>) {
         if batch.is_empty() {
             return;
         }
-        if self.in_flight == 0
-            && let Ok(mut procs) = self.cache.try_lock()
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        if let Ok(mut procs) = self.cache.try_lock()
             && procs.all_warm(&batch)
         {
             let done = procs.enrich_all(batch);
             drop(procs);
-            self.ready.push_back(done);
+            self.ready.push_back((seq, done));
             return;
         }
         if let Some(tx) = &self.to_worker
             && tx.send(batch).is_ok()
         {
-            self.in_flight += 1;
+            self.out.push_back(seq);
         }
     }
 
-    /// The next enriched batch; never completes while nothing is out.
+    /// The next enriched batch, in the order submitted; never completes
+    /// while nothing is out.
     pub async fn next(&mut self) -> Vec<Enriched> {
-        if let Some(done) = self.ready.pop_front() {
+        let worker_first = match (self.out.front(), self.ready.front()) {
+            (None, None) => return std::future::pending().await,
+            (Some(out), Some((ready, _))) => out < ready,
+            (out, _) => out.is_some(),
+        };
+        if !worker_first && let Some((_, done)) = self.ready.pop_front() {
             return done;
-        }
-        if self.in_flight == 0 {
-            return std::future::pending().await;
         }
         match self.from_worker.recv().await {
             Some(batch) => {
-                self.in_flight -= 1;
+                self.out.pop_front();
                 batch
             }
             // The worker is gone (it cannot panic on its own, but a
             // thread can be killed): what was out is lost with it.
             None => {
-                self.in_flight = 0;
+                self.out.clear();
                 log::error!("the /proc worker ended; listener details are no longer added");
                 Vec::new()
             }
@@ -417,6 +429,44 @@ mod tests {
         }
     }
 
+    /// A warm batch enriched on the loop while a cold one is out with the
+    /// worker waits for it: the stream keeps the kernel's order.
+    #[tokio::test]
+    async fn a_warm_batch_on_the_loop_comes_out_after_the_cold_one_before_it() {
+        let mut enricher = Enricher::start().expect("worker starts");
+        // Our own process in the cache.
+        enricher.submit(vec![raw(EventKind::Listen, 1)]);
+        while !enricher.is_idle() {
+            enricher.next().await;
+        }
+        // A process the cache has not seen: the worker reads /proc.
+        let mut child = std::process::Command::new("sleep")
+            .arg("30")
+            .spawn()
+            .expect("sleep starts");
+        let mut cold = raw(EventKind::Listen, 2);
+        cold.tgid = child.id();
+        cold.comm = "sleep".into();
+        enricher.submit(vec![cold]);
+        assert_eq!(enricher.out.len(), 1, "a cold batch stayed on the loop");
+        // Once the worker has answered, it holds the cache no longer, so
+        // the next batch is certain to be enriched here.
+        while enricher.from_worker.is_empty() {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        enricher.submit(vec![raw(EventKind::Listen, 3)]);
+        assert_eq!(enricher.out.len(), 1, "a warm batch went to the worker");
+        assert_eq!(enricher.ready.len(), 1);
+        let first = enricher.next().await;
+        let second = enricher.next().await;
+        let _ = child.kill();
+        let _ = child.wait();
+        assert_eq!(first[0].listener.port, 2, "{first:?}");
+        assert_eq!(first[0].listener.process.pid, Some(child.id()));
+        assert_eq!(second[0].listener.port, 3, "{second:?}");
+        assert!(enricher.is_idle());
+    }
+
     #[tokio::test]
     async fn batches_come_back_in_order_with_proc_details() {
         let mut enricher = Enricher::start().expect("worker starts");
@@ -439,9 +489,9 @@ mod tests {
         }
         use EventKind::{Close, Listen};
         // Our process is in the cache now: the next batch is enriched on
-        // the spot, with the same details, and comes out first.
+        // the spot, with the same details.
         enricher.submit(vec![raw(EventKind::Listen, 4)]);
-        assert_eq!(enricher.in_flight, 0, "a warm batch went to the worker");
+        assert!(enricher.out.is_empty(), "a warm batch went to the worker");
         assert!(!enricher.is_idle());
         let warm = enricher.next().await;
         assert_eq!(warm.len(), 1);
