@@ -204,11 +204,49 @@ pub struct Subscription {
 }
 
 impl Subscription {
-    /// Whether the next line is already here (read, not yet returned): a
-    /// copier flushes its output only when it is not, so a burst costs one
-    /// write per buffer rather than one per line.
-    pub fn more_buffered(&self) -> bool {
-        self.reader.buffer().contains(&b'\n')
+    /// Copies the stream to `out` as it comes, whole lines only (a line
+    /// cut by a read waits for its end), flushing after each read: a burst
+    /// costs a write per read of up to 256 KiB, not a line's parse and
+    /// write each. Returns when the guard ends the stream (a last line
+    /// without its newline gets one).
+    pub fn copy_lines(&mut self, out: &mut impl io::Write) -> io::Result<()> {
+        let mut partial = Vec::new();
+        while !self.done {
+            let read = match self.reader.fill_buf() {
+                Ok(read) => read,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    self.done = true;
+                    return Err(e);
+                }
+            };
+            if read.is_empty() {
+                self.done = true;
+                if !partial.is_empty() {
+                    partial.push(b'\n');
+                    out.write_all(&partial)?;
+                }
+                break;
+            }
+            let n = read.len();
+            match read.iter().rposition(|&b| b == b'\n') {
+                Some(last) if partial.is_empty() => {
+                    out.write_all(&read[..=last])?;
+                    partial.extend_from_slice(&read[last + 1..]);
+                }
+                Some(last) => {
+                    // The cut line's end, in the same write as its start.
+                    partial.extend_from_slice(&read[..=last]);
+                    out.write_all(&partial)?;
+                    partial.clear();
+                    partial.extend_from_slice(&read[last + 1..]);
+                }
+                None => partial.extend_from_slice(read),
+            }
+            self.reader.consume(n);
+            out.flush()?;
+        }
+        out.flush()
     }
 }
 
@@ -271,6 +309,58 @@ mod tests {
     use super::*;
 
     use crate::control::protocol::ChangeResponse;
+
+    /// Writes, each kept as it came.
+    #[derive(Default)]
+    struct Writes(Vec<Vec<u8>>);
+
+    impl io::Write for Writes {
+        fn write(&mut self, data: &[u8]) -> io::Result<usize> {
+            self.0.push(data.to_vec());
+            Ok(data.len())
+        }
+
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn a_copied_stream_is_written_in_whole_lines() {
+        let (ours, theirs) = UnixStream::pair().expect("socket pair");
+        // A buffer shorter than the lines: each is cut by reads.
+        let mut sub = Subscription {
+            reader: BufReader::with_capacity(7, ours),
+            done: false,
+        };
+        let sent = b"{\"event\":\"listen\",\"port\":1}\nshort\n\n{\"event\":\"close\"}\nno newline";
+        let writer = std::thread::spawn(move || {
+            let mut theirs = theirs;
+            for piece in sent.chunks(5) {
+                theirs.write_all(piece).expect("write");
+            }
+        });
+        let mut out = Writes::default();
+        sub.copy_lines(&mut out).expect("copied");
+        writer.join().expect("writer");
+        let all: Vec<u8> = out.0.concat();
+        let mut want = sent.to_vec();
+        want.push(b'\n');
+        assert_eq!(
+            String::from_utf8_lossy(&all),
+            String::from_utf8_lossy(&want)
+        );
+        // Every write ends a line: a line is never cut between two.
+        for w in &out.0 {
+            let whole = w.last() == Some(&b'\n');
+            assert!(
+                whole,
+                "a write left a line open: {:?}",
+                String::from_utf8_lossy(w)
+            );
+        }
+        assert!(sub.done);
+    }
 
     #[test]
     fn responses() {

@@ -1,10 +1,7 @@
 //! `portwatch watch` while a guard runs: the guard's own stream instead of
 //! a second set of kernel hooks.
 
-use std::{
-    io::{self, Write as _},
-    path::Path,
-};
+use std::{io, path::Path};
 
 use anyhow::Context as _;
 use portwatch::control::{
@@ -40,27 +37,10 @@ pub fn watch_via_guard(socket: &Path, json: bool, colour: bool) -> anyhow::Resul
     };
     let mut out = crate::terminal::stream_stdout();
     let mut lines = lines;
-    while let Some(line) = lines.next() {
-        let line = line.context("reading the guard's stream")?;
-        let written = writeln!(out, "{line}").and_then(|()| {
-            // Every line is out before we wait for the next one.
-            if lines.more_buffered() {
-                Ok(())
-            } else {
-                out.flush()
-            }
-        });
-        match written {
-            Ok(()) => {}
-            Err(e) if e.kind() == io::ErrorKind::BrokenPipe => return Ok(true),
-            Err(e) => return Err(e).context("writing to stdout"),
-        }
-    }
-    match out.flush() {
-        Err(e) if e.kind() != io::ErrorKind::BrokenPipe => {
-            return Err(e).context("writing to stdout");
-        }
-        _ => {}
+    match lines.copy_lines(&mut out) {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::BrokenPipe => return Ok(true),
+        Err(e) => return Err(e).context("copying the guard's stream to stdout"),
     }
     // Not an end we asked for: the guard stopped or restarted.
     anyhow::bail!(
