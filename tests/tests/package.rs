@@ -623,6 +623,14 @@ fn install_serve_upgrade_and_purge() -> Result {
         "ready {:?} after the default route appeared",
         waited.elapsed()
     );
+    // The unit's bounding set lets the guard raise its priority (the
+    // default --priority-boost 5).
+    let stat = std::fs::read_to_string(format!("/proc/{}/stat", svc.pid()))?;
+    let nice = stat
+        .rsplit_once(") ")
+        .and_then(|(_, rest)| rest.split_whitespace().nth(16))
+        .context("no nice in the guard's stat")?;
+    assert_eq!(nice, "-5", "the service's nice value");
     let socket = private(SOCKET);
     let meta = std::fs::metadata(&socket).context("the control socket")?;
     assert_eq!(meta.gid(), gid, "the control socket's group");
@@ -922,6 +930,7 @@ fn capability_mask(set: &str) -> Result<u64> {
         ("CAP_NET_ADMIN", 12),
         ("CAP_SYS_PTRACE", 19),
         ("CAP_SYS_ADMIN", 21),
+        ("CAP_SYS_NICE", 23),
         ("CAP_PERFMON", 38),
         ("CAP_BPF", 39),
     ];

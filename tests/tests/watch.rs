@@ -361,6 +361,66 @@ fn stopping_detaches_every_hook() -> Result {
     Ok(())
 }
 
+/// The nice value of each thread of `pid` (or of this process, for
+/// "self"), by thread name.
+fn thread_nices(pid: &str) -> Result<Vec<(String, i32)>> {
+    let mut out = Vec::new();
+    for task in std::fs::read_dir(format!("/proc/{pid}/task"))? {
+        let stat = std::fs::read_to_string(task?.path().join("stat"))?;
+        // The name is in parentheses and may hold spaces; nice is the
+        // 19th field, the 17th after them.
+        let (name, rest) = stat
+            .split_once(" (")
+            .and_then(|(_, r)| r.rsplit_once(") "))
+            .context("stat")?;
+        let nice = rest
+            .split_whitespace()
+            .nth(16)
+            .context("no nice field")?
+            .parse()?;
+        out.push((name.to_string(), nice));
+    }
+    Ok(out)
+}
+
+#[test]
+fn the_stream_runs_at_a_raised_priority_unless_told_otherwise() -> Result {
+    let ours = thread_nices("self")?
+        .first()
+        .map(|(_, n)| *n)
+        .context("no thread")?;
+    for (args, want) in [
+        (&["watch", "--no-snapshot"][..], ours.min(-5)),
+        (
+            &["watch", "--no-snapshot", "--priority-boost", "12"][..],
+            ours.min(-12),
+        ),
+        (
+            &["watch", "--no-snapshot", "--priority-boost", "0"][..],
+            ours,
+        ),
+    ] {
+        let mut pw = Portwatch::start(args)?;
+        // The loop's thread and the /proc worker it starts (after the
+        // `ready` line).
+        let mut nices = thread_nices(&pw.pid().to_string())?;
+        for _ in 0..50 {
+            if nices.iter().any(|(name, _)| name == "portwatch-proc") {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+            nices = thread_nices(&pw.pid().to_string())?;
+        }
+        assert!(
+            nices.iter().any(|(name, _)| name == "portwatch-proc"),
+            "{nices:?}"
+        );
+        assert!(nices.iter().all(|(_, n)| *n == want), "{args:?}: {nices:?}");
+        assert!(pw.stop()?.success());
+    }
+    Ok(())
+}
+
 #[test]
 fn unprivileged_user_gets_a_clear_error() -> Result {
     let out = Command::new("setpriv")

@@ -73,6 +73,29 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     })
 }
 
+/// `--priority-boost`, before the loop's threads start (they inherit it).
+/// Without the capability it says so and goes on at the priority it has.
+fn raise_priority(levels: u8) {
+    if levels == 0 {
+        return;
+    }
+    match portwatch::sys::raise_priority(levels) {
+        Ok(portwatch::sys::Priority::Raised { from, to }) => {
+            log::info!(
+                "scheduling priority raised: nice {from} -> {to} (--priority-boost 0 keeps it)"
+            );
+        }
+        Ok(portwatch::sys::Priority::AlreadyAt(nice)) => {
+            log::debug!("scheduling priority left at nice {nice}");
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => log::debug!(
+            "scheduling priority not raised (needs CAP_SYS_NICE): {e}; a burst of listeners \
+             may reach the stream later"
+        ),
+        Err(e) => log::warn!("raising the scheduling priority failed: {e}"),
+    }
+}
+
 /// Binds `--metrics` first, so a bad address or a port in use fails
 /// before anything loads.
 async fn bind_metrics(addr: Option<std::net::SocketAddr>) -> anyhow::Result<Option<MetricsServer>> {
@@ -84,6 +107,7 @@ async fn bind_metrics(addr: Option<std::net::SocketAddr>) -> anyhow::Result<Opti
 
 async fn run_watch(args: WatchArgs) -> anyhow::Result<ExitCode> {
     logging::check_flags(args.json, args.log_format)?;
+    raise_priority(args.priority_boost);
     let socket = args
         .socket
         .clone()
@@ -113,6 +137,7 @@ async fn run_watch(args: WatchArgs) -> anyhow::Result<ExitCode> {
 
 async fn run_guard(args: GuardArgs) -> anyhow::Result<ExitCode> {
     logging::check_flags(args.json, args.log_format)?;
+    raise_priority(args.priority_boost);
     let allow = args
         .allow
         .iter()
