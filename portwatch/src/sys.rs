@@ -59,8 +59,9 @@ pub fn check_privileges() -> Result<()> {
 pub enum Priority {
     /// The nice value went from one to the other.
     Raised { from: i32, to: i32 },
-    /// It was that high already (a service's `Nice=`, say).
-    AlreadyAt(i32),
+    /// Left as it was: that high already (a service's `Nice=`, say), or
+    /// lowered on purpose (a positive nice value: `nice -n 10 portwatch`).
+    LeftAt(i32),
 }
 
 /// The calling thread's nice value.
@@ -76,15 +77,16 @@ pub fn nice() -> std::io::Result<i32> {
 }
 
 /// Runs this thread, and the threads it starts from now on (they inherit
-/// it), at nice `-levels` at least. A stream at the CPUs' fair share falls
+/// it), at nice `-levels` at least, unless someone lowered its priority
+/// on purpose (a positive nice value stays). A stream at the CPUs' fair share falls
 /// behind a burst from several busy processes, and its events then wait;
 /// a monitor ahead of them in the run queue reads each batch as it comes.
 /// Needs CAP_SYS_NICE (or a high enough RLIMIT_NICE).
 pub fn raise_priority(levels: u8) -> std::io::Result<Priority> {
     let target = -i32::from(levels.min(20));
     let now = nice()?;
-    if now <= target {
-        return Ok(Priority::AlreadyAt(now));
+    if now <= target || now > 0 {
+        return Ok(Priority::LeftAt(now));
     }
     // SAFETY: setpriority changes only the calling thread's nice value (on
     // Linux, `who` 0 with PRIO_PROCESS is the calling thread).
@@ -268,13 +270,23 @@ pub fn sd_notify(state: &str) {
 
 #[cfg(test)]
 mod tests {
-    /// Run as root, as the unit tests are: on a thread of its own, whose
-    /// nice value goes with it.
+    /// Sets the calling thread's nice value (lowering it needs no
+    /// privilege).
+    fn set_nice(value: i32) {
+        // SAFETY: setpriority changes only the calling thread's nice value.
+        let rc = unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, value) };
+        assert_eq!(rc, 0, "{}", std::io::Error::last_os_error());
+    }
+
+    /// Run as root, as the unit tests are; each case on a thread of its
+    /// own, whose nice value goes with it.
     #[test]
-    fn priority_is_raised_to_the_level_asked_and_never_lowered() {
-        std::thread::spawn(|| {
-            let start = super::nice().expect("reading the priority");
+    fn priority_is_raised_to_the_level_asked_never_lowered_and_a_chosen_nice_stays() {
+        let raised = std::thread::spawn(|| {
+            let start = super::nice().expect("reading the priority").min(0);
+            set_nice(start);
             let first = super::raise_priority(3).expect("raising");
+            let level = start.min(-3);
             if start > -3 {
                 assert_eq!(
                     first,
@@ -283,19 +295,25 @@ mod tests {
                         to: -3
                     }
                 );
+            } else {
+                assert_eq!(first, super::Priority::LeftAt(start));
             }
-            let level = start.min(-3);
-            assert_eq!(
-                super::raise_priority(2).ok(),
-                Some(super::Priority::AlreadyAt(level))
-            );
-            assert_eq!(
-                super::raise_priority(3).ok(),
-                Some(super::Priority::AlreadyAt(level))
-            );
-        })
-        .join()
-        .expect("the thread panicked");
+            assert_eq!(super::nice().ok(), Some(level));
+            // Asking for less, or the same, changes nothing.
+            for levels in [2, 3] {
+                let again = super::raise_priority(levels).ok();
+                assert_eq!(again, Some(super::Priority::LeftAt(level)));
+            }
+        });
+        let chosen = std::thread::spawn(|| {
+            // `nice -n 10 portwatch ...`: lowered on purpose, left so.
+            set_nice(10);
+            let left = super::raise_priority(5).ok();
+            assert_eq!(left, Some(super::Priority::LeftAt(10)));
+            assert_eq!(super::nice().ok(), Some(10));
+        });
+        raised.join().expect("raising panicked");
+        chosen.join().expect("a chosen nice panicked");
     }
 
     use super::*;

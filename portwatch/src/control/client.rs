@@ -195,6 +195,15 @@ pub fn status(path: &Path) -> Result<StatusResponse, ClientError> {
 /// length, escaped, with room to spare).
 const MAX_LISTENER_LINE: u64 = 1 << 20;
 
+/// Where copying the guard's stream stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum CopyError {
+    #[error("reading the guard's stream")]
+    Read(#[source] io::Error),
+    #[error("writing the stream out")]
+    Write(#[source] io::Error),
+}
+
 /// The guard's event stream, one line at a time (without the newline),
 /// until the guard ends it.
 #[derive(Debug)]
@@ -209,7 +218,7 @@ impl Subscription {
     /// costs a write per read of up to 256 KiB, not a line's parse and
     /// write each. Returns when the guard ends the stream (a last line
     /// without its newline gets one).
-    pub fn copy_lines(&mut self, out: &mut impl io::Write) -> io::Result<()> {
+    pub fn copy_lines(&mut self, out: &mut impl io::Write) -> Result<(), CopyError> {
         let mut partial = Vec::new();
         while !self.done {
             let read = match self.reader.fill_buf() {
@@ -217,36 +226,43 @@ impl Subscription {
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => {
                     self.done = true;
-                    return Err(e);
+                    return Err(CopyError::Read(e));
                 }
             };
             if read.is_empty() {
                 self.done = true;
                 if !partial.is_empty() {
                     partial.push(b'\n');
-                    out.write_all(&partial)?;
+                    out.write_all(&partial).map_err(CopyError::Write)?;
                 }
                 break;
             }
             let n = read.len();
-            match read.iter().rposition(|&b| b == b'\n') {
+            let written = match read.iter().rposition(|&b| b == b'\n') {
                 Some(last) if partial.is_empty() => {
-                    out.write_all(&read[..=last])?;
+                    let w = out.write_all(&read[..=last]);
                     partial.extend_from_slice(&read[last + 1..]);
+                    w
                 }
                 Some(last) => {
                     // The cut line's end, in the same write as its start.
                     partial.extend_from_slice(&read[..=last]);
-                    out.write_all(&partial)?;
+                    let w = out.write_all(&partial);
                     partial.clear();
                     partial.extend_from_slice(&read[last + 1..]);
+                    w
                 }
-                None => partial.extend_from_slice(read),
-            }
+                None => {
+                    partial.extend_from_slice(read);
+                    Ok(())
+                }
+            };
             self.reader.consume(n);
-            out.flush()?;
+            written
+                .and_then(|()| out.flush())
+                .map_err(CopyError::Write)?;
         }
-        out.flush()
+        out.flush().map_err(CopyError::Write)
     }
 }
 

@@ -16,7 +16,7 @@
 use std::{
     collections::{HashMap, VecDeque},
     path::PathBuf,
-    sync::{Arc, Mutex, PoisonError, mpsc as std_mpsc},
+    sync::{Arc, Mutex, PoisonError, TryLockError, mpsc as std_mpsc},
     thread,
     time::{Duration, Instant},
 };
@@ -30,7 +30,8 @@ use crate::{
     procinfo,
 };
 
-/// Batches handed to the worker and not yet back.
+/// Batches submitted and not yet taken: out with the worker, or enriched
+/// on the loop and held back behind those.
 pub const MAX_IN_FLIGHT: usize = 64;
 
 /// A kernel record with what /proc adds.
@@ -117,7 +118,13 @@ impl Enricher {
         }
         let seq = self.next_seq;
         self.next_seq += 1;
-        if let Ok(mut procs) = self.cache.try_lock()
+        let procs = match self.cache.try_lock() {
+            Ok(procs) => Some(procs),
+            // The cache holds no invariant a panic could break.
+            Err(TryLockError::Poisoned(e)) => Some(e.into_inner()),
+            Err(TryLockError::WouldBlock) => None,
+        };
+        if let Some(mut procs) = procs
             && procs.all_warm(&batch)
         {
             let done = procs.enrich_all(batch);
@@ -125,11 +132,25 @@ impl Enricher {
             self.ready.push_back((seq, done));
             return;
         }
-        if let Some(tx) = &self.to_worker
-            && tx.send(batch).is_ok()
-        {
-            self.out.push_back(seq);
+        let batch = match &self.to_worker {
+            Some(tx) => match tx.send(batch) {
+                Ok(()) => {
+                    self.out.push_back(seq);
+                    return;
+                }
+                Err(std_mpsc::SendError(batch)) => batch,
+            },
+            None => batch,
+        };
+        // The worker is gone: /proc is read on the loop from now on, which
+        // blocks it, rather than the stream losing what the kernel said.
+        if self.to_worker.take().is_some() {
+            log::error!("the /proc worker ended; process details are read on the event loop now");
         }
+        let mut procs = self.cache.lock().unwrap_or_else(PoisonError::into_inner);
+        let done = procs.enrich_all(batch);
+        drop(procs);
+        self.ready.push_back((seq, done));
     }
 
     /// The next enriched batch, in the order submitted; never completes
@@ -148,11 +169,16 @@ impl Enricher {
                 self.out.pop_front();
                 batch
             }
-            // The worker is gone (it cannot panic on its own, but a
-            // thread can be killed): what was out is lost with it.
+            // The worker is gone (a panic in it, say): what was out is
+            // lost with it, and said; later batches are enriched here.
             None => {
+                log::error!(
+                    "the /proc worker ended with {} batches of listener events not enriched: \
+                     they are lost",
+                    self.out.len()
+                );
                 self.out.clear();
-                log::error!("the /proc worker ended; listener details are no longer added");
+                self.to_worker = None;
                 Vec::new()
             }
         }
@@ -244,7 +270,12 @@ impl ProcCache {
             !needs_listening_ports(raw)
                 && self
                     .fresh_proc(raw.tgid, &raw.comm, now, WARM_MARGIN)
-                    .is_some_and(|c| !self.netns_stale(c.netns, now, WARM_MARGIN))
+                    .is_some_and(|c| {
+                        !self.netns_stale(c.netns, now, WARM_MARGIN)
+                            // A gone process's listen may be placed by a
+                            // sock_diag dump: not on the loop.
+                            && (c.netns.is_some() || raw.kind != EventKind::Listen)
+                    })
         })
     }
 
@@ -464,6 +495,32 @@ mod tests {
         assert_eq!(first[0].listener.port, 2, "{first:?}");
         assert_eq!(first[0].listener.process.pid, Some(child.id()));
         assert_eq!(second[0].listener.port, 3, "{second:?}");
+        assert!(enricher.is_idle());
+    }
+
+    /// A worker that is gone does not take the stream's events with it.
+    #[tokio::test]
+    async fn a_batch_the_worker_cannot_take_is_enriched_on_the_loop() {
+        let mut enricher = Enricher::start().expect("worker starts");
+        let (gone, inbox) = std_mpsc::sync_channel(1);
+        drop(inbox);
+        enricher.to_worker = Some(gone);
+        let mut child = std::process::Command::new("sleep")
+            .arg("30")
+            .spawn()
+            .expect("sleep starts");
+        let mut cold = raw(EventKind::Listen, 5);
+        cold.tgid = child.id();
+        cold.comm = "sleep".into();
+        enricher.submit(vec![cold]);
+        assert!(enricher.out.is_empty());
+        assert!(enricher.to_worker.is_none());
+        let done = enricher.next().await;
+        let _ = child.kill();
+        let _ = child.wait();
+        assert_eq!(done.len(), 1, "the batch was dropped");
+        assert_eq!(done[0].listener.port, 5);
+        assert!(done[0].listener.process.exe.is_some(), "{done:?}");
         assert!(enricher.is_idle());
     }
 

@@ -81,11 +81,11 @@ fn raise_priority(levels: u8) {
     }
     match portwatch::sys::raise_priority(levels) {
         Ok(portwatch::sys::Priority::Raised { from, to }) => {
-            log::info!(
+            log::debug!(
                 "scheduling priority raised: nice {from} -> {to} (--priority-boost 0 keeps it)"
             );
         }
-        Ok(portwatch::sys::Priority::AlreadyAt(nice)) => {
+        Ok(portwatch::sys::Priority::LeftAt(nice)) => {
             log::debug!("scheduling priority left at nice {nice}");
         }
         Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => log::debug!(

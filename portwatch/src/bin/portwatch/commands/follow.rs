@@ -3,10 +3,9 @@
 
 use std::{io, path::Path};
 
-use anyhow::Context as _;
 use portwatch::control::{
     Format,
-    client::{self, ClientError},
+    client::{self, ClientError, CopyError},
 };
 
 /// `portwatch watch` while a guard runs: the guard's own stream instead of
@@ -39,8 +38,9 @@ pub fn watch_via_guard(socket: &Path, json: bool, colour: bool) -> anyhow::Resul
     let mut lines = lines;
     match lines.copy_lines(&mut out) {
         Ok(()) => {}
-        Err(e) if e.kind() == io::ErrorKind::BrokenPipe => return Ok(true),
-        Err(e) => return Err(e).context("copying the guard's stream to stdout"),
+        // Whoever read stdout went away.
+        Err(CopyError::Write(e)) if e.kind() == io::ErrorKind::BrokenPipe => return Ok(true),
+        Err(e) => return Err(anyhow::Error::new(e)),
     }
     // Not an end we asked for: the guard stopped or restarted.
     anyhow::bail!(
