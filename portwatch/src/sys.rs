@@ -76,23 +76,30 @@ pub fn nice() -> std::io::Result<i32> {
     Ok(now)
 }
 
+/// Sets the calling thread's nice value (raising its priority needs
+/// CAP_SYS_NICE or a high enough RLIMIT_NICE; lowering it, nothing).
+fn set_nice(value: i32) -> std::io::Result<()> {
+    // SAFETY: setpriority changes only the calling thread's nice value (on
+    // Linux, `who` 0 with PRIO_PROCESS is the calling thread).
+    if unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, value) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 /// Runs this thread, and the threads it starts from now on (they inherit
 /// it), at nice `-levels` at least, unless someone lowered its priority
-/// on purpose (a positive nice value stays). A stream at the CPUs' fair share falls
-/// behind a burst from several busy processes, and its events then wait;
-/// a monitor ahead of them in the run queue reads each batch as it comes.
-/// Needs CAP_SYS_NICE (or a high enough RLIMIT_NICE).
+/// on purpose (a positive nice value stays). A stream at the CPUs' fair
+/// share falls behind a burst from several busy processes, and its events
+/// then wait; a monitor ahead of them in the run queue reads each batch as
+/// it comes.
 pub fn raise_priority(levels: u8) -> std::io::Result<Priority> {
     let target = -i32::from(levels.min(20));
     let now = nice()?;
     if now <= target || now > 0 {
         return Ok(Priority::LeftAt(now));
     }
-    // SAFETY: setpriority changes only the calling thread's nice value (on
-    // Linux, `who` 0 with PRIO_PROCESS is the calling thread).
-    if unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, target) } != 0 {
-        return Err(std::io::Error::last_os_error());
-    }
+    set_nice(target)?;
     Ok(Priority::Raised {
         from: now,
         to: target,
@@ -270,21 +277,13 @@ pub fn sd_notify(state: &str) {
 
 #[cfg(test)]
 mod tests {
-    /// Sets the calling thread's nice value (lowering it needs no
-    /// privilege).
-    fn set_nice(value: i32) {
-        // SAFETY: setpriority changes only the calling thread's nice value.
-        let rc = unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, value) };
-        assert_eq!(rc, 0, "{}", std::io::Error::last_os_error());
-    }
-
     /// Run as root, as the unit tests are; each case on a thread of its
     /// own, whose nice value goes with it.
     #[test]
     fn priority_is_raised_to_the_level_asked_never_lowered_and_a_chosen_nice_stays() {
         let raised = std::thread::spawn(|| {
             let start = super::nice().expect("reading the priority").min(0);
-            set_nice(start);
+            super::set_nice(start).expect("setting the priority");
             let first = super::raise_priority(3).expect("raising");
             let level = start.min(-3);
             if start > -3 {
@@ -307,7 +306,7 @@ mod tests {
         });
         let chosen = std::thread::spawn(|| {
             // `nice -n 10 portwatch ...`: lowered on purpose, left so.
-            set_nice(10);
+            super::set_nice(10).expect("lowering the priority");
             let left = super::raise_priority(5).ok();
             assert_eq!(left, Some(super::Priority::LeftAt(10)));
             assert_eq!(super::nice().ok(), Some(10));

@@ -239,16 +239,17 @@ impl Subscription {
             }
             let n = read.len();
             let written = match read.iter().rposition(|&b| b == b'\n') {
-                Some(last) if partial.is_empty() => {
-                    let w = out.write_all(&read[..=last]);
-                    partial.extend_from_slice(&read[last + 1..]);
-                    w
-                }
                 Some(last) => {
-                    // The cut line's end, in the same write as its start.
-                    partial.extend_from_slice(&read[..=last]);
-                    let w = out.write_all(&partial);
-                    partial.clear();
+                    let whole = &read[..=last];
+                    let w = if partial.is_empty() {
+                        out.write_all(whole)
+                    } else {
+                        // The cut line's end, in the same write as its start.
+                        partial.extend_from_slice(whole);
+                        let w = out.write_all(&partial);
+                        partial.clear();
+                        w
+                    };
                     partial.extend_from_slice(&read[last + 1..]);
                     w
                 }

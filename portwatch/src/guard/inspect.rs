@@ -681,6 +681,7 @@ impl Guard {
     /// The automatic verify after a change or at start: bounded, logged,
     /// kept for `status`, `top` and the metrics. It covers whatever was
     /// due.
+    ///
     /// Probed a chunk at a time (`continue_verify`); one begun before is
     /// dropped, as the policy or the datapath it was checking has changed.
     pub fn verify_after(&mut self, pipeline: &Pipeline, trigger: &str) {

@@ -460,6 +460,40 @@ mod tests {
         }
     }
 
+    /// A process the cache has not seen (`sleep`), ended when dropped, also
+    /// when the test fails.
+    struct Stranger(std::process::Child);
+
+    impl Stranger {
+        fn start() -> Self {
+            let child = std::process::Command::new("sleep")
+                .arg("30")
+                .spawn()
+                .expect("sleep starts");
+            Self(child)
+        }
+
+        fn pid(&self) -> u32 {
+            self.0.id()
+        }
+
+        /// A listen of its on `port`.
+        fn listen(&self, port: u16) -> RawListen {
+            RawListen {
+                tgid: self.pid(),
+                comm: "sleep".into(),
+                ..raw(EventKind::Listen, port)
+            }
+        }
+    }
+
+    impl Drop for Stranger {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+
     /// A warm batch enriched on the loop while a cold one is out with the
     /// worker waits for it: the stream keeps the kernel's order.
     #[tokio::test]
@@ -471,14 +505,8 @@ mod tests {
             enricher.next().await;
         }
         // A process the cache has not seen: the worker reads /proc.
-        let mut child = std::process::Command::new("sleep")
-            .arg("30")
-            .spawn()
-            .expect("sleep starts");
-        let mut cold = raw(EventKind::Listen, 2);
-        cold.tgid = child.id();
-        cold.comm = "sleep".into();
-        enricher.submit(vec![cold]);
+        let stranger = Stranger::start();
+        enricher.submit(vec![stranger.listen(2)]);
         assert_eq!(enricher.out.len(), 1, "a cold batch stayed on the loop");
         // Once the worker has answered, it holds the cache no longer, so
         // the next batch is certain to be enriched here.
@@ -490,10 +518,8 @@ mod tests {
         assert_eq!(enricher.ready.len(), 1);
         let first = enricher.next().await;
         let second = enricher.next().await;
-        let _ = child.kill();
-        let _ = child.wait();
         assert_eq!(first[0].listener.port, 2, "{first:?}");
-        assert_eq!(first[0].listener.process.pid, Some(child.id()));
+        assert_eq!(first[0].listener.process.pid, Some(stranger.pid()));
         assert_eq!(second[0].listener.port, 3, "{second:?}");
         assert!(enricher.is_idle());
     }
@@ -505,19 +531,11 @@ mod tests {
         let (gone, inbox) = std_mpsc::sync_channel(1);
         drop(inbox);
         enricher.to_worker = Some(gone);
-        let mut child = std::process::Command::new("sleep")
-            .arg("30")
-            .spawn()
-            .expect("sleep starts");
-        let mut cold = raw(EventKind::Listen, 5);
-        cold.tgid = child.id();
-        cold.comm = "sleep".into();
-        enricher.submit(vec![cold]);
+        let stranger = Stranger::start();
+        enricher.submit(vec![stranger.listen(5)]);
         assert!(enricher.out.is_empty());
         assert!(enricher.to_worker.is_none());
         let done = enricher.next().await;
-        let _ = child.kill();
-        let _ = child.wait();
         assert_eq!(done.len(), 1, "the batch was dropped");
         assert_eq!(done[0].listener.port, 5);
         assert!(done[0].listener.process.exe.is_some(), "{done:?}");

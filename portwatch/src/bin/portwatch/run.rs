@@ -76,9 +76,6 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
 /// `--priority-boost`, before the loop's threads start (they inherit it).
 /// Without the capability it says so and goes on at the priority it has.
 fn raise_priority(levels: u8) {
-    if levels == 0 {
-        return;
-    }
     match portwatch::sys::raise_priority(levels) {
         Ok(portwatch::sys::Priority::Raised { from, to }) => {
             log::debug!(
