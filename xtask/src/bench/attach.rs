@@ -72,15 +72,29 @@ pub fn xdp_off(lab: &Lab) -> Command {
     set_server_link(lab, &["xdp", "off"])
 }
 
-/// Attaches a [`bare_program`] to the server's veth in native mode.
-pub fn attach_bare(lab: &Lab, obj: &Path) -> Result<Attached> {
+/// How `ip link` attaches a [`bare_program`]: `xdpdrv` (native) or
+/// `xdpgeneric`.
+#[derive(Clone, Copy)]
+pub enum BareMode {
+    Native,
+    Generic,
+}
+
+/// Attaches a [`bare_program`] to the server's veth in `mode`.
+pub fn attach_bare(lab: &Lab, obj: &Path, mode: BareMode) -> Result<Attached> {
+    let key = match mode {
+        BareMode::Native => "xdpdrv",
+        BareMode::Generic => "xdpgeneric",
+    };
+    // `xdp off` detaches a native program only, on a device that has
+    // native XDP.
     let attached = Attached {
-        undo: vec![xdp_off(lab)],
+        undo: vec![set_server_link(lab, &[key, "off"])],
         guard: None,
     };
     let obj = obj.to_str().context("object path is not UTF-8")?;
     run_within(
-        &mut set_server_link(lab, &["xdpdrv", "obj", obj, "sec", "xdp.frags"]),
+        &mut set_server_link(lab, &[key, "obj", obj, "sec", "xdp.frags"]),
         RUN_LIMIT,
     )?;
     Ok(attached)

@@ -6,7 +6,7 @@ use std::{path::Path, time::Duration};
 use anyhow::Result;
 use portwatch_lab::{Lab, run_within};
 
-use crate::bench::attach::{Attached, attach_bare, attach_floor, start_guard, xdp_off};
+use crate::bench::attach::{Attached, BareMode, attach_bare, attach_floor, start_guard, xdp_off};
 
 /// The destination port of the flood; no configuration permits it.
 pub const FLOOD_PORT: u16 = 9;
@@ -146,7 +146,7 @@ pub fn attach(
                 Duration::from_secs(30),
             )?;
         }
-        Config::BareDrop => return attach_bare(lab, bare),
+        Config::BareDrop => return attach_bare(lab, bare, BareMode::Native),
         Config::ParseDrop => return attach_floor(lab, worker),
         Config::PwNative => guard = Some(start_guard(portwatch, lab, "native", &[PERMITTED])?),
         Config::PwGeneric => guard = Some(start_guard(portwatch, lab, "generic", &[PERMITTED])?),
