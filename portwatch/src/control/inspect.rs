@@ -167,6 +167,17 @@ pub struct VerifySummary {
     pub unchecked: usize,
 }
 
+/// A verify under way, in `status`: it probes a chunk of listeners per
+/// turn of the guard's loop.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct VerifyProgress {
+    pub trigger: String,
+    /// Listeners probed so far, of `listeners`.
+    pub probed: usize,
+    pub listeners: usize,
+}
+
 /// `learn`: what to propose from. Networks are sources aggregated to
 /// `prefix4`/`prefix6`; more than `spread` networks on one port make the
 /// rule "from anywhere".

@@ -10,8 +10,8 @@ use std::net::IpAddr;
 use serde::{Deserialize, Serialize};
 
 pub use super::inspect::{
-    ExplainQuery, Explanation, LearnQuery, Proposal, ProposedRule, RuleRef, VerifyReport,
-    VerifyRow, VerifySample, VerifySummary,
+    ExplainQuery, Explanation, LearnQuery, Proposal, ProposedRule, RuleRef, VerifyProgress,
+    VerifyReport, VerifyRow, VerifySample, VerifySummary,
 };
 
 /// The longest `learn --for`: a week.
@@ -564,6 +564,9 @@ pub struct StatusResponse {
     /// The last `verify` (the guard runs one after every policy change).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub verify: Option<VerifySummary>,
+    /// A verify under way (a requested one answers when it is done).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub verifying: Option<VerifyProgress>,
     #[serde(default)]
     pub listeners: Vec<ListenerStatus>,
     /// How many listener lines follow this answer (`{"cmd":"status",
@@ -708,6 +711,7 @@ impl Response {
                     totals: s.totals.clone(),
                     owned: s.owned.clone(),
                     verify: s.verify.clone(),
+                    verifying: s.verifying.clone(),
                     listeners: Vec::new(),
                     listeners_follow: Some(s.listeners.len()),
                 };

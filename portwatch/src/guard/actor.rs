@@ -227,8 +227,13 @@ pub struct Guard {
     /// opened or closed, an interface re-attached): verify at the next
     /// housekeeping, so that a burst of them costs one run. What caused it.
     pub(super) verify_due: Option<String>,
-    /// The automatic verify under way, a chunk per turn of the loop.
+    /// The verify under way (automatic or requested), a chunk per turn of
+    /// the loop.
     pub(super) verify_run: Option<super::inspect::VerifyRun>,
+    /// `verify` requests that came while a requested one was under way:
+    /// answered by the run after it, which sees the listeners as they are
+    /// then.
+    pub(super) verify_next: Vec<tokio::sync::oneshot::Sender<crate::control::server::Reply>>,
 }
 
 /// Everything `Guard::new` needs.
@@ -295,6 +300,7 @@ impl Guard {
             recording_until: None,
             verify_due: None,
             verify_run: None,
+            verify_next: Vec::new(),
         }
     }
 
@@ -1151,6 +1157,10 @@ impl Guard {
         let owned = self.owned_ports(pipeline);
         StatusResponse {
             verify: self.last_verify.clone(),
+            verifying: self
+                .verify_run
+                .as_ref()
+                .map(super::inspect::VerifyRun::progress),
             mode: Some(self.mode),
             policy_file: Some(self.start.policy_path.display().to_string()),
             pinned: Some(self.pins.root.display().to_string()),

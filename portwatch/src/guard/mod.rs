@@ -578,7 +578,7 @@ impl Guard {
                 }
             }
             Input::Loaded(loaded) => self.reload_loaded(pipeline, *loaded)?,
-            Input::VerifyMore => self.continue_verify(),
+            Input::VerifyMore => self.continue_verify(pipeline),
             Input::ConfirmExpired => {
                 if let Some(event) = self.revert_unconfirmed("in time") {
                     pipeline.set_exposure(self.exposure_view());

@@ -82,11 +82,9 @@ impl Guard {
                 Err(e) => Response::Error(e),
             }),
             Request::Verify => {
-                let report = self.verify(pipeline, "request", None);
-                // It covers all an automatic one under way would.
-                self.verify_run = None;
-                self.record_verify(&report);
-                Reply::Once(Response::Verify(Box::new(report)))
+                // Answered when its last chunk is probed.
+                self.request_verify(pipeline, req.reply);
+                return Ok(flow);
             }
             Request::Learn(query) => Reply::Once(match self.propose(pipeline, &query, by) {
                 Ok(proposal) => Response::Learn(Box::new(proposal)),

@@ -209,6 +209,15 @@ fn render_status(
     if let Some(v) = &status.verify {
         head.push(("verify", verify_line(v, paint)));
     }
+    if let Some(v) = &status.verifying {
+        head.push((
+            "verifying",
+            format!(
+                "{}: {} of {} listeners probed",
+                v.trigger, v.probed, v.listeners
+            ),
+        ));
+    }
     let mut out = String::new();
     let key_width = head.iter().map(|(k, _)| k.len()).max().unwrap_or(0);
     for (key, value) in &head {
@@ -302,7 +311,7 @@ fn render_status(
 #[cfg(test)]
 mod tests {
     use portwatch::{
-        control::protocol::OwnedPort,
+        control::protocol::{OwnedPort, VerifyProgress},
         datapath::attach::Attached,
         model::{AttachedMode, Family, Proto},
     };
@@ -410,6 +419,11 @@ mod tests {
                 disagreements: vec!["tcp [::]:9000 sshd[9]: predicted closed (no rule), observed 4 of 4 probes pass".into()],
                 unchecked: 0,
             }),
+            verifying: Some(VerifyProgress {
+                trigger: "request".into(),
+                probed: 256,
+                listeners: 15000,
+            }),
             listeners_follow: None,
         }
     }
@@ -433,6 +447,7 @@ interfaces  eth0 (native), eth1 (generic)
 totals      passed 1, dropped 2 (no rule 2, source not allowed 0, malformed 0, fragment 0, rate limited 0), drop reports held back 0, events lost 0, flow replies 5, forwarded 0, reports lost 0, new counter 9
 owned       tcp/6379 closed: no owner listens; owner unit redis-server.service, 1 other listener on it
 verify      FAILED at 00:00:00 (reload): tcp [::]:9000 sshd[9]: predicted closed (no rule), observed 4 of 4 probes pass
+verifying   request: 256 of 15000 listeners probed
 
 PROTO ADDRESS       PID COMM    USER   EXPOSURE     PASSED     DROPPED COMMAND
 tcp   0.0.0.0:22    812 sshd    root   exposed  10 (900 B)     0 (0 B) sshd -D

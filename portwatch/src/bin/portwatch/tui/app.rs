@@ -239,7 +239,8 @@ pub struct Header {
     pub owned: Vec<String>,
     /// Binds of owned ports by others: refused, audited.
     pub binds: (u64, u64),
-    /// The guard's last verify: `ok`, or `FAILED (2)` and what disagreed.
+    /// The guard's last verify: `ok`, or `FAILED (2)` and what disagreed;
+    /// and how far one under way has got.
     pub verify: Option<String>,
 }
 
@@ -882,13 +883,22 @@ impl App {
         header.suppressed = Some(t.reports_suppressed);
         header.events_lost = Some(t.events_lost);
         header.binds = (t.binds_refused, t.binds_audited);
-        header.verify = status.verify.as_ref().map(|v| {
+        let last = status.verify.as_ref().map(|v| {
             if v.ok {
                 "ok".to_owned()
             } else {
                 format!("FAILED: {}", v.disagreements.join("; "))
             }
         });
+        header.verify = match (&status.verifying, last) {
+            (Some(run), last) => Some(format!(
+                "{}verifying {}/{}",
+                last.map(|l| format!("{l}, ")).unwrap_or_default(),
+                run.probed,
+                run.listeners
+            )),
+            (None, last) => last,
+        };
         header.owned = status
             .owned
             .iter()
