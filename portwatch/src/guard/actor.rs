@@ -406,7 +406,7 @@ impl Guard {
     /// Records the connected UDP sockets of the guard's namespace as flows,
     /// so that replies to flows opened before the guard keep passing.
     pub fn seed_flows(&mut self) {
-        let flows = match crate::snapshot::connected(Proto::Udp) {
+        let flows = match crate::snapshot::connected(Proto::Udp, None) {
             Ok(flows) => flows,
             Err(e) => {
                 log::warn!(

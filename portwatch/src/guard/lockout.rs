@@ -159,19 +159,32 @@ pub fn parse_ssh_connection(value: &str) -> Option<(IpAddr, IpAddr, u16)> {
 }
 
 /// Established TCP connections of this network namespace, (local address,
-/// local port, remote address), when there is a session to look for among
-/// them: an `SSH_CONNECTION`, or an SSH daemon among `listeners` (else
-/// none, without reading any). Addresses are canonical: a session from an
-/// IPv4 client to a dual-stack listener (`[::]:22`, as systemd's ssh.socket
-/// opens it) is named as `SSH_CONNECTION` names it, by IPv4 addresses.
+/// local port, remote address), that may be SSH sessions: to the port
+/// `SSH_CONNECTION` names or to an SSH daemon's among `listeners` (none,
+/// without reading any, when there is neither). The kernel picks them by
+/// port: a busy server's other connections are never read. Addresses are
+/// canonical: a session from an IPv4 client to a dual-stack listener
+/// (`[::]:22`, as systemd's ssh.socket opens it) is named as
+/// `SSH_CONNECTION` names it, by IPv4 addresses.
 pub fn established_tcp<'a>(
     listeners: impl IntoIterator<Item = &'a Listener>,
     ssh_connection: Option<&str>,
 ) -> Vec<(IpAddr, u16, IpAddr)> {
-    if ssh_connection.is_none() && !listeners.into_iter().any(is_ssh_daemon) {
+    let mut ports: BTreeSet<u16> = listeners
+        .into_iter()
+        .filter(|l| is_ssh_daemon(l))
+        .map(|l| l.port)
+        .collect();
+    ports.extend(
+        ssh_connection
+            .and_then(parse_ssh_connection)
+            .map(|(_, _, port)| port),
+    );
+    if ports.is_empty() {
         return Vec::new();
     }
-    match crate::snapshot::connected(Proto::Tcp) {
+    let ports: Vec<u16> = ports.into_iter().collect();
+    match crate::snapshot::connected(Proto::Tcp, Some(&ports)) {
         Ok(found) => found
             .into_iter()
             .map(|c| (c.local.ip(), c.local.port(), c.remote.ip()))
