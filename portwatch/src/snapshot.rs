@@ -442,9 +442,22 @@ pub fn connected(
     if local_ports.is_some_and(<[u16]>::is_empty) {
         return Ok(Vec::new());
     }
-    let filter = local_ports.and_then(local_port_filter);
-    // Without a program for the kernel (too many ports), picked here.
-    let pick = if filter.is_none() { local_ports } else { None };
+    match local_ports.and_then(local_port_filter) {
+        // A kernel (or sandbox) that refuses the program still answers
+        // the plain dump: the ports are then picked here.
+        Some(program) => connected_dump(proto, Some(&program), None)
+            .or_else(|_| connected_dump(proto, None, local_ports)),
+        None => connected_dump(proto, None, local_ports),
+    }
+}
+
+/// [`connected`]'s dumps: `program` for the kernel to filter with, `pick`
+/// the local ports kept here (None: all).
+fn connected_dump(
+    proto: Proto,
+    program: Option<&[u8]>,
+    pick: Option<&[u16]>,
+) -> Result<Vec<Connected>, SnapshotError> {
     let wanted = |port: u16| pick.is_none_or(|ports| ports.contains(&port));
     let socket_err = |source| SnapshotError::Socket {
         netns: Netns(None),
@@ -467,31 +480,23 @@ pub fn connected(
             states: StateFlags::ESTABLISHED,
             listeners_only: false,
         };
-        dump(
-            &socket,
-            &query,
-            filter.as_deref(),
-            seq,
-            None,
-            &mut buf,
-            &mut |diag| {
-                let id = &diag.socket_id;
-                let (local, remote) = (
-                    id.source_address.to_canonical(),
-                    id.destination_address.to_canonical(),
-                );
-                if id.destination_port != 0
-                    && !local.is_unspecified()
-                    && !remote.is_unspecified()
-                    && wanted(id.source_port)
-                {
-                    found.push(Connected {
-                        local: std::net::SocketAddr::new(local, id.source_port),
-                        remote: std::net::SocketAddr::new(remote, id.destination_port),
-                    });
-                }
-            },
-        )?;
+        dump(&socket, &query, program, seq, None, &mut buf, &mut |diag| {
+            let id = &diag.socket_id;
+            let (local, remote) = (
+                id.source_address.to_canonical(),
+                id.destination_address.to_canonical(),
+            );
+            if id.destination_port != 0
+                && !local.is_unspecified()
+                && !remote.is_unspecified()
+                && wanted(id.source_port)
+            {
+                found.push(Connected {
+                    local: std::net::SocketAddr::new(local, id.source_port),
+                    remote: std::net::SocketAddr::new(remote, id.destination_port),
+                });
+            }
+        })?;
     }
     Ok(found)
 }
@@ -501,8 +506,8 @@ const BC_JMP: u8 = 1;
 const BC_S_EQ: u8 = 11;
 /// The request attribute that carries a filter program.
 const INET_DIAG_REQ_BYTECODE: u16 = 1;
-/// Ports one filter program tests; beyond them the kernel hands over
-/// everything and the dump's reader picks (the program's jumps are 16-bit).
+/// Ports one filter program tests, a bound no host's SSH ports come near;
+/// beyond it the kernel hands over everything and [`connected`] picks.
 const MAX_FILTER_PORTS: usize = 64;
 
 /// A sock_diag filter program (`INET_DIAG_REQ_BYTECODE`) that keeps the
@@ -589,12 +594,11 @@ fn dump(
     let mut bytes = vec![0u8; request.buffer_len()];
     request.serialize(&mut bytes);
     // The crate has no filter attribute: appended by hand, and the
-    // message's length (its header's first field) grown to match. A
-    // program too long for its attribute is left out: the reader picks.
-    if let Some(program) = filter
-        && let Ok(attr_len) = u16::try_from(4 + program.len())
-        && let Ok(total) = u32::try_from(bytes.len() + usize::from(attr_len))
-    {
+    // message's length (its header's first field) grown to match.
+    if let Some(program) = filter {
+        let too_long = || query_err(io::Error::other("sock_diag filter program too long"));
+        let attr_len = u16::try_from(4 + program.len()).map_err(|_| too_long())?;
+        let total = u32::try_from(bytes.len() + usize::from(attr_len)).map_err(|_| too_long())?;
         bytes.extend_from_slice(&attr_len.to_ne_bytes());
         bytes.extend_from_slice(&INET_DIAG_REQ_BYTECODE.to_ne_bytes());
         bytes.extend_from_slice(program);
@@ -980,6 +984,11 @@ mod tests {
         let all = connected(Proto::Tcp, None)?;
         assert_eq!(served(&all), ports.iter().copied().collect());
         assert!(connected(Proto::Tcp, Some(&[]))?.is_empty());
+        // A program the kernel refuses is an error, which `connected`
+        // answers with the plain dump, picked by port here.
+        assert!(connected_dump(Proto::Tcp, Some(&[0xff, 4, 8, 0]), None).is_err());
+        let picked = connected_dump(Proto::Tcp, None, Some(&[ports[1]]))?;
+        assert_eq!(served(&picked), [ports[1]].into_iter().collect());
         Ok(())
     }
 

@@ -1184,7 +1184,27 @@ mod tests {
             ..StatusResponse::default()
         };
         let line = Response::Status(Box::new(status.clone())).to_line();
+        assert!(!line.contains("verifying"), "{line}");
         assert_eq!(decode_answer::<StatusResponse>(line.as_bytes()), Ok(status));
+        // A verify under way, in the whole answer and in a head of lines.
+        let status = StatusResponse {
+            verifying: Some(VerifyProgress {
+                trigger: "request".into(),
+                probed: 512,
+                listeners: 8000,
+            }),
+            ..StatusResponse::default()
+        };
+        let line = Response::Status(Box::new(status.clone())).to_line();
+        assert_eq!(
+            decode_answer::<StatusResponse>(line.as_bytes()),
+            Ok(status.clone())
+        );
+        let head = Response::StatusLines(Box::new(status.clone())).to_line();
+        assert_eq!(
+            decode_answer::<StatusResponse>(head.as_bytes()).map(|h| h.verifying),
+            Ok(status.verifying)
+        );
     }
 
     #[test]

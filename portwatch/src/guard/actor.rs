@@ -119,7 +119,7 @@ pub enum Input {
     LayOutCounters,
     /// A policy file read and checked off the loop, to put in force.
     Loaded(Box<super::loading::Loaded>),
-    /// The automatic verify under way goes on by a chunk.
+    /// The verify under way (automatic or requested) goes on by a chunk.
     VerifyMore,
 }
 

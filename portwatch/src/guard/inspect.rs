@@ -694,24 +694,23 @@ impl Guard {
     /// kept for `status`, `top` and the metrics. It covers whatever was
     /// due.
     ///
-    /// Probed a chunk at a time (`continue_verify`); one begun before is
-    /// dropped, as the policy or the datapath it was checking has changed.
-    /// Whoever waits for a requested one gets the new run, unbounded.
+    /// Probed a chunk at a time (`continue_verify`); an automatic one
+    /// begun before is dropped, as the policy or the datapath it was
+    /// checking has changed. A requested one goes on (each listener is
+    /// probed against what is in force when its turn comes), and this one
+    /// follows it: restarted at every change, it would never answer while
+    /// changes keep coming.
     pub fn verify_after(&mut self, pipeline: &Pipeline, trigger: &str) {
-        self.verify_due = None;
-        let waiting = self
+        if self
             .verify_run
-            .take()
-            .map(|run| run.waiting)
-            .unwrap_or_default();
-        self.verify_run = Some(if waiting.is_empty() {
-            self.start_verify(pipeline, trigger, Some(AUTO_VERIFY_LISTENERS))
-        } else {
-            VerifyRun {
-                waiting,
-                ..self.start_verify(pipeline, REQUESTED, None)
-            }
-        });
+            .as_ref()
+            .is_some_and(|run| !run.waiting.is_empty())
+        {
+            self.verify_due = Some(trigger.to_string());
+            return;
+        }
+        self.verify_due = None;
+        self.verify_run = Some(self.start_verify(pipeline, trigger, Some(AUTO_VERIFY_LISTENERS)));
         self.continue_verify(pipeline);
     }
 
@@ -733,12 +732,16 @@ impl Guard {
     }
 
     /// The next chunk of the verify under way, if any; when its last is
-    /// done the result is kept, whoever asked is answered, and the
-    /// requests that came meanwhile get a run of their own.
+    /// done the result is kept and whoever asked is answered; then the
+    /// requests that came meanwhile get a run of their own, or else a
+    /// verify that came due meanwhile runs.
     pub fn continue_verify(&mut self, pipeline: &Pipeline) {
         let Some(mut run) = self.verify_run.take() else {
             return;
         };
+        // Who gave up waiting needs no answer; with none left the run goes
+        // on as an automatic one would, and a change may replace it.
+        run.waiting.retain(|reply| !reply.is_closed());
         if !self.verify_some(&mut run, VERIFY_CHUNK) {
             self.verify_run = Some(run);
             return;
@@ -749,10 +752,14 @@ impl Guard {
             let _ = reply.send(Reply::Once(Response::Verify(Box::new(run.report.clone()))));
         }
         if !self.verify_next.is_empty() {
+            // Begun after whatever came due: it covers that too.
+            self.verify_due = None;
             self.verify_run = Some(VerifyRun {
                 waiting: std::mem::take(&mut self.verify_next),
                 ..self.start_verify(pipeline, REQUESTED, None)
             });
+        } else if let Some(trigger) = self.verify_due.take() {
+            self.verify_after(pipeline, &trigger);
         }
     }
 
