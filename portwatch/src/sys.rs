@@ -277,45 +277,45 @@ pub fn sd_notify(state: &str) {
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+
     /// Run as root, as the unit tests are; each case on a thread of its
     /// own, whose nice value goes with it.
     #[test]
     fn priority_is_raised_to_the_level_asked_never_lowered_and_a_chosen_nice_stays() {
         let raised = std::thread::spawn(|| {
-            let start = super::nice().expect("reading the priority").min(0);
-            super::set_nice(start).expect("setting the priority");
-            let first = super::raise_priority(3).expect("raising");
+            let start = nice().expect("reading the priority").min(0);
+            set_nice(start).expect("setting the priority");
+            let first = raise_priority(3).expect("raising");
             let level = start.min(-3);
             if start > -3 {
                 assert_eq!(
                     first,
-                    super::Priority::Raised {
+                    Priority::Raised {
                         from: start,
                         to: -3
                     }
                 );
             } else {
-                assert_eq!(first, super::Priority::LeftAt(start));
+                assert_eq!(first, Priority::LeftAt(start));
             }
-            assert_eq!(super::nice().ok(), Some(level));
+            assert_eq!(nice().ok(), Some(level));
             // Asking for less, or the same, changes nothing.
             for levels in [2, 3] {
-                let again = super::raise_priority(levels).ok();
-                assert_eq!(again, Some(super::Priority::LeftAt(level)));
+                let again = raise_priority(levels).ok();
+                assert_eq!(again, Some(Priority::LeftAt(level)));
             }
         });
         let chosen = std::thread::spawn(|| {
             // `nice -n 10 portwatch ...`: lowered on purpose, left so.
-            super::set_nice(10).expect("lowering the priority");
-            let left = super::raise_priority(5).ok();
-            assert_eq!(left, Some(super::Priority::LeftAt(10)));
-            assert_eq!(super::nice().ok(), Some(10));
+            set_nice(10).expect("lowering the priority");
+            let left = raise_priority(5).ok();
+            assert_eq!(left, Some(Priority::LeftAt(10)));
+            assert_eq!(nice().ok(), Some(10));
         });
         raised.join().expect("raising panicked");
         chosen.join().expect("a chosen nice panicked");
     }
-
-    use super::*;
 
     #[test]
     fn finds_a_cgroup2_root_and_proc_mount() {

@@ -68,6 +68,11 @@ pub(super) struct VerifyRun {
 }
 
 impl VerifyRun {
+    /// Whether someone asked for it (and waits for its answer).
+    fn is_requested(&self) -> bool {
+        !self.waiting.is_empty()
+    }
+
     /// How far it has got, for `status`.
     pub fn progress(&self) -> VerifyProgress {
         VerifyProgress {
@@ -704,7 +709,7 @@ impl Guard {
         if self
             .verify_run
             .as_ref()
-            .is_some_and(|run| !run.waiting.is_empty())
+            .is_some_and(VerifyRun::is_requested)
         {
             self.verify_due = Some(trigger.to_string());
             return;
@@ -720,7 +725,7 @@ impl Guard {
     /// next, so that it sees what listens now.
     pub fn request_verify(&mut self, pipeline: &Pipeline, reply: oneshot::Sender<Reply>) {
         match &self.verify_run {
-            Some(run) if !run.waiting.is_empty() => self.verify_next.push(reply),
+            Some(run) if run.is_requested() => self.verify_next.push(reply),
             _ => {
                 self.verify_run = Some(VerifyRun {
                     waiting: vec![reply],
@@ -747,9 +752,15 @@ impl Guard {
             return;
         }
         self.record_verify(&run.report);
-        for reply in run.waiting {
-            // A client that gave up waiting is no concern of ours.
-            let _ = reply.send(Reply::Once(Response::Verify(Box::new(run.report.clone()))));
+        // A report of every listener can be megabytes: the last waiter
+        // takes it, the others a copy.
+        let mut waiting = run.waiting;
+        if let Some(last) = waiting.pop() {
+            for reply in waiting {
+                // A client that gave up waiting is no concern of ours.
+                let _ = reply.send(Reply::Once(Response::Verify(Box::new(run.report.clone()))));
+            }
+            let _ = last.send(Reply::Once(Response::Verify(Box::new(run.report))));
         }
         if !self.verify_next.is_empty() {
             // Begun after whatever came due: it covers that too.
