@@ -5,6 +5,7 @@
 //! Configurations alternate within each round.
 
 mod configs;
+mod progtime;
 mod trafgen;
 
 use std::fmt::Write as _;
@@ -20,7 +21,7 @@ use self::{
 use super::{
     Ctx, Section,
     attach::bare_program,
-    stats::{column, config_table, median, rotated, spread, stats_json, verdict},
+    stats::{column, config_table, median, min_max, rotated, spread, stats_json, verdict},
     verdict::kernel_worker,
 };
 
@@ -67,12 +68,56 @@ pub fn run(ctx: &Ctx) -> Result<Section> {
         );
         Ok(sample)
     })?;
-    Ok(report(rounds, n, &samples))
+    let program = program_times(ctx, &lab, &worker, &bare, &cfg, &ksoftirqd)?;
+    Ok(report(rounds, n, &samples, &program))
+}
+
+/// The configurations whose XDP program's own run time is measured.
+const TIMED: [Config; 4] = [
+    Config::BareDrop,
+    Config::ParseDrop,
+    Config::XdpFilter,
+    Config::PwNative,
+];
+
+/// The XDP programs' own run time per packet on this path, ns, one list
+/// of rounds per [`TIMED`] configuration: a pass of floods of its own after
+/// the rounds, with the kernel's statistics on.
+fn program_times(
+    ctx: &Ctx,
+    lab: &Lab,
+    worker: &std::path::Path,
+    bare: &std::path::Path,
+    cfg: &std::path::Path,
+    ksoftirqd: &[u32],
+) -> Result<Vec<Vec<f64>>> {
+    let (rounds, n) = if ctx.quick {
+        (1, 100_000)
+    } else {
+        (3, 500_000)
+    };
+    rotated(rounds, TIMED.len(), |round, i| {
+        let config = TIMED[i];
+        let attached = attach(&ctx.portwatch, worker, lab, config, bare)
+            .with_context(|| format!("setting up {}", config.label()))?;
+        let daemon = attached.guard_pid();
+        let ns = progtime::program_ns(lab, n * 95 / 100, || {
+            measure(lab, cfg, n, ksoftirqd, daemon).map(drop)
+        })
+        .with_context(|| format!("timing {}'s program", config.label()))?;
+        drop(attached);
+        eprintln!(
+            "veth program time {}/{rounds}: {:<34} {ns:>6.1} ns per packet",
+            round + 1,
+            config.label()
+        );
+        Ok(ns)
+    })
 }
 
 /// The table, the targets and latest.json's section from the samples of
 /// every configuration.
-fn report(rounds: usize, n: u64, samples: &[Vec<Sample>]) -> Section {
+fn report(rounds: usize, n: u64, samples: &[Vec<Sample>], program: &[Vec<f64>]) -> Section {
     let per_config =
         |f: fn(&Sample) -> f64| -> Vec<Vec<f64>> { samples.iter().map(|s| column(s, f)).collect() };
     let pps = per_config(|s| s.pps);
@@ -173,6 +218,46 @@ fn report(rounds: usize, n: u64, samples: &[Vec<Sample>]) -> Section {
          {daemon_native:.1} ns; the rest over bare XDP_DROP is the kernel's: {:.0} ns",
         med_cpu(Config::PwNative) - med_cpu(Config::BareDrop) - daemon_native
     );
+    let prog = |c: Config| {
+        TIMED
+            .iter()
+            .position(|t| *t == c)
+            .map_or(0.0, |i| median(&program[i]))
+    };
+    // Each program's run time over bare XDP_DROP's, added to bare's CPU per
+    // packet: what the configuration would cost if the path around the
+    // program were the same in every round.
+    let bare_cpu = med_cpu(Config::BareDrop);
+    let by_program = |c: Config| bare_cpu + prog(c) - prog(Config::BareDrop);
+    let cpu_by_program = by_program(Config::PwNative) / bare_cpu;
+    let filter_by_program = by_program(Config::XdpFilter) / by_program(Config::PwNative);
+    let floor_vs_filter = by_program(Config::XdpFilter) / by_program(Config::ParseDrop);
+    let rest = cpu_vs_bare - cpu_by_program;
+    let (bare_lo, bare_hi) = min_max(&cpu[Config::BareDrop.index()]);
+    let bare_spread = (bare_hi - bare_lo) / bare_cpu;
+    let _ = writeln!(
+        md,
+        "- the XDP programs' own run time per packet on this path (the kernel's BPF \
+         statistics, in floods of their own after the rounds; each figure includes the \
+         statistics' clock reads, alike in all): bare XDP_DROP {:.1} ns, header walk {:.1} \
+         ns, portwatch {:.1} ns, xdp-filter {:.1} ns (its libxdp dispatcher included). \
+         Their differences, added to bare XDP_DROP's CPU per packet: portwatch native \
+         {cpu_by_program:.3}× bare XDP_DROP (measured {cpu_vs_bare:.3}×; the other \
+         {rest:+.3} lies outside the program, {} the rounds' spread of bare XDP_DROP's own \
+         CPU per packet, {:.1}%); xdp-filter / portwatch {filter_by_program:.3}×, the \
+         throughput over xdp-filter a CPU-bound path can show; xdp-filter / the header walk \
+         {floor_vs_filter:.3}×, the most that any filter reading the headers could show",
+        prog(Config::BareDrop),
+        prog(Config::ParseDrop),
+        prog(Config::PwNative),
+        prog(Config::XdpFilter),
+        if rest.abs() <= bare_spread {
+            "within"
+        } else {
+            "beyond"
+        },
+        bare_spread * 100.0
+    );
     let mut targets_json = Vec::new();
     for (what, ratio, met) in targets {
         let _ = writeln!(md, "- {what}: {ratio:.3} — {}", verdict(met));
@@ -196,7 +281,15 @@ fn report(rounds: usize, n: u64, samples: &[Vec<Sample>]) -> Section {
                 "portwatch_tc_cpu_vs_bare": med_cpu(Config::PwTc) / med_cpu(Config::BareDrop),
                 "parse_drop_cpu_vs_bare": floor_vs_bare,
                 "portwatch_native_cpu_vs_parse_drop": med_cpu(Config::PwNative) / med_cpu(Config::ParseDrop),
+                "portwatch_native_cpu_vs_bare_by_program_time": cpu_by_program,
+                "xdp_filter_cpu_vs_portwatch_native_by_program_time": filter_by_program,
+                "xdp_filter_cpu_vs_parse_drop_by_program_time": floor_vs_filter,
             },
+            "program_run_ns": TIMED
+                .iter()
+                .zip(program)
+                .map(|(c, ns)| (c.key().to_string(), stats_json(ns)))
+                .collect::<serde_json::Map<_, _>>(),
             "targets": targets_json,
         }),
         markdown: md,
