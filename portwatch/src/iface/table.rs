@@ -7,6 +7,7 @@ use std::{
     net::IpAddr,
     os::unix::fs::MetadataExt as _,
     path::{Path, PathBuf},
+    sync::mpsc,
 };
 
 use netlink_packet_core::{
@@ -116,18 +117,77 @@ pub fn dump_in(ns_file: &Path, inode: u64) -> io::Result<Vec<Iface>> {
     std::thread::scope(|scope| {
         std::thread::Builder::new()
             .name("portwatch-netns".into())
-            .spawn_scoped(scope, move || {
-                let file = std::fs::File::open(&path)?;
-                // The process may have exited and its pid been reused.
-                if file.metadata()?.ino() != inode {
-                    return Err(io::Error::other("the file now refers to another namespace"));
-                }
-                nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET)?;
-                dump()
-            })?
+            .spawn_scoped(scope, move || enter_and_dump(&path, inode))?
             .join()
             .map_err(|_| io::Error::other("the netns thread panicked"))?
     })
+}
+
+/// Enters the namespace `ns_file` refers to, if it is still `inode`, and
+/// dumps its interfaces. Only for a thread that does nothing else.
+fn enter_and_dump(ns_file: &Path, inode: u64) -> io::Result<Vec<Iface>> {
+    let file = std::fs::File::open(ns_file)?;
+    // The process may have exited and its pid been reused.
+    if file.metadata()?.ino() != inode {
+        return Err(io::Error::other("the file now refers to another namespace"));
+    }
+    nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET)?;
+    dump()
+}
+
+/// A request to [`NetnsDumper`]'s thread and where its answer goes.
+type DumpRequest = (PathBuf, u64, mpsc::SyncSender<io::Result<Vec<Iface>>>);
+
+/// [`dump_in`] on one long-lived thread that enters each namespace in
+/// turn (it does nothing else, so whichever it is left in does not
+/// matter). A thread started for each dump waits for a CPU behind a
+/// burst's busy processes before it runs (~10 ms measured, with the events
+/// of a new namespace's first listeners held meanwhile); a sleeping one is
+/// woken at once.
+pub struct NetnsDumper {
+    requests: Option<mpsc::Sender<DumpRequest>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl NetnsDumper {
+    pub fn start() -> io::Result<Self> {
+        let (requests, inbox) = mpsc::channel::<DumpRequest>();
+        let thread = std::thread::Builder::new()
+            .name("portwatch-netns".into())
+            .spawn(move || {
+                for (path, inode, reply) in inbox {
+                    // The asker may have given up: nothing to tell.
+                    let _ = reply.send(enter_and_dump(&path, inode));
+                }
+            })?;
+        Ok(Self {
+            requests: Some(requests),
+            thread: Some(thread),
+        })
+    }
+
+    /// The interfaces of the namespace `ns_file` refers to, if it is still
+    /// `inode` (as [`dump_in`]).
+    pub fn dump_in(&self, ns_file: &Path, inode: u64) -> io::Result<Vec<Iface>> {
+        let gone = || io::Error::other("the netns thread is gone");
+        let (reply, answer) = mpsc::sync_channel(1);
+        self.requests
+            .as_ref()
+            .ok_or_else(gone)?
+            .send((ns_file.to_owned(), inode, reply))
+            .map_err(|_| gone())?;
+        answer.recv().map_err(|_| gone())?
+    }
+}
+
+impl Drop for NetnsDumper {
+    fn drop(&mut self) {
+        // Its inbox closes and its loop ends after the dump under way.
+        drop(self.requests.take());
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
 }
 
 fn iface_of(link: &LinkMessage) -> Iface {
@@ -250,6 +310,80 @@ mod tests {
             .ok_or_else(|| io::Error::other("no lo"))?;
         assert!(lo.loopback && !lo.is_way_in(), "{lo:?}");
         assert!(lo.addrs.contains(&IpAddr::from([127, 0, 0, 1])), "{lo:?}");
+        Ok(())
+    }
+
+    /// A process of ours in a network namespace of its own (`unshare -n`),
+    /// killed and reaped on drop.
+    struct OtherNetns(std::process::Child);
+
+    impl OtherNetns {
+        fn start() -> io::Result<Self> {
+            let child = std::process::Command::new("unshare")
+                .args(["-n", "sleep", "60"])
+                .spawn()?;
+            let other = Self(child);
+            // unshare enters the namespace, then execs sleep.
+            let ours = std::fs::metadata("/proc/self/ns/net")?.ino();
+            for _ in 0..200 {
+                if other.inode()? != ours {
+                    return Ok(other);
+                }
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+            Err(io::Error::other("unshare -n never entered a namespace"))
+        }
+
+        fn ns_file(&self) -> PathBuf {
+            PathBuf::from(format!("/proc/{}/ns/net", self.0.id()))
+        }
+
+        fn inode(&self) -> io::Result<u64> {
+            Ok(std::fs::metadata(self.ns_file())?.ino())
+        }
+    }
+
+    impl Drop for OtherNetns {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+
+    #[test]
+    fn one_dumper_thread_reads_namespace_after_namespace_as_a_thread_each_would() -> io::Result<()>
+    {
+        let other = OtherNetns::start()?;
+        let own = PathBuf::from("/proc/self/ns/net");
+        let own_inode = std::fs::metadata(&own)?.ino();
+        let dumper = NetnsDumper::start()?;
+        let loopback_addrs = |ifaces: &[Iface]| {
+            ifaces
+                .iter()
+                .find(|i| i.loopback)
+                .map(|lo| lo.addrs.clone())
+                .ok_or_else(|| io::Error::other(format!("no loopback in {ifaces:?}")))
+        };
+        // There and back: the thread is left in the other namespace after
+        // the first dump, and the second must not see that one.
+        let theirs = dumper.dump_in(&other.ns_file(), other.inode()?)?;
+        let ours = dumper.dump_in(&own, own_inode)?;
+        assert_eq!(
+            theirs.len(),
+            1,
+            "a fresh namespace has its loopback only: {theirs:?}"
+        );
+        assert!(
+            loopback_addrs(&theirs)?.is_empty(),
+            "and it is down, without 127.0.0.1: {theirs:?}"
+        );
+        assert_eq!(theirs, dump_in(&other.ns_file(), other.inode()?)?);
+        assert!(
+            loopback_addrs(&ours)?.contains(&IpAddr::from([127, 0, 0, 1])),
+            "ours, not the one visited before: {ours:?}"
+        );
+        // The pid's namespace is no longer the one asked for.
+        assert!(dumper.dump_in(&other.ns_file(), own_inode).is_err());
         Ok(())
     }
 }

@@ -25,7 +25,7 @@ use tokio::sync::mpsc;
 
 use crate::{
     datapath::decode::RawListen,
-    iface::table::{Iface, dump_in},
+    iface::table::{Iface, NetnsDumper, dump_in},
     model::{EventKind, Listener, ProcessInfo, Proto},
     procinfo,
 };
@@ -72,6 +72,7 @@ impl Enricher {
         let (outbox, from_worker) = mpsc::channel(MAX_IN_FLIGHT);
         let cache = Arc::new(Mutex::new(ProcCache {
             own_netns: procinfo::netns_of(std::process::id()),
+            dumper: Some(NetnsDumper::start()?),
             ..ProcCache::default()
         }));
         let shared = Arc::clone(&cache);
@@ -204,6 +205,9 @@ struct ProcCache {
     netns_read: HashMap<u64, Instant>,
     /// Dumps made to place listeners of processes already gone.
     placing: Budget,
+    /// Reads other namespaces' interfaces (a thread of its own, started
+    /// with the worker; without it, a thread per dump).
+    dumper: Option<NetnsDumper>,
 }
 
 /// At most this many sock_diag dumps a second to place a listener whose
@@ -314,7 +318,7 @@ impl ProcCache {
             self.entries.remove(&tgid);
         }
         let cached = self.entries.entry(tgid).or_insert_with(|| {
-            let details = procinfo::process_info(tgid);
+            let details = procinfo::process_details(tgid);
             let comm: Arc<str> = comm.into();
             let info = Arc::new(ProcessInfo {
                 pid: Some(tgid),
@@ -414,7 +418,11 @@ impl ProcCache {
         }
         self.netns_read.insert(ns, Instant::now());
         let file = PathBuf::from(format!("/proc/{pid}/ns/net"));
-        match dump_in(&file, ns) {
+        let dumped = match &self.dumper {
+            Some(dumper) => dumper.dump_in(&file, ns),
+            None => dump_in(&file, ns),
+        };
+        match dumped {
             Ok(ifaces) => Some((ns, Arc::new(ifaces))),
             Err(e) => {
                 log::debug!("cannot read the interfaces of netns {ns}: {e}");
