@@ -106,6 +106,55 @@ pub fn raise_priority(levels: u8) -> std::io::Result<Priority> {
     })
 }
 
+/// `struct sched_attr` as sched_setattr(2) takes it (SCHED_ATTR_SIZE_VER1).
+#[repr(C)]
+#[derive(Default)]
+struct SchedAttr {
+    size: u32,
+    policy: u32,
+    flags: u64,
+    nice: i32,
+    priority: u32,
+    runtime: u64,
+    deadline: u64,
+    period: u64,
+    util_min: u32,
+    util_max: u32,
+}
+
+/// The time slice [`raise_priority`]'s callers ask for: the shortest the
+/// kernel grants.
+pub const STREAM_SLICE: std::time::Duration = std::time::Duration::from_micros(100);
+
+/// Asks the scheduler for a time slice of `slice` for the calling thread
+/// and the threads it starts from now on (EEVDF's custom slice, Linux
+/// 6.12 and later, which clamps it to 0.1-100 ms; the thread stays
+/// SCHED_OTHER at its nice value, with the same share of the CPU). A woken
+/// thread with a shorter slice than the running one takes the CPU at once;
+/// with the default slice it waits for the running one's to end (1-3 ms),
+/// and in a burst, where busy processes hold every CPU, the stream's events
+/// wait that long at each wake-up. An older kernel accepts and ignores it.
+pub fn set_slice(slice: std::time::Duration) -> std::io::Result<()> {
+    let attr = SchedAttr {
+        size: std::mem::size_of::<SchedAttr>() as u32,
+        policy: libc::SCHED_OTHER as u32,
+        nice: nice()?,
+        runtime: u64::try_from(slice.as_nanos()).unwrap_or(u64::MAX),
+        ..SchedAttr::default()
+    };
+    // The nice value is part of the attributes: a change between reading
+    // it and this call (none here: only this thread sets its own) would be
+    // undone.
+    // SAFETY: sched_setattr(2) reads `attr.size` bytes from a live struct
+    // of that layout and changes only the calling thread's (tid 0)
+    // scheduling.
+    let rc = unsafe { libc::syscall(libc::SYS_sched_setattr, 0, &attr as *const SchedAttr, 0) };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 /// One line of /proc/self/mountinfo: mount point and file system type.
 fn mounts() -> Vec<(PathBuf, String)> {
     let Ok(info) = fs::read_to_string("/proc/self/mountinfo") else {
@@ -275,9 +324,55 @@ pub fn sd_notify(state: &str) {
     }
 }
 
+/// The calling thread's time slice, as sched_getattr(2) reports it.
+#[cfg(test)]
+fn slice() -> std::io::Result<std::time::Duration> {
+    let mut attr = SchedAttr::default();
+    // SAFETY: sched_getattr(2) writes at most `size` bytes (the last
+    // argument) into a live struct of that layout.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_sched_getattr,
+            0,
+            &mut attr as *mut SchedAttr,
+            std::mem::size_of::<SchedAttr>() as u32,
+            0,
+        )
+    };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(std::time::Duration::from_nanos(attr.runtime))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_set_slice_holds_for_the_thread_and_the_threads_it_starts_and_keeps_its_nice() {
+        let outcome = std::thread::spawn(|| {
+            let nice_before = nice().expect("reading the priority");
+            set_slice(STREAM_SLICE).expect("setting the slice");
+            let own = slice().expect("reading the slice");
+            let started = std::thread::spawn(slice)
+                .join()
+                .expect("the thread ran")
+                .expect("reading its slice");
+            (
+                own,
+                started,
+                nice_before,
+                nice().expect("reading the priority"),
+            )
+        })
+        .join()
+        .expect("the thread ran");
+        let (own, started, nice_before, nice_after) = outcome;
+        assert_eq!(own, STREAM_SLICE);
+        assert_eq!(started, STREAM_SLICE, "inherited by a thread it starts");
+        assert_eq!(nice_after, nice_before, "the nice value stays");
+    }
 
     /// Run as root, as the unit tests are; each case on a thread of its
     /// own, whose nice value goes with it.

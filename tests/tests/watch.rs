@@ -361,6 +361,29 @@ fn stopping_detaches_every_hook() -> Result {
     Ok(())
 }
 
+/// The time slice (ns) of each thread of `pid` (or of this process, for
+/// "self"), as the scheduler's debug file shows it.
+fn thread_slices(pid: &str) -> Result<Vec<u64>> {
+    let mut out = Vec::new();
+    for task in std::fs::read_dir(format!("/proc/{pid}/task"))? {
+        let sched = match std::fs::read_to_string(task?.path().join("sched")) {
+            Ok(sched) => sched,
+            // A thread that ended meanwhile.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(e.into()),
+        };
+        let slice = sched
+            .lines()
+            .find_map(|l| l.strip_prefix("se.slice"))
+            .and_then(|rest| rest.split(':').nth(1))
+            .context("no se.slice line")?
+            .trim()
+            .parse()?;
+        out.push(slice);
+    }
+    Ok(out)
+}
+
 /// The nice value of each thread of `pid` (or of this process, for
 /// "self"), by thread name.
 fn thread_nices(pid: &str) -> Result<Vec<(String, i32)>> {
@@ -389,22 +412,31 @@ fn thread_nices(pid: &str) -> Result<Vec<(String, i32)>> {
 }
 
 #[test]
-fn the_stream_runs_at_a_raised_priority_unless_told_otherwise() -> Result {
+fn the_stream_runs_at_a_raised_priority_and_a_short_slice_unless_told_otherwise() -> Result {
     let ours = thread_nices("self")?
         .first()
         .map(|(_, n)| *n)
         .context("no thread")?;
     // A positive nice value (a run under `nice`) is chosen, and left.
     let boosted = |to: i32| if ours > 0 { ours } else { ours.min(to) };
-    for (args, want) in [
-        (&["watch", "--no-snapshot"][..], boosted(-5)),
+    // The shortest slice the kernel grants, unless the boost is off (or a
+    // low priority was chosen); ours is the kernel's default.
+    let our_slice = thread_slices("self")?
+        .first()
+        .copied()
+        .context("no thread")?;
+    let short = if ours > 0 { our_slice } else { 100_000 };
+    for (args, want, want_slice) in [
+        (&["watch", "--no-snapshot"][..], boosted(-5), short),
         (
             &["watch", "--no-snapshot", "--priority-boost", "12"][..],
             boosted(-12),
+            short,
         ),
         (
             &["watch", "--no-snapshot", "--priority-boost", "0"][..],
             ours,
+            our_slice,
         ),
     ] {
         let mut pw = Portwatch::start(args)?;
@@ -423,6 +455,11 @@ fn the_stream_runs_at_a_raised_priority_unless_told_otherwise() -> Result {
             "{nices:?}"
         );
         assert!(nices.iter().all(|(_, n)| *n == want), "{args:?}: {nices:?}");
+        let slices = thread_slices(&pw.pid().to_string())?;
+        assert!(
+            !slices.is_empty() && slices.iter().all(|s| *s == want_slice),
+            "{args:?}: slices {slices:?}, want {want_slice}"
+        );
         assert!(pw.stop()?.success());
     }
     Ok(())

@@ -73,23 +73,41 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     })
 }
 
-/// `--priority-boost`, before the loop's threads start (they inherit it).
-/// Without the capability it says so and goes on at the priority it has.
+/// `--priority-boost`, before the loop's threads start (they inherit it):
+/// a raised nice value and a short time slice. Without the capability it
+/// says so and goes on at the priority it has.
 fn raise_priority(levels: u8) {
-    match portwatch::sys::raise_priority(levels) {
+    let lowered_on_purpose = match portwatch::sys::raise_priority(levels) {
         Ok(portwatch::sys::Priority::Raised { from, to }) => {
             log::debug!(
                 "scheduling priority raised: nice {from} -> {to} (--priority-boost 0 keeps it)"
             );
+            false
         }
         Ok(portwatch::sys::Priority::LeftAt(nice)) => {
             log::debug!("scheduling priority left at nice {nice}");
+            nice > 0
         }
-        Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => log::debug!(
-            "scheduling priority not raised (needs CAP_SYS_NICE): {e}; a burst of listeners \
-             may reach the stream later"
-        ),
-        Err(e) => log::warn!("raising the scheduling priority failed: {e}"),
+        Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
+            log::debug!(
+                "scheduling priority not raised (needs CAP_SYS_NICE): {e}; a burst of \
+                 listeners may reach the stream later"
+            );
+            false
+        }
+        Err(e) => {
+            log::warn!("raising the scheduling priority failed: {e}");
+            false
+        }
+    };
+    if levels > 0 && !lowered_on_purpose {
+        match portwatch::sys::set_slice(portwatch::sys::STREAM_SLICE) {
+            Ok(()) => log::debug!(
+                "time slice set to {:?}: woken by an event, the stream takes the CPU at once",
+                portwatch::sys::STREAM_SLICE
+            ),
+            Err(e) => log::debug!("time slice left as it is: {e}"),
+        }
     }
 }
 
