@@ -108,7 +108,7 @@ pub fn raise_priority(levels: u8) -> std::io::Result<Priority> {
 
 /// `struct sched_attr` as sched_setattr(2) takes it (SCHED_ATTR_SIZE_VER1).
 #[repr(C)]
-#[derive(Default)]
+#[derive(Clone, Copy, Debug, Default)]
 struct SchedAttr {
     size: u32,
     policy: u32,
@@ -122,29 +122,74 @@ struct SchedAttr {
     util_max: u32,
 }
 
-/// The time slice [`raise_priority`]'s callers ask for: the shortest the
+const _: () = assert!(std::mem::size_of::<SchedAttr>() == 56);
+
+/// `SCHED_FLAG_RESET_ON_FORK`, from the kernel's uapi.
+const SCHED_FLAG_RESET_ON_FORK: u64 = 0x01;
+
+/// The time slice [`set_slice`]'s callers ask for: the shortest the
 /// kernel grants.
 pub const STREAM_SLICE: std::time::Duration = std::time::Duration::from_micros(100);
 
+/// What [`set_slice`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Slice {
+    /// The thread runs with the slice asked for.
+    Set,
+    /// The kernel took the call and kept its own slice (custom slices came
+    /// with Linux 6.12).
+    NotSupported,
+    /// Left as it was: the thread runs under another policy than
+    /// SCHED_OTHER (a real-time, batch or idle one someone chose).
+    OtherPolicy(u32),
+}
+
+/// The calling thread's scheduling attributes (sched_getattr(2)).
+fn sched_attr() -> std::io::Result<SchedAttr> {
+    let mut attr = SchedAttr::default();
+    // SAFETY: sched_getattr(2) writes at most `size` (its third argument)
+    // bytes into a live struct of that layout, for the calling thread
+    // (tid 0); flags (the fourth) must be 0.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_sched_getattr,
+            0,
+            &mut attr as *mut SchedAttr,
+            std::mem::size_of::<SchedAttr>() as u32,
+            0,
+        )
+    };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(attr)
+}
+
 /// Asks the scheduler for a time slice of `slice` for the calling thread
 /// and the threads it starts from now on (EEVDF's custom slice, Linux
-/// 6.12 and later, which clamps it to 0.1-100 ms; the thread stays
-/// SCHED_OTHER at its nice value, with the same share of the CPU). A woken
-/// thread with a shorter slice than the running one takes the CPU at once;
-/// with the default slice it waits for the running one's to end (1-3 ms),
-/// and in a burst, where busy processes hold every CPU, the stream's events
-/// wait that long at each wake-up. An older kernel accepts and ignores it.
-pub fn set_slice(slice: std::time::Duration) -> std::io::Result<()> {
+/// 6.12 and later, which clamps it to 0.1-100 ms). Only the slice changes:
+/// the thread stays SCHED_OTHER at its nice value, with the same share of
+/// the CPU, and keeps reset-on-fork if it had it; a thread under another
+/// policy is left alone. A woken thread with a shorter slice than the
+/// running one takes the CPU at once; with the default slice it waits for
+/// the running one's to end (1-3 ms), and in a burst, where busy
+/// processes hold every CPU, the stream's events wait that long at each
+/// wake-up.
+pub fn set_slice(slice: std::time::Duration) -> std::io::Result<Slice> {
+    let now = sched_attr()?;
+    if now.policy != libc::SCHED_OTHER as u32 {
+        return Ok(Slice::OtherPolicy(now.policy));
+    }
+    let wanted = u64::try_from(slice.as_nanos()).unwrap_or(u64::MAX);
     let attr = SchedAttr {
         size: std::mem::size_of::<SchedAttr>() as u32,
-        policy: libc::SCHED_OTHER as u32,
-        nice: nice()?,
-        runtime: u64::try_from(slice.as_nanos()).unwrap_or(u64::MAX),
+        policy: now.policy,
+        // Without SCHED_FLAG_UTIL_CLAMP the clamps stay as they are.
+        flags: now.flags & SCHED_FLAG_RESET_ON_FORK,
+        nice: now.nice,
+        runtime: wanted,
         ..SchedAttr::default()
     };
-    // The nice value is part of the attributes: a change between reading
-    // it and this call (none here: only this thread sets its own) would be
-    // undone.
     // SAFETY: sched_setattr(2) reads `attr.size` bytes from a live struct
     // of that layout and changes only the calling thread's (tid 0)
     // scheduling.
@@ -152,7 +197,11 @@ pub fn set_slice(slice: std::time::Duration) -> std::io::Result<()> {
     if rc != 0 {
         return Err(std::io::Error::last_os_error());
     }
-    Ok(())
+    Ok(if sched_attr()?.runtime == wanted {
+        Slice::Set
+    } else {
+        Slice::NotSupported
+    })
 }
 
 /// One line of /proc/self/mountinfo: mount point and file system type.
@@ -324,54 +373,77 @@ pub fn sd_notify(state: &str) {
     }
 }
 
-/// The calling thread's time slice, as sched_getattr(2) reports it.
-#[cfg(test)]
-fn slice() -> std::io::Result<std::time::Duration> {
-    let mut attr = SchedAttr::default();
-    // SAFETY: sched_getattr(2) writes at most `size` bytes (the last
-    // argument) into a live struct of that layout.
-    let rc = unsafe {
-        libc::syscall(
-            libc::SYS_sched_getattr,
-            0,
-            &mut attr as *mut SchedAttr,
-            std::mem::size_of::<SchedAttr>() as u32,
-            0,
-        )
-    };
-    if rc != 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    Ok(std::time::Duration::from_nanos(attr.runtime))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    /// Whether this kernel has EEVDF's custom slices (Linux 6.12).
+    fn custom_slices() -> bool {
+        let release = nix::sys::utsname::uname()
+            .map(|u| u.release().to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let mut parts = release
+            .split(['.', '-'])
+            .map(|p| p.parse::<u32>().unwrap_or(0));
+        let (major, minor) = (parts.next().unwrap_or(0), parts.next().unwrap_or(0));
+        (major, minor) >= (6, 12)
+    }
+
+    /// Each case on a thread of its own, whose scheduling goes with it.
+    fn on_a_thread<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+        std::thread::spawn(f).join().expect("the thread ran")
+    }
+
     #[test]
-    fn a_set_slice_holds_for_the_thread_and_the_threads_it_starts_and_keeps_its_nice() {
-        let outcome = std::thread::spawn(|| {
-            let nice_before = nice().expect("reading the priority");
-            set_slice(STREAM_SLICE).expect("setting the slice");
-            let own = slice().expect("reading the slice");
-            let started = std::thread::spawn(slice)
-                .join()
-                .expect("the thread ran")
-                .expect("reading its slice");
+    fn a_set_slice_holds_for_the_thread_and_the_threads_it_starts_and_nothing_else_changes() {
+        let (outcome, own, started, nice_after) = on_a_thread(|| {
+            set_nice(-3).expect("raising the priority");
+            let outcome = set_slice(STREAM_SLICE).expect("setting the slice");
+            let own = sched_attr().expect("reading the attributes");
+            let started = on_a_thread(sched_attr).expect("reading its attributes");
+            (outcome, own, started, nice().expect("reading the priority"))
+        });
+        if custom_slices() {
+            assert_eq!(outcome, Slice::Set);
+            assert_eq!(own.runtime, STREAM_SLICE.as_nanos() as u64);
+            assert_eq!(
+                started.runtime, own.runtime,
+                "inherited by a thread it starts"
+            );
+        } else {
+            assert_eq!(outcome, Slice::NotSupported);
+        }
+        assert_eq!(own.policy, libc::SCHED_OTHER as u32);
+        assert_eq!((own.nice, nice_after), (-3, -3), "the nice value stays");
+    }
+
+    #[test]
+    fn another_policy_is_left_alone_and_reset_on_fork_is_kept() {
+        let batch = on_a_thread(|| {
+            let param = libc::sched_param { sched_priority: 0 };
+            // SAFETY: sets the calling thread's (0) policy from a live param.
+            let rc = unsafe { libc::sched_setscheduler(0, libc::SCHED_BATCH, &param) };
+            assert_eq!(rc, 0, "{}", std::io::Error::last_os_error());
+            let outcome = set_slice(STREAM_SLICE).expect("asking for the slice");
             (
-                own,
-                started,
-                nice_before,
-                nice().expect("reading the priority"),
+                outcome,
+                sched_attr().expect("reading the attributes").policy,
             )
-        })
-        .join()
-        .expect("the thread ran");
-        let (own, started, nice_before, nice_after) = outcome;
-        assert_eq!(own, STREAM_SLICE);
-        assert_eq!(started, STREAM_SLICE, "inherited by a thread it starts");
-        assert_eq!(nice_after, nice_before, "the nice value stays");
+        });
+        let batch_policy = libc::SCHED_BATCH as u32;
+        assert_eq!(batch, (Slice::OtherPolicy(batch_policy), batch_policy));
+
+        let flags = on_a_thread(|| {
+            let param = libc::sched_param { sched_priority: 0 };
+            // SAFETY: as above; SCHED_RESET_ON_FORK is or-ed into the policy.
+            let rc = unsafe {
+                libc::sched_setscheduler(0, libc::SCHED_OTHER | libc::SCHED_RESET_ON_FORK, &param)
+            };
+            assert_eq!(rc, 0, "{}", std::io::Error::last_os_error());
+            set_slice(STREAM_SLICE).expect("setting the slice");
+            sched_attr().expect("reading the attributes").flags
+        });
+        assert_ne!(flags & SCHED_FLAG_RESET_ON_FORK, 0, "reset-on-fork kept");
     }
 
     /// Run as root, as the unit tests are; each case on a thread of its

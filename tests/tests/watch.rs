@@ -362,26 +362,38 @@ fn stopping_detaches_every_hook() -> Result {
 }
 
 /// The time slice (ns) of each thread of `pid` (or of this process, for
-/// "self"), as the scheduler's debug file shows it.
+/// "self"), as sched_getattr(2) reports it.
 fn thread_slices(pid: &str) -> Result<Vec<u64>> {
     let mut out = Vec::new();
     for task in std::fs::read_dir(format!("/proc/{pid}/task"))? {
-        let sched = match std::fs::read_to_string(task?.path().join("sched")) {
-            Ok(sched) => sched,
+        let tid: libc::pid_t = task?.file_name().to_string_lossy().parse()?;
+        // struct sched_attr (56 bytes): sched_runtime is the u64 at byte 24.
+        let mut attr = [0u64; 7];
+        // SAFETY: sched_getattr(2) writes at most 56 bytes (its third
+        // argument) into this live, 8-byte-aligned buffer of 56.
+        let rc =
+            unsafe { libc::syscall(libc::SYS_sched_getattr, tid, attr.as_mut_ptr(), 56u32, 0u32) };
+        if rc != 0 {
+            let e = std::io::Error::last_os_error();
             // A thread that ended meanwhile.
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
-            Err(e) => return Err(e.into()),
-        };
-        let slice = sched
-            .lines()
-            .find_map(|l| l.strip_prefix("se.slice"))
-            .and_then(|rest| rest.split(':').nth(1))
-            .context("no se.slice line")?
-            .trim()
-            .parse()?;
-        out.push(slice);
+            if e.raw_os_error() == Some(libc::ESRCH) {
+                continue;
+            }
+            return Err(e.into());
+        }
+        out.push(attr[3]);
     }
     Ok(out)
+}
+
+/// Whether this kernel has EEVDF's custom slices (Linux 6.12).
+fn custom_slices() -> Result<bool> {
+    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease")?;
+    let mut parts = release
+        .trim()
+        .split(['.', '-'])
+        .map(|p| p.parse::<u32>().unwrap_or(0));
+    Ok((parts.next().unwrap_or(0), parts.next().unwrap_or(0)) >= (6, 12))
 }
 
 /// The nice value of each thread of `pid` (or of this process, for
@@ -425,7 +437,11 @@ fn the_stream_runs_at_a_raised_priority_and_a_short_slice_unless_told_otherwise(
         .first()
         .copied()
         .context("no thread")?;
-    let short = if ours > 0 { our_slice } else { 100_000 };
+    let short = if ours > 0 || !custom_slices()? {
+        our_slice
+    } else {
+        100_000
+    };
     for (args, want, want_slice) in [
         (&["watch", "--no-snapshot"][..], boosted(-5), short),
         (

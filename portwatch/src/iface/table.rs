@@ -139,31 +139,59 @@ fn enter_and_dump(ns_file: &Path, inode: u64) -> io::Result<Vec<Iface>> {
 type DumpRequest = (PathBuf, u64, mpsc::SyncSender<io::Result<Vec<Iface>>>);
 
 /// [`dump_in`] on one long-lived thread that enters each namespace in
-/// turn (it does nothing else, so whichever it is left in does not
-/// matter). A thread started for each dump waits for a CPU behind a
-/// burst's busy processes before it runs (~10 ms measured, with the events
-/// of a new namespace's first listeners held meanwhile); a sleeping one is
-/// woken at once.
+/// turn and returns to its own after each dump: a thread inside a
+/// namespace keeps it alive (and a container's veth with it) after every
+/// process of the container is gone. A thread started for each dump waits
+/// for a CPU behind a burst's busy processes before it runs (~10 ms
+/// measured, with the events of a new namespace's first listeners held
+/// meanwhile); a sleeping one is woken at once.
 pub struct NetnsDumper {
     requests: Option<mpsc::Sender<DumpRequest>>,
     thread: Option<std::thread::JoinHandle<()>>,
+    /// Its thread's id (tests look at its namespace).
+    #[cfg_attr(not(test), allow(dead_code))]
+    tid: i32,
 }
 
 impl NetnsDumper {
     pub fn start() -> io::Result<Self> {
         let (requests, inbox) = mpsc::channel::<DumpRequest>();
+        let (started, start_result) = mpsc::sync_channel(1);
         let thread = std::thread::Builder::new()
             .name("portwatch-netns".into())
             .spawn(move || {
+                let home = match std::fs::File::open("/proc/thread-self/ns/net") {
+                    Ok(home) => home,
+                    Err(e) => {
+                        let _ = started.send(Err(e));
+                        return;
+                    }
+                };
+                let _ = started.send(Ok(nix::unistd::gettid().as_raw()));
                 for (path, inode, reply) in inbox {
+                    let dumped = enter_and_dump(&path, inode);
+                    let back = nix::sched::setns(&home, nix::sched::CloneFlags::CLONE_NEWNET);
                     // The asker may have given up: nothing to tell.
-                    let _ = reply.send(enter_and_dump(&path, inode));
+                    let _ = reply.send(dumped);
+                    if let Err(e) = back {
+                        // Ending the thread leaves the namespace; the
+                        // asker gets a thread per dump from now on.
+                        log::warn!("the netns thread could not return to its namespace: {e}");
+                        return;
+                    }
                 }
             })?;
-        Ok(Self {
+        let started = start_result
+            .recv()
+            .map_err(|_| io::Error::other("the netns thread ended at its start"));
+        let mut dumper = Self {
             requests: Some(requests),
             thread: Some(thread),
-        })
+            tid: 0,
+        };
+        // Joined on drop if it did not start.
+        dumper.tid = started??;
+        Ok(dumper)
     }
 
     /// The interfaces of the namespace `ns_file` refers to, if it is still
@@ -177,6 +205,14 @@ impl NetnsDumper {
             .send((ns_file.to_owned(), inode, reply))
             .map_err(|_| gone())?;
         answer.recv().map_err(|_| gone())?
+    }
+}
+
+impl NetnsDumper {
+    /// Whether its thread still runs (it ends if it cannot return to its
+    /// namespace, or if a dump panicked).
+    pub fn is_alive(&self) -> bool {
+        self.thread.as_ref().is_some_and(|t| !t.is_finished())
     }
 }
 
@@ -364,18 +400,22 @@ mod tests {
                 .map(|lo| lo.addrs.clone())
                 .ok_or_else(|| io::Error::other(format!("no loopback in {ifaces:?}")))
         };
-        // There and back: the thread is left in the other namespace after
-        // the first dump, and the second must not see that one.
+        let ns_of_thread =
+            || std::fs::metadata(format!("/proc/self/task/{}/ns/net", dumper.tid)).map(|m| m.ino());
+        assert_eq!(ns_of_thread()?, own_inode, "it starts in ours");
+        // There and back: after a dump elsewhere the thread is home again
+        // (staying would keep that namespace alive), and the next dump
+        // must not see the one visited before.
         let theirs = dumper.dump_in(&other.ns_file(), other.inode()?)?;
+        assert_eq!(ns_of_thread()?, own_inode, "back home after the dump");
         let ours = dumper.dump_in(&own, own_inode)?;
-        assert_eq!(
-            theirs.len(),
-            1,
-            "a fresh namespace has its loopback only: {theirs:?}"
-        );
+        let lo = theirs
+            .iter()
+            .find(|i| i.loopback)
+            .ok_or_else(|| io::Error::other(format!("no loopback in {theirs:?}")))?;
         assert!(
-            loopback_addrs(&theirs)?.is_empty(),
-            "and it is down, without 127.0.0.1: {theirs:?}"
+            !lo.up && lo.addrs.is_empty(),
+            "a fresh namespace's loopback is down, without 127.0.0.1: {lo:?}"
         );
         assert_eq!(theirs, dump_in(&other.ns_file(), other.inode()?)?);
         assert!(

@@ -72,7 +72,9 @@ impl Enricher {
         let (outbox, from_worker) = mpsc::channel(MAX_IN_FLIGHT);
         let cache = Arc::new(Mutex::new(ProcCache {
             own_netns: procinfo::netns_of(std::process::id()),
-            dumper: Some(NetnsDumper::start()?),
+            dumper: NetnsDumper::start()
+                .inspect_err(|e| log::warn!("no netns thread ({e}): a thread per dump instead"))
+                .ok(),
             ..ProcCache::default()
         }));
         let shared = Arc::clone(&cache);
@@ -194,7 +196,7 @@ impl Drop for Enricher {
 }
 
 /// What /proc said about a process, kept for a short while: a burst of
-/// listeners comes from a few processes, and reading six /proc files per
+/// listeners comes from a few processes, and reading four /proc files per
 /// event would make user space the bottleneck (about 50 us an event).
 #[derive(Default)]
 struct ProcCache {
@@ -206,7 +208,8 @@ struct ProcCache {
     /// Dumps made to place listeners of processes already gone.
     placing: Budget,
     /// Reads other namespaces' interfaces (a thread of its own, started
-    /// with the worker; without it, a thread per dump).
+    /// with the worker; if it could not start or has ended, a thread per
+    /// dump).
     dumper: Option<NetnsDumper>,
 }
 
@@ -422,6 +425,10 @@ impl ProcCache {
             Some(dumper) => dumper.dump_in(&file, ns),
             None => dump_in(&file, ns),
         };
+        if self.dumper.as_ref().is_some_and(|d| !d.is_alive()) {
+            // Gone for good: a thread per dump from the next one on.
+            self.dumper = None;
+        }
         match dumped {
             Ok(ifaces) => Some((ns, Arc::new(ifaces))),
             Err(e) => {

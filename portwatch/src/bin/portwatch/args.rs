@@ -163,7 +163,7 @@ pub struct GuardArgs {
     /// Serve Prometheus metrics at http://ADDR/metrics (ADDR: IP:PORT, e.g. 127.0.0.1:9469 or [::1]:9469).
     #[arg(long, value_name = "ADDR", value_parser = metrics::parse_addr)]
     pub metrics: Option<std::net::SocketAddr>,
-    /// Run at nice -N at least, with a short time slice (0-20; needs CAP_SYS_NICE; 0 leaves the scheduling as it is), so the stream keeps up with a burst of listeners while busy processes hold every CPU.
+    /// Run at nice -N at least (0-20; needs CAP_SYS_NICE) and with a short time slice (Linux 6.12+), so the stream keeps up with a burst of listeners while busy processes hold every CPU; 0 leaves the scheduling as it is.
     #[arg(long, value_name = "N", default_value_t = 5, value_parser = clap::value_parser!(u8).range(0..=20))]
     pub priority_boost: u8,
     /// text: log lines for people, events on stdout; json: events and log records as JSON lines on stderr, nothing on stdout.
@@ -220,7 +220,7 @@ pub struct WatchArgs {
     /// Serve Prometheus metrics at http://ADDR/metrics (ADDR: IP:PORT, e.g. 127.0.0.1:9469 or [::1]:9469).
     #[arg(long, value_name = "ADDR", value_parser = metrics::parse_addr)]
     pub metrics: Option<std::net::SocketAddr>,
-    /// Run at nice -N at least, with a short time slice (0-20; needs CAP_SYS_NICE; 0 leaves the scheduling as it is), so the stream keeps up with a burst of listeners while busy processes hold every CPU.
+    /// Run at nice -N at least (0-20; needs CAP_SYS_NICE) and with a short time slice (Linux 6.12+), so the stream keeps up with a burst of listeners while busy processes hold every CPU; 0 leaves the scheduling as it is.
     #[arg(long, value_name = "N", default_value_t = 5, value_parser = clap::value_parser!(u8).range(0..=20))]
     pub priority_boost: u8,
     /// text: log lines for people, events on stdout; json: events and log records as JSON lines on stderr, nothing on stdout.

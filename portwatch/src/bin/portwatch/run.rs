@@ -101,11 +101,18 @@ fn raise_priority(levels: u8) {
         }
     };
     if levels > 0 && !lowered_on_purpose {
-        match portwatch::sys::set_slice(portwatch::sys::STREAM_SLICE) {
-            Ok(()) => log::debug!(
-                "time slice set to {:?}: woken by an event, the stream takes the CPU at once",
-                portwatch::sys::STREAM_SLICE
+        use portwatch::sys::{STREAM_SLICE, Slice, set_slice};
+        match set_slice(STREAM_SLICE) {
+            Ok(Slice::Set) => log::debug!(
+                "time slice set to {STREAM_SLICE:?}: woken by an event, the stream takes the CPU \
+                 at once"
             ),
+            Ok(Slice::NotSupported) => {
+                log::debug!("time slice left as it is: this kernel has no custom slices (6.12)")
+            }
+            Ok(Slice::OtherPolicy(policy)) => {
+                log::debug!("time slice left as it is: scheduling policy {policy} was chosen")
+            }
             Err(e) => log::debug!("time slice left as it is: {e}"),
         }
     }

@@ -31,7 +31,14 @@ pub fn run(ctx: &Ctx) -> Result<Section> {
     } else {
         (5, 2_000_000)
     };
-    require_tools(&["trafgen", "nft", "iptables", "xdp-filter", "nsenter"])?;
+    require_tools(&[
+        "trafgen",
+        "nft",
+        "iptables",
+        "xdp-filter",
+        "nsenter",
+        "bpftool",
+    ])?;
     let lab = Lab::new()?;
     // No ARP on the veth while trafgen counts.
     lab.pin_neighbours()?;
@@ -44,17 +51,8 @@ pub fn run(ctx: &Ctx) -> Result<Section> {
         let config = CONFIGS[i];
         let attached = attach(&ctx.portwatch, &worker, &lab, config, &bare)
             .with_context(|| format!("setting up {}", config.label()))?;
-        // trafgen now and then fails its last TX ring flush (EAGAIN):
-        // try again, twice at most.
-        let daemon = attached.guard_pid();
-        let mut sample = measure(&lab, &cfg, n, &ksoftirqd, daemon);
-        for _ in 0..2 {
-            if sample.is_ok() {
-                break;
-            }
-            sample = measure(&lab, &cfg, n, &ksoftirqd, daemon);
-        }
-        let sample = sample.with_context(|| format!("measuring {}", config.label()))?;
+        let sample = measure_retrying(&lab, &cfg, n, &ksoftirqd, attached.guard_pid())
+            .with_context(|| format!("measuring {}", config.label()))?;
         drop(attached);
         eprintln!(
             "veth round {}/{rounds}: {:<34} {:>7.0} packets/s, {:>5.0} ns CPU/packet \
@@ -70,6 +68,25 @@ pub fn run(ctx: &Ctx) -> Result<Section> {
     })?;
     let program = program_times(ctx, &lab, &worker, &bare, &cfg, &ksoftirqd)?;
     Ok(report(rounds, n, &samples, &program))
+}
+
+/// [`measure`], tried again twice at most: trafgen now and then fails its
+/// last TX ring flush (EAGAIN).
+fn measure_retrying(
+    lab: &Lab,
+    cfg: &std::path::Path,
+    n: u64,
+    ksoftirqd: &[u32],
+    daemon: Option<u32>,
+) -> Result<Sample> {
+    let mut sample = measure(lab, cfg, n, ksoftirqd, daemon);
+    for _ in 0..2 {
+        if sample.is_ok() {
+            break;
+        }
+        sample = measure(lab, cfg, n, ksoftirqd, daemon);
+    }
+    sample
 }
 
 /// The configurations whose XDP program's own run time is measured.
@@ -102,7 +119,7 @@ fn program_times(
             .with_context(|| format!("setting up {}", config.label()))?;
         let daemon = attached.guard_pid();
         let ns = progtime::program_ns(lab, n * 95 / 100, || {
-            measure(lab, cfg, n, ksoftirqd, daemon).map(drop)
+            measure_retrying(lab, cfg, n, ksoftirqd, daemon).map(drop)
         })
         .with_context(|| format!("timing {}'s program", config.label()))?;
         drop(attached);
@@ -222,7 +239,8 @@ fn report(rounds: usize, n: u64, samples: &[Vec<Sample>], program: &[Vec<f64>]) 
         TIMED
             .iter()
             .position(|t| *t == c)
-            .map_or(0.0, |i| median(&program[i]))
+            // NaN, not a plausible figure, if ever asked for another.
+            .map_or(f64::NAN, |i| median(&program[i]))
     };
     // Each program's run time over bare XDP_DROP's, added to bare's CPU per
     // packet: what the configuration would cost if the path around the

@@ -65,16 +65,15 @@ fn server_xdp_prog(lab: &Lab) -> Result<u64> {
     )?;
     let link: Value = serde_json::from_str(&out).context("parsing `ip -j link show`")?;
     let xdp = &link[0]["xdp"];
-    xdp["prog"]["id"]
-        .as_u64()
-        .or_else(|| {
-            // More than one attached (e.g. generic and native): the native one.
-            xdp["attached"]
-                .as_array()?
-                .iter()
-                .find(|a| a["mode"] == 1)?["prog"]["id"]
-                .as_u64()
-        })
+    // One program: `prog` with its `mode`; more (generic and native):
+    // `attached`, each with its own. 1 is native (XDP_ATTACHED_DRV).
+    let native = |entry: &Value| {
+        (entry["mode"] == 1)
+            .then(|| entry["prog"]["id"].as_u64())
+            .flatten()
+    };
+    native(xdp)
+        .or_else(|| xdp["attached"].as_array()?.iter().find_map(native))
         .with_context(|| format!("no native XDP program on the server's veth:\n{out}"))
 }
 
