@@ -146,14 +146,19 @@ pub enum Slice {
 
 /// The calling thread's scheduling attributes (sched_getattr(2)).
 fn sched_attr() -> std::io::Result<SchedAttr> {
+    sched_attr_of(0)
+}
+
+/// Thread `tid`'s scheduling attributes (0: the calling thread).
+fn sched_attr_of(tid: libc::pid_t) -> std::io::Result<SchedAttr> {
     let mut attr = SchedAttr::default();
     // SAFETY: sched_getattr(2) writes at most `size` (its third argument)
-    // bytes into a live struct of that layout, for the calling thread
-    // (tid 0); flags (the fourth) must be 0.
+    // bytes into a live struct of that layout, for thread `tid`; flags
+    // (the fourth) must be 0.
     let rc = unsafe {
         libc::syscall(
             libc::SYS_sched_getattr,
-            0,
+            tid,
             &mut attr as *mut SchedAttr,
             std::mem::size_of::<SchedAttr>() as u32,
             0,
@@ -165,11 +170,24 @@ fn sched_attr() -> std::io::Result<SchedAttr> {
     Ok(attr)
 }
 
+/// Thread `tid`'s time slice as the scheduler reports it (0: the calling
+/// thread): the kernel's default or the one asked for; 0 before Linux
+/// 6.12.
+pub fn slice_of(tid: libc::pid_t) -> std::io::Result<std::time::Duration> {
+    Ok(std::time::Duration::from_nanos(sched_attr_of(tid)?.runtime))
+}
+
+/// Whether the running kernel grants custom slices (Linux 6.12).
+pub fn kernel_has_custom_slices() -> bool {
+    aya::util::KernelVersion::current().is_ok_and(|v| v >= aya::util::KernelVersion::new(6, 12, 0))
+}
+
 /// Asks the scheduler for a time slice of `slice` for the calling thread
 /// and the threads it starts from now on (EEVDF's custom slice, Linux
 /// 6.12 and later, which clamps it to 0.1-100 ms). Only the slice changes:
 /// the thread stays SCHED_OTHER at its nice value, with the same share of
-/// the CPU, and keeps reset-on-fork if it had it; a thread under another
+/// the CPU, and keeps reset-on-fork if it had it (then the threads it
+/// starts get the kernel's default slice back); a thread under another
 /// policy is left alone. A woken thread with a shorter slice than the
 /// running one takes the CPU at once; with the default slice it waits for
 /// the running one's to end (1-3 ms), and in a burst, where busy
@@ -197,7 +215,10 @@ pub fn set_slice(slice: std::time::Duration) -> std::io::Result<Slice> {
     if rc != 0 {
         return Err(std::io::Error::last_os_error());
     }
-    Ok(if sched_attr()?.runtime == wanted {
+    // A kernel without custom slices takes the call and keeps its own
+    // (or reports none); one that clamps differently still moved it.
+    let after = sched_attr()?.runtime;
+    Ok(if after == wanted || after != now.runtime {
         Slice::Set
     } else {
         Slice::NotSupported
@@ -377,18 +398,6 @@ pub fn sd_notify(state: &str) {
 mod tests {
     use super::*;
 
-    /// Whether this kernel has EEVDF's custom slices (Linux 6.12).
-    fn custom_slices() -> bool {
-        let release = nix::sys::utsname::uname()
-            .map(|u| u.release().to_string_lossy().into_owned())
-            .unwrap_or_default();
-        let mut parts = release
-            .split(['.', '-'])
-            .map(|p| p.parse::<u32>().unwrap_or(0));
-        let (major, minor) = (parts.next().unwrap_or(0), parts.next().unwrap_or(0));
-        (major, minor) >= (6, 12)
-    }
-
     /// Each case on a thread of its own, whose scheduling goes with it.
     fn on_a_thread<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
         std::thread::spawn(f).join().expect("the thread ran")
@@ -403,7 +412,7 @@ mod tests {
             let started = on_a_thread(sched_attr).expect("reading its attributes");
             (outcome, own, started, nice().expect("reading the priority"))
         });
-        if custom_slices() {
+        if kernel_has_custom_slices() {
             assert_eq!(outcome, Slice::Set);
             assert_eq!(own.runtime, STREAM_SLICE.as_nanos() as u64);
             assert_eq!(

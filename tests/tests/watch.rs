@@ -361,39 +361,20 @@ fn stopping_detaches_every_hook() -> Result {
     Ok(())
 }
 
-/// The time slice (ns) of each thread of `pid` (or of this process, for
-/// "self"), as sched_getattr(2) reports it.
-fn thread_slices(pid: &str) -> Result<Vec<u64>> {
+/// The time slice of each thread of `pid` (or of this process, for
+/// "self").
+fn thread_slices(pid: &str) -> Result<Vec<Duration>> {
     let mut out = Vec::new();
     for task in std::fs::read_dir(format!("/proc/{pid}/task"))? {
-        let tid: libc::pid_t = task?.file_name().to_string_lossy().parse()?;
-        // struct sched_attr (56 bytes): sched_runtime is the u64 at byte 24.
-        let mut attr = [0u64; 7];
-        // SAFETY: sched_getattr(2) writes at most 56 bytes (its third
-        // argument) into this live, 8-byte-aligned buffer of 56.
-        let rc =
-            unsafe { libc::syscall(libc::SYS_sched_getattr, tid, attr.as_mut_ptr(), 56u32, 0u32) };
-        if rc != 0 {
-            let e = std::io::Error::last_os_error();
+        let tid = task?.file_name().to_string_lossy().parse()?;
+        match portwatch::sys::slice_of(tid) {
+            Ok(slice) => out.push(slice),
             // A thread that ended meanwhile.
-            if e.raw_os_error() == Some(libc::ESRCH) {
-                continue;
-            }
-            return Err(e.into());
+            Err(e) if e.raw_os_error() == Some(libc::ESRCH) => continue,
+            Err(e) => return Err(e.into()),
         }
-        out.push(attr[3]);
     }
     Ok(out)
-}
-
-/// Whether this kernel has EEVDF's custom slices (Linux 6.12).
-fn custom_slices() -> Result<bool> {
-    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease")?;
-    let mut parts = release
-        .trim()
-        .split(['.', '-'])
-        .map(|p| p.parse::<u32>().unwrap_or(0));
-    Ok((parts.next().unwrap_or(0), parts.next().unwrap_or(0)) >= (6, 12))
 }
 
 /// The nice value of each thread of `pid` (or of this process, for
@@ -437,10 +418,10 @@ fn the_stream_runs_at_a_raised_priority_and_a_short_slice_unless_told_otherwise(
         .first()
         .copied()
         .context("no thread")?;
-    let short = if ours > 0 || !custom_slices()? {
+    let short = if ours > 0 || !portwatch::sys::kernel_has_custom_slices() {
         our_slice
     } else {
-        100_000
+        portwatch::sys::STREAM_SLICE
     };
     for (args, want, want_slice) in [
         (&["watch", "--no-snapshot"][..], boosted(-5), short),
@@ -474,7 +455,7 @@ fn the_stream_runs_at_a_raised_priority_and_a_short_slice_unless_told_otherwise(
         let slices = thread_slices(&pw.pid().to_string())?;
         assert!(
             !slices.is_empty() && slices.iter().all(|s| *s == want_slice),
-            "{args:?}: slices {slices:?}, want {want_slice}"
+            "{args:?}: slices {slices:?}, want {want_slice:?}"
         );
         assert!(pw.stop()?.success());
     }

@@ -206,9 +206,7 @@ impl NetnsDumper {
             .map_err(|_| gone())?;
         answer.recv().map_err(|_| gone())?
     }
-}
 
-impl NetnsDumper {
     /// Whether its thread still runs (it ends if it cannot return to its
     /// namespace, or if a dump panicked).
     pub fn is_alive(&self) -> bool {

@@ -421,13 +421,15 @@ impl ProcCache {
         }
         self.netns_read.insert(ns, Instant::now());
         let file = PathBuf::from(format!("/proc/{pid}/ns/net"));
-        let dumped = match &self.dumper {
+        let mut dumped = match &self.dumper {
             Some(dumper) => dumper.dump_in(&file, ns),
             None => dump_in(&file, ns),
         };
-        if self.dumper.as_ref().is_some_and(|d| !d.is_alive()) {
-            // Gone for good: a thread per dump from the next one on.
+        if dumped.is_err() && self.dumper.as_ref().is_some_and(|d| !d.is_alive()) {
+            // Gone for good (it may have answered first): a thread per
+            // dump from now on, this one included.
             self.dumper = None;
+            dumped = dump_in(&file, ns);
         }
         match dumped {
             Ok(ifaces) => Some((ns, Arc::new(ifaces))),

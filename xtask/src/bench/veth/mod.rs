@@ -12,7 +12,7 @@ use std::fmt::Write as _;
 
 use anyhow::{Context as _, Result};
 use portwatch_lab::{Lab, require_tools};
-use serde_json::json;
+use serde_json::{Value, json};
 
 use self::{
     configs::{CONFIGS, Config, FLOOD_PORT, PERMITTED, attach},
@@ -66,8 +66,11 @@ pub fn run(ctx: &Ctx) -> Result<Section> {
         );
         Ok(sample)
     })?;
-    let program = program_times(ctx, &lab, &worker, &bare, &cfg, &ksoftirqd)?;
-    Ok(report(rounds, n, &samples, &program))
+    // Best effort: the rounds stand without it.
+    let program = program_times(ctx, &lab, &worker, &bare, &cfg, &ksoftirqd)
+        .inspect_err(|e| eprintln!("veth: the programs' run time not measured: {e:#}"))
+        .ok();
+    Ok(report(rounds, n, &samples, program.as_deref()))
 }
 
 /// [`measure`], tried again twice at most: trafgen now and then fails its
@@ -134,7 +137,7 @@ fn program_times(
 
 /// The table, the targets and latest.json's section from the samples of
 /// every configuration.
-fn report(rounds: usize, n: u64, samples: &[Vec<Sample>], program: &[Vec<f64>]) -> Section {
+fn report(rounds: usize, n: u64, samples: &[Vec<Sample>], program: Option<&[Vec<f64>]>) -> Section {
     let per_config =
         |f: fn(&Sample) -> f64| -> Vec<Vec<f64>> { samples.iter().map(|s| column(s, f)).collect() };
     let pps = per_config(|s| s.pps);
@@ -235,47 +238,10 @@ fn report(rounds: usize, n: u64, samples: &[Vec<Sample>], program: &[Vec<f64>]) 
          {daemon_native:.1} ns; the rest over bare XDP_DROP is the kernel's: {:.0} ns",
         med_cpu(Config::PwNative) - med_cpu(Config::BareDrop) - daemon_native
     );
-    let prog = |c: Config| {
-        TIMED
-            .iter()
-            .position(|t| *t == c)
-            // NaN, not a plausible figure, if ever asked for another.
-            .map_or(f64::NAN, |i| median(&program[i]))
-    };
-    // Each program's run time over bare XDP_DROP's, added to bare's CPU per
-    // packet: what the configuration would cost if the path around the
-    // program were the same in every round.
-    let bare_cpu = med_cpu(Config::BareDrop);
-    let by_program = |c: Config| bare_cpu + prog(c) - prog(Config::BareDrop);
-    let cpu_by_program = by_program(Config::PwNative) / bare_cpu;
-    let filter_by_program = by_program(Config::XdpFilter) / by_program(Config::PwNative);
-    let floor_vs_filter = by_program(Config::XdpFilter) / by_program(Config::ParseDrop);
-    let rest = cpu_vs_bare - cpu_by_program;
-    let (bare_lo, bare_hi) = min_max(&cpu[Config::BareDrop.index()]);
-    let bare_spread = (bare_hi - bare_lo) / bare_cpu;
-    let _ = writeln!(
-        md,
-        "- the XDP programs' own run time per packet on this path (the kernel's BPF \
-         statistics, in floods of their own after the rounds; each figure includes the \
-         statistics' clock reads, alike in all): bare XDP_DROP {:.1} ns, header walk {:.1} \
-         ns, portwatch {:.1} ns, xdp-filter {:.1} ns (its libxdp dispatcher included). \
-         Their differences, added to bare XDP_DROP's CPU per packet: portwatch native \
-         {cpu_by_program:.3}× bare XDP_DROP (measured {cpu_vs_bare:.3}×; the other \
-         {rest:+.3} lies outside the program, {} the rounds' spread of bare XDP_DROP's own \
-         CPU per packet, {:.1}%); xdp-filter / portwatch {filter_by_program:.3}×, the \
-         throughput over xdp-filter a CPU-bound path can show; xdp-filter / the header walk \
-         {floor_vs_filter:.3}×, the most that any filter reading the headers could show",
-        prog(Config::BareDrop),
-        prog(Config::ParseDrop),
-        prog(Config::PwNative),
-        prog(Config::XdpFilter),
-        if rest.abs() <= bare_spread {
-            "within"
-        } else {
-            "beyond"
-        },
-        bare_spread * 100.0
-    );
+    let by_program = program.map(|program| by_program_line(program, &cpu, cpu_vs_bare));
+    if let Some((line, _)) = &by_program {
+        let _ = writeln!(md, "{line}");
+    }
     let mut targets_json = Vec::new();
     for (what, ratio, met) in targets {
         let _ = writeln!(md, "- {what}: {ratio:.3} — {}", verdict(met));
@@ -299,17 +265,68 @@ fn report(rounds: usize, n: u64, samples: &[Vec<Sample>], program: &[Vec<f64>]) 
                 "portwatch_tc_cpu_vs_bare": med_cpu(Config::PwTc) / med_cpu(Config::BareDrop),
                 "parse_drop_cpu_vs_bare": floor_vs_bare,
                 "portwatch_native_cpu_vs_parse_drop": med_cpu(Config::PwNative) / med_cpu(Config::ParseDrop),
-                "portwatch_native_cpu_vs_bare_by_program_time": cpu_by_program,
-                "xdp_filter_cpu_vs_portwatch_native_by_program_time": filter_by_program,
-                "xdp_filter_cpu_vs_parse_drop_by_program_time": floor_vs_filter,
             },
-            "program_run_ns": TIMED
-                .iter()
-                .zip(program)
-                .map(|(c, ns)| (c.key().to_string(), stats_json(ns)))
-                .collect::<serde_json::Map<_, _>>(),
+            "by_program_time": by_program.map(|(_, json)| json),
             "targets": targets_json,
         }),
         markdown: md,
     }
+}
+
+/// The line on the programs' own run time, and its figures for
+/// latest.json: `program` holds each [`TIMED`] configuration's rounds, ns
+/// per packet; `cpu` every configuration's CPU per packet.
+fn by_program_line(program: &[Vec<f64>], cpu: &[Vec<f64>], cpu_vs_bare: f64) -> (String, Value) {
+    let med_cpu = |c: Config| median(&cpu[c.index()]);
+    let prog = |c: Config| {
+        TIMED
+            .iter()
+            .position(|t| *t == c)
+            // NaN, not a plausible figure, if ever asked for another.
+            .map_or(f64::NAN, |i| median(&program[i]))
+    };
+    // Each program's run time over bare XDP_DROP's, added to bare's CPU per
+    // packet: what the configuration would cost if the path around the
+    // program were the same in every round.
+    let bare_cpu = med_cpu(Config::BareDrop);
+    let by_program = |c: Config| bare_cpu + prog(c) - prog(Config::BareDrop);
+    let cpu_by_program = by_program(Config::PwNative) / bare_cpu;
+    let filter_by_program = by_program(Config::XdpFilter) / by_program(Config::PwNative);
+    let floor_vs_filter = by_program(Config::XdpFilter) / by_program(Config::ParseDrop);
+    let rest = cpu_vs_bare - cpu_by_program;
+    let (bare_lo, bare_hi) = min_max(&cpu[Config::BareDrop.index()]);
+    let bare_spread = (bare_hi - bare_lo) / bare_cpu;
+    let line = format!(
+        "- the XDP programs' own run time per packet on this path (the kernel's BPF \
+         statistics, in floods of their own after the rounds; each figure includes the \
+         statistics' clock reads, alike in all): bare XDP_DROP {:.1} ns, header walk {:.1} \
+         ns, portwatch {:.1} ns, xdp-filter {:.1} ns (its libxdp dispatcher included). \
+         Their differences, added to bare XDP_DROP's CPU per packet: portwatch native \
+         {cpu_by_program:.3}× bare XDP_DROP (measured {cpu_vs_bare:.3}×; the other \
+         {rest:+.3} lies outside the program, {} the rounds' spread of bare XDP_DROP's own \
+         CPU per packet, {:.1}%); xdp-filter / portwatch {filter_by_program:.3}×, the \
+         throughput over xdp-filter a CPU-bound path can show; xdp-filter / the header walk \
+         {floor_vs_filter:.3}×, the most that any filter reading the headers could show",
+        prog(Config::BareDrop),
+        prog(Config::ParseDrop),
+        prog(Config::PwNative),
+        prog(Config::XdpFilter),
+        if rest.abs() <= bare_spread {
+            "within"
+        } else {
+            "beyond"
+        },
+        bare_spread * 100.0
+    );
+    let json = json!({
+        "program_run_ns": TIMED
+            .iter()
+            .zip(program)
+            .map(|(c, ns)| (c.key().to_string(), stats_json(ns)))
+            .collect::<serde_json::Map<_, _>>(),
+        "portwatch_native_cpu_vs_bare_by_program_time": cpu_by_program,
+        "xdp_filter_cpu_vs_portwatch_native_by_program_time": filter_by_program,
+        "xdp_filter_cpu_vs_parse_drop_by_program_time": floor_vs_filter,
+    });
+    (line, json)
 }
