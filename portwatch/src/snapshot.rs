@@ -24,7 +24,6 @@ use netlink_packet_sock_diag::{
     inet::{ExtensionFlags, InetRequest, InetResponseHeader, SocketId, StateFlags},
 };
 use netlink_sys::{Socket, SocketAddr, protocols::NETLINK_SOCK_DIAG};
-use nix::sched::{CloneFlags, setns};
 
 use crate::{
     model::{Listener, ProcessInfo, Proto, SockId},
@@ -288,12 +287,7 @@ fn dump_others(
 
 /// Moves the calling thread into `ns`'s network namespace.
 fn enter(ns: &NsFile) -> io::Result<()> {
-    let file = fs::File::open(&ns.path)?;
-    // The PID may have exited and been reused since the scan.
-    if file.metadata()?.ino() != ns.inode {
-        return Err(io::Error::other("the file now refers to another namespace"));
-    }
-    setns(&file, CloneFlags::CLONE_NEWNET).map_err(io::Error::from)
+    crate::sys::enter_netns(&ns.path, ns.inode)
 }
 
 /// One of the four dumps.

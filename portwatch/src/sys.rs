@@ -225,6 +225,21 @@ pub fn set_slice(slice: std::time::Duration) -> std::io::Result<Slice> {
     })
 }
 
+/// Moves the calling thread into the network namespace `ns_file` refers
+/// to (such as /proc/PID/ns/net), if it is still namespace `inode`: the
+/// process may have exited and its pid been reused since.
+pub fn enter_netns(ns_file: &std::path::Path, inode: u64) -> std::io::Result<()> {
+    use std::os::unix::fs::MetadataExt as _;
+    let file = std::fs::File::open(ns_file)?;
+    if file.metadata()?.ino() != inode {
+        return Err(std::io::Error::other(
+            "the file now refers to another namespace",
+        ));
+    }
+    nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET)?;
+    Ok(())
+}
+
 /// One line of /proc/self/mountinfo: mount point and file system type.
 fn mounts() -> Vec<(PathBuf, String)> {
     let Ok(info) = fs::read_to_string("/proc/self/mountinfo") else {

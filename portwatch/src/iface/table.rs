@@ -5,7 +5,6 @@
 use std::{
     io,
     net::IpAddr,
-    os::unix::fs::MetadataExt as _,
     path::{Path, PathBuf},
     sync::mpsc,
 };
@@ -126,12 +125,7 @@ pub fn dump_in(ns_file: &Path, inode: u64) -> io::Result<Vec<Iface>> {
 /// Enters the namespace `ns_file` refers to, if it is still `inode`, and
 /// dumps its interfaces. Only for a thread that does nothing else.
 fn enter_and_dump(ns_file: &Path, inode: u64) -> io::Result<Vec<Iface>> {
-    let file = std::fs::File::open(ns_file)?;
-    // The process may have exited and its pid been reused.
-    if file.metadata()?.ino() != inode {
-        return Err(io::Error::other("the file now refers to another namespace"));
-    }
-    nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET)?;
+    crate::sys::enter_netns(ns_file, inode)?;
     dump()
 }
 
@@ -333,6 +327,8 @@ fn request(
 
 #[cfg(test)]
 mod tests {
+    use std::os::unix::fs::MetadataExt as _;
+
     use super::*;
 
     #[test]

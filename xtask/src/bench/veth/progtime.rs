@@ -9,6 +9,8 @@ use std::os::fd::{FromRawFd as _, OwnedFd};
 
 use anyhow::{Context as _, Result, bail};
 use portwatch_lab::{Lab, run};
+
+use super::trafgen::server_link_json;
 use serde_json::Value;
 
 /// Run-time statistics on for every BPF program while this lives (the
@@ -51,20 +53,8 @@ impl StatsOn {
 
 /// The id of the XDP program attached to the lab's server veth.
 fn server_xdp_prog(lab: &Lab) -> Result<u64> {
-    let out = run(
-        "ip",
-        &[
-            "-n",
-            &lab.server.name,
-            "-j",
-            "link",
-            "show",
-            "dev",
-            &lab.server_if,
-        ],
-    )?;
-    let link: Value = serde_json::from_str(&out).context("parsing `ip -j link show`")?;
-    let xdp = &link[0]["xdp"];
+    let link = server_link_json(lab)?;
+    let xdp = &link["xdp"];
     // One program: `prog` with its `mode`; more (generic and native):
     // `attached`, each with its own. 1 is native (XDP_ATTACHED_DRV).
     let native = |entry: &Value| {
@@ -74,7 +64,7 @@ fn server_xdp_prog(lab: &Lab) -> Result<u64> {
     };
     native(xdp)
         .or_else(|| xdp["attached"].as_array()?.iter().find_map(native))
-        .with_context(|| format!("no native XDP program on the server's veth:\n{out}"))
+        .with_context(|| format!("no native XDP program on the server's veth: {xdp}"))
 }
 
 /// A program's (run time ns, runs) so far, as bpftool reports them (both

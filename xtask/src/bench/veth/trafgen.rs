@@ -101,8 +101,9 @@ pub fn measure(
     })
 }
 
-/// The server veth's rx_packets (XDP verdicts included).
-fn server_rx_packets(lab: &Lab) -> Result<u64> {
+/// The server veth as `ip -s -j link show` describes it: counters and
+/// the XDP programs attached.
+pub fn server_link_json(lab: &Lab) -> Result<Value> {
     let out = run(
         "ip",
         &[
@@ -116,7 +117,12 @@ fn server_rx_packets(lab: &Lab) -> Result<u64> {
         ],
     )?;
     let v: Value = serde_json::from_str(&out).context("parsing `ip -j -s link`")?;
-    v[0]["stats64"]["rx"]["packets"]
+    Ok(v[0].clone())
+}
+
+/// The server veth's rx_packets (XDP verdicts included).
+fn server_rx_packets(lab: &Lab) -> Result<u64> {
+    server_link_json(lab)?["stats64"]["rx"]["packets"]
         .as_u64()
         .context("no stats64.rx.packets in `ip -j -s link`")
 }
